@@ -1,0 +1,49 @@
+"""What every attention backend gets for one step, and the interface it implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.kv_cache import KVPool
+
+
+@dataclass
+class AttentionMetadata:
+    """Host-side lengths (for planning without a device sync) and device-side indices of one step."""
+
+    qo_indptr_host: np.ndarray  # [B+1] new-token offsets per sequence
+    kv_indptr_host: np.ndarray  # [B+1] offsets of each sequence's slots in kv_indices
+    kv_lens_host: np.ndarray  # [B] positions attended to (cached + new)
+    is_decode: bool
+    qo_indptr: torch.Tensor  # the same on the device
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor  # [sum kv_lens] slot of every attended position, gathered on the device
+    out_slots: torch.Tensor  # [T] slot each new token's K/V goes to
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.kv_lens_host)
+
+
+class AttentionBackend(abc.ABC):
+    """Stores the new tokens' K/V into the pool and attends over each sequence's slots (causal inside the
+    new tokens, full over the cached prefix)."""
+
+    def __init__(self, pool: KVPool, num_heads: int, head_dim: int):
+        self.pool = pool
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.meta: AttentionMetadata | None = None
+
+    def begin(self, meta: AttentionMetadata) -> None:
+        """Called once per step before the forward."""
+        self.meta = meta
+
+    @abc.abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] of the new tokens. Returns [T, heads, head_dim]."""

@@ -1,0 +1,67 @@
+"""Incremental detokenization and stop strings, shared by the offline API and the app workers. No torch here.
+
+Decoding token by token breaks multi-byte characters and merges that depend on the next token, so the text
+of a window of recent tokens is decoded and only the part that is stable is released; text that could still
+become the start of a stop string is held back until it cannot."""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens
+        # Start the window inside the prompt so the first output token decodes with its left context.
+        self.ids: list[int] = list(prompt_ids[-4:]) if prompt_ids else []
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
+    def add(self, token_ids: list[int]) -> str:
+        """New text made stable by these tokens (may be empty while a character is incomplete)."""
+        self.ids.extend(token_ids)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character decodes to U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+
+class StopStringMatcher:
+    """Feeds text through; finds the first stop string (which is not emitted) and holds back any tail that is
+    still a prefix of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The text that is safe to emit now; sets `stopped` when a stop string is found."""
+        if not self.stops:
+            return text
+        buf = self.pending + text
+        hits = [(buf.find(s), s) for s in self.stops]
+        hits = [h for h in hits if h[0] >= 0]
+        if hits:
+            self.stopped = True
+            self.pending = ""
+            return buf[: min(hits)[0]]
+        hold = max((n for s in self.stops for n in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:n])),
+                   default=0)
+        self.pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,137 @@
+"""Sampling on the device for a whole batch at once: per-row parameters live in tensors indexed by request
+row, so no step loops over requests in Python. Greedy, temperature, top-k, top-p, min-p, repetition /
+presence / frequency penalties, per-request seeds and logprobs.
+
+A request with a seed draws its noise from a counter-based hash of (seed, output index, token id), so its
+tokens do not depend on what else shares the batch. The others use one generator seeded from the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value
+_M2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_M3 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _hash_uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape [n, vocab] from a splitmix64-style hash; int64 arithmetic wraps."""
+    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    x = seed[:, None] * _M1 + counter[:, None] * _M2 + idx[None, :] * _M3
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    x = x * _M2
+    x = x ^ ((x >> 29) & 0x7FFFFFFFF)
+    x = x * _M3
+    x = x ^ ((x >> 32) & 0xFFFFFFFF)
+    return (((x >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] chosen token's logprob
+    top_ids: torch.Tensor | None = None  # [B, k]
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+
+
+class Sampler:
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device, seed: int):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        # Host copies decide which stages a batch needs (no device sync); device copies feed the math.
+        names = ("temperature", "top_p", "top_k", "min_p", "rep", "presence", "frequency", "seed", "has_seed",
+                 "prompt_len", "logprobs")
+        self.host = {n: np.zeros(max_rows, dtype=np.float64) for n in names}
+        self.dev = {n: torch.zeros(max_rows, device=device, dtype=torch.float32) for n in names}
+        for n in ("top_k", "seed", "prompt_len", "logprobs"):
+            self.dev[n] = torch.zeros(max_rows, device=device, dtype=torch.int64)
+            self.host[n] = np.zeros(max_rows, dtype=np.int64)
+        self.dev["has_seed"] = torch.zeros(max_rows, device=device, dtype=torch.bool)
+
+    def set_rows(self, rows: list[int], params: list[SamplingParams], prompt_lens: list[int]) -> None:
+        values = {
+            "temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
+            "top_k": [p.top_k if p.top_k > 0 else 0 for p in params], "min_p": [p.min_p for p in params],
+            "rep": [p.repetition_penalty for p in params], "presence": [p.presence_penalty for p in params],
+            "frequency": [p.frequency_penalty for p in params],
+            "seed": [p.seed if p.seed is not None else 0 for p in params],
+            "has_seed": [p.seed is not None for p in params], "prompt_len": prompt_lens,
+            "logprobs": [-1 if p.logprobs is None else p.logprobs for p in params],
+        }
+        index = torch.tensor(rows, dtype=torch.int64)
+        for name, vals in values.items():
+            self.host[name][rows] = vals
+            self.dev[name][index.to(self.device)] = torch.tensor(vals, dtype=self.dev[name].dtype).to(self.device)
+
+    def __call__(self, logits: torch.Tensor, rows_host: np.ndarray, rows: torch.Tensor,
+                 history: torch.Tensor | None, seq_lens: torch.Tensor) -> SampleResult:
+        """logits: [B, V] for the last position of each row. `history` ([B, L] token ids, L >= max seq_len) is
+        needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens."""
+        h = {n: a[rows_host] for n, a in self.host.items()}
+        p = {n: t[rows] for n, t in self.dev.items()}
+        logits = logits.float()
+        raw = logits
+        if (h["rep"] != 1.0).any() or (h["presence"] != 0).any() or (h["frequency"] != 0).any():
+            logits = self._penalize(logits, p, history, seq_lens)
+        greedy = logits.argmax(-1)
+        if (h["temperature"] == 0).all():
+            tokens = greedy
+        else:
+            tokens = torch.where(p["temperature"] == 0, greedy, self._sample(logits, h, p, seq_lens))
+        result = SampleResult(tokens)
+        if (h["logprobs"] >= 0).any():
+            lp = torch.log_softmax(raw, dim=-1)
+            result.logprobs = lp.gather(1, tokens[:, None]).squeeze(1)
+            k = int(h["logprobs"].max())
+            if k > 0:
+                result.top_logprobs, result.top_ids = lp.topk(k, dim=-1)
+        return result
+
+    def _penalize(self, logits, p, history, seq_lens):
+        B, L = history.shape
+        pos = torch.arange(L, device=logits.device)[None, :]
+        valid = pos < seq_lens[:, None]
+        output = valid & (pos >= p["prompt_len"][:, None])
+        ids = history.long().clamp_(0, self.vocab_size - 1)
+        seen = torch.zeros_like(logits).scatter_add_(1, ids, valid.float()) > 0
+        counts = torch.zeros_like(logits).scatter_add_(1, ids, output.float())
+        rep = p["rep"][:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        return logits - p["frequency"][:, None] * counts - p["presence"][:, None] * (counts > 0).float()
+
+    def _sample(self, logits, h, p, seq_lens):
+        logits = logits / p["temperature"].clamp(min=1e-5)[:, None]
+        if (h["top_k"] > 0).any() or (h["top_p"] < 1).any():
+            logits = self._top_k_top_p(logits, p)
+        probs = torch.softmax(logits, dim=-1)
+        if (h["min_p"] > 0).any():
+            floor = p["min_p"][:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(probs < floor, torch.zeros_like(probs), probs)
+        # Exponential-race sampling: argmax(p_i / E_i) with E_i ~ Exp(1) draws i with probability p_i.
+        noise = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+        if h["has_seed"].any():
+            seeded = p["has_seed"]
+            counter = seq_lens - p["prompt_len"]  # output index: the same token draws the same noise
+            own = -torch.log(_hash_uniform(p["seed"], counter, probs.shape[1]))
+            noise = torch.where(seeded[:, None], own, noise)
+        return (probs / noise).argmax(-1)
+
+    @staticmethod
+    def _top_k_top_p(logits, p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        k = torch.where(p["top_k"] > 0, p["top_k"], logits.shape[1])
+        drop = rank >= k[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(-1) - probs  # mass strictly ahead of each token
+        drop = drop | (before >= p["top_p"][:, None])
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

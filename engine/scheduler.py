@@ -1,0 +1,259 @@
+"""FCFS continuous batching over token-granular KV slots.
+
+Every step: each running sequence decodes one token, a sequence part-way through its prompt gets its next
+chunk, and waiting sequences are admitted in arrival order while the token budget, the batch-size limit, the
+request rows and the slots last. When slots run out for decodes, the radix cache gives back unlocked
+prefixes first and then the most recently admitted sequence is preempted (its KV is dropped and recomputed
+later; nothing is lost).
+
+The scheduler runs ahead of the device (overlap): a sequence whose last sampled token is still on the device
+carries it as a placeholder (`num_pending`), so it is scheduled exactly once per step and never twice."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.kv_cache import SlotAllocator
+from engine.radix_cache import RadixCache
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, Status
+
+
+@dataclass
+class StepPlan:
+    """What the model runner needs for one step, and only what changed since the last: the slots and token
+    ids of newly placed positions and the parameters of newly admitted rows. Plain arrays, so that it can be
+    sent to worker processes as is."""
+
+    rows: np.ndarray  # [B] request row of each scheduled sequence
+    starts: np.ndarray  # [B] first position computed this step
+    lens: np.ndarray  # [B] positions computed this step
+    sample: np.ndarray  # [B] bool: this step's last position yields a token that is kept
+    slot_rows: np.ndarray  # flat writes into the request-to-slot table
+    slot_pos: np.ndarray
+    slot_ids: np.ndarray
+    token_rows: np.ndarray  # flat writes into the request-to-token table (tokens known on the host)
+    token_pos: np.ndarray
+    token_ids: np.ndarray
+    new_rows: list[int] = field(default_factory=list)  # rows admitted this step, with their parameters
+    new_params: list[SamplingParams] = field(default_factory=list)
+    new_prompt_lens: list[int] = field(default_factory=list)
+    num_decodes: int = 0  # the first num_decodes sequences decode; the rest compute prompt positions
+
+    @property
+    def is_decode(self) -> bool:
+        return bool((self.lens == 1).all())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lens.sum())
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]
+    plan: StepPlan
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_rows: int, context_len: int, max_bs: int,
+                 max_batched_tokens: int, use_radix_cache: bool):
+        self.allocator = SlotAllocator(num_slots)
+        self.cache = RadixCache(self.allocator.free) if use_radix_cache else None
+        # A sequence may grow to the context length, or to the whole pool if that is smaller: then a lone
+        # sequence always gets its next slot, and preempting later arrivals always makes progress.
+        self.max_seq_len = min(context_len, self.allocator.capacity)
+        self.max_bs = max_bs
+        self.max_batched_tokens = max_batched_tokens
+        self.req_to_slot = np.zeros((max_rows, context_len + 1), dtype=np.int32)  # host mirror of the device table
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    # ---- queue ----
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence wherever it is; its slots go back (or into the cache) at once. Device work already
+        queued for it is ordered before any reuse of those slots, so this is safe while a step is in flight."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_slots_used(self) -> int:
+        return self.allocator.capacity - self.allocator.num_free
+
+    # ---- one step ----
+    def schedule(self) -> Batch | None:
+        budget, chosen, spans = self.max_batched_tokens, [], []
+        writes = _Writes()
+        for seq in self._decodes():
+            if budget == 0 or len(chosen) == self.max_bs:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below for an earlier sequence's slot
+            if not self._place(seq, 1, writes, chosen):
+                continue
+            chosen.append(seq)
+            spans.append(1)
+            budget -= 1
+        for seq in [s for s in self.running if s.in_prefill and s not in chosen]:
+            if budget == 0 or len(chosen) == self.max_bs:
+                break
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self._place(seq, n, writes, chosen, preempt=False):
+                break
+            chosen.append(seq)
+            spans.append(n)
+            budget -= n
+        num_decodes = len(chosen)
+        while (self.waiting and budget > 0 and len(chosen) < self.max_bs and self.free_rows
+               and len(self.running) < self.max_bs):
+            n = self._admit(self.waiting[0], budget, writes, chosen)
+            if n == 0:
+                break
+            chosen.append(self.waiting.popleft())
+            spans.append(n)
+            budget -= n
+        if not chosen:
+            return None
+        plan = self._plan(chosen, spans, writes)
+        plan.num_decodes = num_decodes
+        return Batch(chosen, plan)
+
+    def _decodes(self) -> list[Sequence]:
+        """Running sequences past their prompt that still need tokens (one that will surely end by length
+        when its pending tokens arrive is not run again)."""
+        return [s for s in self.running
+                if not s.in_prefill and s.num_output < s.params.max_tokens and s.length < self.max_seq_len]
+
+    def _place(self, seq: Sequence, n: int, writes: "_Writes", chosen: list, preempt: bool = True) -> bool:
+        """Gives `seq` slots for its next n positions, evicting cache and preempting later sequences as
+        needed. False if it cannot run this step (it may have been preempted itself)."""
+        while (slots := self._alloc(n)) is None:
+            if not preempt:
+                return False
+            victim = next((s for s in reversed(self.running) if s not in chosen), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        writes.add(seq.row, seq.num_computed, slots, self.req_to_slot)
+        seq.num_computed += n
+        return True
+
+    def _admit(self, seq: Sequence, budget: int, writes: "_Writes", chosen: list) -> int:
+        """Places a waiting sequence: a row, its cached prefix, and slots for its first chunk. Returns the
+        chunk length, or 0 if it must wait."""
+        if seq.num_pending:
+            return 0  # preempted while a token was in flight: it rejoins once that token is known
+        cached, node = torch.empty(0, dtype=torch.int32), None
+        if self.cache is not None:
+            cached, node = self.cache.match_prefix(seq.token_ids[:-1])
+            self.cache.lock(node)
+        n = min(len(seq.token_ids) - len(cached), budget)
+        # Keep a slot for every running sequence's next decode, so admission does not force preemption.
+        reserve = len(self.running)
+        slots = self._alloc(n + reserve)
+        if slots is None:
+            if node is not None:
+                self.cache.unlock(node)
+            return 0
+        self.allocator.free(slots[n:])
+        seq.row = self.free_rows.pop()
+        seq.num_cached = seq.num_computed = len(cached)
+        seq.cache_node = node
+        if self.cache is not None:
+            self.cache.record(len(seq.token_ids), len(cached))
+        writes.add(seq.row, 0, torch.cat([cached, slots[:n]]), self.req_to_slot)
+        writes.add_tokens(seq.row, seq.token_ids)
+        writes.admitted.append(seq)
+        seq.num_computed += n
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return n
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        slots = self.allocator.alloc(n)
+        if slots is None and self.cache is not None:
+            self.cache.evict(n - self.allocator.num_free)
+            slots = self.allocator.alloc(n)
+        return slots
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        """Gives back a sequence's row and slots; with the radix cache, the positions whose KV is known go into
+        the tree instead, so a later request (or this one, recomputing) finds them."""
+        slots = torch.from_numpy(self.req_to_slot[seq.row, : seq.num_computed].copy())
+        keep = 0
+        if self.cache is not None:
+            keep = min(seq.num_computed, len(seq.token_ids))
+            already = self.cache.insert(seq.token_ids[:keep], slots[:keep])
+            self.allocator.free(slots[seq.num_cached : already])
+            self.cache.unlock(seq.cache_node)
+        self.allocator.free(slots[keep:])
+        self.free_rows.append(seq.row)
+        seq.row, seq.num_computed, seq.num_cached, seq.cache_node = None, 0, 0, None
+
+    def _plan(self, seqs: list[Sequence], spans: list[int], writes: "_Writes") -> StepPlan:
+        lens = np.array(spans, dtype=np.int32)
+        ends = np.array([s.num_computed for s in seqs], dtype=np.int32)
+        sample = np.array([s.num_computed >= len(s.token_ids) for s in seqs], dtype=bool)
+        for seq, keep in zip(seqs, sample):
+            seq.num_pending += int(keep)
+        return StepPlan(
+            rows=np.array([s.row for s in seqs], dtype=np.int32), starts=ends - lens, lens=lens, sample=sample,
+            **writes.arrays(),
+            new_rows=[s.row for s in writes.admitted], new_params=[s.params for s in writes.admitted],
+            new_prompt_lens=[s.num_prompt for s in writes.admitted],
+        )
+
+
+class _Writes:
+    """Collects one step's writes into the request-to-slot and request-to-token tables."""
+
+    def __init__(self):
+        self.slot_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.token_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.admitted: list[Sequence] = []
+
+    def add(self, row: int, start: int, slots: torch.Tensor, table: np.ndarray) -> None:
+        ids = slots.numpy().astype(np.int32, copy=False)
+        pos = np.arange(start, start + len(ids), dtype=np.int32)
+        table[row, start : start + len(ids)] = ids
+        self.slot_parts.append((np.full(len(ids), row, dtype=np.int32), pos, ids))
+
+    def add_tokens(self, row: int, tokens: list[int]) -> None:
+        ids = np.asarray(tokens, dtype=np.int32)
+        self.token_parts.append((np.full(len(ids), row, dtype=np.int32), np.arange(len(ids), dtype=np.int32), ids))
+
+    def arrays(self) -> dict:
+        def cat(parts, i):
+            return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype=np.int32)
+
+        return dict(slot_rows=cat(self.slot_parts, 0), slot_pos=cat(self.slot_parts, 1), slot_ids=cat(self.slot_parts, 2),
+                    token_rows=cat(self.token_parts, 0), token_pos=cat(self.token_parts, 1),
+                    token_ids=cat(self.token_parts, 2))

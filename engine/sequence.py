@@ -1,0 +1,47 @@
+"""A request as the scheduler sees it: its tokens, where its KV lives, and how far it has got."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams):
+        self.rid = rid
+        self.token_ids: list[int] = list(prompt_ids)  # known tokens: prompt, then outputs read back so far
+        self.num_prompt = len(prompt_ids)
+        self.params = params
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.arrival = time.monotonic()
+        # Placement, set while it holds a request row and KV slots:
+        self.row: int | None = None
+        self.num_computed = 0  # positions whose KV is computed or scheduled to be
+        self.num_cached = 0  # leading positions whose slots belong to the radix cache (locked)
+        self.cache_node = None
+        # Overlap: tokens sampled on the device that the host has not read yet.
+        self.num_pending = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def num_output(self) -> int:
+        return self.length - self.num_prompt
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.rid}, {self.status.value}, len={self.length}, computed={self.num_computed})"
