@@ -41,7 +41,8 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.token_ids)
+        """More than one position left to compute; with exactly one left, the next step is a decode."""
+        return self.length - self.num_computed > 1
 
     def __repr__(self) -> str:
         return f"Sequence({self.rid}, {self.status.value}, len={self.length}, computed={self.num_computed})"

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RINGLLM_NO_PROGRESS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_path(tmp_path_factory):
+    from engine.demo import demo_model_path
+
+    return demo_model_path(tmp_path_factory.mktemp("ringllm-cache"))
