@@ -206,7 +206,14 @@ class LLM:
         req = self._requests.get(out.rid)
         if req is None:
             return
-        if req.on_output(out):
+        try:
+            ended = req.on_output(out)
+        except Exception:  # the consumer is gone (its event loop closed): drop the request, keep serving
+            log.warning("dropping a request whose consumer failed", rid=out.rid, exc_info=True)
+            del self._requests[out.rid]
+            self.engine.abort(out.rid)
+            return
+        if ended:
             del self._requests[out.rid]
             if out.finish_reason is None:  # ended by a stop string: the engine still runs it
                 self.engine.abort(out.rid)

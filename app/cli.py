@@ -1,0 +1,109 @@
+"""The `ringllm` command. `generate` runs the engine in this process; imports of the engine stay inside the
+commands that need it, so the app package itself never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random weights, so its output is random "
+             "text. Point --model at a Hugging Face checkpoint directory (or hub id) for real output.")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="checkpoint directory or hub repo id (default: the demo model)")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
+    g.add_argument("--pp-size", type=int, default=1, help="pipeline-parallel stages")
+    g.add_argument("--device-ids", default=None, help="comma-separated GPU ids to use")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
+    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (overrides budgets)")
+    g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="KV pool budget on CPU, GiB")
+    g.add_argument("--max-bs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
+    g.add_argument("--context-len", type=int, default=None, help="longest sequence (default: the model's)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--disable-overlap-schedule", action="store_true", help="do not overlap host and device work")
+    g.add_argument("--disable-radix-cache", action="store_true", help="no prefix caching")
+    g.add_argument("--attention-backend", default="auto", help="auto, torch or flashinfer")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator")
+    g.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.config import EngineConfig
+
+    ids = [int(x) for x in args.device_ids.split(",")] if args.device_ids else None
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp_size, pp_size=args.pp_size,
+        device_ids=ids, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
+        cpu_kv_cache_gb=args.cpu_kv_cache_gb, max_bs=args.max_bs, max_num_batched_tokens=args.max_num_batched_tokens,
+        context_len=args.context_len, enforce_eager=args.enforce_eager,
+        disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
+        attention_backend=args.attention_backend, seed=args.seed, log_level=args.log_level,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringllm", description="A small, fast OpenAI-compatible LLM server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible output)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_engine_args(gen)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.logs import configure_logging
+    from engine.sampling_params import SamplingParams
+
+    configure_logging(args.log_level)
+    if args.model is None:
+        print(DEMO_NOTE, file=sys.stderr)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.sampling_seed, stop=args.stop)
+        llm = LLM(config=engine_config(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+
+    async def stream() -> str | None:
+        reason = None
+        async for piece in llm.generate(prompt, params):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            reason = piece.finish_reason
+        return reason
+
+    try:
+        reason = asyncio.run(stream())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        llm.close()
+    print(f"\n[finish_reason: {reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return cmd_generate(args)
+    return 2
