@@ -62,8 +62,14 @@ class ModelRunner:
         self.req_tokens = torch.zeros(self.max_rows, self.context_len + 2, dtype=torch.int32, device=device)
         self.sampler = Sampler(self.max_rows, self.shape.vocab_size, device, config.seed)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.graphs = None
+        if device.type == "cuda" and not config.enforce_eager and hasattr(self.attn, "make_graph_decoder"):
+            from engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.attn, config.max_bs, self.context_len + 1, device)
         log.info("model runner ready", model=self.shape.architecture, dtype=str(self.dtype), device=str(device),
-                 kv_slots=self.num_slots, context_len=self.context_len, backend=type(self.attn).__name__)
+                 kv_slots=self.num_slots, context_len=self.context_len, backend=type(self.attn).__name__,
+                 cuda_graphs=self.graphs.buckets if self.graphs else None)
 
     # ---- sizing ----
     def _pool_size(self) -> int:
@@ -74,7 +80,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             peak = self._profile_activation_bytes()
-            budget = total * self.config.gpu_memory_utilization - (total - free) - peak
+            # Beyond the forward's peak: attention workspaces, CUDA graphs, sampler temporaries.
+            budget = total * self.config.gpu_memory_utilization - (total - free) - peak - (2 << 30)
         else:
             budget = self.config.cpu_kv_cache_gb * (1 << 30)
         slots = int(budget // per_token)
@@ -110,9 +117,12 @@ class ModelRunner:
         self._apply_writes(plan)
         meta, rows, positions, row_of_token, seq_lens = self._metadata(plan)
         input_ids = self.req_tokens[row_of_token, positions].long()
-        self.attn.begin(meta)
-        hidden = self.model(input_ids, positions.long(), self.attn)
-        logits = self.model.logits(hidden[meta.qo_indptr[1:].long() - 1])
+        if self.graphs is not None and self.graphs.can_run(meta):
+            logits = self.graphs.run(input_ids, positions.long(), meta)
+        else:
+            self.attn.begin(meta)
+            hidden = self.model(input_ids, positions.long(), self.attn)
+            logits = self.model.logits(hidden[meta.qo_indptr[1:].long() - 1])
         history = None
         if self._needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]

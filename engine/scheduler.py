@@ -74,6 +74,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self._unsent: _Writes | None = None
 
     # ---- queue ----
     def add(self, seq: Sequence) -> None:
@@ -102,7 +103,11 @@ class Scheduler:
     # ---- one step ----
     def schedule(self) -> Batch | None:
         budget, chosen, spans = self.max_batched_tokens, [], []
-        writes = _Writes()
+        writes, self._unsent = self._unsent or _Writes(), None
+        if self.cache is not None:
+            for seq in self.running:
+                if seq.num_cached < min(seq.num_computed, len(seq.token_ids), seq.num_prompt):
+                    self._cache_prompt_prefix(seq, writes)
         for seq in self._decodes():
             if budget == 0 or len(chosen) == self.max_bs:
                 break
@@ -132,6 +137,7 @@ class Scheduler:
             spans.append(n)
             budget -= n
         if not chosen:
+            self._unsent = writes  # table writes still have to reach the device with the next plan
             return None
         plan = self._plan(chosen, spans, writes)
         plan.num_decodes = num_decodes
@@ -203,6 +209,22 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _cache_prompt_prefix(self, seq: Sequence, writes: "_Writes") -> None:
+        """Puts the prompt positions computed so far into the radix cache while the sequence runs, so that
+        requests admitted later share them at once. Earlier steps computed these positions, and any reader
+        comes later on the same stream. Where the tree already held some of them, the sequence switches to
+        the tree's slots and frees its own copies."""
+        k = min(seq.num_computed, len(seq.token_ids), seq.num_prompt)
+        own = torch.from_numpy(self.req_to_slot[seq.row, :k].copy())
+        already = self.cache.insert(seq.token_ids[:k], own)
+        tree_slots, node = self.cache.match_prefix(seq.token_ids[:k])
+        if already > seq.num_cached:
+            self.allocator.free(own[seq.num_cached : already])
+            writes.add(seq.row, seq.num_cached, tree_slots[seq.num_cached : already], self.req_to_slot)
+        self.cache.lock(node)
+        self.cache.unlock(seq.cache_node)
+        seq.cache_node, seq.num_cached = node, k
 
     def _release(self, seq: Sequence) -> None:
         """Gives back a sequence's row and slots; with the radix cache, the positions whose KV is known go into

@@ -1,0 +1,93 @@
+"""FlashInfer attention over the token-slot pool (page size 1: a page is a slot).
+
+Mixed and prefill steps use the paged prefill kernel over each sequence's whole slot list (cached prefix and
+new tokens alike, causal at the end). Decode steps use the batch decode kernel; with CUDA graphs each
+captured batch size has its own decode wrapper over fixed index buffers, planned again before every replay.
+Plans read lengths from host arrays the scheduler already has, so planning never waits on the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+
+WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttention(AttentionBackend):
+    def __init__(self, pool, num_heads: int, head_dim: int):
+        import flashinfer
+
+        super().__init__(pool, num_heads, head_dim)
+        self.fi = flashinfer
+        self.num_kv_heads = pool.k.shape[2]
+        self.dtype = pool.k.dtype
+        device = pool.k.device
+        self.tensor_core_decode = num_heads // self.num_kv_heads >= 4
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode)
+        self._graph_workspace = None
+        self.graph_decoders: dict[int, object] = {}
+        self._wrapper = None
+        self._out_slots = None
+        self._ones = torch.ones(4096, dtype=torch.int32)  # last_page_len: every page holds one token
+
+    @staticmethod
+    def _workspace(device) -> torch.Tensor:
+        return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+    # ---- planning ----
+    def _last_page_len(self, n: int) -> torch.Tensor:
+        if n > len(self._ones):
+            self._ones = torch.ones(n, dtype=torch.int32)
+        return self._ones[:n]
+
+    def begin(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+        self._out_slots = meta.out_slots
+        kv_indptr = torch.from_numpy(meta.kv_indptr_host.astype(np.int32))
+        lpl = self._last_page_len(meta.batch_size)
+        kinds = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        if meta.is_decode:
+            self._wrapper = self.decode
+            self.decode.plan(kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim, 1,
+                             **kinds)
+        else:
+            self._wrapper = self.prefill
+            qo_indptr = torch.from_numpy(meta.qo_indptr_host.astype(np.int32))
+            self.prefill.plan(qo_indptr, kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads,
+                              self.head_dim, 1, causal=True, **kinds)
+
+    # ---- CUDA graphs ----
+    def make_graph_decoder(self, bs: int, indices_buffer: torch.Tensor) -> None:
+        """A decode wrapper with fixed buffers for batch size `bs`; all share one indices buffer (one graph
+        runs at a time)."""
+        device = self.pool.k.device
+        if self._graph_workspace is None:
+            self._graph_workspace = self._workspace(device)
+        self.graph_decoders[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self._graph_workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_core_decode,
+            paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=indices_buffer,
+            paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device))
+
+    def begin_graph(self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor,
+                    out_slots: torch.Tensor) -> None:
+        """Plans the graph wrapper of batch size `bs` (lengths already padded to bs) and points the layers at
+        the graph's static slot buffer."""
+        wrapper = self.graph_decoders[bs]
+        wrapper.plan(torch.from_numpy(kv_indptr_host.astype(np.int32)), kv_indices, self._last_page_len(bs),
+                     self.num_heads, self.num_kv_heads, self.head_dim, 1, q_data_type=self.dtype,
+                     kv_data_type=self.dtype)
+        self._wrapper = wrapper
+        self._out_slots = out_slots
+
+    # ---- the layer call ----
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        k_cache[self._out_slots] = k
+        v_cache[self._out_slots] = v
+        paged = (k_cache.unsqueeze(1), v_cache.unsqueeze(1))  # [slots, page_size=1, kv_heads, head_dim]
+        return self._wrapper.run(q, paged)

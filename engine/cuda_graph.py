@@ -1,0 +1,75 @@
+"""Decode steps replayed from CUDA graphs, one per batch-size bucket, sharing one memory pool.
+
+A decode step launches hundreds of small kernels; replaying them from a graph removes the launch gaps that
+dominate at small batch. Batches are padded up to the next bucket: padded rows read and write slot 0, which
+the allocator never hands out."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.attention.base import AttentionMetadata
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16))
+    return sorted(set(sizes + [max_bs]))
+
+
+class DecodeGraphs:
+    def __init__(self, model, attn, max_bs: int, max_context: int, device: torch.device):
+        self.model, self.attn, self.device = model, attn, device
+        self.buckets = batch_buckets(max_bs)
+        max_bs = self.buckets[-1]
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.out_slots = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.indices = torch.zeros(max_bs * max_context, dtype=torch.int32, device=device)
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        disable = not os.isatty(2) or os.environ.get("RINGLLM_NO_PROGRESS") == "1"
+        for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph", disable=disable):
+            self.attn.make_graph_decoder(bs, self.indices)
+            self.attn.begin_graph(bs, np.arange(bs + 1), self.indices[:bs], self.out_slots[:bs])
+            self._forward(bs)  # warm-up outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
+        return self.model.logits(hidden)
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return meta.is_decode and meta.batch_size <= self.buckets[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b = meta.batch_size
+        bs = next(x for x in self.buckets if x >= b)
+        self.input_ids[:b] = input_ids
+        self.positions[:b] = positions
+        self.out_slots[:b] = meta.out_slots
+        if bs > b:  # padding rows: token 0 at position 0, one cached slot (slot 0)
+            self.input_ids[b:bs] = 0
+            self.positions[b:bs] = 0
+            self.out_slots[b:bs] = 0
+        n = int(meta.kv_indptr_host[-1])
+        kv_indptr = np.concatenate([meta.kv_indptr_host, n + np.arange(1, bs - b + 1)])
+        self.indices[:n] = meta.kv_indices
+        self.indices[n : n + bs - b] = 0
+        self.attn.begin_graph(bs, kv_indptr, self.indices[: n + bs - b], self.out_slots[:bs])
+        self.graphs[bs].replay()
+        return self.logits[bs][:b]
