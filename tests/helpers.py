@@ -16,14 +16,15 @@ FAMILIES = {
 }
 
 
-def tiny_checkpoint(family: str, out: Path, vocab: int = 256, tie: bool = False, seed: int = 0) -> Path:
+def tiny_checkpoint(family: str, out: Path, vocab: int = 256, tie: bool = False, seed: int = 0,
+                    head_dim: int = 16, dtype: torch.dtype = torch.float32) -> Path:
     """Saves a random-weight model of `family` with transformers' own classes, in float32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(FAMILIES[family])
     model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                                max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=tie,
                                rms_norm_eps=1e-6, **spec)
     torch.manual_seed(seed)
@@ -32,7 +33,7 @@ def tiny_checkpoint(family: str, out: Path, vocab: int = 256, tie: bool = False,
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out)
+    model.to(dtype).save_pretrained(out)
     return out
 
 

@@ -1,0 +1,180 @@
+"""Offline throughput and latency benchmark of the engine (no HTTP).
+
+    python scripts/bench.py --shape ../shared/models/qwen3-0.6b.json --workload all --json out.json
+
+Workloads:
+  nano     nano-vllm's bench exactly: random.seed(0); 256 prompts of randint(0, 10000) ids with lengths
+           randint(100, 1024); max_tokens randint(100, 1024) each; ignore_eos; temperature 0.6; one warm-up
+           request first. Fingerprint: 133,966 output tokens.
+  latency  batch 1, 128-token prompt, 512 output tokens, greedy: ms per output token and TTFT.
+  prefix   256 requests over 8 system prompts of 2,048 tokens plus a 64-token unique suffix, 128 output tokens,
+           radix cache on vs off: throughput and prompt tokens computed.
+The nano run also prints its roofline floor: KV bytes read plus weight bytes per step over the measured
+device copy bandwidth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.kv_cache import KVPool  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+NANO_FINGERPRINT = 133_966
+
+
+def nano_workload():
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024)) for _ in range(256)]
+    return prompts, params
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(engine: Engine, prompts, params, tag: str):
+    """Runs requests to completion; returns seconds, output tokens, steps, and each request's first-token time."""
+    first: dict[str, float] = {}
+    sync()
+    t0 = time.perf_counter()
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"{tag}{i}", p, sp)
+    steps, tokens = 0, 0
+    while engine.has_work:
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens += 1
+                first.setdefault(out.rid, time.perf_counter() - t0)
+        steps += 1
+    sync()
+    return time.perf_counter() - t0, tokens, steps, first
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a large device-to-device copy (median of 10)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def nano(engine: Engine, bandwidth: float) -> dict:
+    prompts, params = nano_workload()
+    expected = sum(p.max_tokens for p in params)
+    assert expected == NANO_FINGERPRINT, f"workload fingerprint {expected} != {NANO_FINGERPRINT}"
+    run(engine, [[1] * 16], [SamplingParams(max_tokens=16)], "warm")
+    seconds, tokens, steps, _ = run(engine, prompts, params, "nano")
+    shape = engine.runner.shape
+    per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, engine.runner.dtype)
+    kv_tokens = sum(o * len(p) + o * (o - 1) // 2 for p, o in ((p, sp.max_tokens) for p, sp in zip(prompts, params)))
+    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
+    floor_bytes = kv_tokens * per_token + weight_bytes * steps
+    floor = floor_bytes / bandwidth
+    return {"workload": "nano", "seconds": seconds, "output_tokens": tokens, "tok_per_s": tokens / seconds,
+            "steps": steps, "kv_bytes_read": kv_tokens * per_token, "weight_bytes_per_step": weight_bytes,
+            "copy_bandwidth_Bps": bandwidth, "floor_seconds": floor, "floor_tok_per_s": tokens / floor,
+            "ratio_to_floor": floor / seconds}
+
+
+def latency(engine: Engine) -> dict:
+    rng = random.Random(1)
+    prompt = [rng.randint(0, 10000) for _ in range(128)]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=512)
+    run(engine, [prompt], [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=32)], "lwarm")
+    seconds, tokens, steps, first = run(engine, [prompt], [params], "lat")
+    ttft = first["lat0"]
+    return {"workload": "latency", "seconds": seconds, "output_tokens": tokens, "ttft_ms": ttft * 1e3,
+            "ms_per_output_token": (seconds - ttft) / (tokens - 1) * 1e3}
+
+
+def prefix_workload():
+    rng = random.Random(2)
+    systems = [[rng.randint(0, 10000) for _ in range(2048)] for _ in range(8)]
+    prompts = [systems[i % 8] + [rng.randint(0, 10000) for _ in range(64)] for i in range(256)]
+    return prompts, [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=128)] * 256
+
+
+def prefix(engine: Engine) -> dict:
+    prompts, params = prefix_workload()
+    engine.scheduler.cache and engine.scheduler.cache.reset()
+    before = engine.stats()["prompt_tokens_computed"]
+    seconds, tokens, steps, _ = run(engine, prompts, params, "pfx")
+    computed = engine.stats()["prompt_tokens_computed"] - before
+    unique = 8 * 2048 + 256 * 64
+    return {"workload": "prefix", "radix": engine.scheduler.cache is not None, "seconds": seconds,
+            "output_tokens": tokens, "tok_per_s": tokens / seconds, "prompt_tokens_computed": computed,
+            "unique_prompt_tokens": unique, "computed_over_unique": computed / unique}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint directory")
+    ap.add_argument("--shape", type=Path, help="config.json of a real model: build a random checkpoint of it")
+    ap.add_argument("--workload", default="all", choices=["nano", "latency", "prefix", "all"])
+    ap.add_argument("--max-bs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--context-len", type=int, default=4096)
+    ap.add_argument("--disable-overlap-schedule", action="store_true")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--json", type=Path, help="write results here")
+    a = ap.parse_args()
+    model = a.model
+    if model is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_checkpoint import build
+
+        out = Path("/tmp/ringllm-bench") / a.shape.stem
+        if not (out / "model.safetensors").is_file():
+            build(a.shape, out, device="cuda" if torch.cuda.is_available() else "cpu")
+        model = str(out)
+    base = dict(model=model, max_bs=a.max_bs, max_num_batched_tokens=a.max_num_batched_tokens,
+                context_len=a.context_len, disable_overlap_schedule=a.disable_overlap_schedule,
+                enforce_eager=a.enforce_eager, attention_backend=a.attention_backend)
+    results = []
+    engine = Engine(EngineConfig(**base))
+    todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
+    if "nano" in todo:
+        results.append(nano(engine, copy_bandwidth()))
+    if "latency" in todo:
+        results.append(latency(engine))
+    if "prefix" in todo:
+        results.append(prefix(engine))
+        del engine
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        results.append(prefix(Engine(EngineConfig(**base, disable_radix_cache=True))))
+    config = {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name}
+    print(f"\nconfig: {json.dumps(config)}")
+    print(f"{'workload':<10} {'seconds':>8} {'out tok':>8} {'tok/s':>9}  details")
+    for r in results:
+        detail = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                  if k not in ("workload", "seconds", "output_tokens", "tok_per_s")}
+        print(f"{r['workload']:<10} {r['seconds']:>8.2f} {r['output_tokens']:>8} {r.get('tok_per_s', 0):>9.0f}  {detail}")
+    if a.json:
+        a.json.write_text(json.dumps({"config": config, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
