@@ -80,12 +80,69 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / sorted(times[2:])[len(times[2:]) // 2]
 
 
+class HostTimer:
+    """Wall time spent in the scheduler, in launching steps and in waiting for their tokens (monkeypatched
+    around the engine, so the engine itself carries no timing code)."""
+
+    def __init__(self, engine: Engine):
+        self.totals = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "read_back": 0.0}
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.runner, "launch", "launch")
+        self._wrap(engine, "_read_back", "read_back")
+        import engine.model_runner as mr
+
+        original, totals = mr.StepResult.wait, self.totals
+
+        def wait(result):
+            t = time.perf_counter()
+            out = original(result)
+            totals["wait"] += time.perf_counter() - t
+            return out
+
+        mr.StepResult.wait = wait
+
+    def _wrap(self, obj, name, key):
+        fn, totals = getattr(obj, name), self.totals
+
+        def timed(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            totals[key] += time.perf_counter() - t
+            return out
+
+        setattr(obj, name, timed)
+
+
+def profile_decode(engine: Engine, out_dir: Path) -> None:
+    """Torch profiler over 20 decode steps at batch 256 with 900-token contexts: a table of where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = [[random.randint(0, 10000) for _ in range(900)] for _ in range(256)]
+    for i, p in enumerate(prompts):
+        engine.add_request(f"prof{i}", p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=60))
+    for _ in range(30):
+        engine.step()  # prefill and settle
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            engine.step()
+        sync()
+    while engine.has_work:
+        engine.step()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    (out_dir / "profile_decode.txt").write_text(table)
+    prof.export_chrome_trace(str(out_dir / "trace_decode.json"))
+    print(table[:6000])
+
+
 def nano(engine: Engine, bandwidth: float) -> dict:
     prompts, params = nano_workload()
     expected = sum(p.max_tokens for p in params)
     assert expected == NANO_FINGERPRINT, f"workload fingerprint {expected} != {NANO_FINGERPRINT}"
     run(engine, [[1] * 16], [SamplingParams(max_tokens=16)], "warm")
+    timer = HostTimer(engine)
     seconds, tokens, steps, _ = run(engine, prompts, params, "nano")
+    print("host time (s):", {k: round(v, 3) for k, v in timer.totals.items()})
     shape = engine.runner.shape
     per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, engine.runner.dtype)
     kv_tokens = sum(o * len(p) + o * (o - 1) // 2 for p, o in ((p, sp.max_tokens) for p, sp in zip(prompts, params)))
@@ -95,7 +152,7 @@ def nano(engine: Engine, bandwidth: float) -> dict:
     return {"workload": "nano", "seconds": seconds, "output_tokens": tokens, "tok_per_s": tokens / seconds,
             "steps": steps, "kv_bytes_read": kv_tokens * per_token, "weight_bytes_per_step": weight_bytes,
             "copy_bandwidth_Bps": bandwidth, "floor_seconds": floor, "floor_tok_per_s": tokens / floor,
-            "ratio_to_floor": floor / seconds}
+            "ratio_to_floor": floor / seconds, "host_seconds": timer.totals}
 
 
 def latency(engine: Engine) -> dict:
@@ -140,6 +197,7 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the table here")
     a = ap.parse_args()
     model = a.model
     if model is None:
@@ -158,6 +216,9 @@ def main() -> None:
     todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
     if "nano" in todo:
         results.append(nano(engine, copy_bandwidth()))
+    if a.profile_dir:
+        a.profile_dir.mkdir(parents=True, exist_ok=True)
+        profile_decode(engine, a.profile_dir)
     if "latency" in todo:
         results.append(latency(engine))
     if "prefix" in todo:
