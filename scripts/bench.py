@@ -131,7 +131,6 @@ def profile_decode(engine: Engine, out_dir: Path) -> None:
         engine.step()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     (out_dir / "profile_decode.txt").write_text(table)
-    prof.export_chrome_trace(str(out_dir / "trace_decode.json"))
     print(table[:6000])
 
 
