@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine import kernels
 from engine.sampling_params import SamplingParams
 
 _M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value
@@ -54,6 +55,9 @@ class Sampler:
             self.dev[n] = torch.zeros(max_rows, device=device, dtype=torch.int64)
             self.host[n] = np.zeros(max_rows, dtype=np.int64)
         self.dev["has_seed"] = torch.zeros(max_rows, device=device, dtype=torch.bool)
+        # On CUDA, rows without top-k/top-p/min-p sample in one fused Gumbel-max pass (kernels.gumbel_sample).
+        self.fused = kernels.available(torch.empty(0, device=device))
+        self._step_seed = seed * 1_000_003
 
     def set_rows(self, rows: list[int], params: list[SamplingParams], prompt_lens: list[int]) -> None:
         values = {
@@ -76,23 +80,41 @@ class Sampler:
         needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens."""
         h = {n: a[rows_host] for n, a in self.host.items()}
         p = {n: t[rows] for n, t in self.dev.items()}
-        logits = logits.float()
         raw = logits
         if (h["rep"] != 1.0).any() or (h["presence"] != 0).any() or (h["frequency"] != 0).any():
-            logits = self._penalize(logits, p, history, seq_lens)
-        greedy = logits.argmax(-1)
-        if (h["temperature"] == 0).all():
-            tokens = greedy
+            logits = self._penalize(logits.float(), p, history, seq_lens)
+        filtered = (h["top_k"] > 0) | (h["top_p"] < 1) | (h["min_p"] > 0)
+        if self.fused:
+            tokens = self._fused(logits, p, seq_lens)
+            if filtered.any():
+                idx = np.flatnonzero(filtered)
+                sub = torch.from_numpy(idx).to(self.device)
+                tokens[sub] = self._reference(logits[sub].float(), {n: a[idx] for n, a in h.items()},
+                                              {n: t[sub] for n, t in p.items()}, seq_lens[sub])
         else:
-            tokens = torch.where(p["temperature"] == 0, greedy, self._sample(logits, h, p, seq_lens))
+            tokens = self._reference(logits.float(), h, p, seq_lens)
         result = SampleResult(tokens)
         if (h["logprobs"] >= 0).any():
-            lp = torch.log_softmax(raw, dim=-1)
+            lp = torch.log_softmax(raw.float(), dim=-1)
             result.logprobs = lp.gather(1, tokens[:, None]).squeeze(1)
             k = int(h["logprobs"].max())
             if k > 0:
                 result.top_logprobs, result.top_ids = lp.topk(k, dim=-1)
         return result
+
+    def _reference(self, logits, h, p, seq_lens):
+        greedy = logits.argmax(-1)
+        if (h["temperature"] == 0).all():
+            return greedy
+        return torch.where(p["temperature"] == 0, greedy, self._sample(logits, h, p, seq_lens))
+
+    def _fused(self, logits, p, seq_lens):
+        """Seeded rows draw from (seed, output index); the others from a per-step seed and their batch index."""
+        self._step_seed += 1
+        B = logits.shape[0]
+        seed = torch.where(p["has_seed"], p["seed"], self._step_seed)
+        counter = torch.where(p["has_seed"], seq_lens - p["prompt_len"], torch.arange(B, device=logits.device))
+        return kernels.gumbel_sample(logits, p["temperature"], seed, counter)
 
     def _penalize(self, logits, p, history, seq_lens):
         B, L = history.shape

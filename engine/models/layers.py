@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -19,6 +21,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`, adds it first and returns (normed, new residual): the fused residual-add form."""
+        if kernels.available(x):
+            out = kernels.rmsnorm(x, self.weight, self.eps, residual)  # updates residual in place
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -49,6 +54,8 @@ class MergedLinear(nn.Module):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if kernels.available(x):
+        return kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -85,6 +92,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    @staticmethod
+    def eps_of(norm: "RMSNorm | None") -> float:
+        return norm.eps if norm is not None else 0.0
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
@@ -114,6 +125,13 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if kernels.available(x):  # per-head norm and rotary in one pass each
+            r = self.rotary
+            q = kernels.norm_rope(q, self.q_norm.weight if self.q_norm else None, r.eps_of(self.q_norm), r.cos, r.sin,
+                                  positions)
+            k = kernels.norm_rope(k, self.k_norm.weight if self.k_norm else None, r.eps_of(self.k_norm), r.cos, r.sin,
+                                  positions)
+            return self.o_proj(attn.forward(self.layer_id, q, k, v).reshape(-1, q_size))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
