@@ -4,16 +4,17 @@ Slot 0 is never handed out: padded positions (CUDA-graph batches) write their K/
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 class SlotAllocator:
-    """Free slots as one int32 tensor used as a stack: allocating or freeing n slots is one slice or one copy,
-    never a Python loop over tokens."""
+    """Free slots as one host int32 array used as a stack: allocating or freeing n slots is one slice or one
+    copy, never a Python loop over tokens. Host-side numpy: these are bookkeeping, not device data."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self._free = torch.arange(num_slots - 1, 0, -1, dtype=torch.int32)  # slot 1 on top
+        self._free = np.arange(num_slots - 1, 0, -1, dtype=np.int32)  # slot 1 on top
         self._top = num_slots - 1
 
     @property
@@ -24,19 +25,19 @@ class SlotAllocator:
     def capacity(self) -> int:
         return self.num_slots - 1
 
-    def alloc(self, n: int) -> torch.Tensor | None:
+    def alloc(self, n: int) -> np.ndarray | None:
         if n > self._top:
             return None
         self._top -= n
-        return self._free[self._top : self._top + n].flip(0).clone()
+        return self._free[self._top : self._top + n][::-1].copy()
 
-    def free(self, slots: torch.Tensor) -> None:
-        n = slots.numel()
+    def free(self, slots: np.ndarray) -> None:
+        n = len(slots)
         if n == 0:
             return
-        if self._top + n > self._free.numel():
+        if self._top + n > len(self._free):
             raise RuntimeError("slot allocator: more slots freed than were allocated")
-        self._free[self._top : self._top + n] = slots.flip(0).to(torch.int32)
+        self._free[self._top : self._top + n] = slots[::-1]
         self._top += n
 
 

@@ -114,21 +114,21 @@ class ModelRunner:
     # ---- one step ----
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> StepResult:
-        self._apply_writes(plan)
-        meta, rows, positions, row_of_token, seq_lens = self._metadata(plan)
+        if plan.new_rows:
+            self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
+        meta, rows, positions, row_of_token, seq_lens, keep = self._prepare(plan)
         input_ids = self.req_tokens[row_of_token, positions].long()
         if self.graphs is not None and self.graphs.can_run(meta):
-            logits = self.graphs.run(input_ids, positions.long(), meta)
+            logits = self.graphs.run(input_ids, positions, meta)
         else:
             self.attn.begin(meta)
-            hidden = self.model(input_ids, positions.long(), self.attn)
+            hidden = self.model(input_ids, positions, self.attn)
             logits = self.model.logits(hidden[meta.qo_indptr[1:].long() - 1])
         history = None
         if self._needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]
         sample = self.sampler(logits, plan.rows, rows, history, seq_lens)
         # Sampled tokens become the next position's input on the device, before the host sees them.
-        keep = torch.from_numpy(np.flatnonzero(plan.sample)).to(self.device, non_blocking=True)
         self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
         return self._copy_to_host(sample)
 
@@ -136,19 +136,9 @@ class ModelRunner:
         h = self.sampler.host
         return bool((h["rep"][rows] != 1).any() or (h["presence"][rows] != 0).any() or (h["frequency"][rows] != 0).any())
 
-    def _apply_writes(self, plan: StepPlan) -> None:
-        dev = self.device
-        if len(plan.slot_ids):
-            r, p, v = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (plan.slot_rows, plan.slot_pos, plan.slot_ids))
-            self.req_to_slot[r.long(), p.long()] = v
-        if len(plan.token_ids):
-            r, p, v = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (plan.token_rows, plan.token_pos, plan.token_ids))
-            self.req_tokens[r.long(), p.long()] = v
-        if plan.new_rows:
-            self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
-
-    def _metadata(self, plan: StepPlan):
-        """Everything index-like for the step, sent to the device in one copy; slot indices are gathered there."""
+    def _prepare(self, plan: StepPlan):
+        """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then
+        the step's rows, lengths and positions. Slot indices for attention are gathered there."""
         lens, starts = plan.lens.astype(np.int64), plan.starts.astype(np.int64)
         kv_lens = starts + lens
         qo_indptr = np.concatenate([[0], np.cumsum(lens)])
@@ -156,20 +146,26 @@ class ModelRunner:
         T, B = int(qo_indptr[-1]), len(lens)
         row_of_token = np.repeat(plan.rows, lens)
         positions = np.arange(T) - np.repeat(qo_indptr[:-1], lens) + np.repeat(starts, lens)
-        packed = np.concatenate([plan.rows, kv_lens, qo_indptr, kv_indptr, row_of_token, positions]).astype(np.int32)
-        dev = torch.from_numpy(packed)
+        parts = [plan.slot_rows, plan.slot_pos, plan.slot_ids, plan.token_rows, plan.token_pos, plan.token_ids,
+                 plan.rows, kv_lens, qo_indptr, kv_indptr, row_of_token, positions, np.flatnonzero(plan.sample)]
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int64))
         if self.device.type == "cuda":
-            dev = dev.pin_memory().to(self.device, non_blocking=True)
-        rows, seq_lens, qo_d, kv_d, row_of_token_d, positions_d = dev.split([B, B, B + 1, B + 1, T, T])
-        rows, seq_lens = rows.long(), seq_lens.long()
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        (slot_rows, slot_pos, slot_ids, tok_rows, tok_pos, tok_ids, rows, seq_lens, qo_d, kv_d, row_of_token_d,
+         positions_d, keep) = packed.split([len(x) for x in parts])
+        if len(slot_ids):
+            self.req_to_slot[slot_rows, slot_pos] = slot_ids.int()
+        if len(tok_ids):
+            self.req_tokens[tok_rows, tok_pos] = tok_ids.int()
         total_kv = int(kv_indptr[-1])
         kv_rows = torch.repeat_interleave(rows, seq_lens, output_size=total_kv)
-        kv_pos = torch.arange(total_kv, device=self.device) - torch.repeat_interleave(kv_d[:-1].long(), seq_lens,
+        kv_pos = torch.arange(total_kv, device=self.device) - torch.repeat_interleave(kv_d[:-1], seq_lens,
                                                                                       output_size=total_kv)
         kv_indices = self.req_to_slot[kv_rows, kv_pos]
-        out_slots = self.req_to_slot[row_of_token_d.long(), positions_d.long()]
-        meta = AttentionMetadata(qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d, kv_d, kv_indices, out_slots)
-        return meta, rows, positions_d, row_of_token_d.long(), seq_lens
+        out_slots = self.req_to_slot[row_of_token_d, positions_d]
+        meta = AttentionMetadata(qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d.int(), kv_d.int(), kv_indices,
+                                 out_slots)
+        return meta, rows, positions_d, row_of_token_d, seq_lens, keep
 
     def _copy_to_host(self, sample: SampleResult) -> StepResult:
         if self.copy_stream is None:

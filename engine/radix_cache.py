@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-import torch
+import numpy as np
 
 _clock = itertools.count()
 
@@ -18,7 +18,7 @@ _clock = itertools.count()
 class Node:
     __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
 
-    def __init__(self, parent: "Node | None" = None, key: tuple = (), value: torch.Tensor | None = None):
+    def __init__(self, parent: "Node | None" = None, key: tuple = (), value: np.ndarray | None = None):
         self.children: dict[int, Node] = {}
         self.parent = parent
         self.key = key
@@ -47,7 +47,7 @@ class RadixCache:
         self.query_tokens = 0
 
     # ---- lookup ----
-    def match_prefix(self, tokens: list[int]) -> tuple[torch.Tensor, Node]:
+    def match_prefix(self, tokens: list[int]) -> tuple[np.ndarray, Node]:
         """The slots of the longest cached prefix of `tokens`, and the node where it ends (split if the match
         ends inside an edge)."""
         node, pos, values = self.root, 0, []
@@ -61,7 +61,7 @@ class RadixCache:
             pos += n
             node = child
             node.last_access = next(_clock)
-        slots = torch.cat(values) if values else torch.empty(0, dtype=torch.int32)
+        slots = np.concatenate(values) if values else np.empty(0, dtype=np.int32)
         return slots, node
 
     def _split(self, child: Node, n: int) -> Node:
@@ -75,7 +75,7 @@ class RadixCache:
         return mid
 
     # ---- insertion ----
-    def insert(self, tokens: list[int], slots: torch.Tensor) -> int:
+    def insert(self, tokens: list[int], slots: np.ndarray) -> int:
         """Adds tokens[i] -> slots[i]. Returns how many leading tokens were already cached: the caller's own
         slots for those are duplicates, and theirs to free."""
         node, pos = self.root, 0
@@ -83,7 +83,7 @@ class RadixCache:
             node.last_access = next(_clock)
             child = node.children.get(tokens[pos])
             if child is None:
-                leaf = Node(node, tuple(tokens[pos:]), slots[pos:].clone())
+                leaf = Node(node, tuple(tokens[pos:]), slots[pos:].copy())
                 node.children[tokens[pos]] = leaf
                 self.cached_tokens += len(leaf.key)
                 self.evictable_tokens += len(leaf.key)

@@ -32,6 +32,18 @@ def _hash_uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torc
     return (((x >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
 
+class _RowParams(dict):
+    """Per-row device parameters for one batch, gathered only when a stage asks for them."""
+
+    def __init__(self, tensors: dict, rows: torch.Tensor):
+        super().__init__()
+        self.tensors, self.rows = tensors, rows
+
+    def __missing__(self, name):
+        value = self[name] = self.tensors[name][self.rows]
+        return value
+
+
 @dataclass
 class SampleResult:
     tokens: torch.Tensor  # [B] int64
@@ -79,7 +91,7 @@ class Sampler:
         """logits: [B, V] for the last position of each row. `history` ([B, L] token ids, L >= max seq_len) is
         needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens."""
         h = {n: a[rows_host] for n, a in self.host.items()}
-        p = {n: t[rows] for n, t in self.dev.items()}
+        p = _RowParams(self.dev, rows)
         raw = logits
         if (h["rep"] != 1.0).any() or (h["presence"] != 0).any() or (h["frequency"] != 0).any():
             logits = self._penalize(logits.float(), p, history, seq_lens)
@@ -90,7 +102,7 @@ class Sampler:
                 idx = np.flatnonzero(filtered)
                 sub = torch.from_numpy(idx).to(self.device)
                 tokens[sub] = self._reference(logits[sub].float(), {n: a[idx] for n, a in h.items()},
-                                              {n: t[sub] for n, t in p.items()}, seq_lens[sub])
+                                              _RowParams(self.dev, rows[sub]), seq_lens[sub])
         else:
             tokens = self._reference(logits.float(), h, p, seq_lens)
         result = SampleResult(tokens)

@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from engine.kv_cache import SlotAllocator
 from engine.radix_cache import RadixCache
@@ -108,9 +107,19 @@ class Scheduler:
             for seq in self.running:
                 if seq.num_cached < min(seq.num_computed, len(seq.token_ids), seq.num_prompt):
                     self._cache_prompt_prefix(seq, writes)
-        for seq in self._decodes():
-            if budget == 0 or len(chosen) == self.max_bs:
-                break
+        decodes = self._decodes()[: min(budget, self.max_bs)]
+        slots = self._alloc(len(decodes))
+        if slots is not None:  # the common case: one allocation and one table write for every decode
+            rows = np.array([s.row for s in decodes], dtype=np.int32)
+            pos = np.array([s.num_computed for s in decodes], dtype=np.int32)
+            writes.add_one_each(rows, pos, slots, self.req_to_slot)
+            for seq in decodes:
+                seq.num_computed += 1
+            chosen += decodes
+            spans += [1] * len(decodes)
+            budget -= len(decodes)
+            decodes = []
+        for seq in decodes:  # short of slots: one at a time, evicting and preempting as needed
             if seq.status is not Status.RUNNING:
                 continue  # preempted below for an earlier sequence's slot
             if not self._place(seq, 1, writes, chosen):
@@ -118,7 +127,9 @@ class Scheduler:
             chosen.append(seq)
             spans.append(1)
             budget -= 1
-        for seq in [s for s in self.running if s.in_prefill and s not in chosen]:
+        num_decodes = len(chosen)
+        placed = {id(s) for s in chosen}
+        for seq in [s for s in self.running if s.in_prefill and id(s) not in placed]:
             if budget == 0 or len(chosen) == self.max_bs:
                 break
             n = min(len(seq.token_ids) - seq.num_computed, budget)
@@ -127,7 +138,6 @@ class Scheduler:
             chosen.append(seq)
             spans.append(n)
             budget -= n
-        num_decodes = len(chosen)
         while (self.waiting and budget > 0 and len(chosen) < self.max_bs and self.free_rows
                and len(self.running) < self.max_bs):
             n = self._admit(self.waiting[0], budget, writes, chosen)
@@ -170,7 +180,7 @@ class Scheduler:
         chunk length, or 0 if it must wait."""
         if seq.num_pending:
             return 0  # preempted while a token was in flight: it rejoins once that token is known
-        cached, node = torch.empty(0, dtype=torch.int32), None
+        cached, node = np.empty(0, dtype=np.int32), None
         if self.cache is not None:
             cached, node = self.cache.match_prefix(seq.token_ids[:-1])
             self.cache.lock(node)
@@ -188,7 +198,7 @@ class Scheduler:
         seq.cache_node = node
         if self.cache is not None:
             self.cache.record(len(seq.token_ids), len(cached))
-        writes.add(seq.row, 0, torch.cat([cached, slots[:n]]), self.req_to_slot)
+        writes.add(seq.row, 0, np.concatenate([cached, slots[:n]]), self.req_to_slot)
         writes.add_tokens(seq.row, seq.token_ids)
         writes.admitted.append(seq)
         seq.num_computed += n
@@ -196,7 +206,7 @@ class Scheduler:
         self.running.append(seq)
         return n
 
-    def _alloc(self, n: int) -> torch.Tensor | None:
+    def _alloc(self, n: int) -> np.ndarray | None:
         slots = self.allocator.alloc(n)
         if slots is None and self.cache is not None:
             self.cache.evict(n - self.allocator.num_free)
@@ -216,7 +226,7 @@ class Scheduler:
         comes later on the same stream. Where the tree already held some of them, the sequence switches to
         the tree's slots and frees its own copies."""
         k = min(seq.num_computed, len(seq.token_ids), seq.num_prompt)
-        own = torch.from_numpy(self.req_to_slot[seq.row, :k].copy())
+        own = self.req_to_slot[seq.row, :k].copy()
         already = self.cache.insert(seq.token_ids[:k], own)
         tree_slots, node = self.cache.match_prefix(seq.token_ids[:k])
         if already > seq.num_cached:
@@ -229,7 +239,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Gives back a sequence's row and slots; with the radix cache, the positions whose KV is known go into
         the tree instead, so a later request (or this one, recomputing) finds them."""
-        slots = torch.from_numpy(self.req_to_slot[seq.row, : seq.num_computed].copy())
+        slots = self.req_to_slot[seq.row, : seq.num_computed].copy()
         keep = 0
         if self.cache is not None:
             keep = min(seq.num_computed, len(seq.token_ids))
@@ -262,11 +272,15 @@ class _Writes:
         self.token_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.admitted: list[Sequence] = []
 
-    def add(self, row: int, start: int, slots: torch.Tensor, table: np.ndarray) -> None:
-        ids = slots.numpy().astype(np.int32, copy=False)
-        pos = np.arange(start, start + len(ids), dtype=np.int32)
-        table[row, start : start + len(ids)] = ids
-        self.slot_parts.append((np.full(len(ids), row, dtype=np.int32), pos, ids))
+    def add(self, row: int, start: int, slots: np.ndarray, table: np.ndarray) -> None:
+        pos = np.arange(start, start + len(slots), dtype=np.int32)
+        table[row, start : start + len(slots)] = slots
+        self.slot_parts.append((np.full(len(slots), row, dtype=np.int32), pos, slots))
+
+    def add_one_each(self, rows: np.ndarray, pos: np.ndarray, slots: np.ndarray, table: np.ndarray) -> None:
+        """One slot for each of many rows (a batch of decodes)."""
+        table[rows, pos] = slots
+        self.slot_parts.append((rows, pos, slots))
 
     def add_tokens(self, row: int, tokens: list[int]) -> None:
         ids = np.asarray(tokens, dtype=np.int32)
