@@ -70,17 +70,19 @@ if triton is not None:
         tl.store(out_ptr + row * n + col, y, mask=mask)
 
     @triton.jit
-    def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, seed_ptr, counter_ptr, out_ptr, vocab,
-                              BLOCK: tl.constexpr):
+    def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, seed_ptr, counter_ptr, max_ptr, idx_ptr, vocab,
+                              num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """argmax(logits / T + Gumbel noise) samples softmax(logits / T) exactly, in one pass and without
-        normalising; T == 0 gives the plain argmax. Noise is Philox(seed, counter * vocab + token id)."""
+        normalising; T == 0 gives the plain argmax. Noise is Philox(seed, counter * vocab + token id). Each
+        program scans one chunk of one row; the chunk winners are reduced afterwards."""
         row = tl.program_id(0)
+        chunk = tl.program_id(1)
         t = tl.load(temp_ptr + row)
         seed = tl.load(seed_ptr + row)
         base = tl.load(counter_ptr + row) * vocab
         best = tl.full((), float("-inf"), tl.float32)
         best_idx = tl.full((), 0, tl.int32)
-        for start in range(0, vocab, BLOCK):
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < vocab
             x = tl.load(logits_ptr + row * stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -93,7 +95,8 @@ if triton is not None:
             take = m > best
             best = tl.where(take, m, best)
             best_idx = tl.where(take, i, best_idx)
-        tl.store(out_ptr + row, best_idx.to(tl.int64))
+        tl.store(max_ptr + row * num_chunks + chunk, best)
+        tl.store(idx_ptr + row * num_chunks + chunk, best_idx)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +136,11 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
                   counter: torch.Tensor) -> torch.Tensor:
     """One token per row: greedy where temperature is 0, else a draw from softmax(logits / temperature)."""
     B, V = logits.shape
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    chunk = 8192
+    n = triton.cdiv(V, chunk)
+    best = torch.empty((B, n), dtype=torch.float32, device=logits.device)
+    idx = torch.empty((B, n), dtype=torch.int32, device=logits.device)
     if B:
-        _gumbel_argmax_kernel[(B,)](logits, logits.stride(0), temperature, seed, counter, out, V, BLOCK=4096)
-    return out
+        _gumbel_argmax_kernel[(B, n)](logits, logits.stride(0), temperature, seed, counter, best, idx, V, n,
+                                      CHUNK=chunk, BLOCK=2048)
+    return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1).long()
