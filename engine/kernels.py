@@ -70,6 +70,20 @@ if triton is not None:
         tl.store(out_ptr + row * n + col, y, mask=mask)
 
     @triton.jit
+    def _race(row_ptr, offs, vocab, t, u, best, best_idx):
+        """Folds one block into the running (best score, index): Gumbel noise via fast base-2 logarithms."""
+        mask = offs < vocab
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        ln2 = 0.6931471805599453
+        gumbel = -ln2 * tl.log2(-ln2 * tl.log2(tl.maximum(u, 1e-10)))
+        score = tl.where(t > 0, x / tl.maximum(t, 1e-6) + gumbel, x)
+        score = tl.where(mask, score, float("-inf"))
+        m = tl.max(score, axis=0)
+        i = tl.argmax(score, axis=0).to(tl.int32) + tl.min(offs, axis=0)
+        take = m > best
+        return tl.where(take, m, best), tl.where(take, i, best_idx)
+
+    @triton.jit
     def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, seed_ptr, counter_ptr, max_ptr, idx_ptr, vocab,
                               num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """argmax(logits / T + Gumbel noise) samples softmax(logits / T) exactly, in one pass and without
@@ -82,19 +96,14 @@ if triton is not None:
         base = tl.load(counter_ptr + row) * vocab
         best = tl.full((), float("-inf"), tl.float32)
         best_idx = tl.full((), 0, tl.int32)
-        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+        # One Philox call gives four uniforms: each iteration covers four blocks.
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, 4 * BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            mask = offs < vocab
-            x = tl.load(logits_ptr + row * stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            u = tl.rand(seed, (base + offs).to(tl.uint32))
-            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
-            score = tl.where(t > 0, x / tl.maximum(t, 1e-6) + gumbel, x)
-            score = tl.where(mask, score, float("-inf"))
-            m = tl.max(score, axis=0)
-            i = tl.argmax(score, axis=0).to(tl.int32) + start
-            take = m > best
-            best = tl.where(take, m, best)
-            best_idx = tl.where(take, i, best_idx)
+            u0, u1, u2, u3 = tl.rand4x(seed, (base + offs).to(tl.uint32))
+            best, best_idx = _race(logits_ptr + row * stride, offs, vocab, t, u0, best, best_idx)
+            best, best_idx = _race(logits_ptr + row * stride, offs + BLOCK, vocab, t, u1, best, best_idx)
+            best, best_idx = _race(logits_ptr + row * stride, offs + 2 * BLOCK, vocab, t, u2, best, best_idx)
+            best, best_idx = _race(logits_ptr + row * stride, offs + 3 * BLOCK, vocab, t, u3, best, best_idx)
         tl.store(max_ptr + row * num_chunks + chunk, best)
         tl.store(idx_ptr + row * num_chunks + chunk, best_idx)
 

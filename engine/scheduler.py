@@ -58,6 +58,9 @@ class Batch:
     plan: StepPlan
 
 
+_DEFER = -1  # _admit: skip this request for now, try the next
+
+
 class Scheduler:
     def __init__(self, num_slots: int, max_rows: int, context_len: int, max_bs: int,
                  max_batched_tokens: int, use_radix_cache: bool):
@@ -138,12 +141,16 @@ class Scheduler:
             chosen.append(seq)
             spans.append(n)
             budget -= n
-        while (self.waiting and budget > 0 and len(chosen) < self.max_bs and self.free_rows
-               and len(self.running) < self.max_bs):
-            n = self._admit(self.waiting[0], budget, writes, chosen)
+        for seq in list(self.waiting):
+            if budget == 0 or len(chosen) == self.max_bs or not self.free_rows or len(self.running) >= self.max_bs:
+                break
+            n = self._admit(seq, budget, writes, chosen)
             if n == 0:
                 break
-            chosen.append(self.waiting.popleft())
+            if n == _DEFER:
+                continue
+            self.waiting.remove(seq)
+            chosen.append(seq)
             spans.append(n)
             budget -= n
         if not chosen:
@@ -177,12 +184,14 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int, writes: "_Writes", chosen: list) -> int:
         """Places a waiting sequence: a row, its cached prefix, and slots for its first chunk. Returns the
-        chunk length, or 0 if it must wait."""
+        chunk length; 0 if it must wait (and so must everything behind it); _DEFER if only it should wait."""
         if seq.num_pending:
             return 0  # preempted while a token was in flight: it rejoins once that token is known
         cached, node = np.empty(0, dtype=np.int32), None
         if self.cache is not None:
             cached, node = self.cache.match_prefix(seq.token_ids[:-1])
+            if self._prefix_in_progress(seq, len(cached)):
+                return _DEFER
             self.cache.lock(node)
         n = min(len(seq.token_ids) - len(cached), budget)
         # Keep a slot for every running sequence's next decode, so admission does not force preemption.
@@ -205,6 +214,13 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
         return n
+
+    def _prefix_in_progress(self, seq: Sequence, matched: int) -> bool:
+        """True if a running prefill is computing a longer prefix of `seq` than the cache holds: waiting a step
+        for it costs less than computing the same positions twice."""
+        want = seq.token_ids[: matched + 1]
+        return any(matched < min(p.num_computed, p.num_prompt) and p.token_ids[: matched + 1] == want
+                   for p in self.running)
 
     def _alloc(self, n: int) -> np.ndarray | None:
         slots = self.allocator.alloc(n)
