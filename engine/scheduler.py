@@ -219,7 +219,7 @@ class Scheduler:
         """True if a running prefill is computing a longer prefix of `seq` than the cache holds: waiting a step
         for it costs less than computing the same positions twice."""
         want = seq.token_ids[: matched + 1]
-        return any(matched < min(p.num_computed, p.num_prompt) and p.token_ids[: matched + 1] == want
+        return any(p.num_cached <= matched < min(p.num_computed, p.num_prompt) and p.token_ids[: matched + 1] == want
                    for p in self.running)
 
     def _alloc(self, n: int) -> np.ndarray | None:
