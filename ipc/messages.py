@@ -1,0 +1,93 @@
+"""Messages between app workers and the engine: msgspec Structs in one tagged union, msgpack on the wire.
+Token ids travel as packed little-endian int32 bytes: decoding 1,600 ids from a msgpack list costs ~40 µs,
+from bytes ~1 µs."""
+
+from __future__ import annotations
+
+from array import array
+
+import msgspec
+
+
+def pack_ids(ids) -> bytes:
+    return array("i", ids).tobytes()
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    a = array("i")
+    a.frombytes(data)
+    return a.tolist()
+
+
+class Sampling(msgspec.Struct, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+    logprobs: int | None = None
+
+
+# ---- app -> engine ----
+class Generate(msgspec.Struct, tag="gen"):
+    rid: str
+    token_ids: bytes  # pack_ids
+    sampling: Sampling
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    rid: str
+
+
+class Control(msgspec.Struct, tag="ctl"):
+    command: str  # "stats", "profile_start", "profile_stop", "shutdown"
+
+
+# ---- engine -> app ----
+class TokenDelta(msgspec.Struct, array_like=True):
+    rid: str
+    token_ids: bytes  # pack_ids: the tokens this request gained in this step
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class StepOutput(msgspec.Struct, tag="out"):
+    items: list[TokenDelta]
+
+
+class RequestFailed(msgspec.Struct, tag="err"):
+    rid: str
+    message: str
+    status: int = 400
+
+
+class EngineStats(msgspec.Struct, tag="stats"):
+    values: dict[str, float]
+
+
+ToEngine = Generate | Abort | Control
+ToApp = StepOutput | RequestFailed | EngineStats
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine = msgspec.msgpack.Decoder(ToEngine)
+_to_app = msgspec.msgpack.Decoder(ToApp)
+
+
+def encode(msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_engine(buf) -> ToEngine:
+    return _to_engine.decode(buf)
+
+
+def decode_to_app(buf) -> ToApp:
+    return _to_app.decode(buf)

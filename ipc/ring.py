@@ -1,0 +1,301 @@
+"""Lock-free shared-memory rings: one writer, one or more readers, each reader with its own cursor.
+
+Layout of the segment (posix_ipc shared memory):
+
+    0     head: bytes ever written                      (own cache line)
+    64    writer pid, capacity, number of readers
+    128+  per reader i, one cache line each: tail (bytes ever read), sleeping flag, pid
+    DATA  capacity bytes of frames
+
+A frame is a 4-byte little-endian word and its payload, padded to 8 bytes. The word's low 31 bits are the
+payload length and bit 31 says that more fragments of the same message follow (a message larger than a
+quarter of the ring is split, never dropped). The word 0xFFFFFFFF marks the end of the data area: the next
+frame starts at offset 0.
+
+Counters are written as whole aligned 8-byte words through a memoryview cast to "Q" (struct.pack_into clears
+the destination first, so another process could see a torn value). Python has no memory model, so a frame
+is published only after a fence, and read only after one: a lock acquire/release is a full barrier."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+
+import posix_ipc
+
+WRAP = 0xFFFFFFFF
+MORE = 0x80000000
+HEADER = 128
+READER_STRIDE = 64
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    with _fence_lock:
+        pass
+
+
+class RingError(RuntimeError):
+    """Base of every ring failure."""
+
+
+class RingTimeout(RingError):
+    pass
+
+
+class PeerDied(RingError):
+    pass
+
+
+class RingCorrupted(RingError):
+    pass
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _data_offset(num_readers: int) -> int:
+    return HEADER + READER_STRIDE * num_readers + (-(HEADER + READER_STRIDE * num_readers) % 4096)
+
+
+class _Segment:
+    """The mapped segment and its word views; shared by the writer and reader ends."""
+
+    def __init__(self, name: str, create: bool, capacity: int = 0, num_readers: int = 1):
+        if create:
+            if capacity < 4096 or capacity & (capacity - 1):
+                raise ValueError("ring capacity must be a power of two >= 4096")
+            size = _data_offset(num_readers) + capacity
+            self.shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+        else:
+            self.shm = posix_ipc.SharedMemory(name)
+        self.name = name
+        self.map = mmap.mmap(self.shm.fd, self.shm.size)
+        self.shm.close_fd()
+        self.words = memoryview(self.map).cast("Q")  # aligned 8-byte stores: never torn
+        if create:
+            self.words[9], self.words[10] = capacity, num_readers
+        self.capacity, self.num_readers = self.words[9], self.words[10]
+        self.data_start = _data_offset(self.num_readers)
+        self.data = memoryview(self.map)[self.data_start : self.data_start + self.capacity]
+        self.sems = [self._sem(i, create) for i in range(self.num_readers)]
+        self.space = posix_ipc.Semaphore(name + "-space", posix_ipc.O_CREAT, initial_value=0)
+
+    def _sem(self, i: int, create: bool):
+        return posix_ipc.Semaphore(f"{self.name}-r{i}", posix_ipc.O_CREAT, initial_value=0)
+
+    # word indices
+    HEAD, WRITER_PID, WRITER_WAITING = 0, 8, 11
+
+    @staticmethod
+    def tail_index(i: int) -> int:
+        return (HEADER + READER_STRIDE * i) // 8
+
+    def close(self) -> None:
+        self.data.release()
+        self.words.release()
+        self.map.close()
+
+    def unlink(self) -> None:
+        for obj in [self.shm, *self.sems, self.space]:
+            try:
+                obj.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+        for s in [*self.sems, self.space]:
+            s.close()
+
+
+class RingWriter:
+    def __init__(self, name: str, capacity: int = 1 << 20, num_readers: int = 1, create: bool = True,
+                 timeout: float = 10.0):
+        self.seg = _Segment(name, create, capacity, num_readers)
+        self.seg.words[_Segment.WRITER_PID] = os.getpid()
+        self.owner = create
+        self.timeout = timeout
+        self.max_fragment = self.seg.capacity // 4 - 8
+        self._head = self.seg.words[_Segment.HEAD]
+
+    @property
+    def name(self) -> str:
+        return self.seg.name
+
+    def write(self, payload: bytes | bytearray | memoryview) -> None:
+        """Appends one message; waits (up to `timeout`) while the ring is full, raising RingTimeout or PeerDied."""
+        view = memoryview(payload).cast("B")
+        n = len(view)
+        if n == 0:
+            self._put(view, 0)
+        off = 0
+        while off < n:
+            size = min(self.max_fragment, n - off)
+            self._put(view[off : off + size], MORE if off + size < n else 0)
+            off += size
+        self._wake_readers()
+
+    def _put(self, chunk: memoryview, flag: int) -> None:
+        seg, cap = self.seg, self.seg.capacity
+        need = 4 + len(chunk) + (-(4 + len(chunk)) % 8)
+        pos = self._head % cap
+        pad = cap - pos if cap - pos < need else 0
+        self._wait_space(need + pad)
+        if pad:
+            seg.data[pos : pos + 4] = WRAP.to_bytes(4, "little")
+            self._head += pad
+            pos = 0
+        seg.data[pos : pos + 4] = (len(chunk) | flag).to_bytes(4, "little")
+        seg.data[pos + 4 : pos + 4 + len(chunk)] = chunk
+        self._head += need
+        fence()
+        seg.words[_Segment.HEAD] = self._head
+
+    def _min_tail(self) -> int:
+        w = self.seg.words
+        return min(w[_Segment.tail_index(i)] for i in range(self.seg.num_readers))
+
+    def _wait_space(self, need: int) -> None:
+        cap = self.seg.capacity
+        if cap - (self._head - self._min_tail()) >= need:
+            return
+        self._wake_readers()
+        deadline = time.monotonic() + self.timeout
+        spins = 0
+        while cap - (self._head - self._min_tail()) < need:
+            spins += 1
+            if spins < 1000:
+                continue
+            self.seg.words[_Segment.WRITER_WAITING] = 1
+            fence()
+            if cap - (self._head - self._min_tail()) >= need:
+                break
+            try:
+                self.seg.space.acquire(0.05)
+            except posix_ipc.BusyError:
+                pass
+            self._check_readers()
+            if time.monotonic() > deadline:
+                self.seg.words[_Segment.WRITER_WAITING] = 0
+                raise RingTimeout(f"ring {self.name} stayed full for {self.timeout:.1f} s (reader too slow or stuck)")
+        self.seg.words[_Segment.WRITER_WAITING] = 0
+
+    def _check_readers(self) -> None:
+        w = self.seg.words
+        for i in range(self.seg.num_readers):
+            pid = w[_Segment.tail_index(i) + 2]
+            if pid and not pid_alive(pid):
+                raise PeerDied(f"reader {i} (pid {pid}) of ring {self.name} has died")
+
+    def _wake_readers(self) -> None:
+        fence()
+        w = self.seg.words
+        for i in range(self.seg.num_readers):
+            if w[_Segment.tail_index(i) + 1]:  # that reader said it sleeps
+                self.seg.sems[i].release()
+
+    def close(self, unlink: bool | None = None) -> None:
+        if self.owner if unlink is None else unlink:
+            self.seg.unlink()
+        self.seg.close()
+
+
+class RingReader:
+    def __init__(self, name: str, index: int = 0, spin_seconds: float = 50e-6, create: bool = False,
+                 capacity: int = 1 << 20, num_readers: int = 1):
+        self.seg = _Segment(name, create, capacity, num_readers)
+        if not 0 <= index < self.seg.num_readers:
+            raise ValueError(f"reader index {index} outside the ring's {self.seg.num_readers} readers")
+        self.owner = create
+        self.index = index
+        self.spin_seconds = spin_seconds
+        self._ti = _Segment.tail_index(index)
+        self.seg.words[self._ti + 2] = os.getpid()
+        self._tail = self.seg.words[self._ti]
+        self._partial: bytearray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.seg.name
+
+    def poll(self, handle, limit: int = 1 << 30) -> int:
+        """Calls `handle(memoryview)` for each complete message available now, straight from shared memory
+        (copy it if it must outlive the call). Returns how many. Never blocks."""
+        seg, cap = self.seg, self.seg.capacity
+        head = seg.words[_Segment.HEAD]
+        fence()
+        count = 0
+        while self._tail < head and count < limit:
+            pos = self._tail % cap
+            if cap - pos < 4:
+                self._tail += cap - pos
+                continue
+            word = int.from_bytes(seg.data[pos : pos + 4], "little")
+            if word == WRAP:
+                self._tail += cap - pos
+                continue
+            n, more = word & ~MORE, bool(word & MORE)
+            need = 4 + n + (-(4 + n) % 8)
+            if pos + need > cap or self._tail + need > head:
+                raise RingCorrupted(f"ring {self.name}: frame of {n} bytes at offset {pos} overruns the data "
+                                    f"(capacity {cap}, {head - self._tail} bytes published)")
+            body = seg.data[pos + 4 : pos + 4 + n]
+            if more or self._partial is not None:
+                if self._partial is None:
+                    self._partial = bytearray()
+                self._partial += body
+                if not more:
+                    handle(memoryview(self._partial))
+                    self._partial = None
+                    count += 1
+            else:
+                handle(body)
+                count += 1
+            self._tail += need
+        fence()
+        seg.words[self._ti] = self._tail
+        if count and seg.words[_Segment.WRITER_WAITING]:
+            seg.space.release()
+        return count
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until data is available: spins for `spin_seconds`, then sleeps on the semaphore. Returns
+        False on timeout; raises PeerDied if the writer has gone."""
+        w = self.seg.words
+        if w[_Segment.HEAD] != self._tail:
+            return True
+        end_spin = time.perf_counter() + self.spin_seconds
+        while time.perf_counter() < end_spin:
+            if w[_Segment.HEAD] != self._tail:
+                return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            w[self._ti + 1] = 1
+            fence()
+            while w[_Segment.HEAD] == self._tail:
+                slice_ = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+                try:
+                    self.seg.sems[self.index].acquire(slice_)
+                except posix_ipc.BusyError:
+                    pid = w[_Segment.WRITER_PID]
+                    if pid and not pid_alive(pid):
+                        raise PeerDied(f"writer (pid {pid}) of ring {self.name} has died") from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+        finally:
+            w[self._ti + 1] = 0
+        return True
+
+    def close(self, unlink: bool | None = None) -> None:
+        if self.owner if unlink is None else unlink:
+            self.seg.unlink()
+        self.seg.close()

@@ -1,0 +1,258 @@
+"""Rings between real processes: every frame once, in order, byte-identical; dead peers are noticed;
+corrupt data gives a clear error."""
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import threading
+import time
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipc import messages as m
+from ipc.lifecycle import (claim_worker_index, create_claim_counter, leftover_segments, remove_stale_segments,
+                           segment_name)
+from ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
+
+CTX = mp.get_context("fork")
+_counter = iter(range(10**9))
+
+
+def _name():
+    return segment_name(os.getpid(), f"t{next(_counter)}")
+
+
+def _payload(i: int, size: int) -> bytes:
+    return random.Random(i * 7919 + size).randbytes(size)
+
+
+def _write_all(name, sizes, jitter):
+    w = RingWriter(name, create=False, timeout=20)
+    rng = random.Random(len(sizes))
+    for i, size in enumerate(sizes):
+        w.write(_payload(i, size))
+        if jitter and rng.random() < 0.05:
+            time.sleep(rng.random() * 1e-3)
+    w.close()
+
+
+def _read_all(reader, count, jitter=False):
+    got, rng = [], random.Random(count)
+    while len(got) < count:
+        if not reader.wait(5.0):
+            raise AssertionError(f"stalled after {len(got)} of {count} frames")
+        reader.poll(lambda v: got.append(bytes(v)), limit=rng.randint(1, 8) if jitter else 1 << 30)
+        if jitter and rng.random() < 0.05:
+            time.sleep(rng.random() * 1e-3)
+    return got
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 3 * 4096), min_size=1, max_size=60), st.booleans())
+def test_random_frames_between_processes(sizes, jitter):
+    name = _name()
+    reader = RingReader(name, create=True, capacity=4096)
+    proc = CTX.Process(target=_write_all, args=(name, sizes, jitter))
+    proc.start()
+    try:
+        got = _read_all(reader, len(sizes), jitter)
+    finally:
+        proc.join(10)
+        reader.close()
+    assert got == [_payload(i, s) for i, s in enumerate(sizes)]
+
+
+def test_wrap_at_every_offset():
+    for offset in range(0, 4096, 8):
+        name = _name()
+        w = RingWriter(name, capacity=4096)
+        r = RingReader(name)
+        got, fill, sizes = [], offset, []
+        while fill:  # filler frames (a frame is its payload + 4, padded to 8) put the head at `offset`
+            sizes.append(min(fill, 1024) - 4)
+            fill -= min(fill, 1024)
+        sizes += [40, 0, 1000, 2000]
+        for i, size in enumerate(sizes):
+            w.write(_payload(offset + i, size))
+            r.poll(lambda v: got.append(bytes(v)))
+        assert got == [_payload(offset + i, size) for i, size in enumerate(sizes)]
+        w.close()
+        r.close()
+
+
+def test_stress_many_frames_small_ring():
+    name = _name()
+    reader = RingReader(name, create=True, capacity=8192)
+    rng = random.Random(5)
+    sizes = [rng.choice([0, 3, 8, 61, 200, 900, 2500, 9000]) for _ in range(20_000)]
+    proc = CTX.Process(target=_write_all, args=(name, sizes, False))
+    proc.start()
+    got = _read_all(reader, len(sizes))
+    proc.join(10)
+    reader.close()
+    assert got == [_payload(i, s) for i, s in enumerate(sizes)]
+
+
+def _write_forever(name):
+    w = RingWriter(name, create=False, timeout=60)
+    while True:
+        w.write(b"y" * 100)
+
+
+def test_writer_killed_reader_raises():
+    name = _name()
+    reader = RingReader(name, create=True, capacity=4096)
+    proc = CTX.Process(target=_write_forever, args=(name,))
+    proc.start()
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    t0 = time.monotonic()
+    with pytest.raises(PeerDied):
+        while True:
+            reader.poll(lambda v: None)
+            reader.wait(2.0)
+    assert time.monotonic() - t0 < 1.5
+    reader.close()
+
+
+def _read_slowly_then_hang(name):
+    r = RingReader(name, create=False)
+    r.poll(lambda v: None)
+    time.sleep(60)
+
+
+def test_reader_killed_writer_raises():
+    name = _name()
+    writer = RingWriter(name, capacity=4096, timeout=30)
+    proc = CTX.Process(target=_read_slowly_then_hang, args=(name,))
+    proc.start()
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    t0 = time.monotonic()
+    with pytest.raises(PeerDied):
+        for _ in range(1000):
+            writer.write(b"z" * 500)
+    assert time.monotonic() - t0 < 1.5
+    writer.close()
+
+
+def test_stale_segments_of_dead_owner_are_removed():
+    proc = CTX.Process(target=lambda: None)
+    proc.start()
+    proc.join()
+    dead = proc.pid
+    w = RingWriter(segment_name(dead, "req0"), capacity=4096)
+    w.seg.close()  # leave it behind, as a SIGKILLed owner would
+    assert leftover_segments(dead)
+    removed = remove_stale_segments()
+    assert any(str(dead) in r for r in removed)
+    assert leftover_segments(dead) == []
+
+
+def test_corrupt_length_is_a_clear_error():
+    name = _name()
+    w = RingWriter(name, capacity=4096)
+    r = RingReader(name)
+    w.write(b"hello")
+    w.seg.data[0:4] = (5000).to_bytes(4, "little")  # a frame longer than the ring
+    with pytest.raises(RingCorrupted, match="overruns"):
+        r.poll(lambda v: None)
+    w.close()
+    r.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzzed_bytes_never_crash_or_hang(blob):
+    name = _name()
+    w = RingWriter(name, capacity=4096)
+    r = RingReader(name)
+    try:
+        w.seg.data[: len(blob)] = blob
+        w.seg.words[0] = len(blob) - len(blob) % 8  # pretend it was published
+        try:
+            r.poll(lambda v: m.decode_to_engine(v))
+        except (RingCorrupted, msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    finally:
+        w.close()
+        r.close()
+
+
+def _broadcast_reader(name, index, count, q):
+    r = RingReader(name, index=index)
+    q.put(_read_all(r, count) == [_payload(i, 300 + i) for i in range(count)])
+
+
+def test_broadcast_ring_every_reader_gets_everything():
+    name = _name()
+    w = RingWriter(name, capacity=8192, num_readers=3)
+    q = CTX.Queue()
+    procs = [CTX.Process(target=_broadcast_reader, args=(name, i, 500, q)) for i in range(3)]
+    for p in procs:
+        p.start()
+    time.sleep(0.2)
+    for i in range(500):
+        w.write(_payload(i, 300 + i))
+    assert [q.get(timeout=20) for _ in procs] == [True, True, True]
+    for p in procs:
+        p.join(5)
+    w.close()
+
+
+def _claim(owner, q):
+    q.put(claim_worker_index(owner, 2))
+
+
+def test_workers_claim_distinct_pairs():
+    create_claim_counter(os.getpid())
+    q = CTX.Queue()
+    procs = [CTX.Process(target=_claim, args=(os.getpid(), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    assert sorted(q.get(timeout=5) for _ in procs) == [0, 1]
+    with pytest.raises(RuntimeError, match="no ring pair left"):
+        claim_worker_index(os.getpid(), 2)
+
+
+def test_messages_round_trip():
+    gen = m.Generate("r1", m.pack_ids([1, 2, 70000]), m.Sampling(max_tokens=5, seed=3, stop_token_ids=[9]))
+    back = m.decode_to_engine(m.encode(gen))
+    assert back == gen and m.unpack_ids(back.token_ids) == [1, 2, 70000]
+    out = m.StepOutput([m.TokenDelta("r1", m.pack_ids([5]), "stop", None, 3, 0)])
+    assert m.decode_to_app(m.encode(out)) == out
+    with pytest.raises(msgspec.ValidationError):
+        m.decode_to_engine(m.encode(out))
+
+
+def test_async_reader_thread_hands_batches_to_the_loop():
+    import asyncio
+
+    from ipc.async_reader import AsyncRingReader
+
+    name = _name()
+    w = RingWriter(name, capacity=4096)
+
+    async def main():
+        got = []
+        done = asyncio.Event()
+
+        def on_frames(frames):
+            got.extend(frames)
+            if len(got) == 100:
+                done.set()
+
+        reader = AsyncRingReader(RingReader(name), on_frames, asyncio.get_running_loop())
+        threading.Thread(target=lambda: [w.write(b"%d" % i) for i in range(100)]).start()
+        await asyncio.wait_for(done.wait(), 5)
+        reader.stop()
+        return got
+
+    assert asyncio.run(main()) == [b"%d" % i for i in range(100)]
+    w.close()
