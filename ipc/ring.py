@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import threading
 import time
 
@@ -30,6 +31,7 @@ MORE = 0x80000000
 HEADER = 128
 READER_STRIDE = 64
 _fence_lock = threading.Lock()
+_U32 = struct.Struct("<I")
 
 
 def fence() -> None:
@@ -126,6 +128,8 @@ class RingWriter:
         self.timeout = timeout
         self.max_fragment = self.seg.capacity // 4 - 8
         self._head = self.seg.words[_Segment.HEAD]
+        self._free = 0  # space known to be free; refreshed from the readers' tails only when it runs out
+        self._sleep_flags = [_Segment.tail_index(i) + 1 for i in range(self.seg.num_readers)]
 
     @property
     def name(self) -> str:
@@ -133,10 +137,12 @@ class RingWriter:
 
     def write(self, payload: bytes | bytearray | memoryview) -> None:
         """Appends one message; waits (up to `timeout`) while the ring is full, raising RingTimeout or PeerDied."""
+        n = len(payload)
+        if n <= self.max_fragment:  # the common case: one frame
+            self._put(payload, 0)
+            self._wake_readers()
+            return
         view = memoryview(payload).cast("B")
-        n = len(view)
-        if n == 0:
-            self._put(view, 0)
         off = 0
         while off < n:
             size = min(self.max_fragment, n - off)
@@ -144,21 +150,24 @@ class RingWriter:
             off += size
         self._wake_readers()
 
-    def _put(self, chunk: memoryview, flag: int) -> None:
-        seg, cap = self.seg, self.seg.capacity
-        need = 4 + len(chunk) + (-(4 + len(chunk)) % 8)
-        pos = self._head % cap
+    def _put(self, chunk, flag: int) -> None:
+        data, cap, n = self.seg.data, self.seg.capacity, len(chunk)
+        need = (n + 11) & ~7  # 4-byte word + payload, padded to 8
+        pos = self._head & (cap - 1)
         pad = cap - pos if cap - pos < need else 0
-        self._wait_space(need + pad)
+        if self._free < need + pad:
+            self._wait_space(need + pad)
+            self._free = cap - (self._head - self._min_tail())
         if pad:
-            seg.data[pos : pos + 4] = WRAP.to_bytes(4, "little")
+            data[pos : pos + 4] = _U32.pack(WRAP)
             self._head += pad
             pos = 0
-        seg.data[pos : pos + 4] = (len(chunk) | flag).to_bytes(4, "little")
-        seg.data[pos + 4 : pos + 4 + len(chunk)] = chunk
+        data[pos : pos + 4] = _U32.pack(n | flag)
+        data[pos + 4 : pos + 4 + n] = chunk
         self._head += need
+        self._free -= need + pad
         fence()
-        seg.words[_Segment.HEAD] = self._head
+        self.seg.words[_Segment.HEAD] = self._head
 
     def _min_tail(self) -> int:
         w = self.seg.words
@@ -199,8 +208,8 @@ class RingWriter:
     def _wake_readers(self) -> None:
         fence()
         w = self.seg.words
-        for i in range(self.seg.num_readers):
-            if w[_Segment.tail_index(i) + 1]:  # that reader said it sleeps
+        for i, flag in enumerate(self._sleep_flags):
+            if w[flag]:  # that reader said it sleeps
                 self.seg.sems[i].release()
 
     def close(self, unlink: bool | None = None) -> None:
@@ -232,19 +241,21 @@ class RingReader:
         (copy it if it must outlive the call). Returns how many. Never blocks."""
         seg, cap = self.seg, self.seg.capacity
         head = seg.words[_Segment.HEAD]
+        if head == self._tail:
+            return 0
         fence()
-        count = 0
+        count, raw, base = 0, seg.map, seg.data_start
         while self._tail < head and count < limit:
-            pos = self._tail % cap
+            pos = self._tail & (cap - 1)
             if cap - pos < 4:
                 self._tail += cap - pos
                 continue
-            word = int.from_bytes(seg.data[pos : pos + 4], "little")
+            word = _U32.unpack_from(raw, base + pos)[0]
             if word == WRAP:
                 self._tail += cap - pos
                 continue
             n, more = word & ~MORE, bool(word & MORE)
-            need = 4 + n + (-(4 + n) % 8)
+            need = (n + 11) & ~7
             if pos + need > cap or self._tail + need > head:
                 raise RingCorrupted(f"ring {self.name}: frame of {n} bytes at offset {pos} overruns the data "
                                     f"(capacity {cap}, {head - self._tail} bytes published)")
