@@ -31,6 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", help="auto, torch or flashinfer")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator")
     g.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    g.add_argument("--profile", action="store_true", help="record a torch profiler trace of the run")
+    g.add_argument("--profile-dir", default="profiles", help="where profiler traces go (one file per rank)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -44,6 +46,7 @@ def engine_config(args: argparse.Namespace):
         context_len=args.context_len, enforce_eager=args.enforce_eager,
         disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
         attention_backend=args.attention_backend, seed=args.seed, log_level=args.log_level,
+        profile=args.profile, profile_dir=args.profile_dir,
     )
 
 

@@ -73,6 +73,10 @@ class Engine:
         self._in_flight: tuple[Batch, StepResult] | None = None
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
+        self.rank = 0
+        self._profiler = None
+        if config.profile:
+            self.start_profile()
 
     @property
     def max_seq_len(self) -> int:
@@ -157,6 +161,33 @@ class Engine:
         if known - seq.num_prompt >= p.max_tokens or known >= self.max_seq_len:
             return "length"
         return None
+
+    # ---- profiling ----
+    def start_profile(self) -> None:
+        """Starts the torch profiler (CPU, and CUDA where present); `stop_profile` writes the trace."""
+        if self._profiler is not None:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._profiler = profile(activities=activities, record_shapes=False)
+        self._profiler.start()
+        log.info("profiler started", profile_dir=self.config.profile_dir)
+
+    def stop_profile(self) -> Path | None:
+        """Stops the profiler and writes a Chrome trace per rank into profile_dir; returns its path."""
+        if self._profiler is None:
+            return None
+        import time
+
+        prof, self._profiler = self._profiler, None
+        prof.stop()
+        out = Path(self.config.profile_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"trace-rank{self.rank}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        prof.export_chrome_trace(str(path))
+        log.info("profiler trace written", path=str(path))
+        return path
 
     # ---- introspection ----
     def stats(self) -> dict:

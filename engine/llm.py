@@ -144,6 +144,7 @@ class LLM:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.stop_profile()
 
     def __enter__(self):
         return self

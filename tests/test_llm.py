@@ -130,3 +130,23 @@ def test_engine_config_rejects_bad_values():
         EngineConfig(max_bs=0)
     with pytest.raises(ValueError):
         EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_profile_writes_a_trace(tmp_path, demo_path):
+    from engine.engine import Engine
+    from tests.helpers import run_engine
+
+    engine = Engine(EngineConfig(model=str(demo_path), device="cpu", kv_cache_tokens=1024, context_len=128,
+                                 profile=True, profile_dir=str(tmp_path)))
+    run_engine(engine, [[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
+    path = engine.stop_profile()
+    assert path.is_file() and path.stat().st_size > 0 and "rank0" in path.name
+
+
+def test_cli_generate_runs(demo_path, capsys):
+    from app.cli import main
+
+    assert main(["generate", "The sea", "--model", str(demo_path), "--max-tokens", "5", "--device", "cpu",
+                 "--kv-cache-tokens", "512", "--context-len", "128", "--temperature", "0"]) == 0
+    assert "finish_reason: length" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", "/no/such/dir", "--device", "cpu"]) == 2
