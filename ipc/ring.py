@@ -130,6 +130,8 @@ class RingWriter:
         self._head = self.seg.words[_Segment.HEAD]
         self._free = 0  # space known to be free; refreshed from the readers' tails only when it runs out
         self._sleep_flags = [_Segment.tail_index(i) + 1 for i in range(self.seg.num_readers)]
+        self._words, self._map, self._base = self.seg.words, self.seg.map, self.seg.data_start
+        self._cap = self.seg.capacity
 
     @property
     def name(self) -> str:
@@ -151,23 +153,24 @@ class RingWriter:
         self._wake_readers()
 
     def _put(self, chunk, flag: int) -> None:
-        data, cap, n = self.seg.data, self.seg.capacity, len(chunk)
+        cap, n = self._cap, len(chunk)
         need = (n + 11) & ~7  # 4-byte word + payload, padded to 8
         pos = self._head & (cap - 1)
         pad = cap - pos if cap - pos < need else 0
         if self._free < need + pad:
             self._wait_space(need + pad)
             self._free = cap - (self._head - self._min_tail())
-        if pad:
-            data[pos : pos + 4] = _U32.pack(WRAP)
+        at = self._base + pos
+        if pad:  # unpublished bytes: no reader looks at them until the head moves
+            _U32.pack_into(self._map, at, WRAP)
             self._head += pad
-            pos = 0
-        data[pos : pos + 4] = _U32.pack(n | flag)
-        data[pos + 4 : pos + 4 + n] = chunk
+            at = self._base
+        _U32.pack_into(self._map, at, n | flag)
+        self._map[at + 4 : at + 4 + n] = chunk
         self._head += need
         self._free -= need + pad
         fence()
-        self.seg.words[_Segment.HEAD] = self._head
+        self._words[0] = self._head
 
     def _min_tail(self) -> int:
         w = self.seg.words
@@ -207,7 +210,7 @@ class RingWriter:
 
     def _wake_readers(self) -> None:
         fence()
-        w = self.seg.words
+        w = self._words
         for i, flag in enumerate(self._sleep_flags):
             if w[flag]:  # that reader said it sleeps
                 self.seg.sems[i].release()
@@ -219,7 +222,7 @@ class RingWriter:
 
 
 class RingReader:
-    def __init__(self, name: str, index: int = 0, spin_seconds: float = 50e-6, create: bool = False,
+    def __init__(self, name: str, index: int = 0, spin_seconds: float = 500e-6, create: bool = False,
                  capacity: int = 1 << 20, num_readers: int = 1):
         self.seg = _Segment(name, create, capacity, num_readers)
         if not 0 <= index < self.seg.num_readers:
