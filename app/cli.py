@@ -53,6 +53,14 @@ def engine_config(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringllm", description="A small, fast OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--workers", type=int, default=1, help="API worker processes")
+    srv.add_argument("--served-model-name", default=None, help="model name clients use (default: checkpoint name)")
+    srv.add_argument("--api-key", default=None, help="require this bearer token (also RINGLLM_API_KEY)")
+    srv.add_argument("--nccl-port", type=int, default=29555)
+    add_engine_args(srv)
     gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -105,8 +113,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Starts the engine in its own (spawned, so CUDA starts clean) process, waits for it, then hosts the
+    app with Granian; the engine process is stopped when Granian returns."""
+    import multiprocessing as mp
+    import os
+    import queue as queue_mod
+
+    from engine.logs import configure_logging
+
+    configure_logging(args.log_level)
+    if args.model is None:
+        print(DEMO_NOTE, file=sys.stderr)
+    try:
+        config = engine_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from engine.server import run_engine_process
+
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=run_engine_process, args=(config, args.workers, ready), name="ringllm-engine")
+    proc.start()
+    info = None
+    while info is None:
+        try:
+            info = ready.get(timeout=1.0)
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                print("error: the engine process exited during start-up", file=sys.stderr)
+                return 1
+    if "error" in info:
+        proc.join(5)
+        print(f"error: {info['error']}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    os.environ.update(RINGLLM_ENGINE_PID=str(info["pid"]), RINGLLM_WORKERS=str(args.workers),
+                      RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
+                      RINGLLM_SERVED_MODEL=args.served_model_name or (args.model and Path(args.model).name) or "ringllm-demo",
+                      RINGLLM_LOG_LEVEL=args.log_level)
+    if args.api_key:
+        os.environ["RINGLLM_API_KEY"] = args.api_key
+    print(f"ringllm ready on http://{args.host}:{args.port} | model {os.environ['RINGLLM_SERVED_MODEL']} | "
+          f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens", file=sys.stderr, flush=True)
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    try:
+        Granian("app.server:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
+                workers=args.workers).serve()
+    finally:
+        proc.terminate()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "serve":
+        return cmd_serve(args)
     return 2

@@ -1,0 +1,70 @@
+"""One per app worker: claims this worker's ring pair, sends requests, and routes each StepOutput's tokens
+to the waiting request streams."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+
+from ipc import messages as m
+from ipc.async_reader import AsyncRingReader
+from ipc.lifecycle import WorkerPair, claim_worker_index
+from ipc.ring import pid_alive
+
+
+class EngineDown(RuntimeError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, engine_pid: int, num_workers: int):
+        self.engine_pid = engine_pid
+        self.index = claim_worker_index(engine_pid, num_workers)
+        self.pair = WorkerPair(engine_pid, self.index)
+        self.streams: dict[str, asyncio.Queue] = {}
+        self._ids = itertools.count()
+        self.alive = True
+        self.reader = AsyncRingReader(self.pair.outputs, self._on_frames, asyncio.get_running_loop(), self._on_error)
+
+    def new_rid(self) -> str:
+        return f"w{self.index}-{os.getpid()}-{next(self._ids)}"
+
+    def healthy(self) -> bool:
+        return self.alive and pid_alive(self.engine_pid)
+
+    def submit(self, rid: str, token_ids: list[int], sampling: m.Sampling) -> asyncio.Queue:
+        if not self.healthy():
+            raise EngineDown("the engine is not running")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[rid] = queue
+        self.pair.requests.write(m.encode(m.Generate(rid, m.pack_ids(token_ids), sampling)))
+        return queue
+
+    def abort(self, rid: str) -> None:
+        if self.streams.pop(rid, None) is not None and self.healthy():
+            self.pair.requests.write(m.encode(m.Abort(rid)))
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            msg = m.decode_to_app(frame)
+            if isinstance(msg, m.StepOutput):
+                for item in msg.items:
+                    queue = self.streams.get(item.rid)
+                    if queue is not None:
+                        queue.put_nowait(item)
+                        if item.finish_reason:
+                            self.streams.pop(item.rid, None)
+            elif isinstance(msg, m.RequestFailed):
+                queue = self.streams.pop(msg.rid, None)
+                if queue is not None:
+                    queue.put_nowait(msg)
+
+    def _on_error(self, exc: Exception) -> None:
+        self.alive = False
+        for queue in self.streams.values():
+            queue.put_nowait(m.RequestFailed("", f"engine failure: {exc}", 503))
+        self.streams.clear()
+
+    def close(self) -> None:
+        self.reader.stop()

@@ -1,0 +1,269 @@
+"""The Litestar app each Granian worker runs. Settings come from the environment that `ringllm serve` sets
+for its workers (RINGLLM_ENGINE_PID, RINGLLM_WORKERS, RINGLLM_MODEL_PATH, RINGLLM_SERVED_MODEL,
+RINGLLM_MAX_SEQ_LEN, RINGLLM_API_KEY)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from contextlib import asynccontextmanager
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.response import Stream
+
+from app.engine_client import EngineClient, EngineDown
+from app.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatRequest, ChatResponse, ChatStreamChoice,
+                         CompletionChoice, CompletionRequest, CompletionResponse, ErrorBody, ErrorResponse, Usage)
+from app.tokenizer import AppTokenizer
+from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from engine.logs import configure_logging, get_logger
+from engine.sampling_params import SamplingParams
+from ipc import messages as m
+
+log = get_logger("app")
+_json = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> Response:
+    body = ErrorResponse(ErrorBody(message, kind, param, None))
+    return Response(_json.encode(body), status_code=status, media_type="application/json")
+
+
+class Settings:
+    def __init__(self):
+        env = os.environ
+        self.engine_pid = int(env["RINGLLM_ENGINE_PID"])
+        self.workers = int(env.get("RINGLLM_WORKERS", "1"))
+        self.model_path = env["RINGLLM_MODEL_PATH"]
+        self.served_model = env.get("RINGLLM_SERVED_MODEL", "ringllm")
+        self.max_seq_len = int(env.get("RINGLLM_MAX_SEQ_LEN", "4096"))
+        self.api_key = env.get("RINGLLM_API_KEY") or None
+
+
+@asynccontextmanager
+async def lifespan(app: Litestar):
+    configure_logging(os.environ.get("RINGLLM_LOG_LEVEL", "info"))
+    s = Settings()
+    app.state.settings = s
+    app.state.tokenizer = AppTokenizer(s.model_path)
+    app.state.client = EngineClient(s.engine_pid, s.workers)
+    log.info("app worker ready", worker=app.state.client.index, pid=os.getpid())
+    try:
+        yield
+    finally:
+        app.state.client.close()
+
+
+# ---- helpers ----
+def _check_auth(request: Request) -> None:
+    key = request.app.state.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise ApiError(401, "invalid or missing API key", "authentication_error")
+
+
+def _check_model(request: Request, model: str | None) -> None:
+    served = request.app.state.settings.served_model
+    if model is not None and model != served:
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {served!r}", "not_found_error", "model")
+
+
+def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int) -> tuple[m.Sampling, list[str]]:
+    if req.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    room = max_seq_len - prompt_len
+    if room < 1:
+        raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    params = dict(max_tokens=min(max_tokens, room) if max_tokens is not None else room, temperature=req.temperature,
+                  top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                  frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
+                  stop_token_ids=list(req.stop_token_ids or []))
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    try:
+        SamplingParams(**params, stop=stops)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=str(e).split()[0]) from None
+    return m.Sampling(**params), stops
+
+
+async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops: list[str]):
+    """Yields (text, finish_reason, completion_tokens) as tokens arrive; tokens that arrived together make
+    one piece. Aborts the request in the engine if the consumer goes away first."""
+    client, tok = request.app.state.client, request.app.state.tokenizer
+    rid = client.new_rid()
+    try:
+        queue = client.submit(rid, ids, sampling)
+    except EngineDown as e:
+        raise ApiError(503, str(e), "server_error") from None
+    detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
+    count, finished = 0, False
+    try:
+        while not finished:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            new, reason = [], None
+            for item in items:
+                if isinstance(item, m.RequestFailed):
+                    finished = True
+                    raise ApiError(item.status, item.message, "server_error" if item.status >= 500 else
+                                   "invalid_request_error")
+                new += m.unpack_ids(item.token_ids)
+                reason = reason or item.finish_reason
+            count += len(new)
+            text = detok.add(new) + (detok.flush() if reason else "")
+            out = matcher.feed(text)
+            if matcher.stopped:
+                reason = "stop"
+            elif reason:
+                out += matcher.flush()
+            finished = reason is not None
+            yield out, reason, count
+    finally:
+        if not finished:
+            client.abort(rid)
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt, completion, prompt + completion)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+# ---- routes ----
+@post("/v1/completions", status_code=200)
+async def completions(request: Request, data: CompletionRequest) -> Response | Stream:
+    _check_auth(request)
+    _check_model(request, data.model)
+    s, tok = request.app.state.settings, request.app.state.tokenizer
+    prompt = data.prompt
+    if isinstance(prompt, list):
+        kinds = {type(x) for x in prompt}
+        if len(kinds) > 1:
+            raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                                "of token ids", param="prompt")
+        if kinds and kinds != {int}:  # a batch of prompts
+            if len(prompt) != 1:
+                raise ApiError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+    ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    vocab = tok.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
+    sampling, stops = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, len(ids), s.max_seq_len)
+    rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
+    if data.stream:
+        async def events():
+            last = 0
+            async for text, reason, count in _pieces(request, ids, sampling, stops):
+                last = count
+                yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(0, text, reason)]))
+            if data.stream_options and data.stream_options.include_usage:
+                yield _sse(CompletionResponse(rid, created, model, [], _usage(len(ids), last)))
+            yield b"data: [DONE]\n\n"
+
+        return Stream(events(), media_type="text/event-stream")
+    text, reason, count = "", None, 0
+    async for piece, reason, count in _pieces(request, ids, sampling, stops):
+        text += piece
+    body = CompletionResponse(rid, created, model, [CompletionChoice(0, text, reason)], _usage(len(ids), count))
+    return Response(_json.encode(body), media_type="application/json")
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat(request: Request, data: ChatRequest) -> Response | Stream:
+    _check_auth(request)
+    _check_model(request, data.model)
+    s, tok = request.app.state.settings, request.app.state.tokenizer
+    if not data.messages:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    for msg in data.messages:
+        if msg.role not in ("system", "user", "assistant", "tool", "developer"):
+            raise ApiError(400, f"unknown role {msg.role!r}", param="messages")
+    try:
+        text = tok.apply_chat_template([{"role": x.role, "content": x.content} for x in data.messages])
+    except Exception as e:  # a template that rejects the conversation
+        raise ApiError(400, f"chat template failed: {e}", param="messages") from None
+    ids = tok.encode(text)
+    max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
+    sampling, stops = _sampling(data, max_tokens, len(ids), s.max_seq_len)
+    rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
+    if data.stream:
+        async def events():
+            yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(0, ChatMessageOut(role="assistant",
+                                                                                          content=""), None)]))
+            last = 0
+            async for piece, reason, count in _pieces(request, ids, sampling, stops):
+                last = count
+                yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(0, ChatMessageOut(content=piece), reason)]))
+            if data.stream_options and data.stream_options.include_usage:
+                yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids), last)))
+            yield b"data: [DONE]\n\n"
+
+        return Stream(events(), media_type="text/event-stream")
+    out, reason, count = "", None, 0
+    async for piece, reason, count in _pieces(request, ids, sampling, stops):
+        out += piece
+    body = ChatResponse(rid, created, model, [ChatChoice(0, ChatMessageOut("assistant", out), reason)],
+                        _usage(len(ids), count))
+    return Response(_json.encode(body), media_type="application/json")
+
+
+@get("/v1/models")
+async def models(request: Request) -> dict:
+    _check_auth(request)
+    s = request.app.state.settings
+    return {"object": "list", "data": [{"id": s.served_model, "object": "model", "created": 0, "owned_by": "ringllm",
+                                        "max_model_len": s.max_seq_len}]}
+
+
+@get("/health")
+async def health(request: Request) -> Response:
+    if request.app.state.client.healthy():
+        return Response(b"", status_code=200)
+    return _error(503, "the engine is not running", "server_error")
+
+
+def _on_api_error(request: Request, exc: ApiError) -> Response:
+    return _error(exc.status, exc.message, exc.kind, exc.param)
+
+
+def _on_http_error(request: Request, exc: HTTPException) -> Response:
+    detail = exc.detail
+    if isinstance(exc, ValidationException) and exc.extra:
+        detail = f"{exc.detail}: {exc.extra}"
+    return _error(exc.status_code, str(detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+
+
+def _on_unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError)):
+        return _error(400, f"the request body is not valid JSON text: {exc}")
+    log.exception("unexpected error", path=request.url.path)
+    return _error(500, "internal error", "server_error")
+
+
+app = Litestar(
+    route_handlers=[completions, chat, models, health],
+    lifespan=[lifespan],
+    exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
+    request_max_body_size=8 << 20,
+)

@@ -1,0 +1,113 @@
+"""The engine process of `ringllm serve`: one Engine fed by the app workers' request rings, answering on
+their output rings. Each step's tokens go back as one StepOutput frame per app worker."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from engine.config import EngineConfig
+from engine.engine import Engine, RequestError, TokenOutput
+from engine.logs import configure_logging, get_logger
+from engine.sampling_params import SamplingParams
+from ipc import messages as m
+from ipc.lifecycle import RingPair, cleanup, create_claim_counter, remove_stale_segments
+from ipc.ring import RingError
+
+log = get_logger("engine.server")
+IDLE_SPIN_SECONDS = 2e-3
+IDLE_SLEEP_SECONDS = 5e-4
+
+
+class EngineServer:
+    def __init__(self, config: EngineConfig, num_workers: int):
+        self.engine = Engine(config)
+        pid = os.getpid()
+        self.pairs = [RingPair(pid, i) for i in range(num_workers)]
+        create_claim_counter(pid)
+        self.owner: dict[str, int] = {}  # rid -> app worker index
+        self.pending: dict[int, list[m.TokenDelta]] = {}
+        self.failed: list[tuple[int, m.RequestFailed]] = []
+        self.running = True
+
+    def serve_forever(self) -> None:
+        idle_since = None
+        while self.running:
+            got = sum(pair.requests.poll(lambda view, i=i: self._on_message(i, view)) for i, pair in enumerate(self.pairs))
+            if self.engine.has_work:
+                self._route(self.engine.step())
+                idle_since = None
+            elif not got:
+                idle_since = idle_since or time.perf_counter()
+                if time.perf_counter() - idle_since > IDLE_SPIN_SECONDS:
+                    time.sleep(IDLE_SLEEP_SECONDS)
+            self._flush()
+
+    def _on_message(self, worker: int, view) -> None:
+        msg = m.decode_to_engine(view)
+        if isinstance(msg, m.Generate):
+            s = msg.sampling
+            try:
+                params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                        top_k=s.top_k, min_p=s.min_p, seed=s.seed,
+                                        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+                                        frequency_penalty=s.frequency_penalty, ignore_eos=s.ignore_eos,
+                                        stop_token_ids=list(s.stop_token_ids), logprobs=s.logprobs)
+                self.engine.add_request(msg.rid, m.unpack_ids(msg.token_ids), params)
+                self.owner[msg.rid] = worker
+            except (RequestError, ValueError) as e:
+                status = 503 if "queue is full" in str(e) else 400
+                self.failed.append((worker, m.RequestFailed(msg.rid, str(e), status)))
+        elif isinstance(msg, m.Abort):
+            out = self.engine.abort(msg.rid)
+            if out is not None:
+                self._route([out])
+        elif isinstance(msg, m.Control) and msg.command == "stats":
+            self.pairs[worker].outputs.write(m.encode(m.EngineStats(
+                {k: float(v) for k, v in self.engine.stats().items()})))
+
+    def _route(self, outputs: list[TokenOutput]) -> None:
+        for out in outputs:
+            worker = self.owner.get(out.rid)
+            if worker is None:
+                continue
+            ids = m.pack_ids([out.token_id]) if out.token_id is not None else b""
+            lp = [out.logprob] if out.logprob is not None else None
+            self.pending.setdefault(worker, []).append(
+                m.TokenDelta(out.rid, ids, out.finish_reason, lp, out.num_prompt_tokens, out.num_cached_tokens))
+            if out.finish_reason:
+                del self.owner[out.rid]
+
+    def _flush(self) -> None:
+        for worker, failure in self.failed:
+            self.pairs[worker].outputs.write(m.encode(failure))
+        self.failed.clear()
+        for worker, items in self.pending.items():
+            if items:
+                self.pairs[worker].outputs.write(m.encode(m.StepOutput(items)))
+        self.pending.clear()
+
+
+def run_engine_process(config: EngineConfig, num_workers: int, ready) -> None:
+    """Target of the engine process: puts a dict describing the model on the `ready` queue once the rings
+    exist and the model is loaded (or {"error": ...} if it could not start)."""
+    configure_logging(config.log_level)
+    removed = remove_stale_segments()
+    if removed:
+        log.info("removed stale ring segments", count=len(removed))
+    try:
+        try:
+            server = EngineServer(config, num_workers)
+        except (ValueError, OSError) as e:
+            ready.put({"error": str(e)})
+            raise SystemExit(2)
+        ready.put({"pid": os.getpid(), "model_path": str(server.engine.model_path),
+                   "max_seq_len": server.engine.max_seq_len, "vocab_size": server.engine.vocab_size,
+                   "kv_slots": server.engine.scheduler.allocator.capacity})
+        log.info("engine ready", workers=num_workers, kv_slots=server.engine.scheduler.allocator.capacity)
+        server.serve_forever()
+    except RingError as e:
+        log.error("engine stopped: an app worker's ring failed", error=str(e))
+        raise SystemExit(1)
+    finally:
+        cleanup()
