@@ -1,0 +1,137 @@
+"""`ringllm serve` on the demo model, driven by the official openai client over loopback."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from ipc.lifecycle import leftover_segments
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path_factory.mktemp("cache")))
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
+                             "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
+                             "--served-model-name", "demo"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("server did not start")
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_completions_and_chat(client):
+    r = client.completions.create(model="demo", prompt="The sea is", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8 and r.choices[0].text
+    chunks = list(client.completions.create(model="demo", prompt="The sea is", max_tokens=8, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       temperature=0)
+    assert c.choices[0].message.role == "assistant" and c.usage.completion_tokens == 6
+    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces = list(stream)
+    text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+    assert text == c.choices[0].message.content and pieces[-1].usage.completion_tokens == 6
+
+
+def test_stop_string_and_seed(client):
+    full = client.completions.create(model="demo", prompt="Once", max_tokens=30, temperature=0).choices[0].text
+    stop = full[8:11]
+    cut = client.completions.create(model="demo", prompt="Once", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[: full.find(stop)]
+    a = client.completions.create(model="demo", prompt="Hi", max_tokens=10, temperature=1.0, seed=7)
+    b = client.completions.create(model="demo", prompt="Hi", max_tokens=10, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"prompt": "x", "max_tokens": -1}, 400),
+    ({"prompt": "x", "temperature": "hot"}, 400),
+    ({"prompt": "x", "temperature": 9}, 400),
+    ({"prompt": [10**7]}, 400),
+    ({"prompt": "x " * 400}, 400),
+    ({"prompt": "x", "model": "other"}, 404),
+    ({"prompt": ""}, 400),
+    ({}, 400),
+])
+def test_errors_in_openai_shape(server, body, status):
+    r = httpx.post(server + "/v1/completions", json=body, timeout=10)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_invalid_utf8_and_bad_json(server):
+    for raw in (b'{"prompt": "\xff\xfe"}', b"{not json"):
+        r = httpx.post(server + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json()
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_two_workers_serve_concurrent_requests(client):
+    def one(i):
+        return client.completions.create(model="demo", prompt=f"request {i}", max_tokens=12, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(r.usage.completion_tokens == 12 for r in results)
+
+
+def test_segments_removed_after_shutdown(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path))
+    before = set(leftover_segments())
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
+                             "--kv-cache-tokens", "1024", "--context-len", "64"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    engine_segments = set(leftover_segments()) - before
+    assert any("req0" in s for s in engine_segments)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+    time.sleep(1)
+    assert not engine_segments & set(leftover_segments())
