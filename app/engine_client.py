@@ -25,6 +25,7 @@ class EngineClient:
         self.streams: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
         self.alive = True
+        self._stats_waiters: list[asyncio.Future] = []
         self.reader = AsyncRingReader(self.pair.outputs, self._on_frames, asyncio.get_running_loop(), self._on_error)
 
     def new_rid(self) -> str:
@@ -45,6 +46,15 @@ class EngineClient:
         if self.streams.pop(rid, None) is not None and self.healthy():
             self.pair.requests.write(m.encode(m.Abort(rid)))
 
+    async def stats(self, timeout: float = 2.0) -> dict[str, float]:
+        """The engine's counters and gauges (a Control round trip through this worker's rings)."""
+        if not self.healthy():
+            raise EngineDown("the engine is not running")
+        fut = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        self.pair.requests.write(m.encode(m.Control("stats")))
+        return await asyncio.wait_for(fut, timeout)
+
     def _on_frames(self, frames: list[bytes]) -> None:
         for frame in frames:
             msg = m.decode_to_app(frame)
@@ -55,6 +65,12 @@ class EngineClient:
                         queue.put_nowait(item)
                         if item.finish_reason:
                             self.streams.pop(item.rid, None)
+            elif isinstance(msg, m.EngineStats):
+                while self._stats_waiters:
+                    fut = self._stats_waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg.values)
+                        break
             elif isinstance(msg, m.RequestFailed):
                 queue = self.streams.pop(msg.rid, None)
                 if queue is not None:

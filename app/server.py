@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Stream
 
 from app.engine_client import EngineClient, EngineDown
+from app.metrics import Metrics
 from app.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatRequest, ChatResponse, ChatStreamChoice,
                          CompletionChoice, CompletionRequest, CompletionResponse, ErrorBody, ErrorResponse, Usage)
 from app.tokenizer import AppTokenizer
@@ -57,6 +58,7 @@ async def lifespan(app: Litestar):
     app.state.settings = s
     app.state.tokenizer = AppTokenizer(s.model_path)
     app.state.client = EngineClient(s.engine_pid, s.workers)
+    app.state.metrics = Metrics()
     log.info("app worker ready", worker=app.state.client.index, pid=os.getpid())
     try:
         yield
@@ -111,7 +113,8 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
     except EngineDown as e:
         raise ApiError(503, str(e), "server_error") from None
     detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
-    count, finished = 0, False
+    count, finished, reason = 0, False, None
+    metrics, start, last, ttft = request.app.state.metrics, time.perf_counter(), None, None
     try:
         while not finished:
             items = [await queue.get()]
@@ -133,10 +136,22 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
             elif reason:
                 out += matcher.flush()
             finished = reason is not None
+            now = time.perf_counter()
+            if last is None:
+                ttft = now - start
+                metrics.ttft.observe(ttft)
+            else:
+                metrics.itl.observe(now - last)
+            last = now
             yield out, reason, count
     finally:
         if not finished:
             client.abort(rid)
+            reason = "abort"
+        total = time.perf_counter() - start
+        metrics.finished(reason or "error", len(ids), count, total)
+        log.info("request", rid=rid, prompt_tokens=len(ids), completion_tokens=count, finish_reason=reason,
+                 ttft_s=round(ttft, 4) if ttft is not None else None, total_s=round(total, 4))
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -236,6 +251,44 @@ async def models(request: Request) -> dict:
                                         "max_model_len": s.max_seq_len}]}
 
 
+@get("/metrics")
+async def metrics(request: Request) -> Response:
+    try:
+        engine = await request.app.state.client.stats()
+    except (EngineDown, asyncio.TimeoutError):
+        engine = {}
+    return Response(request.app.state.metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+
+class TokenizeRequest(msgspec.Struct):
+    prompt: str | None = None
+    messages: list[dict] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct):
+    tokens: list[int]
+
+
+@post("/tokenize", status_code=200)
+async def tokenize(request: Request, data: TokenizeRequest) -> dict:
+    _check_auth(request)
+    tok = request.app.state.tokenizer
+    text = data.prompt if data.messages is None else tok.apply_chat_template(data.messages)
+    if text is None:
+        raise ApiError(400, "give prompt or messages", param="prompt")
+    ids = tok.encode(text)
+    return {"tokens": ids, "count": len(ids), "max_model_len": request.app.state.settings.max_seq_len}
+
+
+@post("/detokenize", status_code=200)
+async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
+    _check_auth(request)
+    tok = request.app.state.tokenizer
+    if any(not 0 <= t < tok.vocab_size for t in data.tokens):
+        raise ApiError(400, f"token ids must be in [0, {tok.vocab_size})", param="tokens")
+    return {"prompt": tok.decode(data.tokens)}
+
+
 @get("/health")
 async def health(request: Request) -> Response:
     if request.app.state.client.healthy():
@@ -262,7 +315,7 @@ def _on_unexpected(request: Request, exc: Exception) -> Response:
 
 
 app = Litestar(
-    route_handlers=[completions, chat, models, health],
+    route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize],
     lifespan=[lifespan],
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
     request_max_body_size=8 << 20,

@@ -135,3 +135,33 @@ def test_segments_removed_after_shutdown(tmp_path):
     proc.wait(30)
     time.sleep(1)
     assert not engine_segments & set(leftover_segments())
+
+
+def _metric(server, name):
+    text = httpx.get(server + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_and_disconnect_frees_slots(server):
+    with httpx.stream("POST", server + "/v1/completions", timeout=30,
+                      json={"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # disconnect mid-stream
+    for _ in range(50):
+        if _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
+    assert _metric(server, "ringllm_num_requests_running") == 0
+    text = httpx.get(server + "/metrics").text
+    assert "ringllm_time_to_first_token_seconds_bucket" in text and "ringllm_generation_tokens_total" in text
+
+
+def test_tokenize_round_trip(server):
+    ids = httpx.post(server + "/tokenize", json={"prompt": "café 日本語"}).json()["tokens"]
+    assert httpx.post(server + "/detokenize", json={"tokens": ids}).json()["prompt"] == "café 日本語"
+    assert httpx.post(server + "/detokenize", json={"tokens": [-1]}).status_code == 400
