@@ -165,3 +165,29 @@ def test_tokenize_round_trip(server):
     ids = httpx.post(server + "/tokenize", json={"prompt": "café 日本語"}).json()["tokens"]
     assert httpx.post(server + "/detokenize", json={"tokens": ids}).json()["prompt"] == "café 日本語"
     assert httpx.post(server + "/detokenize", json={"tokens": [-1]}).status_code == 400
+
+
+def test_api_key(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
+                             "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", "s3cret"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"prompt": "x", "max_tokens": 2}
+        assert httpx.post(base + "/v1/completions", json=body).status_code == 401
+        bad = httpx.post(base + "/v1/completions", json=body, headers={"authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+        ok = httpx.post(base + "/v1/completions", json=body, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
