@@ -29,6 +29,10 @@ log = get_logger("app")
 _json = msgspec.json.Encoder()
 
 
+MAX_N = 16
+MAX_PROMPTS = 64
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -83,8 +87,8 @@ def _check_model(request: Request, model: str | None) -> None:
 
 
 def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int) -> tuple[m.Sampling, list[str]]:
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+    if not 1 <= req.n <= MAX_N:
+        raise ApiError(400, f"n must be in [1, {MAX_N}], got {req.n}", param="n")
     room = max_seq_len - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
@@ -154,6 +158,42 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
                  ttft_s=round(ttft, 4) if ttft is not None else None, total_s=round(total, 4))
 
 
+async def _fan_out(request: Request, jobs: list[tuple[list[int], m.Sampling]], stops: list[str]):
+    """Runs several generations at once (prompts × n) and yields (choice index, text, finish_reason, count)
+    as pieces arrive from any of them. Leaving early aborts those still running."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def drive(index, ids, sampling):
+        try:
+            async for text, reason, count in _pieces(request, ids, sampling, stops):
+                await queue.put((index, text, reason, count))
+        except ApiError as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(drive(i, ids, sp)) for i, (ids, sp) in enumerate(jobs)]
+    try:
+        done = 0
+        while done < len(jobs):
+            item = await queue.get()
+            if isinstance(item, ApiError):
+                raise item
+            done += item[2] is not None
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int) -> list[tuple[list[int], m.Sampling]]:
+    """One job per prompt and choice; with a seed, choice j uses seed + j so the choices differ."""
+    jobs = []
+    for ids in ids_list:
+        for j in range(n):
+            sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(sampling, seed=sampling.seed + j)
+            jobs.append((ids, sp))
+    return jobs
+
+
 def _usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt, completion, prompt + completion)
 
@@ -168,40 +208,52 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     _check_auth(request)
     _check_model(request, data.model)
     s, tok = request.app.state.settings, request.app.state.tokenizer
-    prompt = data.prompt
-    if isinstance(prompt, list):
-        kinds = {type(x) for x in prompt}
-        if len(kinds) > 1:
-            raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
-                                "of token ids", param="prompt")
-        if kinds and kinds != {int}:  # a batch of prompts
-            if len(prompt) != 1:
-                raise ApiError(400, "only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-    ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", param="prompt")
+    prompts = _prompt_list(data.prompt)
     vocab = tok.vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
-    sampling, stops = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, len(ids), s.max_seq_len)
+    ids_list = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    for ids in ids_list:
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
+    longest = max(len(ids) for ids in ids_list)
+    sampling, stops = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, longest, s.max_seq_len)
+    jobs = _jobs(ids_list, sampling, data.n)
+    prompt_tokens = sum(len(ids) for ids in ids_list)
     rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
         async def events():
-            last = 0
-            async for text, reason, count in _pieces(request, ids, sampling, stops):
-                last = count
-                yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(0, text, reason)]))
+            counts = [0] * len(jobs)
+            async for index, text, reason, count in _fan_out(request, jobs, stops):
+                counts[index] = count
+                yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(index, text, reason)]))
             if data.stream_options and data.stream_options.include_usage:
-                yield _sse(CompletionResponse(rid, created, model, [], _usage(len(ids), last)))
+                yield _sse(CompletionResponse(rid, created, model, [], _usage(prompt_tokens * data.n, sum(counts))))
             yield b"data: [DONE]\n\n"
 
         return Stream(events(), media_type="text/event-stream")
-    text, reason, count = "", None, 0
-    async for piece, reason, count in _pieces(request, ids, sampling, stops):
-        text += piece
-    body = CompletionResponse(rid, created, model, [CompletionChoice(0, text, reason)], _usage(len(ids), count))
+    texts, reasons, counts = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
+    async for index, text, reason, count in _fan_out(request, jobs, stops):
+        texts[index] += text
+        reasons[index], counts[index] = reason, count
+    choices = [CompletionChoice(i, texts[i], reasons[i]) for i in range(len(jobs))]
+    body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens * data.n, sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
+
+
+def _prompt_list(prompt) -> list:
+    """The request's prompts: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    kinds = {type(x) for x in prompt}
+    if len(kinds) > 1:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                            "of token ids", param="prompt")
+    if not prompt or kinds == {int}:
+        return [prompt]
+    if len(prompt) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    return list(prompt)
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -221,25 +273,27 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     ids = tok.encode(text)
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     sampling, stops = _sampling(data, max_tokens, len(ids), s.max_seq_len)
+    jobs = _jobs([ids], sampling, data.n)
     rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
         async def events():
-            yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(0, ChatMessageOut(role="assistant",
-                                                                                          content=""), None)]))
-            last = 0
-            async for piece, reason, count in _pieces(request, ids, sampling, stops):
-                last = count
-                yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(0, ChatMessageOut(content=piece), reason)]))
+            first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
+            yield _sse(ChatChunk(rid, created, model, first))
+            counts = [0] * len(jobs)
+            async for index, piece, reason, count in _fan_out(request, jobs, stops):
+                counts[index] = count
+                yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(index, ChatMessageOut(content=piece), reason)]))
             if data.stream_options and data.stream_options.include_usage:
-                yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids), last)))
+                yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids) * data.n, sum(counts))))
             yield b"data: [DONE]\n\n"
 
         return Stream(events(), media_type="text/event-stream")
-    out, reason, count = "", None, 0
-    async for piece, reason, count in _pieces(request, ids, sampling, stops):
-        out += piece
-    body = ChatResponse(rid, created, model, [ChatChoice(0, ChatMessageOut("assistant", out), reason)],
-                        _usage(len(ids), count))
+    texts, reasons, counts = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
+    async for index, piece, reason, count in _fan_out(request, jobs, stops):
+        texts[index] += piece
+        reasons[index], counts[index] = reason, count
+    choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i]) for i in range(len(jobs))]
+    body = ChatResponse(rid, created, model, choices, _usage(len(ids) * data.n, sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
 
 

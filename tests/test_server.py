@@ -191,3 +191,15 @@ def test_api_key(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_n_and_lists_of_prompts(client):
+    r = client.completions.create(model="demo", prompt=["The sea", "A river"], max_tokens=5, temperature=1.0, n=2,
+                                  seed=1)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 20
+    ids = client.completions.create(model="demo", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, temperature=0)
+    assert len(ids.choices) == 2
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=3,
+                                          max_tokens=4, temperature=1.0, seed=3)
+    assert len(chat.choices) == 3 and len({c.message.content for c in chat.choices}) > 1
