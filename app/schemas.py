@@ -36,11 +36,14 @@ class _Sampling(msgspec.Struct, kw_only=True):
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[str | int | list[int]]  # a string, strings, token ids, or lists of token ids
+    logprobs: int | None = None  # 0..20: the chosen token's logprob and the top k
 
 
 class ChatRequest(_Sampling, kw_only=True):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 class Usage(msgspec.Struct):
@@ -49,11 +52,34 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+class CompletionLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[TokenLogprob]
 
 
 class CompletionResponse(msgspec.Struct):
@@ -74,12 +100,14 @@ class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatStreamChoice(msgspec.Struct):
     index: int
     delta: ChatMessageOut
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatResponse(msgspec.Struct):

@@ -17,8 +17,9 @@ from litestar.response import Stream
 
 from app.engine_client import EngineClient, EngineDown
 from app.metrics import Metrics
-from app.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatRequest, ChatResponse, ChatStreamChoice,
-                         CompletionChoice, CompletionRequest, CompletionResponse, ErrorBody, ErrorResponse, Usage)
+from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
+                         ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                         ErrorBody, ErrorResponse, TokenLogprob, TopLogprob, Usage)
 from app.tokenizer import AppTokenizer
 from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.logs import configure_logging, get_logger
@@ -86,7 +87,8 @@ def _check_model(request: Request, model: str | None) -> None:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {served!r}", "not_found_error", "model")
 
 
-def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int) -> tuple[m.Sampling, list[str]]:
+def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int,
+              logprobs: int | None = None) -> tuple[m.Sampling, list[str]]:
     if not 1 <= req.n <= MAX_N:
         raise ApiError(400, f"n must be in [1, {MAX_N}], got {req.n}", param="n")
     room = max_seq_len - prompt_len
@@ -97,7 +99,7 @@ def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int) ->
                   top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                   frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
-                  stop_token_ids=list(req.stop_token_ids or []))
+                  stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     try:
@@ -124,14 +126,18 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
             items = [await queue.get()]
             while not queue.empty():
                 items.append(queue.get_nowait())
-            new, reason = [], None
+            new, reason, lps = [], None, []
             for item in items:
                 if isinstance(item, m.RequestFailed):
                     finished = True
                     raise ApiError(item.status, item.message, "server_error" if item.status >= 500 else
                                    "invalid_request_error")
-                new += m.unpack_ids(item.token_ids)
+                got = m.unpack_ids(item.token_ids)
+                new += got
                 reason = reason or item.finish_reason
+                if item.logprobs is not None:
+                    tops = item.top_logprobs or [[] for _ in got]
+                    lps += list(zip(got, item.logprobs, tops))
             count += len(new)
             text = detok.add(new) + (detok.flush() if reason else "")
             out = matcher.feed(text)
@@ -147,7 +153,7 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
             else:
                 metrics.itl.observe(now - last)
             last = now
-            yield out, reason, count
+            yield out, reason, count, lps
     finally:
         if not finished:
             client.abort(rid)
@@ -165,8 +171,8 @@ async def _fan_out(request: Request, jobs: list[tuple[list[int], m.Sampling]], s
 
     async def drive(index, ids, sampling):
         try:
-            async for text, reason, count in _pieces(request, ids, sampling, stops):
-                await queue.put((index, text, reason, count))
+            async for text, reason, count, lps in _pieces(request, ids, sampling, stops):
+                await queue.put((index, text, reason, count, lps))
         except ApiError as e:
             await queue.put(e)
 
@@ -194,6 +200,24 @@ def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int) -> list[tuple
     return jobs
 
 
+def _token_text(tok, tid: int) -> str:
+    return tok.decode([tid], skip_special_tokens=False)
+
+
+def _completion_logprobs(tok, lps) -> CompletionLogprobs:
+    return CompletionLogprobs([_token_text(tok, t) for t, _, _ in lps], [lp for _, lp, _ in lps],
+                              [{_token_text(tok, i): v for i, v in top} for _, _, top in lps])
+
+
+def _chat_logprobs(tok, lps) -> ChatLogprobs:
+    def one(tid, lp, top):
+        text = _token_text(tok, tid)
+        tops = [TopLogprob(_token_text(tok, i), v, list(_token_text(tok, i).encode())) for i, v in top]
+        return TokenLogprob(text, lp, list(text.encode()), tops)
+
+    return ChatLogprobs([one(*x) for x in lps])
+
+
 def _usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt, completion, prompt + completion)
 
@@ -217,26 +241,32 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
         if any(not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
     longest = max(len(ids) for ids in ids_list)
-    sampling, stops = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, longest, s.max_seq_len)
+    sampling, stops = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, longest, s.max_seq_len,
+                                data.logprobs)
+    want_lp = data.logprobs is not None
     jobs = _jobs(ids_list, sampling, data.n)
     prompt_tokens = sum(len(ids) for ids in ids_list)
     rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
         async def events():
             counts = [0] * len(jobs)
-            async for index, text, reason, count in _fan_out(request, jobs, stops):
+            async for index, text, reason, count, lps in _fan_out(request, jobs, stops):
                 counts[index] = count
-                yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(index, text, reason)]))
+                lp = _completion_logprobs(tok, lps) if want_lp else None
+                yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(index, text, reason, lp)]))
             if data.stream_options and data.stream_options.include_usage:
                 yield _sse(CompletionResponse(rid, created, model, [], _usage(prompt_tokens * data.n, sum(counts))))
             yield b"data: [DONE]\n\n"
 
         return Stream(events(), media_type="text/event-stream")
     texts, reasons, counts = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
-    async for index, text, reason, count in _fan_out(request, jobs, stops):
+    all_lps = [[] for _ in jobs]
+    async for index, text, reason, count, lps in _fan_out(request, jobs, stops):
         texts[index] += text
         reasons[index], counts[index] = reason, count
-    choices = [CompletionChoice(i, texts[i], reasons[i]) for i in range(len(jobs))]
+        all_lps[index] += lps
+    choices = [CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
+               for i in range(len(jobs))]
     body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens * data.n, sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
 
@@ -272,7 +302,8 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
         raise ApiError(400, f"chat template failed: {e}", param="messages") from None
     ids = tok.encode(text)
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
-    sampling, stops = _sampling(data, max_tokens, len(ids), s.max_seq_len)
+    want_lp = data.logprobs
+    sampling, stops = _sampling(data, max_tokens, len(ids), s.max_seq_len, (data.top_logprobs or 0) if want_lp else None)
     jobs = _jobs([ids], sampling, data.n)
     rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
@@ -280,19 +311,24 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
             first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
             yield _sse(ChatChunk(rid, created, model, first))
             counts = [0] * len(jobs)
-            async for index, piece, reason, count in _fan_out(request, jobs, stops):
+            async for index, piece, reason, count, lps in _fan_out(request, jobs, stops):
                 counts[index] = count
-                yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(index, ChatMessageOut(content=piece), reason)]))
+                lp = _chat_logprobs(tok, lps) if want_lp else None
+                yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(index, ChatMessageOut(content=piece), reason,
+                                                                            lp)]))
             if data.stream_options and data.stream_options.include_usage:
                 yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids) * data.n, sum(counts))))
             yield b"data: [DONE]\n\n"
 
         return Stream(events(), media_type="text/event-stream")
     texts, reasons, counts = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
-    async for index, piece, reason, count in _fan_out(request, jobs, stops):
+    all_lps = [[] for _ in jobs]
+    async for index, piece, reason, count, lps in _fan_out(request, jobs, stops):
         texts[index] += piece
         reasons[index], counts[index] = reason, count
-    choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i]) for i in range(len(jobs))]
+        all_lps[index] += lps
+    choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i],
+                          _chat_logprobs(tok, all_lps[i]) if want_lp else None) for i in range(len(jobs))]
     body = ChatResponse(rid, created, model, choices, _usage(len(ids) * data.n, sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
 

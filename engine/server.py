@@ -73,8 +73,9 @@ class EngineServer:
                 continue
             ids = m.pack_ids([out.token_id]) if out.token_id is not None else b""
             lp = [out.logprob] if out.logprob is not None else None
+            top = [out.top_logprobs] if out.top_logprobs is not None else None
             self.pending.setdefault(worker, []).append(
-                m.TokenDelta(out.rid, ids, out.finish_reason, lp, out.num_prompt_tokens, out.num_cached_tokens))
+                m.TokenDelta(out.rid, ids, out.finish_reason, lp, out.num_prompt_tokens, out.num_cached_tokens, top))
             if out.finish_reason:
                 del self.owner[out.rid]
 

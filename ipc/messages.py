@@ -54,9 +54,10 @@ class TokenDelta(msgspec.Struct, array_like=True):
     rid: str
     token_ids: bytes  # pack_ids: the tokens this request gained in this step
     finish_reason: str | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # chosen tokens' logprobs, when asked for
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) of the top k
 
 
 class StepOutput(msgspec.Struct, tag="out"):

@@ -203,3 +203,16 @@ def test_n_and_lists_of_prompts(client):
     chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=3,
                                           max_tokens=4, temperature=1.0, seed=3)
     assert len(chat.choices) == 3 and len({c.message.content for c in chat.choices}) > 1
+
+
+def test_logprobs(client):
+    r = client.completions.create(model="demo", prompt="The sea", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) == 3 for t in lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(abs(max(t.values()) - x) < 1e-4 for t, x in zip(lp.top_logprobs, lp.token_logprobs))
+    c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
