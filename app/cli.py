@@ -152,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     os.environ.update(RINGLLM_ENGINE_PID=str(info["pid"]), RINGLLM_WORKERS=str(args.workers),
                       RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
+                      RINGLLM_VOCAB_SIZE=str(info["vocab_size"]),
                       RINGLLM_SERVED_MODEL=args.served_model_name or (args.model and Path(args.model).name) or "ringllm-demo",
                       RINGLLM_LOG_LEVEL=args.log_level)
     if args.api_key:

@@ -54,6 +54,7 @@ class Settings:
         self.served_model = env.get("RINGLLM_SERVED_MODEL", "ringllm")
         self.max_seq_len = int(env.get("RINGLLM_MAX_SEQ_LEN", "4096"))
         self.api_key = env.get("RINGLLM_API_KEY") or None
+        self.vocab_size = int(env.get("RINGLLM_VOCAB_SIZE", "0"))  # the model's; its tokenizer may know fewer
 
 
 @asynccontextmanager
@@ -233,7 +234,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     _check_model(request, data.model)
     s, tok = request.app.state.settings, request.app.state.tokenizer
     prompts = _prompt_list(data.prompt)
-    vocab = tok.vocab_size
+    vocab = s.vocab_size or tok.vocab_size
     ids_list = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     for ids in ids_list:
         if not ids:
