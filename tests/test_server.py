@@ -20,33 +20,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _start(cache_dir, *args) -> tuple[subprocess.Popen, str]:
+    """Starts `ringllm serve` on the demo model on a free loopback port; returns once /health answers 200."""
     port = _free_port()
-    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path_factory.mktemp("cache")))
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
-                             "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
-                             "--served-model-name", "demo"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = dict(os.environ, RINGLLM_CACHE=str(cache_dir))
+    log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("server did not start")
-    yield base
+        assert proc.poll() is None, open(log.name, "rb").read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("server did not start")
+
+
+def _stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(20)
+        proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, base = _start(tmp_path_factory.mktemp("cache"), "--kv-cache-tokens", "8192", "--context-len", "256",
+                        "--workers", "2", "--served-model-name", "demo")
+    yield base
+    _stop(proc)
 
 
 @pytest.fixture
@@ -116,23 +125,12 @@ def test_two_workers_serve_concurrent_requests(client):
 
 
 def test_segments_removed_after_shutdown(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path))
     before = set(leftover_segments())
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
-                             "--kv-cache-tokens", "1024", "--context-len", "64"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    proc, _ = _start(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64")
     engine_segments = set(leftover_segments()) - before
     assert any("req0" in s for s in engine_segments)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    _stop(proc)
+    assert proc.returncode == 0
     time.sleep(1)
     assert not engine_segments & set(leftover_segments())
 
@@ -168,20 +166,8 @@ def test_tokenize_round_trip(server):
 
 
 def test_api_key(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
-                             "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", "s3cret"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _start(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", "s3cret")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         body = {"prompt": "x", "max_tokens": 2}
         assert httpx.post(base + "/v1/completions", json=body).status_code == 401
         bad = httpx.post(base + "/v1/completions", json=body, headers={"authorization": "Bearer nope"})
@@ -189,8 +175,7 @@ def test_api_key(tmp_path):
         ok = httpx.post(base + "/v1/completions", json=body, headers={"authorization": "Bearer s3cret"})
         assert ok.status_code == 200
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        _stop(proc)
 
 
 def test_n_and_lists_of_prompts(client):
