@@ -24,6 +24,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="KV pool budget on CPU, GiB")
     g.add_argument("--max-bs", type=int, default=256, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
+    g.add_argument("--max-waiting-requests", type=int, default=4096, help="queue bound; beyond it requests get 503")
     g.add_argument("--context-len", type=int, default=None, help="longest sequence (default: the model's)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--disable-overlap-schedule", action="store_true", help="do not overlap host and device work")
@@ -43,6 +44,7 @@ def engine_config(args: argparse.Namespace):
         model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp_size, pp_size=args.pp_size,
         device_ids=ids, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
         cpu_kv_cache_gb=args.cpu_kv_cache_gb, max_bs=args.max_bs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting_requests=args.max_waiting_requests,
         context_len=args.context_len, enforce_eager=args.enforce_eager,
         disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
         attention_backend=args.attention_backend, seed=args.seed, log_level=args.log_level,

@@ -46,13 +46,14 @@ class EngineClient:
         if self.streams.pop(rid, None) is not None and self.healthy():
             self.pair.requests.write(m.encode(m.Abort(rid)))
 
-    async def stats(self, timeout: float = 2.0) -> dict[str, float]:
-        """The engine's counters and gauges (a Control round trip through this worker's rings)."""
+    async def stats(self, command: str = "stats", timeout: float = 10.0) -> dict[str, float]:
+        """Sends a control command ("stats", "profile_start", "profile_stop") and returns the engine's
+        counters and gauges, which every control command answers with."""
         if not self.healthy():
             raise EngineDown("the engine is not running")
         fut = asyncio.get_running_loop().create_future()
         self._stats_waiters.append(fut)
-        self.pair.requests.write(m.encode(m.Control("stats")))
+        self.pair.requests.write(m.encode(m.Control(command)))
         return await asyncio.wait_for(fut, timeout)
 
     def _on_frames(self, frames: list[bytes]) -> None:

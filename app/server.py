@@ -201,6 +201,34 @@ def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int) -> list[tuple
     return jobs
 
 
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, jobs, stops, n: int):
+    """Runs a non-streaming request to its end, or aborts it in the engine if the client goes away first.
+    Returns per-choice (texts, reasons, counts, logprobs)."""
+    texts, reasons, counts, lps_all = [""] * n, [None] * n, [0] * n, [[] for _ in range(n)]
+
+    async def gather():
+        async for index, text, reason, count, lps in _fan_out(request, jobs, stops):
+            texts[index] += text
+            reasons[index], counts[index] = reason, count
+            lps_all[index] += lps
+
+    work, watch = asyncio.create_task(gather()), asyncio.create_task(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()  # the client left: cancelling aborts every choice in the engine
+        raise ApiError(499, "client disconnected")
+    work.result()
+    return texts, reasons, counts, lps_all
+
+
 def _token_text(tok, tid: int) -> str:
     return tok.decode([tid], skip_special_tokens=False)
 
@@ -260,12 +288,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
             yield b"data: [DONE]\n\n"
 
         return Stream(events(), media_type="text/event-stream")
-    texts, reasons, counts = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
-    all_lps = [[] for _ in jobs]
-    async for index, text, reason, count, lps in _fan_out(request, jobs, stops):
-        texts[index] += text
-        reasons[index], counts[index] = reason, count
-        all_lps[index] += lps
+    texts, reasons, counts, all_lps = await _collect(request, jobs, stops, len(jobs))
     choices = [CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
                for i in range(len(jobs))]
     body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens * data.n, sum(counts)))
@@ -322,12 +345,7 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
             yield b"data: [DONE]\n\n"
 
         return Stream(events(), media_type="text/event-stream")
-    texts, reasons, counts = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
-    all_lps = [[] for _ in jobs]
-    async for index, piece, reason, count, lps in _fan_out(request, jobs, stops):
-        texts[index] += piece
-        reasons[index], counts[index] = reason, count
-        all_lps[index] += lps
+    texts, reasons, counts, all_lps = await _collect(request, jobs, stops, len(jobs))
     choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i],
                           _chat_logprobs(tok, all_lps[i]) if want_lp else None) for i in range(len(jobs))]
     body = ChatResponse(rid, created, model, choices, _usage(len(ids) * data.n, sum(counts)))
@@ -349,6 +367,21 @@ async def metrics(request: Request) -> Response:
     except (EngineDown, asyncio.TimeoutError):
         engine = {}
     return Response(request.app.state.metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+
+@post("/start_profile", status_code=200)
+async def start_profile(request: Request) -> dict:
+    _check_auth(request)
+    await request.app.state.client.stats("profile_start")
+    return {"profiling": True}
+
+
+@post("/stop_profile", status_code=200)
+async def stop_profile(request: Request) -> dict:
+    """Stops the engine's profiler; the trace is written under --profile-dir, one file per rank."""
+    _check_auth(request)
+    await request.app.state.client.stats("profile_stop")
+    return {"profiling": False}
 
 
 class TokenizeRequest(msgspec.Struct):
@@ -406,7 +439,7 @@ def _on_unexpected(request: Request, exc: Exception) -> Response:
 
 
 app = Litestar(
-    route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize],
+    route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize, start_profile, stop_profile],
     lifespan=[lifespan],
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
     request_max_body_size=8 << 20,

@@ -62,7 +62,11 @@ class EngineServer:
             out = self.engine.abort(msg.rid)
             if out is not None:
                 self._route([out])
-        elif isinstance(msg, m.Control) and msg.command == "stats":
+        elif isinstance(msg, m.Control):
+            if msg.command == "profile_start":
+                self.engine.start_profile()
+            elif msg.command == "profile_stop":
+                self.engine.stop_profile()
             self.pairs[worker].outputs.write(m.encode(m.EngineStats(
                 {k: float(v) for k, v in self.engine.stats().items()})))
 

@@ -52,8 +52,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, base = _start(tmp_path_factory.mktemp("cache"), "--kv-cache-tokens", "8192", "--context-len", "256",
-                        "--workers", "2", "--served-model-name", "demo")
+    cache = tmp_path_factory.mktemp("cache")
+    proc, base = _start(cache, "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
+                        "--served-model-name", "demo", "--profile-dir", str(cache / "profiles"))
     yield base
     _stop(proc)
 
@@ -201,3 +202,23 @@ def test_logprobs(client):
                                        temperature=0, logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_non_streaming_disconnect_aborts(server):
+    generated = _metric(server, "ringllm_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json={"prompt": "slow", "max_tokens": 240, "ignore_eos": True},
+                   timeout=0.5)
+    for _ in range(100):
+        if _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
+    assert _metric(server, "ringllm_num_requests_running") == 0
+    assert _metric(server, "ringllm_generation_tokens_total") - generated < 240  # stopped early, not run out
+
+
+def test_profile_control(server):
+    assert httpx.post(server + "/start_profile", timeout=10).json() == {"profiling": True}
+    httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
+    assert httpx.post(server + "/stop_profile", timeout=30).json() == {"profiling": False}
