@@ -52,6 +52,8 @@ def pick_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.tp_size != 1 or config.pp_size != 1:
+            raise ValueError("tensor and pipeline parallelism are not built yet: use --tp-size 1 --pp-size 1")
         if config.model is None:
             from engine.demo import demo_model_path
 

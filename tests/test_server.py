@@ -83,6 +83,13 @@ def test_completions_and_chat(client):
     assert text == c.choices[0].message.content and pieces[-1].usage.completion_tokens == 6
 
 
+def test_usage_counts_match_the_tokenizer(server, client):
+    prompt = "The sea is wide, café 日本語"
+    count = httpx.post(server + "/tokenize", json={"prompt": prompt}).json()["count"]
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == count and r.usage.completion_tokens == 3 and r.usage.total_tokens == count + 3
+
+
 def test_stop_string_and_seed(client):
     full = client.completions.create(model="demo", prompt="Once", max_tokens=30, temperature=0).choices[0].text
     stop = full[8:11]
