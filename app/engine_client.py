@@ -14,7 +14,7 @@ from ipc.ring import pid_alive
 
 
 class EngineDown(RuntimeError):
-    pass
+    """The engine process is gone or its rings failed."""
 
 
 class EngineClient:

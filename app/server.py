@@ -202,8 +202,10 @@ def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int) -> list[tuple
 
 
 async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Returns when the client closes the connection (the body was read already; only that event is left)."""
+    message = await request.receive()
+    while message["type"] != "http.disconnect":
+        message = await request.receive()
 
 
 async def _collect(request: Request, jobs, stops, n: int):

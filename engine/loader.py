@@ -22,7 +22,7 @@ DTYPES = {
 
 
 class ModelNotFoundError(ValueError):
-    pass
+    """No usable checkpoint at the given path or hub id."""
 
 
 def resolve_model_path(model: str, download_dir: str | None = None) -> Path:

@@ -44,7 +44,7 @@ def remove_stale_segments() -> list[str]:
                 posix_ipc.unlink_shared_memory("/" + entry)
             removed.append(entry)
         except posix_ipc.ExistentialError:
-            pass
+            continue  # another process removed it first
     return removed
 
 
@@ -71,7 +71,7 @@ def cleanup() -> None:
         try:
             ring.close(unlink=True)
         except Exception:  # already gone: nothing to clean
-            pass
+            continue
 
 
 def _chain_sigterm() -> None:
