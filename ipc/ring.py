@@ -141,8 +141,19 @@ class RingWriter:
     def write(self, payload: bytes | bytearray | memoryview) -> None:
         """Appends one message; waits (up to `timeout`) while the ring is full, raising RingTimeout or PeerDied."""
         n = len(payload)
-        if n <= self.max_fragment:  # the common case: one frame
-            self._put(payload, 0)
+        if n <= self.max_fragment:  # the common case, inlined: one frame, no wrap, room known to be free
+            need = (n + 11) & ~7
+            pos = self._head & (self._cap - 1)
+            if self._cap - pos >= need and self._free >= need:
+                at = self._base + pos
+                _U32.pack_into(self._map, at, n)
+                self._map[at + 4 : at + 4 + n] = payload
+                self._head += need
+                self._free -= need
+                fence()
+                self._words[0] = self._head
+            else:
+                self._put(payload, 0)
             self._wake_readers()
             return
         view = memoryview(payload).cast("B")
@@ -209,7 +220,7 @@ class RingWriter:
                 raise PeerDied(f"reader {i} (pid {pid}) of ring {self.name} has died")
 
     def _wake_readers(self) -> None:
-        fence()
+        fence()  # the head store above must be visible before the flags are read
         w = self._words
         for i, flag in enumerate(self._sleep_flags):
             if w[flag]:  # that reader said it sleeps
