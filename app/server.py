@@ -168,6 +168,10 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
 async def _fan_out(request: Request, jobs: list[tuple[list[int], m.Sampling]], stops: list[str]):
     """Runs several generations at once (prompts × n) and yields (choice index, text, finish_reason, count)
     as pieces arrive from any of them. Leaving early aborts those still running."""
+    if len(jobs) == 1:  # the common case needs no tasks or queue hop
+        async for text, reason, count, lps in _pieces(request, jobs[0][0], jobs[0][1], stops):
+            yield 0, text, reason, count, lps
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def drive(index, ids, sampling):
