@@ -76,7 +76,9 @@ async def one(client: httpx.AsyncClient, url: str, model: str | None, req: dict,
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                # Every chunk with a choice carries tokens, even when their text is empty (an incomplete
+                # character, or ids the tokenizer does not know): time them all.
+                if chunk.get("choices"):
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - start

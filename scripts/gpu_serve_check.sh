@@ -8,5 +8,6 @@ python3 -m app serve --model /tmp/ringllm-bench/qwen3-0.6b --port 8000 --context
   --max-num-batched-tokens 16384 --workers "${WORKERS:-2}" > "$out/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 120); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
+curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"prompt": [1, 2, 3], "max_tokens": 8}' >/dev/null  # warm-up: Triton compiles
 python3 scripts/bench_client.py --workload nano --concurrency 256 --no-progress --json "$out/client-nano.json" 2>&1 | tail -4
 kill -TERM $pid; wait $pid
