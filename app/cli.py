@@ -164,15 +164,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from granian import Granian
     from granian.constants import Interfaces
 
+    import signal
+    import threading
+
+    def watch_engine():
+        """If the engine dies, stop serving (the API workers already answer 503) and exit non-zero."""
+        proc.join()
+        if not stopping.is_set():
+            print(f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr,
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopping = threading.Event()
+    threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
     try:
         Granian("app.server:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
                 workers=args.workers).serve()
     finally:
+        stopping.set()
+        engine_died = not proc.is_alive()
         proc.terminate()
         proc.join(10)
         if proc.is_alive():
             proc.kill()
-    return 0
+            proc.join()
+        from ipc.lifecycle import remove_stale_segments
+
+        remove_stale_segments()  # a killed engine could not unlink its rings
+    return 1 if engine_died else 0
 
 
 def main(argv: list[str] | None = None) -> int:

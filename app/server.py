@@ -261,6 +261,15 @@ def _sse(obj) -> bytes:
     return b"data: " + _json.encode(obj) + b"\n\n"
 
 
+async def _sse_stream(events):
+    """Passes SSE frames through; a failure after the response started becomes a final error event."""
+    try:
+        async for frame in events:
+            yield frame
+    except ApiError as e:
+        yield _sse(ErrorResponse(ErrorBody(e.message, e.kind, e.param, None)))
+
+
 # ---- routes ----
 @post("/v1/completions", status_code=200)
 async def completions(request: Request, data: CompletionRequest) -> Response | Stream:
@@ -293,7 +302,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
                 yield _sse(CompletionResponse(rid, created, model, [], _usage(prompt_tokens * data.n, sum(counts))))
             yield b"data: [DONE]\n\n"
 
-        return Stream(events(), media_type="text/event-stream")
+        return Stream(_sse_stream(events()), media_type="text/event-stream")
     texts, reasons, counts, all_lps = await _collect(request, jobs, stops, len(jobs))
     choices = [CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
                for i in range(len(jobs))]
@@ -350,7 +359,7 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
                 yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids) * data.n, sum(counts))))
             yield b"data: [DONE]\n\n"
 
-        return Stream(events(), media_type="text/event-stream")
+        return Stream(_sse_stream(events()), media_type="text/event-stream")
     texts, reasons, counts, all_lps = await _collect(request, jobs, stops, len(jobs))
     choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i],
                           _chat_logprobs(tok, all_lps[i]) if want_lp else None) for i in range(len(jobs))]

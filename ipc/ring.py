@@ -57,6 +57,7 @@ class RingCorrupted(RingError):
 
 
 def pid_alive(pid: int) -> bool:
+    """True while `pid` runs. A zombie (exited, not yet reaped by its parent) counts as dead."""
     if pid <= 0:
         return False
     try:
@@ -65,7 +66,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc: the signal check above is all there is
 
 
 def _data_offset(num_readers: int) -> int:

@@ -229,3 +229,31 @@ def test_profile_control(server):
     assert httpx.post(server + "/start_profile", timeout=10).json() == {"profiling": True}
     httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
     assert httpx.post(server + "/stop_profile", timeout=30).json() == {"profiling": False}
+
+
+def test_engine_killed_health_503_streams_end_server_exits_nonzero(tmp_path):
+    before = set(leftover_segments())
+    proc, base = _start(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "256")
+    engine_pid = int(next(s for s in set(leftover_segments()) - before if s.endswith("req0")).split("-")[1])
+    events, killed = [], False
+    with httpx.stream("POST", base + "/v1/completions", timeout=30,
+                      json={"prompt": "x", "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 3 and not killed:
+                killed = True
+                os.kill(engine_pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 3:
+                    try:
+                        if httpx.get(base + "/health", timeout=1).status_code == 503:
+                            break
+                    except httpx.HTTPError:
+                        break  # already shutting down
+                    time.sleep(0.05)
+                assert time.monotonic() - t0 < 1.5
+    assert killed and any('"error"' in e for e in events)  # the stream ended with an error event
+    assert proc.wait(30) != 0
+    time.sleep(1)
+    assert not (set(leftover_segments()) - before)
