@@ -182,7 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers=args.workers).serve()
     finally:
         stopping.set()
-        engine_died = not proc.is_alive()
+        # A SIGTERM to the whole process group stops the engine too: that is a shutdown, not a failure.
+        engine_died = not proc.is_alive() and proc.exitcode not in (0, -signal.SIGTERM)
         proc.terminate()
         proc.join(10)
         if proc.is_alive():
