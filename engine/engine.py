@@ -85,9 +85,8 @@ class Engine:
         return self.scheduler.max_seq_len
 
     # ---- requests ----
-    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if rid in self.seqs:
-            raise RequestError(f"request id {rid!r} is already in use")
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises RequestError (or ValueError for parameters) for what this engine cannot serve."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
@@ -96,9 +95,14 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        params.validate()
+
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if rid in self.seqs:
+            raise RequestError(f"request id {rid!r} is already in use")
+        self.check_request(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise RequestError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
-        params.validate()
         seq = Sequence(rid, prompt_ids, params)
         self.seqs[rid] = seq
         self.scheduler.add(seq)

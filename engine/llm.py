@@ -155,15 +155,7 @@ class LLM:
     # ---- the engine thread ----
     def _check(self, ids: list[int], params: SamplingParams) -> None:
         """Rejects what the engine would reject, in the caller's thread, before anything is queued."""
-        params.validate()
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if len(ids) >= self.engine.max_seq_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; this engine takes at most "
-                               f"{self.engine.max_seq_len - 1}")
-        bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.engine.vocab_size})")
+        self.engine.check_request(ids, params)
 
     def _submit(self, rid, ids, params, sink) -> None:
         self._raise_if_dead()
