@@ -125,16 +125,12 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.attn)
             logits = self.model.logits(hidden[meta.qo_indptr[1:].long() - 1])
         history = None
-        if self._needs_history(plan.rows):
+        if self.sampler.needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]
         sample = self.sampler(logits, plan.rows, rows, history, seq_lens)
         # Sampled tokens become the next position's input on the device, before the host sees them.
         self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
         return self._copy_to_host(sample)
-
-    def _needs_history(self, rows: np.ndarray) -> bool:
-        h = self.sampler.host
-        return bool((h["rep"][rows] != 1).any() or (h["presence"][rows] != 0).any() or (h["frequency"][rows] != 0).any())
 
     def _prepare(self, plan: StepPlan):
         """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then

@@ -93,7 +93,7 @@ class Sampler:
         h = {n: a[rows_host] for n, a in self.host.items()}
         p = _RowParams(self.dev, rows)
         raw = logits
-        if (h["rep"] != 1.0).any() or (h["presence"] != 0).any() or (h["frequency"] != 0).any():
+        if self.needs_history(rows_host):
             logits = self._penalize(logits.float(), p, history, seq_lens)
         filtered = (h["top_k"] > 0) | (h["top_p"] < 1) | (h["min_p"] > 0)
         if self.fused:
@@ -113,6 +113,12 @@ class Sampler:
             if k > 0:
                 result.top_logprobs, result.top_ids = lp.topk(k, dim=-1)
         return result
+
+    def needs_history(self, rows_host: np.ndarray) -> bool:
+        """Whether any of these rows has a penalty, and so needs its token history."""
+        h = self.host
+        return bool((h["rep"][rows_host] != 1).any() or (h["presence"][rows_host] != 0).any()
+                    or (h["frequency"][rows_host] != 0).any())
 
     def _reference(self, logits, h, p, seq_lens):
         greedy = logits.argmax(-1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+import msgspec
+
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestError, TokenOutput
 from engine.logs import configure_logging, get_logger
@@ -46,13 +48,10 @@ class EngineServer:
     def _on_message(self, worker: int, view) -> None:
         msg = m.decode_to_engine(view)
         if isinstance(msg, m.Generate):
-            s = msg.sampling
             try:
-                params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                        top_k=s.top_k, min_p=s.min_p, seed=s.seed,
-                                        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-                                        frequency_penalty=s.frequency_penalty, ignore_eos=s.ignore_eos,
-                                        stop_token_ids=list(s.stop_token_ids), logprobs=s.logprobs)
+                # The wire struct carries SamplingParams' fields less `stop` (stop strings are matched on text,
+                # in the app worker).
+                params = SamplingParams(**msgspec.structs.asdict(msg.sampling))
                 self.engine.add_request(msg.rid, m.unpack_ids(msg.token_ids), params)
                 self.owner[msg.rid] = worker
             except (RequestError, ValueError) as e:

@@ -151,16 +151,19 @@ def _metric(server, name):
     raise AssertionError(f"{name} not in /metrics")
 
 
+def _wait_for_metric(server, name, value, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while _metric(server, name) != value and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_metrics_and_disconnect_frees_slots(server):
     with httpx.stream("POST", server + "/v1/completions", timeout=30,
                       json={"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break  # disconnect mid-stream
-    for _ in range(50):
-        if _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0:
-            break
-        time.sleep(0.1)
+    _wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 5)
     assert _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
     assert _metric(server, "ringllm_num_requests_running") == 0
     text = httpx.get(server + "/metrics").text
@@ -216,10 +219,7 @@ def test_non_streaming_disconnect_aborts(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/completions", json={"prompt": "slow", "max_tokens": 240, "ignore_eos": True},
                    timeout=0.5)
-    for _ in range(100):
-        if _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0:
-            break
-        time.sleep(0.1)
+    _wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 10)
     assert _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
     assert _metric(server, "ringllm_num_requests_running") == 0
     assert _metric(server, "ringllm_generation_tokens_total") - generated < 240  # stopped early, not run out
