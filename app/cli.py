@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import sys
 
 DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random weights, so its output is random "
@@ -13,12 +15,18 @@ DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random we
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="checkpoint directory or hub repo id (default: the demo model)")
+    g.add_argument("--model", default=os.environ.get("RINGLLM_MODEL"),
+                   help="checkpoint directory or hub repo id (default: $RINGLLM_MODEL, else the demo model)")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
     g.add_argument("--pp-size", type=int, default=1, help="pipeline-parallel stages")
     g.add_argument("--device-ids", default=None, help="comma-separated GPU ids to use")
+    g.add_argument("--nccl-port", "--master-port", dest="nccl_port", type=int, default=29555,
+                   help="rank 0's torch.distributed rendezvous port")
+    g.add_argument("--nnodes", type=int, default=1, help="hosts the ranks are spread over")
+    g.add_argument("--node-rank", type=int, default=0, help="this host's index (0 runs the engine and the server)")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, as the other hosts reach it")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (overrides budgets)")
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="KV pool budget on CPU, GiB")
@@ -41,8 +49,9 @@ def engine_config(args: argparse.Namespace):
 
     ids = [int(x) for x in args.device_ids.split(",")] if args.device_ids else None
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp_size, pp_size=args.pp_size,
-        device_ids=ids, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
+        model=args.model or None, dtype=args.dtype, device=args.device, tp_size=args.tp_size, pp_size=args.pp_size,
+        device_ids=ids, nccl_port=args.nccl_port, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
         cpu_kv_cache_gb=args.cpu_kv_cache_gb, max_bs=args.max_bs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests,
         context_len=args.context_len, enforce_eager=args.enforce_eager,
@@ -56,12 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringllm", description="A small, fast OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port")
     srv.add_argument("--workers", type=int, default=1, help="API worker processes")
     srv.add_argument("--served-model-name", default=None, help="model name clients use (default: checkpoint name)")
-    srv.add_argument("--api-key", default=None, help="require this bearer token (also RINGLLM_API_KEY)")
-    srv.add_argument("--nccl-port", type=int, default=29555)
+    srv.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
+                     help="require this bearer token on every route but --public-routes (default: $RINGLLM_API_KEY)")
+    srv.add_argument("--public-routes", default="/health,/metrics",
+                     help="comma-separated routes that need no API key ('' guards them all)")
+    srv.add_argument("--request-timeout", type=float, default=None,
+                     help="seconds a request may take before it is aborted with 504 (default: no limit)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds SIGTERM waits for requests in flight before stopping")
     add_engine_args(srv)
     gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal")
     gen.add_argument("prompt", help="the prompt text")
@@ -119,7 +134,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Starts the engine in its own (spawned, so CUDA starts clean) process, waits for it, then hosts the
     app with Granian; the engine process is stopped when Granian returns."""
     import multiprocessing as mp
-    import os
     import queue as queue_mod
 
     from engine.logs import configure_logging
@@ -132,11 +146,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if config.node_rank > 0:
+        return serve_other_node(config)
     from engine.server import run_engine_process
 
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    proc = ctx.Process(target=run_engine_process, args=(config, args.workers, ready), name="ringllm-engine")
+    proc = ctx.Process(target=run_engine_process, args=(config, args.workers, ready, args.shutdown_timeout),
+                       name="ringllm-engine")
     proc.start()
     info = None
     while info is None:
@@ -156,7 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
                       RINGLLM_VOCAB_SIZE=str(info["vocab_size"]),
                       RINGLLM_SERVED_MODEL=args.served_model_name or (args.model and Path(args.model).name) or "ringllm-demo",
-                      RINGLLM_LOG_LEVEL=args.log_level)
+                      RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
+                      RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0))
     if args.api_key:
         os.environ["RINGLLM_API_KEY"] = args.api_key
     print(f"ringllm ready on http://{args.host}:{args.port} | model {os.environ['RINGLLM_SERVED_MODEL']} | "
@@ -168,24 +186,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     def watch_engine():
-        """If the engine dies, stop serving (the API workers already answer 503) and exit non-zero."""
+        """If the engine stops, stop serving (the API workers already answer 503): with an error and a non-zero
+        exit if it died, quietly if it drained after a SIGTERM of its own."""
         proc.join()
         if not stopping.is_set():
-            print(f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr,
-                  flush=True)
+            if proc.exitcode != 0:
+                print(f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr,
+                      flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
 
     stopping = threading.Event()
     threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
     try:
+        # On SIGTERM Granian stops accepting, lets requests in flight finish (up to the kill timeout) and returns.
         Granian("app.server:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
-                workers=args.workers).serve()
+                workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout))).serve()
     finally:
         stopping.set()
-        # A SIGTERM to the whole process group stops the engine too: that is a shutdown, not a failure.
+        # A SIGTERM to the whole process group makes the engine drain and exit 0: a shutdown, not a failure.
         engine_died = not proc.is_alive() and proc.exitcode not in (0, -signal.SIGTERM)
-        proc.terminate()
-        proc.join(10)
+        proc.terminate()  # SIGTERM: the engine finishes what is left, or stops at the shutdown timeout
+        proc.join(args.shutdown_timeout + 10)
         if proc.is_alive():
             proc.kill()
             proc.join()
@@ -193,6 +214,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         remove_stale_segments()  # a killed engine could not unlink its rings
     return 1 if engine_died else 0
+
+
+def serve_other_node(config) -> int:
+    """A host other than node 0 serves no HTTP: it runs its share of the ranks until the engine stops them."""
+    from engine.loader import ModelNotFoundError, resolve_model_path
+    from engine.worker import run_node
+
+    if config.model is None:
+        from engine.demo import demo_model_path
+
+        path = demo_model_path()
+    else:
+        try:
+            path = resolve_model_path(config.model, config.download_dir)
+        except ModelNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run_node(config, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,12 +36,10 @@ class Metrics:
         self.e2e = Histogram("ringllm_e2e_request_latency_seconds", "Time from request arrival to its end.")
         self.requests = {}  # finish_reason -> count
         self.prompt_tokens = 0
-        self.generation_tokens = 0
 
-    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+    def finished(self, reason: str, prompt_tokens: int, seconds: float) -> None:
         self.requests[reason] = self.requests.get(reason, 0) + 1
         self.prompt_tokens += prompt_tokens
-        self.generation_tokens += completion_tokens
         self.e2e.observe(seconds)
 
     def render(self, engine: dict[str, float]) -> str:
@@ -63,6 +61,8 @@ class Metrics:
             ("ringllm_prompt_tokens_computed_total", "Prompt tokens the engine computed (cache misses).",
              engine.get("prompt_tokens_computed", 0)),
             ("ringllm_preemptions_total", "Requests preempted for KV space.", engine.get("preemptions", 0)),
+            ("ringllm_prompt_tokens_total", "Prompt tokens of the requests this API worker finished (cached or not).",
+             self.prompt_tokens),
         ]
         for name, help_text, value in counters:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]

@@ -1,12 +1,23 @@
-"""OpenAI request and response bodies as msgspec Structs: one definition validates, encodes and documents."""
+"""OpenAI request and response bodies as msgspec Structs: one definition validates, encodes and documents.
+The bounds below are checked by msgspec as a body is decoded and appear in the OpenAPI document."""
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
+from msgspec import Meta
+
+from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
+
+MAX_N = 16
+MAX_PROMPTS = 64
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
 class Message(msgspec.Struct):
-    role: str
+    role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
 
@@ -16,18 +27,18 @@ class StreamOptions(msgspec.Struct):
 
 class _Sampling(msgspec.Struct, kw_only=True):
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
+    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    seed: Int64 | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -35,15 +46,16 @@ class _Sampling(msgspec.Struct, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[str | int | list[int]]  # a string, strings, token ids, or lists of token ids
-    logprobs: int | None = None  # 0..20: the chosen token's logprob and the top k
+    prompt: str | list[str | TokenId | list[TokenId]]  # a string, strings, token ids, or lists of token ids
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None  # the chosen token's logprob and the top k
+    echo: bool = False  # the prompt comes back before the completion (with its tokens' logprobs, if asked)
 
 
 class ChatRequest(_Sampling, kw_only=True):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class Usage(msgspec.Struct):
@@ -54,8 +66,8 @@ class Usage(msgspec.Struct):
 
 class CompletionLogprobs(msgspec.Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
 
 
 class CompletionChoice(msgspec.Struct):

@@ -1,6 +1,6 @@
 """The Litestar app each Granian worker runs. Settings come from the environment that `ringllm serve` sets
 for its workers (RINGLLM_ENGINE_PID, RINGLLM_WORKERS, RINGLLM_MODEL_PATH, RINGLLM_SERVED_MODEL,
-RINGLLM_MAX_SEQ_LEN, RINGLLM_API_KEY)."""
+RINGLLM_MAX_SEQ_LEN, RINGLLM_API_KEY, RINGLLM_PUBLIC_ROUTES, RINGLLM_REQUEST_TIMEOUT)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hmac
 import os
 import time
 from contextlib import asynccontextmanager
+from typing import NamedTuple
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -19,7 +20,7 @@ from app.engine_client import EngineClient, EngineDown
 from app.metrics import Metrics
 from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
                          ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                         ErrorBody, ErrorResponse, TokenLogprob, TopLogprob, Usage)
+                         ErrorBody, ErrorResponse, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
 from app.tokenizer import AppTokenizer
 from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.logs import configure_logging, get_logger
@@ -30,8 +31,8 @@ log = get_logger("app")
 _json = msgspec.json.Encoder()
 
 
-MAX_N = 16
-MAX_PROMPTS = 64
+MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
+RETRY_AFTER_SECONDS = "1"
 
 
 class ApiError(Exception):
@@ -42,7 +43,8 @@ class ApiError(Exception):
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> Response:
     body = ErrorResponse(ErrorBody(message, kind, param, None))
-    return Response(_json.encode(body), status_code=status, media_type="application/json")
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None  # overload or restart: come back
+    return Response(_json.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
 class Settings:
@@ -55,6 +57,9 @@ class Settings:
         self.max_seq_len = int(env.get("RINGLLM_MAX_SEQ_LEN", "4096"))
         self.api_key = env.get("RINGLLM_API_KEY") or None
         self.vocab_size = int(env.get("RINGLLM_VOCAB_SIZE", "0"))  # the model's; its tokenizer may know fewer
+        self.public_routes = set(filter(None, env.get("RINGLLM_PUBLIC_ROUTES", "/health,/metrics").split(",")))
+        timeout = float(env.get("RINGLLM_REQUEST_TIMEOUT") or 0)
+        self.request_timeout = timeout if timeout > 0 else None
 
 
 @asynccontextmanager
@@ -74,8 +79,9 @@ async def lifespan(app: Litestar):
 
 # ---- helpers ----
 def _check_auth(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if key is None:
+    settings = request.app.state.settings
+    key = settings.api_key
+    if key is None or request.url.path in settings.public_routes:
         return
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
@@ -88,21 +94,25 @@ def _check_model(request: Request, model: str | None) -> None:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {served!r}", "not_found_error", "model")
 
 
-def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int,
+def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, prompt_len: int, max_seq_len: int,
               logprobs: int | None = None) -> tuple[m.Sampling, list[str]]:
-    if not 1 <= req.n <= MAX_N:
-        raise ApiError(400, f"n must be in [1, {MAX_N}], got {req.n}", param="n")
+    """The wire sampling parameters of a request (its bounds were checked as it was decoded). An explicit
+    max_tokens must fit the context after the prompt; without one, the default (or everything the context
+    has left) is used."""
     room = max_seq_len - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
+    if max_tokens is not None and max_tokens > room:
+        raise ApiError(400, f"max_tokens {max_tokens} plus the prompt's {prompt_len} tokens exceed the context of "
+                            f"{max_seq_len} tokens", param="max_tokens")
+    if max_tokens is None:
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    params = dict(max_tokens=min(max_tokens, room) if max_tokens is not None else room, temperature=req.temperature,
+    params = dict(max_tokens=max_tokens, temperature=req.temperature,
                   top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                   frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
                   stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     try:
         SamplingParams(**params, stop=stops)
     except ValueError as e:
@@ -110,9 +120,19 @@ def _sampling(req, max_tokens: int | None, prompt_len: int, max_seq_len: int,
     return m.Sampling(**params), stops
 
 
-async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops: list[str]):
-    """Yields (text, finish_reason, completion_tokens) as tokens arrive; tokens that arrived together make
-    one piece. Aborts the request in the engine if the consumer goes away first."""
+class Job(NamedTuple):
+    """One generation: a prompt, its sampling parameters, and the prompt text to echo first (or None)."""
+
+    ids: list[int]
+    sampling: m.Sampling
+    echo: str | None = None
+
+
+async def _pieces(request: Request, job: Job, stops: list[str]):
+    """Yields (text, finish_reason, completion_tokens, logprobs) as tokens arrive; tokens that arrived
+    together make one piece. With `job.echo` the first piece starts with the prompt (and its tokens'
+    logprobs, the first one None). Aborts the request in the engine if the consumer goes away first."""
+    ids, sampling = job.ids, job.sampling
     client, tok = request.app.state.client, request.app.state.tokenizer
     rid = client.new_rid()
     try:
@@ -122,12 +142,15 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
     detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
     count, finished, reason = 0, False, None
     metrics, start, last, ttft = request.app.state.metrics, time.perf_counter(), None, None
+    limit = request.app.state.settings.request_timeout
     try:
         while not finished:
-            items = [await queue.get()]
+            items = [await _next(queue, None if limit is None else start + limit - time.perf_counter(), limit)]
             while not queue.empty():
                 items.append(queue.get_nowait())
             new, reason, lps = [], None, []
+            if job.echo is not None and last is None:
+                lps = _echoed_logprobs(ids, items[0]) if sampling.logprobs is not None else []
             for item in items:
                 if isinstance(item, m.RequestFailed):
                     finished = True
@@ -149,6 +172,7 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
             finished = reason is not None
             now = time.perf_counter()
             if last is None:
+                out = (job.echo or "") + out
                 ttft = now - start
                 metrics.ttft.observe(ttft)
             else:
@@ -160,28 +184,47 @@ async def _pieces(request: Request, ids: list[int], sampling: m.Sampling, stops:
             client.abort(rid)
             reason = "abort"
         total = time.perf_counter() - start
-        metrics.finished(reason or "error", len(ids), count, total)
+        metrics.finished(reason or "error", len(ids), total)
         log.info("request", rid=rid, prompt_tokens=len(ids), completion_tokens=count, finish_reason=reason,
                  ttft_s=round(ttft, 4) if ttft is not None else None, total_s=round(total, 4))
 
 
-async def _fan_out(request: Request, jobs: list[tuple[list[int], m.Sampling]], stops: list[str]):
+def _echoed_logprobs(ids: list[int], first) -> list:
+    """(token, logprob, top) for each prompt token, from the engine's prompt logprobs that came with the
+    first generated token; the first prompt token has no context, so no logprob."""
+    if not isinstance(first, m.TokenDelta) or first.prompt_logprobs is None:
+        return []
+    return [(ids[0], None, None)] + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
+
+
+async def _next(queue: asyncio.Queue, remaining: float | None, limit: float | None):
+    """The next item for a request, or a 504 once it has run past --request-timeout (the caller aborts it)."""
+    if remaining is None:
+        return await queue.get()
+    try:
+        return await asyncio.wait_for(queue.get(), max(0.0, remaining))
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"the request ran past the server's request timeout of {limit:g} s",
+                       "timeout_error") from None
+
+
+async def _fan_out(request: Request, jobs: list[Job], stops: list[str]):
     """Runs several generations at once (prompts × n) and yields (choice index, text, finish_reason, count)
     as pieces arrive from any of them. Leaving early aborts those still running."""
     if len(jobs) == 1:  # the common case needs no tasks or queue hop
-        async for text, reason, count, lps in _pieces(request, jobs[0][0], jobs[0][1], stops):
+        async for text, reason, count, lps in _pieces(request, jobs[0], stops):
             yield 0, text, reason, count, lps
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def drive(index, ids, sampling):
+    async def drive(index, job):
         try:
-            async for text, reason, count, lps in _pieces(request, ids, sampling, stops):
+            async for text, reason, count, lps in _pieces(request, job, stops):
                 await queue.put((index, text, reason, count, lps))
         except ApiError as e:
             await queue.put(e)
 
-    tasks = [asyncio.create_task(drive(i, ids, sp)) for i, (ids, sp) in enumerate(jobs)]
+    tasks = [asyncio.create_task(drive(i, job)) for i, job in enumerate(jobs)]
     try:
         done = 0
         while done < len(jobs):
@@ -195,13 +238,13 @@ async def _fan_out(request: Request, jobs: list[tuple[list[int], m.Sampling]], s
             t.cancel()
 
 
-def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int) -> list[tuple[list[int], m.Sampling]]:
+def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None) -> list[Job]:
     """One job per prompt and choice; with a seed, choice j uses seed + j so the choices differ."""
     jobs = []
-    for ids in ids_list:
+    for p, ids in enumerate(ids_list):
         for j in range(n):
             sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(sampling, seed=sampling.seed + j)
-            jobs.append((ids, sp))
+            jobs.append(Job(ids, sp, echoes[p] if echoes else None))
     return jobs
 
 
@@ -241,7 +284,7 @@ def _token_text(tok, tid: int) -> str:
 
 def _completion_logprobs(tok, lps) -> CompletionLogprobs:
     return CompletionLogprobs([_token_text(tok, t) for t, _, _ in lps], [lp for _, lp, _ in lps],
-                              [{_token_text(tok, i): v for i, v in top} for _, _, top in lps])
+                              [None if top is None else {_token_text(tok, i): v for i, v in top} for _, _, top in lps])
 
 
 def _chat_logprobs(tok, lps) -> ChatLogprobs:
@@ -285,10 +328,13 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
         if any(not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
     longest = max(len(ids) for ids in ids_list)
-    sampling, stops = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, longest, s.max_seq_len,
-                                data.logprobs)
+    sampling, stops = _sampling(data, data.max_tokens, 16, longest, s.max_seq_len, data.logprobs)
     want_lp = data.logprobs is not None
-    jobs = _jobs(ids_list, sampling, data.n)
+    echoes = None
+    if data.echo:  # the prompt comes back before the completion, with its tokens' logprobs if asked for
+        sampling = msgspec.structs.replace(sampling, prompt_logprobs=data.logprobs)
+        echoes = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(prompts, ids_list)]
+    jobs = _jobs(ids_list, sampling, data.n, echoes)
     prompt_tokens = sum(len(ids) for ids in ids_list)
     rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
@@ -330,11 +376,6 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     _check_auth(request)
     _check_model(request, data.model)
     s, tok = request.app.state.settings, request.app.state.tokenizer
-    if not data.messages:
-        raise ApiError(400, "messages must not be empty", param="messages")
-    for msg in data.messages:
-        if msg.role not in ("system", "user", "assistant", "tool", "developer"):
-            raise ApiError(400, f"unknown role {msg.role!r}", param="messages")
     try:
         text = tok.apply_chat_template([{"role": x.role, "content": x.content} for x in data.messages])
     except Exception as e:  # a template that rejects the conversation
@@ -342,7 +383,8 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     ids = tok.encode(text)
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     want_lp = data.logprobs
-    sampling, stops = _sampling(data, max_tokens, len(ids), s.max_seq_len, (data.top_logprobs or 0) if want_lp else None)
+    sampling, stops = _sampling(data, max_tokens, None, len(ids), s.max_seq_len,
+                                (data.top_logprobs or 0) if want_lp else None)
     jobs = _jobs([ids], sampling, data.n)
     rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
@@ -377,6 +419,7 @@ async def models(request: Request) -> dict:
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
+    _check_auth(request)
     try:
         engine = await request.app.state.client.stats()
     except (EngineDown, asyncio.TimeoutError):
@@ -430,6 +473,7 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
 
 @get("/health")
 async def health(request: Request) -> Response:
+    _check_auth(request)
     if request.app.state.client.healthy():
         return Response(b"", status_code=200)
     return _error(503, "the engine is not running", "server_error")
@@ -457,5 +501,5 @@ app = Litestar(
     route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize, start_profile, stop_profile],
     lifespan=[lifespan],
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
-    request_max_body_size=8 << 20,
+    request_max_body_size=MAX_BODY_BYTES,
 )

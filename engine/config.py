@@ -13,7 +13,10 @@ class EngineConfig:
     tp_size: int = 1
     pp_size: int = 1
     device_ids: list[int] | None = None
-    nccl_port: int = 29555
+    nccl_port: int = 29555  # rank 0's rendezvous port (torch.distributed TCP store)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # rank 0's host, as the other hosts reach it
     gpu_memory_utilization: float = 0.9
     kv_cache_tokens: int | None = None  # explicit pool size in tokens (wins over memory budgets)
     cpu_kv_cache_gb: float = 1.0  # pool budget on CPU when kv_cache_tokens is not given
@@ -41,6 +44,10 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.tp_size < 1 or self.pp_size < 1:
+            raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} of {self.nnodes}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
 

@@ -2,7 +2,11 @@
 
 A decode step launches hundreds of small kernels; replaying them from a graph removes the launch gaps that
 dominate at small batch. Batches are padded up to the next bucket: padded rows read and write slot 0, which
-the allocator never hands out."""
+the allocator never hands out.
+
+Under pipeline parallelism a stage's graph starts from static hidden/residual buffers that the received
+activations are copied into, and a stage before the last returns (hidden, residual) instead of logits. The
+stage-to-stage transfers stay outside the graphs; tensor-parallel collectives are captured inside them."""
 
 from __future__ import annotations
 
@@ -29,7 +33,13 @@ class DecodeGraphs:
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.out_slots = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.indices = torch.zeros(max_bs * max_context, dtype=torch.int32, device=device)
-        self.logits: dict[int, torch.Tensor] = {}
+        lay = model.layout
+        self.last_stage = lay.is_last_stage
+        self.carry = None
+        if not lay.is_first_stage:
+            hidden, dtype = model.shape.hidden_size, next(model.parameters()).dtype
+            self.carry = tuple(torch.zeros(max_bs, hidden, dtype=dtype, device=device) for _ in "hr")
+        self.outputs: dict[int, object] = {}  # logits, or (hidden, residual) before the last stage
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self._capture()
@@ -43,23 +53,40 @@ class DecodeGraphs:
             self._forward(bs)  # warm-up outside the graph
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[bs] = self._forward(bs)
+                self.outputs[bs] = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
-        return self.model.logits(hidden)
+    def _forward(self, bs: int):
+        carry = None if self.carry is None else (self.carry[0][:bs], self.carry[1][:bs])
+        out = self.model(self.input_ids[:bs], self.positions[:bs], self.attn, carry)
+        return self.model.logits(out) if self.last_stage else out
+
+    def close(self) -> None:
+        """Frees the graphs. Their captured collectives hold the NCCL communicators, which cannot be torn
+        down while a graph that uses them exists."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.is_decode and meta.batch_size <= self.buckets[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata, carry=None):
+        """Logits [b, vocab] on the last stage; before it, copies of (hidden, residual), safe to send while the
+        next replay rewrites the static outputs."""
         b = meta.batch_size
         bs = next(x for x in self.buckets if x >= b)
-        self.input_ids[:b] = input_ids
+        if input_ids is not None:
+            self.input_ids[:b] = input_ids
+        if carry is not None:
+            for static, received in zip(self.carry, carry):
+                static[:b] = received
+                static[b:bs] = 0
         self.positions[:b] = positions
         self.out_slots[:b] = meta.out_slots
         if bs > b:  # padding rows: token 0 at position 0, one cached slot (slot 0)
@@ -72,4 +99,5 @@ class DecodeGraphs:
         self.indices[n : n + bs - b] = 0
         self.attn.begin_graph(bs, kv_indptr, self.indices[: n + bs - b], self.out_slots[:bs])
         self.graphs[bs].replay()
-        return self.logits[bs][:b]
+        out = self.outputs[bs]
+        return out[:b] if self.last_stage else tuple(t[:b].clone() for t in out)

@@ -9,18 +9,23 @@ checks stops and frees what finished. The device therefore never waits on this P
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from engine import parallel
 from engine.config import EngineConfig
 from engine.loader import read_config, resolve_model_path
 from engine.logs import get_logger
-from engine.model_runner import ModelRunner, StepResult
+from engine.model_runner import HostSample, ModelRunner, StepResult, prompt_logprob_positions
+from engine.parallel import Layout
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
+from engine.worker import Workers, join, rank_device
 
 log = get_logger("engine")
 
@@ -37,6 +42,8 @@ class TokenOutput:
     top_logprobs: list[tuple[int, float]] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # With the first token of a request that asked for them: (logprob, top k) of prompt tokens 1, 2, ...
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class RequestError(ValueError):
@@ -52,8 +59,8 @@ def pick_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.tp_size != 1 or config.pp_size != 1:
-            raise ValueError("tensor and pipeline parallelism are not built yet: use --tp-size 1 --pp-size 1")
+        if config.node_rank != 0:
+            raise ValueError("the engine runs on node 0; other nodes run their ranks with engine.worker.run_node")
         if config.model is None:
             from engine.demo import demo_model_path
 
@@ -61,21 +68,33 @@ class Engine:
         else:
             self.model_path = resolve_model_path(config.model, config.download_dir)
         hf_config = read_config(self.model_path)
-        self.device = pick_device(config.device)
-        self.runner = ModelRunner(config, self.model_path, hf_config, self.device)
+        self.workers = None
+        self.layout = Layout()
+        if config.tp_size * config.pp_size > 1:
+            self.workers = Workers(config, self.model_path)  # they start loading while rank 0 joins
+            self.device = rank_device(config, 0)
+        else:
+            self.device = pick_device(config.device)
+        try:
+            if self.workers is not None:
+                self.layout = join(config, 0, self.device)
+            self.runner = ModelRunner(config, self.model_path, hf_config, self.device, self.layout)
+        except BaseException:
+            self.close()
+            raise
         self.vocab_size = self.runner.shape.vocab_size
         self.eos_token_ids = set(self.runner.shape.eos_token_ids) | _generation_eos(self.model_path)
         self.scheduler = Scheduler(
             num_slots=self.runner.num_slots, max_rows=self.runner.max_rows, context_len=self.runner.context_len,
             max_bs=config.max_bs, max_batched_tokens=config.max_num_batched_tokens,
-            use_radix_cache=not config.disable_radix_cache,
+            use_radix_cache=not config.disable_radix_cache, num_groups=config.pp_size,
         )
-        self.overlap = not config.disable_overlap_schedule
+        # Steps launched but not yet read back: one with overlap, one per pipeline stage under PP.
+        self.depth = config.pp_size if not config.disable_overlap_schedule else 0
         self.seqs: dict[str, Sequence] = {}
-        self._in_flight: tuple[Batch, StepResult] | None = None
+        self._in_flight: deque[tuple[Batch, StepResult]] = deque()
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
-        self.rank = 0
         self._profiler = None
         if config.profile:
             self.start_profile()
@@ -116,27 +135,44 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._in_flight is not None
+        return self.scheduler.has_work or bool(self._in_flight)
 
     # ---- the loop ----
     def step(self) -> list[TokenOutput]:
+        """Launches the next step, then reads back the oldest launched steps beyond `depth` (or one, when
+        there was nothing to launch)."""
         batch = self.scheduler.schedule()
-        launched = (batch, self.runner.launch(batch.plan)) if batch else None
-        outputs = self._read_back(*self._in_flight) if self._in_flight else []
-        self._in_flight = launched
-        if not self.overlap and launched:
-            outputs += self._read_back(*launched)
-            self._in_flight = None
+        if batch:
+            if self.workers is not None:
+                self.workers.send(batch.plan)
+            self._in_flight.append((batch, self.runner.launch(batch.plan)))
+        outputs = []
+        while len(self._in_flight) > self.depth:
+            outputs += self._read_back(*self._in_flight.popleft())
+        if not batch and self._in_flight:  # nothing launched: read one back, so that finished work surfaces
+            outputs += self._read_back(*self._in_flight.popleft())
         return outputs
 
+    def close(self) -> None:
+        """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
+        only then does this rank leave the process group (nothing to do on one device)."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.request_stop()
+        runner = getattr(self, "runner", None)  # absent when the constructor failed
+        if runner is not None:
+            runner.close()
+        if workers is not None:
+            workers.close()
+        parallel.shutdown()
+
     def _read_back(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
-        tokens, sample = result.wait()
+        sample = result.wait()
+        tokens, lp, top = sample.tokens, sample.logprobs, sample.top
         plan = batch.plan
         self.num_prompt_tokens_computed += plan.num_tokens - plan.num_decodes
-        lp = sample.logprobs.tolist() if sample.logprobs is not None else None
-        top = None
-        if sample.top_ids is not None:
-            top = (sample.top_ids.tolist(), sample.top_logprobs.tolist())
+        if sample.prompt is not None:
+            self._collect_prompt_logprobs(batch, sample)
         outputs = []
         for i, seq in enumerate(batch.seqs):
             if not plan.sample[i]:
@@ -153,11 +189,27 @@ class Engine:
             if k is not None and lp is not None:
                 out.logprob = lp[i]
                 out.top_logprobs = list(zip(top[0][i][:k], top[1][i][:k])) if top and k else []
+            if seq.params.prompt_logprobs is not None and len(seq.token_ids) == seq.num_prompt + 1:
+                out.prompt_logprobs = seq.prompt_logprobs
             if out.finish_reason:
                 self.scheduler.finish(seq, out.finish_reason)
                 del self.seqs[seq.rid]
             outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _collect_prompt_logprobs(batch: Batch, sample: HostSample) -> None:
+        """Files each prompt row of a step under its sequence. A prompt recomputed after preemption yields its
+        positions again; those already filed are skipped."""
+        seqs, plan = batch.seqs, batch.plan
+        ks = np.array([-1 if s.params.prompt_logprobs is None else s.params.prompt_logprobs for s in seqs])
+        index, pos = prompt_logprob_positions(plan.starts, plan.lens, np.array([s.num_prompt for s in seqs]), ks)
+        width = (sample.prompt.shape[1] - 2) // 2
+        for row, i, p in zip(sample.prompt, index, pos):
+            seq, k = seqs[i], int(ks[i])
+            if p == len(seq.prompt_logprobs):
+                top = list(zip(row[2 : 2 + k].astype(np.int64).tolist(), row[2 + width : 2 + width + k].tolist()))
+                seq.prompt_logprobs.append((float(row[1]), top))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -178,6 +230,8 @@ class Engine:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self._profiler = profile(activities=activities, record_shapes=False)
         self._profiler.start()
+        if self.workers is not None:
+            self.workers.control("profile_start")
         log.info("profiler started", profile_dir=self.config.profile_dir)
 
     def stop_profile(self) -> Path | None:
@@ -188,9 +242,11 @@ class Engine:
 
         prof, self._profiler = self._profiler, None
         prof.stop()
+        if self.workers is not None:
+            self.workers.control("profile_stop")
         out = Path(self.config.profile_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"trace-rank{self.rank}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path = out / f"trace-rank{self.layout.rank}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         prof.export_chrome_trace(str(path))
         log.info("profiler trace written", path=str(path))
         return path

@@ -34,6 +34,8 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs: (logprob, top k) of prompt tokens 1, 2, ... (in the first piece)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,6 +59,7 @@ class _Request:
             piece.token_ids = [out.token_id]
             if out.logprob is not None:
                 piece.logprobs = [out.logprob]
+            piece.prompt_logprobs = out.prompt_logprobs
             text = self.detok.add([out.token_id])
             if out.finish_reason:
                 text += self.detok.flush()
@@ -103,6 +106,7 @@ class LLM:
                 result.text += piece.text
                 result.token_ids += piece.token_ids
                 result.logprobs += piece.logprobs
+                result.prompt_logprobs = result.prompt_logprobs or piece.prompt_logprobs
                 result.prompt_tokens = piece.prompt_tokens
                 if piece.finished:
                     result.finish_reason = piece.finish_reason
@@ -145,6 +149,7 @@ class LLM:
         self._wake.set()
         self._thread.join(timeout=10)
         self.engine.stop_profile()
+        self.engine.close()
 
     def __enter__(self):
         return self

@@ -76,7 +76,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         for file, name in tqdm(names, desc="loading weights", unit="tensor", disable=disable):
             if file not in handles:
                 handles[file] = safe_open(file, framework="pt").__enter__()
-            if model.load_weight(name, handles[file].get_tensor(name)):
+            # A lazy slice: a tensor-parallel rank reads only the rows or columns it holds.
+            if model.load_weight(name, handles[file].get_slice(name)):
                 loaded.add(name)
     finally:
         for h in handles.values():

@@ -7,18 +7,21 @@ next step can run before the host has read it (overlap)."""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine import parallel
 from engine.attention import AttentionMetadata, make_backend
 from engine.config import EngineConfig
 from engine.kv_cache import KVPool
 from engine.loader import load_weights, pick_dtype
 from engine.logs import get_logger
 from engine.models import model_class
+from engine.parallel import Layout
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import StepPlan
 
@@ -26,55 +29,153 @@ log = get_logger("engine.runner")
 
 
 @dataclass
+class HostSample:
+    tokens: np.ndarray  # [B] int64
+    logprobs: list[float] | None  # [B] the chosen token's logprob, when a row asked for logprobs
+    top: tuple[list, list] | None  # ([B][k] ids, [B][k] logprobs)
+    prompt: np.ndarray | None = None  # [N, 2 + 2k] rows for prompt_logprob_positions(), packed the same way
+
+
+@dataclass
 class StepResult:
-    """A launched step's sampled tokens: on the device now, on the host once `ready` has fired."""
+    """A launched step's sampled tokens, packed by `pack_sample` (on the host once `ready` has fired, or once
+    `work` has finished on a CPU rank that receives them): `num_rows` sampled rows, then any prompt rows."""
 
-    sample: SampleResult
-    host_tokens: torch.Tensor
-    ready: torch.cuda.Event | None
+    host: torch.Tensor
+    top_k: int | None
+    num_rows: int
+    ready: torch.cuda.Event | None = None
+    work: object = None
 
-    def wait(self) -> tuple[np.ndarray, SampleResult]:
+    def wait(self) -> HostSample:
         if self.ready is not None:
             self.ready.synchronize()
-        return self.host_tokens.numpy(), self.sample
+        elif self.work is not None:
+            self.work.wait()
+        everything = self.host.numpy()
+        packed, prompt = everything[: self.num_rows], everything[self.num_rows :]
+        tokens = packed[:, 0].astype(np.int64)
+        if self.top_k is None:
+            return HostSample(tokens, None, None)
+        k = self.top_k
+        top = (packed[:, 2 : 2 + k].astype(np.int64).tolist(), packed[:, 2 + k : 2 + 2 * k].tolist()) if k else None
+        return HostSample(tokens, packed[:, 1].tolist(), top, prompt if len(prompt) else None)
+
+
+def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
+    """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs (zeros
+    past what a row computed). float32 holds every token id exactly (vocabularies are far below 2^24), so one
+    tensor carries all of it."""
+    if top_k is None:
+        return sample.tokens[:, None].float().contiguous()
+    out = torch.zeros(len(sample.tokens), 2 + 2 * top_k, dtype=torch.float32, device=sample.tokens.device)
+    out[:, 0] = sample.tokens
+    if sample.logprobs is not None:
+        out[:, 1] = sample.logprobs
+    if sample.top_ids is not None and top_k:
+        k = min(top_k, sample.top_ids.shape[1])
+        out[:, 2 : 2 + k] = sample.top_ids[:, :k]
+        out[:, 2 + top_k : 2 + top_k + k] = sample.top_logprobs[:, :k]
+    return out
+
+
+def prompt_logprob_positions(starts: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray,
+                             ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(batch index, position) of every position a step computes whose next token is a prompt token, for the
+    batch entries that asked for prompt logprobs (k >= 0); in batch order, then position order. The runner
+    and the engine both call this, so the prompt rows of a step's result line up on both sides."""
+    starts = starts.astype(np.int64)
+    ends = np.minimum(starts + lens, prompt_lens - 1)
+    counts = np.where(ks >= 0, np.maximum(ends - starts, 0), 0)
+    index = np.repeat(np.arange(len(starts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return index, np.arange(int(counts.sum())) - first + np.repeat(starts, counts)
+
+
+PROMPT_LOGITS_CHUNK = 1024  # prompt positions projected onto the vocabulary at a time
+
+
+@dataclass
+class _PromptPositions:
+    """A step's positions whose prompt logprobs were asked for: request row, position, index among the
+    step's tokens."""
+
+    rows: np.ndarray
+    pos: np.ndarray
+    token_index: np.ndarray
+
+
+@dataclass
+class _TokenWait:
+    """A token broadcast this rank receives, written into req_tokens before a later step reads those rows."""
+
+    work: object
+    buf: torch.Tensor
+    rows_host: np.ndarray
+    keep: torch.Tensor  # indices into buf of the rows whose token is kept
+    rows: torch.Tensor
+    pos: torch.Tensor
+
+
+MAX_TOKEN_WAITS = 16
+MAX_PENDING_SENDS = 8
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: Path, hf_config: dict, device: torch.device):
+    def __init__(self, config: EngineConfig, model_path: Path, hf_config: dict, device: torch.device,
+                 layout: Layout | None = None):
         self.config = config
         self.device = device
+        self.layout = lay = layout or Layout()
         self.dtype = pick_dtype(config.dtype, hf_config, device)
         cls = model_class(hf_config)
         self.shape = cls.shape(hf_config)
         self.context_len = config.context_len or self.shape.max_position_embeddings
         torch.manual_seed(config.seed)
         with torch.device(device):
-            self.model = cls(self.shape, max_positions=self.context_len + 1)
+            self.model = cls(self.shape, max_positions=self.context_len + 1, layout=lay)
         load_weights(self.model, model_path)
         self.model.to(dtype=self.dtype).eval()
         self.model.rotary.cos, self.model.rotary.sin = self.model.rotary.cos.float(), self.model.rotary.sin.float()
-        self.max_rows = config.max_bs
-        self.num_slots = self._pool_size()
-        self.pool = KVPool(self.shape.num_layers, self.num_slots, self.shape.num_kv_heads, self.shape.head_dim,
-                           self.dtype, device)
-        self.attn = make_backend(config.attention_backend, device, self.pool, self.shape.num_heads, self.shape.head_dim)
+        attn0 = self.model.layers[0].self_attn
+        self.num_layers, self.num_heads, self.num_kv_heads = len(self.model.layers), attn0.num_heads, attn0.num_kv_heads
+        # Pipeline stages work on different micro-batches at once: each gets up to max_bs rows of its own.
+        self.max_rows = config.max_bs * lay.pp_size
+        self.num_slots = parallel.all_ranks_min(self._pool_size(), device)  # every rank holds every slot
+        self.pool = KVPool(self.num_layers, self.num_slots, self.num_kv_heads, self.shape.head_dim, self.dtype, device)
+        self.attn = make_backend(config.attention_backend, device, self.pool, self.num_heads, self.shape.head_dim)
         self.req_to_slot = torch.zeros(self.max_rows, self.context_len + 1, dtype=torch.int32, device=device)
         self.req_tokens = torch.zeros(self.max_rows, self.context_len + 2, dtype=torch.int32, device=device)
-        self.sampler = Sampler(self.max_rows, self.shape.vocab_size, device, config.seed)
+        self.sampler = Sampler(self.max_rows, self.shape.vocab_size, device, config.seed) if lay.is_sampler else None
+        self.row_logprobs = np.full(self.max_rows, -1, dtype=np.int64)  # sizes each step's packed result
+        self.row_prompt_logprobs = np.full(self.max_rows, -1, dtype=np.int64)
+        self.row_prompt_len = np.zeros(self.max_rows, dtype=np.int64)
+        self.num_prompt_logprob_rows = 0
+        self._token_waits: deque[_TokenWait] = deque()
+        self._sends: deque = deque()  # (work, tensors) of stage-to-stage sends still in flight
+        self._broadcasts: deque = deque()  # (work, buffer) the sampler has sent
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and hasattr(self.attn, "make_graph_decoder"):
             from engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.model, self.attn, config.max_bs, self.context_len + 1, device)
-        log.info("model runner ready", model=self.shape.architecture, dtype=str(self.dtype), device=str(device),
-                 kv_slots=self.num_slots, context_len=self.context_len, backend=type(self.attn).__name__,
-                 cuda_graphs=self.graphs.buckets if self.graphs else None)
+        log.info("model runner ready", rank=lay.rank, model=self.shape.architecture, dtype=str(self.dtype),
+                 device=str(device), kv_slots=self.num_slots, context_len=self.context_len,
+                 layers=f"{self.model.layer_range.start}-{self.model.layer_range.stop - 1}",
+                 backend=type(self.attn).__name__, cuda_graphs=self.graphs.buckets if self.graphs else None)
+
+    def close(self) -> None:
+        """Waits for every step this rank queued, then frees its CUDA graphs."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
 
     # ---- sizing ----
     def _pool_size(self) -> int:
-        per_token = KVPool.bytes_per_token(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim,
-                                           self.dtype)
+        per_token = KVPool.bytes_per_token(self.num_layers, self.num_kv_heads, self.shape.head_dim, self.dtype)
         if self.config.kv_cache_tokens:
             return self.config.kv_cache_tokens + 1
         if self.device.type == "cuda":
@@ -95,42 +196,162 @@ class ModelRunner:
         n = min(self.config.max_num_batched_tokens, self.context_len)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        pool = KVPool(self.shape.num_layers, n + 1, self.shape.num_kv_heads, self.shape.head_dim, self.dtype, self.device)
-        attn = make_backend(self.config.attention_backend, self.device, pool, self.shape.num_heads, self.shape.head_dim)
+        pool = KVPool(self.num_layers, n + 1, self.num_kv_heads, self.shape.head_dim, self.dtype, self.device)
+        attn = make_backend(self.config.attention_backend, self.device, pool, self.num_heads, self.shape.head_dim)
         idx = torch.arange(1, n + 1, device=self.device, dtype=torch.int32)
         attn.begin(AttentionMetadata(np.array([0, n]), np.array([0, n]), np.array([n]), False,
                                      torch.tensor([0, n], device=self.device, dtype=torch.int32),
                                      torch.tensor([0, n], device=self.device, dtype=torch.int32), idx, idx))
+        carry = None
+        if not self.layout.is_first_stage:
+            carry = tuple(torch.zeros(n, self.shape.hidden_size, dtype=self.dtype, device=self.device) for _ in "hr")
         with torch.inference_mode():
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
-                                torch.arange(n, device=self.device), attn)
-            self.model.logits(hidden[-self.config.max_bs:])
+                                torch.arange(n, device=self.device), attn, carry)
+            if self.layout.is_last_stage:
+                self.model.logits(hidden[-self.config.max_bs:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
-        del pool, attn, hidden
+        del pool, attn, hidden, carry
         torch.cuda.empty_cache()
         return peak
 
     # ---- one step ----
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> StepResult:
-        if plan.new_rows:
-            self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
+    def launch(self, plan: StepPlan) -> StepResult | None:
+        """Runs this rank's part of one step. Returns the step's tokens on rank 0 (which reports them), None on
+        the other ranks."""
+        self._admit_rows(plan)
+        if self._token_waits:
+            self._land_tokens(plan)
         meta, rows, positions, row_of_token, seq_lens, keep = self._prepare(plan)
-        input_ids = self.req_tokens[row_of_token, positions].long()
-        if self.graphs is not None and self.graphs.can_run(meta):
-            logits = self.graphs.run(input_ids, positions, meta)
-        else:
-            self.attn.begin(meta)
-            hidden = self.model(input_ids, positions, self.attn)
-            logits = self.model.logits(hidden[meta.qo_indptr[1:].long() - 1])
+        input_ids = self.req_tokens[row_of_token, positions].long() if self.layout.is_first_stage else None
+        prompt = self._prompt_positions(plan, meta)
+        top_k = self._logprobs_width(plan, prompt)
+        logits, prompt_hidden = self._forward(meta, input_ids, positions, prompt)
+        lay = self.layout
+        prompt_rows = None
+        if prompt_hidden is not None:  # every rank of the last stage: the vocabulary projection is collective
+            prompt_rows = self._prompt_rows(prompt_hidden, prompt, top_k)
+        if lay.is_sampler:
+            packed = self._sample(plan, meta, logits, rows, seq_lens, keep, top_k)
+            if prompt_rows is not None:
+                packed = torch.cat([packed, prompt_rows])
+            if lay.world_size > 1:
+                self._broadcasts.append((parallel.broadcast_tokens(packed), packed))
+                while len(self._broadcasts) > MAX_PENDING_SENDS:
+                    self._broadcasts.popleft()[0].wait()
+            return self._copy_to_host(packed, top_k, len(plan.rows), None) if lay.rank == 0 else None
+        if not lay.receives_tokens:
+            return None
+        num_prompt_rows = len(prompt.pos) if prompt is not None else 0
+        packed = torch.empty(len(plan.rows) + num_prompt_rows, 1 if top_k is None else 2 + 2 * top_k,
+                             dtype=torch.float32, device=self.device)
+        work = parallel.broadcast_tokens(packed)
+        self._token_waits.append(_TokenWait(work, packed, plan.rows[plan.sample], keep, rows[keep], seq_lens[keep]))
+        return self._copy_to_host(packed, top_k, len(plan.rows), work) if lay.rank == 0 else None
+
+    def _sample(self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k) -> torch.Tensor:
+        """Samples every row's next token and packs it (with logprobs, where asked) for the host."""
         history = None
         if self.sampler.needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]
         sample = self.sampler(logits, plan.rows, rows, history, seq_lens)
         # Sampled tokens become the next position's input on the device, before the host sees them.
         self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
-        return self._copy_to_host(sample)
+        return pack_sample(sample, top_k)
+
+    def _logprobs_width(self, plan: StepPlan, prompt: "_PromptPositions | None") -> int | None:
+        """The k of the step's packed result: the most top logprobs any row (or prompt position) asked for;
+        None when nothing asked for logprobs. Every rank derives it from the plan alone."""
+        want = self.row_logprobs[plan.rows]
+        ks = [int(want.max())] if (want >= 0).any() else []
+        if prompt is not None:
+            ks.append(int(self.row_prompt_logprobs[prompt.rows].max()))
+        return max(ks) if ks else None
+
+    def _prompt_positions(self, plan: StepPlan, meta: AttentionMetadata) -> "_PromptPositions | None":
+        """The step's positions whose prompt logprobs were asked for, or None (nearly every step)."""
+        if not self.num_prompt_logprob_rows:
+            return None
+        ks = self.row_prompt_logprobs[plan.rows]
+        if not (ks >= 0).any():
+            return None
+        index, pos = prompt_logprob_positions(plan.starts, plan.lens, self.row_prompt_len[plan.rows], ks)
+        if not len(index):
+            return None
+        return _PromptPositions(plan.rows[index], pos, meta.qo_indptr_host[index] + pos - plan.starts[index])
+
+    def _prompt_rows(self, hidden: torch.Tensor, prompt: "_PromptPositions", top_k: int) -> torch.Tensor:
+        """[N, 2 + 2k]: the next prompt token, its logprob, the top k ids and logprobs, for each prompt position
+        in `hidden`; projected onto the vocabulary a chunk at a time, so a long prompt needs little memory."""
+        rows, pos = prompt.rows, prompt.pos
+        target = self.req_tokens[torch.from_numpy(rows).to(self.device), torch.from_numpy(pos + 1).to(self.device)]
+        out = torch.zeros(len(rows), 2 + 2 * top_k, dtype=torch.float32, device=self.device)
+        for a in range(0, len(rows), PROMPT_LOGITS_CHUNK):
+            b = min(a + PROMPT_LOGITS_CHUNK, len(rows))
+            lp = torch.log_softmax(self.model.logits(hidden[a:b]).float(), dim=-1)
+            t = target[a:b].long()
+            out[a:b, 0] = t
+            out[a:b, 1] = lp.gather(1, t[:, None]).squeeze(1)
+            if top_k:
+                values, ids = lp.topk(top_k, dim=-1)
+                out[a:b, 2 : 2 + top_k], out[a:b, 2 + top_k :] = ids, values
+        return out
+
+    def _admit_rows(self, plan: StepPlan) -> None:
+        if not plan.new_rows:
+            return
+        self.row_logprobs[plan.new_rows] = [-1 if p.logprobs is None else p.logprobs for p in plan.new_params]
+        self.row_prompt_logprobs[plan.new_rows] = [-1 if p.prompt_logprobs is None else p.prompt_logprobs
+                                                   for p in plan.new_params]
+        self.row_prompt_len[plan.new_rows] = plan.new_prompt_lens
+        # Rows keep their last request's value until reused; this count only lets most steps skip the lookup.
+        self.num_prompt_logprob_rows = int((self.row_prompt_logprobs >= 0).sum())
+        if self.sampler is not None:
+            self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
+
+    def _land_tokens(self, plan: StepPlan) -> None:
+        """A rank that receives tokens writes them into req_tokens before a step reads (or rewrites) their
+        rows: every broadcast up to the last one that touches this plan's rows, in order. Older ones are landed
+        too once too many are waiting (they have long finished by then)."""
+        touched = np.zeros(self.max_rows, dtype=bool)
+        touched[plan.rows] = True
+        touched[plan.token_rows] = True
+        last = max((i for i, w in enumerate(self._token_waits) if touched[w.rows_host].any()), default=-1)
+        last = max(last, len(self._token_waits) - MAX_TOKEN_WAITS - 1)
+        for _ in range(last + 1):
+            w = self._token_waits.popleft()
+            w.work.wait()
+            self.req_tokens[w.rows, w.pos] = w.buf[w.keep, 0].int()
+
+    def _forward(self, meta: AttentionMetadata, input_ids, positions, prompt: "_PromptPositions | None"):
+        """This stage's layers: from the previous stage's hidden states (or the embedding), to the next stage
+        (or, on the last stage, the logits of each sequence's last position and the hidden states of the
+        `prompt` positions, whose prompt logprobs were asked for). Returns (logits, prompt hidden)."""
+        lay = self.layout
+        carry = None
+        if not lay.is_first_stage:
+            T = int(meta.qo_indptr_host[-1])
+            carry = tuple(torch.empty(T, self.shape.hidden_size, dtype=self.dtype, device=self.device) for _ in "hr")
+            parallel.recv_from_prev_stage(list(carry))
+        prompt_hidden = None
+        if self.graphs is not None and self.graphs.can_run(meta) and prompt is None:
+            out = self.graphs.run(input_ids, positions, meta, carry)
+        else:
+            self.attn.begin(meta)
+            out = self.model(input_ids, positions, self.attn, carry)
+            if lay.is_last_stage:
+                if prompt is not None:
+                    prompt_hidden = out[torch.from_numpy(prompt.token_index).to(self.device)]
+                out = self.model.logits(out[meta.qo_indptr[1:].long() - 1])
+        if lay.is_last_stage:
+            return out, prompt_hidden
+        self._sends.append((parallel.send_to_next_stage(list(out)), out))
+        while self._sends and (len(self._sends) > MAX_PENDING_SENDS or all(w.is_completed() for w in self._sends[0][0])):
+            for w in self._sends.popleft()[0]:
+                w.wait()
+        return None, None
 
     def _prepare(self, plan: StepPlan):
         """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then
@@ -139,7 +360,7 @@ class ModelRunner:
         kv_lens = starts + lens
         qo_indptr = np.concatenate([[0], np.cumsum(lens)])
         kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)])
-        T, B = int(qo_indptr[-1]), len(lens)
+        T = int(qo_indptr[-1])
         row_of_token = np.repeat(plan.rows, lens)
         positions = np.arange(T) - np.repeat(qo_indptr[:-1], lens) + np.repeat(starts, lens)
         parts = [plan.slot_rows, plan.slot_pos, plan.slot_ids, plan.token_rows, plan.token_pos, plan.token_ids,
@@ -163,13 +384,15 @@ class ModelRunner:
                                  out_slots)
         return meta, rows, positions_d, row_of_token_d, seq_lens, keep
 
-    def _copy_to_host(self, sample: SampleResult) -> StepResult:
+    def _copy_to_host(self, packed: torch.Tensor, top_k: int | None, num_rows: int, work) -> StepResult:
         if self.copy_stream is None:
-            return StepResult(sample, sample.tokens, None)
-        host = torch.empty(sample.tokens.shape, dtype=sample.tokens.dtype, pin_memory=True)
+            return StepResult(packed, top_k, num_rows, None, work)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         done = torch.cuda.Event()
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            host.copy_(sample.tokens, non_blocking=True)
+            if work is not None:
+                work.wait()  # makes the copy stream, not the compute stream, wait for the broadcast
+            host.copy_(packed, non_blocking=True)
             done.record()
-        return StepResult(sample, host, done)
+        return StepResult(host, top_k, num_rows, done)

@@ -7,7 +7,11 @@ prefixes first and then the most recently admitted sequence is preempted (its KV
 later; nothing is lost).
 
 The scheduler runs ahead of the device (overlap): a sequence whose last sampled token is still on the device
-carries it as a placeholder (`num_pending`), so it is scheduled exactly once per step and never twice."""
+carries it as a placeholder (`num_pending`), so it is scheduled exactly once per step and never twice.
+
+Under pipeline parallelism with p stages the running sequences form p micro-batch groups, and step k serves
+group k mod p only: a sequence's next step then comes p steps after its last, by when the last stage has
+sampled its token, so every stage has a different micro-batch to work on."""
 
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ _DEFER = -1  # _admit: skip this request for now, try the next
 
 class Scheduler:
     def __init__(self, num_slots: int, max_rows: int, context_len: int, max_bs: int,
-                 max_batched_tokens: int, use_radix_cache: bool):
+                 max_batched_tokens: int, use_radix_cache: bool, num_groups: int = 1):
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator.free) if use_radix_cache else None
         # A sequence may grow to the context length, or to the whole pool if that is smaller: then a lone
@@ -71,6 +75,8 @@ class Scheduler:
         self.max_seq_len = min(context_len, self.allocator.capacity)
         self.max_bs = max_bs
         self.max_batched_tokens = max_batched_tokens
+        self.num_groups = num_groups
+        self.group = 0  # the micro-batch group the next step serves
         self.req_to_slot = np.zeros((max_rows, context_len + 1), dtype=np.int32)  # host mirror of the device table
         self.free_rows = list(range(max_rows - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
@@ -104,13 +110,14 @@ class Scheduler:
 
     # ---- one step ----
     def schedule(self) -> Batch | None:
+        group, self.group = self.group, (self.group + 1) % self.num_groups
         budget, chosen, spans = self.max_batched_tokens, [], []
         writes, self._unsent = self._unsent or _Writes(), None
         if self.cache is not None:
             for seq in self.running:
                 if seq.num_cached < min(seq.num_computed, len(seq.token_ids), seq.num_prompt):
                     self._cache_prompt_prefix(seq, writes)
-        decodes = self._decodes()[: min(budget, self.max_bs)]
+        decodes = self._decodes(group)[: min(budget, self.max_bs)]
         slots = self._alloc(len(decodes))
         if slots is not None:  # the common case: one allocation and one table write for every decode
             rows = np.array([s.row for s in decodes], dtype=np.int32)
@@ -132,7 +139,7 @@ class Scheduler:
             budget -= 1
         num_decodes = len(chosen)
         placed = {id(s) for s in chosen}
-        for seq in [s for s in self.running if s.in_prefill and id(s) not in placed]:
+        for seq in [s for s in self.running if s.in_prefill and s.group == group and id(s) not in placed]:
             if budget == 0 or len(chosen) == self.max_bs:
                 break
             n = min(len(seq.token_ids) - seq.num_computed, budget)
@@ -142,9 +149,10 @@ class Scheduler:
             spans.append(n)
             budget -= n
         for seq in list(self.waiting):
-            if budget == 0 or len(chosen) == self.max_bs or not self.free_rows or len(self.running) >= self.max_bs:
+            if (budget == 0 or len(chosen) == self.max_bs or not self.free_rows
+                    or len(self.running) >= self.max_bs * self.num_groups):
                 break
-            n = self._admit(seq, budget, writes, chosen)
+            n = self._admit(seq, budget, writes, chosen, group)
             if n == 0:
                 break
             if n == _DEFER:
@@ -160,11 +168,11 @@ class Scheduler:
         plan.num_decodes = num_decodes
         return Batch(chosen, plan)
 
-    def _decodes(self) -> list[Sequence]:
-        """Running sequences past their prompt that still need tokens (one that will surely end by length
-        when its pending tokens arrive is not run again)."""
-        return [s for s in self.running
-                if not s.in_prefill and s.num_output < s.params.max_tokens and s.length < self.max_seq_len]
+    def _decodes(self, group: int) -> list[Sequence]:
+        """The group's running sequences past their prompt that still need tokens (one that will surely end by
+        length when its pending tokens arrive is not run again)."""
+        return [s for s in self.running if s.group == group and not s.in_prefill
+                and s.num_output < s.params.max_tokens and s.length < self.max_seq_len]
 
     def _place(self, seq: Sequence, n: int, writes: "_Writes", chosen: list, preempt: bool = True) -> bool:
         """Gives `seq` slots for its next n positions, evicting cache and preempting later sequences as
@@ -182,13 +190,15 @@ class Scheduler:
         seq.num_computed += n
         return True
 
-    def _admit(self, seq: Sequence, budget: int, writes: "_Writes", chosen: list) -> int:
+    def _admit(self, seq: Sequence, budget: int, writes: "_Writes", chosen: list, group: int) -> int:
         """Places a waiting sequence: a row, its cached prefix, and slots for its first chunk. Returns the
         chunk length; 0 if it must wait (and so must everything behind it); _DEFER if only it should wait."""
         if seq.num_pending:
             return 0  # preempted while a token was in flight: it rejoins once that token is known
         cached, node = np.empty(0, dtype=np.int32), None
-        if self.cache is not None:
+        if self.cache is not None and seq.params.prompt_logprobs is not None:
+            node = self.cache.root  # cached positions have no logits: such a request computes its whole prompt
+        elif self.cache is not None:
             cached, node = self.cache.match_prefix(seq.token_ids[:-1])
             if self._prefix_in_progress(seq, len(cached)):
                 return _DEFER
@@ -202,7 +212,7 @@ class Scheduler:
                 self.cache.unlock(node)
             return 0
         self.allocator.free(slots[n:])
-        seq.row = self.free_rows.pop()
+        seq.row, seq.group = self.free_rows.pop(), group
         seq.num_cached = seq.num_computed = len(cached)
         seq.cache_node = node
         if self.cache is not None:

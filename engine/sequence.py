@@ -25,11 +25,14 @@ class Sequence:
         self.arrival = time.monotonic()
         # Placement, set while it holds a request row and KV slots:
         self.row: int | None = None
+        self.group = 0  # micro-batch group under pipeline parallelism
         self.num_computed = 0  # positions whose KV is computed or scheduled to be
         self.num_cached = 0  # leading positions whose slots belong to the radix cache (locked)
         self.cache_node = None
         # Overlap: tokens sampled on the device that the host has not read yet.
         self.num_pending = 0
+        # With params.prompt_logprobs: (logprob, top [(id, logprob)]) of prompt tokens 1, 2, ... as computed
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
 
     @property
     def length(self) -> int:

@@ -1,9 +1,14 @@
 """The engine process of `ringllm serve`: one Engine fed by the app workers' request rings, answering on
-their output rings. Each step's tokens go back as one StepOutput frame per app worker."""
+their output rings. Each step's tokens go back as one StepOutput frame per app worker.
+
+SIGTERM drains: new requests are refused with 503 while the running ones finish; the process exits once none
+is left, or when the shutdown timeout runs out."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import time
 
 import msgspec
@@ -22,8 +27,10 @@ IDLE_SLEEP_SECONDS = 5e-4
 
 
 class EngineServer:
-    def __init__(self, config: EngineConfig, num_workers: int):
+    def __init__(self, config: EngineConfig, num_workers: int, shutdown_timeout: float = 30.0):
         self.engine = Engine(config)
+        self.shutdown_timeout = shutdown_timeout
+        self.drain_deadline: float | None = None  # set by SIGTERM
         pid = os.getpid()
         self.pairs = [RingPair(pid, i) for i in range(num_workers)]
         create_claim_counter(pid)
@@ -32,9 +39,25 @@ class EngineServer:
         self.failed: list[tuple[int, m.RequestFailed]] = []
         self.running = True
 
+    def drain(self, *_signal_args) -> None:
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.shutdown_timeout
+            log.info("draining: new requests are refused", running=len(self.engine.seqs),
+                     timeout_s=self.shutdown_timeout)
+
+    def _drained(self) -> bool:
+        """Draining, and nothing left to finish (or no time left to finish it in)."""
+        if self.drain_deadline is None:
+            return False
+        if self.engine.has_work and time.monotonic() < self.drain_deadline:
+            return False
+        log.info("drained" if not self.engine.has_work else "shutdown timeout: stopping with requests left",
+                 left=len(self.engine.seqs))
+        return True
+
     def serve_forever(self) -> None:
         idle_since = None
-        while self.running:
+        while self.running and not self._drained():
             got = sum(pair.requests.poll(lambda view, i=i: self._on_message(i, view)) for i, pair in enumerate(self.pairs))
             if self.engine.has_work:
                 self._route(self.engine.step())
@@ -48,6 +71,9 @@ class EngineServer:
     def _on_message(self, worker: int, view) -> None:
         msg = m.decode_to_engine(view)
         if isinstance(msg, m.Generate):
+            if self.drain_deadline is not None:
+                self.failed.append((worker, m.RequestFailed(msg.rid, "the server is shutting down", 503)))
+                return
             try:
                 # The wire struct carries SamplingParams' fields less `stop` (stop strings are matched on text,
                 # in the app worker).
@@ -77,8 +103,11 @@ class EngineServer:
             ids = m.pack_ids([out.token_id]) if out.token_id is not None else b""
             lp = [out.logprob] if out.logprob is not None else None
             top = [out.top_logprobs] if out.top_logprobs is not None else None
-            self.pending.setdefault(worker, []).append(
-                m.TokenDelta(out.rid, ids, out.finish_reason, lp, out.num_prompt_tokens, out.num_cached_tokens, top))
+            delta = m.TokenDelta(out.rid, ids, out.finish_reason, lp, out.num_prompt_tokens, out.num_cached_tokens, top)
+            if out.prompt_logprobs is not None:
+                delta.prompt_logprobs = [p_lp for p_lp, _ in out.prompt_logprobs]
+                delta.prompt_top_logprobs = [p_top for _, p_top in out.prompt_logprobs]
+            self.pending.setdefault(worker, []).append(delta)
             if out.finish_reason:
                 del self.owner[out.rid]
 
@@ -92,16 +121,18 @@ class EngineServer:
         self.pending.clear()
 
 
-def run_engine_process(config: EngineConfig, num_workers: int, ready) -> None:
+def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_timeout: float = 30.0) -> None:
     """Target of the engine process: puts a dict describing the model on the `ready` queue once the rings
     exist and the model is loaded (or {"error": ...} if it could not start)."""
     configure_logging(config.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack
     removed = remove_stale_segments()
     if removed:
         log.info("removed stale ring segments", count=len(removed))
+    server = None
     try:
         try:
-            server = EngineServer(config, num_workers)
+            server = EngineServer(config, num_workers, shutdown_timeout)
         except (ValueError, OSError) as e:
             ready.put({"error": str(e)})
             raise SystemExit(2)
@@ -109,9 +140,12 @@ def run_engine_process(config: EngineConfig, num_workers: int, ready) -> None:
                    "max_seq_len": server.engine.max_seq_len, "vocab_size": server.engine.vocab_size,
                    "kv_slots": server.engine.scheduler.allocator.capacity})
         log.info("engine ready", workers=num_workers, kv_slots=server.engine.scheduler.allocator.capacity)
+        signal.signal(signal.SIGTERM, server.drain)
         server.serve_forever()
     except RingError as e:
         log.error("engine stopped: an app worker's ring failed", error=str(e))
         raise SystemExit(1)
     finally:
+        if server is not None:
+            server.engine.close()
         cleanup()

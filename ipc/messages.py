@@ -32,6 +32,7 @@ class Sampling(msgspec.Struct, omit_defaults=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 # ---- app -> engine ----
@@ -58,6 +59,9 @@ class TokenDelta(msgspec.Struct, array_like=True):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) of the top k
+    # With the first token of a request that asked for them: prompt tokens 1.. given those before, and top k
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class StepOutput(msgspec.Struct, tag="out"):

@@ -32,12 +32,14 @@ HEADER = 128
 READER_STRIDE = 64
 _fence_lock = threading.Lock()
 _U32 = struct.Struct("<I")
+_pack_u32, _unpack_u32 = _U32.pack_into, _U32.unpack_from
+_acquire, _release = _fence_lock.acquire, _fence_lock.release
 
 
 def fence() -> None:
     """A full memory barrier: acquiring and releasing a lock is one on every platform CPython runs on."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    _acquire()
+    _release()
 
 
 class RingError(RuntimeError):
@@ -137,6 +139,7 @@ class RingWriter:
         self._head = self.seg.words[_Segment.HEAD]
         self._free = 0  # space known to be free; refreshed from the readers' tails only when it runs out
         self._sleep_flags = [_Segment.tail_index(i) + 1 for i in range(self.seg.num_readers)]
+        self._single_flag = self._sleep_flags[0] if len(self._sleep_flags) == 1 else 0
         self._words, self._map, self._base = self.seg.words, self.seg.map, self.seg.data_start
         self._cap = self.seg.capacity
 
@@ -149,17 +152,28 @@ class RingWriter:
         n = len(payload)
         if n <= self.max_fragment:  # the common case, inlined: one frame, no wrap, room known to be free
             need = (n + 11) & ~7
-            pos = self._head & (self._cap - 1)
+            head = self._head
+            pos = head & (self._cap - 1)
             if self._cap - pos >= need and self._free >= need:
                 at = self._base + pos
-                _U32.pack_into(self._map, at, n)
-                self._map[at + 4 : at + 4 + n] = payload
-                self._head += need
+                m = self._map
+                _pack_u32(m, at, n)
+                m[at + 4 : at + 4 + n] = payload
+                self._head = head = head + need
                 self._free -= need
-                fence()
-                self._words[0] = self._head
-            else:
-                self._put(payload, 0)
+                _acquire()  # fence: the frame's bytes before the head that publishes them
+                _release()
+                words = self._words
+                words[0] = head
+                _acquire()  # fence: the head store before the sleeping flags are read
+                _release()
+                if self._single_flag:
+                    if words[self._single_flag]:
+                        self.seg.sems[0].release()
+                else:
+                    self._wake_sleeping(words)
+                return
+            self._put(payload, 0)
             self._wake_readers()
             return
         view = memoryview(payload).cast("B")
@@ -227,7 +241,9 @@ class RingWriter:
 
     def _wake_readers(self) -> None:
         fence()  # the head store above must be visible before the flags are read
-        w = self._words
+        self._wake_sleeping(self._words)
+
+    def _wake_sleeping(self, w) -> None:
         for i, flag in enumerate(self._sleep_flags):
             if w[flag]:  # that reader said it sleeps
                 self.seg.sems[i].release()
@@ -264,39 +280,47 @@ class RingReader:
         if head == self._tail:
             return 0
         fence()
-        count, raw, base = 0, seg.map, seg.data_start
-        while self._tail < head and count < limit:
-            pos = self._tail & (cap - 1)
-            if cap - pos < 4:
-                self._tail += cap - pos
-                continue
-            word = _U32.unpack_from(raw, base + pos)[0]
-            if word == WRAP:
-                self._tail += cap - pos
-                continue
-            n, more = word & ~MORE, bool(word & MORE)
-            need = (n + 11) & ~7
-            if pos + need > cap or self._tail + need > head:
-                raise RingCorrupted(f"ring {self.name}: frame of {n} bytes at offset {pos} overruns the data "
-                                    f"(capacity {cap}, {head - self._tail} bytes published)")
-            body = seg.data[pos + 4 : pos + 4 + n]
-            if more or self._partial is not None:
-                if self._partial is None:
-                    self._partial = bytearray()
-                self._partial += body
-                if not more:
-                    handle(memoryview(self._partial))
-                    self._partial = None
+        count, raw, base, data, mask = 0, seg.map, seg.data_start, seg.data, cap - 1
+        tail = self._tail
+        try:
+            while tail < head and count < limit:
+                pos = tail & mask
+                if cap - pos < 4:
+                    tail += cap - pos
+                    continue
+                word = _unpack_u32(raw, base + pos)[0]
+                if word == WRAP:
+                    tail += cap - pos
+                    continue
+                n = word & ~MORE
+                need = (n + 11) & ~7
+                if pos + need > cap or tail + need > head:
+                    raise RingCorrupted(f"ring {self.name}: frame of {n} bytes at offset {pos} overruns the data "
+                                        f"(capacity {cap}, {head - tail} bytes published)")
+                if word & MORE or self._partial is not None:
+                    count += self._add_fragment(data[pos + 4 : pos + 4 + n], word & MORE, handle)
+                else:
+                    handle(data[pos + 4 : pos + 4 + n])
                     count += 1
-            else:
-                handle(body)
-                count += 1
-            self._tail += need
+                tail += need
+        finally:  # a handler that raises still consumes the frames before it
+            self._tail = tail
         fence()
-        seg.words[self._ti] = self._tail
+        seg.words[self._ti] = tail
         if count and seg.words[_Segment.WRITER_WAITING]:
             seg.space.release()
         return count
+
+    def _add_fragment(self, body: memoryview, more: int, handle) -> int:
+        """Appends one fragment of a split message; hands the message over once its last one arrives."""
+        if self._partial is None:
+            self._partial = bytearray()
+        self._partial += body
+        if more:
+            return 0
+        message, self._partial = self._partial, None
+        handle(memoryview(message))
+        return 1
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until data is available: spins for `spin_seconds`, then sleeps on the semaphore. Returns

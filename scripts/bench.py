@@ -9,19 +9,22 @@ Workloads:
   latency  batch 1, 128-token prompt, 512 output tokens, greedy: ms per output token and TTFT.
   prefix   256 requests over 8 system prompts of 2,048 tokens plus a 64-token unique suffix, 128 output tokens,
            radix cache on vs off: throughput and prompt tokens computed.
-The nano run also prints its roofline floor: KV bytes read plus weight bytes per step over the measured
-device copy bandwidth."""
+The nano run also prints its roofline floor (one GPU only): KV bytes read plus weight bytes per step over the
+measured device copy bandwidth. --tp-size / --pp-size run the same workloads on several GPUs."""
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -53,12 +56,14 @@ def run(engine: Engine, prompts, params, tag: str):
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add_request(f"{tag}{i}", p, sp)
     steps, tokens = 0, 0
-    while engine.has_work:
-        for out in engine.step():
-            if out.token_id is not None:
-                tokens += 1
-                first.setdefault(out.rid, time.perf_counter() - t0)
-        steps += 1
+    with tqdm(total=len(prompts), desc=f"{tag} requests", unit="req", disable=not sys.stderr.isatty()) as bar:
+        while engine.has_work:
+            for out in engine.step():
+                if out.token_id is not None:
+                    tokens += 1
+                    first.setdefault(out.rid, time.perf_counter() - t0)
+                bar.update(out.finish_reason is not None)
+            steps += 1
     sync()
     return time.perf_counter() - t0, tokens, steps, first
 
@@ -186,6 +191,7 @@ def prefix(engine: Engine) -> dict:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a stuck run is
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory")
     ap.add_argument("--shape", type=Path, help="config.json of a real model: build a random checkpoint of it")
@@ -195,6 +201,8 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=4096)
     ap.add_argument("--disable-overlap-schedule", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--pp-size", type=int, default=1)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--json", type=Path, help="write results here")
     ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the table here")
@@ -210,12 +218,13 @@ def main() -> None:
         model = str(out)
     base = dict(model=model, max_bs=a.max_bs, max_num_batched_tokens=a.max_num_batched_tokens,
                 context_len=a.context_len, disable_overlap_schedule=a.disable_overlap_schedule,
-                enforce_eager=a.enforce_eager, attention_backend=a.attention_backend)
-    results = []
+                enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, tp_size=a.tp_size,
+                pp_size=a.pp_size)
+    results = Results(a.json, {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name})
     engine = Engine(EngineConfig(**base))
     todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
     if "nano" in todo:
-        results.append(nano(engine, copy_bandwidth()))
+        results.append(nano(engine, copy_bandwidth() if a.tp_size * a.pp_size == 1 else float("nan")))
     if a.profile_dir:
         a.profile_dir.mkdir(parents=True, exist_ok=True)
         profile_decode(engine, a.profile_dir)
@@ -223,21 +232,42 @@ def main() -> None:
         results.append(latency(engine))
     if "prefix" in todo:
         results.append(prefix(engine))
+        engine.close()
         del engine
         import gc
 
         gc.collect()  # the timers' wrappers form cycles with the engine
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        results.append(prefix(Engine(EngineConfig(**base, disable_radix_cache=True))))
-    config = {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name}
-    print(f"\nconfig: {json.dumps(config)}")
-    print(f"{'workload':<10} {'seconds':>8} {'out tok':>8} {'tok/s':>9}  details")
-    for r in results:
+        engine = Engine(EngineConfig(**base, disable_radix_cache=True))
+        results.append(prefix(engine))
+    engine.close()
+    results.table()
+
+
+class Results:
+    """Each result is printed and written to the JSON file as soon as it is measured, so a run that fails
+    later keeps what it measured; the table of all of them comes last."""
+
+    def __init__(self, path: Path | None, config: dict):
+        self.path, self.config, self.rows = path, config, []
+        print(f"config: {json.dumps(config)}")
+
+    def append(self, r: dict) -> None:
+        self.rows.append(r)
+        print(self._line(r), flush=True)
+        if self.path:
+            self.path.write_text(json.dumps({"config": self.config, "results": self.rows}, indent=2))
+
+    @staticmethod
+    def _line(r: dict) -> str:
         detail = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                   if k not in ("workload", "seconds", "output_tokens", "tok_per_s")}
-        print(f"{r['workload']:<10} {r['seconds']:>8.2f} {r['output_tokens']:>8} {r.get('tok_per_s', 0):>9.0f}  {detail}")
-    if a.json:
-        a.json.write_text(json.dumps({"config": config, "results": results}, indent=2))
+        return f"{r['workload']:<10} {r['seconds']:>8.2f} {r['output_tokens']:>8} {r.get('tok_per_s', 0):>9.0f}  {detail}"
+
+    def table(self) -> None:
+        print(f"\n{'workload':<10} {'seconds':>8} {'out tok':>8} {'tok/s':>9}  details")
+        for r in self.rows:
+            print(self._line(r))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
+import faulthandler
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("RINGLLM_NO_PROGRESS", "1")
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: the stacks of a hung test run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 import torch
 
 FAMILIES = {
@@ -69,3 +77,75 @@ def run_engine(engine, prompts: list[list[int]], params, rid_prefix: str = "r") 
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+# ---- `ringllm serve` on loopback ----
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Starts `ringllm serve` on the demo model on a free loopback port; returns once /health answers 200."""
+    port = free_port()
+    env = dict(os.environ, RINGLLM_CACHE=str(cache_dir), **(env or {}))
+    log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        assert proc.poll() is None, open(log.name, "rb").read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def metric(server, name, headers=None):
+    text = httpx.get(server + "/metrics", timeout=5, headers=headers).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def wait_for_metric(server, name, value, seconds=10.0, headers=None) -> float:
+    """Polls /metrics until `name` reads `value` or `seconds` pass; returns the last reading."""
+    deadline = time.monotonic() + seconds
+    while (got := metric(server, name, headers)) != value and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return got
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out

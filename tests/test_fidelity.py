@@ -52,3 +52,48 @@ def test_greedy_matches_transformers(family, mode):
         assert stats["preemptions"] > 0
     assert stats["running"] == stats["waiting"] == 0
     assert stats["kv_slots_used_by_requests"] == 0  # every slot is free or owned by the cache
+
+
+def _hf_prompt_logprobs(path, prompts, k):
+    """For each prompt: (logprob of token p+1 given tokens 0..p, top-k ids) at every p, from transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), dim=-1)
+        out.append([(lp[i, p[i + 1]].item(), lp[i].topk(k).indices.tolist()) for i in range(len(p) - 1)])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["plain", "chunked", "preempt-no-overlap"])
+def test_prompt_logprobs_match_transformers(family, mode):
+    """Every prompt token's logprob given those before it, with the top 3, even when the prompt is cached
+    (it is computed again), split into chunks, or recomputed after preemption."""
+    path, prompts, expected = family
+    reference = _hf_prompt_logprobs(path, prompts, 3)
+    engine = Engine(EngineConfig(model=str(path), device="cpu", max_bs=8, seed=0, **MODES[mode]))
+    run_engine(engine, prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "warm")
+    preemptions = engine.stats()["preemptions"]
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, params)
+    got, tokens = {}, {f"p{i}": [] for i in range(len(prompts))}
+    while engine.has_work:
+        for o in engine.step():
+            tokens[o.rid].append(o.token_id)
+            if o.prompt_logprobs is not None:
+                assert o.rid not in got  # once, with the first token
+                got[o.rid] = o.prompt_logprobs
+    assert [tokens[f"p{i}"] for i in range(len(prompts))] == expected
+    for i, ref in enumerate(reference):
+        mine = got[f"p{i}"]
+        assert len(mine) == len(ref) == len(prompts[i]) - 1
+        for (lp, top), (ref_lp, ref_top) in zip(mine, ref):
+            assert abs(lp - ref_lp) < 1e-4
+            assert [t for t, _ in top] == ref_top
+            assert top[0][1] >= lp - 1e-5 and len(top) == 3
+    if "preempt" in mode:
+        assert engine.stats()["preemptions"] > preemptions  # some prompts were computed twice

@@ -125,13 +125,6 @@ def test_stop_matcher_across_pieces():
     assert m.feed("ST") == "" and m.feed("ep") == "STep" and not m.stopped
 
 
-def test_parallel_sizes_not_built_yet_are_refused(demo_path):
-    from engine.engine import Engine
-
-    with pytest.raises(ValueError, match="not built yet"):
-        Engine(EngineConfig(model=str(demo_path), device="cpu", tp_size=2))
-
-
 def test_engine_config_rejects_bad_values():
     with pytest.raises(ValueError):
         EngineConfig(max_bs=0)

@@ -1,62 +1,22 @@
 """`ringllm serve` on the demo model, driven by the official openai client over loopback."""
 
 import concurrent.futures
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from ipc.lifecycle import leftover_segments
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cache_dir, *args) -> tuple[subprocess.Popen, str]:
-    """Starts `ringllm serve` on the demo model on a free loopback port; returns once /health answers 200."""
-    port = _free_port()
-    env = dict(os.environ, RINGLLM_CACHE=str(cache_dir))
-    log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        assert proc.poll() is None, open(log.name, "rb").read().decode()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("server did not start")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+from tests.helpers import metric, start_server, stop_server, wait_for_metric
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    proc, base = _start(cache, "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
+    proc, base = start_server(cache, "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
                         "--served-model-name", "demo", "--profile-dir", str(cache / "profiles"))
     yield base
-    _stop(proc)
+    stop_server(proc)
 
 
 @pytest.fixture
@@ -134,27 +94,13 @@ def test_two_workers_serve_concurrent_requests(client):
 
 def test_segments_removed_after_shutdown(tmp_path):
     before = set(leftover_segments())
-    proc, _ = _start(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64")
+    proc, _ = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64")
     engine_segments = set(leftover_segments()) - before
     assert any("req0" in s for s in engine_segments)
-    _stop(proc)
+    stop_server(proc)
     assert proc.returncode == 0
     time.sleep(1)
     assert not engine_segments & set(leftover_segments())
-
-
-def _metric(server, name):
-    text = httpx.get(server + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def _wait_for_metric(server, name, value, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while _metric(server, name) != value and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def test_metrics_and_disconnect_frees_slots(server):
@@ -163,9 +109,9 @@ def test_metrics_and_disconnect_frees_slots(server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break  # disconnect mid-stream
-    _wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 5)
-    assert _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
-    assert _metric(server, "ringllm_num_requests_running") == 0
+    wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 5)
+    assert metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
+    assert metric(server, "ringllm_num_requests_running") == 0
     text = httpx.get(server + "/metrics").text
     assert "ringllm_time_to_first_token_seconds_bucket" in text and "ringllm_generation_tokens_total" in text
 
@@ -177,7 +123,7 @@ def test_tokenize_round_trip(server):
 
 
 def test_api_key(tmp_path):
-    proc, base = _start(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", "s3cret")
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", "s3cret")
     try:
         body = {"prompt": "x", "max_tokens": 2}
         assert httpx.post(base + "/v1/completions", json=body).status_code == 401
@@ -186,7 +132,7 @@ def test_api_key(tmp_path):
         ok = httpx.post(base + "/v1/completions", json=body, headers={"authorization": "Bearer s3cret"})
         assert ok.status_code == 200
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_n_and_lists_of_prompts(client):
@@ -215,45 +161,17 @@ def test_logprobs(client):
 
 
 def test_non_streaming_disconnect_aborts(server):
-    generated = _metric(server, "ringllm_generation_tokens_total")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server + "/v1/completions", json={"prompt": "slow", "max_tokens": 240, "ignore_eos": True},
-                   timeout=0.5)
-    _wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 10)
-    assert _metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
-    assert _metric(server, "ringllm_num_requests_running") == 0
-    assert _metric(server, "ringllm_generation_tokens_total") - generated < 240  # stopped early, not run out
+    generated = metric(server, "ringllm_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):  # 8 x 240 tokens take well over the 0.25 s the client waits
+        httpx.post(server + "/v1/completions", json={"prompt": "slow", "max_tokens": 240, "ignore_eos": True, "n": 8},
+                   timeout=0.25)
+    wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 10)
+    assert metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
+    assert metric(server, "ringllm_num_requests_running") == 0
+    assert metric(server, "ringllm_generation_tokens_total") - generated < 8 * 240  # stopped early, not run out
 
 
 def test_profile_control(server):
     assert httpx.post(server + "/start_profile", timeout=10).json() == {"profiling": True}
     httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
     assert httpx.post(server + "/stop_profile", timeout=30).json() == {"profiling": False}
-
-
-def test_engine_killed_health_503_streams_end_server_exits_nonzero(tmp_path):
-    before = set(leftover_segments())
-    proc, base = _start(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "256")
-    engine_pid = int(next(s for s in set(leftover_segments()) - before if s.endswith("req0")).split("-")[1])
-    events, killed = [], False
-    with httpx.stream("POST", base + "/v1/completions", timeout=30,
-                      json={"prompt": "x", "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line)
-            if len(events) == 3 and not killed:
-                killed = True
-                os.kill(engine_pid, signal.SIGKILL)
-                t0 = time.monotonic()
-                while time.monotonic() - t0 < 3:
-                    try:
-                        if httpx.get(base + "/health", timeout=1).status_code == 503:
-                            break
-                    except httpx.HTTPError:
-                        break  # already shutting down
-                    time.sleep(0.05)
-                assert time.monotonic() - t0 < 1.5
-    assert killed and any('"error"' in e for e in events)  # the stream ended with an error event
-    assert proc.wait(30) != 0
-    time.sleep(1)
-    assert not (set(leftover_segments()) - before)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.models.layers import DecoderLayer, RMSNorm, Rotary
+from engine import parallel
+from engine.models.layers import DecoderLayer, RMSNorm, Rotary, VocabParallelEmbedding
+from engine.parallel import Layout
 
 
 @dataclass
@@ -62,29 +64,44 @@ class ModelShape:
 
 
 class DecoderForCausalLM(nn.Module):
-    """Embedding, N decoder layers, final norm, LM head. `forward` returns hidden states; `logits` maps the
-    rows the sampler needs, so prefill never projects every prompt position onto the vocabulary."""
+    """Embedding, N decoder layers, final norm, LM head. Under pipeline parallelism a stage holds only its own
+    layers (and the embedding on the first stage, the norm and head on the last): `forward` takes the previous
+    stage's (hidden, residual) as `carry` and returns them for the next stage, or, on the last stage, the normed
+    hidden states. `logits` maps the rows the sampler needs, so prefill never projects every prompt position
+    onto the vocabulary."""
 
-    def __init__(self, shape: ModelShape, max_positions: int):
+    def __init__(self, shape: ModelShape, max_positions: int, layout: Layout | None = None):
         super().__init__()
+        lay = layout or Layout()
+        lay.check_heads(shape.num_heads, shape.num_kv_heads)
+        if shape.intermediate_size % lay.tp_size:
+            raise ValueError(f"tp_size {lay.tp_size} must divide the MLP width {shape.intermediate_size}")
         shape.rotary = Rotary(shape.head_dim, max_positions, shape.rope)
-        self.shape = shape
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(i, shape) for i in range(shape.num_layers))
-        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.shape, self.layout = shape, lay
+        self.layer_range = lay.layer_range(shape.num_layers)
+        first, last = lay.is_first_stage, lay.is_last_stage
+        needs_embedding = first or (last and shape.tie_word_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, lay) if needs_embedding else None
+        self.layers = nn.ModuleList(DecoderLayer(i, shape, lay) for i in range(len(self.layer_range)))
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps) if last else None
         self.rotary = shape.rotary
-        self.lm_head = None if shape.tie_word_embeddings else nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = None
+        if last and not shape.tie_word_embeddings:
+            self.lm_head = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, lay)  # used as a matrix
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, carry=None):
+        x, residual = (self.embed_tokens(input_ids), None) if carry is None else carry
         for layer in self.layers:
             x, residual = layer(x, residual, positions, attn)
+        if self.norm is None:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        local = torch.nn.functional.linear(hidden, head.weight)
+        return parallel.tp_all_gather(local)[:, : self.shape.vocab_size]
 
     # Checkpoint parameter name -> (our parameter, part index in a merged linear or None).
     _MERGED = {
@@ -92,23 +109,38 @@ class DecoderForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> bool:
-        """Copies one checkpoint tensor into place; False for names this model does not use."""
+    def load_weight(self, name: str, tensor) -> bool:
+        """Copies this rank's part of one checkpoint tensor into place; False for names it does not hold.
+        `tensor` may be a safetensors slice: only the indexed shard is read from disk."""
         if name.startswith("model."):
             name = name[len("model."):]
-        if name == "lm_head.weight" and self.lm_head is None:
-            return False  # tied: the embedding is the head
         if "rotary_emb" in name:
             return False
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            module = self.embed_tokens if name == "embed_tokens.weight" else self.lm_head
+            if module is None:
+                return False  # another stage's, or tied: the embedding is the head
+            module.load(tensor)
+            return True
         parts = name.split(".")
+        if parts[0] == "layers":
+            layer = int(parts[1])
+            if layer not in self.layer_range:
+                return False
+            parts[1] = str(layer - self.layer_range.start)
+        elif parts[0] == "norm" and self.norm is None:
+            return False
         for i, p in enumerate(parts):
             if p in self._MERGED:
                 merged, index = self._MERGED[p]
-                module = self.get_submodule(".".join(parts[:i] + [merged]))
-                module.load_part(parts[-1], index, tensor)
+                self.get_submodule(".".join(parts[:i] + [merged])).load_part(parts[-1], index, tensor)
                 return True
-        param = self.get_parameter(name)
-        if param.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        param.data.copy_(tensor)
+            if p in ("o_proj", "down_proj"):
+                self.get_submodule(".".join(parts[: i + 1])).load(tensor)
+                return True
+        param = self.get_parameter(".".join(parts))
+        full = tensor[:]
+        if param.shape != full.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(full.shape)}, expected {tuple(param.shape)}")
+        param.data.copy_(full)
         return True

@@ -1,6 +1,7 @@
 """Layers shared by every model family: embedding, merged linears, RMSNorm, rotary, SiLU-and-mul, attention,
 and the decoder block they make up. Numerics follow Hugging Face's reference implementations so that greedy
-tokens match in float32."""
+tokens match in float32. Linears and the embedding are tensor-parallel (Megatron style: column-parallel in,
+row-parallel out, one all-reduce per block); with tp = 1 they are plain layers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import kernels
+from engine import kernels, parallel
+from engine.parallel import Layout
 
 
 class RMSNorm(nn.Module):
@@ -35,22 +37,66 @@ class RMSNorm(nn.Module):
 
 
 class MergedLinear(nn.Module):
-    """One matmul for several projections stored side by side (q|k|v or gate|up). Checkpoints store the parts
-    separately; `load_part` copies one part into its rows."""
+    """One matmul for several projections stored side by side (q|k|v or gate|up), column-parallel: each part
+    keeps only this tensor rank's rows. Checkpoints store the parts separately; `load_part` reads one part's
+    shard (from `part_offsets`, a row offset into the checkpoint tensor) into its rows."""
 
-    def __init__(self, in_features: int, part_sizes: list[int], bias: bool):
+    def __init__(self, in_features: int, part_sizes: list[int], part_offsets: list[int], bias: bool):
         super().__init__()
-        self.part_sizes = part_sizes
+        self.part_sizes, self.part_offsets = part_sizes, part_offsets
         self.weight = nn.Parameter(torch.empty(sum(part_sizes), in_features))
         self.bias = nn.Parameter(torch.zeros(sum(part_sizes))) if bias else None
 
-    def load_part(self, name: str, index: int, tensor: torch.Tensor) -> None:
+    def load_part(self, name: str, index: int, tensor) -> None:
         param = self.weight if name == "weight" else self.bias
-        start = sum(self.part_sizes[:index])
-        param.data[start : start + self.part_sizes[index]].copy_(tensor)
+        start, size, off = sum(self.part_sizes[:index]), self.part_sizes[index], self.part_offsets[index]
+        param.data[start : start + size].copy_(tensor[off : off + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across tensor ranks: each rank multiplies its slice of x and the
+    partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, tp: Layout):
+        super().__init__()
+        self.in_local = in_features // tp.tp_size
+        self.offset = tp.tp_rank * self.in_local
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
+
+    def load(self, tensor) -> None:
+        self.weight.data.copy_(tensor[:, self.offset : self.offset + self.in_local])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return parallel.tp_all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by rows (vocabulary ids) across tensor ranks, padded to a multiple of tp. A
+    rank embeds the ids it holds, zeros the rest, and the all-reduce assembles every row. The same shard is the
+    tied LM head's."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: Layout):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // tp.tp_size)
+        self.start = tp.tp_rank * self.per_rank
+        self.sharded = tp.tp_size > 1
+        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden))
+
+    def load(self, tensor) -> None:
+        end = min(self.start + self.per_rank, self.vocab_size)
+        self.weight.data[: end - self.start].copy_(tensor[self.start : end])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.per_rank)
+        out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return parallel.tp_all_reduce(out)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -108,13 +154,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_id: int, cfg: "ModelShape"):
+    def __init__(self, layer_id: int, cfg: "ModelShape", tp: Layout):
         super().__init__()
-        self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.layer_id = layer_id  # index into this stage's KV pool
+        first_kv, self.num_kv_heads = tp.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.head_dim = cfg.num_heads // tp.tp_size, cfg.head_dim
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv],
+                                     [tp.tp_rank * q, first_kv * self.head_dim, first_kv * self.head_dim],
+                                     bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = cfg.rotary
@@ -140,20 +189,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, tp: Layout):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden, [intermediate, intermediate], bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        local = intermediate // tp.tp_size
+        offset = tp.tp_rank * local
+        self.gate_up_proj = MergedLinear(hidden, [local, local], [offset, offset], bias=False)
+        self.down_proj = RowParallelLinear(intermediate, hidden, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, layer_id: int, cfg: "ModelShape"):
+    def __init__(self, layer_id: int, cfg: "ModelShape", tp: Layout):
         super().__init__()
-        self.self_attn = Attention(layer_id, cfg)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = Attention(layer_id, cfg, tp)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -1,0 +1,328 @@
+"""Reliability on the demo model over loopback: hostile input, overload, timeouts, auth, fuzzing, SIGTERM drain
+and restart after kill -9. Every test asserts status codes and that the server is whole afterwards: KV pool
+usage back at its baseline, no segments or processes left behind."""
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from ipc.lifecycle import leftover_segments
+from ipc.ring import pid_alive
+from tests.helpers import free_port, metric, process_tree, start_server, stop_server, wait_for_metric
+
+KEY = "k3y"
+AUTH = {"authorization": f"Bearer {KEY}"}
+SLOTS = "ringllm_kv_cache_slots_used_by_requests"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Small queue and batch (overload is easy to reach), a 1.5 s request timeout, an API key with /health
+    public and /metrics guarded."""
+    cache = tmp_path_factory.mktemp("reliability")
+    proc, base = start_server(cache, "--kv-cache-tokens", "8192", "--context-len", "2048", "--max-bs", "2",
+                              "--max-waiting-requests", "2", "--request-timeout", "1.5", "--api-key", KEY,
+                              "--public-routes", "/health")
+    yield base
+    stop_server(proc)
+
+
+def _post(base, path, timeout=30, headers=None, **kw):
+    return httpx.post(base + path, headers={**AUTH, **(headers or {})}, timeout=timeout, **kw)
+
+
+def _assert_serves(base):
+    r = _post(base, "/v1/completions", json={"prompt": "still here", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+HOSTILE = [
+    ("/v1/completions", b"{", 400),
+    ("/v1/completions", b"[]", 400),
+    ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400),
+    ("/v1/completions", b'{"prompt": 5}', 400),
+    ("/v1/completions", b'{"prompt": [[1, 2], "x"]}', 400),
+    ("/v1/completions", b'{"prompt": [1e400]}', 400),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -5}', 400),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1000000000}', 400),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 99999999999999999999999}', 400),
+    ("/v1/completions", b'{"prompt": "x", "temperature": -1}', 400),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400),
+    ("/v1/completions", b'{"prompt": "x", "top_p": 0}', 400),
+    ("/v1/completions", b'{"prompt": "x", "top_p": 1.5}', 400),
+    ("/v1/completions", b'{"prompt": "x", "n": 0}', 400),
+    ("/v1/completions", b'{"prompt": "x", "n": 1000}', 400),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": 99}', 400),
+    ("/v1/completions", b'{"prompt": [1, 2, 1000000000]}', 400),
+    ("/v1/completions", b'{"prompt": [-1]}', 400),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}', 400),
+    ("/v1/completions", b'{"prompt": "x", "stop": [""]}', 400),
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [' + b",".join([b"1"] * 100) + b"]}", 400),
+    ("/v1/completions", b'{"prompt": "x", "seed": 99999999999999999999}', 400),
+    ("/v1/completions", b'{"prompt": "' + b"word " * 3000 + b'"}', 400),  # over the context
+    ("/v1/chat/completions", b'{"messages": []}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 7}]}', 400),
+    ("/v1/chat/completions", b'{"messages": "hi"}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50, "logprobs": true}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}', 400),
+    ("/tokenize", b'{"prompt": 3}', 400),
+    ("/detokenize", b'{"tokens": [1, -7]}', 400),
+    ("/detokenize", b'{"tokens": "abc"}', 400),
+]
+
+
+def test_hostile_bodies_get_clear_errors_and_the_server_keeps_serving(server):
+    for path, body, status in HOSTILE:
+        r = _post(server, path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (path, body[:80], r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], (body[:80], error)
+    too_long = _post(server, "/v1/completions", content=b'{"prompt": "' + b"word " * 3000 + b'"}',
+                     headers={"content-type": "application/json"}).json()["error"]["message"]
+    assert "tokens" in too_long and "2048" in too_long, too_long  # the counts are named
+    _assert_serves(server)
+    assert wait_for_metric(server, SLOTS, 0, 5, AUTH) == 0
+
+
+def test_body_over_the_size_limit_is_413(server):
+    r = _post(server, "/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}',
+              headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    _assert_serves(server)
+
+
+def test_api_key_guards_v1_and_metrics_but_not_health(server):
+    assert httpx.post(server + "/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(server + "/v1/models").status_code == 401
+    assert httpx.get(server + "/metrics").status_code == 401
+    assert httpx.post(server + "/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(server + "/health").status_code == 200
+    assert httpx.get(server + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_overload_answers_503_with_retry_after_at_once(server):
+    """2 running + 2 waiting fill the engine; the rest are refused at once, and pool usage returns to 0."""
+    body = {"prompt": "busy", "max_tokens": 1500, "ignore_eos": True}
+
+    def one(_):
+        t = time.monotonic()
+        r = _post(server, "/v1/completions", json=body)
+        return r.status_code, time.monotonic() - t, r.headers.get("retry-after"), r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    refused = [r for r in results if r[0] == 503]
+    assert refused, [r[0] for r in results]
+    assert all(seconds < 1.0 and retry == "1" and "queue is full" in body["error"]["message"]
+               for _, seconds, retry, body in refused)
+    assert {r[0] for r in results} <= {200, 503, 504}  # admitted ones finish or hit the request timeout
+    assert wait_for_metric(server, SLOTS, 0, 10, AUTH) == 0
+    assert metric(server, "ringllm_num_requests_waiting", AUTH) == 0
+    _assert_serves(server)
+
+
+def test_request_timeout_aborts_and_frees_slots(server):
+    body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True}
+    t = time.monotonic()
+    r = _post(server, "/v1/completions", json=body)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    assert 1.4 < time.monotonic() - t < 4.0
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=30, json=body | {"stream": True}) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert '"timeout_error"' in events[-1]  # the stream ends with an error event
+    assert wait_for_metric(server, SLOTS, 0, 10, AUTH) == 0
+    assert metric(server, "ringllm_generation_tokens_total", AUTH) > 0
+    _assert_serves(server)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("fuzz")
+    proc, base = start_server(cache, "--kv-cache-tokens", "16384", "--context-len", "64", "--max-bs", "64",
+                              "--profile-dir", str(cache / "profiles"))
+    yield base
+    stop_server(proc)
+
+
+@pytest.mark.skipif(shutil.which("schemathesis", path=os.path.dirname(sys.executable)) is None,
+                    reason="schemathesis is not installed")
+def test_schemathesis_finds_no_server_error(fuzz_server, tmp_path):
+    """Schemathesis drives every route of the app's own OpenAPI document with valid and invalid bodies."""
+    exe = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    cmd = [exe, "run", fuzz_server + "/schema/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
+           "--seed", "7", "--workers", "2", "--request-timeout", "30", "--exclude-path-regex", "profile",
+           "--generation-database", "none", "--no-color", "--report-dir", str(tmp_path)]
+    env = dict(os.environ, SCHEMATHESIS_HOOKS="tests.schemathesis_hooks",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "passed" in run.stdout.lower(), run.stdout[-2000:]
+    print(run.stdout[-1500:])
+    assert httpx.get(fuzz_server + "/health").status_code == 200
+    assert wait_for_metric(fuzz_server, SLOTS, 0, 30) == 0
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
+    before = set(leftover_segments())
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "512", "--shutdown-timeout", "20")
+    engine_pid = _engine_pid(before)
+    events, started = [], threading.Event()
+
+    def stream():
+        body = {"prompt": "drain", "max_tokens": 300, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(30)
+    os.kill(proc.pid, signal.SIGTERM)  # the main process alone, as `kill PID` or a container stop does
+    time.sleep(0.3)
+    try:  # new work is refused while draining: the listener is closed, or the engine answers 503
+        late = httpx.post(base + "/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=10).status_code
+    except httpx.TransportError:
+        late = "refused"
+    assert late in ("refused", 503), late
+    reader.join(60)
+    assert events[-1] == "data: [DONE]" and '"completion_tokens":300' in events[-2], events[-3:]
+    assert proc.wait(30) == 0
+    time.sleep(0.5)
+    assert not (set(leftover_segments()) - before)
+    assert not pid_alive(engine_pid)
+
+
+def test_kv_pool_running_out_preempts_and_fails_nothing(tmp_path):
+    """8 requests that need 8 x 250 slots share a pool of 600: the scheduler preempts and recomputes, and every
+    request still gets all its tokens."""
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "600", "--context-len", "256", "--max-bs", "8",
+                              "--disable-radix-cache")
+    try:
+        def one(i):
+            return httpx.post(base + "/v1/completions", timeout=120, json={
+                "prompt": f"request number {i}", "max_tokens": 240, "ignore_eos": True, "temperature": 0})
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+        assert [r.status_code for r in results] == [200] * 8
+        assert all(r.json()["usage"]["completion_tokens"] == 240 for r in results)
+        assert metric(base, "ringllm_preemptions_total") > 0
+        assert wait_for_metric(base, SLOTS, 0, 10) == 0
+    finally:
+        stop_server(proc)
+
+
+def test_shutdown_timeout_bounds_the_drain(tmp_path):
+    """A request longer than --shutdown-timeout does not hold the server up: it stops after about that long,
+    exits 0 and leaves nothing behind."""
+    before = set(leftover_segments())
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--shutdown-timeout", "1")
+    started, lines = threading.Event(), []
+
+    def stream():
+        body = {"prompt": "endless", "max_tokens": 2040, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    started.set()
+        except httpx.HTTPError:
+            pass  # the server closed the connection at its shutdown timeout
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(30)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert time.monotonic() - t0 < 10
+    reader.join(30)
+    assert "data: [DONE]" not in lines  # cut short, not finished
+    time.sleep(0.5)
+    assert not (set(leftover_segments()) - before)
+
+
+@pytest.mark.parametrize("victim", ["engine", "worker"])
+def test_a_killed_engine_or_worker_brings_the_server_down_cleanly(tmp_path, victim):
+    """SIGKILL the engine process, or rank 1 of `ringllm serve --tp-size 2` on CPU, mid-stream: /health turns
+    503 within a second, the stream ends with an error event, the server exits non-zero, and no process or
+    segment is left."""
+    before = set(leftover_segments())
+    tp = ["--tp-size", "2", "--nccl-port", str(free_port())] if victim == "worker" else []
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "512", *tp)
+    engine_pid = _engine_pid(before)
+    everyone = process_tree(proc.pid)
+    target = engine_pid if victim == "engine" else next(
+        p for p in process_tree(engine_pid) if p != engine_pid and b"spawn_main" in _cmdline(p))
+    events, killed = [], False
+    with httpx.stream("POST", base + "/v1/completions", timeout=60,
+                      json={"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 3 and not killed:
+                killed = True
+                os.kill(target, signal.SIGKILL)
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 3 and _health(base) == 200:
+                    time.sleep(0.05)
+                assert time.monotonic() - t0 < 1.0
+    assert killed and any('"error"' in e for e in events)  # the stream ended with an error event
+    assert proc.wait(30) != 0
+    time.sleep(1)
+    assert not (set(leftover_segments()) - before)
+    assert not [p for p in everyone if pid_alive(p)]
+
+
+def _engine_pid(segments_before: set[str]) -> int:
+    """The engine's pid, read from the name of the ring segments it created."""
+    return int(next(s for s in set(leftover_segments()) - segments_before if s.endswith("req0")).split("-")[1])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _health(base: str) -> int:
+    try:
+        return httpx.get(base + "/health", timeout=1).status_code
+    except httpx.HTTPError:
+        return 0  # already shutting down
+
+
+def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
+    """Also: the API key from the environment ($RINGLLM_API_KEY) guards the second server."""
+    before = set(leftover_segments())
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64")
+    stale = set(leftover_segments()) - before
+    assert stale
+    os.killpg(proc.pid, signal.SIGKILL)  # server, API workers and engine: nobody cleans up
+    proc.wait(10)
+    time.sleep(0.5)
+    assert stale <= set(leftover_segments())
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64",
+                              env={"RINGLLM_API_KEY": KEY})
+    try:
+        assert not stale & set(leftover_segments())  # the new engine removed the dead one's rings
+        body = {"prompt": "again", "max_tokens": 3}
+        assert httpx.post(base + "/v1/completions", json=body, timeout=30).status_code == 401
+        assert _post(base, "/v1/completions", json=body).status_code == 200
+    finally:
+        stop_server(proc)

@@ -1,0 +1,113 @@
+"""Soak: thousands of mixed requests against one server for a few minutes, with random disconnects and bad
+bodies mixed in. Afterwards no request holds a KV slot, nothing waits, no segment is left over and the
+processes' memory has not grown past a bound. Marked `soak`: `scripts/soak.sh` runs it (RINGLLM_SOAK_SECONDS,
+default 180), ordinary test runs skip it."""
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from ipc.lifecycle import leftover_segments
+from tests.helpers import metric, process_tree, start_server, stop_server, wait_for_metric
+
+pytestmark = pytest.mark.soak
+
+SECONDS = float(os.environ.get("RINGLLM_SOAK_SECONDS", "180"))
+CONCURRENCY = 24
+RSS_GROWTH_LIMIT_MB = 150
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+async def _one(client: httpx.AsyncClient, rng: random.Random, outcomes: Counter) -> None:
+    kind = rng.choice(["complete", "chat", "stream", "stream-disconnect", "timeout-disconnect", "bad", "n"])
+    body = {"prompt": "soak " * rng.randint(1, 40), "max_tokens": rng.randint(1, 48), "temperature": rng.random(),
+            "ignore_eos": rng.random() < 0.5}
+    try:
+        if kind == "chat":
+            r = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi " * rng.randint(1, 20)}], "max_tokens": rng.randint(1, 32)})
+            outcomes[f"chat {r.status_code}"] += 1
+        elif kind.startswith("stream"):
+            async with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+                async for i, _ in _aenumerate(r.aiter_lines()):
+                    if kind == "stream-disconnect" and i >= rng.randint(1, 6):
+                        break  # the client goes away mid-stream
+            outcomes[f"{kind} {r.status_code}"] += 1
+        elif kind == "timeout-disconnect":
+            try:
+                await client.post("/v1/completions", json=body | {"max_tokens": 200, "ignore_eos": True}, timeout=0.05)
+                outcomes["timeout-disconnect finished"] += 1
+            except httpx.TimeoutException:
+                outcomes["timeout-disconnect left"] += 1
+        elif kind == "bad":
+            r = await client.post("/v1/completions", content=rng.choice([b"{", b'{"prompt": 3}', b'{"prompt": "x", "n": 99}',
+                                                                         b'{"prompt": [-4]}', b"\xff\xfe"]),
+                                  headers={"content-type": "application/json"})
+            outcomes[f"bad {r.status_code}"] += 1
+        else:
+            r = await client.post("/v1/completions", json=body | ({"n": 3} if kind == "n" else {}))
+            outcomes[f"{kind} {r.status_code}"] += 1
+    except httpx.HTTPError as e:
+        outcomes[f"{kind} {type(e).__name__}"] += 1
+
+
+async def _aenumerate(it):
+    i = 0
+    async for x in it:
+        yield i, x
+        i += 1
+
+
+async def _drive(base: str, seconds: float) -> Counter:
+    outcomes: Counter = Counter()
+    rng = random.Random(0)
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        async def worker():
+            while time.monotonic() < deadline:
+                await _one(client, rng, outcomes)
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return outcomes
+
+
+def test_soak_mixed_requests_leak_nothing(tmp_path):
+    before = set(leftover_segments())
+    proc, base = start_server(tmp_path, "--kv-cache-tokens", "16384", "--context-len", "512", "--max-bs", "32",
+                              "--workers", "2")
+    try:
+        asyncio.run(_drive(base, min(20.0, SECONDS / 6)))  # warm-up: caches, allocator pools, JIT paths
+        pids = process_tree(proc.pid)
+        rss_start = _rss_mb(pids)
+        outcomes = asyncio.run(_drive(base, SECONDS))
+        rss_end = _rss_mb(pids)
+        total = sum(outcomes.values())
+        print(f"\nsoak: {total} requests in {SECONDS:.0f} s; RSS {rss_start:.0f} -> {rss_end:.0f} MB over "
+              f"{len(pids)} processes; outcomes {dict(sorted(outcomes.items()))}")
+        assert total >= 1000
+        assert not [k for k in outcomes if k.split()[-1].startswith("5")], outcomes  # no 5xx at all
+        assert wait_for_metric(base, "ringllm_kv_cache_slots_used_by_requests", 0, 30) == 0
+        assert metric(base, "ringllm_num_requests_running") == 0
+        assert metric(base, "ringllm_num_requests_waiting") == 0
+        assert rss_end - rss_start < RSS_GROWTH_LIMIT_MB
+        assert httpx.get(base + "/health").status_code == 200
+    finally:
+        stop_server(proc)
+    time.sleep(1)
+    assert not (set(leftover_segments()) - before)
