@@ -1,48 +1,69 @@
-"""Prometheus text exposition: the engine's gauges and counters (from a stats round trip) and this worker's
-latency histograms. Names follow Prometheus conventions: counters end in _total, times are in seconds."""
+"""Prometheus text exposition: the engine's gauges and counters (from a stats round trip) and the request
+latency histograms and counters of every API worker. Names follow Prometheus conventions: counters end in
+_total, times are in seconds.
+
+Each worker records into its own row of a shared table (ipc.shared_table) and /metrics renders the sums of
+all rows, so every scrape sees the whole server whichever worker answers it."""
 
 from __future__ import annotations
 
 import bisect
 
+from ipc.shared_table import COLUMNS, SharedTable
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FINISH_REASONS = ("stop", "length", "abort", "error")  # every reason the server ends a request with
 
 
 class Histogram:
-    def __init__(self, name: str, help_text: str, buckets=LATENCY_BUCKETS):
+    """Bucket counts (the last one past every bound) then the sum, in `width` columns of a row from `start`."""
+
+    def __init__(self, name: str, help_text: str, row: memoryview, start: int, buckets=LATENCY_BUCKETS):
         self.name, self.help, self.buckets = name, help_text, buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
+        self.row, self.start = row, start
+        self.width = len(buckets) + 2
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
+        self.row[self.start + bisect.bisect_left(self.buckets, value)] += 1
+        self.row[self.start + self.width - 1] += value
 
-    def render(self) -> list[str]:
+    def render(self, totals: list[float]) -> list[str]:
+        counts = totals[self.start : self.start + len(self.buckets) + 1]
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        total = 0
-        for bound, count in zip(self.buckets, self.counts):
-            total += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {total}')
-        total += self.counts[-1]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {total}', f"{self.name}_sum {self.sum}", f"{self.name}_count {total}"]
-        return lines
+        cumulative = 0
+        for bound, count in zip(self.buckets, counts):
+            cumulative += int(count)
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
+        cumulative += int(counts[-1])
+        total_sum = totals[self.start + self.width - 1]
+        return lines + [f'{self.name}_bucket{{le="+Inf"}} {cumulative}', f"{self.name}_sum {total_sum}",
+                        f"{self.name}_count {cumulative}"]
 
 
 class Metrics:
-    def __init__(self):
-        self.ttft = Histogram("ringllm_time_to_first_token_seconds", "Time from request arrival to its first token.")
-        self.itl = Histogram("ringllm_inter_token_latency_seconds", "Time between successive streamed pieces.")
-        self.e2e = Histogram("ringllm_e2e_request_latency_seconds", "Time from request arrival to its end.")
-        self.requests = {}  # finish_reason -> count
-        self.prompt_tokens = 0
+    """This worker's recorder (row `index` of `table`) and the renderer of every worker's totals."""
+
+    def __init__(self, table: SharedTable, index: int):
+        self.table = table
+        row = table.row(index)
+        self.ttft = Histogram("ringllm_time_to_first_token_seconds", "Time from request arrival to its first token.",
+                              row, 0)
+        self.itl = Histogram("ringllm_inter_token_latency_seconds", "Time between successive streamed pieces.",
+                             row, self.ttft.width)
+        self.e2e = Histogram("ringllm_e2e_request_latency_seconds", "Time from request arrival to its end.",
+                             row, 2 * self.ttft.width)
+        self.row = row
+        self.requests_at = 3 * self.ttft.width  # one column per finish reason
+        self.prompt_tokens_at = self.requests_at + len(FINISH_REASONS)
+        assert self.prompt_tokens_at < COLUMNS
 
     def finished(self, reason: str, prompt_tokens: int, seconds: float) -> None:
-        self.requests[reason] = self.requests.get(reason, 0) + 1
-        self.prompt_tokens += prompt_tokens
+        self.row[self.requests_at + FINISH_REASONS.index(reason)] += 1
+        self.row[self.prompt_tokens_at] += prompt_tokens
         self.e2e.observe(seconds)
 
     def render(self, engine: dict[str, float]) -> str:
+        totals = self.table.totals()
         gauges = [
             ("ringllm_num_requests_running", "Requests being computed.", engine.get("running", 0)),
             ("ringllm_num_requests_waiting", "Requests waiting for admission.", engine.get("waiting", 0)),
@@ -61,14 +82,15 @@ class Metrics:
             ("ringllm_prompt_tokens_computed_total", "Prompt tokens the engine computed (cache misses).",
              engine.get("prompt_tokens_computed", 0)),
             ("ringllm_preemptions_total", "Requests preempted for KV space.", engine.get("preemptions", 0)),
-            ("ringllm_prompt_tokens_total", "Prompt tokens of the requests this API worker finished (cached or not).",
-             self.prompt_tokens),
+            ("ringllm_prompt_tokens_total", "Prompt tokens of the finished requests (cached or not).",
+             int(totals[self.prompt_tokens_at])),
         ]
         for name, help_text, value in counters:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
-        lines += ["# HELP ringllm_requests_total Requests this API worker finished, by finish reason.",
+        lines += ["# HELP ringllm_requests_total Finished requests, by finish reason.",
                   "# TYPE ringllm_requests_total counter"]
-        lines += [f'ringllm_requests_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.requests.items())]
+        lines += [f'ringllm_requests_total{{finish_reason="{r}"}} {int(totals[self.requests_at + i])}'
+                  for i, r in enumerate(FINISH_REASONS)]
         for h in (self.ttft, self.itl, self.e2e):
-            lines += h.render()
+            lines += h.render(totals)
         return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.logs import configure_logging, get_logger
 from engine.sampling_params import SamplingParams
 from ipc import messages as m
+from ipc.lifecycle import open_metrics_table
 
 log = get_logger("app")
 _json = msgspec.json.Encoder()
@@ -69,12 +70,14 @@ async def lifespan(app: Litestar):
     app.state.settings = s
     app.state.tokenizer = AppTokenizer(s.model_path)
     app.state.client = EngineClient(s.engine_pid, s.workers)
-    app.state.metrics = Metrics()
+    table = open_metrics_table(s.engine_pid)
+    app.state.metrics = Metrics(table, app.state.client.index)
     log.info("app worker ready", worker=app.state.client.index, pid=os.getpid())
     try:
         yield
     finally:
         app.state.client.close()
+        table.close()
 
 
 # ---- helpers ----

@@ -18,7 +18,7 @@ from engine.engine import Engine, RequestError, TokenOutput
 from engine.logs import configure_logging, get_logger
 from engine.sampling_params import SamplingParams
 from ipc import messages as m
-from ipc.lifecycle import RingPair, cleanup, create_claim_counter, remove_stale_segments
+from ipc.lifecycle import RingPair, cleanup, create_claim_counter, create_metrics_table, remove_stale_segments
 from ipc.ring import RingError
 
 log = get_logger("engine.server")
@@ -33,6 +33,7 @@ class EngineServer:
         self.drain_deadline: float | None = None  # set by SIGTERM
         pid = os.getpid()
         self.pairs = [RingPair(pid, i) for i in range(num_workers)]
+        create_metrics_table(pid, num_workers)
         create_claim_counter(pid)
         self.owner: dict[str, int] = {}  # rid -> app worker index
         self.pending: dict[int, list[m.TokenDelta]] = {}

@@ -3,7 +3,8 @@
 Every name carries the owner's pid and a role: /ringllm-<pid>-<role>. The owner unlinks its segments at exit
 (atexit, and on SIGTERM through the handler installed here); a new owner removes the segments of owners
 that are no longer alive. App workers find their ring pair through a claim counter: worker k of the
-engine with pid P takes pair k, named /ringllm-P-req<k> and /ringllm-P-out<k>."""
+engine with pid P takes pair k, named /ringllm-P-req<k> and /ringllm-P-out<k>, and row k of the metrics
+table /ringllm-P-metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import signal
 import posix_ipc
 
 from ipc.ring import RingReader, RingWriter, pid_alive
+from ipc.shared_table import SharedTable
 
 PREFIX = "ringllm"
 _SHM_DIR = "/dev/shm"
@@ -106,6 +108,15 @@ class WorkerPair:
     def __init__(self, owner_pid: int, index: int):
         self.requests = RingWriter(segment_name(owner_pid, f"req{index}"), create=False)
         self.outputs = RingReader(segment_name(owner_pid, f"out{index}"))
+
+
+def create_metrics_table(owner_pid: int, num_workers: int) -> None:
+    """The shared table in which app worker k keeps its request metrics in row k."""
+    own(SharedTable(segment_name(owner_pid, "metrics"), num_workers, create=True))
+
+
+def open_metrics_table(owner_pid: int) -> SharedTable:
+    return SharedTable(segment_name(owner_pid, "metrics"))
 
 
 def create_claim_counter(owner_pid: int) -> None:

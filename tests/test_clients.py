@@ -48,12 +48,20 @@ def test_curl_completion_and_stream(served):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
-def test_metrics_parse_as_prometheus_text_with_the_expected_types(served):
+def _scrape(base: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
+    return {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+
+
+def _sample(families: dict, family: str, sample: str, **labels) -> float:
+    return next(s.value for s in families[family].samples if s.name == sample and labels.items() <= s.labels.items())
+
+
+def test_metrics_parse_as_prometheus_text_with_the_expected_types(served):
     base, _ = served
     httpx.post(base + "/v1/completions", json={"prompt": "count me", "max_tokens": 3}, timeout=30)
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+    families = _scrape(base)
     for name in ("ringllm_num_requests_running", "ringllm_num_requests_waiting", "ringllm_kv_cache_usage_ratio",
                  "ringllm_kv_cache_slots_used_by_requests", "ringllm_prefix_cache_hit_rate"):
         assert families[name].type == "gauge", name
@@ -62,12 +70,24 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_types(served):
         assert families[name].type == "counter", name  # the parser strips the _total suffix
     for name in ("ringllm_time_to_first_token_seconds", "ringllm_inter_token_latency_seconds",
                  "ringllm_e2e_request_latency_seconds"):
-        family = families[name]
-        assert family.type == "histogram"
-        count = next(s.value for s in family.samples if s.name == name + "_count")
-        inf = next(s.value for s in family.samples if s.name == name + "_bucket" and s.labels["le"] == "+Inf")
-        assert count == inf >= 1
-    assert next(s.value for s in families["ringllm_generation_tokens"].samples) >= 3
+        assert families[name].type == "histogram"
+        count = _sample(families, name, name + "_count")
+        assert count == _sample(families, name, name + "_bucket", le="+Inf") >= 1
+    assert _sample(families, "ringllm_generation_tokens", "ringllm_generation_tokens_total") >= 3
+
+
+def test_metrics_cover_every_api_worker(served):
+    """Two API workers: each scrape reaches one of them, and every scrape must count every request."""
+    base, _ = served
+    e2e = "ringllm_e2e_request_latency_seconds"
+    before = _sample(_scrape(base), e2e, e2e + "_count")
+    for i in range(6):
+        r = httpx.post(base + "/v1/completions", json={"prompt": f"request {i}", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+    for _ in range(6):
+        families = _scrape(base)
+        assert _sample(families, e2e, e2e + "_count") == before + 6
+        assert _sample(families, "ringllm_requests", "ringllm_requests_total", finish_reason="length") >= 6
 
 
 def _greedy_answers(base: str, chat: bool) -> list[str]:

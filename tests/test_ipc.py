@@ -17,6 +17,7 @@ from ipc import messages as m
 from ipc.lifecycle import (claim_worker_index, create_claim_counter, leftover_segments, remove_stale_segments,
                            segment_name)
 from ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
+from ipc.shared_table import SharedTable
 
 CTX = mp.get_context("fork")
 _counter = iter(range(10**9))
@@ -221,6 +222,38 @@ def test_workers_claim_distinct_pairs():
     assert sorted(q.get(timeout=5) for _ in procs) == [0, 1]
     with pytest.raises(RuntimeError, match="no ring pair left"):
         claim_worker_index(os.getpid(), 2)
+
+
+def _count_into_row(name, index, times):
+    table = SharedTable(name)
+    row = table.row(index)
+    for i in range(times):
+        row[0] += 1
+        row[1] += 0.5
+    row[2] = index
+    table.close()
+
+
+def test_shared_table_sums_rows_written_by_other_processes():
+    name = _name()
+    table = SharedTable(name, rows=3, create=True)
+    try:
+        procs = [CTX.Process(target=_count_into_row, args=(name, i, 20_000 * (i + 1))) for i in range(3)]
+        for p in procs:
+            p.start()
+        seen = []
+        while any(p.is_alive() for p in procs):
+            seen.append(table.totals()[0])  # read while the writers run: never torn, never going back
+        for p in procs:
+            p.join(10)
+        assert seen == sorted(seen)
+        totals = table.totals()
+        assert totals[:3] == [120_000, 60_000.0, 0 + 1 + 2] and not any(totals[3:])
+        with pytest.raises(IndexError):
+            table.row(3)
+    finally:
+        table.close(unlink=True)
+    assert name.lstrip("/") not in leftover_segments(os.getpid())
 
 
 def test_messages_round_trip():
