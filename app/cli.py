@@ -7,7 +7,10 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 
 DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random weights, so its output is random "
              "text. Point --model at a Hugging Face checkpoint directory (or hub id) for real output.")
@@ -133,9 +136,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Starts the engine in its own (spawned, so CUDA starts clean) process, waits for it, then hosts the
     app with Granian; the engine process is stopped when Granian returns."""
-    import multiprocessing as mp
-    import queue as queue_mod
-
     from engine.logs import configure_logging
 
     configure_logging(args.log_level)
@@ -148,6 +148,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if config.node_rank > 0:
         return serve_other_node(config)
+    started = _start_engine(config, args)
+    if isinstance(started, int):
+        return started
+    proc, info = started
+    os.environ.update(_worker_environment(args, info))
+    print(f"ringllm ready on http://{args.host}:{args.port} | model {os.environ['RINGLLM_SERVED_MODEL']} | "
+          f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens", file=sys.stderr, flush=True)
+    return _host_app(args, proc)
+
+
+def _start_engine(config, args: argparse.Namespace):
+    """(engine process, its ready message), or an exit code if it could not start."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
     from engine.server import run_engine_process
 
     ctx = mp.get_context("spawn")
@@ -167,23 +182,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proc.join(5)
         print(f"error: {info['error']}", file=sys.stderr)
         return 2
-    from pathlib import Path
+    return proc, info
 
-    os.environ.update(RINGLLM_ENGINE_PID=str(info["pid"]), RINGLLM_WORKERS=str(args.workers),
-                      RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
-                      RINGLLM_VOCAB_SIZE=str(info["vocab_size"]),
-                      RINGLLM_SERVED_MODEL=args.served_model_name or (args.model and Path(args.model).name) or "ringllm-demo",
-                      RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
-                      RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0))
+
+def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
+    """The settings each API worker reads (app.server.Settings)."""
+    served = args.served_model_name or (args.model and Path(args.model).name) or "ringllm-demo"
+    env = dict(RINGLLM_ENGINE_PID=str(info["pid"]), RINGLLM_WORKERS=str(args.workers),
+               RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
+               RINGLLM_VOCAB_SIZE=str(info["vocab_size"]), RINGLLM_SERVED_MODEL=served,
+               RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
+               RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0))
     if args.api_key:
-        os.environ["RINGLLM_API_KEY"] = args.api_key
-    print(f"ringllm ready on http://{args.host}:{args.port} | model {os.environ['RINGLLM_SERVED_MODEL']} | "
-          f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens", file=sys.stderr, flush=True)
+        env["RINGLLM_API_KEY"] = args.api_key
+    return env
+
+
+def _host_app(args: argparse.Namespace, proc) -> int:
+    """Runs Granian until SIGTERM (or until the engine stops), then stops the engine and removes whatever
+    rings it left. Exit 1 if the engine died, 0 for a shutdown."""
     from granian import Granian
     from granian.constants import Interfaces
 
-    import signal
-    import threading
+    from ipc.lifecycle import remove_stale_segments
 
     def watch_engine():
         """If the engine stops, stop serving (the API workers already answer 503): with an error and a non-zero
@@ -210,8 +231,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if proc.is_alive():
             proc.kill()
             proc.join()
-        from ipc.lifecycle import remove_stale_segments
-
         remove_stale_segments()  # a killed engine could not unlink its rings
     return 1 if engine_died else 0
 
