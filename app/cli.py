@@ -199,34 +199,48 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
 
 
 def _host_app(args: argparse.Namespace, proc) -> int:
-    """Runs Granian until SIGTERM (or until the engine stops), then stops the engine and removes whatever
-    rings it left. Exit 1 if the engine died, 0 for a shutdown."""
+    """Runs Granian until the engine stops, then removes whatever rings the engine left. Exit 1 if the engine
+    died, 0 for a shutdown.
+
+    SIGTERM drains: it goes to the engine, which tells the API workers (they answer new requests and /health
+    with 503), finishes the requests in flight (up to --shutdown-timeout) and exits; only then are the API
+    workers stopped, so that the last tokens still reach their clients. A second SIGTERM, or SIGINT, stops
+    the API workers at once."""
     from granian import Granian
     from granian.constants import Interfaces
 
     from ipc.lifecycle import remove_stale_segments
 
-    def watch_engine():
-        """If the engine stops, stop serving (the API workers already answer 503): with an error and a non-zero
-        exit if it died, quietly if it drained after a SIGTERM of its own."""
-        proc.join()
-        if not stopping.is_set():
-            if proc.exitcode != 0:
-                print(f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr,
-                      flush=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+    server = Granian("app.server:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
+                     workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)))
+    draining = threading.Event()
 
-    stopping = threading.Event()
+    def on_sigterm(*_):
+        if draining.is_set():
+            server.signal_handler_interrupt()
+        draining.set()
+        proc.terminate()  # SIGTERM: the engine drains
+
+    def watch_engine():
+        proc.join()
+        if not draining.is_set() and proc.exitcode != 0:
+            print(f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr,
+                  flush=True)
+        server.signal_handler_interrupt()
+
+    # Granian installs its own handlers as it starts; a start-up hook runs after that and before the workers.
+    server.on_startup(lambda: signal.signal(signal.SIGTERM, on_sigterm))
     threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
     try:
-        # On SIGTERM Granian stops accepting, lets requests in flight finish (up to the kill timeout) and returns.
-        Granian("app.server:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
-                workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout))).serve()
+        server.serve()
+    except SystemExit:
+        # Granian exits 1 when a worker stops without being told; a SIGTERM to the whole process group does that.
+        if not draining.is_set():
+            raise
     finally:
-        stopping.set()
-        # A SIGTERM to the whole process group makes the engine drain and exit 0: a shutdown, not a failure.
+        # An engine that drained exits 0; one stopped by a SIGTERM to the whole process group is a shutdown too.
         engine_died = not proc.is_alive() and proc.exitcode not in (0, -signal.SIGTERM)
-        proc.terminate()  # SIGTERM: the engine finishes what is left, or stops at the shutdown timeout
+        proc.terminate()
         proc.join(args.shutdown_timeout + 10)
         if proc.is_alive():
             proc.kill()

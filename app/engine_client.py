@@ -25,6 +25,7 @@ class EngineClient:
         self.streams: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
         self.alive = True
+        self.draining = False  # the engine said it is shutting down
         self._stats_waiters: list[asyncio.Future] = []
         self.reader = AsyncRingReader(self.pair.outputs, self._on_frames, asyncio.get_running_loop(), self._on_error)
 
@@ -35,6 +36,8 @@ class EngineClient:
         return self.alive and pid_alive(self.engine_pid)
 
     def submit(self, rid: str, token_ids: list[int], sampling: m.Sampling) -> asyncio.Queue:
+        if self.draining:
+            raise EngineDown("the server is shutting down")
         if not self.healthy():
             raise EngineDown("the engine is not running")
         queue: asyncio.Queue = asyncio.Queue()
@@ -76,11 +79,14 @@ class EngineClient:
                 queue = self.streams.pop(msg.rid, None)
                 if queue is not None:
                     queue.put_nowait(msg)
+            elif isinstance(msg, m.Draining):
+                self.draining = True
 
     def _on_error(self, exc: Exception) -> None:
         self.alive = False
+        why = "the server shut down before this request finished" if self.draining else f"engine failure: {exc}"
         for queue in self.streams.values():
-            queue.put_nowait(m.RequestFailed("", f"engine failure: {exc}", 503))
+            queue.put_nowait(m.RequestFailed("", why, 503))
         self.streams.clear()
 
     def close(self) -> None:

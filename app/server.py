@@ -477,7 +477,10 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
 @get("/health")
 async def health(request: Request) -> Response:
     _check_auth(request)
-    if request.app.state.client.healthy():
+    client = request.app.state.client
+    if client.draining:
+        return _error(503, "the server is shutting down", "server_error")
+    if client.healthy():
         return Response(b"", status_code=200)
     return _error(503, "the engine is not running", "server_error")
 

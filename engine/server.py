@@ -38,9 +38,12 @@ class EngineServer:
         self.owner: dict[str, int] = {}  # rid -> app worker index
         self.pending: dict[int, list[m.TokenDelta]] = {}
         self.failed: list[tuple[int, m.RequestFailed]] = []
+        self.drain_announced = False
         self.running = True
 
     def drain(self, *_signal_args) -> None:
+        """SIGTERM's handler. It only sets the deadline: the loop tells the app workers (a signal handler must
+        not write to a ring whose writer it may have interrupted)."""
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.shutdown_timeout
             log.info("draining: new requests are refused", running=len(self.engine.seqs),
@@ -68,6 +71,14 @@ class EngineServer:
                 if time.perf_counter() - idle_since > IDLE_SPIN_SECONDS:
                     time.sleep(IDLE_SLEEP_SECONDS)
             self._flush()
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> None:
+        """Requests still running when the drain ran out of time end with an error their clients can see."""
+        for rid, worker in self.owner.items():
+            self.failed.append((worker, m.RequestFailed(rid, "the server shut down before this request finished", 503)))
+        self.owner.clear()
+        self._flush()
 
     def _on_message(self, worker: int, view) -> None:
         msg = m.decode_to_engine(view)
@@ -113,6 +124,10 @@ class EngineServer:
                 del self.owner[out.rid]
 
     def _flush(self) -> None:
+        if self.drain_deadline is not None and not self.drain_announced:
+            self.drain_announced = True
+            for pair in self.pairs:
+                pair.outputs.write(m.encode(m.Draining()))
         for worker, failure in self.failed:
             self.pairs[worker].outputs.write(m.encode(failure))
         self.failed.clear()

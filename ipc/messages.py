@@ -78,8 +78,12 @@ class EngineStats(msgspec.Struct, tag="stats"):
     values: dict[str, float]
 
 
+class Draining(msgspec.Struct, tag="drain"):
+    """The engine is shutting down: it refuses new requests and finishes the running ones."""
+
+
 ToEngine = Generate | Abort | Control
-ToApp = StepOutput | RequestFailed | EngineStats
+ToApp = StepOutput | RequestFailed | EngineStats | Draining
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine = msgspec.msgpack.Decoder(ToEngine)
