@@ -251,19 +251,14 @@ def _host_app(args: argparse.Namespace, proc) -> int:
 
 def serve_other_node(config) -> int:
     """A host other than node 0 serves no HTTP: it runs its share of the ranks until the engine stops them."""
-    from engine.loader import ModelNotFoundError, resolve_model_path
+    from engine.loader import ModelNotFoundError, checkpoint_path
     from engine.worker import run_node
 
-    if config.model is None:
-        from engine.demo import demo_model_path
-
-        path = demo_model_path()
-    else:
-        try:
-            path = resolve_model_path(config.model, config.download_dir)
-        except ModelNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    try:
+        path = checkpoint_path(config.model, config.download_dir)
+    except ModelNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return run_node(config, path)
 
 

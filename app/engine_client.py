@@ -35,11 +35,16 @@ class EngineClient:
     def healthy(self) -> bool:
         return self.alive and pid_alive(self.engine_pid)
 
-    def submit(self, rid: str, token_ids: list[int], sampling: m.Sampling) -> asyncio.Queue:
+    def unavailable(self) -> str | None:
+        """Why new requests cannot be served now (the engine is draining or gone), or None."""
         if self.draining:
-            raise EngineDown("the server is shutting down")
-        if not self.healthy():
-            raise EngineDown("the engine is not running")
+            return m.SHUTTING_DOWN
+        return None if self.healthy() else "the engine is not running"
+
+    def submit(self, rid: str, token_ids: list[int], sampling: m.Sampling) -> asyncio.Queue:
+        why = self.unavailable()
+        if why is not None:
+            raise EngineDown(why)
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = queue
         self.pair.requests.write(m.encode(m.Generate(rid, m.pack_ids(token_ids), sampling)))
@@ -84,7 +89,7 @@ class EngineClient:
 
     def _on_error(self, exc: Exception) -> None:
         self.alive = False
-        why = "the server shut down before this request finished" if self.draining else f"engine failure: {exc}"
+        why = m.CUT_BY_SHUTDOWN if self.draining else f"engine failure: {exc}"
         for queue in self.streams.values():
             queue.put_nowait(m.RequestFailed("", why, 503))
         self.streams.clear()

@@ -477,12 +477,10 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
 @get("/health")
 async def health(request: Request) -> Response:
     _check_auth(request)
-    client = request.app.state.client
-    if client.draining:
-        return _error(503, "the server is shutting down", "server_error")
-    if client.healthy():
+    why = request.app.state.client.unavailable()
+    if why is None:
         return Response(b"", status_code=200)
-    return _error(503, "the engine is not running", "server_error")
+    return _error(503, why, "server_error")
 
 
 def _on_api_error(request: Request, exc: ApiError) -> Response:

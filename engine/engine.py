@@ -18,10 +18,11 @@ import torch
 
 from engine import parallel
 from engine.config import EngineConfig
-from engine.loader import read_config, resolve_model_path
+from engine.loader import checkpoint_path, read_config
 from engine.logs import get_logger
 from engine.model_runner import HostSample, ModelRunner, StepResult, prompt_logprob_positions
 from engine.parallel import Layout
+from engine.profiler import RankProfiler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
@@ -61,12 +62,7 @@ class Engine:
         self.config = config
         if config.node_rank != 0:
             raise ValueError("the engine runs on node 0; other nodes run their ranks with engine.worker.run_node")
-        if config.model is None:
-            from engine.demo import demo_model_path
-
-            self.model_path = demo_model_path()
-        else:
-            self.model_path = resolve_model_path(config.model, config.download_dir)
+        self.model_path = checkpoint_path(config.model, config.download_dir)
         hf_config = read_config(self.model_path)
         self.workers = None
         self.layout = Layout()
@@ -95,7 +91,7 @@ class Engine:
         self._in_flight: deque[tuple[Batch, StepResult]] = deque()
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
-        self._profiler = None
+        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device)
         if config.profile:
             self.start_profile()
 
@@ -222,32 +218,22 @@ class Engine:
 
     # ---- profiling ----
     def start_profile(self) -> None:
-        """Starts the torch profiler (CPU, and CUDA where present); `stop_profile` writes the trace."""
-        if self._profiler is not None:
+        """Starts the torch profiler on every rank (CPU, and CUDA where present); `stop_profile` writes the
+        traces."""
+        if self._profiler.running:
             return
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self._profiler = profile(activities=activities, record_shapes=False)
         self._profiler.start()
         if self.workers is not None:
             self.workers.control("profile_start")
         log.info("profiler started", profile_dir=self.config.profile_dir)
 
     def stop_profile(self) -> Path | None:
-        """Stops the profiler and writes a Chrome trace per rank into profile_dir; returns its path."""
-        if self._profiler is None:
+        """Stops the profiler and writes a Chrome trace per rank into profile_dir; returns rank 0's path."""
+        if not self._profiler.running:
             return None
-        import time
-
-        prof, self._profiler = self._profiler, None
-        prof.stop()
+        path = self._profiler.stop()
         if self.workers is not None:
             self.workers.control("profile_stop")
-        out = Path(self.config.profile_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"trace-rank{self.layout.rank}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        prof.export_chrome_trace(str(path))
         log.info("profiler trace written", path=str(path))
         return path
 

@@ -47,6 +47,15 @@ def resolve_model_path(model: str, download_dir: str | None = None) -> Path:
     return Path(local)
 
 
+def checkpoint_path(model: str | None, download_dir: str | None = None) -> Path:
+    """The checkpoint directory to load: `model` resolved, or the demo model's when none is given."""
+    if model is None:
+        from engine.demo import demo_model_path
+
+        return demo_model_path()
+    return resolve_model_path(model, download_dir)
+
+
 def read_config(path: Path) -> dict:
     with open(path / "config.json") as f:
         return json.load(f)

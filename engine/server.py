@@ -76,7 +76,7 @@ class EngineServer:
     def _fail_unfinished(self) -> None:
         """Requests still running when the drain ran out of time end with an error their clients can see."""
         for rid, worker in self.owner.items():
-            self.failed.append((worker, m.RequestFailed(rid, "the server shut down before this request finished", 503)))
+            self.failed.append((worker, m.RequestFailed(rid, m.CUT_BY_SHUTDOWN, 503)))
         self.owner.clear()
         self._flush()
 
@@ -84,7 +84,7 @@ class EngineServer:
         msg = m.decode_to_engine(view)
         if isinstance(msg, m.Generate):
             if self.drain_deadline is not None:
-                self.failed.append((worker, m.RequestFailed(msg.rid, "the server is shutting down", 503)))
+                self.failed.append((worker, m.RequestFailed(msg.rid, m.SHUTTING_DOWN, 503)))
                 return
             try:
                 # The wire struct carries SamplingParams' fields less `stop` (stop strings are matched on text,

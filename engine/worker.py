@@ -31,6 +31,7 @@ from engine import parallel
 from engine.config import EngineConfig
 from engine.logs import configure_logging, get_logger
 from engine.parallel import Layout
+from engine.profiler import RankProfiler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import StepPlan
 from ipc import lifecycle
@@ -204,7 +205,7 @@ def worker_main(config: EngineConfig, model_path: str, rank: int, local_rank: in
 def serve_plans(runner, ring: RingReader | None) -> None:
     """Runs every plan the engine sends until it says stop."""
     messages: list = []
-    profiler = _Profiler(runner.config, runner.layout.rank)
+    profiler = RankProfiler(runner.config.profile_dir, runner.layout.rank, runner.device)
     while True:
         if ring is None:
             messages.append(decode_message(parallel.broadcast_bytes(None)))
@@ -225,28 +226,11 @@ def serve_plans(runner, ring: RingReader | None) -> None:
                 log.info("worker stopped", rank=runner.layout.rank)
                 sys.stdout.flush(), sys.stderr.flush()
                 os._exit(0)
-            else:
-                profiler.command(msg)
+            elif msg == "profile_start":
+                profiler.start()
+            elif msg == "profile_stop":
+                profiler.stop()
         messages.clear()
-
-
-class _Profiler:
-    def __init__(self, config: EngineConfig, rank: int):
-        self.config, self.rank, self.prof = config, rank, None
-
-    def command(self, cmd: str) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        if cmd == "profile_start" and self.prof is None:
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.prof = profile(activities=acts)
-            self.prof.start()
-        elif cmd == "profile_stop" and self.prof is not None:
-            self.prof.stop()
-            out = Path(self.config.profile_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            self.prof.export_chrome_trace(str(out / f"trace-rank{self.rank}-{time.strftime('%Y%m%d-%H%M%S')}.json"))
-            self.prof = None
 
 
 def _exit_with(pid: int) -> None:

@@ -82,6 +82,11 @@ class Draining(msgspec.Struct, tag="drain"):
     """The engine is shutting down: it refuses new requests and finishes the running ones."""
 
 
+# What clients are told during a shutdown: of a new request, and of one still running when the drain ends.
+SHUTTING_DOWN = "the server is shutting down"
+CUT_BY_SHUTDOWN = "the server shut down before this request finished"
+
+
 ToEngine = Generate | Abort | Control
 ToApp = StepOutput | RequestFailed | EngineStats | Draining
 

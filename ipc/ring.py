@@ -76,6 +76,18 @@ def pid_alive(pid: int) -> bool:
         return True  # no /proc: the signal check above is all there is
 
 
+def map_segment(name: str, size: int | None = None) -> tuple[posix_ipc.SharedMemory, mmap.mmap]:
+    """Creates the shared-memory segment `name` of `size` bytes (it must not exist yet), or with no size opens
+    the existing one; returns it with its whole mapping."""
+    if size is not None:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+    else:
+        shm = posix_ipc.SharedMemory(name)
+    mapping = mmap.mmap(shm.fd, shm.size)
+    shm.close_fd()
+    return shm, mapping
+
+
 def _data_offset(num_readers: int) -> int:
     return HEADER + READER_STRIDE * num_readers + (-(HEADER + READER_STRIDE * num_readers) % 4096)
 
@@ -84,16 +96,10 @@ class _Segment:
     """The mapped segment and its word views; shared by the writer and reader ends."""
 
     def __init__(self, name: str, create: bool, capacity: int = 0, num_readers: int = 1):
-        if create:
-            if capacity < 4096 or capacity & (capacity - 1):
-                raise ValueError("ring capacity must be a power of two >= 4096")
-            size = _data_offset(num_readers) + capacity
-            self.shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
-        else:
-            self.shm = posix_ipc.SharedMemory(name)
+        if create and (capacity < 4096 or capacity & (capacity - 1)):
+            raise ValueError("ring capacity must be a power of two >= 4096")
         self.name = name
-        self.map = mmap.mmap(self.shm.fd, self.shm.size)
-        self.shm.close_fd()
+        self.shm, self.map = map_segment(name, _data_offset(num_readers) + capacity if create else None)
         self.words = memoryview(self.map).cast("Q")  # aligned 8-byte stores: never torn
         if create:
             self.words[9], self.words[10] = capacity, num_readers

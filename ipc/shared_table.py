@@ -7,22 +7,17 @@ whole aligned 8-byte words through a memoryview, which another process never see
 
 from __future__ import annotations
 
-import mmap
-
 import posix_ipc
+
+from ipc.ring import map_segment
 
 COLUMNS = 128  # per row; the app's metrics use fewer
 
 
 class SharedTable:
     def __init__(self, name: str, rows: int = 0, create: bool = False):
-        if create:
-            self.shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=max(1, rows) * COLUMNS * 8)
-        else:
-            self.shm = posix_ipc.SharedMemory(name)
         self.name = name
-        self.map = mmap.mmap(self.shm.fd, self.shm.size)
-        self.shm.close_fd()
+        self.shm, self.map = map_segment(name, max(1, rows) * COLUMNS * 8 if create else None)
         self.values = memoryview(self.map).cast("d")
         self.rows = len(self.values) // COLUMNS
         self._views: list[memoryview] = []  # released before the mapping closes
@@ -47,6 +42,6 @@ class SharedTable:
         self.map.close()
         if unlink:
             try:
-                posix_ipc.unlink_shared_memory(self.name)
+                self.shm.unlink()
             except posix_ipc.ExistentialError:
                 pass  # removed already
