@@ -1,6 +1,6 @@
 """Offline throughput and latency benchmark of the engine (no HTTP).
 
-    python scripts/bench.py --shape ../shared/models/qwen3-0.6b.json --workload all --json out.json
+    python scripts/bench.py --shape scripts/shapes/qwen3-0.6b.json --workload all --json out.json
 
 Workloads:
   nano     nano-vllm's bench exactly: random.seed(0); 256 prompts of randint(0, 10000) ids with lengths

@@ -1,6 +1,6 @@
 """Builds a random-weight Hugging Face checkpoint from a real model's config.json shape (no download).
 
-    python scripts/make_checkpoint.py ../shared/models/qwen3-0.6b.json /tmp/qwen3-0.6b [--dtype bfloat16]
+    python scripts/make_checkpoint.py scripts/shapes/qwen3-0.6b.json /tmp/qwen3-0.6b [--dtype bfloat16]
 
 The weights are normal(0, 0.02) (norms at 1) from a fixed seed; the tokenizer is the demo model's, so the
 checkpoint loads everywhere a real one does (its vocabulary is smaller than the model's, so only token-id
