@@ -1,15 +1,15 @@
 """The Litestar app each Granian worker runs. Settings come from the environment that `ringllm serve` sets
-for its workers (RINGLLM_ENGINE_PID, RINGLLM_WORKERS, RINGLLM_MODEL_PATH, RINGLLM_SERVED_MODEL,
-RINGLLM_MAX_SEQ_LEN, RINGLLM_API_KEY, RINGLLM_PUBLIC_ROUTES, RINGLLM_REQUEST_TIMEOUT)."""
+for its workers (RINGLLM_ENGINE_PID, RINGLLM_WORKERS, RINGLLM_MODEL_PATH, RINGLLM_SERVED_MODELS,
+RINGLLM_MAX_SEQ_LEN, RINGLLM_TOKENIZER_PATH, RINGLLM_API_KEY, RINGLLM_PUBLIC_ROUTES, RINGLLM_REQUEST_TIMEOUT)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import NamedTuple
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -17,12 +17,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Stream
 
 from app.engine_client import EngineClient, EngineDown
+from app.errors import ApiError, error_response
 from app.metrics import Metrics
+from app.requests import collect, fan_out, make_jobs
 from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
                          ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                          ErrorBody, ErrorResponse, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
 from app.tokenizer import AppTokenizer
-from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.logs import configure_logging, get_logger
 from engine.sampling_params import SamplingParams
 from ipc import messages as m
@@ -33,19 +34,7 @@ _json = msgspec.json.Encoder()
 
 
 MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
-RETRY_AFTER_SECONDS = "1"
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> Response:
-    body = ErrorResponse(ErrorBody(message, kind, param, None))
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None  # overload or restart: come back
-    return Response(_json.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
 class Settings:
@@ -54,7 +43,10 @@ class Settings:
         self.engine_pid = int(env["RINGLLM_ENGINE_PID"])
         self.workers = int(env.get("RINGLLM_WORKERS", "1"))
         self.model_path = env["RINGLLM_MODEL_PATH"]
-        self.served_model = env.get("RINGLLM_SERVED_MODEL", "ringllm")
+        # Every name clients may ask for (--served-model-name, several allowed); responses report the first.
+        self.served_models = json.loads(env.get("RINGLLM_SERVED_MODELS", '["ringllm"]'))
+        self.served_model = self.served_models[0]
+        self.tokenizer_path = env.get("RINGLLM_TOKENIZER_PATH") or self.model_path
         self.max_seq_len = int(env.get("RINGLLM_MAX_SEQ_LEN", "4096"))
         self.api_key = env.get("RINGLLM_API_KEY") or None
         self.vocab_size = int(env.get("RINGLLM_VOCAB_SIZE", "0"))  # the model's; its tokenizer may know fewer
@@ -68,7 +60,7 @@ async def lifespan(app: Litestar):
     configure_logging(os.environ.get("RINGLLM_LOG_LEVEL", "info"))
     s = Settings()
     app.state.settings = s
-    app.state.tokenizer = AppTokenizer(s.model_path)
+    app.state.tokenizer = AppTokenizer(s.tokenizer_path)
     app.state.client = EngineClient(s.engine_pid, s.workers)
     table = open_metrics_table(s.engine_pid)
     app.state.metrics = Metrics(table, app.state.client.index)
@@ -92,9 +84,10 @@ def _check_auth(request: Request) -> None:
 
 
 def _check_model(request: Request, model: str | None) -> None:
-    served = request.app.state.settings.served_model
-    if model is not None and model != served:
-        raise ApiError(404, f"model {model!r} does not exist; this server serves {served!r}", "not_found_error", "model")
+    served = request.app.state.settings.served_models
+    if model is not None and model not in served:
+        names = ", ".join(map(repr, served))
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {names}", "not_found_error", "model")
 
 
 def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, prompt_len: int, max_seq_len: int,
@@ -121,164 +114,6 @@ def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, promp
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split()[0]) from None
     return m.Sampling(**params), stops
-
-
-class Job(NamedTuple):
-    """One generation: a prompt, its sampling parameters, and the prompt text to echo first (or None)."""
-
-    ids: list[int]
-    sampling: m.Sampling
-    echo: str | None = None
-
-
-async def _pieces(request: Request, job: Job, stops: list[str]):
-    """Yields (text, finish_reason, completion_tokens, logprobs) as tokens arrive; tokens that arrived
-    together make one piece. With `job.echo` the first piece starts with the prompt (and its tokens'
-    logprobs, the first one None). Aborts the request in the engine if the consumer goes away first."""
-    ids, sampling = job.ids, job.sampling
-    client, tok = request.app.state.client, request.app.state.tokenizer
-    rid = client.new_rid()
-    try:
-        queue = client.submit(rid, ids, sampling)
-    except EngineDown as e:
-        raise ApiError(503, str(e), "server_error") from None
-    detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
-    count, finished, reason = 0, False, None
-    metrics, start, last, ttft = request.app.state.metrics, time.perf_counter(), None, None
-    limit = request.app.state.settings.request_timeout
-    try:
-        while not finished:
-            items = [await _next(queue, None if limit is None else start + limit - time.perf_counter(), limit)]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            new, reason, lps = [], None, []
-            if job.echo is not None and last is None:
-                lps = _echoed_logprobs(ids, items[0]) if sampling.logprobs is not None else []
-            for item in items:
-                if isinstance(item, m.RequestFailed):
-                    finished = True
-                    raise ApiError(item.status, item.message, "server_error" if item.status >= 500 else
-                                   "invalid_request_error")
-                got = m.unpack_ids(item.token_ids)
-                new += got
-                reason = reason or item.finish_reason
-                if item.logprobs is not None:
-                    tops = item.top_logprobs or [[] for _ in got]
-                    lps += list(zip(got, item.logprobs, tops))
-            count += len(new)
-            text = detok.add(new) + (detok.flush() if reason else "")
-            out = matcher.feed(text)
-            if matcher.stopped:
-                reason = "stop"
-            elif reason:
-                out += matcher.flush()
-            finished = reason is not None
-            now = time.perf_counter()
-            if last is None:
-                out = (job.echo or "") + out
-                ttft = now - start
-                metrics.ttft.observe(ttft)
-            else:
-                metrics.itl.observe(now - last)
-            last = now
-            yield out, reason, count, lps
-    finally:
-        if not finished:
-            client.abort(rid)
-            reason = "abort"
-        total = time.perf_counter() - start
-        metrics.finished(reason or "error", len(ids), total)
-        log.info("request", rid=rid, prompt_tokens=len(ids), completion_tokens=count, finish_reason=reason,
-                 ttft_s=round(ttft, 4) if ttft is not None else None, total_s=round(total, 4))
-
-
-def _echoed_logprobs(ids: list[int], first) -> list:
-    """(token, logprob, top) for each prompt token, from the engine's prompt logprobs that came with the
-    first generated token; the first prompt token has no context, so no logprob."""
-    if not isinstance(first, m.TokenDelta) or first.prompt_logprobs is None:
-        return []
-    return [(ids[0], None, None)] + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
-
-
-async def _next(queue: asyncio.Queue, remaining: float | None, limit: float | None):
-    """The next item for a request, or a 504 once it has run past --request-timeout (the caller aborts it)."""
-    if remaining is None:
-        return await queue.get()
-    try:
-        return await asyncio.wait_for(queue.get(), max(0.0, remaining))
-    except asyncio.TimeoutError:
-        raise ApiError(504, f"the request ran past the server's request timeout of {limit:g} s",
-                       "timeout_error") from None
-
-
-async def _fan_out(request: Request, jobs: list[Job], stops: list[str]):
-    """Runs several generations at once (prompts × n) and yields (choice index, text, finish_reason, count)
-    as pieces arrive from any of them. Leaving early aborts those still running."""
-    if len(jobs) == 1:  # the common case needs no tasks or queue hop
-        async for text, reason, count, lps in _pieces(request, jobs[0], stops):
-            yield 0, text, reason, count, lps
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def drive(index, job):
-        try:
-            async for text, reason, count, lps in _pieces(request, job, stops):
-                await queue.put((index, text, reason, count, lps))
-        except ApiError as e:
-            await queue.put(e)
-
-    tasks = [asyncio.create_task(drive(i, job)) for i, job in enumerate(jobs)]
-    try:
-        done = 0
-        while done < len(jobs):
-            item = await queue.get()
-            if isinstance(item, ApiError):
-                raise item
-            done += item[2] is not None
-            yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None) -> list[Job]:
-    """One job per prompt and choice; with a seed, choice j uses seed + j so the choices differ."""
-    jobs = []
-    for p, ids in enumerate(ids_list):
-        for j in range(n):
-            sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(sampling, seed=sampling.seed + j)
-            jobs.append(Job(ids, sp, echoes[p] if echoes else None))
-    return jobs
-
-
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body was read already; only that event is left)."""
-    message = await request.receive()
-    while message["type"] != "http.disconnect":
-        message = await request.receive()
-
-
-async def _collect(request: Request, jobs, stops, n: int):
-    """Runs a non-streaming request to its end, or aborts it in the engine if the client goes away first.
-    Returns per-choice (texts, reasons, counts, logprobs)."""
-    texts, reasons, counts, lps_all = [""] * n, [None] * n, [0] * n, [[] for _ in range(n)]
-
-    async def gather():
-        async for index, text, reason, count, lps in _fan_out(request, jobs, stops):
-            texts[index] += text
-            reasons[index], counts[index] = reason, count
-            lps_all[index] += lps
-
-    work, watch = asyncio.create_task(gather()), asyncio.create_task(_until_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not work.done():
-        work.cancel()  # the client left: cancelling aborts every choice in the engine
-        raise ApiError(499, "client disconnected")
-    work.result()
-    return texts, reasons, counts, lps_all
 
 
 def _token_text(tok, tid: int) -> str:
@@ -337,13 +172,13 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     if data.echo:  # the prompt comes back before the completion, with its tokens' logprobs if asked for
         sampling = msgspec.structs.replace(sampling, prompt_logprobs=data.logprobs)
         echoes = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(prompts, ids_list)]
-    jobs = _jobs(ids_list, sampling, data.n, echoes)
+    jobs = make_jobs(ids_list, sampling, data.n, echoes)
     prompt_tokens = sum(len(ids) for ids in ids_list)
     rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
         async def events():
             counts = [0] * len(jobs)
-            async for index, text, reason, count, lps in _fan_out(request, jobs, stops):
+            async for index, text, reason, count, lps in fan_out(request, jobs, stops):
                 counts[index] = count
                 lp = _completion_logprobs(tok, lps) if want_lp else None
                 yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(index, text, reason, lp)]))
@@ -352,7 +187,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
             yield b"data: [DONE]\n\n"
 
         return Stream(_sse_stream(events()), media_type="text/event-stream")
-    texts, reasons, counts, all_lps = await _collect(request, jobs, stops, len(jobs))
+    texts, reasons, counts, all_lps = await collect(request, jobs, stops, len(jobs))
     choices = [CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
                for i in range(len(jobs))]
     body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens * data.n, sum(counts)))
@@ -388,14 +223,14 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     want_lp = data.logprobs
     sampling, stops = _sampling(data, max_tokens, None, len(ids), s.max_seq_len,
                                 (data.top_logprobs or 0) if want_lp else None)
-    jobs = _jobs([ids], sampling, data.n)
+    jobs = make_jobs([ids], sampling, data.n)
     rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
         async def events():
             first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
             yield _sse(ChatChunk(rid, created, model, first))
             counts = [0] * len(jobs)
-            async for index, piece, reason, count, lps in _fan_out(request, jobs, stops):
+            async for index, piece, reason, count, lps in fan_out(request, jobs, stops):
                 counts[index] = count
                 lp = _chat_logprobs(tok, lps) if want_lp else None
                 yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(index, ChatMessageOut(content=piece), reason,
@@ -405,7 +240,7 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
             yield b"data: [DONE]\n\n"
 
         return Stream(_sse_stream(events()), media_type="text/event-stream")
-    texts, reasons, counts, all_lps = await _collect(request, jobs, stops, len(jobs))
+    texts, reasons, counts, all_lps = await collect(request, jobs, stops, len(jobs))
     choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i],
                           _chat_logprobs(tok, all_lps[i]) if want_lp else None) for i in range(len(jobs))]
     body = ChatResponse(rid, created, model, choices, _usage(len(ids) * data.n, sum(counts)))
@@ -416,8 +251,9 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
 async def models(request: Request) -> dict:
     _check_auth(request)
     s = request.app.state.settings
-    return {"object": "list", "data": [{"id": s.served_model, "object": "model", "created": 0, "owned_by": "ringllm",
-                                        "max_model_len": s.max_seq_len}]}
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ringllm",
+                                        "root": s.model_path, "max_model_len": s.max_seq_len,
+                                        "vocab_size": s.vocab_size} for name in s.served_models]}
 
 
 @get("/metrics")
@@ -480,25 +316,25 @@ async def health(request: Request) -> Response:
     why = request.app.state.client.unavailable()
     if why is None:
         return Response(b"", status_code=200)
-    return _error(503, why, "server_error")
+    return error_response(503, why, "server_error")
 
 
 def _on_api_error(request: Request, exc: ApiError) -> Response:
-    return _error(exc.status, exc.message, exc.kind, exc.param)
+    return error_response(exc.status, exc.message, exc.kind, exc.param)
 
 
 def _on_http_error(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
     if isinstance(exc, ValidationException) and exc.extra:
         detail = f"{exc.detail}: {exc.extra}"
-    return _error(exc.status_code, str(detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return error_response(exc.status_code, str(detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
 
 
 def _on_unexpected(request: Request, exc: Exception) -> Response:
     if isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError)):
-        return _error(400, f"the request body is not valid JSON text: {exc}")
+        return error_response(400, f"the request body is not valid JSON text: {exc}")
     log.exception("unexpected error", path=request.url.path)
-    return _error(500, "internal error", "server_error")
+    return error_response(500, "internal error", "server_error")
 
 
 app = Litestar(

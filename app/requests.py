@@ -1,0 +1,178 @@
+"""A request's life between the HTTP route and the engine: submit each generation (prompt × choice), turn
+its token deltas into text pieces (detokenizing, matching stop strings, enforcing --request-timeout), fan
+several choices out and back in, and abort in the engine whatever the client no longer waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import NamedTuple
+
+import msgspec
+from litestar import Request
+
+from app.engine_client import EngineDown
+from app.errors import ApiError
+from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from engine.logs import get_logger
+from ipc import messages as m
+
+log = get_logger("app")
+
+
+class Job(NamedTuple):
+    """One generation: a prompt, its sampling parameters, and the prompt text to echo first (or None)."""
+
+    ids: list[int]
+    sampling: m.Sampling
+    echo: str | None = None
+
+
+async def _pieces(request: Request, job: Job, stops: list[str]):
+    """Yields (text, finish_reason, completion_tokens, logprobs) as tokens arrive; tokens that arrived
+    together make one piece. With `job.echo` the first piece starts with the prompt (and its tokens'
+    logprobs, the first one None). Aborts the request in the engine if the consumer goes away first."""
+    ids, sampling = job.ids, job.sampling
+    client, tok = request.app.state.client, request.app.state.tokenizer
+    rid = client.new_rid()
+    try:
+        queue = client.submit(rid, ids, sampling)
+    except EngineDown as e:
+        raise ApiError(503, str(e), "server_error") from None
+    detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
+    count, finished, reason = 0, False, None
+    metrics, start, last, ttft = request.app.state.metrics, time.perf_counter(), None, None
+    limit = request.app.state.settings.request_timeout
+    try:
+        while not finished:
+            items = [await _next(queue, None if limit is None else start + limit - time.perf_counter(), limit)]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            new, reason, lps = [], None, []
+            if job.echo is not None and last is None:
+                lps = _echoed_logprobs(ids, items[0]) if sampling.logprobs is not None else []
+            for item in items:
+                if isinstance(item, m.RequestFailed):
+                    finished = True
+                    raise ApiError(item.status, item.message, "server_error" if item.status >= 500 else
+                                   "invalid_request_error")
+                got = m.unpack_ids(item.token_ids)
+                new += got
+                reason = reason or item.finish_reason
+                if item.logprobs is not None:
+                    tops = item.top_logprobs or [[] for _ in got]
+                    lps += list(zip(got, item.logprobs, tops))
+            count += len(new)
+            text = detok.add(new) + (detok.flush() if reason else "")
+            out = matcher.feed(text)
+            if matcher.stopped:
+                reason = "stop"
+            elif reason:
+                out += matcher.flush()
+            finished = reason is not None
+            now = time.perf_counter()
+            if last is None:
+                out = (job.echo or "") + out
+                ttft = now - start
+                metrics.ttft.observe(ttft)
+            else:
+                metrics.itl.observe(now - last)
+            last = now
+            yield out, reason, count, lps
+    finally:
+        if not finished:
+            client.abort(rid)
+            reason = "abort"
+        total = time.perf_counter() - start
+        metrics.finished(reason or "error", len(ids), total)
+        log.info("request", rid=rid, prompt_tokens=len(ids), completion_tokens=count, finish_reason=reason,
+                 ttft_s=round(ttft, 4) if ttft is not None else None, total_s=round(total, 4))
+
+
+def _echoed_logprobs(ids: list[int], first) -> list:
+    """(token, logprob, top) for each prompt token, from the engine's prompt logprobs that came with the
+    first generated token; the first prompt token has no context, so no logprob."""
+    if not isinstance(first, m.TokenDelta) or first.prompt_logprobs is None:
+        return []
+    return [(ids[0], None, None)] + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
+
+
+async def _next(queue: asyncio.Queue, remaining: float | None, limit: float | None):
+    """The next item for a request, or a 504 once it has run past --request-timeout (the caller aborts it)."""
+    if remaining is None:
+        return await queue.get()
+    try:
+        return await asyncio.wait_for(queue.get(), max(0.0, remaining))
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"the request ran past the server's request timeout of {limit:g} s",
+                       "timeout_error") from None
+
+
+async def fan_out(request: Request, jobs: list[Job], stops: list[str]):
+    """Runs several generations at once (prompts × n) and yields (choice index, text, finish_reason, count)
+    as pieces arrive from any of them. Leaving early aborts those still running."""
+    if len(jobs) == 1:  # the common case needs no tasks or queue hop
+        async for text, reason, count, lps in _pieces(request, jobs[0], stops):
+            yield 0, text, reason, count, lps
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def drive(index, job):
+        try:
+            async for text, reason, count, lps in _pieces(request, job, stops):
+                await queue.put((index, text, reason, count, lps))
+        except ApiError as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(drive(i, job)) for i, job in enumerate(jobs)]
+    try:
+        done = 0
+        while done < len(jobs):
+            item = await queue.get()
+            if isinstance(item, ApiError):
+                raise item
+            done += item[2] is not None
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def make_jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None) -> list[Job]:
+    """One job per prompt and choice; with a seed, choice j uses seed + j so the choices differ."""
+    jobs = []
+    for p, ids in enumerate(ids_list):
+        for j in range(n):
+            sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(sampling, seed=sampling.seed + j)
+            jobs.append(Job(ids, sp, echoes[p] if echoes else None))
+    return jobs
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read already; only that event is left)."""
+    message = await request.receive()
+    while message["type"] != "http.disconnect":
+        message = await request.receive()
+
+
+async def collect(request: Request, jobs, stops, n: int):
+    """Runs a non-streaming request to its end, or aborts it in the engine if the client goes away first.
+    Returns per-choice (texts, reasons, counts, logprobs)."""
+    texts, reasons, counts, lps_all = [""] * n, [None] * n, [0] * n, [[] for _ in range(n)]
+
+    async def gather():
+        async for index, text, reason, count, lps in fan_out(request, jobs, stops):
+            texts[index] += text
+            reasons[index], counts[index] = reason, count
+            lps_all[index] += lps
+
+    work, watch = asyncio.create_task(gather()), asyncio.create_task(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()  # the client left: cancelling aborts every choice in the engine
+        raise ApiError(499, "client disconnected")
+    work.result()
+    return texts, reasons, counts, lps_all
