@@ -5,81 +5,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import json
 import math
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
+
+from app.options import ServeConfig, add_options, from_args, read_environment
+from engine.config import EngineConfig
 
 DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random weights, so its output is random "
              "text. Point --model at a Hugging Face checkpoint directory (or hub id) for real output.")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=os.environ.get("RINGLLM_MODEL"),
-                   help="checkpoint directory or hub repo id (default: $RINGLLM_MODEL, else the demo model)")
-    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
-    g.add_argument("--pp-size", type=int, default=1, help="pipeline-parallel stages")
-    g.add_argument("--device-ids", default=None, help="comma-separated GPU ids to use")
-    g.add_argument("--nccl-port", "--master-port", dest="nccl_port", type=int, default=29555,
-                   help="rank 0's torch.distributed rendezvous port")
-    g.add_argument("--nnodes", type=int, default=1, help="hosts the ranks are spread over")
-    g.add_argument("--node-rank", type=int, default=0, help="this host's index (0 runs the engine and the server)")
-    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, as the other hosts reach it")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
-    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (overrides budgets)")
-    g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="KV pool budget on CPU, GiB")
-    g.add_argument("--max-bs", type=int, default=256, help="most sequences in one step")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
-    g.add_argument("--max-waiting-requests", type=int, default=4096, help="queue bound; beyond it requests get 503")
-    g.add_argument("--context-len", type=int, default=None, help="longest sequence (default: the model's)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--disable-overlap-schedule", action="store_true", help="do not overlap host and device work")
-    g.add_argument("--disable-radix-cache", action="store_true", help="no prefix caching")
-    g.add_argument("--attention-backend", default="auto", help="auto, torch or flashinfer")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator")
-    g.add_argument("--log-level", default="info", help="debug, info, warning or error")
-    g.add_argument("--profile", action="store_true", help="record a torch profiler trace of the run")
-    g.add_argument("--profile-dir", default="profiles", help="where profiler traces go (one file per rank)")
+    add_options(p.add_argument_group("engine"), EngineConfig)
 
 
-def engine_config(args: argparse.Namespace):
-    from engine.config import EngineConfig
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return from_args(EngineConfig, args)
 
-    ids = [int(x) for x in args.device_ids.split(",")] if args.device_ids else None
-    return EngineConfig(
-        model=args.model or None, dtype=args.dtype, device=args.device, tp_size=args.tp_size, pp_size=args.pp_size,
-        device_ids=ids, nccl_port=args.nccl_port, nnodes=args.nnodes, node_rank=args.node_rank,
-        master_addr=args.master_addr, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
-        cpu_kv_cache_gb=args.cpu_kv_cache_gb, max_bs=args.max_bs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_waiting_requests=args.max_waiting_requests,
-        context_len=args.context_len, enforce_eager=args.enforce_eager,
-        disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
-        attention_backend=args.attention_backend, seed=args.seed, log_level=args.log_level,
-        profile=args.profile, profile_dir=args.profile_dir,
-    )
+
+def _version() -> str:
+    try:
+        return f"ringllm {importlib.metadata.version('ringllm')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "ringllm (not installed: run scripts/setup.sh)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Options come from ServeConfig's and EngineConfig's fields. Every option can also be set by an
+    environment variable named after its first spelling: RINGLLM_CONTEXT_LEN for --context-len (alias
+    --max-model-len), RINGLLM_SERVED_MODEL_NAME=a,b for several names (main reads them)."""
     parser = argparse.ArgumentParser(prog="ringllm", description="A small, fast OpenAI-compatible LLM server.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    srv.add_argument("--port", type=int, default=8000, help="HTTP port")
-    srv.add_argument("--workers", type=int, default=1, help="API worker processes")
-    srv.add_argument("--served-model-name", default=None, help="model name clients use (default: checkpoint name)")
-    srv.add_argument("--api-key", default=os.environ.get("RINGLLM_API_KEY"),
-                     help="require this bearer token on every route but --public-routes (default: $RINGLLM_API_KEY)")
-    srv.add_argument("--public-routes", default="/health,/metrics",
-                     help="comma-separated routes that need no API key ('' guards them all)")
-    srv.add_argument("--request-timeout", type=float, default=None,
-                     help="seconds a request may take before it is aborted with 504 (default: no limit)")
-    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
-                     help="seconds SIGTERM waits for requests in flight before stopping")
+    srv.add_argument("--version", action="version", version=_version())
+    add_options(srv, ServeConfig)
     add_engine_args(srv)
     gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal")
     gen.add_argument("prompt", help="the prompt text")
@@ -153,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return started
     proc, info = started
     os.environ.update(_worker_environment(args, info))
-    print(f"ringllm ready on http://{args.host}:{args.port} | model {os.environ['RINGLLM_SERVED_MODEL']} | "
+    print(f"ringllm ready on http://{args.host}:{args.port} | model {served_names(args)[0]} | "
           f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens", file=sys.stderr, flush=True)
     return _host_app(args, proc)
 
@@ -185,12 +150,19 @@ def _start_engine(config, args: argparse.Namespace):
     return proc, info
 
 
+def served_names(args: argparse.Namespace) -> list[str]:
+    """The names clients use for the model: --served-model-name, else the --model argument as given (as vLLM
+    does: a hub id stays whole, a directory keeps its path)."""
+    return args.served_model_name or [args.model or "ringllm-demo"]
+
+
 def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
     """The settings each API worker reads (app.server.Settings)."""
-    served = args.served_model_name or (args.model and Path(args.model).name) or "ringllm-demo"
+    served = served_names(args)
     env = dict(RINGLLM_ENGINE_PID=str(info["pid"]), RINGLLM_WORKERS=str(args.workers),
                RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
-               RINGLLM_VOCAB_SIZE=str(info["vocab_size"]), RINGLLM_SERVED_MODEL=served,
+               RINGLLM_VOCAB_SIZE=str(info["vocab_size"]), RINGLLM_SERVED_MODELS=json.dumps(served),
+               RINGLLM_TOKENIZER_PATH=args.tokenizer or info["model_path"],
                RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
                RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0))
     if args.api_key:
@@ -263,7 +235,9 @@ def serve_other_node(config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    read_environment(parser)
+    args = parser.parse_args(argv)
     if args.command == "generate":
         return cmd_generate(args)
     if args.command == "serve":

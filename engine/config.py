@@ -1,39 +1,60 @@
-"""EngineConfig: the one place every engine setting comes from."""
+"""EngineConfig: the one place every engine setting comes from.
+
+Each field carries its command-line description in its metadata (`setting(...)`): the help text, vLLM's
+names for the same option, and the allowed values. `ringllm serve` and `ringllm generate` build their options
+from these fields (app/options.py), and each option can also be set by RINGLLM_<FIELD NAME>, so a default,
+a help text and an environment variable live here and nowhere else."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+KV_CACHE_DTYPES = ("auto",)  # the KV cache is stored in the model's dtype; fp8 is not implemented
+
+
+def setting(default: Any, help: str, *aliases: str, choices: tuple | None = None, metavar: str | None = None,
+            default_text: str | None = None, parse: Callable[[str], Any] | None = None, nargs: str | None = None) -> Any:
+    """A config field and its option: `--field-name` plus `aliases` (vLLM's names), `help`, optionally a
+    fixed set of `choices`, the text the reference shows for the default (`default_text`), and how one
+    value is read from text (`parse`; by default from the field's type) or several (`nargs="+"`)."""
+    return field(default=default, metadata=dict(help=help, aliases=aliases, choices=choices, metavar=metavar,
+                                                default_text=default_text, parse=parse, nargs=nargs))
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # checkpoint dir or hub id; None builds and serves the demo model
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    device: str = "auto"  # auto | cpu | cuda
-    tp_size: int = 1
-    pp_size: int = 1
-    device_ids: list[int] | None = None
-    nccl_port: int = 29555  # rank 0's rendezvous port (torch.distributed TCP store)
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"  # rank 0's host, as the other hosts reach it
-    gpu_memory_utilization: float = 0.9
-    kv_cache_tokens: int | None = None  # explicit pool size in tokens (wins over memory budgets)
-    cpu_kv_cache_gb: float = 1.0  # pool budget on CPU when kv_cache_tokens is not given
-    max_bs: int = 256  # most sequences in one step
-    max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunks + decodes)
-    max_waiting_requests: int = 4096
-    context_len: int | None = None  # default: the model's max_position_embeddings
-    enforce_eager: bool = False  # no CUDA graphs
-    disable_overlap_schedule: bool = False
-    disable_radix_cache: bool = False
-    attention_backend: str = "auto"  # auto | torch | flashinfer
-    seed: int = 0
-    log_level: str = "info"
-    profile: bool = False
-    profile_dir: str = "profiles"
-    download_dir: str | None = None
-    extra: dict = field(default_factory=dict)
+    model: str | None = setting(None, "checkpoint directory or hub repo id (default: the demo model)",
+                                default_text="the demo model")
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the model's)")
+    download_dir: str | None = setting(None, "where hub checkpoints are downloaded (default: the hub's cache)")
+    dtype: str = setting("auto", "weights' and activations' dtype", choices=DTYPES)
+    kv_cache_dtype: str = setting("auto", "KV cache dtype; only auto (the model's dtype) is implemented")
+    device: str = setting("auto", "where the engine runs (auto: cuda when available)", choices=("auto", "cpu", "cuda"))
+    tp_size: int = setting(1, "tensor-parallel ranks", "--tensor-parallel-size", "-tp")
+    pp_size: int = setting(1, "pipeline-parallel stages", "--pipeline-parallel-size", "-pp")
+    device_ids: list[int] | None = setting(None, "comma-separated GPU ids to use", metavar="IDS")
+    nccl_port: int = setting(29555, "rank 0's torch.distributed rendezvous port", "--master-port")
+    nnodes: int = setting(1, "hosts the ranks are spread over")
+    node_rank: int = setting(0, "this host's index (0 runs the engine and the server)")
+    master_addr: str = setting("127.0.0.1", "address of node 0, as the other hosts reach it")
+    gpu_memory_utilization: float = setting(0.9, "share of GPU memory to use")
+    kv_cache_tokens: int | None = setting(None, "KV pool size in tokens (overrides the memory budgets)")
+    cpu_kv_cache_gb: float = setting(1.0, "KV pool budget on CPU, GiB")
+    max_bs: int = setting(256, "most sequences in one step", "--max-num-seqs")
+    max_num_batched_tokens: int = setting(8192, "token budget of one step (prefill chunks and decodes)")
+    max_waiting_requests: int = setting(4096, "queue bound; beyond it requests get 503")
+    context_len: int | None = setting(None, "longest sequence (default: the model's; larger is refused)",
+                                      "--max-model-len")
+    enforce_eager: bool = setting(False, "no CUDA graphs")
+    disable_overlap_schedule: bool = setting(False, "do not overlap host and device work")
+    disable_radix_cache: bool = setting(False, "no prefix caching")
+    attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "flashinfer"))
+    seed: int = setting(0, "seed of the sampler's generator")
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    profile: bool = setting(False, "record a torch profiler trace of the run")
+    profile_dir: str = setting("profiles", "where profiler traces go (one file per rank)")
 
     def __post_init__(self) -> None:
         if self.max_bs < 1:
@@ -42,15 +63,24 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: the KV cache is kept in "
+                             f"the model's dtype (use 'auto')")
         if self.tp_size < 1 or self.pp_size < 1:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} of {self.nnodes}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.context_len is not None and self.context_len < 2:
+            raise ValueError(f"context_len must be >= 2, got {self.context_len}")
 
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
+
+def check_context_len(config: EngineConfig, model_max: int | None) -> None:
+    """Refuses a context longer than the model was trained for (its max_position_embeddings): the rotary
+    tables would be extrapolated silently and the output would degrade without any sign."""
+    if config.context_len is not None and model_max is not None and config.context_len > model_max:
+        raise ValueError(f"--context-len {config.context_len} is larger than the model's maximum of {model_max} "
+                         f"tokens (max_position_embeddings); use at most {model_max}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine import parallel
-from engine.config import EngineConfig
+from engine.config import EngineConfig, check_context_len
 from engine.loader import checkpoint_path, read_config
 from engine.logs import get_logger
 from engine.model_runner import HostSample, ModelRunner, StepResult, prompt_logprob_positions
@@ -26,7 +26,7 @@ from engine.profiler import RankProfiler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
-from engine.worker import Workers, join, rank_device
+from engine.worker import Workers, join, no_cuda_reason, rank_device
 
 log = get_logger("engine")
 
@@ -54,6 +54,8 @@ class RequestError(ValueError):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (why := no_cuda_reason(name)) is not None:
+        raise ValueError(why)
     return torch.device(name)
 
 
@@ -64,6 +66,7 @@ class Engine:
             raise ValueError("the engine runs on node 0; other nodes run their ranks with engine.worker.run_node")
         self.model_path = checkpoint_path(config.model, config.download_dir)
         hf_config = read_config(self.model_path)
+        check_context_len(config, hf_config.get("max_position_embeddings"))
         self.workers = None
         self.layout = Layout()
         if config.tp_size * config.pp_size > 1:

@@ -79,7 +79,7 @@ class LLM:
         self.engine = Engine(config)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine.model_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or str(self.engine.model_path))
         self._ids = itertools.count()
         self._commands: deque = deque()
         self._requests: dict[str, _Request] = {}

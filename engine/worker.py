@@ -77,9 +77,21 @@ def decode_message(data) -> StepPlan | str:
                     num_decodes=msg.num_decodes)
 
 
+def no_cuda_reason(device: str) -> str | None:
+    """Why `device` cannot be used when it names CUDA and torch has none (or None): a clear message instead
+    of torch's "Torch not compiled with CUDA enabled" AssertionError from deep inside the model build."""
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return None
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    return (f"--device {device}: this torch ({torch.__version__}, {build}) sees no CUDA GPU; "
+            f"use --device cpu (or auto)")
+
+
 def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if (why := no_cuda_reason(config.device)) is not None:
+        raise ValueError(why)
     ids = config.device_ids or list(range(torch.cuda.device_count()))
     if local_rank >= len(ids):
         raise ValueError(f"rank needs GPU #{local_rank} on this host but only {len(ids)} are available or listed "

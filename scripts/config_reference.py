@@ -1,5 +1,5 @@
 """Writes the configuration reference in README.md from the CLI's own parser, so the two cannot drift apart
-(tests/test_docs.py fails when they do).
+(tests/test_clients.py fails when they do).
 
     python scripts/config_reference.py          # rewrite the block between the markers
     python scripts/config_reference.py --check  # exit 1 if the README is out of date"""
@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.cli import build_parser  # noqa: E402
+from app.options import env_name  # noqa: E402
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
@@ -24,21 +25,27 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def _default(action: argparse.Action) -> str:
+    if getattr(action, "default_text", None):
+        return action.default_text
     if isinstance(action, argparse._StoreTrueAction):
         return "off"
-    if action.dest in ("api_key", "model"):  # read from the environment of whoever runs this script
-        return "$RINGLLM_API_KEY" if action.dest == "api_key" else "$RINGLLM_MODEL or the demo model"
-    return "—" if action.default is None else f"`{action.default}`"
+    if action.default is None or action.default == []:
+        return "—"
+    return f"`{action.default}`"
 
 
 def render() -> str:
-    lines = [BEGIN, "", "| option | default | what it does |", "|---|---|---|"]
+    """The declared defaults (build_parser does not read the environment; only main() does)."""
+    lines = [BEGIN, "", "| option | environment | default | what it does |", "|---|---|---|---|"]
     for group in _serve_parser()._action_groups:
         for action in group._group_actions:
-            if isinstance(action, argparse._HelpAction):
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
                 continue
             names = ", ".join(f"`{o}`" for o in action.option_strings)
-            lines.append(f"| {names} | {_default(action)} | {(action.help or '').replace('|', '/')} |")
+            help_text = (action.help or "").replace("|", "/")
+            if action.choices:
+                help_text += ": " + ", ".join(map(str, action.choices))
+            lines.append(f"| {names} | `{env_name(action)}` | {_default(action)} | {help_text} |")
     return "\n".join(lines + ["", END])
 
 

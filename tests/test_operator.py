@@ -1,0 +1,104 @@
+"""What an operator who runs vLLM today meets first: vLLM's option names, RINGLLM_* environment variables,
+clear start-up errors, request ids, access logs, CORS, TLS, and a serve parent that keeps torch out of the
+API workers."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.cli import build_parser, engine_config
+from app.options import ServeConfig, read_environment
+from engine.config import EngineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse(argv: list[str], env: dict | None = None):
+    parser = build_parser()
+    read_environment(parser, env or {})
+    return parser.parse_args(argv)
+
+
+# ---- options generated from the config fields ----
+def test_every_config_field_has_an_option_with_its_default():
+    args = _parse(["serve"])
+    for cls in (EngineConfig, ServeConfig):
+        for f in dataclasses.fields(cls):
+            assert getattr(args, f.name) == f.default, f.name
+    assert engine_config(args) == EngineConfig()
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--max-model-len", "512"], "context_len", 512),
+    (["--tensor-parallel-size", "2"], "tp_size", 2),
+    (["-tp", "2"], "tp_size", 2),
+    (["--pipeline-parallel-size", "3"], "pp_size", 3),
+    (["-pp", "3"], "pp_size", 3),
+    (["--max-num-seqs", "17"], "max_bs", 17),
+    (["--tokenizer", "/tok"], "tokenizer", "/tok"),
+    (["--download-dir", "/dl"], "download_dir", "/dl"),
+    (["--kv-cache-dtype", "auto"], "kv_cache_dtype", "auto"),
+    (["--master-port", "30001"], "nccl_port", 30001),
+    (["--device-ids", "2,3"], "device_ids", [2, 3]),
+])
+def test_vllm_names_set_the_same_engine_field(argv, field, value):
+    assert getattr(engine_config(_parse(["serve", *argv])), field) == value
+
+
+def test_served_model_name_takes_several_and_origins_take_json_or_commas():
+    args = _parse(["serve", "--served-model-name", "Qwen/Qwen3-8B", "qwen", "--allowed-origins", '["http://a"]'])
+    assert args.served_model_name == ["Qwen/Qwen3-8B", "qwen"] and args.allowed_origins == ["http://a"]
+    args = _parse(["serve", "--allowed-origins", "http://a, http://b", "--ssl-keyfile", "k", "--ssl-certfile", "c"])
+    assert args.allowed_origins == ["http://a", "http://b"] and (args.ssl_keyfile, args.ssl_certfile) == ("k", "c")
+
+
+def test_every_option_reads_its_environment_variable_and_the_command_line_wins():
+    env = {"RINGLLM_PORT": "9123", "RINGLLM_CONTEXT_LEN": "300", "RINGLLM_ENFORCE_EAGER": "true",
+           "RINGLLM_SERVED_MODEL_NAME": "a,b", "RINGLLM_DEVICE_IDS": "0,1", "RINGLLM_SHUTDOWN_TIMEOUT": "45",
+           "RINGLLM_API_KEY": "k", "RINGLLM_DISABLE_RADIX_CACHE": "0", "RINGLLM_DTYPE": ""}
+    args = _parse(["serve"], env)
+    assert (args.port, args.context_len, args.enforce_eager, args.served_model_name) == (9123, 300, True, ["a", "b"])
+    assert (args.device_ids, args.shutdown_timeout, args.api_key) == ([0, 1], 45.0, "k")
+    assert args.disable_radix_cache is False and args.dtype == "auto"  # "" counts as unset
+    assert _parse(["serve", "--max-model-len", "200", "--port", "1"], env).context_len == 200
+
+
+@pytest.mark.parametrize("env", [{"RINGLLM_PORT": "eighty"}, {"RINGLLM_ENFORCE_EAGER": "maybe"},
+                                 {"RINGLLM_DEVICE": "tpu"}])
+def test_an_environment_value_that_does_not_parse_names_the_variable(env, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parse(["serve"], env)
+    assert e.value.code == 2 and next(iter(env)) in capsys.readouterr().err
+
+
+def _ringllm(*argv: str, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RINGLLM_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "app", *argv], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+
+
+def test_version():
+    run = subprocess.run([sys.executable, "-m", "app", "--version"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("ringllm 0.")
+
+
+def test_kv_cache_dtype_other_than_auto_is_refused_clearly(tmp_path):
+    run = _ringllm("generate", "hi", "--kv-cache-dtype", "fp8", cache=tmp_path)
+    assert run.returncode == 2 and "kv_cache_dtype 'fp8' is not implemented" in run.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path):
+    run = _ringllm("generate", "hi", "--device", "cuda", "--max-tokens", "1", cache=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "error: --device cuda: this torch" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_context_len_beyond_the_models_maximum_is_refused(tmp_path):
+    run = _ringllm("generate", "hi", "--device", "cpu", "--max-model-len", "5000", cache=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "--context-len 5000 is larger than the model's maximum of 4096" in run.stderr
