@@ -31,7 +31,8 @@ class Job(NamedTuple):
 async def _pieces(request: Request, job: Job, stops: list[str]):
     """Yields (text, finish_reason, completion_tokens, logprobs) as tokens arrive; tokens that arrived
     together make one piece. With `job.echo` the first piece starts with the prompt (and its tokens'
-    logprobs, the first one None). Aborts the request in the engine if the consumer goes away first."""
+    logprobs, the first one None). Whatever ends the request before the engine does (a stop string, the
+    timeout, a consumer that went away) aborts it in the engine, so that it stops generating and frees its KV."""
     ids, sampling = job.ids, job.sampling
     client, tok = request.app.state.client, request.app.state.tokenizer
     rid = client.new_rid()
@@ -41,6 +42,7 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
         raise ApiError(503, str(e), "server_error") from None
     detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
     count, finished, reason = 0, False, None
+    engine_done = False  # the engine finished or failed the request itself: nothing to abort
     metrics, start, last, ttft = request.app.state.metrics, time.perf_counter(), None, None
     limit = request.app.state.settings.request_timeout
     try:
@@ -53,7 +55,7 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
                 lps = _echoed_logprobs(ids, items[0]) if sampling.logprobs is not None else []
             for item in items:
                 if isinstance(item, m.RequestFailed):
-                    finished = True
+                    finished = engine_done = True
                     raise ApiError(item.status, item.message, "server_error" if item.status >= 500 else
                                    "invalid_request_error")
                 got = m.unpack_ids(item.token_ids)
@@ -63,10 +65,14 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
                     tops = item.top_logprobs or [[] for _ in got]
                     lps += list(zip(got, item.logprobs, tops))
             count += len(new)
+            engine_done = reason is not None
             text = detok.add(new) + (detok.flush() if reason else "")
             out = matcher.feed(text)
             if matcher.stopped:
                 reason = "stop"
+                if not engine_done:  # the engine does not see stop strings: it would generate on
+                    client.abort(rid)
+                    engine_done = True
             elif reason:
                 out += matcher.flush()
             finished = reason is not None
@@ -80,8 +86,9 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
             last = now
             yield out, reason, count, lps
     finally:
-        if not finished:
+        if not engine_done:
             client.abort(rid)
+        if not finished:
             reason = "abort"
         total = time.perf_counter() - start
         metrics.finished(reason or "error", len(ids), total)
