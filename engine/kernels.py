@@ -60,6 +60,70 @@ if triton is not None:
         tl.store(out + HALF + offs, (b * cos + a * sin).to(x1.dtype))
 
     @triton.jit
+    def _qkv_rope_store_kernel(qkv_ptr, tok_stride, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cs_stride, pos_ptr, slot_ptr,
+                               q_out_ptr, k_cache_ptr, v_cache_ptr, num_heads, num_kv_heads, eps,
+                               HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+        """One program per (token, head) over the fused q|k|v projection: a query head is normed, rotated and
+        written to q_out; a KV head's key is normed, rotated and its value copied, both straight into the
+        token's slot of the layer's K/V cache. Replaces two norm+rotary launches and two cache scatters."""
+        tok = tl.program_id(0)
+        head = tl.program_id(1)
+        D: tl.constexpr = 2 * HALF
+        offs = tl.arange(0, HALF)
+        is_q = head < num_heads
+        kv_head = head - num_heads
+        base = qkv_ptr + tok * tok_stride + head * D
+        x1 = tl.load(base + offs)
+        x2 = tl.load(base + HALF + offs)
+        if HAS_NORM:
+            if is_q:
+                w1, w2 = tl.load(qw_ptr + offs), tl.load(qw_ptr + HALF + offs)
+            else:
+                w1, w2 = tl.load(kw_ptr + offs), tl.load(kw_ptr + HALF + offs)
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            inv = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / D + eps)
+            x1 = (f1 * inv).to(x1.dtype) * w1
+            x2 = (f2 * inv).to(x2.dtype) * w2
+        pos = tl.load(pos_ptr + tok)
+        cos = tl.load(cos_ptr + pos * cs_stride + offs)
+        sin = tl.load(sin_ptr + pos * cs_stride + offs)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        r1, r2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+        if is_q:
+            out = q_out_ptr + (tok * num_heads + head) * D
+            tl.store(out + offs, r1)
+            tl.store(out + HALF + offs, r2)
+        else:
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            row = (slot * num_kv_heads + kv_head) * D
+            tl.store(k_cache_ptr + row + offs, r1)
+            tl.store(k_cache_ptr + row + HALF + offs, r2)
+            v = base + num_kv_heads * D
+            tl.store(v_cache_ptr + row + offs, tl.load(v + offs))
+            tl.store(v_cache_ptr + row + HALF + offs, tl.load(v + HALF + offs))
+
+    @triton.jit
+    def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y = x W^T for few rows (decode at small batch): each program streams a BLOCK_N-row strip of W once
+        for every row of x. Narrow strips give enough programs to keep the memory system busy, which cuBLAS's
+        tiles for large M do not at M <= 16."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_rows = x_ptr + offs_m[:, None] * x_stride
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(x_rows + kk[None, :], mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        y = y_ptr + offs_m[:, None] * y_stride + offs_n[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -129,6 +193,46 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
         _norm_rope_kernel[(T, H)](x, x.stride(0), x.stride(1), weight if weight is not None else x, cos, sin,
                                   cos.stride(0), positions, out, H, eps, HAS_NORM=weight is not None, HALF=D // 2)
     return out
+
+
+def qkv_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_weight, k_weight,
+                   eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """From the q|k|v projection [T, (H + 2 Hkv) D]: per-head RMSNorm (weights given) and neox rotary of q and
+    k; k and v are stored into `slots` of the layer's caches ([slots, Hkv, D], contiguous). Returns q as a new
+    [T, H, D] tensor."""
+    T = qkv.shape[0]
+    q = torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if T:
+        has_norm = q_weight is not None
+        _qkv_rope_store_kernel[(T, num_heads + num_kv_heads)](
+            qkv, qkv.stride(0), q_weight if has_norm else qkv, k_weight if has_norm else qkv, cos, sin,
+            cos.stride(0), positions, slots, q, k_cache, v_cache, num_heads, num_kv_heads, eps,
+            HAS_NORM=has_norm, HALF=head_dim // 2)
+    return q
+
+
+SKINNY_MAX_M = 16  # rows up to which the skinny kernel beats cuBLAS (measured: docs/PERFORMANCE.md)
+
+
+def skinny_config(N: int, K: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an N x K weight."""
+    return (16, 256, 4, 4) if N <= 8192 else (32, 256, 4, 4)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config=None) -> torch.Tensor:
+    """F.linear, through the skinny kernel when x has at most SKINNY_MAX_M rows (and no bias)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    N = weight.shape[0]
+    if bias is not None or M > SKINNY_MAX_M or M == 0 or x2.stride(-1) != 1 or weight.stride(-1) != 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    block_n, block_k, warps, stages = config or skinny_config(N, K)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](x2, weight, y, M, N, K, x2.stride(0), weight.stride(0),
+                                                   y.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                   num_warps=warps, num_stages=stages)
+    return y.view(*x.shape[:-1], N)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

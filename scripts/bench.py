@@ -118,26 +118,69 @@ class HostTimer:
         setattr(obj, name, timed)
 
 
-def profile_decode(engine: Engine, out_dir: Path) -> None:
-    """Torch profiler over 20 decode steps at batch 256 with 900-token contexts: a table of where time goes."""
+KERNEL_KINDS = [  # (kind, substrings of kernel names), first match wins
+    ("attention (FlashInfer)", ("BatchDecode", "BatchPrefill", "flashinfer", "Persistent")),
+    ("GEMM (cuBLAS/cutlass)", ("gemm", "Gemm", "xmma", "cutlass", "nvjet", "splitK", "gemv")),
+    ("q/k norm + rotary", ("_norm_rope",)),
+    ("RMSNorm (+residual)", ("_rmsnorm",)),
+    ("SiLU-and-mul", ("_silu",)),
+    ("sampling", ("_gumbel", "argmax", "gather", "argMax", "reduce_kernel")),
+    ("KV store / indexing", ("index_put", "indexing", "index_elementwise", "scatter")),
+    ("copies / fills", ("copy", "Memcpy", "Memset", "fill", "elementwise")),
+]
+
+
+def kernel_table(prof, steps: int) -> str:
+    """CUDA time and launches per step, grouped by kind of kernel (from the profiler's per-kernel totals)."""
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        t = e.self_device_time_total
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in e.key for s in subs)), "other")
+        acc = kinds.setdefault(kind, [0.0, 0])
+        acc[0] += t
+        acc[1] += e.count
+    total = sum(v[0] for v in kinds.values()) or 1.0
+    lines = [f"{'kind':<24} {'us/step':>9} {'share':>6} {'kernels/step':>12}"]
+    for kind, (t, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{kind:<24} {t / steps:>9.1f} {t / total:>6.1%} {n / steps:>12.1f}")
+    lines.append(f"{'total':<24} {total / steps:>9.1f} {'':>6} {sum(v[1] for v in kinds.values()) / steps:>12.1f}")
+    return "\n".join(lines)
+
+
+def profile_decode(engine: Engine, out_dir: Path, batch: int, steps: int = 20, context: int = 900) -> None:
+    """Torch profiler over `steps` decode steps at `batch` sequences with ~`context`-token contexts: where device time
+    goes per step, by kind of kernel, plus the per-kernel tables. Also the wall time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompts = [[random.randint(0, 10000) for _ in range(900)] for _ in range(256)]
+    rng = random.Random(4)
+    top = min(10000, engine.vocab_size - 1)
+    prompts = [[rng.randint(0, top) for _ in range(context)] for _ in range(batch)]
     for i, p in enumerate(prompts):
-        engine.add_request(f"prof{i}", p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=60))
+        engine.add_request(f"prof{batch}-{i}", p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=80))
     for _ in range(30):
         engine.step()  # prefill and settle
     sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    wall = (time.perf_counter() - t0) / steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
+        for _ in range(steps):
             engine.step()
         sync()
     while engine.has_work:
         engine.step()
+    summary = f"batch {batch}: {wall * 1e3:.3f} ms per decode step (wall, unprofiled)\n" + kernel_table(prof, steps)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-    (out_dir / "profile_decode.txt").write_text(table + "\n\nby host time:\n" + cpu_table)
-    print(table[:6000])
+    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (out_dir / f"profile_decode_bs{batch}.txt").write_text(summary + "\n\n" + table + "\n\nby host time:\n"
+                                                           + cpu_table)
+    print(summary, flush=True)
 
 
 def nano(engine: Engine, bandwidth: float) -> dict:
@@ -145,6 +188,7 @@ def nano(engine: Engine, bandwidth: float) -> dict:
     expected = sum(p.max_tokens for p in params)
     assert expected == NANO_FINGERPRINT, f"workload fingerprint {expected} != {NANO_FINGERPRINT}"
     run(engine, [[1] * 16], [SamplingParams(max_tokens=16)], "warm")
+    engine.scheduler.cache and engine.scheduler.cache.reset()  # a repeated run starts as cold as the first
     timer = HostTimer(engine)
     seconds, tokens, steps, _ = run(engine, prompts, params, "nano")
     print("host time (s):", {k: round(v, 3) for k, v in timer.totals.items()})
@@ -205,7 +249,9 @@ def main() -> None:
     ap.add_argument("--pp-size", type=int, default=1)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--json", type=Path, help="write results here")
-    ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the table here")
+    ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the tables here")
+    ap.add_argument("--repeat", type=int, default=1, help="run nano and latency this many times (one engine)")
+    ap.add_argument("--profile-batch", type=int, nargs="+", default=[256], help="batch sizes to profile")
     a = ap.parse_args()
     model = a.model
     if model is None:
@@ -223,13 +269,16 @@ def main() -> None:
     results = Results(a.json, {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name})
     engine = Engine(EngineConfig(**base))
     todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
-    if "nano" in todo:
-        results.append(nano(engine, copy_bandwidth() if a.tp_size * a.pp_size == 1 else float("nan")))
+    bandwidth = copy_bandwidth() if a.tp_size * a.pp_size == 1 else float("nan")
+    for _ in range(a.repeat):
+        if "nano" in todo:
+            results.append(nano(engine, bandwidth))
+        if "latency" in todo:
+            results.append(latency(engine))
     if a.profile_dir:
         a.profile_dir.mkdir(parents=True, exist_ok=True)
-        profile_decode(engine, a.profile_dir)
-    if "latency" in todo:
-        results.append(latency(engine))
+        for batch in a.profile_batch:
+            profile_decode(engine, a.profile_dir, batch)
     if "prefix" in todo:
         results.append(prefix(engine))
         engine.close()
