@@ -164,7 +164,8 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
                RINGLLM_VOCAB_SIZE=str(info["vocab_size"]), RINGLLM_SERVED_MODELS=json.dumps(served),
                RINGLLM_TOKENIZER_PATH=args.tokenizer or info["model_path"],
                RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
-               RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0))
+               RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0),
+               RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests))
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
     return env

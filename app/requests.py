@@ -145,14 +145,26 @@ async def fan_out(request: Request, jobs: list[Job], stops: list[str]):
             t.cancel()
 
 
-def make_jobs(ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None) -> list[Job]:
-    """One job per prompt and choice; with a seed, choice j uses seed + j so the choices differ."""
+def make_jobs(request: Request, ids_list: list[list[int]], sampling: m.Sampling, n: int,
+              echoes: list[str] | None = None) -> list[Job]:
+    """One job per prompt and choice; with a seed, choice j uses seed + j (wrapped within 64 bits) so the
+    choices differ. More jobs than the engine's queue holds could never all be queued: that is a 400."""
+    limit = request.app.state.settings.max_waiting_requests
+    if len(ids_list) * n > limit:
+        raise ApiError(400, f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this server "
+                            f"queues at most {limit} (--max-waiting-requests)", param="n")
     jobs = []
     for p, ids in enumerate(ids_list):
         for j in range(n):
-            sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(sampling, seed=sampling.seed + j)
+            sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(
+                sampling, seed=_choice_seed(sampling.seed, j))
             jobs.append(Job(ids, sp, echoes[p] if echoes else None))
     return jobs
+
+
+def _choice_seed(seed: int, j: int) -> int:
+    """seed + j as a signed 64-bit integer: 2**63 - 1 + 1 wraps to -2**63 instead of overflowing."""
+    return (seed + j + 2**63) % 2**64 - 2**63
 
 
 async def _until_disconnect(request: Request) -> None:

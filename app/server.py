@@ -16,6 +16,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Stream
 
+from app import chat as chat_io
 from app.engine_client import EngineClient, EngineDown
 from app.errors import ApiError, error_response
 from app.metrics import Metrics
@@ -51,6 +52,8 @@ class Settings:
         self.api_key = env.get("RINGLLM_API_KEY") or None
         self.vocab_size = int(env.get("RINGLLM_VOCAB_SIZE", "0"))  # the model's; its tokenizer may know fewer
         self.public_routes = set(filter(None, env.get("RINGLLM_PUBLIC_ROUTES", "/health,/metrics").split(",")))
+        # A request's generations (prompts × n) wait in the engine's queue together: more can never be queued.
+        self.max_waiting_requests = int(env.get("RINGLLM_MAX_WAITING_REQUESTS") or 4096)
         timeout = float(env.get("RINGLLM_REQUEST_TIMEOUT") or 0)
         self.request_timeout = timeout if timeout > 0 else None
 
@@ -61,6 +64,9 @@ async def lifespan(app: Litestar):
     s = Settings()
     app.state.settings = s
     app.state.tokenizer = AppTokenizer(s.tokenizer_path)
+    app.state.chat_parsers = chat_io.model_parsers(s.model_path, app.state.tokenizer.template_text,
+                                                   os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
+                                                   os.environ.get("RINGLLM_REASONING_PARSER"))
     app.state.client = EngineClient(s.engine_pid, s.workers)
     table = open_metrics_table(s.engine_pid)
     app.state.metrics = Metrics(table, app.state.client.index)
@@ -172,7 +178,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     if data.echo:  # the prompt comes back before the completion, with its tokens' logprobs if asked for
         sampling = msgspec.structs.replace(sampling, prompt_logprobs=data.logprobs)
         echoes = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(prompts, ids_list)]
-    jobs = make_jobs(ids_list, sampling, data.n, echoes)
+    jobs = make_jobs(request, ids_list, sampling, data.n, echoes)
     prompt_tokens = sum(len(ids) for ids in ids_list)
     rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
@@ -183,14 +189,14 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
                 lp = _completion_logprobs(tok, lps) if want_lp else None
                 yield _sse(CompletionResponse(rid, created, model, [CompletionChoice(index, text, reason, lp)]))
             if data.stream_options and data.stream_options.include_usage:
-                yield _sse(CompletionResponse(rid, created, model, [], _usage(prompt_tokens * data.n, sum(counts))))
+                yield _sse(CompletionResponse(rid, created, model, [], _usage(prompt_tokens, sum(counts))))
             yield b"data: [DONE]\n\n"
 
         return Stream(_sse_stream(events()), media_type="text/event-stream")
     texts, reasons, counts, all_lps = await collect(request, jobs, stops, len(jobs))
     choices = [CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
                for i in range(len(jobs))]
-    body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens * data.n, sum(counts)))
+    body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens, sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
 
 
@@ -214,8 +220,11 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     _check_auth(request)
     _check_model(request, data.model)
     s, tok = request.app.state.settings, request.app.state.tokenizer
+    tool_parser, reasoning_parser = request.app.state.chat_parsers
+    plan = chat_io.tool_plan(data, tool_parser)
+    messages, extra = chat_io.template_messages(data.messages), chat_io.template_kwargs(data)
     try:
-        text = tok.apply_chat_template([{"role": x.role, "content": x.content} for x in data.messages])
+        text = tok.apply_chat_template(messages, plan.template_tools, **extra)
     except Exception as e:  # a template that rejects the conversation
         raise ApiError(400, f"chat template failed: {e}", param="messages") from None
     ids = tok.encode(text)
@@ -223,7 +232,10 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     want_lp = data.logprobs
     sampling, stops = _sampling(data, max_tokens, None, len(ids), s.max_seq_len,
                                 (data.top_logprobs or 0) if want_lp else None)
-    jobs = make_jobs([ids], sampling, data.n)
+    if plan.schema is not None:
+        sampling = _constrained(sampling, plan.schema)
+    jobs = make_jobs(request, [ids], sampling, data.n)
+    parsers = [chat_io.AnswerParser(text, reasoning_parser, plan) for _ in jobs]
     rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
     if data.stream:
         async def events():
@@ -232,19 +244,39 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
             counts = [0] * len(jobs)
             async for index, piece, reason, count, lps in fan_out(request, jobs, stops):
                 counts[index] = count
-                lp = _chat_logprobs(tok, lps) if want_lp else None
-                yield _sse(ChatChunk(rid, created, model, [ChatStreamChoice(index, ChatMessageOut(content=piece), reason,
-                                                                            lp)]))
+                for chunk in _chat_chunks(rid, created, model, index, parsers[index], piece, reason,
+                                          _chat_logprobs(tok, lps) if want_lp else None):
+                    yield _sse(chunk)
             if data.stream_options and data.stream_options.include_usage:
-                yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids) * data.n, sum(counts))))
+                yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids), sum(counts))))
             yield b"data: [DONE]\n\n"
 
         return Stream(_sse_stream(events()), media_type="text/event-stream")
     texts, reasons, counts, all_lps = await collect(request, jobs, stops, len(jobs))
-    choices = [ChatChoice(i, ChatMessageOut("assistant", texts[i]), reasons[i],
+    choices = [ChatChoice(i, chat_io.whole_message(parsers[i], texts[i]), chat_io.finish_reason(parsers[i], reasons[i]),
                           _chat_logprobs(tok, all_lps[i]) if want_lp else None) for i in range(len(jobs))]
-    body = ChatResponse(rid, created, model, choices, _usage(len(ids) * data.n, sum(counts)))
+    body = ChatResponse(rid, created, model, choices, _usage(len(ids), sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
+
+
+def _chat_chunks(rid, created, model, index, parser, piece, reason, logprobs) -> list[ChatChunk]:
+    """The stream chunks of one piece of a choice: a chunk per part the parser made certain (reasoning,
+    content, tool-call fragments); the piece's logprobs ride on the first, its finish_reason on the last.
+    A piece that made nothing certain (a tag still open) sends nothing unless it ends the choice."""
+    deltas = [d for d in (parser.feed(piece), parser.finish() if reason else None) if d]
+    if not deltas and reason is None and logprobs is None:
+        return []
+    messages = [chat_io.delta_message(d) for d in deltas] or [ChatMessageOut(content="")]
+    reason = chat_io.finish_reason(parser, reason)
+    return [ChatChunk(rid, created, model, [ChatStreamChoice(index, msg, reason if k == len(messages) - 1 else None,
+                                                            logprobs if k == 0 else None)])
+            for k, msg in enumerate(messages)]
+
+
+def _constrained(sampling: m.Sampling, schema: dict) -> m.Sampling:
+    """tool_choice "required" or a named function: the output must match `schema` (engine/grammar.py)."""
+    raise ApiError(400, "tool_choice 'required' and named functions need structured outputs, which this "
+                        "server does not have yet", param="tool_choice")
 
 
 @get("/v1/models")

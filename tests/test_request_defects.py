@@ -67,3 +67,31 @@ def test_a_stop_string_ends_the_request_in_the_engine(server):
     assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == full[: full.find(stop)]
     assert wait_for_metric(server, RUNNING, 0, 120) == 0
     assert metric(server, GENERATED) - before < 100  # not the 300 the engine would generate on its own
+
+
+# ---- issue 12.6 ----
+def test_prompt_tokens_are_counted_once_whatever_n(server):
+    r = _complete(server, prompt=[5, 6, 7], max_tokens=2, n=3, temperature=1.0).json()
+    assert r["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    two = _complete(server, prompt=[[5, 6, 7], [8, 9]], max_tokens=1, n=2).json()["usage"]
+    assert two["prompt_tokens"] == 5 and two["completion_tokens"] == 4
+    messages = [{"role": "user", "content": "hi"}]
+    count = httpx.post(server + "/tokenize", json={"messages": messages}, timeout=10).json()["count"]
+    chat = httpx.post(server + "/v1/chat/completions", timeout=60,
+                      json={"messages": messages, "max_tokens": 2, "n": 2, "stream": True,
+                            "stream_options": {"include_usage": True}})
+    last = json.loads([x for x in chat.text.split("\n\n") if x.startswith("data: {")][-1][6:])
+    assert last["usage"]["prompt_tokens"] == count and last["usage"]["completion_tokens"] == 4
+
+
+# ---- issue 19.11 and 19.12 ----
+def test_more_generations_than_the_queue_holds_is_a_400_naming_the_limit(server):
+    r = _complete(server, prompt=[[5, 6]] * 64, max_tokens=1, n=16)
+    assert r.status_code == 400 and str(MAX_WAITING) in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "n" and "retry-after" not in r.headers
+
+
+def test_the_largest_seed_with_n_2_wraps_instead_of_overflowing(server):
+    r = _complete(server, prompt="Hi", max_tokens=4, temperature=1.0, n=2, seed=2**63 - 1)
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
