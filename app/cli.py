@@ -128,11 +128,9 @@ def _start_engine(config, args: argparse.Namespace):
     import multiprocessing as mp
     import queue as queue_mod
 
-    from engine.server import run_engine_process
-
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    proc = ctx.Process(target=run_engine_process, args=(config, args.workers, ready, args.shutdown_timeout),
+    proc = ctx.Process(target=_engine_process_main, args=(config, args.workers, ready, args.shutdown_timeout),
                        name="ringllm-engine")
     proc.start()
     info = None
@@ -148,6 +146,15 @@ def _start_engine(config, args: argparse.Namespace):
         print(f"error: {info['error']}", file=sys.stderr)
         return 2
     return proc, info
+
+
+def _engine_process_main(*args) -> None:
+    """The engine process's entry point. It lives here, in a torch-free module, so that the serve parent
+    never imports the engine (and torch): Granian forks the API workers from the parent, and each would
+    otherwise start with libtorch mapped (~200 MB RSS). Only the spawned engine process imports it."""
+    from engine.server import run_engine_process
+
+    run_engine_process(*args)
 
 
 def served_names(args: argparse.Namespace) -> list[str]:

@@ -102,3 +102,38 @@ def test_context_len_beyond_the_models_maximum_is_refused(tmp_path):
     run = _ringllm("generate", "hi", "--device", "cpu", "--max-model-len", "5000", cache=tmp_path)
     assert run.returncode == 2, run.stderr
     assert "--context-len 5000 is larger than the model's maximum of 4096" in run.stderr
+
+
+# ---- one server for the HTTP checks ----
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from tests.helpers import start_server, stop_server
+
+    cache = tmp_path_factory.mktemp("operator")
+    env = {"RINGLLM_KV_CACHE_TOKENS": "4096", "RINGLLM_CONTEXT_LEN": "256", "RINGLLM_ALLOWED_ORIGINS": "http://ok.test"}
+    proc, base = start_server(cache, "--workers", "2", "--served-model-name", "Org/Model-8B", "model-8b",
+                              env=env)
+    yield proc, base, cache
+    stop_server(proc)
+
+
+def _api_workers(parent: int) -> list[int]:
+    """Granian's API worker processes: the children of the serve parent that run its own command line (the
+    engine process and multiprocessing's helpers are spawned, with other command lines)."""
+    from tests.helpers import process_tree
+
+    cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+    return [p for p in process_tree(parent) if p != parent and Path(f"/proc/{p}/cmdline").read_bytes() == cmdline]
+
+
+def test_neither_the_serve_parent_nor_its_api_workers_map_libtorch(served):
+    proc, _, _ = served
+    workers = _api_workers(proc.pid)
+    assert len(workers) == 2
+    for pid in [proc.pid, *workers]:
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid
+
+
+def test_environment_variables_reach_the_server(served):
+    _, _, cache = served
+    assert "KV capacity 4096 tokens" in (cache / "serve.log").read_text()  # from RINGLLM_KV_CACHE_TOKENS
