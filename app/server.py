@@ -5,7 +5,6 @@ RINGLLM_MAX_SEQ_LEN, RINGLLM_TOKENIZER_PATH, RINGLLM_API_KEY, RINGLLM_PUBLIC_ROU
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from litestar.response import Stream
 from app import chat as chat_io
 from app.engine_client import EngineClient, EngineDown
 from app.errors import ApiError, error_response
+from app.guard import guard
 from app.metrics import Metrics
 from app.requests import collect, fan_out, make_jobs
 from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
@@ -26,7 +26,6 @@ from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, Ch
                          ErrorBody, ErrorResponse, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
 from app.tokenizer import AppTokenizer
 from engine.logs import configure_logging, get_logger
-from engine.sampling_params import SamplingParams
 from ipc import messages as m
 from ipc.lifecycle import open_metrics_table
 
@@ -35,7 +34,6 @@ _json = msgspec.json.Encoder()
 
 
 MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
-
 
 
 class Settings:
@@ -79,16 +77,6 @@ async def lifespan(app: Litestar):
 
 
 # ---- helpers ----
-def _check_auth(request: Request) -> None:
-    settings = request.app.state.settings
-    key = settings.api_key
-    if key is None or request.url.path in settings.public_routes:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise ApiError(401, "invalid or missing API key", "authentication_error")
-
-
 def _check_model(request: Request, model: str | None) -> None:
     served = request.app.state.settings.served_models
     if model is not None and model not in served:
@@ -98,9 +86,9 @@ def _check_model(request: Request, model: str | None) -> None:
 
 def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, prompt_len: int, max_seq_len: int,
               logprobs: int | None = None) -> tuple[m.Sampling, list[str]]:
-    """The wire sampling parameters of a request (its bounds were checked as it was decoded). An explicit
-    max_tokens must fit the context after the prompt; without one, the default (or everything the context
-    has left) is used."""
+    """The engine's parameters of a request (their bounds were checked as it was decoded) and its stop strings.
+    An explicit max_tokens must fit the context after the prompt; without one, the default (or everything the
+    context has left) is used."""
     room = max_seq_len - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
@@ -109,17 +97,11 @@ def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, promp
                             f"{max_seq_len} tokens", param="max_tokens")
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    params = dict(max_tokens=max_tokens, temperature=req.temperature,
-                  top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                  frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
-                  stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs)
     try:
-        SamplingParams(**params, stop=stops)
+        params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split()[0]) from None
-    return m.Sampling(**params), stops
+    return params, params.stop
 
 
 def _token_text(tok, tid: int) -> str:
@@ -160,7 +142,6 @@ async def _sse_stream(events):
 # ---- routes ----
 @post("/v1/completions", status_code=200)
 async def completions(request: Request, data: CompletionRequest) -> Response | Stream:
-    _check_auth(request)
     _check_model(request, data.model)
     s, tok = request.app.state.settings, request.app.state.tokenizer
     prompts = _prompt_list(data.prompt)
@@ -217,7 +198,6 @@ def _prompt_list(prompt) -> list:
 
 @post("/v1/chat/completions", status_code=200)
 async def chat(request: Request, data: ChatRequest) -> Response | Stream:
-    _check_auth(request)
     _check_model(request, data.model)
     s, tok = request.app.state.settings, request.app.state.tokenizer
     tool_parser, reasoning_parser = request.app.state.chat_parsers
@@ -281,7 +261,6 @@ def _constrained(sampling: m.Sampling, schema: dict) -> m.Sampling:
 
 @get("/v1/models")
 async def models(request: Request) -> dict:
-    _check_auth(request)
     s = request.app.state.settings
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ringllm",
                                         "root": s.model_path, "max_model_len": s.max_seq_len,
@@ -290,7 +269,6 @@ async def models(request: Request) -> dict:
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    _check_auth(request)
     try:
         engine = await request.app.state.client.stats()
     except (EngineDown, asyncio.TimeoutError):
@@ -300,7 +278,6 @@ async def metrics(request: Request) -> Response:
 
 @post("/start_profile", status_code=200)
 async def start_profile(request: Request) -> dict:
-    _check_auth(request)
     await request.app.state.client.stats("profile_start")
     return {"profiling": True}
 
@@ -308,7 +285,6 @@ async def start_profile(request: Request) -> dict:
 @post("/stop_profile", status_code=200)
 async def stop_profile(request: Request) -> dict:
     """Stops the engine's profiler; the trace is written under --profile-dir, one file per rank."""
-    _check_auth(request)
     await request.app.state.client.stats("profile_stop")
     return {"profiling": False}
 
@@ -324,7 +300,6 @@ class DetokenizeRequest(msgspec.Struct):
 
 @post("/tokenize", status_code=200)
 async def tokenize(request: Request, data: TokenizeRequest) -> dict:
-    _check_auth(request)
     tok = request.app.state.tokenizer
     text = data.prompt if data.messages is None else tok.apply_chat_template(data.messages)
     if text is None:
@@ -335,7 +310,6 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict:
 
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
-    _check_auth(request)
     tok = request.app.state.tokenizer
     if any(not 0 <= t < tok.vocab_size for t in data.tokens):
         raise ApiError(400, f"token ids must be in [0, {tok.vocab_size})", param="tokens")
@@ -344,7 +318,6 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
 
 @get("/health")
 async def health(request: Request) -> Response:
-    _check_auth(request)
     why = request.app.state.client.unavailable()
     if why is None:
         return Response(b"", status_code=200)
@@ -365,6 +338,8 @@ def _on_http_error(request: Request, exc: HTTPException) -> Response:
 def _on_unexpected(request: Request, exc: Exception) -> Response:
     if isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError)):
         return error_response(400, f"the request body is not valid JSON text: {exc}")
+    if isinstance(exc, RecursionError) and "deserializing" in str(exc):  # msgspec's bound on nesting
+        return error_response(400, "the request body nests arrays or objects too deeply")
     log.exception("unexpected error", path=request.url.path)
     return error_response(500, "internal error", "server_error")
 
@@ -373,5 +348,6 @@ app = Litestar(
     route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize, start_profile, stop_profile],
     lifespan=[lifespan],
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
+    middleware=[guard],  # the API key and the Content-Type, before any body is read
     request_max_body_size=MAX_BODY_BYTES,
 )

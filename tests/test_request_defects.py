@@ -95,3 +95,69 @@ def test_the_largest_seed_with_n_2_wraps_instead_of_overflowing(server):
     r = _complete(server, prompt="Hi", max_tokens=4, temperature=1.0, n=2, seed=2**63 - 1)
     assert r.status_code == 200, r.text
     assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
+
+
+# ---- issue 12.5 ----
+def test_pathologically_nested_json_is_a_400(server):
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001):
+        r = httpx.post(server + "/v1/completions", content=raw, headers={"content-type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 400, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(server + "/health", timeout=10).status_code == 200
+
+
+# ---- issue 19.4 ----
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_a_body_that_is_not_declared_json_is_a_415(server, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/v1/completions", "/tokenize"):
+        r = httpx.post(server + path, content=b'{"prompt": "hi", "max_tokens": 1}', headers=headers, timeout=10)
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error" and "application/json" in r.text
+
+
+def test_json_with_a_charset_parameter_is_accepted(server):
+    r = httpx.post(server + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}',
+                   headers={"content-type": "Application/JSON; charset=utf-8"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+# ---- issues 12.13 and 19.13 ----
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("keyed")
+    proc, base = start_server(cache, "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", KEY,
+                              "--public-routes", "/health,/schema/openapi.json")
+    yield base
+    stop_server(proc)
+
+
+def test_schema_routes_need_the_key_unless_public(keyed):
+    for path in ("/schema", "/schema/swagger", "/schema/openapi.yaml"):
+        r = httpx.get(keyed + path, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.text)
+        assert httpx.get(keyed + path, headers={"authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+    assert httpx.get(keyed + "/schema/openapi.json", timeout=10).status_code == 200  # listed public
+    assert httpx.get(keyed + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"{", b'{"prompt": 5}', b"[" * 100_000 + b"]" * 100_000, b"x" * 1000])
+def test_authentication_comes_before_validation(keyed, raw):
+    r = httpx.post(keyed + "/v1/completions", content=raw, headers={"content-type": "text/plain"}, timeout=30)
+    assert r.status_code == 401, r.text
+    assert "prompt" not in r.text
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(keyed, scheme):
+    r = httpx.post(keyed + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                   headers={"authorization": f"{scheme} {KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    bad = httpx.post(keyed + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                     headers={"authorization": f"{scheme} {KEY}x"}, timeout=30)
+    assert bad.status_code == 401
