@@ -8,12 +8,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
+from ipc.sampling import MAX_LOGPROBS, MAX_STOP_SEQUENCES, SamplingFields, SamplingParams, Text, TokenId
 
 MAX_N = 16
 MAX_PROMPTS = 64
-Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
-TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
 class Message(msgspec.Struct):
@@ -25,24 +23,25 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-class _Sampling(msgspec.Struct, kw_only=True):
+class _Sampling(SamplingFields, kw_only=True):
+    """What both endpoints take: the engine's sampling fields as declared in ipc/sampling.py (inherited, with
+    their bounds), plus the OpenAI fields below, which `sampling_params` maps onto the engine's."""
+
     model: str | None = None
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=-1)] = -1
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
-    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    seed: Int64 | None = None
-    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
-    ignore_eos: bool = False
+    stop: Text | Annotated[list[Text], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def sampling_params(self, **engine_fields) -> SamplingParams:
+        """The engine's parameters for this body: every shared field as it is, `stop` as a list, and
+        `engine_fields` (max_tokens once it is checked against the context, logprobs as the engine counts them).
+        Raises ValueError naming a bad field."""
+        shared = {name: getattr(self, name) for name in SamplingFields.__struct_fields__}
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(**shared, stop=stop, **engine_fields)
 
 
 class CompletionRequest(_Sampling, kw_only=True):

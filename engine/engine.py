@@ -104,7 +104,8 @@ class Engine:
 
     # ---- requests ----
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises RequestError (or ValueError for parameters) for what this engine cannot serve."""
+        """Raises RequestError for what this engine cannot serve. The parameters' own bounds were checked when
+        they were built or decoded (ipc/sampling.py); what is left depends on this engine."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
@@ -113,7 +114,9 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        params.validate()
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
 
     def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if rid in self.seqs:

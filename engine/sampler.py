@@ -1,6 +1,6 @@
 """Sampling on the device for a whole batch at once: per-row parameters live in tensors indexed by request
 row, so no step loops over requests in Python. Greedy, temperature, top-k, top-p, min-p, repetition /
-presence / frequency penalties, per-request seeds and logprobs.
+presence / frequency penalties, logit_bias, grammar masks (structured outputs), per-request seeds and logprobs.
 
 A request with a seed draws its noise from a counter-based hash of (seed, output index, token id), so its
 tokens do not depend on what else shares the batch. The others use one generator seeded from the config."""
@@ -8,6 +8,7 @@ tokens do not depend on what else shares the batch. The others use one generator
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,49 +53,72 @@ class SampleResult:
     top_logprobs: torch.Tensor | None = None  # [B, k]
 
 
+# The per-row tables, one entry each: name, dtype, the value of a request (its parameters and prompt length).
+# Sampler.set_rows fills every table from this list; a host copy of each decides which stages a batch needs
+# without a device sync.
+ROW_FIELDS: list[tuple[str, torch.dtype, Callable[[SamplingParams, int], float | int | bool]]] = [
+    ("temperature", torch.float32, lambda p, n: p.temperature),
+    ("top_p", torch.float32, lambda p, n: p.top_p),
+    ("top_k", torch.int64, lambda p, n: max(p.top_k, 0)),  # 0: off
+    ("min_p", torch.float32, lambda p, n: p.min_p),
+    ("rep", torch.float32, lambda p, n: p.repetition_penalty),
+    ("presence", torch.float32, lambda p, n: p.presence_penalty),
+    ("frequency", torch.float32, lambda p, n: p.frequency_penalty),
+    ("seed", torch.int64, lambda p, n: p.seed if p.seed is not None else 0),
+    ("has_seed", torch.bool, lambda p, n: p.seed is not None),
+    ("prompt_len", torch.int64, lambda p, n: n),
+    ("logprobs", torch.int64, lambda p, n: -1 if p.logprobs is None else p.logprobs),
+    ("has_bias", torch.bool, lambda p, n: bool(p.logit_bias)),
+]
+_NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+@dataclass
+class GrammarMask:
+    """Token masks for some rows of a batch: `bitmask` [n, ceil(V / 32)] int32 on the device (bit j of a row set:
+    token j allowed), `index` the batch positions of those n rows."""
+
+    bitmask: torch.Tensor
+    index: torch.Tensor
+
+
 class Sampler:
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device, seed: int):
         self.vocab_size = vocab_size
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        # Host copies decide which stages a batch needs (no device sync); device copies feed the math.
-        names = ("temperature", "top_p", "top_k", "min_p", "rep", "presence", "frequency", "seed", "has_seed",
-                 "prompt_len", "logprobs")
-        self.host = {n: np.zeros(max_rows, dtype=np.float64) for n in names}
-        self.dev = {n: torch.zeros(max_rows, device=device, dtype=torch.float32) for n in names}
-        for n in ("top_k", "seed", "prompt_len", "logprobs"):
-            self.dev[n] = torch.zeros(max_rows, device=device, dtype=torch.int64)
-            self.host[n] = np.zeros(max_rows, dtype=np.int64)
-        self.dev["has_seed"] = torch.zeros(max_rows, device=device, dtype=torch.bool)
+        self.host = {n: np.zeros(max_rows, dtype=_NUMPY[t]) for n, t, _ in ROW_FIELDS}
+        self.dev = {n: torch.zeros(max_rows, device=device, dtype=t) for n, t, _ in ROW_FIELDS}
+        # logit_bias is sparse: each row's (token ids, biases) stay on the host until a step has such a row.
+        self.bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # On CUDA, rows without top-k/top-p/min-p sample in one fused Gumbel-max pass (kernels.gumbel_sample).
         self.fused = kernels.available(torch.empty(0, device=device))
         self._step_seed = seed * 1_000_003
 
     def set_rows(self, rows: list[int], params: list[SamplingParams], prompt_lens: list[int]) -> None:
-        values = {
-            "temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
-            "top_k": [p.top_k if p.top_k > 0 else 0 for p in params], "min_p": [p.min_p for p in params],
-            "rep": [p.repetition_penalty for p in params], "presence": [p.presence_penalty for p in params],
-            "frequency": [p.frequency_penalty for p in params],
-            "seed": [p.seed if p.seed is not None else 0 for p in params],
-            "has_seed": [p.seed is not None for p in params], "prompt_len": prompt_lens,
-            "logprobs": [-1 if p.logprobs is None else p.logprobs for p in params],
-        }
-        index = torch.tensor(rows, dtype=torch.int64)
-        for name, vals in values.items():
+        index = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        for name, dtype, value in ROW_FIELDS:
+            vals = [value(p, n) for p, n in zip(params, prompt_lens)]
             self.host[name][rows] = vals
-            self.dev[name][index.to(self.device)] = torch.tensor(vals, dtype=self.dev[name].dtype).to(self.device)
+            self.dev[name][index] = torch.tensor(vals, dtype=dtype).to(self.device)
+        for row, p in zip(rows, params):
+            if p.logit_bias:
+                self.bias[row] = (np.fromiter(p.logit_bias, np.int64), np.fromiter(p.logit_bias.values(), np.float32))
+            else:
+                self.bias.pop(row, None)
 
     def __call__(self, logits: torch.Tensor, rows_host: np.ndarray, rows: torch.Tensor,
-                 history: torch.Tensor | None, seq_lens: torch.Tensor) -> SampleResult:
+                 history: torch.Tensor | None, seq_lens: torch.Tensor, mask: GrammarMask | None = None) -> SampleResult:
         """logits: [B, V] for the last position of each row. `history` ([B, L] token ids, L >= max seq_len) is
-        needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens."""
+        needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens; `mask` limits the
+        rows of constrained requests to the tokens their grammar allows."""
         h = {n: a[rows_host] for n, a in self.host.items()}
         p = _RowParams(self.dev, rows)
         raw = logits
-        if self.needs_history(rows_host):
-            logits = self._penalize(logits.float(), p, history, seq_lens)
+        penalize = self.needs_history(rows_host)
+        if penalize or h["has_bias"].any() or mask is not None:
+            logits = self._adjust(logits, rows_host, h, p, history if penalize else None, seq_lens, mask)
         filtered = (h["top_k"] > 0) | (h["top_p"] < 1) | (h["min_p"] > 0)
         if self.fused:
             tokens = self._fused(logits, p, seq_lens)
@@ -133,6 +157,34 @@ class Sampler:
         seed = torch.where(p["has_seed"], p["seed"], self._step_seed)
         counter = torch.where(p["has_seed"], seq_lens - p["prompt_len"], torch.arange(B, device=logits.device))
         return kernels.gumbel_sample(logits, p["temperature"], seed, counter)
+
+    def _adjust(self, logits, rows_host, h, p, history, seq_lens, mask: GrammarMask | None):
+        """Penalties, then logit_bias, then grammar masks, on a float copy (logprobs come from the raw logits).
+        NaN becomes -inf and +inf the largest float, so no row can turn the softmax into NaN."""
+        out = logits.float()
+        if history is not None:
+            out = self._penalize(out, p, history, seq_lens)
+        if out is logits:
+            out = out.clone()
+        if h["has_bias"].any():
+            self._add_bias(out, rows_host, h)
+        if mask is not None:
+            import xgrammar  # only once a constrained request has come
+
+            sub = out[mask.index]
+            xgrammar.apply_token_bitmask_inplace(sub, mask.bitmask, vocab_size=self.vocab_size)
+            out[mask.index] = sub
+        return torch.nan_to_num_(out, nan=float("-inf"), posinf=torch.finfo(out.dtype).max, neginf=float("-inf"))
+
+    def _add_bias(self, logits, rows_host, h) -> None:
+        index = np.flatnonzero(h["has_bias"])
+        biases = [self.bias[int(rows_host[i])] for i in index]
+        batch_rows = np.repeat(index, [len(ids) for ids, _ in biases])
+        ids = np.concatenate([ids for ids, _ in biases])
+        values = np.concatenate([v for _, v in biases])
+        to = self.device
+        logits.index_put_((torch.from_numpy(batch_rows).to(to), torch.from_numpy(ids).to(to)),
+                          torch.from_numpy(values).to(to), accumulate=True)
 
     def _penalize(self, logits, p, history, seq_lens):
         B, L = history.shape

@@ -11,12 +11,10 @@ import os
 import signal
 import time
 
-import msgspec
 
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestError, TokenOutput
 from engine.logs import configure_logging, get_logger
-from engine.sampling_params import SamplingParams
 from ipc import messages as m
 from ipc.lifecycle import RingPair, cleanup, create_claim_counter, create_metrics_table, remove_stale_segments
 from ipc.ring import RingError
@@ -87,10 +85,8 @@ class EngineServer:
                 self.failed.append((worker, m.RequestFailed(msg.rid, m.SHUTTING_DOWN, 503)))
                 return
             try:
-                # The wire struct carries SamplingParams' fields less `stop` (stop strings are matched on text,
-                # in the app worker).
-                params = SamplingParams(**msgspec.structs.asdict(msg.sampling))
-                self.engine.add_request(msg.rid, m.unpack_ids(msg.token_ids), params)
+                # Decoding checked the parameters' bounds; stop strings are matched on text, in the app worker.
+                self.engine.add_request(msg.rid, m.unpack_ids(msg.token_ids), msg.sampling)
                 self.owner[msg.rid] = worker
             except (RequestError, ValueError) as e:
                 status = 503 if "queue is full" in str(e) else 400

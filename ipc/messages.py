@@ -8,6 +8,8 @@ from array import array
 
 import msgspec
 
+from ipc.sampling import SamplingParams
+
 
 def pack_ids(ids) -> bytes:
     return array("i", ids).tobytes()
@@ -19,20 +21,8 @@ def unpack_ids(data: bytes) -> list[int]:
     return a.tolist()
 
 
-class Sampling(msgspec.Struct, omit_defaults=True):
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = []
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+# The wire carries the request contract as it is (ipc/sampling.py); decoding it checks its bounds.
+Sampling = SamplingParams
 
 
 # ---- app -> engine ----

@@ -78,3 +78,15 @@ def test_logprobs():
     out = s(LOGITS[None], np.array([0]), torch.tensor([0]), None, torch.tensor([1]))
     assert out.logprobs[0].item() == pytest.approx(np.log(0.4), abs=1e-5)
     assert out.top_ids[0].tolist() == [0, 1]
+
+
+def test_nan_and_inf_logits_do_not_pick_token_zero():
+    """A penalised row whose logits hold NaN or +inf still samples a real token (before the guard, NaN made
+    argmax return token 0 and inf - inf made the softmax NaN)."""
+    s = Sampler(2, 6, torch.device("cpu"), 0)
+    s.set_rows([0, 1], [SamplingParams(temperature=0.0, repetition_penalty=1.2),
+                        SamplingParams(temperature=1.0, repetition_penalty=1.2)], [1, 1])
+    logits = torch.tensor([[float("nan"), 1.0, 2.0, 0, 0, 0], [float("nan"), float("inf"), 0, 0, 0, 0]])
+    history = torch.tensor([[5], [5]])
+    out = s(logits, np.array([0, 1]), torch.tensor([0, 1]), history, torch.tensor([1, 1]))
+    assert out.tokens.tolist() == [2, 1]

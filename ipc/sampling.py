@@ -1,0 +1,175 @@
+"""The request contract: what a request asks of the sampler and of the stop checks, declared once.
+
+`SamplingFields` are the knobs an OpenAI body carries as they are (app/schemas.py's bodies inherit them, so the
+HTTP schema, the OpenAPI document and the bounds come from here). `SamplingParams` adds the fields whose OpenAI
+shape differs (max_tokens, stop, logprobs) and is what travels on the ring, what the scheduler and the sampler
+read, and what the offline API takes. The bounds are msgspec `Meta` annotations: msgspec checks them when a body
+or a ring message is decoded, and `__post_init__` checks the same annotations when Python code builds one, so
+there is no second list of limits. No torch here: the API workers import this too.
+
+Adding a sampling field: declare it here with its bounds, read it in engine/sampler.py (one row in ROW_FIELDS
+and the math), and test it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # tokens per request, as OpenAI allows
+
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+LogprobCount = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
+Text = Annotated[str, Meta(min_length=1)]
+
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Constrains a request's output to a grammar (vLLM's `structured_outputs`): exactly one of `json` (a JSON
+    schema, as an object or its text), `json_object` (any JSON object), `regex`, `choice` (one of these strings)
+    or `grammar` (EBNF in xgrammar's dialect). The engine ends the request when the grammar is complete."""
+
+    json: str | dict | None = None
+    json_object: bool | None = None
+    regex: Text | None = None
+    choice: Annotated[list[str], Meta(min_length=1)] | None = None
+    grammar: Text | None = None
+    disable_any_whitespace: bool = False  # JSON: no whitespace between tokens beyond single separators
+
+    def __post_init__(self) -> None:
+        given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
+                             f"{', '.join(given) or 'none'}")
+        if isinstance(self.json, dict):  # the engine compiles (and caches) by the schema's text
+            self.json = msgspec.json.encode(self.json).decode()
+        elif isinstance(self.json, str):
+            try:
+                schema = msgspec.json.decode(self.json)
+            except msgspec.DecodeError:
+                raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema: an object")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """What a compiled grammar is cached under: (kind, its text, whitespace rule)."""
+        kind = self.kind
+        spec = {"json": self.json, "json_object": "", "regex": self.regex, "grammar": self.grammar,
+                "choice": msgspec.json.encode(self.choice).decode() if self.choice else ""}[kind]
+        return kind, spec, self.disable_any_whitespace
+
+
+class SamplingFields(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The sampling knobs an OpenAI body carries unchanged."""
+
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0  # 0: greedy
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1  # -1 or 0: off
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    seed: Int64 | None = None
+    # Penalties stay in ranges that keep the arithmetic finite: a repetition penalty near 0 divides logits past
+    # float32's range (1e-300 turned every logit into inf/NaN and every token into id 0).
+    repetition_penalty: Annotated[float, Meta(ge=0.01, le=2.0)] = 1.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = []  # None: []
+    # token id -> added to its logit before sampling (greedy too): -100 bans a token, +100 all but forces it
+    logit_bias: Annotated[dict[TokenId, Bias], Meta(max_length=MAX_LOGIT_BIAS)] | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+
+class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One request's parameters, as the engine schedules them."""
+
+    max_tokens: Annotated[int, Meta(ge=1)] = 16
+    stop: Annotated[list[Text], Meta(max_length=MAX_STOP_SEQUENCES)] = []  # matched on text by the detokenizer
+    logprobs: LogprobCount | None = None  # None: off; k: the chosen token's logprob and the top k
+    # None: off; k: each prompt token's logprob given the tokens before it, and the top k there. Such a request
+    # computes its whole prompt (no prefix-cache hit), since cached positions have no logits.
+    prompt_logprobs: LogprobCount | None = None
+
+    def __post_init__(self) -> None:
+        """Checks the declared bounds when Python code builds one (decoding checked them already); raises
+        ValueError naming the first bad field."""
+        for name, kind in _FIELD_TYPES:
+            why = _violation(getattr(self, name), kind)
+            if why is not None:
+                got = repr(getattr(self, name))
+                raise ValueError(f"{name} must be {why}, got {got if len(got) <= 80 else got[:77] + '...'}")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+
+
+# ---- checking values against the declared msgspec types ----
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range(t) -> str:
+    low = f"[{_num(t.ge)}" if t.ge is not None else f"({_num(t.gt)}" if t.gt is not None else None
+    high = f"{_num(t.le)}]" if t.le is not None else f"{_num(t.lt)})" if t.lt is not None else None
+    if low and high:
+        return f" in {low}, {high}"
+    if low:
+        return f" {'>=' if t.ge is not None else '>'} {low[1:]}"
+    if high:
+        return f" {'<=' if t.le is not None else '<'} {high[:-1]}"
+    return ""
+
+
+def _violation(value: Any, t) -> str | None:
+    """None if `value` fits the msgspec type `t` (from msgspec.inspect), else what it must be."""
+    i = msgspec.inspect
+    if isinstance(t, i.UnionType):
+        whys = [_violation(value, member) for member in t.types]
+        return None if None in whys else " or ".join(w for w in whys if w)
+    if isinstance(t, i.NoneType):
+        return None if value is None else "null"
+    if isinstance(t, i.BoolType):
+        return None if isinstance(value, bool) else "a boolean"
+    if isinstance(t, (i.IntType, i.FloatType)):
+        want = f"{'an integer' if isinstance(t, i.IntType) else 'a number'}{_range(t)}"
+        types = int if isinstance(t, i.IntType) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, types):
+            return want
+        ok = ((t.ge is None or value >= t.ge) and (t.gt is None or value > t.gt)
+              and (t.le is None or value <= t.le) and (t.lt is None or value < t.lt))
+        return None if ok else want  # NaN fails every comparison, so it is refused too
+    if isinstance(t, i.StrType):
+        return None if isinstance(value, str) and len(value) >= (t.min_length or 0) else "a non-empty string"
+    if isinstance(t, (i.ListType, i.DictType)):
+        container = list if isinstance(t, i.ListType) else dict
+        if not isinstance(value, container):
+            return f"a{' list' if container is list else ' map'}"
+        if t.max_length is not None and len(value) > t.max_length:
+            return f"at most {t.max_length} items"
+        if t.min_length is not None and len(value) < t.min_length:
+            return f"at least {t.min_length} items"
+        if container is list:
+            items = ((t.item_type, x) for x in value)
+        else:
+            items = [(t.key_type, k) for k in value] + [(t.value_type, v) for v in value.values()]
+        for kind, x in items:
+            why = _violation(x, kind)
+            if why is not None:
+                return f"made of items that are {why}"
+        return None
+    if isinstance(t, i.StructType):
+        return None if isinstance(value, t.cls) else f"a {t.cls.__name__}"
+    return None  # Any and other open types
+
+
+_FIELD_TYPES = [(f.name, f.type) for f in msgspec.inspect.type_info(SamplingParams).fields]

@@ -1,0 +1,70 @@
+"""The request contract (ipc/sampling.py): every sampling field is declared once, with its bounds, and flows
+from the OpenAI body through the ring to the engine; the server answers 400 for what it does not do."""
+
+import httpx
+import msgspec
+import pytest
+
+from app.schemas import ChatRequest, CompletionRequest
+from ipc import messages as m
+from ipc.sampling import SamplingFields, SamplingParams, StructuredOutputs
+from tests.helpers import start_server, stop_server
+
+# A value other than the default for every shared field: a field added to SamplingFields without a value
+# here fails the first test, so it is never forgotten on the way from the body to the engine.
+CHANGED = dict(temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=7, repetition_penalty=1.1,
+               presence_penalty=0.5, frequency_penalty=-0.5, ignore_eos=True, stop_token_ids=[3, 4],
+               logit_bias={"9": -100}, structured_outputs={"regex": "[ab]+"})
+
+
+@pytest.mark.parametrize("body_type,extra", [(CompletionRequest, {"prompt": "x"}),
+                                             (ChatRequest, {"messages": [{"role": "user", "content": "x"}]})])
+def test_every_sampling_field_flows_from_the_body_to_the_engine(body_type, extra):
+    assert set(CHANGED) == set(SamplingFields.__struct_fields__)
+    body = msgspec.json.decode(msgspec.json.encode({**CHANGED, **extra, "stop": "END"}), type=body_type)
+    params = body.sampling_params(max_tokens=5)
+    wire = msgspec.msgpack.decode(m.encode(m.Generate("r", m.pack_ids([1]), params)), type=m.Generate).sampling
+    for got in (params, wire):
+        for name, value in CHANGED.items():
+            want = {"logit_bias": {9: -100.0}, "structured_outputs": StructuredOutputs(regex="[ab]+")}.get(name, value)
+            assert getattr(got, name) == want, name
+        assert got.max_tokens == 5 and got.stop == ["END"]
+
+
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-300), ("repetition_penalty", 0.0),
+                                         ("repetition_penalty", 2.5), ("presence_penalty", -3.0),
+                                         ("frequency_penalty", 2.01), ("temperature", float("nan")),
+                                         ("max_tokens", 0), ("top_p", 0.0), ("stop", [""]),
+                                         ("logit_bias", {1: 101.0}), ("logit_bias", {-1: 1.0})])
+def test_bounds_are_checked_when_built_and_when_decoded(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+    if value == value:  # NaN has no msgpack/JSON round trip worth testing
+        with pytest.raises(msgspec.ValidationError, match=field):
+            msgspec.msgpack.decode(msgspec.msgpack.encode({field: value}), type=SamplingParams)
+
+
+def test_structured_outputs_take_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputs(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputs()
+    assert StructuredOutputs(json={"type": "object"}).key == ("json", '{"type":"object"}', False)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, base = start_server(tmp_path_factory.mktemp("contract"), "--kv-cache-tokens", "4096", "--context-len", "256")
+    yield base
+    stop_server(proc)
+
+
+def _post(base, path, body):
+    return httpx.post(base + path, json=body, timeout=60)
+
+
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-300), ("presence_penalty", 5),
+                                         ("frequency_penalty", -2.5)])
+def test_penalties_out_of_their_finite_range_are_400(server, field, value):
+    r = _post(server, "/v1/completions", {"prompt": "x", field: value})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
