@@ -20,6 +20,27 @@ from ipc import messages as m
 log = get_logger("app")
 
 
+OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes seconds
+
+
+async def tokenize_text(request: Request, text: str, add_special_tokens: bool = False, encode=None,
+                        bound: bool = True, param: str = "prompt") -> list[int]:
+    """The token ids of a prompt text. A text longer than the context could hold even at the tokenizer's
+    longest token is refused before tokenizing (with `bound`); a long text is tokenized off the event loop, so
+    the worker goes on serving (and answering /health) meanwhile. `encode` replaces the tokenizer's."""
+    tok, settings = request.app.state.tokenizer, request.app.state.settings
+    limit = settings.max_seq_len * request.app.state.max_token_chars
+    if bound and len(text) > limit:
+        raise ApiError(400, f"the prompt has {len(text)} characters: more than the context of "
+                            f"{settings.max_seq_len} tokens can hold ({limit} characters at most)", param=param)
+    encode = encode or tok.encode
+    if len(text) < OFF_LOOP_CHARS:
+        return encode(text, add_special_tokens) if add_special_tokens else encode(text)
+    if add_special_tokens:
+        return await asyncio.to_thread(encode, text, add_special_tokens)
+    return await asyncio.to_thread(encode, text)
+
+
 class Job(NamedTuple):
     """One generation: a prompt, its sampling parameters, and the prompt text to echo first (or None)."""
 

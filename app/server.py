@@ -20,11 +20,11 @@ from app.engine_client import EngineClient, EngineDown
 from app.errors import ApiError, error_response
 from app.guard import guard
 from app.metrics import Metrics
-from app.requests import collect, fan_out, make_jobs
+from app.requests import collect, fan_out, make_jobs, tokenize_text
 from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
                          ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                         ErrorBody, ErrorResponse, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
-from app.tokenizer import AppTokenizer
+                         ErrorBody, ErrorResponse, Message, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
+from app.tokenizer import AppTokenizer, read_chat_template
 from engine.logs import configure_logging, get_logger
 from ipc import messages as m
 from ipc.lifecycle import open_metrics_table
@@ -61,7 +61,10 @@ async def lifespan(app: Litestar):
     configure_logging(os.environ.get("RINGLLM_LOG_LEVEL", "info"))
     s = Settings()
     app.state.settings = s
-    app.state.tokenizer = AppTokenizer(s.tokenizer_path)
+    template = os.environ.get("RINGLLM_CHAT_TEMPLATE")
+    app.state.tokenizer = AppTokenizer(s.tokenizer_path, read_chat_template(template) if template else None,
+                                       os.environ.get("RINGLLM_SANITIZE_CONTROL_TOKENS") == "1")
+    app.state.max_token_chars = app.state.tokenizer.max_token_chars  # bounds a text before tokenizing
     app.state.chat_parsers = chat_io.model_parsers(s.model_path, app.state.tokenizer.template_text,
                                                    os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
                                                    os.environ.get("RINGLLM_REASONING_PARSER"))
@@ -85,10 +88,10 @@ def _check_model(request: Request, model: str | None) -> None:
 
 
 def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, prompt_len: int, max_seq_len: int,
-              logprobs: int | None = None) -> tuple[m.Sampling, list[str]]:
+              logprobs: int | None = None, vocab: int | None = None) -> tuple[m.Sampling, list[str]]:
     """The engine's parameters of a request (their bounds were checked as it was decoded) and its stop strings.
     An explicit max_tokens must fit the context after the prompt; without one, the default (or everything the
-    context has left) is used."""
+    context has left) is used. Token ids in logit_bias must be below `vocab`."""
     room = max_seq_len - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
@@ -101,6 +104,9 @@ def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, promp
         params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split()[0]) from None
+    if vocab and params.logit_bias and max(params.logit_bias) >= vocab:
+        raise ApiError(400, f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})",
+                       param="logit_bias")
     return params, params.stop
 
 
@@ -146,14 +152,16 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     s, tok = request.app.state.settings, request.app.state.tokenizer
     prompts = _prompt_list(data.prompt)
     vocab = s.vocab_size or tok.vocab_size
-    ids_list = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    # Text prompts get the tokenizer's special tokens (Llama's BOS) as in transformers and vLLM; ids are as given.
+    ids_list = [await tokenize_text(request, p, add_special_tokens=True) if isinstance(p, str) else list(p)
+                for p in prompts]
     for ids in ids_list:
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if any(not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
     longest = max(len(ids) for ids in ids_list)
-    sampling, stops = _sampling(data, data.max_tokens, 16, longest, s.max_seq_len, data.logprobs)
+    sampling, stops = _sampling(data, data.max_tokens, 16, longest, s.max_seq_len, data.logprobs, vocab)
     want_lp = data.logprobs is not None
     echoes = None
     if data.echo:  # the prompt comes back before the completion, with its tokens' logprobs if asked for
@@ -207,11 +215,11 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
         text = tok.apply_chat_template(messages, plan.template_tools, **extra)
     except Exception as e:  # a template that rejects the conversation
         raise ApiError(400, f"chat template failed: {e}", param="messages") from None
-    ids = tok.encode(text)
+    ids = await tokenize_text(request, text, param="messages", encode=tok.encode_chat)
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     want_lp = data.logprobs
     sampling, stops = _sampling(data, max_tokens, None, len(ids), s.max_seq_len,
-                                (data.top_logprobs or 0) if want_lp else None)
+                                (data.top_logprobs or 0) if want_lp else None, s.vocab_size or tok.vocab_size)
     if plan.schema is not None:
         sampling = _constrained(sampling, plan.schema)
     jobs = make_jobs(request, [ids], sampling, data.n)
@@ -291,7 +299,8 @@ async def stop_profile(request: Request) -> dict:
 
 class TokenizeRequest(msgspec.Struct):
     prompt: str | None = None
-    messages: list[dict] | None = None
+    messages: list[Message] | None = None  # as in a chat request; rendered with the chat template
+    add_special_tokens: bool | None = None  # default: True for a prompt (as completions), False for messages
 
 
 class DetokenizeRequest(msgspec.Struct):
@@ -301,10 +310,18 @@ class DetokenizeRequest(msgspec.Struct):
 @post("/tokenize", status_code=200)
 async def tokenize(request: Request, data: TokenizeRequest) -> dict:
     tok = request.app.state.tokenizer
-    text = data.prompt if data.messages is None else tok.apply_chat_template(data.messages)
-    if text is None:
-        raise ApiError(400, "give prompt or messages", param="prompt")
-    ids = tok.encode(text)
+    if (data.prompt is None) == (data.messages is None):
+        raise ApiError(400, "give either prompt or messages", param="prompt")
+    text, special = data.prompt, data.add_special_tokens
+    if data.messages is not None:
+        messages = chat_io.template_messages(data.messages)
+        try:
+            text = tok.apply_chat_template(messages)
+        except Exception as e:  # no template, or one that rejects the conversation
+            raise ApiError(400, f"chat template failed: {e}", param="messages") from None
+    special = data.messages is None if special is None else special
+    encode = tok.encode_chat if data.messages is not None and not special else None
+    ids = await tokenize_text(request, text, add_special_tokens=special, bound=False, encode=encode)
     return {"tokens": ids, "count": len(ids), "max_model_len": request.app.state.settings.max_seq_len}
 
 

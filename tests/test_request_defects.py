@@ -4,6 +4,8 @@ worker-pair claims, limits on n and seeds, big prompts, Content-Type."""
 
 import json
 import shutil
+import threading
+import time
 
 import httpx
 import pytest
@@ -129,10 +131,16 @@ KEY = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
+def keyed(tmp_path_factory, demo_path):
+    """An API key with /health and the OpenAPI document public, on the demo model without its chat template."""
     cache = tmp_path_factory.mktemp("keyed")
-    proc, base = start_server(cache, "--kv-cache-tokens", "1024", "--context-len", "64", "--api-key", KEY,
-                              "--public-routes", "/health,/schema/openapi.json")
+    model = cache / "no-template"
+    shutil.copytree(demo_path, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    proc, base = start_server(cache, "--model", str(model), "--kv-cache-tokens", "1024", "--context-len", "64",
+                              "--api-key", KEY, "--public-routes", "/health,/schema/openapi.json")
     yield base
     stop_server(proc)
 
@@ -161,3 +169,67 @@ def test_the_bearer_scheme_is_case_insensitive(keyed, scheme):
     bad = httpx.post(keyed + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
                      headers={"authorization": f"{scheme} {KEY}x"}, timeout=30)
     assert bad.status_code == 401
+
+
+# ---- issue 12.7 ----
+def test_text_prompts_get_the_tokenizers_bos_as_in_transformers(server, bos_model):
+    from transformers import AutoTokenizer
+
+    path, bos_id = bos_model
+    expected = AutoTokenizer.from_pretrained(path)("The sea is")["input_ids"]
+    assert expected[0] == bos_id
+    got = httpx.post(server + "/tokenize", json={"prompt": "The sea is"}, timeout=10).json()["tokens"]
+    assert got == expected
+    r = _complete(server, prompt="The sea is", max_tokens=1, echo=True, logprobs=0, temperature=0).json()
+    assert r["usage"]["prompt_tokens"] == len(expected)
+    assert r["choices"][0]["logprobs"]["tokens"][0] == "<|endoftext|>"  # the echoed prompt starts with it
+    assert r["choices"][0]["text"].startswith("The sea is")
+    ids = _complete(server, prompt=expected[1:], max_tokens=1).json()  # token ids are taken as they are
+    assert ids["usage"]["prompt_tokens"] == len(expected) - 1
+
+
+# ---- issue 12.8 ----
+def test_tokenize_messages_without_a_chat_template_is_a_400(keyed):
+    auth = {"authorization": f"Bearer {KEY}"}
+    r = httpx.post(keyed + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth,
+                   timeout=10)
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"], r.text
+    assert httpx.post(keyed + "/tokenize", json={"prompt": "hi"}, headers=auth, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("body", [{"messages": [{"role": "user"}]}, {"messages": [{"content": "hi"}]},
+                                  {"messages": [{"role": "user", "content": None}]}, {"messages": "hi"}, {},
+                                  {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}])
+def test_tokenize_bad_messages_is_a_400(server, body):
+    r = httpx.post(server + "/tokenize", json=body, timeout=10)
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---- issue 19.3 ----
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server):
+    r = _complete(server, prompt="word " * (1 << 20), max_tokens=1)  # 5 MiB
+    assert r.status_code == 400 and "characters" in r.json()["error"]["message"], r.text
+
+
+def test_tokenizing_a_long_text_leaves_the_worker_serving(server):
+    """/tokenize has no context bound: 2 MiB of text takes seconds to tokenize. /health on the same (only)
+    worker keeps answering meanwhile: the longest gap between its answers is a small part of that time."""
+    done, answers = threading.Event(), []
+
+    def poll():
+        while not done.is_set():
+            assert httpx.get(server + "/health", timeout=60).status_code == 200
+            answers.append(time.monotonic())
+
+    poller = threading.Thread(target=poll)
+    start = time.monotonic()
+    poller.start()
+    r = httpx.post(server + "/tokenize", json={"prompt": "word, and more " * 140_000}, timeout=300)
+    end = time.monotonic()
+    done.set()
+    poller.join()
+    assert r.status_code == 200 and r.json()["count"] > 100_000
+    during = [t for t in answers if start <= t <= end]
+    gaps = [b - a for a, b in zip([start, *during], [*during, end])]
+    assert len(during) > 10 and max(gaps) < (end - start) / 3, (len(during), max(gaps), end - start)
