@@ -172,7 +172,9 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
                RINGLLM_TOKENIZER_PATH=args.tokenizer or info["model_path"],
                RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
                RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0),
-               RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests))
+               RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests),
+               RINGLLM_TOOL_CALL_PARSER=args.tool_call_parser or "",
+               RINGLLM_REASONING_PARSER=args.reasoning_parser or "")
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
     return env

@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any
 
+from app.reasoning import PARSERS as REASONING_PARSERS
+from app.tool_calls import PARSERS as TOOL_PARSERS
 from engine.config import setting
 
 ENV_PREFIX = "RINGLLM_"
@@ -53,6 +55,12 @@ class ServeConfig:
               "(default: no CORS headers)", parse=comma_list, metavar="ORIGINS")
     ssl_keyfile: str | None = setting(None, "TLS private key (PEM); with --ssl-certfile serves HTTPS")
     ssl_certfile: str | None = setting(None, "TLS certificate chain (PEM)")
+    tool_call_parser: str | None = setting(
+        None, "the model's tool-call syntax: hermes (Qwen2.5, Qwen3), llama3_json (Llama 3.x) or none "
+              "(default: by the model's family)", choices=(*TOOL_PARSERS, "none"), default_text="by family")
+    reasoning_parser: str | None = setting(
+        None, "how the model marks its reasoning: qwen3, deepseek_r1 or none (default: by the model's family)",
+        choices=(*REASONING_PARSERS, "none"), default_text="by family")
 
 
 def _base_type(hint) -> type:

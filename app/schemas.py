@@ -14,9 +14,54 @@ MAX_N = 16
 MAX_PROMPTS = 64
 
 
-class Message(msgspec.Struct):
+class ContentPart(msgspec.Struct, kw_only=True):
+    """A part of a message's content. Only text parts are served; the route names any other type in a 400."""
+
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    """A tool call of an earlier assistant turn, sent back in the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(msgspec.Struct, kw_only=True):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[ContentPart] | None = None  # None only for an assistant turn that calls tools
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
+    reasoning_content: str | None = None  # an earlier assistant turn's reasoning, for templates that show it
+
+
+class FunctionDef(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(msgspec.Struct):
@@ -52,6 +97,10 @@ class CompletionRequest(_Sampling, kw_only=True):
 
 class ChatRequest(_Sampling, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict | None = None  # extra variables for the chat template, e.g. enable_thinking
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -102,9 +151,25 @@ class CompletionResponse(msgspec.Struct):
     object: str = "text_completion"
 
 
+class FunctionOut(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(msgspec.Struct, omit_defaults=True):
+    """A tool call in an answer; in a stream's delta, `index` says which call a fragment belongs to."""
+
+    function: FunctionOut
+    id: str | None = None
+    type: str | None = None
+    index: int | None = None
+
+
 class ChatMessageOut(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(msgspec.Struct):

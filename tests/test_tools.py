@@ -1,0 +1,289 @@
+"""Tool calling: the parsers of app/tool_calls.py (whole and cut at every point, malformed calls left as text),
+messages and tools rendered as transformers renders them, and `ringllm serve` through the official openai
+client: on a scripted checkpoint whose greedy answer is a Hermes tool call (tests/chat_models.py), and on the
+real Qwen2.5-Coder-0.5B-Instruct model (tests/real_model.py) for an agent loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.chat import AnswerParser, ToolPlan, whole_message
+from app.tool_calls import HermesParser, Llama3JsonParser
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}'
+ARGS = json.dumps({"city": "Paris", "unit": "°C"}, ensure_ascii=False)
+
+# (parser, text, expected content, expected [(name, arguments JSON)])
+CASES = [
+    (HermesParser, f"<tool_call>\n{CALL}\n</tool_call>", "", [("get_weather", ARGS)]),
+    (HermesParser, f"Let me look.\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>{CALL}</tool_call>\n",
+     "Let me look.", [("get_weather", ARGS), ("get_weather", ARGS)]),
+    (HermesParser, "No tools needed: 1 < 2 and <tool is not a tag.\n", "No tools needed: 1 < 2 and <tool is not a tag.\n",
+     []),
+    (HermesParser, "<tool_call>{not json}</tool_call> after", "<tool_call>{not json}</tool_call> after", []),
+    (HermesParser, '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    (HermesParser, f"<tool_call>{CALL}", "", [("get_weather", ARGS)]),  # cut before its closing tag
+    (HermesParser, '<tool_call>{"name": "f", "arg', '<tool_call>{"name": "f", "arg', []),
+    (HermesParser, '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "", [("f", '{"x": 1}')]),
+    (HermesParser, "<tool_ca", "<tool_ca", []),
+    (Llama3JsonParser, '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "°C"}}', "",
+     [("get_weather", ARGS)]),
+    (Llama3JsonParser, '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": [1]}}', "",
+     [("a", "{}"), ("b", '{"x": [1]}')]),
+    (Llama3JsonParser, "The weather is {mild}.", "The weather is {mild}.", []),
+    (Llama3JsonParser, '  {"name": "a", "parameters": {}} trailing', '  {"name": "a", "parameters": {}} trailing', []),
+    (Llama3JsonParser, "Plain answer.", "Plain answer.", []),
+]
+
+
+def run(parser_cls, pieces):
+    p = parser_cls()
+    content, calls = "", []
+    for piece in pieces:
+        text, found = p.feed(piece)
+        content, calls = content + text, calls + found
+    text, found = p.finish()
+    return content + text, [(c.name, c.arguments) for c in calls + found]
+
+
+def splits(text):
+    yield [text]
+    for i in range(len(text) + 1):
+        yield [text[:i], text[i:]]
+    yield list(text)
+
+
+@pytest.mark.parametrize("parser_cls,text,content,calls", CASES)
+def test_parsers_split_at_every_point(parser_cls, text, content, calls):
+    for pieces in splits(text):
+        assert run(parser_cls, pieces) == (content, calls), pieces
+
+
+def test_answer_parser_reasoning_then_calls_and_parallel_off():
+    text = f"<think>\nweather?\n</think>\n\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n{CALL}\n</tool_call>"
+    for one in (False, True):
+        for pieces in splits(text):
+            p = AnswerParser("<|im_start|>assistant\n", "qwen3", ToolPlan(parser="hermes", one_call=one))
+            msg = whole_message(p, "".join(pieces)) if len(pieces) == 1 else None
+            if msg is None:  # stream: reassemble the parts by index
+                deltas = [p.feed(x) for x in pieces] + [p.finish()]
+                calls: dict[int, list] = {}
+                for d in deltas:
+                    for part in d.calls:
+                        calls.setdefault(part.index, [None, ""])
+                        calls[part.index][0] = calls[part.index][0] or part.name
+                        calls[part.index][1] += part.arguments
+                got = ("".join(d.reasoning for d in deltas), "".join(d.content for d in deltas),
+                       [tuple(v) for _, v in sorted(calls.items())])
+            else:
+                got = (msg.reasoning_content, msg.content,
+                       [(c.function.name, c.function.arguments) for c in msg.tool_calls])
+            assert got[0] == "\nweather?\n" and not got[1], pieces
+            assert got[2] == [("get_weather", ARGS)] * (1 if one else 2), pieces
+
+
+def test_forced_calls():
+    named = AnswerParser("", None, ToolPlan(forced="get_weather"))
+    first, rest = named.feed('{"city": '), named.feed('"Paris"}')
+    assert first.calls[0].name == "get_weather" and first.calls[0].id.startswith("call_")
+    assert first.calls[0].arguments + rest.calls[0].arguments == '{"city": "Paris"}' and not named.finish()
+    required = AnswerParser("", None, ToolPlan(forced="required"))
+    msg = whole_message(required, '[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]')
+    assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [("a", '{"x": 1}'), ("b", "{}")]
+    assert msg.content is None
+    cut = whole_message(AnswerParser("", None, ToolPlan(forced="required")), '[{"name": "a", "param')
+    assert cut.content == '[{"name": "a", "param' and cut.tool_calls is None
+
+
+# ---- messages and tools reach the template as transformers gives them ----
+# Qwen2.5-Instruct's chat template (the tools part as Qwen ships it; the default system prompt shortened).
+QWEN25_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city, as 'sunny' or <cloudy> & so on",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["°C", "°F"]}},
+                   "required": ["city"]}}}]
+CONVERSATION = [
+    {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools."}]},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Oslo?"}], "name": "ann"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "<cloudy>, 9 °C"}]},
+]
+
+
+def test_messages_and_tools_render_as_transformers_renders_them(tmp_path):
+    import msgspec
+    from transformers import AutoTokenizer
+
+    from app.chat import template_messages
+    from app.schemas import Message
+    from app.tokenizer import AppTokenizer
+    from tests.chat_models import scripted_checkpoint
+
+    path = scripted_checkpoint(tmp_path / "m", ["\n", "<|im_end|>"], QWEN25_TEMPLATE)
+    ours = AppTokenizer(path).apply_chat_template(template_messages(msgspec.convert(CONVERSATION, list[Message])),
+                                                  TOOLS)
+    # What a transformers user writes for the same conversation: text contents, arguments as objects.
+    theirs = [dict(m) for m in CONVERSATION]
+    theirs[0]["content"], theirs[1]["content"], theirs[4]["content"] = "Be brief.\nUse tools.", "Weather in Paris and Oslo?", "<cloudy>, 9 °C"
+    theirs[2]["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                               for c in theirs[2]["tool_calls"]]
+    expected = AutoTokenizer.from_pretrained(path).apply_chat_template(theirs, tools=TOOLS, tokenize=False,
+                                                                       add_generation_prompt=True)
+    assert ours == expected
+    assert "'sunny' or <cloudy> & so on" in ours and '"arguments": {"city": "Oslo"}' in ours
+
+
+# ---- served: a checkpoint whose greedy answer is 'On<tool_call>\n{get_weather Paris}\n</tool_call>' ----
+SCRIPTED_CALL = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+SCRIPT = ["\n", "O", "n", "<tool_call>", SCRIPTED_CALL, "</tool_call>", "<|im_end|>"]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from openai import OpenAI
+
+    from tests.chat_models import scripted_checkpoint
+    from tests.helpers import start_server, stop_server
+
+    cache = tmp_path_factory.mktemp("tools")
+    path = scripted_checkpoint(cache / "qwen-tools", SCRIPT, QWEN25_TEMPLATE)
+    proc, base = start_server(cache, "--model", str(path), "--served-model-name", "m")
+    try:
+        yield OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0), base
+    finally:
+        stop_server(proc)
+
+
+def ask(client, **kw):
+    return client.chat.completions.create(model="m", messages=kw.pop("messages", USER), max_tokens=16,
+                                          temperature=0, tools=kw.pop("tools", TOOLS), **kw)
+
+
+def test_served_tool_call(served):
+    client, _ = served
+    r = ask(client)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "On"
+    [call] = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", "get_weather", {"city": "Paris"})
+    assert call.id.startswith("call_")
+
+
+def test_served_streamed_tool_call_reassembles_into_the_same_call(served):
+    client, _ = served
+    whole = ask(client).choices[0].message.tool_calls[0]
+    chunks = list(ask(client, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    parts = [t for d in deltas for t in d.tool_calls or []]
+    assert parts[0].id and parts[0].type == "function" and parts[0].function.name == "get_weather"
+    assert {p.index for p in parts} == {0} and all(p.id is None for p in parts[1:])
+    arguments = "".join(p.function.arguments or "" for p in parts)
+    assert (parts[0].function.name, json.loads(arguments)) == (whole.function.name, json.loads(whole.function.arguments))
+    assert "".join(d.content or "" for d in deltas) == "On"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_served_tool_choice_none_answers_in_text_without_the_tools(served):
+    client, _ = served
+    shown, hidden = ask(client), ask(client, tool_choice="none")
+    assert hidden.choices[0].message.tool_calls is None and hidden.choices[0].finish_reason == "stop"
+    assert hidden.choices[0].message.content == "On<tool_call>" + SCRIPTED_CALL + "</tool_call>"
+    assert hidden.usage.prompt_tokens < shown.usage.prompt_tokens  # the tools were not in the prompt
+
+
+def test_served_agent_loop_messages(served):
+    """The assistant's tool call and the tool's result go back in; the template gets them (it renders the
+    arguments with tojson, which needs them decoded)."""
+    client, _ = served
+    first = ask(client).choices[0].message
+    messages = USER + [first.model_dump(exclude_none=True),
+                       {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"}]
+    r = ask(client, messages=messages)
+    assert r.usage.prompt_tokens > ask(client).usage.prompt_tokens
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"  # the script does not change
+
+
+@pytest.mark.parametrize("change,param", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+])
+def test_served_bad_messages_and_tools_are_400(served, change, param):
+    import httpx
+
+    _, base = served
+    body = {"model": "m", "messages": USER, "tools": TOOLS, "max_tokens": 4, **change}
+    r = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    if "image_url" in json.dumps(change):
+        assert "'image_url'" in r.json()["error"]["message"]
