@@ -68,3 +68,55 @@ def _post(base, path, body):
 def test_penalties_out_of_their_finite_range_are_400(server, field, value):
     r = _post(server, "/v1/completions", {"prompt": "x", field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def _greedy(base, prompt, **kw):
+    r = _post(base, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                        "logprobs": 0, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_logit_bias_bans_and_forces_tokens_through_the_server(server):
+    ids = _post(server, "/tokenize", {"prompt": "The sea is"}).json()["tokens"]
+    free = _greedy(server, ids)
+    first = _post(server, "/tokenize", {"prompt": free["logprobs"]["tokens"][0]}).json()["tokens"]
+    assert len(first) == 1
+    banned = _greedy(server, ids, logit_bias={str(first[0]): -100})
+    assert banned["logprobs"]["tokens"][0] != free["logprobs"]["tokens"][0]
+    forced = _greedy(server, ids, logit_bias={"42": 100})
+    assert forced["text"] == _post(server, "/detokenize", {"tokens": [42] * 8}).json()["prompt"]
+
+
+@pytest.mark.parametrize("bias", [{"100000": 5}, {"7": 101}, {"x": 1}])
+def test_bad_logit_bias_is_400(server, bias):
+    r = _post(server, "/v1/completions", {"prompt": "x", "logit_bias": bias})
+    assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from engine import LLM
+    from engine.demo import demo_model_path
+
+    path = demo_model_path(tmp_path_factory.mktemp("cache"))
+    with LLM(model=str(path), device="cpu", kv_cache_tokens=4096, context_len=256) as llm:
+        yield llm
+
+
+def test_logit_bias_bans_and_forces_tokens_offline(llm):
+    from engine.engine import RequestError
+
+    greedy = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+    [free] = llm.generate_batch(["The sea is"], SamplingParams(**greedy))
+    [banned] = llm.generate_batch(["The sea is"], SamplingParams(**greedy, logit_bias={free.token_ids[0]: -100}))
+    assert banned.token_ids[0] != free.token_ids[0]
+    [forced] = llm.generate_batch(["The sea is"], SamplingParams(**greedy, logit_bias={42: 100.0}))
+    assert forced.token_ids == [42] * 8
+    # Sampled rows and rows without a bias share the batch: only the biased one changes.
+    both = llm.generate_batch(["The sea is", "The sea is"], [SamplingParams(**greedy),
+                                                             SamplingParams(**{**greedy, "temperature": 1.0}, seed=3,
+                                                                            logit_bias={42: 100.0})])
+    assert both[0].token_ids == free.token_ids and both[1].token_ids == [42] * 8
+    with pytest.raises(RequestError, match="logit_bias"):
+        llm.generate_batch(["x"], SamplingParams(logit_bias={10**6: 1.0}))
