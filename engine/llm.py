@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable
 from engine.config import EngineConfig
 from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.engine import Engine, RequestError, TokenOutput
+from engine.loader import checkpoint_path, load_tokenizer
 from engine.logs import get_logger
 from engine.sampling_params import SamplingParams
 
@@ -76,10 +77,9 @@ class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, **overrides):
         config = config or EngineConfig(model=model, **overrides)
         self.config = config
+        # The tokenizer first: a missing one fails before any weights are loaded, naming the file.
+        self.tokenizer = load_tokenizer(config.tokenizer or checkpoint_path(config.model, config.download_dir))
         self.engine = Engine(config)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or str(self.engine.model_path))
         self._ids = itertools.count()
         self._commands: deque = deque()
         self._requests: dict[str, _Request] = {}
