@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible output)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_engine_args(gen)
+    health = sub.add_parser("health", help="exit 0 when the running `ringllm serve` answers /health with 200")
+    health.add_argument("--pid", type=int, default=None,
+                        help="the server's process id (default: PID 1 if it is ringllm serve, else the oldest one)")
+    health.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
     return parser
 
 
@@ -113,6 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if config.node_rank > 0:
         return serve_other_node(config)
+    if (problem := _tokenizer_problem(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     started = _start_engine(config, args)
     if isinstance(started, int):
         return started
@@ -123,24 +130,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _host_app(args, proc)
 
 
+def _tokenizer_problem(args: argparse.Namespace) -> str | None:
+    """Loads the tokenizer (and chat template) the API workers will load, before the engine loads any weights,
+    so a missing or broken one fails at once with the file named. A GGUF file's tokenizer is built here once
+    (cached) for the workers. The demo model and hub ids are checked by the engine as it finds them."""
+    from pathlib import Path
+
+    from app.tokenizer import AppTokenizer, TokenizerError, read_chat_template
+
+    source = args.tokenizer or args.model
+    try:
+        template = read_chat_template(args.chat_template) if args.chat_template else None
+        if source is None or not (Path(source).expanduser().exists() or source.startswith((".", "/", "~"))):
+            return None
+        AppTokenizer(source, chat_template=template, sanitize_control_tokens=args.sanitize_control_tokens)
+    except (TokenizerError, ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
 def _start_engine(config, args: argparse.Namespace):
     """(engine process, its ready message), or an exit code if it could not start."""
     import multiprocessing as mp
-    import queue as queue_mod
 
     ctx = mp.get_context("spawn")
-    ready = ctx.Queue()
-    proc = ctx.Process(target=_engine_process_main, args=(config, args.workers, ready, args.shutdown_timeout),
+    ready, ready_end = ctx.Pipe(duplex=False)  # a pipe leaves nothing in /dev/shm, whatever kills us
+    proc = ctx.Process(target=_engine_process_main, args=(config, args.workers, ready_end, args.shutdown_timeout),
                        name="ringllm-engine")
     proc.start()
-    info = None
-    while info is None:
+    ready_end.close()
+    while True:
         try:
-            info = ready.get(timeout=1.0)
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                print("error: the engine process exited during start-up", file=sys.stderr)
-                return 1
+            if ready.poll(1.0):
+                info = ready.recv()
+                break
+        except EOFError:  # the engine closed its end: it is exiting
+            proc.join(5)
+        if not proc.is_alive():
+            print("error: the engine process exited during start-up", file=sys.stderr)
+            return 1
     if "error" in info:
         proc.join(5)
         print(f"error: {info['error']}", file=sys.stderr)
@@ -174,7 +202,9 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
                RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0),
                RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests),
                RINGLLM_TOOL_CALL_PARSER=args.tool_call_parser or "",
-               RINGLLM_REASONING_PARSER=args.reasoning_parser or "")
+               RINGLLM_REASONING_PARSER=args.reasoning_parser or "",
+               RINGLLM_CHAT_TEMPLATE=args.chat_template or "",
+               RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "")
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
     return env
@@ -252,4 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_generate(args)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "health":
+        from app.health_check import cmd_health
+
+        return cmd_health(args)
     return 2
