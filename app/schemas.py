@@ -3,7 +3,7 @@ The bounds below are checked by msgspec as a body is decoded and appear in the O
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -64,13 +64,40 @@ class NamedToolChoice(msgspec.Struct):
     function: NamedFunction
 
 
-class StreamOptions(msgspec.Struct):
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    include_obfuscation: Any = None  # refused unless null or false (see NOT_IMPLEMENTED)
 
 
-class _Sampling(SamplingFields, kw_only=True):
+# OpenAI fields that ringllm does not implement. Each is accepted only at a value that asks for nothing (as
+# if absent) and answered 400 naming it otherwise, never silently ignored. Fields OpenAI does not define (and
+# vLLM extensions ringllm lacks, e.g. min_tokens) are refused by msgspec as unknown fields. `user`,
+# `safety_identifier` and `prompt_cache_key` are accepted: they identify or hint and change no output (the
+# prefix cache is automatic).
+NOT_IMPLEMENTED: dict[str, tuple] = {
+    "suffix": (None, ""),  # completions: text after the insertion point
+    "best_of": (None, 1),  # completions: server-side candidates
+    "service_tier": (None, "auto", "default"),  # there is one tier
+    "store": (None, False), "metadata": (None,),  # stored completions
+    "prediction": (None,),  # predicted outputs
+    "audio": (None,), "modalities": (None, ["text"]),
+    "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
+    "include_obfuscation": (None, False),  # stream_options
+}
+
+
+def _refuse_unimplemented(obj) -> None:
+    for name in type(obj).__struct_fields__:
+        allowed = NOT_IMPLEMENTED.get(name)
+        if allowed is not None and getattr(obj, name) not in allowed:
+            raise ValueError(f"{name} is not supported by this server (accepted only as "
+                             f"{' or '.join(msgspec.json.encode(v).decode() for v in allowed)})")
+
+
+class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     """What both endpoints take: the engine's sampling fields as declared in ipc/sampling.py (inherited, with
-    their bounds), plus the OpenAI fields below, which `sampling_params` maps onto the engine's."""
+    their bounds), plus the OpenAI fields below, which `sampling_params` maps onto the engine's. A field
+    neither declares is refused with 400 naming it."""
 
     model: str | None = None
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
@@ -79,20 +106,31 @@ class _Sampling(SamplingFields, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: Any = None
 
     def sampling_params(self, **engine_fields) -> SamplingParams:
         """The engine's parameters for this body: every shared field as it is, `stop` as a list, and
         `engine_fields` (max_tokens once it is checked against the context, logprobs as the engine counts them).
-        Raises ValueError naming a bad field."""
+        Raises ValueError whose message starts with the name of the bad field."""
+        self._refuse()
         shared = {name: getattr(self, name) for name in SamplingFields.__struct_fields__}
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(**shared, stop=stop, **engine_fields)
+
+    def _refuse(self) -> None:
+        _refuse_unimplemented(self)
+        if self.stream_options is not None:
+            _refuse_unimplemented(self.stream_options)
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[str | TokenId | list[TokenId]]  # a string, strings, token ids, or lists of token ids
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None  # the chosen token's logprob and the top k
     echo: bool = False  # the prompt comes back before the completion (with its tokens' logprobs, if asked)
+    suffix: Any = None
+    best_of: Any = None
 
 
 class ChatRequest(_Sampling, kw_only=True):
@@ -104,6 +142,19 @@ class ChatRequest(_Sampling, kw_only=True):
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    store: Any = None
+    metadata: Any = None
+    prediction: Any = None
+    audio: Any = None
+    modalities: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    def _refuse(self) -> None:
+        super()._refuse()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
 
 
 class Usage(msgspec.Struct):

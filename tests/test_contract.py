@@ -120,3 +120,36 @@ def test_logit_bias_bans_and_forces_tokens_offline(llm):
     assert both[0].token_ids == free.token_ids and both[1].token_ids == [42] * 8
     with pytest.raises(RequestError, match="logit_bias"):
         llm.generate_batch(["x"], SamplingParams(logit_bias={10**6: 1.0}))
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+REFUSED = [
+    ("/v1/completions", {"prompt": "x", "suffix": " the end"}, "suffix"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 3}, "min_tokens"),  # a vLLM extension ringllm lacks
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_obfuscation": True}},
+     "include_obfuscation"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {**CHAT, "prediction": {"type": "content", "content": "hi"}}, "prediction"),
+    ("/v1/chat/completions", {**CHAT, "service_tier": "priority"}, "service_tier"),
+    ("/v1/chat/completions", {**CHAT, "store": True}, "store"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/chat/completions", {**CHAT, "web_search_options": {}}, "web_search_options"),
+    ("/v1/chat/completions", {**CHAT, "no_such_field": 1}, "no_such_field"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", REFUSED, ids=[f for _, _, f in REFUSED])
+def test_unimplemented_fields_are_refused_by_name(server, path, body, field):
+    r = _post(server, path, body)
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_fields_that_ask_for_nothing_are_accepted(server):
+    ok = {"user": "u1", "safety_identifier": "s", "prompt_cache_key": "k", "service_tier": "auto"}
+    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None,
+                                             **ok}).status_code == 200
+    assert _post(server, "/v1/chat/completions", {**CHAT, "modalities": ["text"], "store": False,
+                                                  "logprobs": True, "top_logprobs": 2, **ok}).status_code == 200
