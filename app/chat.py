@@ -75,12 +75,14 @@ def _template_message(i: int, msg: Message) -> dict:
         raise ApiError(400, f"{where}: content is required (it may be null only in an assistant turn with "
                             "tool_calls)", param=f"{where}.content")
     if msg.role == "tool" and not msg.tool_call_id:
-        raise ApiError(400, f"{where}: a tool message needs the tool_call_id it answers", param=f"{where}.tool_call_id")
+        raise ApiError(400, f"{where}: a tool message needs the tool_call_id it answers",
+                       param=f"{where}.tool_call_id")
     out: dict = {"role": msg.role, "content": _text(where, msg.content)}
     if msg.name is not None:
         out["name"] = msg.name
     if msg.tool_calls:
-        out["tool_calls"] = [_template_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(msg.tool_calls)]
+        out["tool_calls"] = [_template_call(f"{where}.tool_calls[{j}]", call)
+                             for j, call in enumerate(msg.tool_calls)]
     if msg.tool_call_id is not None:
         out["tool_call_id"] = msg.tool_call_id
     if msg.reasoning_content is not None:
@@ -94,11 +96,12 @@ def _text(where: str, content) -> str | None:
         return content
     texts = []
     for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
         if part.type != "text":
-            raise ApiError(400, f"{where}.content[{j}]: content parts of type {part.type!r} are not supported "
-                                "(only 'text')", param=f"{where}.content[{j}].type")
+            raise ApiError(400, f"{at}: content parts of type {part.type!r} are not supported (only 'text')",
+                           param=f"{at}.type")
         if part.text is None:
-            raise ApiError(400, f"{where}.content[{j}]: a text part needs 'text'", param=f"{where}.content[{j}].text")
+            raise ApiError(400, f"{at}: a text part needs 'text'", param=f"{at}.text")
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -121,7 +124,8 @@ def template_kwargs(data: ChatRequest) -> dict:
     extra = dict(data.chat_template_kwargs or {})
     clash = sorted(RESERVED_TEMPLATE_VARIABLES & extra.keys())
     if clash:
-        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}", param="chat_template_kwargs")
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}",
+                       param="chat_template_kwargs")
     return extra
 
 
@@ -152,8 +156,8 @@ def tool_plan(data: ChatRequest, tool_parser: str | None) -> ToolPlan:
     one = not data.parallel_tool_calls
     if choice == "auto":
         if tool_parser is None:
-            raise ApiError(400, "this model has no tool-call parser; start the server with --tool-call-parser",
-                           param="tools")
+            raise ApiError(400, "this model has no tool-call parser; start the server with "
+                                "--tool-call-parser", param="tools")
         return ToolPlan(shown, tool_parser, one_call=one)
     if choice == "required":
         items = {"anyOf": [_call_schema(t) for t in tools]}

@@ -56,11 +56,11 @@ class ServeConfig:
     ssl_keyfile: str | None = setting(None, "TLS private key (PEM); with --ssl-certfile serves HTTPS")
     ssl_certfile: str | None = setting(None, "TLS certificate chain (PEM)")
     tool_call_parser: str | None = setting(
-        None, "the model's tool-call syntax: hermes (Qwen2.5, Qwen3), llama3_json (Llama 3.x) or none "
-              "(default: by the model's family)", choices=(*TOOL_PARSERS, "none"), default_text="by family")
+        None, "the model's tool-call syntax (hermes: Qwen2.5 and Qwen3; llama3_json: Llama 3.x)",
+        choices=(*TOOL_PARSERS, "none"), default_text="by family")
     reasoning_parser: str | None = setting(
-        None, "how the model marks its reasoning: qwen3, deepseek_r1 or none (default: by the model's family)",
-        choices=(*REASONING_PARSERS, "none"), default_text="by family")
+        None, "where the model's reasoning is (qwen3: in a think block the model opens; deepseek_r1: in one the "
+              "prompt opens)", choices=(*REASONING_PARSERS, "none"), default_text="by family")
 
 
 def _base_type(hint) -> type:

@@ -28,6 +28,7 @@ from app.tokenizer import AppTokenizer, read_chat_template
 from engine.logs import configure_logging, get_logger
 from ipc import messages as m
 from ipc.lifecycle import open_metrics_table
+from ipc.sampling import StructuredOutputs
 
 log = get_logger("app")
 _json = msgspec.json.Encoder()
@@ -262,9 +263,12 @@ def _chat_chunks(rid, created, model, index, parser, piece, reason, logprobs) ->
 
 
 def _constrained(sampling: m.Sampling, schema: dict) -> m.Sampling:
-    """tool_choice "required" or a named function: the output must match `schema` (engine/grammar.py)."""
-    raise ApiError(400, "tool_choice 'required' and named functions need structured outputs, which this "
-                        "server does not have yet", param="tool_choice")
+    """tool_choice "required" or a named function: the output must match `schema` (the structured-output
+    machinery of ipc/sampling.py), so the call is valid JSON for the function's parameters."""
+    if sampling.structured_outputs is not None:
+        raise ApiError(400, "tool_choice 'required' or a named function cannot be combined with another output "
+                            "constraint (response_format, structured_outputs)", param="tool_choice")
+    return msgspec.structs.replace(sampling, structured_outputs=StructuredOutputs(json=schema))
 
 
 @get("/v1/models")

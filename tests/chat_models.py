@@ -9,6 +9,7 @@ tokens (decoded as text, as Qwen's are), and any longer strings of the script as
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def scripted_checkpoint(out: Path, script: list[str], template: str) -> Path:
     embed = torch.randn(weights["model.embed_tokens.weight"].shape, generator=g)
     head = torch.zeros_like(weights["lm_head.weight"])
     unit = embed / embed.norm(dim=1, keepdim=True)
-    for a, b in zip(ids, ids[1:]):
+    for a, b in itertools.pairwise(ids):
         head[b] += 20 * unit[a]  # logit of b after a: 20 * sqrt(hidden); any other token's is far smaller
     weights["model.embed_tokens.weight"], weights["lm_head.weight"] = embed, head
     for name in weights:
@@ -56,7 +57,8 @@ def scripted_checkpoint(out: Path, script: list[str], template: str) -> Path:
 
     config = json.loads((out / "config.json").read_text())
     # One token per character makes long prompts; the context is as long as the tests need.
-    config.update(eos_token_id=eos, bos_token_id=tok.token_to_id("<|endoftext|>"), max_position_embeddings=4096)
+    config.update(eos_token_id=eos, bos_token_id=tok.token_to_id("<|endoftext|>"),
+                  max_position_embeddings=4096)
     (out / "config.json").write_text(json.dumps(config))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",

@@ -52,10 +52,9 @@ def test_split_at_every_point(kind, opened, text, reasoning, content):
 def test_split_at_every_token_boundary_of_a_tokenizer(tmp_path):
     """Pieces as a real stream makes them: the incremental detokenizer's output, token by token and in every
     two-part cut of the token sequence, with <think> and </think> single tokens."""
+    from app.tokenizer import AppTokenizer
     from engine.detokenize import IncrementalDetokenizer
     from tests.chat_models import scripted_checkpoint
-
-    from app.tokenizer import AppTokenizer
 
     path = scripted_checkpoint(tmp_path / "m", ["\n", "<think>", "<|im_end|>"], "")
     tok = AppTokenizer(path)
@@ -82,11 +81,13 @@ def test_unknown_parser():
 
 # ---- served: a Qwen3 checkpoint whose greedy answer is "<think>why</think>ok" ----
 TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"
 )
-SCRIPT = ["\n", "<think>", "w", "h", "y", "</think>", "o", "k", "<|im_end|>"]  # after "\n": <think>why</think>ok
+# After the prompt's last "\n" the model writes "<think>why</think>ok".
+SCRIPT = ["\n", "<think>", "w", "h", "y", "</think>", "o", "k", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +112,11 @@ HI = [{"role": "user", "content": "hi"}]
 def test_served_reasoning_content(client):
     r = client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0)
     msg = r.choices[0].message
-    assert (msg.model_extra["reasoning_content"], msg.content, r.choices[0].finish_reason) == ("why", "ok", "stop")
+    assert (msg.model_extra["reasoning_content"], msg.content) == ("why", "ok")
+    assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == len(SCRIPT) - 1
-    chunks = list(client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0, stream=True))
+    chunks = list(client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0,
+                                                 stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
     assert (reasoning, "".join(d.content or "" for d in deltas)) == ("why", "ok")
@@ -131,7 +134,8 @@ def test_served_enable_thinking_false_reaches_the_template(client):
 def test_served_reasoning_cut_by_max_tokens(client):
     r = client.chat.completions.create(model="m", messages=HI, max_tokens=3, temperature=0)
     msg = r.choices[0].message
-    assert (msg.model_extra["reasoning_content"], msg.content, r.choices[0].finish_reason) == ("wh", None, "length")
+    assert (msg.model_extra["reasoning_content"], msg.content) == ("wh", None)
+    assert r.choices[0].finish_reason == "length"
 
 
 def test_chat_template_kwargs_may_not_replace_the_routes_variables(client):

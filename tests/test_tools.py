@@ -1,11 +1,12 @@
-"""Tool calling: the parsers of app/tool_calls.py (whole and cut at every point, malformed calls left as text),
-messages and tools rendered as transformers renders them, and `ringllm serve` through the official openai
-client: on a scripted checkpoint whose greedy answer is a Hermes tool call (tests/chat_models.py), and on the
-real Qwen2.5-Coder-0.5B-Instruct model (tests/real_model.py) for an agent loop."""
+"""Tool calling: the parsers of app/tool_calls.py (whole and cut at every point, malformed calls left as
+text), messages and tools rendered as transformers renders them, and `ringllm serve` through the official
+openai client: on a scripted checkpoint whose greedy answer is a Hermes tool call (tests/chat_models.py), and
+on the real Qwen2.5-Coder-0.5B-Instruct model (tests/real_model.py) for an agent loop."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,25 +16,27 @@ from app.tool_calls import HermesParser, Llama3JsonParser
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}'
 ARGS = json.dumps({"city": "Paris", "unit": "°C"}, ensure_ascii=False)
 
+PYTHON_TAG_TWO_CALLS = '<|python_tag|>{"name": "a", "parameters": {}};{"name": "b", "parameters": {"x": [1]}}'
+
 # (parser, text, expected content, expected [(name, arguments JSON)])
 CASES = [
     (HermesParser, f"<tool_call>\n{CALL}\n</tool_call>", "", [("get_weather", ARGS)]),
     (HermesParser, f"Let me look.\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>{CALL}</tool_call>\n",
      "Let me look.", [("get_weather", ARGS), ("get_weather", ARGS)]),
-    (HermesParser, "No tools needed: 1 < 2 and <tool is not a tag.\n", "No tools needed: 1 < 2 and <tool is not a tag.\n",
-     []),
+    (HermesParser, "No tools: 1 < 2, <tool is no tag.\n", "No tools: 1 < 2, <tool is no tag.\n", []),
     (HermesParser, "<tool_call>{not json}</tool_call> after", "<tool_call>{not json}</tool_call> after", []),
-    (HermesParser, '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    (HermesParser, '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',
+     []),
     (HermesParser, f"<tool_call>{CALL}", "", [("get_weather", ARGS)]),  # cut before its closing tag
     (HermesParser, '<tool_call>{"name": "f", "arg', '<tool_call>{"name": "f", "arg', []),
-    (HermesParser, '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "", [("f", '{"x": 1}')]),
+    (HermesParser, '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "",
+     [("f", '{"x": 1}')]),
     (HermesParser, "<tool_ca", "<tool_ca", []),
     (Llama3JsonParser, '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "°C"}}', "",
      [("get_weather", ARGS)]),
-    (Llama3JsonParser, '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": [1]}}', "",
-     [("a", "{}"), ("b", '{"x": [1]}')]),
+    (Llama3JsonParser, PYTHON_TAG_TWO_CALLS, "", [("a", "{}"), ("b", '{"x": [1]}')]),
     (Llama3JsonParser, "The weather is {mild}.", "The weather is {mild}.", []),
-    (Llama3JsonParser, '  {"name": "a", "parameters": {}} trailing', '  {"name": "a", "parameters": {}} trailing', []),
+    (Llama3JsonParser, ' {"name": "a", "parameters": {}} tail', ' {"name": "a", "parameters": {}} tail', []),
     (Llama3JsonParser, "Plain answer.", "Plain answer.", []),
 ]
 
@@ -62,7 +65,8 @@ def test_parsers_split_at_every_point(parser_cls, text, content, calls):
 
 
 def test_answer_parser_reasoning_then_calls_and_parallel_off():
-    text = f"<think>\nweather?\n</think>\n\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n{CALL}\n</tool_call>"
+    block = f"<tool_call>\n{CALL}\n</tool_call>"
+    text = f"<think>\nweather?\n</think>\n\n{block}\n{block}"
     for one in (False, True):
         for pieces in splits(text):
             p = AnswerParser("<|im_start|>assistant\n", "qwen3", ToolPlan(parser="hermes", one_call=one))
@@ -91,7 +95,8 @@ def test_forced_calls():
     assert first.calls[0].arguments + rest.calls[0].arguments == '{"city": "Paris"}' and not named.finish()
     required = AnswerParser("", None, ToolPlan(forced="required"))
     msg = whole_message(required, '[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]')
-    assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [("a", '{"x": 1}'), ("b", "{}")]
+    got = [(c.function.name, c.function.arguments) for c in msg.tool_calls]
+    assert got == [("a", '{"x": 1}'), ("b", "{}")]
     assert msg.content is None
     cut = whole_message(AnswerParser("", None, ToolPlan(forced="required")), '[{"name": "a", "param')
     assert cut.content == '[{"name": "a", "param' and cut.tool_calls is None
@@ -99,61 +104,7 @@ def test_forced_calls():
 
 # ---- messages and tools reach the template as transformers gives them ----
 # Qwen2.5-Instruct's chat template (the tools part as Qwen ships it; the default system prompt shortened).
-QWEN25_TEMPLATE = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are Qwen.' }}
-    {%- endif %}
-    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- if message.content %}
-            {{- '\\n' + message.content }}
-        {%- endif %}
-        {%- for tool_call in message.tool_calls %}
-            {%- if tool_call.function is defined %}
-                {%- set tool_call = tool_call.function %}
-            {%- endif %}
-            {{- '\\n<tool_call>\\n{"name": "' }}
-            {{- tool_call.name }}
-            {{- '", "arguments": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- '}\\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' }}
-        {{- message.content }}
-        {{- '\\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+QWEN25_TEMPLATE = (Path(__file__).parent / "data" / "qwen2.5-tools.jinja").read_text()
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city, as 'sunny' or <cloudy> & so on",
@@ -161,11 +112,14 @@ TOOLS = [{"type": "function", "function": {
                                                     "unit": {"type": "string", "enum": ["°C", "°F"]}},
                    "required": ["city"]}}}]
 CONVERSATION = [
-    {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools."}]},
+    {"role": "system", "content": [{"type": "text", "text": "Be brief."},
+                                   {"type": "text", "text": "Use tools."}]},
     {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Oslo?"}], "name": "ann"},
     {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
     {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "<cloudy>, 9 °C"}]},
 ]
@@ -181,13 +135,15 @@ def test_messages_and_tools_render_as_transformers_renders_them(tmp_path):
     from tests.chat_models import scripted_checkpoint
 
     path = scripted_checkpoint(tmp_path / "m", ["\n", "<|im_end|>"], QWEN25_TEMPLATE)
-    ours = AppTokenizer(path).apply_chat_template(template_messages(msgspec.convert(CONVERSATION, list[Message])),
-                                                  TOOLS)
+    messages = template_messages(msgspec.convert(CONVERSATION, list[Message]))
+    ours = AppTokenizer(path).apply_chat_template(messages, TOOLS)
     # What a transformers user writes for the same conversation: text contents, arguments as objects.
     theirs = [dict(m) for m in CONVERSATION]
-    theirs[0]["content"], theirs[1]["content"], theirs[4]["content"] = "Be brief.\nUse tools.", "Weather in Paris and Oslo?", "<cloudy>, 9 °C"
-    theirs[2]["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-                               for c in theirs[2]["tool_calls"]]
+    theirs[0]["content"], theirs[1]["content"] = "Be brief.\nUse tools.", "Weather in Paris and Oslo?"
+    theirs[4]["content"] = "<cloudy>, 9 °C"
+    theirs[2]["tool_calls"] = [
+        {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in theirs[2]["tool_calls"]]
     expected = AutoTokenizer.from_pretrained(path).apply_chat_template(theirs, tools=TOOLS, tokenize=False,
                                                                        add_generation_prompt=True)
     assert ours == expected
@@ -241,7 +197,8 @@ def test_served_streamed_tool_call_reassembles_into_the_same_call(served):
     assert parts[0].id and parts[0].type == "function" and parts[0].function.name == "get_weather"
     assert {p.index for p in parts} == {0} and all(p.id is None for p in parts[1:])
     arguments = "".join(p.function.arguments or "" for p in parts)
-    assert (parts[0].function.name, json.loads(arguments)) == (whole.function.name, json.loads(whole.function.arguments))
+    assert parts[0].function.name == whole.function.name
+    assert json.loads(arguments) == json.loads(whole.function.arguments)
     assert "".join(d.content or "" for d in deltas) == "On"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
