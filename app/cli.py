@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import importlib.metadata
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from app.options import ServeConfig, add_options, from_args, read_environment
 from engine.config import EngineConfig
@@ -125,9 +127,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return started
     proc, info = started
     os.environ.update(_worker_environment(args, info))
-    print(f"ringllm ready on http://{args.host}:{args.port} | model {served_names(args)[0]} | "
-          f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens", file=sys.stderr, flush=True)
+    scheme = "https" if args.ssl_certfile else "http"
+    banner = (f"ringllm ready on {scheme}://{args.host}:{args.port} | model {served_names(args)[0]} | "
+              f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens")
+    threading.Thread(target=_announce_when_answering, args=(args, banner, proc), name="ready-banner",
+                     daemon=True).start()
     return _host_app(args, proc)
+
+
+def _announce_when_answering(args: argparse.Namespace, banner: str, proc) -> None:
+    """Prints the ready line once the port answers HTTP (any status: an API worker is up), not before
+    Granian has bound it. Gives up when the engine stops first."""
+    import time
+
+    from app.health_check import probe
+
+    while proc.is_alive():
+        try:
+            probe(args, timeout=1.0)
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.1)
+            continue
+        print(banner, file=sys.stderr, flush=True)
+        return
 
 
 def _tokenizer_problem(args: argparse.Namespace) -> str | None:
@@ -207,6 +229,8 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
                RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "")
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
+    if args.allowed_origins:
+        env["RINGLLM_ALLOWED_ORIGINS"] = json.dumps(args.allowed_origins)
     return env
 
 
@@ -223,8 +247,9 @@ def _host_app(args: argparse.Namespace, proc) -> int:
 
     from ipc.lifecycle import remove_stale_segments
 
-    server = Granian("app.server:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
-                     workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)))
+    server = Granian("app.server:asgi", address=args.host, port=args.port, interface=Interfaces.ASGI,
+                     workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)),
+                     **granian_operator_options(args))
     draining = threading.Event()
 
     def on_sigterm(*_):
@@ -261,6 +286,17 @@ def _host_app(args: argparse.Namespace, proc) -> int:
     return 1 if engine_died else 0
 
 
+def granian_operator_options(args: argparse.Namespace) -> dict:
+    """Granian's logging through our structlog JSON chain (its access log off: app/access_log.py writes one
+    line per request with its request id) and TLS from --ssl-keyfile/--ssl-certfile."""
+    from engine.logs import stdlib_logging_config
+
+    options: dict = dict(log_dictconfig=stdlib_logging_config(args.log_level), log_access=False)
+    if args.ssl_certfile:
+        options.update(ssl_cert=Path(args.ssl_certfile), ssl_key=Path(args.ssl_keyfile))
+    return options
+
+
 def serve_other_node(config) -> int:
     """A host other than node 0 serves no HTTP: it runs its share of the ranks until the engine stops them."""
     from engine.loader import ModelNotFoundError, checkpoint_path
@@ -274,6 +310,18 @@ def serve_other_node(config) -> int:
     return run_node(config, path)
 
 
+def serve_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with serve options that the parser cannot see, found before anything starts."""
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        return "--ssl-keyfile and --ssl-certfile go together"
+    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile)):
+        if path and not Path(path).is_file():
+            return f"{flag} {path}: no such file"
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        return f"--tokenizer {args.tokenizer}: not a directory with a tokenizer.json"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     read_environment(parser)
@@ -281,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return cmd_generate(args)
     if args.command == "serve":
+        why = serve_args_problem(args)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
         return cmd_serve(args)
     if args.command == "health":
         from app.health_check import cmd_health

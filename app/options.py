@@ -61,6 +61,12 @@ class ServeConfig:
     reasoning_parser: str | None = setting(
         None, "where the model's reasoning is (qwen3: in a think block the model opens; deepseek_r1: in one the "
               "prompt opens)", choices=(*REASONING_PARSERS, "none"), default_text="by family")
+    chat_template: str | None = setting(
+        None, "chat template to use instead of the model's: a file, or the template text itself",
+        metavar="FILE_OR_TEXT", default_text="the model's")
+    sanitize_control_tokens: bool = setting(
+        False, "encode control tokens found in chat messages (e.g. '<|im_end|>') as plain text; by default they "
+               "are the real tokens, as in transformers and vLLM")
 
 
 def _base_type(hint) -> type:

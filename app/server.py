@@ -16,9 +16,11 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Stream
 
 from app import chat as chat_io
+from app.access_log import RequestLog, request_id
 from app.engine_client import EngineClient, EngineDown
 from app.errors import ApiError, error_response
 from app.guard import guard
+from app.cors import cors_config
 from app.metrics import Metrics
 from app.requests import collect, fan_out, make_jobs, tokenize_text
 from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
@@ -170,7 +172,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
         echoes = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(prompts, ids_list)]
     jobs = make_jobs(request, ids_list, sampling, data.n, echoes)
     prompt_tokens = sum(len(ids) for ids in ids_list)
-    rid, created, model = f"cmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
+    rid, created, model = f"cmpl-{request_id(request)}", int(time.time()), s.served_model
     if data.stream:
         async def events():
             counts = [0] * len(jobs)
@@ -225,7 +227,7 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
         sampling = _constrained(sampling, plan.schema)
     jobs = make_jobs(request, [ids], sampling, data.n)
     parsers = [chat_io.AnswerParser(text, reasoning_parser, plan) for _ in jobs]
-    rid, created, model = f"chatcmpl-{os.urandom(8).hex()}", int(time.time()), s.served_model
+    rid, created, model = f"chatcmpl-{request_id(request)}", int(time.time()), s.served_model
     if data.stream:
         async def events():
             first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
@@ -371,4 +373,6 @@ app = Litestar(
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
     middleware=[guard],  # the API key and the Content-Type, before any body is read
     request_max_body_size=MAX_BODY_BYTES,
+    cors_config=cors_config(),
 )
+asgi = RequestLog(app)  # what Granian serves: request ids and the access log around everything above

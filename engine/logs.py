@@ -26,6 +26,25 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     )
 
 
+def stdlib_logging_config(level: str = "info", json: bool | None = None) -> dict:
+    """A logging.config.dictConfig for libraries that log through the standard library (Granian's `_granian`
+    logger, which its Rust side also writes to): their records are rendered by the same structlog chain
+    as ours, one JSON object a line, with the logger's name."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        "foreign_pre_chain": [structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                              structlog.processors.TimeStamper(fmt="iso", utc=True)],
+    }
+    handler = {"class": "logging.StreamHandler", "formatter": "structlog", "stream": "ext://sys.stderr"}
+    logger = {"handlers": ["structlog"], "level": level.upper(), "propagate": False}
+    return {"version": 1, "disable_existing_loggers": False, "formatters": {"structlog": formatter},
+            "handlers": {"structlog": handler}, "loggers": {"_granian": dict(logger), "granian.access": dict(logger)}}
+
+
 def get_logger(name: str):
     return structlog.get_logger(name)
 

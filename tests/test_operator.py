@@ -164,3 +164,94 @@ def test_health_command_fails_without_a_server(tmp_path):
     run = subprocess.run([sys.executable, "-m", "app", "health", "--pid", str(os.getpid()), "--timeout", "1"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "unhealthy" in run.stdout
+
+
+# ---- request ids and the access log ----
+def _log_lines(cache: Path) -> list[dict]:
+    import json
+
+    out = []
+    for line in (cache / "serve.log").read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def _wait_for_log(cache: Path, pred, what: str) -> dict:
+    """The first JSON log line that satisfies pred; lines from the API workers arrive as they write them."""
+    import time
+
+    for _ in range(100):
+        found = [x for x in _log_lines(cache) if pred(x)]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no log line for {what}")
+
+
+def test_an_incoming_request_id_is_returned_used_in_the_response_id_and_logged(served):
+    import httpx
+
+    _, base, cache = served
+    r = httpx.post(base + "/v1/completions", headers={"X-Request-Id": "op-test-1"}, timeout=30,
+                   json={"model": "model-8b", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "op-test-1"
+    assert r.json()["id"] == "cmpl-op-test-1" and r.json()["model"] == "Org/Model-8B"
+    c = httpx.post(base + "/v1/chat/completions", headers={"X-Request-Id": "op-test-2"}, timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert c.headers["x-request-id"] == "op-test-2" and c.json()["id"] == "chatcmpl-op-test-2"
+    for rid in ("op-test-1", "op-test-2"):
+        access = _wait_for_log(cache, lambda x: x.get("event") == "access" and x.get("request_id") == rid, rid)
+        assert access["status"] == 200 and access["method"] == "POST"
+        done = _wait_for_log(cache, lambda x: x.get("event") == "request" and x.get("request_id") == rid, rid)
+        assert done["completion_tokens"] == 2
+
+
+def test_a_request_id_is_made_when_none_or_a_bad_one_is_given(served):
+    import httpx
+
+    _, base, _ = served
+    for headers in ({}, {"X-Request-Id": "bad id with spaces"}, {"X-Request-Id": "x" * 300}):
+        r = httpx.post(base + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 1}, timeout=30)
+        rid = r.headers["x-request-id"]
+        assert len(rid) == 32 and int(rid, 16) >= 0 and r.json()["id"] == f"cmpl-{rid}"
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400),
+    ("POST", "/v1/completions", {"model": "other", "prompt": "hi"}, 404),
+    ("GET", "/no/such/route", None, 404),
+])
+def test_answers_with_errors_get_one_access_line_with_their_status_and_id(served, method, path, body, status):
+    import httpx
+
+    _, base, cache = served
+    rid = f"err-{status}-{len(path)}-{method}"
+    r = httpx.request(method, base + path, json=body, headers={"X-Request-Id": rid}, timeout=30)
+    assert r.status_code == status and r.headers["x-request-id"] == rid
+    _wait_for_log(cache, lambda x: x.get("request_id") == rid and x.get("event") == "access", rid)
+    lines = [x for x in _log_lines(cache) if x.get("request_id") == rid and x.get("event") == "access"]
+    assert len(lines) == 1 and lines[0]["status"] == status and lines[0]["path"] == path
+
+
+def test_served_model_aliases_are_listed_and_each_is_accepted(served):
+    import httpx
+
+    _, base, _ = served
+    models = httpx.get(base + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["Org/Model-8B", "model-8b"]
+    for name in ("Org/Model-8B", "model-8b"):
+        r = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == "Org/Model-8B"
+
+
+def test_granian_logs_through_the_json_logger_and_the_ready_line_follows_the_listener(served):
+    _, base, cache = served
+    text = (cache / "serve.log").read_text().splitlines()
+    plain = [line for line in text if not line.startswith("{")]
+    assert all(line.startswith(("note: no --model", "ringllm ready on")) for line in plain), plain
+    granian = [i for i, line in enumerate(text) if '"logger": "_granian' in line]
+    listening = next(i for i in granian if "Listening at" in text[i])
+    ready = next(i for i, line in enumerate(text) if line.startswith("ringllm ready on " + base))
+    answered = next(i for i, line in enumerate(text) if '"event": "access"' in line and '"/health"' in line)
+    assert listening < answered < ready
