@@ -255,3 +255,115 @@ def test_granian_logs_through_the_json_logger_and_the_ready_line_follows_the_lis
     ready = next(i for i, line in enumerate(text) if line.startswith("ringllm ready on " + base))
     answered = next(i for i, line in enumerate(text) if '"event": "access"' in line and '"/health"' in line)
     assert listening < answered < ready
+
+
+# ---- CORS ----
+def test_cors_preflight_from_an_allowed_origin_gets_the_access_control_headers(served):
+    import httpx
+
+    _, base, _ = served
+    r = httpx.options(base + "/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://ok.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert r.status_code in (200, 204), r.text
+    assert r.headers["access-control-allow-origin"] == "http://ok.test"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    post = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30,
+                      headers={"Origin": "http://ok.test"})
+    assert post.headers["access-control-allow-origin"] == "http://ok.test"
+    assert "x-request-id" in post.headers["access-control-expose-headers"].lower()
+
+
+def test_cors_gives_nothing_to_other_origins(served):
+    import httpx
+
+    _, base, _ = served
+    r = httpx.options(base + "/v1/completions", timeout=10,
+                      headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    post = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30,
+                      headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in post.headers
+
+
+# ---- TLS, and the default served name ----
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A key and a certificate for 127.0.0.1, made here with `cryptography`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    key_file, cert_file = folder / "key.pem", folder / "cert.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file
+
+
+def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    from engine.demo import demo_model_path
+    from tests.helpers import free_port, stop_server
+
+    pytest.importorskip("cryptography")
+    key, cert = _self_signed(tmp_path)
+    model = str(demo_model_path(tmp_path))  # built here, then served by path with no --served-model-name
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
+                             "--model", model, "--kv-cache-tokens", "1024", "--context-len", "128",
+                             "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+                            env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"https://127.0.0.1:{port}"
+    trust = __import__("ssl").create_default_context(cafile=str(cert))  # only this certificate
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(base + "/health", verify=trust, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        _wait_for_workers(tmp_path / "serve.log", 1)
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is not served
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        models = httpx.get(base + "/v1/models", verify=trust, timeout=10).json()["data"]
+        assert [m["id"] for m in models] == [model]
+        r = httpx.post(base + "/v1/completions", verify=trust, timeout=30,
+                       json={"model": model, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        run = subprocess.run([sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"ringllm ready on {base} | model {model} |" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+        else:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_half_a_tls_pair_is_refused_before_anything_starts(tmp_path):
+    run = _ringllm("serve", "--ssl-certfile", str(tmp_path / "cert.pem"), cache=tmp_path)
+    assert run.returncode == 2 and "--ssl-keyfile and --ssl-certfile go together" in run.stderr
