@@ -11,7 +11,7 @@ from typing import NamedTuple
 import msgspec
 from litestar import Request
 
-from app.engine_client import EngineDown
+from app.engine_client import EngineBusy, EngineDown
 from app.errors import ApiError
 from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.logs import get_logger
@@ -58,8 +58,8 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
     client, tok = request.app.state.client, request.app.state.tokenizer
     rid = client.new_rid()
     try:
-        queue = client.submit(rid, ids, sampling)
-    except EngineDown as e:
+        queue = await client.submit(rid, ids, sampling)
+    except (EngineDown, EngineBusy) as e:
         raise ApiError(503, str(e), "server_error") from None
     detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
     count, finished, reason = 0, False, None
@@ -151,6 +151,9 @@ async def fan_out(request: Request, jobs: list[Job], stops: list[str]):
                 await queue.put((index, text, reason, count, lps))
         except ApiError as e:
             await queue.put(e)
+        except Exception as e:  # never leave the request waiting for a choice that died
+            log.exception("a choice failed", error=str(e))
+            await queue.put(ApiError(500, "internal error", "server_error"))
 
     tasks = [asyncio.create_task(drive(i, job)) for i, job in enumerate(jobs)]
     try:

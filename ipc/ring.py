@@ -190,6 +190,32 @@ class RingWriter:
             off += size
         self._wake_readers()
 
+    def try_write(self, payload: bytes | bytearray | memoryview, start: int = 0) -> int:
+        """Writes what fits now of one message, from byte `start` on, and never waits; returns the byte reached
+        (len(payload) once it is all written). A message of one frame goes whole or not at all; a larger one
+        fragment by fragment, so that a later call goes on from where this one stopped. For writers that
+        must not block (an event loop): they retry later instead of waiting on the ring."""
+        view = memoryview(payload).cast("B")
+        n, off = len(view), start
+        while off < n:
+            size = min(self.max_fragment, n - off)
+            if not self._room_for(size):
+                break
+            self._put(view[off : off + size], MORE if off + size < n else 0)
+            off += size
+        if off > start:
+            self._wake_readers()
+        return off
+
+    def _room_for(self, size: int) -> bool:
+        """Whether a frame of `size` payload bytes (and the wrap padding before it) fits now."""
+        need = (size + 11) & ~7
+        pos = self._head & (self._cap - 1)
+        need += self._cap - pos if self._cap - pos < need else 0
+        if self._free < need:
+            self._free = self._cap - (self._head - self._min_tail())
+        return self._free >= need
+
     def _put(self, chunk, flag: int) -> None:
         cap, n = self._cap, len(chunk)
         need = (n + 11) & ~7  # 4-byte word + payload, padded to 8

@@ -291,3 +291,28 @@ def test_async_reader_thread_hands_batches_to_the_loop():
 
     assert asyncio.run(main()) == [b"%d" % i for i in range(100)]
     w.close()
+
+
+def test_try_write_never_waits_and_resumes_a_split_message():
+    """A full ring makes try_write return at once; a message larger than a fragment goes out fragment by
+    fragment over several calls and arrives whole, after the frames written before it."""
+    name = _name()
+    reader = RingReader(name, create=True, capacity=4096)
+    writer = RingWriter(name, create=False)
+    try:
+        small, big = _payload(1, 900), _payload(2, 3000)  # a fragment holds 1016 bytes: big needs 3
+        written = 0
+        while writer.try_write(small) == len(small):
+            written += 1
+        assert written == 4  # 4 × 912 bytes of frames; a fifth does not fit 4096
+        assert writer.try_write(big) == 0  # no room for even its first fragment: nothing written
+        got, reached, calls = [], 0, 0
+        while reached < len(big):
+            reached = writer.try_write(big, reached)
+            calls += 1
+            reader.poll(lambda v: got.append(bytes(v)), limit=1)  # room for about one fragment at a time
+        reader.poll(lambda v: got.append(bytes(v)))
+        assert calls > 3 and got == [small] * written + [big]
+    finally:
+        writer.close()
+        reader.close()

@@ -3,14 +3,17 @@ the engine, ring backpressure, API worker death, hostile bodies, usage, BOS, /to
 worker-pair claims, limits on n and seeds, big prompts, Content-Type."""
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.helpers import metric, start_server, stop_server, wait_for_metric
+from ipc.lifecycle import leftover_segments
+from tests.helpers import metric, process_tree, start_server, stop_server, wait_for_metric
 
 RUNNING = "ringllm_num_requests_running"
 GENERATED = "ringllm_generation_tokens_total"
@@ -42,15 +45,52 @@ def bos_model(demo_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, bos_model):
+def served(tmp_path_factory, bos_model):
     """One API worker (so that /health shares the event loop of the request under test), a context long
-    enough for 4,000-token prompts, and a queue bound the fan-out tests can exceed."""
+    enough for 4,000-token prompts, and a queue bound the fan-out tests can exceed. Yields (process, url)."""
     cache = tmp_path_factory.mktemp("defects")
     proc, base = start_server(cache, "--model", str(bos_model[0]), "--served-model-name", "demo",
                               "--kv-cache-tokens", "16384", "--context-len", "4096",
                               "--max-waiting-requests", str(MAX_WAITING))
-    yield base
+    yield proc, base
     stop_server(proc)
+
+
+@pytest.fixture
+def server(served):
+    return served[1]
+
+
+def _engine_pid(proc) -> int:
+    """The engine of this test's server: the process under it that owns ring segments."""
+    owners = [p for p in process_tree(proc.pid) if leftover_segments(p)]
+    assert len(owners) == 1, owners
+    return owners[0]
+
+
+def _answers_while(base, busy) -> tuple[list[float], float, float]:
+    """Polls /health while `busy()` runs; returns the times of the answers, the start and the end."""
+    answers, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            assert httpx.get(base + "/health", timeout=120).status_code in (200, 503)
+            answers.append(time.monotonic())
+
+    poller = threading.Thread(target=poll)
+    start = time.monotonic()
+    poller.start()
+    try:
+        busy()
+    finally:
+        end = time.monotonic()
+        done.set()
+        poller.join()
+    return [t for t in answers if start <= t <= end], start, end
+
+
+def _longest_gap(times, start, end) -> float:
+    return max(b - a for a, b in zip([start, *times], [*times, end]))
 
 
 def _complete(base, timeout=60, **body):
@@ -215,21 +255,52 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server):
 def test_tokenizing_a_long_text_leaves_the_worker_serving(server):
     """/tokenize has no context bound: 2 MiB of text takes seconds to tokenize. /health on the same (only)
     worker keeps answering meanwhile: the longest gap between its answers is a small part of that time."""
-    done, answers = threading.Event(), []
+    got = {}
 
-    def poll():
-        while not done.is_set():
-            assert httpx.get(server + "/health", timeout=60).status_code == 200
-            answers.append(time.monotonic())
+    def tokenize():
+        got["r"] = httpx.post(server + "/tokenize", json={"prompt": "word, and more " * 140_000}, timeout=300)
 
-    poller = threading.Thread(target=poll)
-    start = time.monotonic()
-    poller.start()
-    r = httpx.post(server + "/tokenize", json={"prompt": "word, and more " * 140_000}, timeout=300)
-    end = time.monotonic()
-    done.set()
-    poller.join()
-    assert r.status_code == 200 and r.json()["count"] > 100_000
-    during = [t for t in answers if start <= t <= end]
-    gaps = [b - a for a, b in zip([start, *during], [*during, end])]
-    assert len(during) > 10 and max(gaps) < (end - start) / 3, (len(during), max(gaps), end - start)
+    during, start, end = _answers_while(server, tokenize)
+    assert got["r"].status_code == 200 and got["r"].json()["count"] > 100_000
+    assert len(during) > 10 and _longest_gap(during, start, end) < (end - start) / 3, (len(during), end - start)
+
+
+# ---- issue 12.2 ----
+def test_a_full_request_ring_is_awaited_then_refused_with_503(served):
+    """With the engine stopped, 64 prompts × 4,000 ids × n=8 (8 MiB of Generate messages) cannot fit the
+    4 MiB request ring. The worker waits for room without blocking its loop (/health keeps answering), then
+    refuses the request with a 503 and aborts the choices it had queued; the engine, resumed, is left with
+    nothing to run."""
+    proc, base = served
+    engine = _engine_pid(proc)
+    assert wait_for_metric(base, RUNNING, 0, 60) == 0
+    body = {"prompt": [[7] * 4000] * 64, "max_tokens": 1, "n": 8}
+    got = {}
+
+    def big():
+        got["r"] = httpx.post(base + "/v1/completions", json=body, timeout=120)
+
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        during, start, end = _answers_while(base, big)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    r = got["r"]
+    assert r.status_code == 503 and "ring stayed full" in r.json()["error"]["message"], r.text
+    assert len(during) > 10 and _longest_gap(during, start, end) < (end - start) / 3, (len(during), end - start)
+    # The resumed engine first reads the choices that reached it, then their aborts: once a new request is
+    # served, nothing of the refused one may be left.
+    assert _complete(base, timeout=300, prompt="after", max_tokens=2).status_code == 200
+    for name in (RUNNING, "ringllm_num_requests_waiting", "ringllm_kv_cache_slots_used_by_requests"):
+        assert _settled_metric(base, name, 0) == 0, name
+
+
+def _settled_metric(base, name, value, tries=600):
+    """`name` once it reads `value` (or after `tries` readings); each reading may take a busy engine long."""
+    for _ in range(tries):
+        text = httpx.get(base + "/metrics", timeout=120).text
+        got = next(float(x.split()[1]) for x in text.splitlines() if x.startswith(name + " "))
+        if got == value:
+            break
+        time.sleep(0.1)
+    return got
