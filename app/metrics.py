@@ -1,6 +1,9 @@
-"""Prometheus text exposition: the engine's gauges and counters (from a stats round trip) and the request
-latency histograms and counters of every API worker. Names follow Prometheus conventions: counters end in
-_total, times are in seconds.
+"""Prometheus metrics, rendered by prometheus_client: the engine's gauges, counters and request histograms
+(from a stats round trip), the latency histograms and counters of every API worker, and the engine
+process's process_* metrics (prometheus_client's ProcessCollector reading /proc/<engine pid>). Every
+ringllm_ series carries model_name (the first served name), as vLLM's do. Names follow Prometheus
+conventions: counters end in _total, times are in seconds, and the vLLM series each one stands for is listed
+in README.md ("Metrics").
 
 Each worker records into its own row of a shared table (ipc.shared_table) and /metrics renders the sums of
 all rows, so every scrape sees the whole server whichever worker answers it."""
@@ -9,10 +12,16 @@ from __future__ import annotations
 
 import bisect
 
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from engine.request_stats import HISTOGRAMS as ENGINE_HISTOGRAMS
+from engine.request_stats import bucket_key, sum_key
 from ipc.shared_table import COLUMNS, SharedTable
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")  # every reason the server ends a request with
+LABELS = ["model_name"]
 
 
 class Histogram:
@@ -27,24 +36,39 @@ class Histogram:
         self.row[self.start + bisect.bisect_left(self.buckets, value)] += 1
         self.row[self.start + self.width - 1] += value
 
-    def render(self, totals: list[float]) -> list[str]:
+    def family(self, totals: list[float], model: str) -> HistogramMetricFamily:
         counts = totals[self.start : self.start + len(self.buckets) + 1]
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, count in zip(self.buckets, counts):
-            cumulative += int(count)
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        cumulative += int(counts[-1])
-        total_sum = totals[self.start + self.width - 1]
-        return lines + [f'{self.name}_bucket{{le="+Inf"}} {cumulative}', f"{self.name}_sum {total_sum}",
-                        f"{self.name}_count {cumulative}"]
+        return _histogram(self.name, self.help, self.buckets, counts, totals[self.start + self.width - 1], model)
+
+
+def _histogram(name: str, help_text: str, bounds, counts, total: float, model: str) -> HistogramMetricFamily:
+    """A histogram family from per-bucket (not cumulative) counts, the last one past every bound."""
+    cumulative, buckets = 0, []
+    for bound, count in zip(bounds, counts):
+        cumulative += int(count)
+        buckets.append((str(float(bound)), cumulative))
+    buckets.append(("+Inf", cumulative + int(counts[-1])))
+    family = HistogramMetricFamily(name, help_text, labels=LABELS)
+    family.add_metric([model], buckets, total)
+    return family
+
+
+class _Snapshot:
+    """The collector of one scrape: what the engine answered and the table's totals at that moment."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.engine: dict[str, float] = {}
+
+    def collect(self):
+        return self.metrics.families(self.engine)
 
 
 class Metrics:
     """This worker's recorder (row `index` of `table`) and the renderer of every worker's totals."""
 
-    def __init__(self, table: SharedTable, index: int):
-        self.table = table
+    def __init__(self, table: SharedTable, index: int, model_name: str = "ringllm", engine_pid: int | None = None):
+        self.table, self.model = table, model_name
         row = table.row(index)
         self.ttft = Histogram("ringllm_time_to_first_token_seconds", "Time from request arrival to its first token.",
                               row, 0)
@@ -56,14 +80,23 @@ class Metrics:
         self.requests_at = 3 * self.ttft.width  # one column per finish reason
         self.prompt_tokens_at = self.requests_at + len(FINISH_REASONS)
         assert self.prompt_tokens_at < COLUMNS
+        self.snapshot = _Snapshot(self)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.snapshot)
+        if engine_pid is not None:  # process_cpu_seconds_total, process_resident_memory_bytes, ... of the engine
+            ProcessCollector(pid=lambda: engine_pid, registry=self.registry)
 
     def finished(self, reason: str, prompt_tokens: int, seconds: float) -> None:
         self.row[self.requests_at + FINISH_REASONS.index(reason)] += 1
         self.row[self.prompt_tokens_at] += prompt_tokens
         self.e2e.observe(seconds)
 
-    def render(self, engine: dict[str, float]) -> str:
-        totals = self.table.totals()
+    def render(self, engine: dict[str, float]) -> bytes:
+        self.snapshot.engine = engine
+        return generate_latest(self.registry)
+
+    def families(self, engine: dict[str, float]):
+        totals, model = self.table.totals(), self.model
         gauges = [
             ("ringllm_num_requests_running", "Requests being computed.", engine.get("running", 0)),
             ("ringllm_num_requests_waiting", "Requests waiting for admission.", engine.get("waiting", 0)),
@@ -71,26 +104,37 @@ class Metrics:
              engine.get("kv_slots_used", 0) / max(1.0, engine.get("kv_slots_total", 1))),
             ("ringllm_kv_cache_slots_used_by_requests", "KV slots held by running requests.",
              engine.get("kv_slots_used_by_requests", 0)),
-            ("ringllm_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache.",
+            ("ringllm_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache since start "
+                                              "(use the _queries/_hits counters for a windowed rate).",
              engine.get("prefix_cache_hit_rate", 0)),
         ]
-        lines = []
         for name, help_text, value in gauges:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+            family = GaugeMetricFamily(name, help_text, labels=LABELS)
+            family.add_metric([model], value)
+            yield family
         counters = [
             ("ringllm_generation_tokens_total", "Tokens generated by the engine.", engine.get("generated_tokens", 0)),
             ("ringllm_prompt_tokens_computed_total", "Prompt tokens the engine computed (cache misses).",
              engine.get("prompt_tokens_computed", 0)),
             ("ringllm_preemptions_total", "Requests preempted for KV space.", engine.get("preemptions", 0)),
+            ("ringllm_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+             engine.get("prefix_cache_query_tokens", 0)),
+            ("ringllm_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
+             engine.get("prefix_cache_hit_tokens", 0)),
             ("ringllm_prompt_tokens_total", "Prompt tokens of the finished requests (cached or not).",
              int(totals[self.prompt_tokens_at])),
         ]
         for name, help_text, value in counters:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
-        lines += ["# HELP ringllm_requests_total Finished requests, by finish reason.",
-                  "# TYPE ringllm_requests_total counter"]
-        lines += [f'ringllm_requests_total{{finish_reason="{r}"}} {int(totals[self.requests_at + i])}'
-                  for i, r in enumerate(FINISH_REASONS)]
+            family = CounterMetricFamily(name, help_text, labels=LABELS)
+            family.add_metric([model], value)
+            yield family
+        requests = CounterMetricFamily("ringllm_requests_total", "Finished requests, by finish reason.",
+                                       labels=[*LABELS, "finish_reason"])
+        for i, r in enumerate(FINISH_REASONS):
+            requests.add_metric([model, r], int(totals[self.requests_at + i]))
+        yield requests
         for h in (self.ttft, self.itl, self.e2e):
-            lines += h.render(totals)
-        return "\n".join(lines) + "\n"
+            yield h.family(totals, model)
+        for name, (help_text, bounds) in ENGINE_HISTOGRAMS.items():
+            counts = [engine.get(bucket_key(name, i), 0.0) for i in range(len(bounds) + 1)]
+            yield _histogram("ringllm_" + name, help_text, bounds, counts, engine.get(sum_key(name), 0.0), model)

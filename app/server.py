@@ -73,7 +73,7 @@ async def lifespan(app: Litestar):
                                                    os.environ.get("RINGLLM_REASONING_PARSER"))
     app.state.client = EngineClient(s.engine_pid, s.workers)
     table = open_metrics_table(s.engine_pid)
-    app.state.metrics = Metrics(table, app.state.client.index)
+    app.state.metrics = Metrics(table, app.state.client.index, s.served_model, s.engine_pid)
     log.info("app worker ready", worker=app.state.client.index, pid=os.getpid())
     try:
         yield

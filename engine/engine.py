@@ -253,6 +253,7 @@ class Engine:
             "kv_slots_used_by_requests": s.num_slots_used - (cache.cached_tokens if cache else 0),
             "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
             "prefix_cache_hit_tokens": cache.hit_tokens if cache else 0,
+            "prefix_cache_query_tokens": cache.query_tokens if cache else 0,
             "generated_tokens": self.num_generated_tokens, "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "preemptions": s.num_preemptions,
         }

@@ -15,6 +15,8 @@ sampled its token, so every stage has a different micro-batch to work on."""
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -222,6 +224,8 @@ class Scheduler:
         writes.admitted.append(seq)
         seq.num_computed += n
         seq.status = Status.RUNNING
+        if seq.scheduled_at is None:  # a preempted request keeps its first admission time
+            seq.scheduled_at = time.monotonic()
         self.running.append(seq)
         return n
 

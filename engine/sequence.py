@@ -23,6 +23,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.arrival = time.monotonic()
+        self.scheduled_at: float | None = None  # when first admitted (queue time = scheduled_at - arrival)
         # Placement, set while it holds a request row and KV slots:
         self.row: int | None = None
         self.group = 0  # micro-batch group under pipeline parallelism

@@ -15,6 +15,7 @@ import time
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestError, TokenOutput
 from engine.logs import configure_logging, get_logger
+from engine.request_stats import RequestStats
 from ipc import messages as m
 from ipc.lifecycle import RingPair, cleanup, create_claim_counter, create_metrics_table, remove_stale_segments
 from ipc.ring import RingError
@@ -34,6 +35,7 @@ class EngineServer:
         create_metrics_table(pid, num_workers)
         create_claim_counter(pid)
         self.owner: dict[str, int] = {}  # rid -> app worker index
+        self.request_stats = RequestStats()  # queue/prefill/decode times and lengths, sent with the stats
         self.pending: dict[int, list[m.TokenDelta]] = {}
         self.failed: list[tuple[int, m.RequestFailed]] = []
         self.drain_announced = False
@@ -88,6 +90,7 @@ class EngineServer:
                 # Decoding checked the parameters' bounds; stop strings are matched on text, in the app worker.
                 self.engine.add_request(msg.rid, m.unpack_ids(msg.token_ids), msg.sampling)
                 self.owner[msg.rid] = worker
+                self.request_stats.arrived(msg.rid, self.engine.seqs[msg.rid])
             except (RequestError, ValueError) as e:
                 status = 503 if "queue is full" in str(e) else 400
                 self.failed.append((worker, m.RequestFailed(msg.rid, str(e), status)))
@@ -100,8 +103,8 @@ class EngineServer:
                 self.engine.start_profile()
             elif msg.command == "profile_stop":
                 self.engine.stop_profile()
-            self.pairs[worker].outputs.write(m.encode(m.EngineStats(
-                {k: float(v) for k, v in self.engine.stats().items()})))
+            stats = {**self.engine.stats(), **self.request_stats.values()}
+            self.pairs[worker].outputs.write(m.encode(m.EngineStats({k: float(v) for k, v in stats.items()})))
 
     def _route(self, outputs: list[TokenOutput]) -> None:
         for out in outputs:
@@ -116,8 +119,11 @@ class EngineServer:
                 delta.prompt_logprobs = [p_lp for p_lp, _ in out.prompt_logprobs]
                 delta.prompt_top_logprobs = [p_top for _, p_top in out.prompt_logprobs]
             self.pending.setdefault(worker, []).append(delta)
+            if out.token_id is not None:
+                self.request_stats.token(out.rid)
             if out.finish_reason:
                 del self.owner[out.rid]
+                self.request_stats.finished(out.rid)
 
     def _flush(self) -> None:
         if self.drain_deadline is not None and not self.drain_announced:

@@ -119,8 +119,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 def metric(server, name, headers=None):
     text = httpx.get(server + "/metrics", timeout=5, headers=headers).text
     for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+        if line.startswith((name + " ", name + "{")):  # with labels (model_name), the first series
+            return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
 
 

@@ -367,3 +367,44 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
 def test_half_a_tls_pair_is_refused_before_anything_starts(tmp_path):
     run = _ringllm("serve", "--ssl-certfile", str(tmp_path / "cert.pem"), cache=tmp_path)
     assert run.returncode == 2 and "--ssl-keyfile and --ssl-certfile go together" in run.stderr
+
+
+# ---- metrics ----
+def _families(base: str) -> dict:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=10).text)}
+
+
+def _value(families: dict, sample: str, **labels) -> float:
+    family = families[sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum")]
+    return next(s.value for s in family.samples if s.name == sample and labels.items() <= s.labels.items())
+
+
+def test_metrics_carry_model_name_engine_histograms_prefix_counters_and_process_metrics(served):
+    import httpx
+
+    _, base, _ = served
+    prompt = list(range(10, 42))  # 32 tokens, sent three times: the second and third find it cached
+    before = _families(base)
+    for _ in range(3):
+        r = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "ignore_eos": True},
+                       timeout=30)
+        assert r.json()["usage"]["completion_tokens"] == 4
+    after = _families(base)
+    for family in after.values():
+        if family.name.startswith("ringllm_"):
+            assert all(s.labels.get("model_name") == "Org/Model-8B" for s in family.samples), family.name
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
+        assert after["ringllm_" + name].type == "histogram"
+        count = f"ringllm_{name}_count"
+        assert _value(after, count) - _value(before, count) == 3, name
+    grown = lambda sample: _value(after, sample) - _value(before, sample)  # noqa: E731
+    assert grown("ringllm_request_generation_tokens_sum") == 12
+    assert grown("ringllm_request_prompt_tokens_sum") == 96
+    assert grown("ringllm_prefix_cache_queries_total") >= 96
+    assert grown("ringllm_prefix_cache_hits_total") >= 2 * 31  # at least all but the last token, twice
+    assert after["ringllm_prefix_cache_hits"].type == after["ringllm_prefix_cache_queries"].type == "counter"
+    assert _value(after, "process_cpu_seconds_total") > 0 and _value(after, "process_resident_memory_bytes") > 0

@@ -299,7 +299,7 @@ def _settled_metric(base, name, value, tries=600):
     """`name` once it reads `value` (or after `tries` readings); each reading may take a busy engine long."""
     for _ in range(tries):
         text = httpx.get(base + "/metrics", timeout=120).text
-        got = next(float(x.split()[1]) for x in text.splitlines() if x.startswith(name + " "))
+        got = next(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith((name + " ", name + "{")))
         if got == value:
             break
         time.sleep(0.1)
