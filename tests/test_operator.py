@@ -408,3 +408,21 @@ def test_metrics_carry_model_name_engine_histograms_prefix_counters_and_process_
     assert grown("ringllm_prefix_cache_hits_total") >= 2 * 31  # at least all but the last token, twice
     assert after["ringllm_prefix_cache_hits"].type == after["ringllm_prefix_cache_queries"].type == "counter"
     assert _value(after, "process_cpu_seconds_total") > 0 and _value(after, "process_resident_memory_bytes") > 0
+
+
+def test_every_series_the_grafana_dashboard_queries_is_exposed(served):
+    """docs/grafana-dashboard.json: each metric name in its PromQL is a sample name /metrics serves, and the
+    dashboard's model_name variable matches what the series carry."""
+    import json
+    import re
+
+    import httpx
+
+    _, base, _ = served
+    httpx.post(base + "/v1/completions", json={"prompt": "dashboard", "max_tokens": 2}, timeout=30)
+    served_samples = {s.name for f in _families(base).values() for s in f.samples}
+    dashboard = json.loads((ROOT / "docs/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b((?:ringllm|process)_[a-z0-9_]+)", e)}
+    assert len(used) >= 15 and used <= served_samples, used - served_samples
+    assert all('model_name=~"$model_name"' in e for e in exprs if "ringllm_" in e)
