@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import http.client
 import importlib.metadata
 import json
@@ -15,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from app.limits import ServeLimits, granian_options
 from app.options import ServeConfig, add_options, from_args, read_environment
 from engine.config import EngineConfig
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server")
     srv.add_argument("--version", action="version", version=_version())
     add_options(srv, ServeConfig)
+    add_options(srv, ServeLimits)
     add_engine_args(srv)
     gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal")
     gen.add_argument("prompt", help="the prompt text")
@@ -107,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Starts the engine in its own (spawned, so CUDA starts clean) process, waits for it, then hosts the
     app with Granian; the engine process is stopped when Granian returns."""
+    signals = _ShutdownSignals()  # first: a SIGTERM or Ctrl-C from here on stops whatever has started, cleanly
     from engine.logs import configure_logging
 
     configure_logging(args.log_level)
@@ -122,7 +126,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (problem := _tokenizer_problem(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    started = _start_engine(config, args)
+    if (problem := _port_problem(args.host, args.port)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.profiler_dir:
+        config = dataclasses.replace(config, profile_dir=args.profiler_dir)
+    started = _start_engine(config, args, signals)
     if isinstance(started, int):
         return started
     proc, info = started
@@ -132,7 +141,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens")
     threading.Thread(target=_announce_when_answering, args=(args, banner, proc), name="ready-banner",
                      daemon=True).start()
-    return _host_app(args, proc)
+    return _host_app(args, proc, signals)
+
+
+class _ShutdownSignals:
+    """SIGTERM and SIGINT (Ctrl-C) of the serve process, from its first line on. While the engine starts they
+    stop it (the engine is told with SIGTERM and its segments are removed; exit 0); once Granian runs, both
+    drain (`on_drain`, set by _host_app). Without this a signal in the first seconds killed the parent alone and
+    left the engine running as an orphan."""
+
+    def __init__(self):
+        self.received = threading.Event()
+        self.on_drain = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.on_drain is not None:
+            self.on_drain()
+        self.received.set()
+
+    def stop_starting_engine(self, proc) -> int:
+        print("ringllm: stopped during start-up", file=sys.stderr, flush=True)
+        from ipc.lifecycle import remove_stale_segments
+
+        _stop_engine(proc, 30.0)
+        remove_stale_segments()
+        return 0
+
+
+def _stop_engine(proc, timeout: float) -> None:
+    proc.terminate()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Granian binds with SO_REUSEPORT, so a second server on a busy port would start and split the traffic
+    with the first. A bind without SO_REUSEPORT fails while anyone listens there; checked before the engine
+    loads anything."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot listen on {host}:{port}: {e}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            s.bind(address)
+            s.listen(1)
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror} (is another server running there?)"
+    return None
 
 
 def _announce_when_answering(args: argparse.Namespace, banner: str, proc) -> None:
@@ -171,19 +235,21 @@ def _tokenizer_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _start_engine(config, args: argparse.Namespace):
-    """(engine process, its ready message), or an exit code if it could not start."""
+def _start_engine(config, args: argparse.Namespace, signals: _ShutdownSignals):
+    """(engine process, its ready message), or an exit code if it could not start (0 if a signal stopped it)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     ready, ready_end = ctx.Pipe(duplex=False)  # a pipe leaves nothing in /dev/shm, whatever kills us
-    proc = ctx.Process(target=_engine_process_main, args=(config, args.workers, ready_end, args.shutdown_timeout),
-                       name="ringllm-engine")
+    proc = ctx.Process(target=_engine_process_main, name="ringllm-engine",
+                       args=(config, args.workers, ready_end, args.shutdown_timeout, args.profiler_max_seconds))
     proc.start()
     ready_end.close()
     while True:
+        if signals.received.is_set():
+            return signals.stop_starting_engine(proc)
         try:
-            if ready.poll(1.0):
+            if ready.poll(0.2):
                 info = ready.recv()
                 break
         except EOFError:  # the engine closed its end: it is exiting
@@ -195,6 +261,8 @@ def _start_engine(config, args: argparse.Namespace):
         proc.join(5)
         print(f"error: {info['error']}", file=sys.stderr)
         return 2
+    if signals.received.is_set():
+        return signals.stop_starting_engine(proc)
     return proc, info
 
 
@@ -226,7 +294,10 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
                RINGLLM_TOOL_CALL_PARSER=args.tool_call_parser or "",
                RINGLLM_REASONING_PARSER=args.reasoning_parser or "",
                RINGLLM_CHAT_TEMPLATE=args.chat_template or "",
-               RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "")
+               RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "",
+               RINGLLM_BODY_READ_TIMEOUT=str(args.body_read_timeout),
+               RINGLLM_PROFILER_ROUTES="1" if args.profiler_dir else "",
+               RINGLLM_ENGINE_STALL_TIMEOUT=str(args.engine_stall_timeout))
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
     if args.allowed_origins:
@@ -234,14 +305,14 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
     return env
 
 
-def _host_app(args: argparse.Namespace, proc) -> int:
+def _host_app(args: argparse.Namespace, proc, signals: _ShutdownSignals) -> int:
     """Runs Granian until the engine stops, then removes whatever rings the engine left. Exit 1 if the engine
     died, 0 for a shutdown.
 
     SIGTERM drains: it goes to the engine, which tells the API workers (they answer new requests and /health
     with 503), finishes the requests in flight (up to --shutdown-timeout) and exits; only then are the API
-    workers stopped, so that the last tokens still reach their clients. A second SIGTERM, or SIGINT, stops
-    the API workers at once."""
+    workers stopped, so that the last tokens still reach their clients. SIGINT (Ctrl-C) does the same. A second
+    signal stops the API workers at once."""
     from granian import Granian
     from granian.constants import Interfaces
 
@@ -249,13 +320,15 @@ def _host_app(args: argparse.Namespace, proc) -> int:
 
     server = Granian("app.server:asgi", address=args.host, port=args.port, interface=Interfaces.ASGI,
                      workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)),
-                     **granian_operator_options(args))
+                     respawn_failed_workers=True,  # a dead API worker is replaced; it reclaims its ring pair
+                     **granian_options(args, args.workers), **granian_operator_options(args))
     draining = threading.Event()
 
     def on_sigterm(*_):
         if draining.is_set():
             server.signal_handler_interrupt()
         draining.set()
+        server.respawn_failed_workers = False  # API workers that stop now (a signal to the group) stay stopped
         proc.terminate()  # SIGTERM: the engine drains
 
     def watch_engine():
@@ -265,8 +338,15 @@ def _host_app(args: argparse.Namespace, proc) -> int:
                   flush=True)
         server.signal_handler_interrupt()
 
-    # Granian installs its own handlers as it starts; a start-up hook runs after that and before the workers.
-    server.on_startup(lambda: signal.signal(signal.SIGTERM, on_sigterm))
+    def take_signals():
+        # Granian installs its own handlers as it starts; a start-up hook runs after that and before the workers.
+        signal.signal(signal.SIGTERM, signals._handle)
+        signal.signal(signal.SIGINT, signals._handle)
+
+    signals.on_drain = on_sigterm
+    if signals.received.is_set():  # a signal between the engine's start and here
+        on_sigterm()
+    server.on_startup(take_signals)
     threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
     try:
         server.serve()
@@ -277,11 +357,7 @@ def _host_app(args: argparse.Namespace, proc) -> int:
     finally:
         # An engine that drained exits 0; one stopped by a SIGTERM to the whole process group is a shutdown too.
         engine_died = not proc.is_alive() and proc.exitcode not in (0, -signal.SIGTERM)
-        proc.terminate()
-        proc.join(args.shutdown_timeout + 10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        _stop_engine(proc, args.shutdown_timeout + 10)
         remove_stale_segments()  # a killed engine could not unlink its rings
     return 1 if engine_died else 0
 

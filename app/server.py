@@ -20,6 +20,7 @@ from app.access_log import RequestLog, request_id
 from app.engine_client import EngineClient, EngineDown
 from app.errors import ApiError, error_response
 from app.guard import guard
+from app.limits import MAX_BODY_BYTES, bound_body_reads
 from app.cors import cors_config
 from app.metrics import Metrics
 from app.requests import collect, fan_out, make_jobs, tokenize_text
@@ -29,14 +30,15 @@ from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, Ch
 from app.tokenizer import AppTokenizer, read_chat_template
 from engine.logs import configure_logging, get_logger
 from ipc import messages as m
+from ipc.heartbeat import HeartbeatReader
 from ipc.lifecycle import open_metrics_table
+from ipc.process import die_with_parent
 from ipc.sampling import StructuredOutputs
 
 log = get_logger("app")
 _json = msgspec.json.Encoder()
 
 
-MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
 
 
 class Settings:
@@ -61,6 +63,7 @@ class Settings:
 
 @asynccontextmanager
 async def lifespan(app: Litestar):
+    die_with_parent(name="ringllm-api")  # no API worker outlives the serve process (ipc/process.py)
     configure_logging(os.environ.get("RINGLLM_LOG_LEVEL", "info"))
     s = Settings()
     app.state.settings = s
@@ -74,11 +77,14 @@ async def lifespan(app: Litestar):
     app.state.client = EngineClient(s.engine_pid, s.workers)
     table = open_metrics_table(s.engine_pid)
     app.state.metrics = Metrics(table, app.state.client.index, s.served_model, s.engine_pid)
+    app.state.heartbeat = HeartbeatReader(s.engine_pid)
+    app.state.stall_timeout = float(os.environ.get("RINGLLM_ENGINE_STALL_TIMEOUT") or 30.0)
     log.info("app worker ready", worker=app.state.client.index, pid=os.getpid())
     try:
         yield
     finally:
         app.state.client.close()
+        app.state.heartbeat.close()
         table.close()
 
 
@@ -283,22 +289,33 @@ async def models(request: Request) -> dict:
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    try:
-        engine = await request.app.state.client.stats()
-    except (EngineDown, asyncio.TimeoutError):
-        engine = {}
+    """The engine's values from a stats round trip (exact: it follows every message sent before); when the
+    engine's loop has not turned for a second, or does not answer within METRICS_WAIT_SECONDS, the values it
+    last published in its heartbeat, at once."""
+    beat = request.app.state.heartbeat
+    engine = beat.last_stats()
+    if beat.silent_for() < 1.0:
+        try:
+            engine = await request.app.state.client.stats(timeout=METRICS_WAIT_SECONDS)
+        except (EngineDown, asyncio.TimeoutError):
+            pass
     return Response(request.app.state.metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+
+METRICS_WAIT_SECONDS = 2.0
 
 
 @post("/start_profile", status_code=200)
 async def start_profile(request: Request) -> dict:
+    """Starts the engine's profiler; it stops itself after --profiler-max-seconds. These two routes exist only
+    with --profiler-dir (PROFILER_ROUTES)."""
     await request.app.state.client.stats("profile_start")
     return {"profiling": True}
 
 
 @post("/stop_profile", status_code=200)
 async def stop_profile(request: Request) -> dict:
-    """Stops the engine's profiler; the trace is written under --profile-dir, one file per rank."""
+    """Stops the engine's profiler; the trace is written under --profiler-dir, one file per rank."""
     await request.app.state.client.stats("profile_stop")
     return {"profiling": False}
 
@@ -341,10 +358,20 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
 
 @get("/health")
 async def health(request: Request) -> Response:
-    why = request.app.state.client.unavailable()
+    why = request.app.state.client.unavailable() or _engine_stalled(request)
     if why is None:
         return Response(b"", status_code=200)
     return error_response(503, why, "server_error")
+
+
+def _engine_stalled(request: Request) -> str | None:
+    """Why the engine counts as hung: its loop, which turns every step and every idle poll, has not turned for
+    --engine-stall-timeout seconds (ipc/heartbeat.py)."""
+    silent, limit = request.app.state.heartbeat.silent_for(), request.app.state.stall_timeout
+    if silent < limit:
+        return None
+    busy = "with requests to run" if request.app.state.heartbeat.has_work() else "while idle"
+    return f"the engine has made no progress for {silent:.0f} s {busy}"
 
 
 def _on_api_error(request: Request, exc: ApiError) -> Response:
@@ -367,11 +394,13 @@ def _on_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error", "server_error")
 
 
+PROFILER_ROUTES = os.environ.get("RINGLLM_PROFILER_ROUTES") == "1"  # --profiler-dir: off unless asked for
 app = Litestar(
-    route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize, start_profile, stop_profile],
+    route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize,
+                    *([start_profile, stop_profile] if PROFILER_ROUTES else [])],
     lifespan=[lifespan],
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
-    middleware=[guard],  # the API key and the Content-Type, before any body is read
+    middleware=[guard, bound_body_reads],  # the API key and the Content-Type, then the body within a time limit
     request_max_body_size=MAX_BODY_BYTES,
     cors_config=cors_config(),
 )

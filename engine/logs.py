@@ -57,3 +57,14 @@ class _CurrentStderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+def no_multiprocessing_locks() -> None:
+    """tqdm (the weight-loading progress bar) makes a multiprocessing RLock, a named semaphore that a kill -9 of
+    the process group leaves in /dev/shm; a thread lock serves one process as well. For the engine's and the
+    GPU workers' processes."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())

@@ -11,14 +11,21 @@ import os
 import signal
 import time
 
-
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestError, TokenOutput
-from engine.logs import configure_logging, get_logger
+from engine.logs import configure_logging, get_logger, no_multiprocessing_locks
 from engine.request_stats import RequestStats
 from ipc import messages as m
-from ipc.lifecycle import RingPair, cleanup, create_claim_counter, create_metrics_table, remove_stale_segments
-from ipc.ring import RingError
+from ipc.heartbeat import HeartbeatWriter
+from ipc.lifecycle import (
+    RingPair,
+    cleanup,
+    create_pair_claims,
+    create_metrics_table,
+    remove_stale_segments,
+)
+from ipc.process import die_with_parent, parent_gone
+from ipc.ring import RingError, pid_alive
 
 log = get_logger("engine.server")
 IDLE_SPIN_SECONDS = 2e-3
@@ -26,14 +33,22 @@ IDLE_SLEEP_SECONDS = 5e-4
 
 
 class EngineServer:
-    def __init__(self, config: EngineConfig, num_workers: int, shutdown_timeout: float = 30.0):
+    def __init__(self, config: EngineConfig, num_workers: int, shutdown_timeout: float = 30.0,
+                 profiler_max_seconds: float | None = None, parent: int | None = None):
         self.engine = Engine(config)
         self.shutdown_timeout = shutdown_timeout
+        self.profiler_max_seconds = profiler_max_seconds  # bounds a profile started by a Control message
+        self.profile_started: float | None = None
+        self.parent = parent  # the serve process: with it gone nobody reads the outputs, so stop at once
         self.drain_deadline: float | None = None  # set by SIGTERM
         pid = os.getpid()
         self.pairs = [RingPair(pid, i) for i in range(num_workers)]
         create_metrics_table(pid, num_workers)
-        create_claim_counter(pid)
+        create_pair_claims(pid, num_workers)
+        self.worker_pids = [0] * num_workers  # the live API worker of each pair, as last seen
+        for k, pair in enumerate(self.pairs):  # a new worker took the pair over: its predecessor is gone
+            pair.requests.on_reset = lambda k=k: self._worker_gone(k, "a new API worker took the pair over")
+        self.heartbeat = HeartbeatWriter(pid)
         self.owner: dict[str, int] = {}  # rid -> app worker index
         self.request_stats = RequestStats()  # queue/prefill/decode times and lengths, sent with the stats
         self.pending: dict[int, list[m.TokenDelta]] = {}
@@ -61,7 +76,11 @@ class EngineServer:
 
     def serve_forever(self) -> None:
         idle_since = None
+        beat, due = self.heartbeat.beat, self.heartbeat.due
         while self.running and not self._drained():
+            now = beat(self.engine.has_work)
+            if due(now):
+                self._every_publish(now)
             got = sum(pair.requests.poll(lambda view, i=i: self._on_message(i, view)) for i, pair in enumerate(self.pairs))
             if self.engine.has_work:
                 self._route(self.engine.step())
@@ -72,6 +91,50 @@ class EngineServer:
                     time.sleep(IDLE_SLEEP_SECONDS)
             self._flush()
         self._fail_unfinished()
+
+    def _every_publish(self, now: float) -> None:
+        """What the loop does every heartbeat.PUBLISH_SECONDS: publish the stats, stop a profile that has run
+        its time, notice that the serve process has gone."""
+        self.heartbeat.publish(self.engine.stats(), now)
+        if self.profile_started is not None and now - self.profile_started > self.profiler_max_seconds:
+            log.info("profile ran its time: stopping it", seconds=self.profiler_max_seconds)
+            self.profile_started = None
+            self.engine.stop_profile()
+        if self.parent is not None and parent_gone(self.parent):
+            log.error("the serve process is gone: stopping")
+            self.running = False
+        self._reap_dead_workers()
+
+    def _reap_dead_workers(self) -> None:
+        """An API worker that died (SIGKILL, a crash) leaves requests nobody reads: abort them, so that they
+        stop generating and free their KV. The other workers' requests go on."""
+        for k, pair in enumerate(self.pairs):
+            pid = pair.outputs.reader_pid()
+            if pid and pid != self.worker_pids[k]:
+                self.worker_pids[k] = pid
+            if self.worker_pids[k] and not pid_alive(self.worker_pids[k]):
+                self._worker_gone(k, f"API worker pid {self.worker_pids[k]} died")
+                self.worker_pids[k] = 0
+
+    def _worker_gone(self, k: int, why: str) -> None:
+        rids = [rid for rid, worker in self.owner.items() if worker == k]
+        for rid in rids:
+            out = self.engine.abort(rid)
+            if out is not None:
+                self._route([out])  # the end of its bookkeeping; the outputs themselves are dropped below
+            self.owner.pop(rid, None)
+        self.pending.pop(k, None)
+        self.failed = [(worker, f) for worker, f in self.failed if worker != k]
+        if rids or "died" in why:
+            log.warning("API worker gone: its requests are aborted", pair=k, why=why, aborted=len(rids))
+
+    def _write(self, worker: int, msg) -> None:
+        """Writes to a worker's output ring; a worker that died (or stays stuck past the ring's timeout) loses
+        its requests, and the engine goes on serving the others."""
+        try:
+            self.pairs[worker].outputs.write(m.encode(msg))
+        except RingError as e:
+            self._worker_gone(worker, str(e))
 
     def _fail_unfinished(self) -> None:
         """Requests still running when the drain ran out of time end with an error their clients can see."""
@@ -101,15 +164,23 @@ class EngineServer:
         elif isinstance(msg, m.Control):
             if msg.command == "profile_start":
                 self.engine.start_profile()
+                if self.profiler_max_seconds is not None and self.profile_started is None:
+                    self.profile_started = time.monotonic()
             elif msg.command == "profile_stop":
+                self.profile_started = None
                 self.engine.stop_profile()
             stats = {**self.engine.stats(), **self.request_stats.values()}
-            self.pairs[worker].outputs.write(m.encode(m.EngineStats({k: float(v) for k, v in stats.items()})))
+            self._write(worker, m.EngineStats({k: float(v) for k, v in stats.items()}))
 
     def _route(self, outputs: list[TokenOutput]) -> None:
         for out in outputs:
             worker = self.owner.get(out.rid)
             if worker is None:
+                continue
+            if out.error is not None:  # refused before it ran (a grammar that does not compile): a 400
+                self.failed.append((worker, m.RequestFailed(out.rid, out.error, 400)))
+                del self.owner[out.rid]
+                self.request_stats.forget(out.rid)
                 continue
             ids = m.pack_ids([out.token_id]) if out.token_id is not None else b""
             lp = [out.logprob] if out.logprob is not None else None
@@ -128,20 +199,28 @@ class EngineServer:
     def _flush(self) -> None:
         if self.drain_deadline is not None and not self.drain_announced:
             self.drain_announced = True
-            for pair in self.pairs:
-                pair.outputs.write(m.encode(m.Draining()))
-        for worker, failure in self.failed:
-            self.pairs[worker].outputs.write(m.encode(failure))
-        self.failed.clear()
-        for worker, items in self.pending.items():
+            for worker in range(len(self.pairs)):
+                self._write(worker, m.Draining())
+        failed, self.failed = self.failed, []
+        for worker, failure in failed:
+            self._write(worker, failure)
+        pending, self.pending = self.pending, {}
+        for worker, items in pending.items():
             if items:
-                self.pairs[worker].outputs.write(m.encode(m.StepOutput(items)))
-        self.pending.clear()
+                self._write(worker, m.StepOutput(items))
 
 
-def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_timeout: float = 30.0) -> None:
-    """Target of the engine process: puts a dict describing the model on the `ready` queue once the rings
-    exist and the model is loaded (or {"error": ...} if it could not start)."""
+def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_timeout: float = 30.0,
+                       profiler_max_seconds: float | None = None) -> None:
+    """Target of the engine process: sends a dict describing the model through the `ready` pipe once the rings
+    exist and the model is loaded (or {"error": ...} if it could not start). A pipe, not a multiprocessing
+    queue: a queue's named semaphores (sem.mp-*) outlive a kill -9 of the whole process group.
+
+    The engine ends with the serve process (SIGTERM when it dies, then the loop stops at once); SIGINT is
+    ignored, because Ctrl-C reaches the whole process group and the serve process drains the engine itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = die_with_parent(signal.SIGTERM, name="ringllm-engine")
+    no_multiprocessing_locks()
     configure_logging(config.log_level)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack
     removed = remove_stale_segments()
@@ -150,11 +229,11 @@ def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_t
     server = None
     try:
         try:
-            server = EngineServer(config, num_workers, shutdown_timeout)
+            server = EngineServer(config, num_workers, shutdown_timeout, profiler_max_seconds, parent)
         except (ValueError, OSError) as e:
-            ready.put({"error": str(e)})
+            ready.send({"error": str(e)})
             raise SystemExit(2)
-        ready.put({"pid": os.getpid(), "model_path": str(server.engine.model_path),
+        ready.send({"pid": os.getpid(), "model_path": str(server.engine.model_path),
                    "max_seq_len": server.engine.max_seq_len, "vocab_size": server.engine.vocab_size,
                    "kv_slots": server.engine.scheduler.allocator.capacity})
         log.info("engine ready", workers=num_workers, kv_slots=server.engine.scheduler.allocator.capacity)
@@ -167,3 +246,4 @@ def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_t
         if server is not None:
             server.engine.close()
         cleanup()
+

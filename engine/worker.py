@@ -29,12 +29,13 @@ import torch
 
 from engine import parallel
 from engine.config import EngineConfig
-from engine.logs import configure_logging, get_logger
+from engine.logs import configure_logging, get_logger, no_multiprocessing_locks
 from engine.parallel import Layout
 from engine.profiler import RankProfiler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import StepPlan
 from ipc import lifecycle
+from ipc.process import die_with_parent
 from ipc.ring import PeerDied, RingReader, RingWriter, pid_alive
 
 log = get_logger("engine.worker")
@@ -201,6 +202,9 @@ def worker_main(config: EngineConfig, model_path: str, rank: int, local_rank: in
     """One rank. On the engine's host it reads plans from the ring and follows the engine's pid; on another
     host (ring_name None) plans arrive through torch.distributed, and a lost engine surfaces as a failed
     collective."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the engine stops this rank
+    die_with_parent(name=f"ringllm-rank{rank}")  # and a rank never outlives the process that started it
+    no_multiprocessing_locks()
     configure_logging(config.log_level)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack
     if engine_pid is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import signal
@@ -86,45 +88,124 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_started: list[subprocess.Popen] = []  # every server a test started; none outlives the test session
+
+
 def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Starts `ringllm serve` on the demo model on a free loopback port; returns once /health answers 200."""
+    """Starts `ringllm serve` on the demo model on a free loopback port, in a process group of its own (its
+    engine, GPU workers and API workers are in it too); returns once /health answers 200. Use `serving` (or
+    stop_server in a fixture's teardown) so that the group is killed even when the test fails."""
     port = free_port()
     env = dict(os.environ, RINGLLM_CACHE=str(cache_dir), **(env or {}))
     log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _started.append(proc)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             time.sleep(0.5)
-        assert proc.poll() is None, open(log.name, "rb").read().decode()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is not None:
+            kill_group(proc)
+            pytest.fail("server exited during start-up:\n" + open(log.name, "rb").read().decode()[-3000:])
+    kill_group(proc)
     pytest.fail("server did not start")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
+START_SECONDS = 300  # a bound for a stuck start-up, far past a start on a busy 2-core machine
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM to the server's whole group, then SIGKILL to whatever is left of it; returns the exit status."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"server {proc.pid} did not stop within {timeout} s of SIGTERM") from None
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to every process left in the server's group, and reap the server."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+        pass
+
+
+@contextlib.contextmanager
+def serving(cache_dir, *args, env: dict | None = None):
+    """start_server for the length of a `with` block: the server's group is killed at its end, whatever
+    happened in it (a server the block stopped itself is only reaped)."""
+    proc, base = start_server(cache_dir, *args, env=env)
+    try:
+        yield proc, base
+    finally:
+        kill_group(proc)
+
+
+@atexit.register
+def _kill_leftover_servers() -> None:
+    for proc in _started:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
+def engine_pid(proc: subprocess.Popen, seconds: float = 60) -> int:
+    """The pid of this server's engine: the process of its tree that owns ring segments (its name is in theirs).
+    Found from the server's own pid, so another server starting on the machine at the same time is never
+    taken for this one."""
+    from ipc.lifecycle import leftover_segments
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for pid in process_tree(proc.pid):
+            if pid != proc.pid and any(s.endswith("-req0") for s in leftover_segments(pid)):
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no engine with rings under server {proc.pid}")
+
+
+def tokens_per_second(base: str, tokens: int = 24) -> float:
+    """This machine's decode rate for one stream now, measured on the server under test."""
+    body = {"prompt": "rate", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    first = last = None
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                last = time.monotonic()
+                first = first or last
+    return (tokens - 1) / max(last - first, 1e-3)
+
+
+def server_segments(pid: int) -> set[str]:
+    """The /dev/shm entries of the engine with this pid (rings, semaphores, lock file, tables)."""
+    from ipc.lifecycle import leftover_segments
+
+    return set(leftover_segments(pid))
 
 
 def metric(server, name, headers=None):
-    text = httpx.get(server + "/metrics", timeout=5, headers=headers).text
+    text = httpx.get(server + "/metrics", timeout=60, headers=headers).text
     for line in text.splitlines():
         if line.startswith((name + " ", name + "{")):  # with labels (model_name), the first series
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
 
 
-def wait_for_metric(server, name, value, seconds=10.0, headers=None) -> float:
+def wait_for_metric(server, name, value, seconds=60.0, headers=None) -> float:
     """Polls /metrics until `name` reads `value` or `seconds` pass; returns the last reading."""
     deadline = time.monotonic() + seconds
     while (got := metric(server, name, headers)) != value and time.monotonic() < deadline:

@@ -1,6 +1,10 @@
 """Reliability on the demo model over loopback: hostile input, overload, timeouts, auth, fuzzing, SIGTERM drain
 and restart after kill -9. Every test asserts status codes and that the server is whole afterwards: KV pool
-usage back at its baseline, no segments or processes left behind."""
+usage back at its baseline, no segments or processes left behind.
+
+On a loaded machine: each test owns what it starts (the server's group is killed at the end whatever happens;
+its engine and segments are found from the server's own pid), and waits follow the work (counts, a rate
+measured at the start of the test, or generous bounds that only a stuck server reaches), never a speed."""
 
 import concurrent.futures
 import os
@@ -14,9 +18,19 @@ import time
 import httpx
 import pytest
 
-from ipc.lifecycle import leftover_segments
 from ipc.ring import pid_alive
-from tests.helpers import free_port, metric, process_tree, start_server, stop_server, wait_for_metric
+from tests.helpers import (
+    engine_pid,
+    free_port,
+    metric,
+    process_tree,
+    server_segments,
+    serving,
+    start_server,
+    stop_server,
+    tokens_per_second,
+    wait_for_metric,
+)
 
 KEY = "k3y"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -91,7 +105,7 @@ def test_hostile_bodies_get_clear_errors_and_the_server_keeps_serving(server):
                      headers={"content-type": "application/json"}).json()["error"]["message"]
     assert "tokens" in too_long and "2048" in too_long, too_long  # the counts are named
     _assert_serves(server)
-    assert wait_for_metric(server, SLOTS, 0, 5, AUTH) == 0
+    assert wait_for_metric(server, SLOTS, 0, 60, AUTH) == 0
 
 
 def test_body_over_the_size_limit_is_413(server):
@@ -111,7 +125,8 @@ def test_api_key_guards_v1_and_metrics_but_not_health(server):
 
 
 def test_overload_answers_503_with_retry_after_at_once(server):
-    """2 running + 2 waiting fill the engine; the rest are refused at once, and pool usage returns to 0."""
+    """2 running + 2 waiting fill the engine; the rest are refused at once (before any admitted request ends:
+    those run into the 1.5 s request timeout), and pool usage returns to 0."""
     body = {"prompt": "busy", "max_tokens": 1500, "ignore_eos": True}
 
     def one(_):
@@ -122,11 +137,12 @@ def test_overload_answers_503_with_retry_after_at_once(server):
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         results = list(pool.map(one, range(10)))
     refused = [r for r in results if r[0] == 503]
-    assert refused, [r[0] for r in results]
-    assert all(seconds < 1.0 and retry == "1" and "queue is full" in body["error"]["message"]
-               for _, seconds, retry, body in refused)
+    admitted = [r for r in results if r[0] != 503]
+    assert refused and admitted, [r[0] for r in results]
+    assert all(retry == "1" and "queue is full" in body["error"]["message"] for _, _, retry, body in refused)
+    assert max(r[1] for r in refused) < min(r[1] for r in admitted)
     assert {r[0] for r in results} <= {200, 503, 504}  # admitted ones finish or hit the request timeout
-    assert wait_for_metric(server, SLOTS, 0, 10, AUTH) == 0
+    assert wait_for_metric(server, SLOTS, 0, 60, AUTH) == 0
     assert metric(server, "ringllm_num_requests_waiting", AUTH) == 0
     _assert_serves(server)
 
@@ -135,12 +151,12 @@ def test_request_timeout_aborts_and_frees_slots(server):
     body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True}
     t = time.monotonic()
     r = _post(server, "/v1/completions", json=body)
-    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
-    assert 1.4 < time.monotonic() - t < 4.0
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"  # not 200: it was cut short
+    assert 1.4 < time.monotonic() - t
     with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=30, json=body | {"stream": True}) as s:
         events = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert '"timeout_error"' in events[-1]  # the stream ends with an error event
-    assert wait_for_metric(server, SLOTS, 0, 10, AUTH) == 0
+    assert wait_for_metric(server, SLOTS, 0, 60, AUTH) == 0
     assert metric(server, "ringllm_generation_tokens_total", AUTH) > 0
     _assert_serves(server)
 
@@ -173,48 +189,62 @@ def test_schemathesis_finds_no_server_error(fuzz_server, tmp_path):
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
-    before = set(leftover_segments())
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "512", "--shutdown-timeout", "20")
-    engine_pid = _engine_pid(before)
-    events, started = [], threading.Event()
+    """The stream's length follows this machine's measured rate (about 6 s of decoding), and the shutdown
+    timeout is far above it, so the drain is tested whatever the load."""
+    with serving(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--shutdown-timeout", "300") as (
+            proc, base):
+        engine = engine_pid(proc)
+        tokens = max(64, min(2000, int(tokens_per_second(base) * 6)))
+        events, started = [], threading.Event()
 
-    def stream():
-        body = {"prompt": "drain", "max_tokens": 480, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    started.set()
+        def stream():
+            body = {"prompt": "drain", "max_tokens": tokens, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        started.set()
 
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert started.wait(30)
-    os.kill(proc.pid, signal.SIGTERM)  # the main process alone, as `kill PID` or a container stop does
-    t0 = time.monotonic()
-    while _health(base) == 200 and time.monotonic() - t0 < 5:
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert started.wait(120)
+        os.kill(proc.pid, signal.SIGTERM)  # the main process alone, as `kill PID` or a container stop does
+        _wait_for_health(base, 503)  # load balancers stop sending work
+        late = httpx.post(base + "/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=60)
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert "shutting down" in late.json()["error"]["message"]
+        assert reader.is_alive()  # all of this happened while the stream was still running
+        reader.join(600)
+        assert events[-1] == "data: [DONE]" and f'"completion_tokens":{tokens}' in events[-2], events[-3:]
+        assert proc.wait(120) == 0
+        assert _gone(lambda: server_segments(engine))
+        assert not pid_alive(engine)
+
+
+def _wait_for_health(base: str, status: int, seconds: float = 60) -> None:
+    """Polls /health until it answers `status`; the bound is for a stuck server only."""
+    deadline = time.monotonic() + seconds
+    while _health(base) != status:
+        assert time.monotonic() < deadline, f"/health did not turn {status} within {seconds} s"
         time.sleep(0.02)
-    assert _health(base) == 503 and time.monotonic() - t0 < 1.0  # load balancers stop sending work
-    late = httpx.post(base + "/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=10)
-    assert late.status_code == 503 and late.headers["retry-after"] == "1"
-    assert "shutting down" in late.json()["error"]["message"]
-    assert reader.is_alive()  # all of this happened while the stream was still running
-    reader.join(60)
-    assert events[-1] == "data: [DONE]" and '"completion_tokens":480' in events[-2], events[-3:]
-    assert proc.wait(30) == 0
-    time.sleep(0.5)
-    assert not (set(leftover_segments()) - before)
-    assert not pid_alive(engine_pid)
+
+
+def _gone(what, seconds: float = 30) -> bool:
+    """Waits until `what()` is empty (segments removed, processes reaped); True if it became so."""
+    deadline = time.monotonic() + seconds
+    while what() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not what()
 
 
 def test_kv_pool_running_out_preempts_and_fails_nothing(tmp_path):
     """8 requests that need 8 x 250 slots share a pool of 600: the scheduler preempts and recomputes, and every
     request still gets all its tokens."""
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "600", "--context-len", "256", "--max-bs", "8",
-                              "--disable-radix-cache")
-    try:
+    with serving(tmp_path, "--kv-cache-tokens", "600", "--context-len", "256", "--max-bs", "8",
+                 "--disable-radix-cache") as (proc, base):
         def one(i):
-            return httpx.post(base + "/v1/completions", timeout=120, json={
+            return httpx.post(base + "/v1/completions", timeout=600, json={
                 "prompt": f"request number {i}", "max_tokens": 240, "ignore_eos": True, "temperature": 0})
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -222,77 +252,63 @@ def test_kv_pool_running_out_preempts_and_fails_nothing(tmp_path):
         assert [r.status_code for r in results] == [200] * 8
         assert all(r.json()["usage"]["completion_tokens"] == 240 for r in results)
         assert metric(base, "ringllm_preemptions_total") > 0
-        assert wait_for_metric(base, SLOTS, 0, 10) == 0
-    finally:
+        assert wait_for_metric(base, SLOTS, 0, 60) == 0
         stop_server(proc)
 
 
 def test_shutdown_timeout_bounds_the_drain(tmp_path):
     """A request longer than --shutdown-timeout does not hold the server up: it stops after about that long,
     exits 0 and leaves nothing behind."""
-    before = set(leftover_segments())
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--shutdown-timeout", "1")
-    started, lines = threading.Event(), []
+    with serving(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--shutdown-timeout", "1") as (
+            proc, base):
+        engine = engine_pid(proc)
+        started, lines = threading.Event(), []
 
-    def stream():
-        body = {"prompt": "endless", "max_tokens": 2040, "ignore_eos": True, "stream": True}
-        try:
-            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    lines.append(line)
-                    started.set()
-        except httpx.HTTPError:
-            pass  # the server closed the connection at its shutdown timeout
+        def stream():
+            body = {"prompt": "endless", "max_tokens": 2040, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
+                    for line in r.iter_lines():
+                        lines.append(line)
+                        started.set()
+            except httpx.HTTPError:
+                pass  # the server closed the connection at its shutdown timeout
 
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert started.wait(30)
-    t0 = time.monotonic()
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(30) == 0
-    assert time.monotonic() - t0 < 10
-    reader.join(30)
-    assert "data: [DONE]" not in lines  # cut short, not finished, and told so
-    assert any("shut down before this request finished" in line for line in lines), lines[-3:]
-    time.sleep(0.5)
-    assert not (set(leftover_segments()) - before)
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert started.wait(120)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(120) == 0
+        reader.join(60)
+        assert "data: [DONE]" not in lines  # cut short, not finished, and told so
+        assert any("shut down before this request finished" in line for line in lines), lines[-3:]
+        assert _gone(lambda: server_segments(engine))
 
 
 @pytest.mark.parametrize("victim", ["engine", "worker"])
 def test_a_killed_engine_or_worker_brings_the_server_down_cleanly(tmp_path, victim):
     """SIGKILL the engine process, or rank 1 of `ringllm serve --tp-size 2` on CPU, mid-stream: /health turns
-    503 within a second, the stream ends with an error event, the server exits non-zero, and no process or
-    segment is left."""
-    before = set(leftover_segments())
+    503, the stream ends with an error event, the server exits non-zero, and no process or segment is left."""
     tp = ["--tp-size", "2", "--nccl-port", str(free_port())] if victim == "worker" else []
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "512", *tp)
-    engine_pid = _engine_pid(before)
-    everyone = process_tree(proc.pid)
-    target = engine_pid if victim == "engine" else next(
-        p for p in process_tree(engine_pid) if p != engine_pid and b"spawn_main" in _cmdline(p))
-    events, killed = [], False
-    with httpx.stream("POST", base + "/v1/completions", timeout=60,
-                      json={"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line)
-            if len(events) == 3 and not killed:
-                killed = True
-                os.kill(target, signal.SIGKILL)
-                t0 = time.monotonic()
-                while time.monotonic() - t0 < 3 and _health(base) == 200:
-                    time.sleep(0.05)
-                assert time.monotonic() - t0 < 1.0
-    assert killed and any('"error"' in e for e in events)  # the stream ended with an error event
-    assert proc.wait(30) != 0
-    time.sleep(1)
-    assert not (set(leftover_segments()) - before)
-    assert not [p for p in everyone if pid_alive(p)]
-
-
-def _engine_pid(segments_before: set[str]) -> int:
-    """The engine's pid, read from the name of the ring segments it created."""
-    return int(next(s for s in set(leftover_segments()) - segments_before if s.endswith("req0")).split("-")[1])
+    with serving(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "512", *tp) as (proc, base):
+        engine = engine_pid(proc)
+        everyone = process_tree(proc.pid)
+        target = engine if victim == "engine" else next(
+            p for p in process_tree(engine) if p != engine and b"spawn_main" in _cmdline(p))
+        events, killed = [], False
+        with httpx.stream("POST", base + "/v1/completions", timeout=600,
+                          json={"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                if len(events) == 3 and not killed:
+                    killed = True
+                    os.kill(target, signal.SIGKILL)
+                    _wait_for_health(base, 503)
+        assert killed and any('"error"' in e for e in events)  # the stream ended with an error event
+        assert proc.wait(120) != 0
+        assert _gone(lambda: server_segments(engine))
+        assert _gone(lambda: [p for p in everyone if pid_alive(p)])
 
 
 def _cmdline(pid: int) -> bytes:
@@ -311,21 +327,25 @@ def _health(base: str) -> int:
 
 
 def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
-    """Also: the API key from the environment ($RINGLLM_API_KEY) guards the second server."""
-    before = set(leftover_segments())
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64")
-    stale = set(leftover_segments()) - before
-    assert stale
-    os.killpg(proc.pid, signal.SIGKILL)  # server, API workers and engine: nobody cleans up
-    proc.wait(10)
-    time.sleep(0.5)
-    assert stale <= set(leftover_segments())
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64",
-                              env={"RINGLLM_API_KEY": KEY})
-    try:
-        assert not stale & set(leftover_segments())  # the new engine removed the dead one's rings
+    """kill -9 of the whole group (server, API workers, engine, resource tracker: nobody cleans up) leaves the
+    engine's segments and no multiprocessing semaphore (sem.mp-*); a new server removes the dead one's.
+    Also: the API key from the environment ($RINGLLM_API_KEY) guards the second server."""
+    mp_before = _mp_semaphores()
+    with serving(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64") as (proc, base):
+        stale = server_segments(engine_pid(proc))
+        assert stale
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert stale <= set(os.listdir("/dev/shm"))
+    assert not _mp_semaphores() - mp_before  # the engine makes none (no multiprocessing queue or lock)
+    with serving(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64", env={"RINGLLM_API_KEY": KEY}) as (
+            proc, base):
+        assert not stale & set(os.listdir("/dev/shm"))  # the new engine removed the dead one's rings
         body = {"prompt": "again", "max_tokens": 3}
-        assert httpx.post(base + "/v1/completions", json=body, timeout=30).status_code == 401
-        assert _post(base, "/v1/completions", json=body).status_code == 200
-    finally:
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 401
+        assert _post(base, "/v1/completions", json=body, timeout=60).status_code == 200
         stop_server(proc)
+
+
+def _mp_semaphores() -> set[str]:
+    return {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")}

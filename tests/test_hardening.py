@@ -1,0 +1,246 @@
+"""Hardening against hostile clients and careless operators (issue 19, issue 12): segment names and the stale
+sweep, signals and orphans, connection limits, the profiler routes, liveness. Servers run the demo model on
+loopback; every count and duration is bounded."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import posix_ipc
+import pytest
+
+from ipc import lifecycle
+from ipc.lifecycle import leftover_segments, remove_stale_segments
+from ipc.ring import pid_alive
+from tests.helpers import (
+    engine_pid,
+    free_port,
+    kill_group,
+    process_tree,
+    server_segments,
+    serving,
+    tokens_per_second,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- segment names and the stale sweep ----
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    run = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
+                         capture_output=True, timeout=30, check=False)
+    return run.returncode == 0
+
+
+OWNER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from ipc.lifecycle import RingPair
+pair = RingPair(os.getpid(), 0, capacity=4096)
+print(os.getpid(), pair.requests.name, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="no unprivileged pid namespaces here (unshare)")
+def test_engines_with_one_pid_in_two_pid_namespaces_do_not_collide_and_are_swept_once_dead():
+    """Two owners that are both pid 1 of their own pid namespace, sharing /dev/shm (as two containers with
+    --ipc=host): both create their rings; a sweep from outside leaves the live ones alone and removes them once
+    their owners are killed."""
+    before = set(leftover_segments())
+    cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+           OWNER.format(root=str(ROOT))]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for _ in range(2)]
+    try:
+        lines = [p.stdout.readline().split() for p in procs]
+        assert all(line and line[0] == "1" for line in lines), (lines, [p.stderr.read() for p in procs if p.poll()])
+        assert lines[0][1] != lines[1][1]  # same pid, different names
+        theirs = set(leftover_segments()) - before
+        assert len(theirs) >= 2 * 6  # two ring pairs (segments, semaphores) and two lock files
+        assert not theirs & set(remove_stale_segments())  # alive in another namespace: kept
+        assert theirs <= set(leftover_segments())
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)  # nobody cleans up
+            p.wait(30)
+    removed = set(remove_stale_segments())
+    assert theirs <= removed
+    assert not theirs & set(leftover_segments())
+
+
+def test_a_reused_pid_does_not_inherit_a_dead_owners_segments():
+    """A segment named for this pid but another start time belongs to an earlier process with the same pid:
+    stale, swept; this process's own segments are kept."""
+    me = os.getpid()
+    ns = lifecycle._pid_namespace()
+    earlier = f"/{lifecycle.PREFIX}-{me}-1-{ns}-req0"
+    shm = posix_ipc.SharedMemory(earlier, posix_ipc.O_CREX, size=4096)
+    shm.close_fd()
+    mine = posix_ipc.SharedMemory(lifecycle.segment_name(me, "h2keep"), posix_ipc.O_CREX, size=4096)
+    mine.close_fd()
+    try:
+        removed = remove_stale_segments()
+        assert earlier.lstrip("/") in removed
+        assert mine.name.lstrip("/") not in removed and mine.name.lstrip("/") in leftover_segments(me)
+    finally:
+        mine.unlink()
+
+
+HOLDER = """
+import sys, time, posix_ipc
+sem = posix_ipc.Semaphore(sys.argv[1], posix_ipc.O_CREX, initial_value=1)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_sweep_removes_multiprocessing_semaphores_whose_holders_were_killed():
+    """sem.mp-* files of processes killed with -9 (resource tracker and all) are removed; one that a live
+    process still holds is kept, however old."""
+    names = [f"/mp-h2{os.getpid()}{tag}" for tag in ("dead", "live")]
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, name], stdout=subprocess.PIPE, text=True) for name in names]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        procs[0].kill()
+        procs[0].wait(10)
+        old = time.time() - 2 * lifecycle.MP_SEMAPHORE_MIN_AGE_S
+        for name in names:
+            os.utime(f"/dev/shm/sem.{name[1:]}", (old, old))
+        removed = remove_stale_segments()
+        assert f"sem.{names[0][1:]}" in removed
+        assert f"sem.{names[1][1:]}" not in removed and os.path.exists(f"/dev/shm/sem.{names[1][1:]}")
+    finally:
+        procs[1].kill()
+        procs[1].wait(10)
+        for name in names:
+            try:
+                posix_ipc.unlink_semaphore(name)
+            except posix_ipc.ExistentialError:
+                pass
+
+
+# ---- signals and orphans ----
+def _serve_cmd(port: int, *args) -> list[str]:
+    return [sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", "--kv-cache-tokens", "2048",
+            "--context-len", "256", *args]
+
+
+def _watch_tree(proc, until) -> set[int]:
+    """Every pid seen in the server's process tree until `until()` is true (children come and go)."""
+    seen = set()
+    while not until():
+        seen.update(process_tree(proc.pid))
+        time.sleep(0.05)
+    return seen - {proc.pid}
+
+
+def _engine_spawned(proc) -> bool:
+    return any(b"spawn_main" in _cmdline(p) and b"resource_tracker" not in _cmdline(p)
+               for p in process_tree(proc.pid) if p != proc.pid)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _gone(what, seconds: float = 60) -> bool:
+    """Waits until `what()` is empty; the bound is for a stuck process only."""
+    deadline = time.monotonic() + seconds
+    while what() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not what()
+
+
+@pytest.mark.parametrize("when", ["engine-spawned", "3s"])
+def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when):
+    """SIGTERM to `ringllm serve` while it starts (as soon as the engine process exists, or 3 s in): it exits 0,
+    and no process it started and no segment of theirs is left."""
+    mp_before = {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(_serve_cmd(free_port()), env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        if when == "3s":
+            seen = _watch_tree(proc, lambda: time.monotonic() - t0 > 3 or proc.poll() is not None)
+        else:
+            seen = _watch_tree(proc, lambda: _engine_spawned(proc) or time.monotonic() - t0 > 120)
+        os.kill(proc.pid, signal.SIGTERM)  # the serve process alone, as `kill PID` does
+        assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert seen, "the serve process had started no child yet"
+        assert _gone(lambda: [p for p in seen if pid_alive(p)])
+        assert _gone(lambda: [s for p in seen for s in leftover_segments(p)])
+        assert not {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")} - mp_before
+        assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    finally:
+        kill_group(proc)
+
+
+def test_kill_9_of_the_serve_process_alone_ends_engine_gpu_workers_and_api_workers(tmp_path):
+    """The children notice their parent's death (PR_SET_PDEATHSIG, and a watch on the parent pid): none is left
+    serving as an orphan, and the engine removes its segments on the way out."""
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--workers", "2", "--tp-size", "2",
+                 "--nccl-port", str(free_port())) as (proc, _):
+        engine = engine_pid(proc)
+        everyone = set(process_tree(proc.pid)) - {proc.pid}
+        assert len(everyone) >= 4  # engine, rank 1, two API workers (and the resource tracker)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        assert _gone(lambda: [p for p in everyone if pid_alive(p)]), [(p, _cmdline(p)[:80]) for p in everyone
+                                                                       if pid_alive(p)]
+        assert _gone(lambda: server_segments(engine))
+
+
+def _stream_in_background(base: str, tokens: int):
+    events, started = [], threading.Event()
+
+    def run():
+        body = {"prompt": "ctrl-c", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        started.set()
+        except httpx.HTTPError:
+            events.append("cut")
+        started.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(120)
+    return thread, events
+
+
+@pytest.mark.parametrize("to", ["server", "group"])
+def test_ctrl_c_drains_like_sigterm_and_exits_0_without_a_traceback(tmp_path, to):
+    """SIGINT to the serve process drains as SIGTERM does (the stream in flight finishes); SIGINT to the whole
+    process group, as a terminal's Ctrl-C sends it, also ends with exit 0 and no traceback from any process."""
+    # The group's API workers stop at once, so the engine's drain then has nobody to stream to: bound it short.
+    shutdown = "300" if to == "server" else "3"
+    with serving(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--shutdown-timeout", shutdown) as (
+            proc, base):
+        thread, events = _stream_in_background(base, max(64, min(2000, int(tokens_per_second(base) * 6))))
+        if to == "server":
+            os.kill(proc.pid, signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(300) == 0
+        thread.join(60)
+        log = (tmp_path / "serve.log").read_text()
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+        if to == "server":
+            assert events[-1] == "data: [DONE]", events[-3:]
