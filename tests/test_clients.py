@@ -249,3 +249,61 @@ def test_containerfile_lints_clean():
     run = subprocess.run([exe, "--failure-threshold", "info", str(ROOT / "Containerfile")], capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _bench_client():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_client", ROOT / "scripts/bench_client.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_client"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(base: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/bench_client.py"), "--base-url", base + "/v1",
+                           "--no-progress", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_client_nano_against_the_demo_model_with_vllm_keys(served, tmp_path):
+    """nano is sized to the demo model (vocabulary 1024 from /v1/models, lengths to the context); every
+    request must succeed and the token counts must be the server's (ignore_eos: exactly max_tokens)."""
+    base, _ = served
+    out = tmp_path / "nano.json"
+    args = ["--workload", "nano", "--num-requests", "3", "--seed", "7", "--max-model-len", "48",
+            "--max-concurrency", "2", "--request-rate", "20", "--json", str(out)]
+    run = _bench(base, *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    s = json.loads(out.read_text())
+    bench = _bench_client()
+    a = bench.parser().parse_args(["--base-url", base + "/v1", *args])
+    work = bench.build_workload(a, bench.Target("ringllm-demo", 1024, 256))
+    assert all(t < 1024 for r in work for t in r["prompt"]) and len(work) == 3
+    assert (s["completed"], s["failed"]) == (3, 0)
+    assert s["total_output_tokens"] == sum(r["max_tokens"] for r in work)
+    assert s["total_input_tokens"] == sum(len(r["prompt"]) for r in work)
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "duration"):
+        assert s[key] > 0, key
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std", "p99"):
+            assert f"{stat}_{metric}_ms" in s, (stat, metric)
+    assert s["p99_e2el_ms"] >= s["median_e2el_ms"] > 0
+
+
+def test_bench_client_chat_mode_goodput_and_a_failing_run(served):
+    base, _ = served
+    run = _bench(base, "--backend", "openai-chat", "--workload", "random", "--input-len", "4:8", "--output-len", "2:4",
+                 "--num-requests", "2", "--goodput", "e2el:600000")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "goodput:" in run.stdout
+    bad = _bench(base, "--workload", "random", "--num-requests", "2", "--model", "no-such-model")
+    assert bad.returncode == 1 and "HTTP 404" in bad.stdout
+
+
+def test_bench_client_percentiles_are_interpolated():
+    bench = _bench_client()
+    results = [bench.Result(ok=True, prompt_tokens=1, output_tokens=2, ttft=t, latency=2 * t) for t in range(1, 9)]
+    s = bench.summarize(results, 1.0, [50.0, 99.0], {})
+    assert s["p99_ttft_ms"] == pytest.approx(7930.0)  # not the maximum (8000), as nearest-rank gave
+    assert s["median_ttft_ms"] == pytest.approx(4500.0) and s["mean_e2el_ms"] == pytest.approx(9000.0)
