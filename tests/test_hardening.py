@@ -5,6 +5,7 @@ loopback; every count and duration is bounded."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from tests.helpers import (
     engine_pid,
     free_port,
     kill_group,
+    metric,
     process_tree,
     server_segments,
     serving,
@@ -244,3 +246,115 @@ def test_ctrl_c_drains_like_sigterm_and_exits_0_without_a_traceback(tmp_path, to
         assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
         if to == "server":
             assert events[-1] == "data: [DONE]", events[-3:]
+
+
+# ---- connections ----
+def _open(port: int, first_bytes: bytes | None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if first_bytes:
+        s.sendall(first_bytes)
+    return s
+
+
+PARTIAL_BODY = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+HOLDERS = {"silent": None, "request line": b"GET /heal", "headers": b"GET /health HTTP/1.1\r\nHost: x\r\n",
+           "body": PARTIAL_BODY}
+
+
+def test_silent_and_partial_connections_do_not_lock_anyone_out(tmp_path):
+    """200 connections that send nothing, part of a request line, part of their headers or part of their body,
+    against a server that serves 16 connections at once: each is closed after the header (or body) read
+    timeout, so /health answers (before: never, while they stayed open); a partial body is answered 408."""
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--backpressure", "16",
+                 "--header-read-timeout", "1", "--body-read-timeout", "1") as (proc, base):
+        port = int(base.rsplit(":", 1)[1])
+        held = [(kind, _open(port, data)) for kind, data in HOLDERS.items() for _ in range(50)]
+        try:
+            r = httpx.get(base + "/health", timeout=120)  # queued behind them; bounded for a stuck server only
+            assert r.status_code == 200
+            body_answers = [_read_all(s) for kind, s in held if kind == "body"]
+            assert all(a.startswith(b"HTTP/1.1 408") for a in body_answers), {a[:40] for a in body_answers}
+            assert b"not received within 1 s" in body_answers[0]
+            assert all(_read_all(s) == b"" for kind, s in held if kind != "body")  # closed by the server
+        finally:
+            for _, s in held:
+                s.close()
+
+
+def _read_all(s: socket.socket) -> bytes:
+    s.settimeout(60)
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_header_timeout(tmp_path):
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--header-read-timeout", "1") as (
+            proc, base):
+        s = _open(int(base.rsplit(":", 1)[1]), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(60)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _read_all(s) == b""  # then nothing is sent: the server closes it
+
+
+def test_a_second_server_on_a_busy_port_fails_at_once_with_a_clear_message(tmp_path):
+    """Granian's SO_REUSEPORT would let both listen and split the traffic; the second refuses before loading
+    anything. Also: without --profiler-dir the profiler routes do not exist."""
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256") as (proc, base):
+        port = int(base.rsplit(":", 1)[1])
+        second = subprocess.run(_serve_cmd(port), env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr and "in use" in second.stderr
+        assert "engine ready" not in second.stderr  # refused before the engine started
+        assert httpx.get(base + "/health", timeout=60).status_code == 200
+        for route in ("/start_profile", "/stop_profile"):
+            assert httpx.post(base + route, timeout=60).status_code == 404
+
+
+# ---- the profiler routes ----
+def test_profiler_routes_with_profiler_dir_work_and_stop_themselves(tmp_path):
+    traces = tmp_path / "traces"
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--profiler-dir", str(traces),
+                 "--profiler-max-seconds", "1") as (proc, base):
+        r = httpx.post(base + "/start_profile", timeout=60)
+        assert r.status_code == 200 and r.json() == {"profiling": True}
+        done = httpx.post(base + "/v1/completions", json={"prompt": "profiled", "max_tokens": 8}, timeout=120)
+        assert done.status_code == 200
+        assert _gone(lambda: not list(traces.glob("trace-rank0-*.json")), 120)  # it stopped itself
+        assert httpx.post(base + "/stop_profile", timeout=60).json() == {"profiling": False}
+        assert len(list(traces.glob("*.json"))) == 1  # nothing was running: no second trace
+        assert httpx.get(base + "/health", timeout=60).status_code == 200
+
+
+# ---- liveness ----
+def test_health_turns_503_while_the_engine_is_stopped_and_metrics_answer_from_its_heartbeat(tmp_path):
+    """SIGSTOP on the engine: /health answers 503 once --engine-stall-timeout passes, /metrics answers at once
+    with the values the engine last published; SIGCONT: /health is 200 again."""
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--engine-stall-timeout", "2") as (
+            proc, base):
+        engine = engine_pid(proc)
+        assert httpx.post(base + "/v1/completions", json={"prompt": "count", "max_tokens": 7, "ignore_eos": True},
+                          timeout=120).status_code == 200
+        tokens = metric(base, "ringllm_generation_tokens_total")
+        assert tokens >= 7
+        time.sleep(0.5)  # past a heartbeat publish
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while (r := httpx.get(base + "/health", timeout=60)).status_code == 200:
+                assert time.monotonic() < deadline, "/health stayed 200 with the engine stopped"
+                time.sleep(0.1)
+            assert r.status_code == 503 and "no progress" in r.json()["error"]["message"]
+            t0 = time.monotonic()
+            assert metric(base, "ringllm_generation_tokens_total") == tokens
+            assert time.monotonic() - t0 < 5  # not the 10 s a stats round trip used to wait
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while httpx.get(base + "/health", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "/health did not recover after SIGCONT"
+            time.sleep(0.1)
+
