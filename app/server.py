@@ -263,7 +263,7 @@ def _chat_chunks(rid, created, model, index, parser, piece, reason, logprobs) ->
     deltas = [d for d in (parser.feed(piece), parser.finish() if reason else None) if d]
     if not deltas and reason is None and logprobs is None:
         return []
-    messages = [chat_io.delta_message(d) for d in deltas] or [ChatMessageOut(content="")]
+    messages = [msg for d in deltas for msg in chat_io.delta_messages(d)] or [ChatMessageOut(content="")]
     reason = chat_io.finish_reason(parser, reason)
     return [ChatChunk(rid, created, model, [ChatStreamChoice(index, msg, reason if k == len(messages) - 1 else None,
                                                             logprobs if k == 0 else None)])
@@ -309,15 +309,25 @@ METRICS_WAIT_SECONDS = 2.0
 async def start_profile(request: Request) -> dict:
     """Starts the engine's profiler; it stops itself after --profiler-max-seconds. These two routes exist only
     with --profiler-dir (PROFILER_ROUTES)."""
-    await request.app.state.client.stats("profile_start")
+    await _profiler_command(request, "profile_start")
     return {"profiling": True}
 
 
 @post("/stop_profile", status_code=200)
 async def stop_profile(request: Request) -> dict:
     """Stops the engine's profiler; the trace is written under --profiler-dir, one file per rank."""
-    await request.app.state.client.stats("profile_stop")
+    await _profiler_command(request, "profile_stop")
     return {"profiling": False}
+
+
+async def _profiler_command(request: Request, command: str) -> None:
+    try:
+        await request.app.state.client.stats(command)
+    except EngineDown as e:
+        raise ApiError(503, str(e), "server_error") from None
+    except asyncio.TimeoutError:
+        raise ApiError(503, "the engine did not answer within 10 s (it may be writing a profiler trace)",
+                       "server_error") from None
 
 
 class TokenizeRequest(msgspec.Struct):
