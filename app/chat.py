@@ -138,6 +138,7 @@ class ToolPlan:
     schema: dict | None = None  # JSON-schema constraint on the whole output ("required", named)
     forced: str | None = None  # "required", or the named function's name
     one_call: bool = False  # parallel_tool_calls false
+    names: tuple[str, ...] = ()  # the tools' names
 
 
 def tool_plan(data: ChatRequest, tool_parser: str | None) -> ToolPlan:
@@ -158,7 +159,7 @@ def tool_plan(data: ChatRequest, tool_parser: str | None) -> ToolPlan:
         if tool_parser is None:
             raise ApiError(400, "this model has no tool-call parser; start the server with "
                                 "--tool-call-parser", param="tools")
-        return ToolPlan(shown, tool_parser, one_call=one)
+        return ToolPlan(shown, tool_parser, one_call=one, names=tuple(names))
     if choice == "required":
         items = {"anyOf": [_call_schema(t) for t in tools]}
         schema = {"type": "array", "minItems": 1, "items": items, **({"maxItems": 1} if one else {})}
@@ -235,7 +236,7 @@ class AnswerParser:
         on = reasoning_parser is not None and plan.forced is None  # forced output has no reasoning part
         self.reasoning = ReasoningParser(reasoning_parser, prompt_opens_reasoning(prompt)) if on else None
         self.forced = ForcedCalls(plan.forced) if plan.forced else None
-        self.tools = make_parser(plan.parser) if plan.parser else None
+        self.tools = make_parser(plan.parser, plan.names) if plan.parser else None
         self.one_call = plan.one_call
         self.calls = 0  # calls begun so far; the next one gets this index
 
@@ -283,10 +284,16 @@ class AnswerParser:
 
 
 # ---- out: OpenAI shapes ----
-def delta_message(delta: Delta, role: str | None = None) -> ChatMessageOut:
-    calls = [ToolCallOut(FunctionOut(p.name, p.arguments), p.id, "function" if p.id else None, p.index)
-             for p in delta.calls]
-    return ChatMessageOut(role, delta.content or None, delta.reasoning or None, calls or None)
+def delta_messages(delta: Delta) -> list[ChatMessageOut]:
+    """A stream's deltas for what the parser made certain: the text (reasoning and answer) in one, then each
+    tool-call part in its own, as OpenAI streams them."""
+    out = []
+    if delta.content or delta.reasoning:
+        out.append(ChatMessageOut(None, delta.content or None, delta.reasoning or None))
+    for p in delta.calls:
+        call = ToolCallOut(FunctionOut(p.name, p.arguments), p.id, "function" if p.id else None, p.index)
+        out.append(ChatMessageOut(tool_calls=[call]))
+    return out
 
 
 def whole_message(parser: AnswerParser, text: str) -> ChatMessageOut:

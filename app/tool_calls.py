@@ -53,14 +53,44 @@ def call_from_json(obj, args_keys=("arguments", "parameters")) -> ToolCall | Non
 
 class HermesParser:
     """Feed answer text; each call returns (text, calls) made certain by it. Blank text right before a call,
-    between calls and after the last one is dropped (it only separates the blocks)."""
+    between calls and after the last one is dropped (it only separates the blocks).
 
-    def __init__(self):
+    Small Qwen models (Qwen2.5-Coder-0.5B) often write the call's JSON without the tags: an answer that is
+    nothing but such JSON, naming one of the request's tools, is held to the end and counts as calls too."""
+
+    def __init__(self, tool_names=()):
         self.buf = ""
         self.in_call = False
         self.called = False
+        self.names = set(tool_names)
+        self.mode = "start" if self.names else "tags"  # "start" (only blanks so far), "bare" or "tags"
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self.mode == "start":
+            self.buf += text
+            head = self.buf.lstrip()
+            if not head:
+                return "", []
+            self.mode = "bare" if head.startswith("{") else "tags"
+            text, self.buf = self.buf, ""
+        if self.mode == "bare":
+            self.buf += text
+            return "", []
+        return self._tags(text)
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        if self.mode == "bare":
+            calls = _parse_json_sequence(self.buf.strip(), self.names)
+            if calls:
+                self.buf = ""
+                return "", calls
+            self.mode, text, self.buf = "tags", self.buf, ""  # not calls: parse it as any other answer
+            out, calls = self._tags(text)
+            rest, more = self._finish_tags()
+            return out + rest, calls + more
+        return self._finish_tags()
+
+    def _tags(self, text: str) -> tuple[str, list[ToolCall]]:
         self.buf += text
         out, calls = [], []
         while True:
@@ -93,7 +123,7 @@ class HermesParser:
             break
         return "".join(out), calls
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def _finish_tags(self) -> tuple[str, list[ToolCall]]:
         rest, self.buf = self.buf, ""
         if self.in_call:  # an unclosed block at the end still counts if it holds a whole call
             call = _parse_json(rest)
@@ -102,10 +132,12 @@ class HermesParser:
 
 
 class Llama3JsonParser:
-    """The answer is either tool calls as JSON from its first character on, or text."""
+    """The answer is either tool calls as JSON from its first character on (naming the request's tools, when
+    they are given), or text."""
 
-    def __init__(self):
+    def __init__(self, tool_names=()):
         self.buf = ""
+        self.names = set(tool_names)
         self.mode = "start"  # "start" (only blanks so far), "json" (held to the end) or "text"
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -125,7 +157,7 @@ class Llama3JsonParser:
         rest, self.buf = self.buf, ""
         if self.mode != "json":
             return rest, []
-        calls = _parse_json_sequence(rest.strip().removeprefix(PYTHON_TAG))
+        calls = _parse_json_sequence(rest.strip().removeprefix(PYTHON_TAG), self.names)
         return ("", calls) if calls else (rest, [])
 
 
@@ -136,8 +168,8 @@ def _parse_json(text: str) -> ToolCall | None:
         return None
 
 
-def _parse_json_sequence(text: str) -> list[ToolCall]:
-    """Calls from `{...}; {...}`; an empty list unless the whole text is calls."""
+def _parse_json_sequence(text: str, names=frozenset()) -> list[ToolCall]:
+    """Calls from `{...}; {...}`; an empty list unless the whole text is calls (of `names`, if given)."""
     decoder, pos, calls = json.JSONDecoder(), 0, []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n;":
@@ -149,14 +181,15 @@ def _parse_json_sequence(text: str) -> list[ToolCall]:
         except ValueError:
             return []
         call = call_from_json(obj)
-        if call is None:
+        if call is None or (names and call.name not in names):
             return []
         calls.append(call)
 
 
-def make_parser(kind: str):
+def make_parser(kind: str, tool_names=()):
+    """A parser for a request whose tools are named `tool_names`."""
     if kind == "hermes":
-        return HermesParser()
+        return HermesParser(tool_names)
     if kind == "llama3_json":
-        return Llama3JsonParser()
+        return Llama3JsonParser(tool_names)
     raise ValueError(f"unknown tool-call parser {kind!r}; choose one of {', '.join(PARSERS)}")

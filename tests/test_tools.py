@@ -64,6 +64,22 @@ def test_parsers_split_at_every_point(parser_cls, text, content, calls):
         assert run(parser_cls, pieces) == (content, calls), pieces
 
 
+BARE = [  # Hermes answers without the tags (as Qwen2.5-Coder-0.5B writes them), for a request with get_weather
+    (CALL, "", [("get_weather", ARGS)]),
+    (f"\n{CALL}\n{CALL}", "", [("get_weather", ARGS)] * 2),
+    ('{"name": "other_tool", "arguments": {}}', '{"name": "other_tool", "arguments": {}}', []),
+    ('{"key": "a JSON answer"} and text', '{"key": "a JSON answer"} and text', []),
+    (f'{{"a": 1}}\n<tool_call>{CALL}</tool_call>', '{"a": 1}', [("get_weather", ARGS)]),
+    ("Plain text.", "Plain text.", []),
+]
+
+
+@pytest.mark.parametrize("text,content,calls", BARE)
+def test_hermes_answers_without_tags(text, content, calls):
+    for pieces in splits(text):
+        assert run(lambda: HermesParser(["get_weather"]), pieces) == (content, calls), pieces
+
+
 def test_answer_parser_reasoning_then_calls_and_parallel_off():
     block = f"<tool_call>\n{CALL}\n</tool_call>"
     text = f"<think>\nweather?\n</think>\n\n{block}\n{block}"
@@ -193,6 +209,7 @@ def test_served_streamed_tool_call_reassembles_into_the_same_call(served):
     whole = ask(client).choices[0].message.tool_calls[0]
     chunks = list(ask(client, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert all(len(d.tool_calls or []) <= 1 for d in deltas)  # the name, then the arguments, each a chunk
     parts = [t for d in deltas for t in d.tool_calls or []]
     assert parts[0].id and parts[0].type == "function" and parts[0].function.name == "get_weather"
     assert {p.index for p in parts} == {0} and all(p.id is None for p in parts[1:])
