@@ -39,7 +39,8 @@ class _Pending:
 class EngineClient:
     def __init__(self, engine_pid: int, num_workers: int):
         self.engine_pid = engine_pid
-        self.index = claim_worker_index(engine_pid, num_workers)
+        self.claim = claim_worker_index(engine_pid, num_workers)  # held until this process exits
+        self.index = self.claim.index
         self.pair = WorkerPair(engine_pid, self.index)
         self.streams: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
@@ -177,3 +178,4 @@ class EngineClient:
         if self._flusher is not None:
             self._flusher.cancel()
         self.reader.stop()
+        self.claim.release()

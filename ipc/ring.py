@@ -10,7 +10,7 @@ Layout of the segment (posix_ipc shared memory):
 A frame is a 4-byte little-endian word and its payload, padded to 8 bytes. The word's low 31 bits are the
 payload length and bit 31 says that more fragments of the same message follow (a message larger than a
 quarter of the ring is split, never dropped). The word 0xFFFFFFFF marks the end of the data area: the next
-frame starts at offset 0.
+frame starts at offset 0. The word 0xFFFFFFFE (no payload) says that a new writer took over the ring.
 
 Counters are written as whole aligned 8-byte words through a memoryview cast to "Q" (struct.pack_into clears
 the destination first, so another process could see a torn value). Python has no memory model, so a frame
@@ -27,6 +27,7 @@ import time
 import posix_ipc
 
 WRAP = 0xFFFFFFFF
+RESET = 0xFFFFFFFE  # a new writer took over: drop any message the previous one left half-written
 MORE = 0x80000000
 HEADER = 128
 READER_STRIDE = 64
@@ -207,6 +208,16 @@ class RingWriter:
             self._wake_readers()
         return off
 
+    def write_reset(self) -> None:
+        """Marks this writer's start in a ring another writer may have used (and died writing to): readers
+        drop any message left half-written before it and call their `on_reset`."""
+        self._put(b"", RESET)
+        self._wake_readers()
+
+    def reader_pid(self, i: int = 0) -> int:
+        """The pid of the process that last opened reader `i` (0 before any did)."""
+        return self.seg.words[_Segment.tail_index(i) + 2]
+
     def _room_for(self, size: int) -> bool:
         """Whether a frame of `size` payload bytes (and the wrap padding before it) fits now."""
         need = (size + 11) & ~7
@@ -288,7 +299,8 @@ class RingWriter:
 
 class RingReader:
     def __init__(self, name: str, index: int = 0, spin_seconds: float = 500e-6, create: bool = False,
-                 capacity: int = 1 << 20, num_readers: int = 1):
+                 capacity: int = 1 << 20, num_readers: int = 1, from_head: bool = False):
+        """`from_head`: skip what is in the ring now (frames a previous reader left unread)."""
         self.seg = _Segment(name, create, capacity, num_readers)
         if not 0 <= index < self.seg.num_readers:
             raise ValueError(f"reader index {index} outside the ring's {self.seg.num_readers} readers")
@@ -297,8 +309,11 @@ class RingReader:
         self.spin_seconds = spin_seconds
         self._ti = _Segment.tail_index(index)
         self.seg.words[self._ti + 2] = os.getpid()
+        if from_head:
+            self.seg.words[self._ti] = self.seg.words[_Segment.HEAD]
         self._tail = self.seg.words[self._ti]
         self._partial: bytearray | None = None
+        self.on_reset = None  # called (no arguments) where a new writer took over, from poll()
 
     @property
     def name(self) -> str:
@@ -323,6 +338,12 @@ class RingReader:
                 word = _unpack_u32(raw, base + pos)[0]
                 if word == WRAP:
                     tail += cap - pos
+                    continue
+                if word == RESET:
+                    self._partial = None
+                    tail += 8
+                    if self.on_reset is not None:
+                        self.on_reset()
                     continue
                 n = word & ~MORE
                 need = (n + 11) & ~7

@@ -9,12 +9,13 @@ import threading
 import time
 
 import msgspec
+import posix_ipc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipc import messages as m
-from ipc.lifecycle import (claim_worker_index, create_claim_counter, leftover_segments, remove_stale_segments,
+from ipc.lifecycle import (claim_worker_index, create_pair_claims, leftover_segments, remove_stale_segments,
                            segment_name)
 from ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
 from ipc.shared_table import SharedTable
@@ -209,19 +210,64 @@ def test_broadcast_ring_every_reader_gets_everything():
     w.close()
 
 
-def _claim(owner, q):
-    q.put(claim_worker_index(owner, 2))
+def _claim_rounds(owner, pairs, rounds, barrier, q):
+    """Each round: every process claims at the same moment, reports its pair, then all release."""
+    got = []
+    for _ in range(rounds):
+        barrier.wait()
+        claim = claim_worker_index(owner, pairs, wait=0)
+        got.append(claim.index)
+        barrier.wait()
+        claim.release()
+    q.put(got)
 
 
-def test_workers_claim_distinct_pairs():
-    create_claim_counter(os.getpid())
-    q = CTX.Queue()
-    procs = [CTX.Process(target=_claim, args=(os.getpid(), q)) for _ in range(2)]
+def _claim_and_hold(owner, q):
+    q.put(claim_worker_index(owner, 1).index)
+    time.sleep(60)
+
+
+@pytest.fixture
+def claims():
+    """Four pair claims of this process, removed afterwards."""
+    create_pair_claims(os.getpid(), 4)
+    yield os.getpid()
+    for k in range(4):
+        posix_ipc.unlink_shared_memory(segment_name(os.getpid(), f"claim{k}"))
+
+
+def test_workers_claim_distinct_pairs_under_contention(claims):
+    """4 processes × 300 rounds of claims at once: every round all four pairs, each exactly once (the old
+    counter, read after its increment, once gave [0, 2, 2, 3] in 1,500 tries); a fifth claimant gets none."""
+    rounds, q, barrier = 300, CTX.Queue(), CTX.Barrier(4)
+    procs = [CTX.Process(target=_claim_rounds, args=(claims, 4, rounds, barrier, q)) for _ in range(4)]
     for p in procs:
         p.start()
-    assert sorted(q.get(timeout=5) for _ in procs) == [0, 1]
+    try:
+        results = [q.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+    assert all(sorted(r[i] for r in results) == [0, 1, 2, 3] for i in range(rounds))
+    held = [claim_worker_index(claims, 4) for _ in range(4)]
     with pytest.raises(RuntimeError, match="no ring pair left"):
-        claim_worker_index(os.getpid(), 2)
+        claim_worker_index(claims, 4, wait=0.2)
+    for c in held:
+        c.release()
+
+
+def test_a_killed_workers_pair_is_free_again(claims):
+    q = CTX.Queue()
+    holder = CTX.Process(target=_claim_and_hold, args=(claims, q))
+    holder.start()
+    assert q.get(timeout=20) == 0
+    with pytest.raises(RuntimeError, match="no ring pair left"):
+        claim_worker_index(claims, 1, wait=0)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    claim = claim_worker_index(claims, 1, wait=5)  # the kernel dropped the dead holder's lock
+    assert claim.index == 0
+    claim.release()
 
 
 def _count_into_row(name, index, times):
@@ -315,4 +361,30 @@ def test_try_write_never_waits_and_resumes_a_split_message():
         assert calls > 3 and got == [small] * written + [big]
     finally:
         writer.close()
+        reader.close()
+
+
+def test_a_reset_drops_what_a_dead_writer_left_half_written():
+    """A writer that died between the fragments of a message leaves the reader a partial message; the next
+    writer's reset makes the reader drop it (and say so) instead of gluing the next message onto it."""
+    name = _name()
+    reader = RingReader(name, create=True, capacity=4096)
+    resets = []
+    reader.on_reset = lambda: resets.append(True)
+    try:
+        dead = RingWriter(name, create=False)
+        small, big = _payload(1, 900), _payload(2, 3000)  # big: three fragments of 1016 bytes at most
+        assert dead.try_write(small) == dead.try_write(small) == len(small)
+        assert 0 < dead.try_write(big) < len(big)  # two of its fragments fit: then the writer "dies"
+        dead.close()
+        got = []
+        reader.poll(lambda v: got.append(bytes(v)))
+        assert got == [small, small]
+        new = RingWriter(name, create=False)
+        new.write_reset()
+        new.write(b"after the reset")
+        reader.poll(lambda v: got.append(bytes(v)))
+        assert got == [small, small, b"after the reset"] and resets == [True]
+        new.close()
+    finally:
         reader.close()

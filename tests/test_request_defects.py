@@ -2,6 +2,7 @@
 the engine, ring backpressure, API worker death, hostile bodies, usage, BOS, /tokenize, auth and /schema,
 worker-pair claims, limits on n and seeds, big prompts, Content-Type."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -304,3 +305,106 @@ def _settled_metric(base, name, value, tries=600):
             break
         time.sleep(0.1)
     return got
+
+
+# ---- issue 12.3 ----
+def _sockets(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def _tcp(port: int, state: str) -> set[str]:
+    """Inodes of the loopback TCP sockets with local port `port` in `state` (01 established, 0A listening)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == state:
+                    found.add(cols[9])
+    return found
+
+
+def _api_workers(proc, port) -> list[int]:
+    """The Granian workers of this test's server: the processes under it forked from it (same command line;
+    the engine is a spawned interpreter)."""
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    serve = cmdline(proc.pid)
+    return sorted(p for p in process_tree(proc.pid)[1:] if cmdline(p) == serve)
+
+
+def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
+    """SIGKILL of one of two API workers while streams run on both: the other worker's streams finish with
+    [DONE], the engine aborts the dead worker's requests, a new worker takes its ring pair over and serves."""
+    proc, base = start_server(tmp_path, "--workers", "2", "--kv-cache-tokens", "16384", "--context-len", "512")
+    port = int(base.rsplit(":", 1)[1])
+    streams, results, started = [], [], threading.Semaphore(0)
+
+    def stream():
+        body = {"prompt": "stream", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        lines = []
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line and not lines:
+                        started.release()
+                    lines += [line] if line else []
+            results.append("done" if lines and lines[-1] == "data: [DONE]" else "cut: " + lines[-1][:200])
+        except httpx.HTTPError as e:
+            started.release()
+            results.append(f"error: {type(e).__name__}")
+
+    try:
+        workers = _api_workers(proc, port)
+        assert len(workers) == 2, workers
+        established = _tcp(port, "01")
+        per_worker = [0, 0]
+        while min(per_worker) == 0 and len(streams) < 40:  # until each worker runs some of them
+            for _ in range(4):
+                streams.append(threading.Thread(target=stream))
+                streams[-1].start()
+                started.acquire(timeout=300)
+            established = _tcp(port, "01")
+            per_worker = [len(_sockets(w) & established) for w in workers]
+        assert min(per_worker) > 0, per_worker
+        victim, survivor = workers
+        os.kill(victim, signal.SIGKILL)
+        for t in streams:
+            t.join(300)
+        done = results.count("done")
+        assert done >= per_worker[1] and all(r == "done" or r.startswith("error") for r in results), results
+        assert proc.poll() is None  # the server is still up
+        assert wait_for_metric(base, RUNNING, 0, 120) == 0  # the dead worker's requests were aborted
+        for _ in range(100):  # Granian starts a new worker in the dead one's place
+            new = [w for w in _api_workers(proc, port) if w not in workers]
+            if new:
+                break
+            time.sleep(0.2)
+        assert new, "no worker was started in place of the dead one"
+        log = (tmp_path / "serve.log").read_text()
+        for _ in range(100):
+            if log.count('"app worker ready"') == 3:
+                break
+            time.sleep(0.2)
+            log = (tmp_path / "serve.log").read_text()
+        assert log.count('"app worker ready"') == 3, log[-3000:]  # it claimed the dead worker's pair
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: _complete(base, prompt=f"after {i}", max_tokens=4).status_code,
+                                  range(24)))
+        assert codes == [200] * 24
+        assert survivor in _api_workers(proc, port)
+    finally:
+        stop_server(proc)

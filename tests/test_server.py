@@ -14,7 +14,7 @@ from tests.helpers import metric, start_server, stop_server, wait_for_metric
 def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     proc, base = start_server(cache, "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
-                        "--served-model-name", "demo", "--profile-dir", str(cache / "profiles"))
+                        "--served-model-name", "demo", "--profiler-dir", str(cache / "profiles"))
     yield base
     stop_server(proc)
 
