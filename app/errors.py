@@ -20,5 +20,6 @@ class ApiError(Exception):
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
                    param: str | None = None) -> Response:
     body = ErrorResponse(ErrorBody(message, kind, param, None))
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None  # overload or restart: come back
+    # Overload or restart: come back later.
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
     return Response(_json.encode(body), status_code=status, media_type="application/json", headers=headers)

@@ -32,7 +32,8 @@ async def tokenize_text(request: Request, text: str, add_special_tokens: bool = 
     limit = settings.max_seq_len * request.app.state.max_token_chars
     if bound and len(text) > limit:
         raise ApiError(400, f"the prompt has {len(text)} characters: more than the context of "
-                            f"{settings.max_seq_len} tokens can hold ({limit} characters at most)", param=param)
+                            f"{settings.max_seq_len} tokens can hold ({limit} characters at most)",
+                       param=param)
     encode = encode or tok.encode
     if len(text) < OFF_LOOP_CHARS:
         return encode(text, add_special_tokens) if add_special_tokens else encode(text)
@@ -53,7 +54,7 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
     """Yields (text, finish_reason, completion_tokens, logprobs) as tokens arrive; tokens that arrived
     together make one piece. With `job.echo` the first piece starts with the prompt (and its tokens'
     logprobs, the first one None). Whatever ends the request before the engine does (a stop string, the
-    timeout, a consumer that went away) aborts it in the engine, so that it stops generating and frees its KV."""
+    timeout, a consumer that went away) aborts it in the engine: it stops generating and frees its KV."""
     ids, sampling = job.ids, job.sampling
     client, tok = request.app.state.client, request.app.state.tokenizer
     rid = client.new_rid()
@@ -175,8 +176,8 @@ def make_jobs(request: Request, ids_list: list[list[int]], sampling: m.Sampling,
     choices differ. More jobs than the engine's queue holds could never all be queued: that is a 400."""
     limit = request.app.state.settings.max_waiting_requests
     if len(ids_list) * n > limit:
-        raise ApiError(400, f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this server "
-                            f"queues at most {limit} (--max-waiting-requests)", param="n")
+        raise ApiError(400, f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this "
+                            f"server queues at most {limit} (--max-waiting-requests)", param="n")
     jobs = []
     for p, ids in enumerate(ids_list):
         for j in range(n):

@@ -293,13 +293,3 @@ class _ClaimSegment:
     def close(self, unlink: bool = True) -> None:
         if unlink:
             self.shm.unlink()
-
-
-class _SemaphoreHandle:
-    def __init__(self, sem):
-        self.sem = sem
-
-    def close(self, unlink: bool = True) -> None:
-        if unlink:
-            self.sem.unlink()
-        self.sem.close()

@@ -173,7 +173,7 @@ KEY = "s3cret"
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory, demo_path):
-    """An API key with /health and the OpenAPI document public, on the demo model without its chat template."""
+    """An API key with /health and the OpenAPI document public; the demo model without its chat template."""
     cache = tmp_path_factory.mktemp("keyed")
     model = cache / "no-template"
     shutil.copytree(demo_path, model)
