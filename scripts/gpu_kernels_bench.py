@@ -73,7 +73,7 @@ def check(cfg) -> None:
         for N, K in ((H * D + 2 * Hkv * D, hidden), (hidden, H * D), (2 * inter, hidden), (hidden, inter),
                      (vocab, hidden)):
             x, w = torch.randn(M, K, device=dev, dtype=dt), torch.randn(N, K, device=dev, dtype=dt) * 0.05
-            y = kernels.linear(x, w)
+            y = kernels.linear(x, w, config=(16, 512, 4, 3))
             errs.append(rel(y, x.double() @ w.double().T) if not y.isnan().any() else float("nan"))
         print(f"skinny GEMM M={M}: rel err vs float64 " + " ".join(f"{e:.1e}" for e in errs)
               + f" (cuBLAS bf16 at M={M}: {rel(F.linear(x, w), x.double() @ w.double().T):.1e})")

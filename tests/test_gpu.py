@@ -114,6 +114,9 @@ def test_triton_kernels_match_torch_layers():
         p.data.normal_(1.0 if p.dim() == 1 else 0.0, 0.1 if p.dim() == 1 else 0.05)
 
     class Echo:  # attention stand-in: returns q so the test sees norm + rotary only
+        def kv_store_target(self, layer_id):
+            return None  # K/V come to forward(): the unfused path
+
         def forward(self, layer_id, q, k, v):
             self.k = k
             return q
@@ -123,6 +126,65 @@ def test_triton_kernels_match_torch_layers():
     out_cpu = layer.float()(h, pos, cpu_echo)
     out_gpu = layer.cuda()(h.cuda(), pos.cuda(), gpu_echo)
     assert _rel(out_gpu, out_cpu) < 1e-4 and _rel(gpu_echo.k, cpu_echo.k) < 1e-4
+
+
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "llama"])
+def test_fused_qkv_store_attention_matches_unfused(qk_norm):
+    """The attention layer over FlashInfer (q/k norm, rotary and the K/V store in one kernel) against the same
+    layer over the torch backend (norm + rotary kernels, then index_put, then SDPA): the same output, the
+    same K/V in the written slots, and every other slot untouched."""
+    from engine.attention.flashinfer_backend import FlashInferAttention
+    from engine.attention.torch_backend import TorchAttention
+    from engine.models.decoder import ModelShape
+    from engine.models.layers import Attention, Rotary
+    from engine.parallel import Layout
+
+    device, H, Hkv, D = torch.device("cuda"), 16, 8, 128
+    shape = ModelShape("Qwen3ForCausalLM", 100, 1024, 3072, 1, H, Hkv, D, 1e-6, 2048, {"rope_theta": 1e6}, True,
+                       False, qk_norm, [], None, None)
+    shape.rotary = Rotary(D, 2048, shape.rope).to(device)
+    torch.manual_seed(1)
+    layer = Attention(0, shape, Layout()).to(device)
+    for p in layer.parameters():
+        p.data.normal_(1.0 if p.dim() == 1 else 0.0, 0.1 if p.dim() == 1 else 0.03)
+    layer = layer.to(torch.bfloat16)
+    new_lens, cached = [1, 7, 1, 40], [100, 0, 513, 17]
+    kv_lens = [n + c for n, c in zip(new_lens, cached)]
+    positions = torch.tensor([c + j for n, c in zip(new_lens, cached) for j in range(n)], device=device)
+    x = torch.randn(sum(new_lens), 1024, device=device, dtype=torch.bfloat16)
+    outs, pools = [], []
+    for cls in (TorchAttention, FlashInferAttention):
+        pool = KVPool(1, 4096, Hkv, D, torch.bfloat16, device)
+        torch.manual_seed(2)
+        pool.k.normal_(), pool.v.normal_()
+        meta = _metadata(kv_lens, new_lens, 4096, device)
+        attn = cls(pool, H, D)
+        attn.begin(meta)
+        with torch.inference_mode():
+            outs.append(layer(x, positions, attn).float())
+        pools.append(pool)
+    assert _rel(outs[1], outs[0]) < 1e-2
+    slots = meta.out_slots
+    assert _rel(pools[1].k[0][slots], pools[0].k[0][slots]) < 1e-3
+    assert torch.equal(pools[1].v[0][slots], pools[0].v[0][slots])
+    others = torch.ones(4096, dtype=torch.bool, device=device)
+    others[slots] = False
+    assert torch.equal(pools[1].k[0][others], pools[0].k[0][others])
+    assert torch.equal(pools[1].v[0][others], pools[0].v[0][others])
+
+
+def test_skinny_linear_matches_cublas():
+    """kernels.linear's skinny GEMM (row-parallel weights at decode batch sizes) against F.linear in float64."""
+    from engine import kernels
+
+    torch.manual_seed(3)
+    for M in (1, 2, 5, 16, 17):
+        for N, K in ((1024, 2048), (1024, 3072), (1000, 1100)):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.05
+            ref = x.double() @ w.double().T
+            assert _rel(kernels.linear(x, w), ref) < 1e-2
+            assert _rel(kernels.linear(x[None], w)[0], ref) < 1e-2  # leading dims kept
 
 
 def test_gumbel_sampling_distribution_and_seeds():
@@ -140,6 +202,16 @@ def test_gumbel_sampling_distribution_and_seeds():
     assert torch.equal(tokens, again)
     greedy = gumbel_sample(logits, torch.zeros(n, device="cuda"), seeds, torch.zeros(n, dtype=torch.long, device="cuda"))
     assert (greedy == 0).all()
+    # Real vocabulary size: greedy is the argmax at small and large batch (two chunk sizes), and a seeded row
+    # draws the same token alone as inside a batch of 64.
+    big = torch.randn(64, 151_936, device="cuda", dtype=torch.bfloat16)
+    zero, ctr = torch.zeros(64, device="cuda"), torch.full((64,), 5, dtype=torch.long, device="cuda")
+    assert torch.equal(gumbel_sample(big, zero, seeds[:64], ctr), big.float().argmax(1))
+    assert torch.equal(gumbel_sample(big[:1], zero[:1], seeds[:1], ctr[:1]), big[:1].float().argmax(1))
+    hot = torch.full((64,), 2.0, device="cuda")
+    together = gumbel_sample(big, hot, seeds[:64], ctr)
+    alone = torch.cat([gumbel_sample(big[i : i + 1], hot[:1], seeds[i : i + 1], ctr[:1]) for i in range(4)])
+    assert torch.equal(together[:4], alone)
 
 
 # ---- tensor and pipeline parallelism (2 GPUs) ----
@@ -159,14 +231,22 @@ def qwen3_06b(tmp_path_factory):
     return build(root / "scripts/shapes/qwen3-0.6b.json", tmp_path_factory.mktemp("qwen3-0.6b"), device="cuda")
 
 
-def _greedy_with_margins(path, **kw):
-    """Greedy tokens of 8 prompts with the top-2 logprobs of every step; the engine is closed afterwards."""
+def _parallel_prompts():
+    rng = random.Random(3)
+    return [[rng.randrange(150_000) for _ in range(n)] for n in (7, 300, 1, 45, 129, 64, 2, 511)]
+
+
+def _parallel_engine(path, **kw):
     from tests.helpers import free_port
 
-    rng = random.Random(3)
-    prompts = [[rng.randrange(150_000) for _ in range(n)] for n in (7, 300, 1, 45, 129, 64, 2, 511)]
-    engine = Engine(EngineConfig(model=str(path), max_bs=16, context_len=1024, kv_cache_tokens=1 << 15,
-                                 nccl_port=free_port(), **kw))
+    return Engine(EngineConfig(model=str(path), max_bs=16, context_len=1024, kv_cache_tokens=1 << 15,
+                               nccl_port=free_port(), **kw))
+
+
+def _greedy_with_margins(path, **kw):
+    """Greedy tokens of 8 prompts with the top-2 logprobs of every step; the engine is closed afterwards."""
+    prompts = _parallel_prompts()
+    engine = _parallel_engine(path, **kw)
     try:
         assert engine.runner.graphs is not None  # the decode steps below run the CUDA-graph path
         params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
@@ -183,22 +263,79 @@ def _greedy_with_margins(path, **kw):
         torch.cuda.empty_cache()
 
 
+@pytest.fixture(scope="module")
+def one_gpu_greedy(qwen3_06b):
+    return _greedy_with_margins(qwen3_06b)
+
+
+def _teacher_forced(path, sequences, **kw):
+    """For every position of each sequence: the logprob of the sequence's next token and the top-5 ids, as
+    the engine computes them with the sequence given (teacher forcing, through prompt logprobs)."""
+    engine = _parallel_engine(path, **kw)
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=5)
+        for i, seq in enumerate(sequences):
+            engine.add_request(f"t{i}", seq, params)
+        got = {}
+        while engine.has_work:
+            for o in engine.step():
+                if o.prompt_logprobs is not None:
+                    got[o.rid] = o.prompt_logprobs
+        return [got[f"t{i}"] for i in range(len(sequences))]
+    finally:
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+
+
+def _relative_gap(got: list[float], ref: list[float]) -> float:
+    """|got - ref| over how much ref varies: an absolute tolerance alone would pass anything on the near-flat
+    logits of random weights (logit std ~0.64 nats here)."""
+    g, r = torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64)
+    return ((g - r).norm() / (r - r.mean()).norm()).item()
+
+
 @two_gpus
 @pytest.mark.parametrize("kw", [dict(tp_size=2), dict(pp_size=2)], ids=["tp2", "pp2"])
-def test_parallel_matches_one_gpu_where_bf16_allows(qwen3_06b, kw):
-    """Tokens equal one GPU's until the first step where one GPU's top two candidates were within 0.1 nats:
-    there bf16 reduction order may pick either. A divergence at a clear margin fails."""
-    ref = _greedy_with_margins(qwen3_06b)
+def test_parallel_decode_matches_one_gpu_where_bf16_allows(qwen3_06b, one_gpu_greedy, kw):
+    """Decode steps (CUDA graphs with captured collectives): tokens equal one GPU's until the first step where
+    one GPU's top two candidates were within 0.1 nats, where bf16 reduction order may pick either; a
+    divergence at a clear margin fails, and up to it the chosen tokens' logprobs agree. How far the paths run
+    together is not a criterion: with random weights the top two are that close at about every other step
+    (once, 32 of 192 tokens matched before the first near-tie), so the logits are checked under teacher
+    forcing instead (next test)."""
     got = _greedy_with_margins(qwen3_06b, **kw)
-    matched = 0
-    for r, g in zip(ref, got):
-        for (tok_r, top_r), (tok_g, _) in zip(r, g):
+    ref_lp, got_lp = [], []
+    for r, g in zip(one_gpu_greedy, got):
+        for (tok_r, top_r), (tok_g, top_g) in zip(r, g):
             if tok_r != tok_g:
                 margin = top_r[0][1] - top_r[1][1]
                 assert margin < 0.1, f"diverged at a clear margin of {margin:.3f} nats"
                 break
-            matched += 1
-    assert matched >= 0.5 * sum(len(r) for r in ref), matched
+            ref_lp.append(top_r[0][1])
+            got_lp.append(top_g[0][1])
+    assert len(ref_lp) >= len(one_gpu_greedy)  # the first token of every request at least
+    assert max(abs(a - b) for a, b in zip(got_lp, ref_lp)) < 0.1
+
+
+@two_gpus
+@pytest.mark.parametrize("kw", [dict(tp_size=2), dict(pp_size=2)], ids=["tp2", "pp2"])
+def test_parallel_logits_match_one_gpu_under_teacher_forcing(qwen3_06b, one_gpu_greedy, kw):
+    """On the same token sequences (the 8 prompts followed by one GPU's greedy tokens), each position's
+    logprob of the next token agrees with one GPU's within bf16 rounding: small against how much those
+    logprobs vary from position to position, and the top-1 token mostly the same (near-ties may flip)."""
+    sequences = [p + [tok for tok, _ in r] for p, r in zip(_parallel_prompts(), one_gpu_greedy)]
+    ref = _teacher_forced(qwen3_06b, sequences)  # one GPU, the same engine settings
+    got = _teacher_forced(qwen3_06b, sequences, **kw)
+    ref_lp = [lp for seq in ref for lp, _ in seq]
+    got_lp = [lp for seq in got for lp, _ in seq]
+    assert len(got_lp) == len(ref_lp) == sum(len(s) - 1 for s in sequences)
+    same_top = sum(a[0][0] == b[0][0] for sr, sg in zip(ref, got) for (_, a), (_, b) in zip(sr, sg))
+    gap = _relative_gap(got_lp, ref_lp)
+    print(f"{kw}: relative logprob gap {gap:.4f}, max abs {max(abs(a - b) for a, b in zip(got_lp, ref_lp)):.4f}"
+          f", top-1 agreement {same_top}/{len(ref_lp)}")
+    assert gap < 0.1, gap
+    assert same_top >= 0.5 * len(ref_lp), same_top
 
 
 def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt):

@@ -44,6 +44,15 @@ class AttentionBackend(abc.ABC):
         """Called once per step before the forward."""
         self.meta = meta
 
+    def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slots) for a kernel that writes this step's K/V into the layer's cache itself
+        and then calls `attend`; None when the backend stores K/V in `forward`."""
+        return None
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention over the cache once this step's K/V are stored (backends with a kv_store_target)."""
+        raise NotImplementedError(f"{type(self).__name__} stores K/V in forward()")
+
     @abc.abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] of the new tokens. Returns [T, heads, head_dim]."""

@@ -85,9 +85,15 @@ class FlashInferAttention(AttentionBackend):
         self._out_slots = out_slots
 
     # ---- the layer call ----
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        k_cache[self._out_slots] = k
-        v_cache[self._out_slots] = v
-        paged = (k_cache.unsqueeze(1), v_cache.unsqueeze(1))  # [slots, page_size=1, kv_heads, head_dim]
+    def kv_store_target(self, layer: int):
+        # Under a CUDA graph `_out_slots` is the graph's static slot buffer, so the captured kernel reads it.
+        return self.pool.k[layer], self.pool.v[layer], self._out_slots
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        paged = (self.pool.k[layer].unsqueeze(1), self.pool.v[layer].unsqueeze(1))  # [slots, page=1, kv_heads, D]
         return self._wrapper.run(q, paged)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.pool.k[layer][self._out_slots] = k
+        self.pool.v[layer][self._out_slots] = v
+        return self.attend(layer, q)

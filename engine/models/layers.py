@@ -70,7 +70,9 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(tensor[:, self.offset : self.offset + self.in_local])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return parallel.tp_all_reduce(F.linear(x, self.weight))
+        # o_proj and down_proj are the deep, narrow weights where cuBLAS is slow at decode batch sizes.
+        y = kernels.linear(x, self.weight) if kernels.available(x) else F.linear(x, self.weight)
+        return parallel.tp_all_reduce(y)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -170,7 +172,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        target = attn.kv_store_target(self.layer_id) if kernels.available(x) else None
+        if target is not None:  # one kernel: q/k norm, rotary, and K/V written straight into the cache
+            r = self.rotary
+            q = kernels.qkv_rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+                                       self.q_norm.weight if self.q_norm else None,
+                                       self.k_norm.weight if self.k_norm else None, r.eps_of(self.q_norm),
+                                       r.cos, r.sin, positions, target[2], target[0], target[1])
+            return self.o_proj(attn.attend(self.layer_id, q).reshape(-1, q_size))
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
