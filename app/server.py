@@ -152,6 +152,9 @@ async def _sse_stream(events):
             yield frame
     except ApiError as e:
         yield _sse(ErrorResponse(ErrorBody(e.message, e.kind, e.param, None)))
+    except Exception:  # a bug must still end the stream visibly, not cut it without a word
+        log.exception("stream failed")
+        yield _sse(ErrorResponse(ErrorBody("internal error", "server_error", None, None)))
 
 
 # ---- routes ----

@@ -45,7 +45,7 @@ class EngineServer:
         self.pairs = [RingPair(pid, i) for i in range(num_workers)]
         create_metrics_table(pid, num_workers)
         create_pair_claims(pid, num_workers)
-        self.worker_pids = [0] * num_workers  # the live API worker of each pair, as last seen
+        self.reaped = [0] * num_workers  # per pair, the pid of the dead API worker whose requests were aborted
         for k, pair in enumerate(self.pairs):  # a new worker took the pair over: its predecessor is gone
             pair.requests.on_reset = lambda k=k: self._worker_gone(k, "a new API worker took the pair over")
         self.heartbeat = HeartbeatWriter(pid)
@@ -110,11 +110,9 @@ class EngineServer:
         stop generating and free their KV. The other workers' requests go on."""
         for k, pair in enumerate(self.pairs):
             pid = pair.outputs.reader_pid()
-            if pid and pid != self.worker_pids[k]:
-                self.worker_pids[k] = pid
-            if self.worker_pids[k] and not pid_alive(self.worker_pids[k]):
-                self._worker_gone(k, f"API worker pid {self.worker_pids[k]} died")
-                self.worker_pids[k] = 0
+            if pid and pid != self.reaped[k] and not pid_alive(pid):
+                self.reaped[k] = pid
+                self._worker_gone(k, f"API worker pid {pid} died")
 
     def _worker_gone(self, k: int, why: str) -> None:
         rids = [rid for rid, worker in self.owner.items() if worker == k]

@@ -408,3 +408,19 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
         assert survivor in _api_workers(proc, port)
     finally:
         stop_server(proc)
+
+
+def test_a_stream_that_fails_unexpectedly_ends_with_an_error_event():
+    import asyncio
+
+    from app.server import _sse_stream
+
+    async def events():
+        yield b"data: {}\n\n"
+        raise RuntimeError("a bug")
+
+    async def frames():
+        return [f async for f in _sse_stream(events())]
+
+    got = asyncio.run(frames())
+    assert got[0] == b"data: {}\n\n" and json.loads(got[-1][6:])["error"]["type"] == "server_error"
