@@ -200,10 +200,16 @@ def test_an_incoming_request_id_is_returned_used_in_the_response_id_and_logged(s
     c = httpx.post(base + "/v1/chat/completions", headers={"X-Request-Id": "op-test-2"}, timeout=30,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert c.headers["x-request-id"] == "op-test-2" and c.json()["id"] == "chatcmpl-op-test-2"
-    for rid in ("op-test-1", "op-test-2"):
-        access = _wait_for_log(cache, lambda x: x.get("event") == "access" and x.get("request_id") == rid, rid)
+    with httpx.stream("POST", base + "/v1/chat/completions", headers={"X-Request-Id": "op-test-3"}, timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}) as s:
+        assert s.headers["x-request-id"] == "op-test-3"
+        assert '"id":"chatcmpl-op-test-3"' in s.read().decode()
+    for rid in ("op-test-1", "op-test-2", "op-test-3"):
+        access = _wait_for_log(cache, lambda x, rid=rid: x.get("event") == "access" and x.get("request_id") == rid,
+                               rid)
         assert access["status"] == 200 and access["method"] == "POST"
-        done = _wait_for_log(cache, lambda x: x.get("event") == "request" and x.get("request_id") == rid, rid)
+        done = _wait_for_log(cache, lambda x, rid=rid: x.get("event") == "request" and x.get("request_id") == rid,
+                             rid)
         assert done["completion_tokens"] == 2
 
 
@@ -327,12 +333,12 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
     key, cert = _self_signed(tmp_path)
     model = str(demo_model_path(tmp_path))  # built here, then served by path with no --served-model-name
     port = free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
-                             "--model", model, "--kv-cache-tokens", "1024", "--context-len", "128",
-                             "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
-                            env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
+                                 "--model", model, "--kv-cache-tokens", "1024", "--context-len", "128",
+                                 "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+                                env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     base = f"https://127.0.0.1:{port}"
     trust = __import__("ssl").create_default_context(cafile=str(cert))  # only this certificate
     try:
@@ -401,7 +407,10 @@ def test_metrics_carry_model_name_engine_histograms_prefix_counters_and_process_
         assert after["ringllm_" + name].type == "histogram"
         count = f"ringllm_{name}_count"
         assert _value(after, count) - _value(before, count) == 3, name
-    grown = lambda sample: _value(after, sample) - _value(before, sample)  # noqa: E731
+
+    def grown(sample: str) -> float:
+        return _value(after, sample) - _value(before, sample)
+
     assert grown("ringllm_request_generation_tokens_sum") == 12
     assert grown("ringllm_request_prompt_tokens_sum") == 96
     assert grown("ringllm_prefix_cache_queries_total") >= 96
