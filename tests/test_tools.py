@@ -64,7 +64,8 @@ def test_parsers_split_at_every_point(parser_cls, text, content, calls):
         assert run(parser_cls, pieces) == (content, calls), pieces
 
 
-BARE = [  # Hermes answers without the tags (as Qwen2.5-Coder-0.5B writes them), for a request with get_weather
+# Hermes answers without the tags (as Qwen2.5-Coder-0.5B writes them), for a request with get_weather
+BARE = [
     (CALL, "", [("get_weather", ARGS)]),
     (f"\n{CALL}\n{CALL}", "", [("get_weather", ARGS)] * 2),
     ('{"name": "other_tool", "arguments": {}}', '{"name": "other_tool", "arguments": {}}', []),
@@ -261,3 +262,65 @@ def test_served_bad_messages_and_tools_are_400(served, change, param):
     assert r.json()["error"]["param"] == param
     if "image_url" in json.dumps(change):
         assert "'image_url'" in r.json()["error"]["message"]
+
+
+# ---- the real Qwen2.5-Coder-0.5B-Instruct (GGUF, ~5 tokens/s here): one server, few and short answers ----
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+PARIS = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+@pytest.fixture(scope="module")
+def real(real_model, tmp_path_factory):
+    from openai import OpenAI
+
+    from tests.helpers import start_server, stop_server
+
+    cache = tmp_path_factory.mktemp("tools-real")
+    proc, base = start_server(cache, "--model", str(real_model), "--served-model-name", "q")
+    try:
+        yield OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def first_turn(real):
+    """The model's answer to PARIS with the weather tool, tool_choice auto, greedy (shared by the tests)."""
+    return real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, max_tokens=32,
+                                        temperature=0)
+
+
+def test_real_model_calls_the_tool(first_turn):
+    choice = first_turn.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_real_model_agent_loop_completes(real, first_turn):
+    """user -> tool call -> tool result -> final answer. This small model, asked with the tools still on
+    offer, calls the tool again; the final turn is asked with tool_choice "none", as an agent does when it
+    wants the answer."""
+    msg = first_turn.choices[0].message
+    messages = PARIS + [msg.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 °C."}]
+    final = real.chat.completions.create(model="q", messages=messages, tools=WEATHER, tool_choice="none",
+                                         max_tokens=12, temperature=0)
+    answer = final.choices[0]
+    assert answer.message.tool_calls is None and answer.message.content
+    assert answer.finish_reason in ("stop", "length")
+    alone = real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, tool_choice="none",
+                                         max_tokens=1, temperature=0)
+    assert final.usage.prompt_tokens > alone.usage.prompt_tokens + 20  # the call and its result were in
+
+
+def test_real_model_streamed_call_is_the_same_call(real, first_turn):
+    whole = first_turn.choices[0].message.tool_calls[0]
+    chunks = list(real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, max_tokens=32,
+                                               temperature=0, stream=True))
+    parts = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert parts and parts[0].function.name == whole.function.name and parts[0].id
+    assert "".join(p.function.arguments or "" for p in parts) == whole.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
