@@ -65,8 +65,8 @@ class ServeConfig:
         None, "chat template to use instead of the model's: a file, or the template text itself",
         metavar="FILE_OR_TEXT", default_text="the model's")
     sanitize_control_tokens: bool = setting(
-        False, "encode control tokens found in chat messages (e.g. '<|im_end|>') as plain text; by default they "
-               "are the real tokens, as in transformers and vLLM")
+        False, "encode control tokens found in chat messages (the template's role markers) as plain text; by "
+               "default they are the real tokens, as in transformers and vLLM")
 
 
 def _base_type(hint) -> type:
