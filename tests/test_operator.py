@@ -146,6 +146,15 @@ def test_neither_the_serve_parent_nor_its_api_workers_map_libtorch(served):
         assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid
 
 
+def test_what_the_serve_parent_imports_leaves_torch_out():
+    """The parent's own imports before Granian forks (the maps test above sees the result, this names the
+    modules): app.server (what the workers load), app.cli and what cmd_serve reaches for."""
+    code = ("import sys, app.server, app.cli, app.health_check, engine.logs, ipc.lifecycle, granian; "
+            "sys.exit('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+
+
 def test_environment_variables_reach_the_server(served):
     _, _, cache = served
     assert "KV capacity 4096 tokens" in (cache / "serve.log").read_text()  # from RINGLLM_KV_CACHE_TOKENS
