@@ -121,7 +121,7 @@ class HostTimer:
 KERNEL_KINDS = [  # (kind, substrings of kernel names), first match wins
     ("attention (FlashInfer)", ("BatchDecode", "BatchPrefill", "flashinfer", "Persistent")),
     ("GEMM (cuBLAS/cutlass)", ("gemm", "Gemm", "xmma", "cutlass", "nvjet", "splitK", "gemv")),
-    ("q/k norm + rotary", ("_norm_rope",)),
+    ("q/k norm + rotary (+KV)", ("_norm_rope", "_qkv_rope")),
     ("RMSNorm (+residual)", ("_rmsnorm",)),
     ("SiLU-and-mul", ("_silu",)),
     ("sampling", ("_gumbel", "argmax", "gather", "argMax", "reduce_kernel")),
