@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+import msgspec
+
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestError, TokenOutput
 from engine.logs import configure_logging, get_logger, no_multiprocessing_locks
@@ -142,7 +144,11 @@ class EngineServer:
         self._flush()
 
     def _on_message(self, worker: int, view) -> None:
-        msg = m.decode_to_engine(view)
+        try:
+            msg = m.decode_to_engine(view)
+        except msgspec.ValidationError as e:  # one bad message must not stop the engine for everyone
+            self._refuse_undecodable(worker, view, e)
+            return
         if isinstance(msg, m.Generate):
             if self.drain_deadline is not None:
                 self.failed.append((worker, m.RequestFailed(msg.rid, m.SHUTTING_DOWN, 503)))
@@ -169,6 +175,18 @@ class EngineServer:
                 self.engine.stop_profile()
             stats = {**self.engine.stats(), **self.request_stats.values()}
             self._write(worker, m.EngineStats({k: float(v) for k, v in stats.items()}))
+
+    def _refuse_undecodable(self, worker: int, view, error: Exception) -> None:
+        """A message that does not decode (an app worker let through what the engine cannot take): a Generate
+        is answered 400 with the reason; anything else is dropped with a log line."""
+        try:
+            raw = msgspec.msgpack.decode(view)
+        except msgspec.DecodeError:
+            raw = None
+        rid = raw.get("rid") if isinstance(raw, dict) and raw.get("type") == "gen" else None
+        log.error("undecodable message from an app worker", worker=worker, rid=rid, error=str(error))
+        if isinstance(rid, str):
+            self.failed.append((worker, m.RequestFailed(rid, f"the engine cannot take this request: {error}", 400)))
 
     def _route(self, outputs: list[TokenOutput]) -> None:
         for out in outputs:

@@ -39,17 +39,17 @@ SLOTS = "ringllm_kv_cache_slots_used_by_requests"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Small queue and batch (overload is easy to reach), a 1.5 s request timeout, an API key with /health
-    public and /metrics guarded."""
+    """Small queue and batch (overload is easy to reach), an API key with /health public and /metrics guarded.
+    Its request timeout only bounds a stuck request: a short one on a busy machine must not hit it."""
     cache = tmp_path_factory.mktemp("reliability")
     proc, base = start_server(cache, "--kv-cache-tokens", "8192", "--context-len", "2048", "--max-bs", "2",
-                              "--max-waiting-requests", "2", "--request-timeout", "1.5", "--api-key", KEY,
+                              "--max-waiting-requests", "2", "--request-timeout", "600", "--api-key", KEY,
                               "--public-routes", "/health")
     yield base
     stop_server(proc)
 
 
-def _post(base, path, timeout=30, headers=None, **kw):
+def _post(base, path, timeout=900, headers=None, **kw):
     return httpx.post(base + path, headers={**AUTH, **(headers or {})}, timeout=timeout, **kw)
 
 
@@ -125,8 +125,8 @@ def test_api_key_guards_v1_and_metrics_but_not_health(server):
 
 
 def test_overload_answers_503_with_retry_after_at_once(server):
-    """2 running + 2 waiting fill the engine; the rest are refused at once (before any admitted request ends:
-    those run into the 1.5 s request timeout), and pool usage returns to 0."""
+    """2 running + 2 waiting fill the engine; the rest are refused at once (before any admitted request ends),
+    and pool usage returns to 0."""
     body = {"prompt": "busy", "max_tokens": 1500, "ignore_eos": True}
 
     def one(_):
@@ -141,24 +141,29 @@ def test_overload_answers_503_with_retry_after_at_once(server):
     assert refused and admitted, [r[0] for r in results]
     assert all(retry == "1" and "queue is full" in body["error"]["message"] for _, _, retry, body in refused)
     assert max(r[1] for r in refused) < min(r[1] for r in admitted)
-    assert {r[0] for r in results} <= {200, 503, 504}  # admitted ones finish or hit the request timeout
+    assert {r[0] for r in admitted} == {200}
     assert wait_for_metric(server, SLOTS, 0, 60, AUTH) == 0
     assert metric(server, "ringllm_num_requests_waiting", AUTH) == 0
     _assert_serves(server)
 
 
-def test_request_timeout_aborts_and_frees_slots(server):
-    body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True}
-    t = time.monotonic()
-    r = _post(server, "/v1/completions", json=body)
-    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"  # not 200: it was cut short
-    assert 1.4 < time.monotonic() - t
-    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=30, json=body | {"stream": True}) as s:
-        events = [line for line in s.iter_lines() if line.startswith("data: ")]
-    assert '"timeout_error"' in events[-1]  # the stream ends with an error event
-    assert wait_for_metric(server, SLOTS, 0, 60, AUTH) == 0
-    assert metric(server, "ringllm_generation_tokens_total", AUTH) > 0
-    _assert_serves(server)
+def test_request_timeout_aborts_and_frees_slots(tmp_path):
+    """--request-timeout 1.5 against requests for 2000 tokens (several seconds even on a fast machine): 504, or an
+    error event ending the stream, and the KV slots are freed."""
+    with serving(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--request-timeout", "1.5") as (
+            proc, base):
+        body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True}
+        t = time.monotonic()
+        r = httpx.post(base + "/v1/completions", json=body, timeout=600)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"  # not 200: it was cut short
+        assert 1.4 < time.monotonic() - t
+        with httpx.stream("POST", base + "/v1/completions", timeout=600, json=body | {"stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert '"timeout_error"' in events[-1]  # the stream ends with an error event
+        assert wait_for_metric(base, SLOTS, 0, 60) == 0
+        assert metric(base, "ringllm_generation_tokens_total") > 0
+        assert httpx.get(base + "/health", timeout=60).status_code == 200
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +232,14 @@ def _wait_for_health(base: str, status: int, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while _health(base) != status:
         assert time.monotonic() < deadline, f"/health did not turn {status} within {seconds} s"
+        time.sleep(0.02)
+
+
+def _wait_for_health_not_200(base: str, seconds: float = 60) -> None:
+    """503, or no answer once the server has gone on to shut down."""
+    deadline = time.monotonic() + seconds
+    while _health(base) == 200:
+        assert time.monotonic() < deadline, f"/health stayed 200 for {seconds} s"
         time.sleep(0.02)
 
 
@@ -304,7 +317,7 @@ def test_a_killed_engine_or_worker_brings_the_server_down_cleanly(tmp_path, vict
                 if len(events) == 3 and not killed:
                     killed = True
                     os.kill(target, signal.SIGKILL)
-                    _wait_for_health(base, 503)
+                    _wait_for_health_not_200(base)
         assert killed and any('"error"' in e for e in events)  # the stream ended with an error event
         assert proc.wait(120) != 0
         assert _gone(lambda: server_segments(engine))
@@ -321,7 +334,7 @@ def _cmdline(pid: int) -> bytes:
 
 def _health(base: str) -> int:
     try:
-        return httpx.get(base + "/health", timeout=1).status_code
+        return httpx.get(base + "/health", timeout=30).status_code
     except httpx.HTTPError:
         return 0  # already shutting down
 
