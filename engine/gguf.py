@@ -28,7 +28,8 @@ _BLOCK = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_IGNORED = {"rope_freqs.weight"}  # read into the config (Llama 3 rope scaling), not a model parameter
+_IGNORED = {"rope_freqs.weight"}
+TOKENIZER_FILES_VERSION = 2  # part of the tokenizer cache's key: a change in how the files are built rebuilds them  # read into the config (Llama 3 rope scaling), not a model parameter
 
 
 class GGUFError(ValueError):
@@ -192,7 +193,8 @@ def tokenizer_dir(path: Path, cache_root: Path | None = None) -> Path:
     """A directory holding tokenizer.json and tokenizer_config.json (with the chat template) built from the
     GGUF file's own tokenizer metadata; built once per file and cached, since reading the file takes seconds."""
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{TOKENIZER_FILES_VERSION}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:24]
     root = Path(cache_root or os.environ.get("RINGLLM_CACHE") or Path.home() / ".cache" / "ringllm")
     out = root / "gguf-tokenizers" / key
     if (out / "tokenizer.json").is_file():
@@ -238,6 +240,32 @@ def write_tokenizer_files(f: GGUFFile, out: Path) -> None:
         backend, _ = convert_gguf_tokenizer(f.arch, tok_dict)
     except Exception as e:
         raise GGUFError(f"{f.path}: cannot build its tokenizer ({type(e).__name__}: {e})") from e
+    _set_special_tokens_template(backend, tok_cfg, meta)
     backend.save(str(out / "tokenizer.json"))
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg.pop("add_bos_token", None), tok_cfg.pop("add_eos_token", None)  # now in tokenizer.json itself
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=1))
+
+
+def _set_special_tokens_template(backend, tok_cfg: dict, meta: dict) -> None:
+    """Makes tokenizer.json itself add BOS / EOS as the file's add_bos_token / add_eos_token say (transformers
+    applies those flags to its tokenizer object; the app reads only tokenizer.json). Left alone when the file
+    says nothing or the converted tokenizer already does what it says."""
+    from tokenizers import processors
+
+    flags = {k: tok_cfg.get(f"add_{k}_token") for k in ("bos", "eos")}
+    if all(v is None for v in flags.values()):
+        return
+    specials = {k: (tok_cfg.get(f"{k}_token"), meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos")}
+    want = {k: bool(flags[k]) and specials[k][1] is not None for k in ("bos", "eos")}
+    probe_plain, probe = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+    has = {"bos": probe[:1] == [specials["bos"][1]] and len(probe) > len(probe_plain),
+           "eos": probe[-1:] == [specials["eos"][1]] and len(probe) > len(probe_plain)}
+    if has == want:
+        return
+    pre = [specials["bos"][0]] if want["bos"] else []
+    post = [specials["eos"][0]] if want["eos"] else []
+    single = " ".join([*(f"{t}:0" for t in pre), "$A:0", *(f"{t}:0" for t in post)])
+    pair = single + " " + " ".join([*(f"{t}:1" for t in pre), "$B:1", *(f"{t}:1" for t in post)])
+    used = [(specials[k][0], specials[k][1]) for k in ("bos", "eos") if want[k]]
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=used)

@@ -326,3 +326,66 @@ def test_serve_with_chat_template_and_sanitized_control_tokens(tmp_path):
         want = AppTokenizer(demo, file.read_text(), sanitize)
         assert ids == want.encode_chat(want.apply_chat_template(messages))
         assert ids.count(end) == (1 if sanitize else 2)
+
+
+def _with_tokenizer(model: Path, tokenizer_dir: Path, out: Path, add_bos: bool) -> Path:
+    """`model` (a GGUF file) with the byte-level BPE tokenizer of `tokenizer_dir` in its metadata, as
+    llama.cpp's converter writes a gpt2-type vocabulary."""
+    import gguf
+
+    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    vocab = dict(tj["model"]["vocab"])
+    special = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    vocab.update(special)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    r = gguf.GGUFReader(str(model))
+    w = gguf.GGUFWriter(str(out), r.fields["general.architecture"].contents())
+    for field in r.fields.values():
+        if not field.name.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(field.name, field.contents(), field.types[0],
+                            sub_type=field.types[-1] if len(field.types) > 1 else None)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(special["<|endoftext|>"])
+    w.add_eos_token_id(special["<|im_end|>"])
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template(cfg["chat_template"])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_the_app_tokenizer_of_a_gguf_file_equals_transformers(add_bos, tmp_path, demo_path, monkeypatch):
+    """The API worker's tokenizer built from a GGUF's metadata encodes, adds BOS (add_bos_token) and renders
+    the chat template as transformers' from_pretrained(dir, gguf_file=...) does; the engine loads the file."""
+    from transformers import AutoTokenizer
+
+    from app.tokenizer import AppTokenizer
+    from engine.loader import load_tokenizer
+
+    monkeypatch.setenv("RINGLLM_CACHE", str(tmp_path / "cache"))
+    hf = tiny_checkpoint("qwen3", tmp_path / "hf", vocab=1024)
+    model = _with_tokenizer(to_gguf(hf, tmp_path / "bare.gguf"), demo_path, tmp_path / "m.gguf", add_bos)
+    want = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=model.name)
+    app, offline = AppTokenizer(model), load_tokenizer(model)
+    text = "The sea is calm tonight<|im_end|> naïve 你好"
+    bos = want.convert_tokens_to_ids("<|endoftext|>")
+    assert want(text).input_ids[:1] == ([bos] if add_bos else want(text).input_ids[:1])
+    for special in (False, True):
+        ids = want(text, add_special_tokens=special).input_ids
+        assert app.encode(text, add_special_tokens=special) == ids
+        assert offline(text, add_special_tokens=special).input_ids == ids
+    assert (want(text).input_ids[0] == bos) == add_bos
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi <|im_start|>"}]
+    ids = want.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert app.encode_chat(app.apply_chat_template(messages)) == ids
+    assert _greedy(model)[0]  # and it serves
