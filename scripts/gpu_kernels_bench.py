@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import kernels  # noqa: E402
+from engine import kernels
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -64,9 +64,9 @@ def check(cfg) -> None:
     k_ref = kernels.norm_rope(k_ref.view(T, Hkv, D), kw, 1e-6, cos, sin, pos)
     untouched = torch.ones(slots_n, dtype=torch.bool, device=dev)
     untouched[slots] = False
-    print("fused qkv store: q err %.2e, k err %.2e, v equal %s, other slots untouched %s" % (
-        rel(q, q_ref), rel(kc[slots], k_ref), torch.equal(vc[slots], v_ref.view(T, Hkv, D)),
-        bool(kc[untouched].isnan().all() and vc[untouched].isnan().all())))
+    untouched_ok = bool(kc[untouched].isnan().all() and vc[untouched].isnan().all())
+    print(f"fused qkv store: q err {rel(q, q_ref):.2e}, k err {rel(kc[slots], k_ref):.2e}, "
+          f"v equal {torch.equal(vc[slots], v_ref.view(T, Hkv, D))}, other slots untouched {untouched_ok}")
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     for M in (1, 3, 8, 16):
         errs = []
@@ -95,12 +95,12 @@ def time_linears(cfg, layers: int) -> dict:
         ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(n_layers)]
         for M in (1, 4, 16):
             x = torch.randn(M, K, device=dev, dtype=dt)
-            t_cublas = graph_time(lambda: [F.linear(x, w) for w in ws])
+            t_cublas = graph_time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws])
             best = (float("inf"), None)
             for c in configs:
-                t = graph_time(lambda: [kernels.linear(x, w, config=c) for w in ws])
+                t = graph_time(lambda x=x, ws=ws, c=c: [kernels.linear(x, w, config=c) for w in ws])
                 best = min(best, (t, c))
-            t_default = graph_time(lambda: [kernels.linear(x, w) for w in ws])
+            t_default = graph_time(lambda x=x, ws=ws: [kernels.linear(x, w) for w in ws])
             results[f"{name}/M{M}"] = {"cublas_us": t_cublas, "skinny_best_us": best[0], "best": best[1],
                                        "skinny_default_us": t_default}
             print(f"{name:<8} {M:>3} {t_cublas:>8.1f} {best[0]:>11.1f}  {best[1]}   {t_default:.1f}", flush=True)
@@ -123,7 +123,7 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
         pos = torch.randint(0, 4000, (T,), device=dev)
         slots = torch.randperm(299_999, device=dev)[:T] + 1
 
-        def unfused():
+        def unfused(qkv=qkv, T=T, pos=pos, slots=slots):
             for kc, vc in caches:
                 q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
                 kernels.norm_rope(q.view(T, H, D), qw, 1e-6, cos, sin, pos)
@@ -131,7 +131,7 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
                 kc[slots] = k
                 vc[slots] = v.view(T, Hkv, D)
 
-        def fused():
+        def fused(qkv=qkv, pos=pos, slots=slots):
             for kc, vc in caches:
                 kernels.qkv_rope_store(qkv, H, Hkv, D, qw, kw, 1e-6, cos, sin, pos, slots, kc, vc)
 
@@ -144,7 +144,8 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
         counter = torch.zeros(B, dtype=torch.long, device=dev)
         for t in (0.0, 0.6):
             temp = torch.full((B,), t, device=dev)
-            us = graph_time(lambda: kernels.gumbel_sample(logits, temp, seed, counter))
+            us = graph_time(lambda logits=logits, temp=temp, seed=seed, counter=counter:
+                            kernels.gumbel_sample(logits, temp, seed, counter))
             print(f"B={B:<4} T={t}: {us:8.1f} us ({B * vocab * 2 / us / 1e6:.2f} TB/s of logits)", flush=True)
 
 

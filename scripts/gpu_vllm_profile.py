@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / ".vllm-run"))
-import vllm_env  # noqa: E402,F401  (sets the offline environment before vllm loads)
-from latency import emit, run_latency  # noqa: E402
-from nano_offline import NANO_FINGERPRINT, nano_workload  # noqa: E402
+import vllm_env  # sets the offline environment before vllm loads
+from latency import emit, run_latency
+from nano_offline import NANO_FINGERPRINT, nano_workload
 
 PROFILED_STEPS = 20
 

@@ -248,7 +248,8 @@ def _greedy_with_margins(path, **kw):
     prompts = _parallel_prompts()
     engine = _parallel_engine(path, **kw)
     try:
-        assert engine.runner.graphs is not None  # the decode steps below run the CUDA-graph path
+        if kw.get("attention_backend") != "torch":  # the torch backend has no graph decoder
+            assert engine.runner.graphs is not None  # the decode steps below run the CUDA-graph path
         params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
         outs = {f"m{i}": [] for i in range(len(prompts))}
         for i, p in enumerate(prompts):
@@ -288,6 +289,27 @@ def _teacher_forced(path, sequences, **kw):
         torch.cuda.empty_cache()
 
 
+def _greedy_agreement(ref, got) -> tuple[int, list[float]]:
+    """Tokens matched before each request's first divergence, and one GPU's top-2 margin at each divergence."""
+    matched, margins = 0, []
+    for r, g in zip(ref, got):
+        for (tok_r, top_r), (tok_g, _) in zip(r, g):
+            if tok_r != tok_g:
+                margins.append(top_r[0][1] - top_r[1][1])
+                break
+            matched += 1
+    return matched, margins
+
+
+def _teacher_forced_agreement(ref, got) -> tuple[float, int, int]:
+    """(relative logprob gap, positions with the same top-1 token, positions) of two teacher-forced runs."""
+    ref_lp = [lp for seq in ref for lp, _ in seq]
+    got_lp = [lp for seq in got for lp, _ in seq]
+    assert len(got_lp) == len(ref_lp)
+    same_top = sum(a[0][0] == b[0][0] for sr, sg in zip(ref, got) for (_, a), (_, b) in zip(sr, sg))
+    return _relative_gap(got_lp, ref_lp), same_top, len(ref_lp)
+
+
 def _relative_gap(got: list[float], ref: list[float]) -> float:
     """|got - ref| over how much ref varies: an absolute tolerance alone would pass anything on the near-flat
     logits of random weights (logit std ~0.64 nats here)."""
@@ -296,7 +318,7 @@ def _relative_gap(got: list[float], ref: list[float]) -> float:
 
 
 @two_gpus
-@pytest.mark.parametrize("kw", [dict(tp_size=2), dict(pp_size=2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("kw", [{"tp_size": 2}, {"pp_size": 2}], ids=["tp2", "pp2"])
 def test_parallel_decode_matches_one_gpu_where_bf16_allows(qwen3_06b, one_gpu_greedy, kw):
     """Decode steps (CUDA graphs with captured collectives): tokens equal one GPU's until the first step where
     one GPU's top two candidates were within 0.1 nats, where bf16 reduction order may pick either; a
@@ -305,6 +327,7 @@ def test_parallel_decode_matches_one_gpu_where_bf16_allows(qwen3_06b, one_gpu_gr
     (once, 32 of 192 tokens matched before the first near-tie), so the logits are checked under teacher
     forcing instead (next test)."""
     got = _greedy_with_margins(qwen3_06b, **kw)
+    print(f"{kw}: greedy tokens matched before the first divergence {_greedy_agreement(one_gpu_greedy, got)}")
     ref_lp, got_lp = [], []
     for r, g in zip(one_gpu_greedy, got):
         for (tok_r, top_r), (tok_g, top_g) in zip(r, g):
@@ -319,7 +342,7 @@ def test_parallel_decode_matches_one_gpu_where_bf16_allows(qwen3_06b, one_gpu_gr
 
 
 @two_gpus
-@pytest.mark.parametrize("kw", [dict(tp_size=2), dict(pp_size=2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("kw", [{"tp_size": 2}, {"pp_size": 2}], ids=["tp2", "pp2"])
 def test_parallel_logits_match_one_gpu_under_teacher_forcing(qwen3_06b, one_gpu_greedy, kw):
     """On the same token sequences (the 8 prompts followed by one GPU's greedy tokens), each position's
     logprob of the next token agrees with one GPU's within bf16 rounding: small against how much those
@@ -327,15 +350,29 @@ def test_parallel_logits_match_one_gpu_under_teacher_forcing(qwen3_06b, one_gpu_
     sequences = [p + [tok for tok, _ in r] for p, r in zip(_parallel_prompts(), one_gpu_greedy)]
     ref = _teacher_forced(qwen3_06b, sequences)  # one GPU, the same engine settings
     got = _teacher_forced(qwen3_06b, sequences, **kw)
-    ref_lp = [lp for seq in ref for lp, _ in seq]
-    got_lp = [lp for seq in got for lp, _ in seq]
-    assert len(got_lp) == len(ref_lp) == sum(len(s) - 1 for s in sequences)
-    same_top = sum(a[0][0] == b[0][0] for sr, sg in zip(ref, got) for (_, a), (_, b) in zip(sr, sg))
-    gap = _relative_gap(got_lp, ref_lp)
-    print(f"{kw}: relative logprob gap {gap:.4f}, max abs {max(abs(a - b) for a, b in zip(got_lp, ref_lp)):.4f}"
-          f", top-1 agreement {same_top}/{len(ref_lp)}")
+    gap, same_top, n = _teacher_forced_agreement(ref, got)
+    assert n == sum(len(s) - 1 for s in sequences)
+    print(f"{kw}: relative logprob gap {gap:.4f}, top-1 agreement {same_top}/{n}")
     assert gap < 0.1, gap
-    assert same_top >= 0.5 * len(ref_lp), same_top
+    assert same_top >= 0.5 * n, same_top
+
+
+def test_bf16_rounding_alone_parts_greedy_paths_not_teacher_forced_logits(qwen3_06b, one_gpu_greedy):
+    """Calibrates the 2-GPU criteria on one GPU: FlashInfer and the torch attention backend are both correct
+    and differ only in rounding. On random Qwen3-0.6B weights their greedy paths part at near-ties (how
+    early is printed, not asserted), while their teacher-forced logprobs meet the thresholds the parallel
+    tests apply."""
+    other = _greedy_with_margins(qwen3_06b, attention_backend="torch")
+    matched, margins = _greedy_agreement(one_gpu_greedy, other)
+    sequences = [p + [tok for tok, _ in r] for p, r in zip(_parallel_prompts(), one_gpu_greedy)]
+    gap, same_top, n = _teacher_forced_agreement(_teacher_forced(qwen3_06b, sequences),
+                                                 _teacher_forced(qwen3_06b, sequences, attention_backend="torch"))
+    print(f"flashinfer vs torch attention: greedy matched {matched}/{sum(len(r) for r in one_gpu_greedy)}, "
+          f"margins at divergence {[round(m, 3) for m in margins]}; teacher-forced relative gap {gap:.4f}, "
+          f"top-1 agreement {same_top}/{n}")
+    assert all(m < 0.1 for m in margins), margins
+    assert gap < 0.1, gap
+    assert same_top >= 0.5 * n, same_top
 
 
 def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt):
