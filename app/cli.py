@@ -122,6 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if config.node_rank > 0:
+        signals.release()  # a signal ends this host's process; its ranks die with it (ipc/process.py)
         return serve_other_node(config)
     if (problem := _tokenizer_problem(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -160,6 +161,10 @@ class _ShutdownSignals:
         if self.on_drain is not None:
             self.on_drain()
         self.received.set()
+
+    def release(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
 
     def stop_starting_engine(self, proc) -> int:
         print("ringllm: stopped during start-up", file=sys.stderr, flush=True)
