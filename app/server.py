@@ -279,7 +279,9 @@ def _constrained(sampling: m.Sampling, schema: dict) -> m.Sampling:
     if sampling.structured_outputs is not None:
         raise ApiError(400, "tool_choice 'required' or a named function cannot be combined with another output "
                             "constraint (response_format, structured_outputs)", param="tool_choice")
-    return msgspec.structs.replace(sampling, structured_outputs=StructuredOutputs(json=schema))
+    # Compact JSON: a call needs no layout, and unbounded whitespace would let a model spend its tokens on it.
+    constraint = StructuredOutputs(json=schema, disable_any_whitespace=True)
+    return msgspec.structs.replace(sampling, structured_outputs=constraint)
 
 
 @get("/v1/models")

@@ -190,8 +190,9 @@ def served(tmp_path_factory):
 
 
 def ask(client, **kw):
-    return client.chat.completions.create(model="m", messages=kw.pop("messages", USER), max_tokens=16,
-                                          temperature=0, tools=kw.pop("tools", TOOLS), **kw)
+    return client.chat.completions.create(model="m", messages=kw.pop("messages", USER),
+                                          max_tokens=kw.pop("max_tokens", 16), temperature=0,
+                                          tools=kw.pop("tools", TOOLS), **kw)
 
 
 def test_served_tool_call(served):
@@ -324,3 +325,64 @@ def test_real_model_streamed_call_is_the_same_call(real, first_turn):
     assert parts and parts[0].function.name == whole.function.name and parts[0].id
     assert "".join(p.function.arguments or "" for p in parts) == whole.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+# ---- tool_choice "required" and a named function: the output is constrained to valid calls ----
+CITY_ONLY = [{"type": "function", "function": {  # an enum keeps a scripted model's constrained output short
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                          "required": ["city"], "additionalProperties": False}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_served_named_tool_choice_always_gives_that_call(served, stream):
+    client, _ = served
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = ask(client, tools=CITY_ONLY, tool_choice=choice, max_tokens=80, stream=stream)
+    if stream:
+        chunks = list(r)
+        parts = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+        name, arguments = parts[0].function.name, "".join(p.function.arguments or "" for p in parts)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        [call] = r.choices[0].message.tool_calls
+        name, arguments, reason = call.function.name, call.function.arguments, r.choices[0].finish_reason
+    assert name == "get_weather" and json.loads(arguments)["city"] in ("Paris", "Oslo")
+    assert reason == "tool_calls"
+
+
+def test_served_required_tool_choice_gives_valid_calls(served):
+    client, _ = served
+    r = ask(client, tools=CITY_ONLY, tool_choice="required", parallel_tool_calls=False, max_tokens=120)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    args = json.loads(call.function.arguments)
+    assert args == {} if call.function.name == "get_time" else args["city"] in ("Paris", "Oslo")
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_real_model_agent_loop_with_tool_choice_required(real):
+    r = real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, tool_choice="required",
+                                     max_tokens=40, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    messages = PARIS + [choice.message.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 °C."}]
+    final = real.chat.completions.create(model="q", messages=messages, tools=WEATHER, tool_choice="none",
+                                         max_tokens=12, temperature=0)
+    assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+
+
+def test_real_model_parse_with_a_pydantic_model(real):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    ask = [{"role": "user", "content": "Give the name and country of Paris as JSON."}]
+    r = real.chat.completions.parse(model="q", messages=ask, response_format=City, max_tokens=40, temperature=0)
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City) and city.name and city.country
