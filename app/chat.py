@@ -63,8 +63,15 @@ def parser_setting(value: str | None, default: str | None, choices: tuple[str, .
 
 
 # ---- in: messages and tools as the template takes them ----
-def template_messages(messages: list[Message]) -> list[dict]:
-    return [_template_message(i, msg) for i, msg in enumerate(messages)]
+def template_messages(messages: list[Message], template: str | None = None) -> list[dict]:
+    """The messages as the template takes them. OpenAI's `developer` role is a system message; a template that
+    does not know it (Qwen's and Llama's skip roles they do not name) gets it as `system`."""
+    out = [_template_message(i, msg) for i, msg in enumerate(messages)]
+    if template is not None and "developer" not in template:
+        for msg in out:
+            if msg["role"] == "developer":
+                msg["role"] = "system"
+    return out
 
 
 def _template_message(i: int, msg: Message) -> dict:

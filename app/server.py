@@ -222,7 +222,8 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     s, tok = request.app.state.settings, request.app.state.tokenizer
     tool_parser, reasoning_parser = request.app.state.chat_parsers
     plan = chat_io.tool_plan(data, tool_parser)
-    messages, extra = chat_io.template_messages(data.messages), chat_io.template_kwargs(data)
+    messages = chat_io.template_messages(data.messages, tok.template_text)
+    extra = chat_io.template_kwargs(data)
     try:
         text = tok.apply_chat_template(messages, plan.template_tools, **extra)
     except Exception as e:  # a template that rejects the conversation
@@ -352,7 +353,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict:
         raise ApiError(400, "give either prompt or messages", param="prompt")
     text, special = data.prompt, data.add_special_tokens
     if data.messages is not None:
-        messages = chat_io.template_messages(data.messages)
+        messages = chat_io.template_messages(data.messages, tok.template_text)
         try:
             text = tok.apply_chat_template(messages)
         except Exception as e:  # no template, or one that rejects the conversation

@@ -242,6 +242,19 @@ def test_served_agent_loop_messages(served):
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"  # the script does not change
 
 
+def test_served_developer_role_is_a_system_message_for_templates_without_it(served):
+    _, base = served
+    import httpx
+
+    def prompt_tokens(messages):
+        body = {"model": "m", "messages": messages, "max_tokens": 1}
+        return httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()["usage"]["prompt_tokens"]
+
+    rule = [{"role": "system", "content": "Answer in French."}]
+    as_developer = [{"role": "developer", "content": "Answer in French."}]
+    assert prompt_tokens(as_developer + USER) == prompt_tokens(rule + USER) > prompt_tokens(USER)
+
+
 @pytest.mark.parametrize("change,param", [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
