@@ -96,10 +96,6 @@ _token_group = None
 _plan_group = None
 
 
-def layout() -> Layout:
-    return _layout
-
-
 def init(lay: Layout, backend: str, init_method: str, timeout_s: float = 600.0) -> None:
     """Joins the process group and makes this rank's groups. Every rank calls new_group for every group, in
     the same order: torch.distributed requires it even of non-members."""

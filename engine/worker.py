@@ -126,7 +126,6 @@ class Workers:
 
     def __init__(self, config: EngineConfig, model_path: Path, first_rank: int = 1):
         self.config = config
-        self.world = config.tp_size * config.pp_size
         self.remote = config.nnodes > 1  # ranks on other hosts read plans from a broadcast, not the ring
         local = range(first_rank, ranks_per_node(config))  # the engine runs on node 0
         self.ring = RingWriter(lifecycle.segment_name(os.getpid(), "plans"), capacity=1 << 24,

@@ -37,7 +37,7 @@ class Abort(msgspec.Struct, tag="abort"):
 
 
 class Control(msgspec.Struct, tag="ctl"):
-    command: str  # "stats", "profile_start", "profile_stop", "shutdown"
+    command: str  # "stats", "profile_start", "profile_stop"
 
 
 # ---- engine -> app ----
