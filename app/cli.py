@@ -24,6 +24,11 @@ DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random we
              "text. Point --model at a Hugging Face checkpoint directory (or hub id) for real output.")
 
 
+ENV_NOTE = ("Every option can also be set by an environment variable: RINGLLM_ and the option's first name in "
+            "capitals with underscores (RINGLLM_CONTEXT_LEN=2048, RINGLLM_ENFORCE_EAGER=1, "
+            "RINGLLM_SERVED_MODEL_NAME=a,b); the command line wins.")
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_options(p.add_argument_group("engine"), EngineConfig)
 
@@ -46,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringllm", description="A small, fast OpenAI-compatible LLM server.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server")
+    srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server",
+                         epilog=ENV_NOTE)
     srv.add_argument("--version", action="version", version=_version())
     add_options(srv, ServeConfig)
     add_options(srv, ServeLimits)
     add_engine_args(srv)
-    gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal")
+    gen = sub.add_parser("generate", help="generate text offline and stream it to the terminal", epilog=ENV_NOTE)
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
