@@ -138,7 +138,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.profiler_dir:
         config = dataclasses.replace(config, profile_dir=args.profiler_dir)
-    started = _start_engine(config, args, signals)
+    if args.dp_size > 1:
+        started = _start_replicas(config, args, signals)
+    else:
+        started = _start_engine(config, args, signals)
     if isinstance(started, int):
         return started
     proc, info = started
@@ -146,6 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheme = "https" if args.ssl_certfile else "http"
     banner = (f"ringllm ready on {scheme}://{args.host}:{args.port} | model {served_names(args)[0]} | "
               f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens")
+    if args.dp_size > 1:
+        banner += f" per replica | dp {args.dp_size}"
     threading.Thread(target=_announce_when_answering, args=(args, banner, proc), name="ready-banner",
                      daemon=True).start()
     return _host_app(args, proc, signals)
@@ -286,6 +291,119 @@ def _engine_process_main(*args) -> None:
     run_engine_process(*args)
 
 
+def _start_replicas(config, args: argparse.Namespace, signals: _ShutdownSignals):
+    """--dp-size N: N engine processes, each with its own KV pool, prefix cache and rings, loading at once.
+    Replica r takes the r-th group of tp × pp GPUs (of --device-ids, else of those visible), through its own
+    CUDA_VISIBLE_DEVICES, and rendezvous port --nccl-port + r. Returns (a ReplicaGroup, replica 0's ready
+    message with every replica's pid and the smallest KV capacity), or an exit code as _start_engine does."""
+    import multiprocessing as mp
+
+    ctx, world = mp.get_context("spawn"), config.tp_size * config.pp_size
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = config.device_ids or list(range(args.dp_size * world))
+    if config.device != "cpu" and len(ids) < args.dp_size * world:
+        print(f"error: --dp-size {args.dp_size} × {world} ranks need {args.dp_size * world} GPUs; "
+              f"--device-ids lists {len(ids)}", file=sys.stderr)
+        return 2
+    procs, pipes = [], []
+    for r in range(args.dp_size):
+        replica = dataclasses.replace(config, device_ids=None, nccl_port=config.nccl_port + r)
+        mine = [visible[i] if visible else str(i) for i in ids[r * world:(r + 1) * world]]
+        ready, ready_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_engine_process_main, name=f"ringllm-engine-{r}",
+                           args=(replica, args.workers, ready_end, args.shutdown_timeout,
+                                 args.profiler_max_seconds))
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if config.device != "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # a spawned child inherits the environment
+        try:
+            proc.start()
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        ready_end.close()
+        procs.append(proc)
+        pipes.append(ready)
+    group = ReplicaGroup(procs)
+    infos: list = [None] * len(procs)
+    while any(info is None for info in infos):
+        if signals.received.is_set():
+            return signals.stop_starting_engine(group)
+        for r, (proc, ready) in enumerate(zip(procs, pipes)):
+            try:
+                if infos[r] is None and ready.poll(0.1):
+                    infos[r] = ready.recv()
+            except EOFError:  # the replica closed its end: it is exiting
+                proc.join(5)
+            if infos[r] is None and not proc.is_alive():
+                print(f"error: engine replica {r} exited during start-up", file=sys.stderr)
+                _stop_engine(group, 30.0)
+                return 1
+    failed = [info["error"] for info in infos if "error" in info]
+    if failed:
+        _stop_engine(group, 30.0)
+        print(f"error: {failed[0]}", file=sys.stderr)
+        return 2
+    if signals.received.is_set():
+        return signals.stop_starting_engine(group)
+    info = dict(infos[0], replica_pids=[i["pid"] for i in infos], kv_slots=min(i["kv_slots"] for i in infos))
+    return group, info
+
+
+class ReplicaGroup:
+    """The --dp-size engine processes behind the interface of one multiprocessing.Process, as _host_app and
+    _stop_engine use it: alive while any replica is (the server serves while one does), joined when all have
+    exited, and its exit code the first failure's (0 when every replica drained)."""
+
+    def __init__(self, procs: list):
+        self.procs = procs
+        self.pid = procs[0].pid
+        self._told: set[int] = set()  # replicas whose exit was reported
+        self._stopping = False
+
+    def terminate(self) -> None:
+        self._stopping = True
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: every replica drains
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+
+    def is_alive(self) -> bool:
+        return any(proc.is_alive() for proc in self.procs)
+
+    @property
+    def exitcode(self) -> int | None:
+        codes = [proc.exitcode for proc in self.procs]
+        if None in codes:
+            return None
+        return next((c for c in codes if c not in (0, -signal.SIGTERM)), codes[0])
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits until every replica has exited (or `timeout`), saying so when one exits while others
+        serve."""
+        import time
+        from multiprocessing.connection import wait
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            wait([p.sentinel for p in self.procs if p.is_alive()], left)
+            for r, proc in enumerate(self.procs):
+                if not proc.is_alive() and r not in self._told and not self._stopping and self.is_alive():
+                    self._told.add(r)
+                    serving = sum(p.is_alive() for p in self.procs)
+                    print(f"error: engine replica {r} (pid {proc.pid}) exited (code {proc.exitcode}); "
+                          f"{serving} of {len(self.procs)} replicas serve on", file=sys.stderr, flush=True)
+
+
 def served_names(args: argparse.Namespace) -> list[str]:
     """The names clients use for the model: --served-model-name, else the --model argument as given (as vLLM
     does: a hub id stays whole, a directory keeps its path)."""
@@ -309,6 +427,9 @@ def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
                RINGLLM_BODY_READ_TIMEOUT=str(args.body_read_timeout),
                RINGLLM_PROFILER_ROUTES="1" if args.profiler_dir else "",
                RINGLLM_ENGINE_STALL_TIMEOUT=str(args.engine_stall_timeout))
+    if "replica_pids" in info:  # --dp-size N
+        env.update(RINGLLM_ENGINE_PIDS=",".join(map(str, info["replica_pids"])),
+                   RINGLLM_KV_SLOTS=str(info["kv_slots"]))
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
     if args.allowed_origins:
@@ -404,6 +525,10 @@ def serve_args_problem(args: argparse.Namespace) -> str | None:
     for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile)):
         if path and not Path(path).is_file():
             return f"{flag} {path}: no such file"
+    if args.dp_size < 1:
+        return f"--dp-size must be >= 1, got {args.dp_size}"
+    if args.dp_size > 1 and args.nnodes > 1:
+        return "--dp-size above 1 runs on one host: it cannot be combined with --nnodes"
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         return f"--tokenizer {args.tokenizer}: not a directory with a tokenizer.json"
     return None

@@ -37,8 +37,10 @@ class _Pending:
 
 
 class EngineClient:
-    def __init__(self, engine_pid: int, num_workers: int):
+    def __init__(self, engine_pid: int, num_workers: int, replica: int | None = None):
+        """`replica`: which of the --dp-size engines this one is (its rids and failures name it)."""
         self.engine_pid = engine_pid
+        self.replica = replica
         self.claim = claim_worker_index(engine_pid, num_workers)  # held until this process exits
         self.index = self.claim.index
         self.pair = WorkerPair(engine_pid, self.index)
@@ -52,7 +54,8 @@ class EngineClient:
         self.reader = AsyncRingReader(self.pair.outputs, self._on_frames, asyncio.get_running_loop(), self._on_error)
 
     def new_rid(self) -> str:
-        return f"w{self.index}-{os.getpid()}-{next(self._ids)}"
+        dp = "" if self.replica is None else f"r{self.replica}-"
+        return f"{dp}w{self.index}-{os.getpid()}-{next(self._ids)}"
 
     def healthy(self) -> bool:
         return self.alive and pid_alive(self.engine_pid)
@@ -168,7 +171,8 @@ class EngineClient:
 
     def _on_error(self, exc: Exception) -> None:
         self.alive = False
-        why = m.CUT_BY_SHUTDOWN if self.draining else f"engine failure: {exc}"
+        engine = "engine" if self.replica is None else f"engine replica {self.replica}"
+        why = m.CUT_BY_SHUTDOWN if self.draining else f"{engine} failure: {exc}"
         for queue in self.streams.values():
             queue.put_nowait(m.RequestFailed("", why, 503))
         self.streams.clear()

@@ -41,6 +41,9 @@ class ServeConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = setting(8000, "HTTP port")
     workers: int = setting(1, "API worker processes")
+    dp_size: int = setting(1, "data-parallel engine replicas, each with its own GPUs (tp x pp of them), KV pool "
+                              "and prefix cache; requests go to the replica whose cache holds their prefix",
+                           "--data-parallel-size", "-dp")
     served_model_name: list[str] | None = setting(
         None, "names clients may use for the model, several allowed; the first is reported "
               "(default: the --model argument as given)", nargs="+", metavar="NAME")

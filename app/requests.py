@@ -56,9 +56,10 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
     logprobs, the first one None). Whatever ends the request before the engine does (a stop string, the
     timeout, a consumer that went away) aborts it in the engine: it stops generating and frees its KV."""
     ids, sampling = job.ids, job.sampling
-    client, tok = request.app.state.client, request.app.state.tokenizer
-    rid = client.new_rid()
+    tok = request.app.state.tokenizer
     try:
+        client = request.app.state.replicas.pick(ids)  # with --dp-size 1 the one engine
+        rid = client.new_rid()
         queue = await client.submit(rid, ids, sampling)
     except (EngineDown, EngineBusy) as e:
         raise ApiError(503, str(e), "server_error") from None

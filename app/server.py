@@ -27,6 +27,7 @@ from app.requests import collect, fan_out, make_jobs, tokenize_text
 from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
                          ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                          ErrorBody, ErrorResponse, Message, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
+from app.replicas import ReplicaCollector, Replicas, merge_stats
 from app.tokenizer import AppTokenizer, read_chat_template
 from engine.logs import configure_logging, get_logger
 from ipc import messages as m
@@ -45,6 +46,10 @@ class Settings:
     def __init__(self):
         env = os.environ
         self.engine_pid = int(env["RINGLLM_ENGINE_PID"])
+        # --dp-size N: every replica's engine pid (replica 0's is engine_pid) and the smallest KV capacity.
+        pids = env.get("RINGLLM_ENGINE_PIDS", "")
+        self.engine_pids = [int(p) for p in pids.split(",") if p] or [self.engine_pid]
+        self.kv_slots = int(env.get("RINGLLM_KV_SLOTS") or 0)
         self.workers = int(env.get("RINGLLM_WORKERS", "1"))
         self.model_path = env["RINGLLM_MODEL_PATH"]
         # Every name clients may ask for (--served-model-name, several allowed); responses report the first.
@@ -74,17 +79,21 @@ async def lifespan(app: Litestar):
     app.state.chat_parsers = chat_io.model_parsers(s.model_path, app.state.tokenizer.template_text,
                                                    os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
                                                    os.environ.get("RINGLLM_REASONING_PARSER"))
-    app.state.client = EngineClient(s.engine_pid, s.workers)
+    app.state.client = EngineClient(s.engine_pid, s.workers, 0 if len(s.engine_pids) > 1 else None)
     table = open_metrics_table(s.engine_pid)
     app.state.metrics = Metrics(table, app.state.client.index, s.served_model, s.engine_pid)
     app.state.heartbeat = HeartbeatReader(s.engine_pid)
     app.state.stall_timeout = float(os.environ.get("RINGLLM_ENGINE_STALL_TIMEOUT") or 30.0)
+    app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout,
+                                  app.state.client, app.state.heartbeat)
+    if len(s.engine_pids) > 1:
+        app.state.replica_metrics = ReplicaCollector(s.served_model)
+        app.state.metrics.registry.register(app.state.replica_metrics)
     log.info("app worker ready", worker=app.state.client.index, pid=os.getpid())
     try:
         yield
     finally:
-        app.state.client.close()
-        app.state.heartbeat.close()
+        app.state.replicas.close()  # every replica's client and heartbeat, replica 0's included
         table.close()
 
 
@@ -298,6 +307,8 @@ async def metrics(request: Request) -> Response:
     """The engine's values from a stats round trip (exact: it follows every message sent before); when the
     engine's loop has not turned for a second, or does not answer within METRICS_WAIT_SECONDS, the values it
     last published in its heartbeat, at once."""
+    if len(request.app.state.replicas.clients) > 1:
+        return await _replicas_metrics(request)
     beat = request.app.state.heartbeat
     engine = beat.last_stats()
     if beat.silent_for() < 1.0:
@@ -309,6 +320,17 @@ async def metrics(request: Request) -> Response:
 
 
 METRICS_WAIT_SECONDS = 2.0
+
+
+async def _replicas_metrics(request: Request) -> Response:
+    """--dp-size N: the replicas' engine stats summed (each asked at once, or read from its heartbeat as
+    above), plus how many replicas serve and a few values per replica (app/replicas.py)."""
+    replicas, collector = request.app.state.replicas, request.app.state.replica_metrics
+    per_replica = await replicas.stats(METRICS_WAIT_SECONDS)
+    collector.per_replica = per_replica
+    collector.serving = sum(replicas.unavailable(r) is None for r in range(len(replicas.clients)))
+    body = request.app.state.metrics.render(merge_stats(per_replica))
+    return Response(body, media_type="text/plain; version=0.0.4")
 
 
 @post("/start_profile", status_code=200)
@@ -374,6 +396,11 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
 
 @get("/health")
 async def health(request: Request) -> Response:
+    if len(request.app.state.replicas.clients) > 1:
+        why, body = request.app.state.replicas.health()  # 200 while one replica serves; the body says which
+        if why is None:
+            return Response(_json.encode(body), status_code=200, media_type="application/json")
+        return error_response(503, why, "server_error")
     why = request.app.state.client.unavailable() or _engine_stalled(request)
     if why is None:
         return Response(b"", status_code=200)
