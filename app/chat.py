@@ -78,13 +78,14 @@ def _template_message(i: int, msg: Message) -> dict:
     where = f"messages[{i}]"
     if msg.tool_calls and msg.role != "assistant":
         raise ApiError(400, f"{where}: only assistant messages carry tool_calls", param=f"{where}.tool_calls")
-    if msg.content is None and not (msg.role == "assistant" and msg.tool_calls):
+    if msg.content is None and msg.refusal is None and not (msg.role == "assistant" and msg.tool_calls):
         raise ApiError(400, f"{where}: content is required (it may be null only in an assistant turn with "
                             "tool_calls)", param=f"{where}.content")
     if msg.role == "tool" and not msg.tool_call_id:
         raise ApiError(400, f"{where}: a tool message needs the tool_call_id it answers",
                        param=f"{where}.tool_call_id")
-    out: dict = {"role": msg.role, "content": _text(where, msg.content)}
+    content = msg.refusal if msg.content is None and msg.refusal is not None else msg.content
+    out: dict = {"role": msg.role, "content": _text(where, content)}
     if msg.name is not None:
         out["name"] = msg.name
     if msg.tool_calls:

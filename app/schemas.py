@@ -21,12 +21,12 @@ class ContentPart(msgspec.Struct, kw_only=True):
     text: str | None = None
 
 
-class FunctionCall(msgspec.Struct):
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     arguments: str  # JSON text of an object, as OpenAI sends it
 
 
-class ToolCallIn(msgspec.Struct, kw_only=True):
+class ToolCallIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A tool call of an earlier assistant turn, sent back in the conversation."""
 
     id: str | None = None
@@ -34,32 +34,37 @@ class ToolCallIn(msgspec.Struct, kw_only=True):
     function: FunctionCall
 
 
-class Message(msgspec.Struct, kw_only=True):
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None  # None only for an assistant turn that calls tools
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool turns: the call this result answers
     reasoning_content: str | None = None  # an earlier assistant turn's reasoning, for templates that show it
+    # What an OpenAI answer's message carries besides, so that clients can send it back as they got it:
+    refusal: str | None = None  # a refusal's text: the turn's content when it has none
+    annotations: list | None = None  # citations; nothing a template shows
+    audio: None = None  # only null: audio is not served
+    function_call: None = None  # only null: the deprecated form of tool_calls is not served
 
 
-class FunctionDef(msgspec.Struct, kw_only=True, omit_defaults=True):
+class FunctionDef(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
     description: str | None = None
     parameters: dict | None = None  # a JSON schema of the arguments object
     strict: bool | None = None
 
 
-class Tool(msgspec.Struct, kw_only=True):
+class Tool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(msgspec.Struct):
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=True):
     name: str
 
 
-class NamedToolChoice(msgspec.Struct):
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["function"]
     function: NamedFunction
 

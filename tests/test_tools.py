@@ -242,13 +242,26 @@ def test_served_agent_loop_messages(served):
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"  # the script does not change
 
 
+def test_served_answer_messages_go_back_as_the_client_got_them(served):
+    """An assistant message as OpenAI's client holds it (refusal, annotations, audio and function_call null)
+    is accepted; a refusal's text is the turn's content."""
+    client, _ = served
+    echoed = {"role": "assistant", "content": None, "refusal": "I cannot.", "annotations": [], "audio": None,
+              "function_call": None}
+    plain = {"role": "assistant", "content": "I cannot."}
+    a = ask(client, messages=USER + [echoed] + USER, tool_choice="none", max_tokens=1)
+    b = ask(client, messages=USER + [plain] + USER, tool_choice="none", max_tokens=1)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
 def test_served_developer_role_is_a_system_message_for_templates_without_it(served):
     _, base = served
     import httpx
 
     def prompt_tokens(messages):
         body = {"model": "m", "messages": messages, "max_tokens": 1}
-        return httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()["usage"]["prompt_tokens"]
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        return r.json()["usage"]["prompt_tokens"]
 
     rule = [{"role": "system", "content": "Answer in French."}]
     as_developer = [{"role": "developer", "content": "Answer in French."}]
@@ -264,6 +277,9 @@ def test_served_developer_role_is_a_system_message_for_templates_without_it(serv
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}]},
      "messages[0].tool_calls[0].function.arguments"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}]},
+     None),  # msgspec names the field in the message: "... at `$.messages[0].function_call`"
+    ({"messages": [{"role": "user", "content": "x", "cache": True}]}, None),
     ({"tools": None, "tool_choice": "required"}, "tool_choice"),
 ])
 def test_served_bad_messages_and_tools_are_400(served, change, param):
@@ -273,7 +289,12 @@ def test_served_bad_messages_and_tools_are_400(served, change, param):
     body = {"model": "m", "messages": USER, "tools": TOOLS, "max_tokens": 4, **change}
     r = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param
+    error = r.json()["error"]
+    if param is None:
+        assert "messages[0]" in error["message"]
+        assert "function_call" in error["message"] or "cache" in error["message"]
+    else:
+        assert error["param"] == param
     if "image_url" in json.dumps(change):
         assert "'image_url'" in r.json()["error"]["message"]
 
@@ -341,10 +362,11 @@ def test_real_model_streamed_call_is_the_same_call(real, first_turn):
 
 
 # ---- tool_choice "required" and a named function: the output is constrained to valid calls ----
-CITY_ONLY = [{"type": "function", "function": {  # an enum keeps a scripted model's constrained output short
-    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
-                                          "required": ["city"], "additionalProperties": False}}},
-             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+        "additionalProperties": False}  # an enum keeps a scripted model's constrained output short
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+CITY_ONLY = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
+             {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGUMENTS}}]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -380,7 +402,8 @@ def test_real_model_agent_loop_with_tool_choice_required(real):
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     [call] = choice.message.tool_calls
-    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
     messages = PARIS + [choice.message.model_dump(exclude_none=True),
                         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 °C."}]
     final = real.chat.completions.create(model="q", messages=messages, tools=WEATHER, tool_choice="none",
@@ -396,6 +419,7 @@ def test_real_model_parse_with_a_pydantic_model(real):
         country: str
 
     ask = [{"role": "user", "content": "Give the name and country of Paris as JSON."}]
-    r = real.chat.completions.parse(model="q", messages=ask, response_format=City, max_tokens=40, temperature=0)
+    r = real.chat.completions.parse(model="q", messages=ask, response_format=City, max_tokens=40,
+                                    temperature=0)
     city = r.choices[0].message.parsed
     assert isinstance(city, City) and city.name and city.country
