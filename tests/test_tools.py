@@ -423,3 +423,30 @@ def test_real_model_parse_with_a_pydantic_model(real):
                                     temperature=0)
     city = r.choices[0].message.parsed
     assert isinstance(city, City) and city.name and city.country
+
+
+def test_parsers_by_family_template_or_flag(tmp_path):
+    from app.chat import model_parsers
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    assert model_parsers(str(tmp_path), None, None, None) == ("hermes", "qwen3")
+    assert model_parsers(str(tmp_path), None, "llama3_json", "none") == ("llama3_json", None)
+    gguf = str(tmp_path / "model.gguf")  # no config.json next to it: the template tells
+    assert model_parsers(gguf, QWEN25_TEMPLATE, "", "") == ("hermes", None)
+    assert model_parsers(gguf, "{{ '<|python_tag|>' }}", None, None) == ("llama3_json", None)
+    assert model_parsers(gguf, "plain", None, "deepseek_r1") == (None, "deepseek_r1")
+    with pytest.raises(ValueError, match="--tool-call-parser"):
+        model_parsers(gguf, None, "pythonic", None)
+
+
+def test_tool_plan_without_a_parser_is_a_400():
+    import msgspec
+
+    from app.chat import tool_plan
+    from app.errors import ApiError
+    from app.schemas import ChatRequest
+
+    body = msgspec.convert({"messages": USER, "tools": TOOLS}, ChatRequest)
+    with pytest.raises(ApiError, match="--tool-call-parser"):
+        tool_plan(body, None)
+    assert tool_plan(msgspec.structs.replace(body, tool_choice="none"), None).template_tools is None
