@@ -178,11 +178,11 @@ def engine_pid(proc: subprocess.Popen, seconds: float = 60) -> int:
     raise AssertionError(f"no engine with rings under server {proc.pid}")
 
 
-def tokens_per_second(base: str, tokens: int = 24) -> float:
+def tokens_per_second(base: str, tokens: int = 24, headers: dict | None = None) -> float:
     """This machine's decode rate for one stream now, measured on the server under test."""
     body = {"prompt": "rate", "max_tokens": tokens, "ignore_eos": True, "stream": True}
     first = last = None
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300, headers=headers) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 last = time.monotonic()

@@ -126,8 +126,10 @@ def test_api_key_guards_v1_and_metrics_but_not_health(server):
 
 def test_overload_answers_503_with_retry_after_at_once(server):
     """2 running + 2 waiting fill the engine; the rest are refused at once (before any admitted request ends),
-    and pool usage returns to 0."""
-    body = {"prompt": "busy", "max_tokens": 1500, "ignore_eos": True}
+    and pool usage returns to 0. Each request is about 5 s of decoding at this machine's measured rate: long
+    enough to hold its slot while the others arrive, short enough to finish on a busy machine."""
+    tokens = max(32, min(1500, int(tokens_per_second(server, headers=AUTH) * 5)))
+    body = {"prompt": "busy", "max_tokens": tokens, "ignore_eos": True}
 
     def one(_):
         t = time.monotonic()
