@@ -13,19 +13,19 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engine import parallel
 from engine.config import EngineConfig, check_context_len
 from engine.loader import checkpoint_path, read_config
 from engine.logs import get_logger
-from engine.model_runner import HostSample, ModelRunner, StepResult, prompt_logprob_positions
+from engine.model_runner import ModelRunner
 from engine.parallel import Layout
 from engine.profiler import RankProfiler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, Status
+from engine.step_result import StepResult, file_prompt_logprobs
 from engine.worker import Workers, join, no_cuda_reason, rank_device
 
 log = get_logger("engine")
@@ -174,7 +174,7 @@ class Engine:
         plan = batch.plan
         self.num_prompt_tokens_computed += plan.num_tokens - plan.num_decodes
         if sample.prompt is not None:
-            self._collect_prompt_logprobs(batch, sample)
+            file_prompt_logprobs(batch.seqs, plan, sample.prompt)
         outputs = []
         for i, seq in enumerate(batch.seqs):
             if not plan.sample[i]:
@@ -198,20 +198,6 @@ class Engine:
                 del self.seqs[seq.rid]
             outputs.append(out)
         return outputs
-
-    @staticmethod
-    def _collect_prompt_logprobs(batch: Batch, sample: HostSample) -> None:
-        """Files each prompt row of a step under its sequence. A prompt recomputed after preemption yields its
-        positions again; those already filed are skipped."""
-        seqs, plan = batch.seqs, batch.plan
-        ks = np.array([-1 if s.params.prompt_logprobs is None else s.params.prompt_logprobs for s in seqs])
-        index, pos = prompt_logprob_positions(plan.starts, plan.lens, np.array([s.num_prompt for s in seqs]), ks)
-        width = (sample.prompt.shape[1] - 2) // 2
-        for row, i, p in zip(sample.prompt, index, pos):
-            seq, k = seqs[i], int(ks[i])
-            if p == len(seq.prompt_logprobs):
-                top = list(zip(row[2 : 2 + k].astype(np.int64).tolist(), row[2 + width : 2 + width + k].tolist()))
-                seq.prompt_logprobs.append((float(row[1]), top))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -1,11 +1,21 @@
-"""Token-granular KV storage (page size 1) and the host-side bookkeeping of which slots are free.
+"""Token-granular KV storage (a page is one slot), its sizing, and the host-side bookkeeping of which slots are
+free.
 
 Slot 0 is never handed out: padded positions (CUDA-graph batches) write their K/V there harmlessly."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+
+# Tokens per KV page. The scheduler, the radix cache and the slot allocator work in tokens, and the attention
+# backends hand FlashInfer one-token pages: changing this needs all of them changed, not just the constant.
+PAGE_SIZE = 1
 
 
 class SlotAllocator:
@@ -58,3 +68,38 @@ class KVPool:
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][slots] = k
         self.v[layer][slots] = v
+
+
+# ---- sizing ----
+RESERVED_GPU_BYTES = 2 << 30  # beyond the forward's peak: attention workspaces, CUDA graphs, sampler temporaries
+
+
+def kv_pool_slots(config: EngineConfig, bytes_per_token: int, device: torch.device,
+                  activation_peak: Callable[[], int]) -> int:
+    """How many slots this rank's pool gets: `kv_cache_tokens` when set; on a GPU what is left of
+    `gpu_memory_utilization` once the weights are loaded and the forward's peak (`activation_peak`, measured
+    only here) is set aside; on the CPU `cpu_kv_cache_gb`."""
+    if config.kv_cache_tokens:
+        return config.kv_cache_tokens + 1
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        peak = activation_peak()
+        budget = total * config.gpu_memory_utilization - (total - free) - peak - RESERVED_GPU_BYTES
+    else:
+        budget = config.cpu_kv_cache_gb * (1 << 30)
+    slots = int(budget // bytes_per_token)
+    if slots < 2:
+        raise ValueError(f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
+                         f"{bytes_per_token} bytes per token): lower the model size or raise the memory budget")
+    return slots
+
+
+def peak_bytes(device: torch.device, run: Callable[[], object]) -> int:
+    """Peak device memory `run` allocates beyond what was allocated before it; what it made is freed after."""
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return peak

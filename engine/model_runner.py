@@ -3,13 +3,19 @@
 The request tables live on the device: `req_to_slot[row, pos]` (where each position's K/V is) and
 `req_tokens[row, pos]` (the token at each position). A step's input ids, positions and attention indices are
 gathered from them on the device, and each sampled token is written straight back into `req_tokens`, so the
-next step can run before the host has read it (overlap)."""
+next step can run before the host has read it (overlap).
+
+Its collaborators: the model (engine/models), the KV pool and its sizing (engine/kv_cache.py), the attention
+backend (engine/attention, which declares whether CUDA graphs can run it: engine/cuda_graph.py), the sampler
+(engine/sampler.py), the packing of a step's result and its copy to the host (engine/step_result.py), and the
+collectives and token landing of a parallel engine (engine/parallel.py)."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -17,82 +23,20 @@ import torch
 from engine import parallel
 from engine.attention import AttentionMetadata, make_backend
 from engine.config import EngineConfig
-from engine.kv_cache import KVPool
+from engine.kv_cache import KVPool, kv_pool_slots, peak_bytes
 from engine.loader import load_weights, pick_dtype
 from engine.logs import get_logger
 from engine.models import model_class
-from engine.parallel import Layout
-from engine.sampler import SampleResult, Sampler
+from engine.parallel import MAX_PENDING_SENDS, Layout, TokenBroadcasts, TokenLanding
+from engine.sampler import GrammarMask, Sampler
 from engine.scheduler import StepPlan
+from engine.step_result import (StepResult, copy_to_host, pack_prompt_rows, pack_sample, packed_width,
+                                prompt_logprob_positions)
+
+if TYPE_CHECKING:
+    from engine.cuda_graph import DecodeGraphs
 
 log = get_logger("engine.runner")
-
-
-@dataclass
-class HostSample:
-    tokens: np.ndarray  # [B] int64
-    logprobs: list[float] | None  # [B] the chosen token's logprob, when a row asked for logprobs
-    top: tuple[list, list] | None  # ([B][k] ids, [B][k] logprobs)
-    prompt: np.ndarray | None = None  # [N, 2 + 2k] rows for prompt_logprob_positions(), packed the same way
-
-
-@dataclass
-class StepResult:
-    """A launched step's sampled tokens, packed by `pack_sample` (on the host once `ready` has fired, or once
-    `work` has finished on a CPU rank that receives them): `num_rows` sampled rows, then any prompt rows."""
-
-    host: torch.Tensor
-    top_k: int | None
-    num_rows: int
-    ready: torch.cuda.Event | None = None
-    work: object = None
-
-    def wait(self) -> HostSample:
-        if self.ready is not None:
-            self.ready.synchronize()
-        elif self.work is not None:
-            self.work.wait()
-        everything = self.host.numpy()
-        packed, prompt = everything[: self.num_rows], everything[self.num_rows :]
-        tokens = packed[:, 0].astype(np.int64)
-        if self.top_k is None:
-            return HostSample(tokens, None, None)
-        k = self.top_k
-        top = (packed[:, 2 : 2 + k].astype(np.int64).tolist(), packed[:, 2 + k : 2 + 2 * k].tolist()) if k else None
-        return HostSample(tokens, packed[:, 1].tolist(), top, prompt if len(prompt) else None)
-
-
-def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
-    """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs (zeros
-    past what a row computed). float32 holds every token id exactly (vocabularies are far below 2^24), so one
-    tensor carries all of it."""
-    if top_k is None:
-        return sample.tokens[:, None].float().contiguous()
-    out = torch.zeros(len(sample.tokens), 2 + 2 * top_k, dtype=torch.float32, device=sample.tokens.device)
-    out[:, 0] = sample.tokens
-    if sample.logprobs is not None:
-        out[:, 1] = sample.logprobs
-    if sample.top_ids is not None and top_k:
-        k = min(top_k, sample.top_ids.shape[1])
-        out[:, 2 : 2 + k] = sample.top_ids[:, :k]
-        out[:, 2 + top_k : 2 + top_k + k] = sample.top_logprobs[:, :k]
-    return out
-
-
-def prompt_logprob_positions(starts: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray,
-                             ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(batch index, position) of every position a step computes whose next token is a prompt token, for the
-    batch entries that asked for prompt logprobs (k >= 0); in batch order, then position order. The runner
-    and the engine both call this, so the prompt rows of a step's result line up on both sides."""
-    starts = starts.astype(np.int64)
-    ends = np.minimum(starts + lens, prompt_lens - 1)
-    counts = np.where(ks >= 0, np.maximum(ends - starts, 0), 0)
-    index = np.repeat(np.arange(len(starts)), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    return index, np.arange(int(counts.sum())) - first + np.repeat(starts, counts)
-
-
-PROMPT_LOGITS_CHUNK = 1024  # prompt positions projected onto the vocabulary at a time
 
 
 @dataclass
@@ -103,22 +47,6 @@ class _PromptPositions:
     rows: np.ndarray
     pos: np.ndarray
     token_index: np.ndarray
-
-
-@dataclass
-class _TokenWait:
-    """A token broadcast this rank receives, written into req_tokens before a later step reads those rows."""
-
-    work: object
-    buf: torch.Tensor
-    rows_host: np.ndarray
-    keep: torch.Tensor  # indices into buf of the rows whose token is kept
-    rows: torch.Tensor
-    pos: torch.Tensor
-
-
-MAX_TOKEN_WAITS = 16
-MAX_PENDING_SENDS = 8
 
 
 class ModelRunner:
@@ -141,7 +69,9 @@ class ModelRunner:
         self.num_layers, self.num_heads, self.num_kv_heads = len(self.model.layers), attn0.num_heads, attn0.num_kv_heads
         # Pipeline stages work on different micro-batches at once: each gets up to max_bs rows of its own.
         self.max_rows = config.max_bs * lay.pp_size
-        self.num_slots = parallel.all_ranks_min(self._pool_size(), device)  # every rank holds every slot
+        per_token = KVPool.bytes_per_token(self.num_layers, self.num_kv_heads, self.shape.head_dim, self.dtype)
+        slots = kv_pool_slots(config, per_token, device, self._profile_activation_bytes)
+        self.num_slots = parallel.all_ranks_min(slots, device)  # every rank holds every slot
         self.pool = KVPool(self.num_layers, self.num_slots, self.num_kv_heads, self.shape.head_dim, self.dtype, device)
         self.attn = make_backend(config.attention_backend, device, self.pool, self.num_heads, self.shape.head_dim)
         self.req_to_slot = torch.zeros(self.max_rows, self.context_len + 1, dtype=torch.int32, device=device)
@@ -151,12 +81,13 @@ class ModelRunner:
         self.row_prompt_logprobs = np.full(self.max_rows, -1, dtype=np.int64)
         self.row_prompt_len = np.zeros(self.max_rows, dtype=np.int64)
         self.num_prompt_logprob_rows = 0
-        self._token_waits: deque[_TokenWait] = deque()
+        # Tokens travel from the sampler to the ranks that embed or report them (a parallel engine only).
+        self.landing = TokenLanding(self.req_tokens) if lay.receives_tokens else None
+        self.broadcasts = TokenBroadcasts() if lay.is_sampler and lay.world_size > 1 else None
         self._sends: deque = deque()  # (work, tensors) of stage-to-stage sends still in flight
-        self._broadcasts: deque = deque()  # (work, buffer) the sampler has sent
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager and hasattr(self.attn, "make_graph_decoder"):
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.model, self.attn, config.max_bs, self.context_len + 1, device)
@@ -174,56 +105,39 @@ class ModelRunner:
             self.graphs = None
 
     # ---- sizing ----
-    def _pool_size(self) -> int:
-        per_token = KVPool.bytes_per_token(self.num_layers, self.num_kv_heads, self.shape.head_dim, self.dtype)
-        if self.config.kv_cache_tokens:
-            return self.config.kv_cache_tokens + 1
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            peak = self._profile_activation_bytes()
-            # Beyond the forward's peak: attention workspaces, CUDA graphs, sampler temporaries.
-            budget = total * self.config.gpu_memory_utilization - (total - free) - peak - (2 << 30)
-        else:
-            budget = self.config.cpu_kv_cache_gb * (1 << 30)
-        slots = int(budget // per_token)
-        if slots < 2:
-            raise ValueError(f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
-                             f"{per_token} bytes per token): lower the model size or raise the memory budget")
-        return slots
-
     def _profile_activation_bytes(self) -> int:
         """Peak memory of one forward over a full token budget, with a throwaway pool."""
         n = min(self.config.max_num_batched_tokens, self.context_len)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        pool = KVPool(self.num_layers, n + 1, self.num_kv_heads, self.shape.head_dim, self.dtype, self.device)
-        attn = make_backend(self.config.attention_backend, self.device, pool, self.num_heads, self.shape.head_dim)
-        idx = torch.arange(1, n + 1, device=self.device, dtype=torch.int32)
-        attn.begin(AttentionMetadata(np.array([0, n]), np.array([0, n]), np.array([n]), False,
-                                     torch.tensor([0, n], device=self.device, dtype=torch.int32),
-                                     torch.tensor([0, n], device=self.device, dtype=torch.int32), idx, idx))
-        carry = None
-        if not self.layout.is_first_stage:
-            carry = tuple(torch.zeros(n, self.shape.hidden_size, dtype=self.dtype, device=self.device) for _ in "hr")
-        with torch.inference_mode():
-            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
-                                torch.arange(n, device=self.device), attn, carry)
-            if self.layout.is_last_stage:
-                self.model.logits(hidden[-self.config.max_bs:])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        del pool, attn, hidden, carry
-        torch.cuda.empty_cache()
-        return peak
+
+        def forward() -> None:
+            pool = KVPool(self.num_layers, n + 1, self.num_kv_heads, self.shape.head_dim, self.dtype, self.device)
+            attn = make_backend(self.config.attention_backend, self.device, pool, self.num_heads,
+                                self.shape.head_dim)
+            idx = torch.arange(1, n + 1, device=self.device, dtype=torch.int32)
+            attn.begin(AttentionMetadata(np.array([0, n]), np.array([0, n]), np.array([n]), False,
+                                         torch.tensor([0, n], device=self.device, dtype=torch.int32),
+                                         torch.tensor([0, n], device=self.device, dtype=torch.int32), idx, idx))
+            carry = None
+            if not self.layout.is_first_stage:
+                carry = tuple(torch.zeros(n, self.shape.hidden_size, dtype=self.dtype, device=self.device)
+                              for _ in "hr")
+            with torch.inference_mode():
+                hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
+                                    torch.arange(n, device=self.device), attn, carry)
+                if self.layout.is_last_stage:
+                    self.model.logits(hidden[-self.config.max_bs:])
+
+        return peak_bytes(self.device, forward)
 
     # ---- one step ----
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> StepResult | None:
+    def launch(self, plan: StepPlan, constrain: Callable[[], GrammarMask | None] | None = None) -> StepResult | None:
         """Runs this rank's part of one step. Returns the step's tokens on rank 0 (which reports them), None on
-        the other ranks."""
+        the other ranks. `constrain` (structured outputs, engine/grammar.py) is called on the sampling rank once
+        the forward is queued, and gives the grammar masks of the step's constrained rows."""
         self._admit_rows(plan)
-        if self._token_waits:
-            self._land_tokens(plan)
+        if self.landing:
+            self.landing.land(plan.rows, plan.token_rows)
         meta, rows, positions, row_of_token, seq_lens, keep = self._prepare(plan)
         input_ids = self.req_tokens[row_of_token, positions].long() if self.layout.is_first_stage else None
         prompt = self._prompt_positions(plan, meta)
@@ -234,29 +148,27 @@ class ModelRunner:
         if prompt_hidden is not None:  # every rank of the last stage: the vocabulary projection is collective
             prompt_rows = self._prompt_rows(prompt_hidden, prompt, top_k)
         if lay.is_sampler:
-            packed = self._sample(plan, meta, logits, rows, seq_lens, keep, top_k)
+            packed = self._sample(plan, meta, logits, rows, seq_lens, keep, top_k, constrain)
             if prompt_rows is not None:
                 packed = torch.cat([packed, prompt_rows])
-            if lay.world_size > 1:
-                self._broadcasts.append((parallel.broadcast_tokens(packed), packed))
-                while len(self._broadcasts) > MAX_PENDING_SENDS:
-                    self._broadcasts.popleft()[0].wait()
-            return self._copy_to_host(packed, top_k, len(plan.rows), None) if lay.rank == 0 else None
-        if not lay.receives_tokens:
+            if self.broadcasts is not None:
+                self.broadcasts.send(packed)
+            return copy_to_host(packed, top_k, len(plan.rows), None, self.copy_stream) if lay.rank == 0 else None
+        if self.landing is None:
             return None
         num_prompt_rows = len(prompt.pos) if prompt is not None else 0
-        packed = torch.empty(len(plan.rows) + num_prompt_rows, 1 if top_k is None else 2 + 2 * top_k,
-                             dtype=torch.float32, device=self.device)
-        work = parallel.broadcast_tokens(packed)
-        self._token_waits.append(_TokenWait(work, packed, plan.rows[plan.sample], keep, rows[keep], seq_lens[keep]))
-        return self._copy_to_host(packed, top_k, len(plan.rows), work) if lay.rank == 0 else None
+        packed, work = self.landing.receive((len(plan.rows) + num_prompt_rows, packed_width(top_k)),
+                                            plan.rows[plan.sample], keep, rows[keep], seq_lens[keep])
+        return copy_to_host(packed, top_k, len(plan.rows), work, self.copy_stream) if lay.rank == 0 else None
 
-    def _sample(self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k) -> torch.Tensor:
+    def _sample(self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k,
+                constrain=None) -> torch.Tensor:
         """Samples every row's next token and packs it (with logprobs, where asked) for the host."""
         history = None
         if self.sampler.needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]
-        sample = self.sampler(logits, plan.rows, rows, history, seq_lens)
+        mask = constrain() if constrain is not None else None
+        sample = self.sampler(logits, plan.rows, rows, history, seq_lens, mask)
         # Sampled tokens become the next position's input on the device, before the host sees them.
         self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
         return pack_sample(sample, top_k)
@@ -283,21 +195,10 @@ class ModelRunner:
         return _PromptPositions(plan.rows[index], pos, meta.qo_indptr_host[index] + pos - plan.starts[index])
 
     def _prompt_rows(self, hidden: torch.Tensor, prompt: "_PromptPositions", top_k: int) -> torch.Tensor:
-        """[N, 2 + 2k]: the next prompt token, its logprob, the top k ids and logprobs, for each prompt position
-        in `hidden`; projected onto the vocabulary a chunk at a time, so a long prompt needs little memory."""
+        """The packed prompt rows (engine/step_result.py) of the prompt positions in `hidden`."""
         rows, pos = prompt.rows, prompt.pos
         target = self.req_tokens[torch.from_numpy(rows).to(self.device), torch.from_numpy(pos + 1).to(self.device)]
-        out = torch.zeros(len(rows), 2 + 2 * top_k, dtype=torch.float32, device=self.device)
-        for a in range(0, len(rows), PROMPT_LOGITS_CHUNK):
-            b = min(a + PROMPT_LOGITS_CHUNK, len(rows))
-            lp = torch.log_softmax(self.model.logits(hidden[a:b]).float(), dim=-1)
-            t = target[a:b].long()
-            out[a:b, 0] = t
-            out[a:b, 1] = lp.gather(1, t[:, None]).squeeze(1)
-            if top_k:
-                values, ids = lp.topk(top_k, dim=-1)
-                out[a:b, 2 : 2 + top_k], out[a:b, 2 + top_k :] = ids, values
-        return out
+        return pack_prompt_rows(self.model.logits, hidden, target, top_k)
 
     def _admit_rows(self, plan: StepPlan) -> None:
         if not plan.new_rows:
@@ -310,20 +211,6 @@ class ModelRunner:
         self.num_prompt_logprob_rows = int((self.row_prompt_logprobs >= 0).sum())
         if self.sampler is not None:
             self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
-
-    def _land_tokens(self, plan: StepPlan) -> None:
-        """A rank that receives tokens writes them into req_tokens before a step reads (or rewrites) their
-        rows: every broadcast up to the last one that touches this plan's rows, in order. Older ones are landed
-        too once too many are waiting (they have long finished by then)."""
-        touched = np.zeros(self.max_rows, dtype=bool)
-        touched[plan.rows] = True
-        touched[plan.token_rows] = True
-        last = max((i for i, w in enumerate(self._token_waits) if touched[w.rows_host].any()), default=-1)
-        last = max(last, len(self._token_waits) - MAX_TOKEN_WAITS - 1)
-        for _ in range(last + 1):
-            w = self._token_waits.popleft()
-            w.work.wait()
-            self.req_tokens[w.rows, w.pos] = w.buf[w.keep, 0].int()
 
     def _forward(self, meta: AttentionMetadata, input_ids, positions, prompt: "_PromptPositions | None"):
         """This stage's layers: from the previous stage's hidden states (or the embedding), to the next stage
@@ -383,16 +270,3 @@ class ModelRunner:
         meta = AttentionMetadata(qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d.int(), kv_d.int(), kv_indices,
                                  out_slots)
         return meta, rows, positions_d, row_of_token_d, seq_lens, keep
-
-    def _copy_to_host(self, packed: torch.Tensor, top_k: int | None, num_rows: int, work) -> StepResult:
-        if self.copy_stream is None:
-            return StepResult(packed, top_k, num_rows, None, work)
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        done = torch.cuda.Event()
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
-            if work is not None:
-                work.wait()  # makes the copy stream, not the compute stream, wait for the broadcast
-            host.copy_(packed, non_blocking=True)
-            done.record()
-        return StepResult(host, top_k, num_rows, done)

@@ -8,9 +8,12 @@ reports them). With a single rank every collective here is a no-op, so the one-G
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -195,3 +198,68 @@ def all_ranks_min(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+# ---- token landing: the sampled tokens reach the ranks that embed or report them ----
+MAX_TOKEN_WAITS = 16
+MAX_PENDING_SENDS = 8
+
+
+class TokenBroadcasts:
+    """The sampler's side: broadcasts each step's packed tokens without waiting, keeping at most
+    MAX_PENDING_SENDS in flight (with their buffers alive until they finish)."""
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Any, torch.Tensor]] = deque()
+
+    def send(self, packed: torch.Tensor) -> None:
+        self._pending.append((broadcast_tokens(packed), packed))
+        while len(self._pending) > MAX_PENDING_SENDS:
+            self._pending.popleft()[0].wait()
+
+
+@dataclass
+class _TokenWait:
+    """A token broadcast this rank receives, written into the token table before a later step reads its rows."""
+
+    work: Any
+    buf: torch.Tensor
+    rows_host: np.ndarray
+    keep: torch.Tensor  # indices into buf of the rows whose token is kept
+    rows: torch.Tensor
+    pos: torch.Tensor
+
+
+class TokenLanding:
+    """A receiving rank's side (stage 0 and rank 0, not the sampler): each step's broadcast is received
+    asynchronously and its tokens are written into `req_tokens[row, pos]` only when a later step needs them."""
+
+    def __init__(self, req_tokens: torch.Tensor):
+        self.req_tokens = req_tokens
+        self._waits: deque[_TokenWait] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._waits)
+
+    def receive(self, shape: tuple[int, int], rows_host: np.ndarray, keep: torch.Tensor, rows: torch.Tensor,
+                pos: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Starts receiving one step's packed tokens; returns (buffer, pending work). The kept rows' tokens
+        are landed at (rows, pos) later."""
+        buf = torch.empty(shape, dtype=torch.float32, device=self.req_tokens.device)
+        work = broadcast_tokens(buf)
+        self._waits.append(_TokenWait(work, buf, rows_host, keep, rows, pos))
+        return buf, work
+
+    def land(self, *touched_rows: np.ndarray) -> None:
+        """Writes tokens into req_tokens before a step reads (or rewrites) the `touched_rows`: every broadcast
+        up to the last one that touches them, in order. Older ones are landed too once too many are waiting
+        (they have long finished by then)."""
+        touched = np.zeros(len(self.req_tokens), dtype=bool)
+        for rows in touched_rows:
+            touched[rows] = True
+        last = max((i for i, w in enumerate(self._waits) if touched[w.rows_host].any()), default=-1)
+        last = max(last, len(self._waits) - MAX_TOKEN_WAITS - 1)
+        for _ in range(last + 1):
+            w = self._waits.popleft()
+            w.work.wait()
+            self.req_tokens[w.rows, w.pos] = w.buf[w.keep, 0].int()

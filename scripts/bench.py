@@ -94,9 +94,9 @@ class HostTimer:
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "launch", "launch")
         self._wrap(engine, "_read_back", "read_back")
-        import engine.model_runner as mr
+        from engine.step_result import StepResult
 
-        original, totals = mr.StepResult.wait, self.totals
+        original, totals = StepResult.wait, self.totals
 
         def wait(result):
             t = time.perf_counter()
@@ -104,7 +104,7 @@ class HostTimer:
             totals["wait"] += time.perf_counter() - t
             return out
 
-        mr.StepResult.wait = wait
+        StepResult.wait = wait  # type: ignore[method-assign]
 
     def _wrap(self, obj, name, key):
         fn, totals = getattr(obj, name), self.totals

@@ -31,7 +31,14 @@ class AttentionMetadata:
 
 class AttentionBackend(abc.ABC):
     """Stores the new tokens' K/V into the pool and attends over each sequence's slots (causal inside the
-    new tokens, full over the cached prefix)."""
+    new tokens, full over the cached prefix).
+
+    A layer either calls `forward` (the backend stores K/V, then attends), or, where `kv_store_target` gives
+    the cache, writes K/V itself in a fused kernel and calls `attend`. A backend whose decode steps can be
+    captured in CUDA graphs sets `supports_cuda_graphs` and implements the two graph hooks (engine/cuda_graph.py
+    calls them); by default a backend runs without graphs."""
+
+    supports_cuda_graphs = False
 
     def __init__(self, pool: KVPool, num_heads: int, head_dim: int):
         self.pool = pool
@@ -39,10 +46,27 @@ class AttentionBackend(abc.ABC):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.meta: AttentionMetadata | None = None
+        self.out_slots: torch.Tensor | None = None  # [T] where this step's K/V go (a graph's static buffer)
 
     def begin(self, meta: AttentionMetadata) -> None:
         """Called once per step before the forward."""
         self.meta = meta
+        self.out_slots = meta.out_slots
+
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes the new tokens' K/V into the layer's cache, at `out_slots`."""
+        assert self.out_slots is not None, "begin() comes before the forward"
+        self.pool.store(layer, self.out_slots, k, v)
+
+    # ---- CUDA graphs (only where supports_cuda_graphs) ----
+    def make_graph_decoder(self, bs: int, indices_buffer: torch.Tensor) -> None:
+        """Prepares decoding at batch size `bs` over fixed buffers, before that graph is captured."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def begin_graph(self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor,
+                    out_slots: torch.Tensor) -> None:
+        """`begin` for a replay (or the capture) of the graph of batch size `bs`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(k_cache, v_cache, slots) for a kernel that writes this step's K/V into the layer's cache itself

@@ -1,4 +1,4 @@
-"""FlashInfer attention over the token-slot pool (page size 1: a page is a slot).
+"""FlashInfer attention over the token-slot pool (pages of PAGE_SIZE = 1 token: a page is a slot).
 
 Mixed and prefill steps use the paged prefill kernel over each sequence's whole slot list (cached prefix and
 new tokens alike, causal at the end). Decode steps use the batch decode kernel; with CUDA graphs each
@@ -11,11 +11,14 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.kv_cache import PAGE_SIZE
 
 WORKSPACE_BYTES = 256 << 20
 
 
 class FlashInferAttention(AttentionBackend):
+    supports_cuda_graphs = True
+
     def __init__(self, pool, num_heads: int, head_dim: int):
         import flashinfer
 
@@ -31,8 +34,7 @@ class FlashInferAttention(AttentionBackend):
         self._graph_workspace = None
         self.graph_decoders: dict[int, object] = {}
         self._wrapper = None
-        self._out_slots = None
-        self._ones = torch.ones(4096, dtype=torch.int32)  # last_page_len: every page holds one token
+        self._last_page_lens = torch.full((4096,), PAGE_SIZE, dtype=torch.int32)  # every page is full
 
     @staticmethod
     def _workspace(device) -> torch.Tensor:
@@ -40,25 +42,24 @@ class FlashInferAttention(AttentionBackend):
 
     # ---- planning ----
     def _last_page_len(self, n: int) -> torch.Tensor:
-        if n > len(self._ones):
-            self._ones = torch.ones(n, dtype=torch.int32)
-        return self._ones[:n]
+        if n > len(self._last_page_lens):
+            self._last_page_lens = torch.full((n,), PAGE_SIZE, dtype=torch.int32)
+        return self._last_page_lens[:n]
 
     def begin(self, meta: AttentionMetadata) -> None:
-        self.meta = meta
-        self._out_slots = meta.out_slots
+        super().begin(meta)
         kv_indptr = torch.from_numpy(meta.kv_indptr_host.astype(np.int32))
         lpl = self._last_page_len(meta.batch_size)
         kinds = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if meta.is_decode:
             self._wrapper = self.decode
-            self.decode.plan(kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim, 1,
-                             **kinds)
+            self.decode.plan(kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim,
+                             PAGE_SIZE, **kinds)
         else:
             self._wrapper = self.prefill
             qo_indptr = torch.from_numpy(meta.qo_indptr_host.astype(np.int32))
             self.prefill.plan(qo_indptr, kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads,
-                              self.head_dim, 1, causal=True, **kinds)
+                              self.head_dim, PAGE_SIZE, causal=True, **kinds)
 
     # ---- CUDA graphs ----
     def make_graph_decoder(self, bs: int, indices_buffer: torch.Tensor) -> None:
@@ -71,7 +72,7 @@ class FlashInferAttention(AttentionBackend):
             self._graph_workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_core_decode,
             paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buffer=indices_buffer,
-            paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device))
+            paged_kv_last_page_len_buffer=torch.full((bs,), PAGE_SIZE, dtype=torch.int32, device=device))
 
     def begin_graph(self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor,
                     out_slots: torch.Tensor) -> None:
@@ -79,21 +80,21 @@ class FlashInferAttention(AttentionBackend):
         the graph's static slot buffer."""
         wrapper = self.graph_decoders[bs]
         wrapper.plan(torch.from_numpy(kv_indptr_host.astype(np.int32)), kv_indices, self._last_page_len(bs),
-                     self.num_heads, self.num_kv_heads, self.head_dim, 1, q_data_type=self.dtype,
+                     self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE, q_data_type=self.dtype,
                      kv_data_type=self.dtype)
         self._wrapper = wrapper
-        self._out_slots = out_slots
+        self.out_slots = out_slots
 
     # ---- the layer call ----
     def kv_store_target(self, layer: int):
-        # Under a CUDA graph `_out_slots` is the graph's static slot buffer, so the captured kernel reads it.
-        return self.pool.k[layer], self.pool.v[layer], self._out_slots
+        # Under a CUDA graph `out_slots` is the graph's static slot buffer, so the captured kernel reads it.
+        return self.pool.k[layer], self.pool.v[layer], self.out_slots
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        paged = (self.pool.k[layer].unsqueeze(1), self.pool.v[layer].unsqueeze(1))  # [slots, page=1, kv_heads, D]
+        # [pages, PAGE_SIZE, kv_heads, D]
+        paged = (self.pool.k[layer].unflatten(0, (-1, PAGE_SIZE)), self.pool.v[layer].unflatten(0, (-1, PAGE_SIZE)))
         return self._wrapper.run(q, paged)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.pool.k[layer][self._out_slots] = k
-        self.pool.v[layer][self._out_slots] = v
+        self.store_kv(layer, k, v)
         return self.attend(layer, q)

@@ -12,7 +12,8 @@ from engine.attention.base import AttentionBackend
 class TorchAttention(AttentionBackend):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
-        self.pool.store(layer, meta.out_slots, k, v)
+        assert meta is not None, "begin() comes before the forward"
+        self.store_kv(layer, k, v)
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         out = torch.empty_like(q)
         qo, kvp = meta.qo_indptr_host, meta.kv_indptr_host

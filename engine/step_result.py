@@ -1,0 +1,139 @@
+"""A step's result, from the device to the engine: how the sampler's tokens (and logprobs, and prompt logprobs)
+are packed into one float32 tensor, copied to the host without stalling the compute stream, and unpacked.
+
+Both sides of the packing live here: the runner packs (`pack_sample`, `pack_prompt_rows`, `copy_to_host`),
+the engine unpacks (`StepResult.wait`, `file_prompt_logprobs`). Layout of one packed row: [token] alone, or,
+when any row of the step asked for logprobs, [token, its logprob, k top ids, k top logprobs] (zeros past what
+a row computed). float32 holds every token id exactly (vocabularies are far below 2^24), so one tensor carries
+all of it. The step's prompt rows (prompt logprobs) follow its sampled rows, packed the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from engine.sampler import SampleResult
+    from engine.scheduler import StepPlan
+    from engine.sequence import Sequence as Seq
+
+PROMPT_LOGITS_CHUNK = 1024  # prompt positions projected onto the vocabulary at a time
+
+
+@dataclass
+class HostSample:
+    tokens: np.ndarray  # [B] int64
+    logprobs: list[float] | None  # [B] the chosen token's logprob, when a row asked for logprobs
+    top: tuple[list, list] | None  # ([B][k] ids, [B][k] logprobs)
+    prompt: np.ndarray | None = None  # [N, 2 + 2k] rows for prompt_logprob_positions(), packed the same way
+
+
+@dataclass
+class StepResult:
+    """A launched step's sampled tokens, packed by `pack_sample` (on the host once `ready` has fired, or once
+    `work` has finished on a CPU rank that receives them): `num_rows` sampled rows, then any prompt rows."""
+
+    host: torch.Tensor
+    top_k: int | None
+    num_rows: int
+    ready: torch.cuda.Event | None = None
+    work: Any = None  # a torch.distributed Work, on a rank that receives the tokens
+
+    def wait(self) -> HostSample:
+        if self.ready is not None:
+            self.ready.synchronize()
+        elif self.work is not None:
+            self.work.wait()
+        everything = self.host.numpy()
+        packed, prompt = everything[: self.num_rows], everything[self.num_rows :]
+        tokens = packed[:, 0].astype(np.int64)
+        if self.top_k is None:
+            return HostSample(tokens, None, None)
+        k = self.top_k
+        top = (packed[:, 2 : 2 + k].astype(np.int64).tolist(), packed[:, 2 + k : 2 + 2 * k].tolist()) if k else None
+        return HostSample(tokens, packed[:, 1].tolist(), top, prompt if len(prompt) else None)
+
+
+def packed_width(top_k: int | None) -> int:
+    """Columns of a packed row (see the module docstring)."""
+    return 1 if top_k is None else 2 + 2 * top_k
+
+
+def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
+    """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs."""
+    if top_k is None:
+        return sample.tokens[:, None].float().contiguous()
+    out = torch.zeros(len(sample.tokens), packed_width(top_k), dtype=torch.float32, device=sample.tokens.device)
+    out[:, 0] = sample.tokens
+    if sample.logprobs is not None:
+        out[:, 1] = sample.logprobs
+    if sample.top_ids is not None and sample.top_logprobs is not None and top_k:
+        k = min(top_k, sample.top_ids.shape[1])
+        out[:, 2 : 2 + k] = sample.top_ids[:, :k]
+        out[:, 2 + top_k : 2 + top_k + k] = sample.top_logprobs[:, :k]
+    return out
+
+
+def pack_prompt_rows(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
+                     top_k: int) -> torch.Tensor:
+    """[N, 2 + 2k]: the next prompt token (`target`), its logprob, the top k ids and logprobs, for each prompt
+    position in `hidden`; projected onto the vocabulary (`logits`) a chunk at a time, so a long prompt needs
+    little memory."""
+    n = len(target)
+    out = torch.zeros(n, packed_width(top_k), dtype=torch.float32, device=hidden.device)
+    for a in range(0, n, PROMPT_LOGITS_CHUNK):
+        b = min(a + PROMPT_LOGITS_CHUNK, n)
+        lp = torch.log_softmax(logits(hidden[a:b]).float(), dim=-1)
+        t = target[a:b].long()
+        out[a:b, 0] = t
+        out[a:b, 1] = lp.gather(1, t[:, None]).squeeze(1)
+        if top_k:
+            values, ids = lp.topk(top_k, dim=-1)
+            out[a:b, 2 : 2 + top_k], out[a:b, 2 + top_k :] = ids, values
+    return out
+
+
+def copy_to_host(packed: torch.Tensor, top_k: int | None, num_rows: int, work: Any,
+                 copy_stream: torch.cuda.Stream | None) -> StepResult:
+    """Starts the copy of a step's packed result to pinned host memory on `copy_stream`, so that the compute
+    stream goes on with the next step; without a copy stream (CPU) the tensor already is on the host."""
+    if copy_stream is None:
+        return StepResult(packed, top_k, num_rows, None, work)
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    done = torch.cuda.Event()
+    copy_stream.wait_stream(torch.cuda.current_stream(packed.device))
+    with torch.cuda.stream(copy_stream):
+        if work is not None:
+            work.wait()  # makes the copy stream, not the compute stream, wait for the broadcast
+        host.copy_(packed, non_blocking=True)
+        done.record()
+    return StepResult(host, top_k, num_rows, done)
+
+
+def prompt_logprob_positions(starts: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray,
+                             ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(batch index, position) of every position a step computes whose next token is a prompt token, for the
+    batch entries that asked for prompt logprobs (k >= 0); in batch order, then position order. The runner
+    (packing) and `file_prompt_logprobs` (unpacking) both call this, so the prompt rows line up on both sides."""
+    starts = starts.astype(np.int64)
+    ends = np.minimum(starts + lens, prompt_lens - 1)
+    counts = np.where(ks >= 0, np.maximum(ends - starts, 0), 0)
+    index = np.repeat(np.arange(len(starts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return index, np.arange(int(counts.sum())) - first + np.repeat(starts, counts)
+
+
+def file_prompt_logprobs(seqs: Sequence[Seq], plan: StepPlan, prompt: np.ndarray) -> None:
+    """Files each prompt row of a step (`HostSample.prompt`) under its sequence. A prompt recomputed after
+    preemption yields its positions again; those already filed are skipped."""
+    ks = np.array([-1 if s.params.prompt_logprobs is None else s.params.prompt_logprobs for s in seqs])
+    index, pos = prompt_logprob_positions(plan.starts, plan.lens, np.array([s.num_prompt for s in seqs]), ks)
+    width = (prompt.shape[1] - 2) // 2
+    for row, i, p in zip(prompt, index, pos):
+        seq, k = seqs[i], int(ks[i])
+        if p == len(seq.prompt_logprobs):
+            top = list(zip(row[2 : 2 + k].astype(np.int64).tolist(), row[2 + width : 2 + width + k].tolist()))
+            seq.prompt_logprobs.append((float(row[1]), top))
