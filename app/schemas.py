@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from ipc.sampling import MAX_LOGPROBS, MAX_STOP_SEQUENCES, SamplingFields, SamplingParams, Text, TokenId
+from ipc.sampling import (MAX_LOGPROBS, MAX_STOP_SEQUENCES, SamplingFields, SamplingParams, StructuredOutputs, Text,
+                          TokenId)
 
 MAX_N = 16
 MAX_PROMPTS = 64
@@ -91,6 +92,64 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
 }
 
 
+# response_format (OpenAI): plain text, any JSON object, or JSON matching a schema. The engine enforces the
+# schema whether `strict` is true or not.
+class TextFormat(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class JsonObjectFormat(msgspec.Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class JsonSchemaSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str = "response"
+    description: str | None = None
+    schema: dict | bool
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+# vLLM's older names for structured_outputs' kinds
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _constraint(body) -> StructuredOutputs | None:
+    """The one output constraint of a body: `structured_outputs` (vLLM), `response_format` (OpenAI) or a
+    `guided_*` field (vLLM's older names). A JSON schema must be a valid one (checked against the JSON Schema
+    meta-schema here; the engine compiles it)."""
+    given = {}
+    if body.structured_outputs is not None:
+        given["structured_outputs"] = body.structured_outputs
+    if isinstance(body.response_format, JsonObjectFormat):
+        given["response_format"] = StructuredOutputs(json_object=True)
+    elif isinstance(body.response_format, JsonSchemaFormat):
+        given["response_format"] = StructuredOutputs(json=body.response_format.json_schema.schema)
+    for name, kind in GUIDED.items():
+        if getattr(body, name) is not None:
+            try:
+                given[name] = StructuredOutputs(**{kind: getattr(body, name)})
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    if len(given) > 1:
+        raise ValueError(f"{next(iter(given))}: give one output constraint, not {' and '.join(given)}")
+    if not given:
+        return None
+    [(name, constraint)] = given.items()
+    if constraint.json is not None:
+        import jsonschema_rs
+
+        try:
+            jsonschema_rs.meta.validate(msgspec.json.decode(constraint.json))
+        except jsonschema_rs.ValidationError as e:
+            raise ValueError(f"{name}: not a valid JSON schema: {str(e).splitlines()[0]}") from None
+    return constraint
+
+
 def _refuse_unimplemented(obj) -> None:
     for name in type(obj).__struct_fields__:
         allowed = NOT_IMPLEMENTED.get(name)
@@ -114,13 +173,20 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     service_tier: Any = None
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, **engine_fields) -> SamplingParams:
-        """The engine's parameters for this body: every shared field as it is, `stop` as a list, and
-        `engine_fields` (max_tokens once it is checked against the context, logprobs as the engine counts them).
-        Raises ValueError whose message starts with the name of the bad field."""
+        """The engine's parameters for this body: every shared field as it is, `stop` as a list, the output
+        constraint of response_format / guided_* / structured_outputs, and `engine_fields` (max_tokens once it
+        is checked against the context, logprobs as the engine counts them). Raises ValueError whose message
+        starts with the name of the bad field."""
         self._refuse()
         shared = {name: getattr(self, name) for name in SamplingFields.__struct_fields__}
+        shared["structured_outputs"] = _constraint(self)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(**shared, stop=stop, **engine_fields)
 

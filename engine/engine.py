@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 
 from engine import parallel
 from engine.config import EngineConfig, check_context_len
-from engine.loader import checkpoint_path, read_config
+from engine.grammar import GrammarError, Grammars
+from engine.loader import checkpoint_path, load_tokenizer, read_config
 from engine.logs import get_logger
 from engine.model_runner import ModelRunner
 from engine.parallel import Layout
@@ -29,6 +31,7 @@ from engine.step_result import StepResult, file_prompt_logprobs
 from engine.worker import Workers, join, no_cuda_reason, rank_device
 
 log = get_logger("engine")
+GRAMMAR_POLL_SECONDS = 1e-3  # how long an otherwise idle step waits for a grammar to compile
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TokenOutput:
     num_cached_tokens: int = 0
     # With the first token of a request that asked for them: (logprob, top k) of prompt tokens 1, 2, ...
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    error: str | None = None  # with finish_reason "error": why the request could not be served (nothing ran)
 
 
 class RequestError(ValueError):
@@ -92,6 +96,11 @@ class Engine:
         self.depth = config.pp_size if not config.disable_overlap_schedule else 0
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: deque[tuple[Batch, StepResult]] = deque()
+        # Structured outputs: requests waiting for their grammar to compile, and the matchers of admitted ones.
+        self.grammars = Grammars(lambda: load_tokenizer(config.tokenizer or self.model_path), self.vocab_size,
+                                 sorted(self.eos_token_ids))
+        self._compiling: list[tuple[Sequence, Future]] = []
+        self._matchers: dict[str, object] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
         self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device)
@@ -117,43 +126,96 @@ class Engine:
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
             raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if params.structured_outputs is not None and not self.layout.is_sampler:
+            raise RequestError("structured_outputs need the sampler in the engine process (pp_size 1)")
+
+    def check_grammar(self, params: SamplingParams) -> None:
+        """Compiles a constrained request's grammar now, in the caller's thread (the offline API does, so that a
+        bad one raises RequestError before anything is queued); the engine then finds it compiled."""
+        if params.structured_outputs is not None:
+            try:
+                self.grammars.compile(params.structured_outputs).result()
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
 
     def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if rid in self.seqs:
             raise RequestError(f"request id {rid!r} is already in use")
         self.check_request(prompt_ids, params)
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        if len(self.scheduler.waiting) + len(self._compiling) >= self.config.max_waiting_requests:
             raise RequestError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seq = Sequence(rid, prompt_ids, params)
         self.seqs[rid] = seq
-        self.scheduler.add(seq)
+        if params.structured_outputs is not None:  # it joins the queue once its grammar is compiled
+            self._compiling.append((seq, self.grammars.compile(params.structured_outputs)))
+        else:
+            self.scheduler.add(seq)
 
     def abort(self, rid: str) -> TokenOutput | None:
         seq = self.seqs.pop(rid, None)
         if seq is None or seq.status is Status.FINISHED:
             return None
-        self.scheduler.finish(seq, "abort")
+        self._matchers.pop(rid, None)
+        compiling = [c for c in self._compiling if c[0] is seq]
+        if compiling:
+            self._compiling.remove(compiling[0])
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        else:
+            self.scheduler.finish(seq, "abort")
         return TokenOutput(rid, None, "abort", num_prompt_tokens=seq.num_prompt)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self._in_flight)
+        return self.scheduler.has_work or bool(self._in_flight) or bool(self._compiling)
 
     # ---- the loop ----
     def step(self) -> list[TokenOutput]:
         """Launches the next step, then reads back the oldest launched steps beyond `depth` (or one, when
         there was nothing to launch)."""
+        outputs = self._admit_compiled() if self._compiling else []
         batch = self.scheduler.schedule()
         if batch:
             if self.workers is not None:
                 self.workers.send(batch.plan)
-            self._in_flight.append((batch, self.runner.launch(batch.plan)))
-        outputs = []
+            constrain = None
+            if self._matchers and any(s.rid in self._matchers for s in batch.seqs):
+                constrain = lambda: self._masks(batch, outputs)  # noqa: E731
+            self._in_flight.append((batch, self.runner.launch(batch.plan, constrain)))
         while len(self._in_flight) > self.depth:
             outputs += self._read_back(*self._in_flight.popleft())
         if not batch and self._in_flight:  # nothing launched: read one back, so that finished work surfaces
             outputs += self._read_back(*self._in_flight.popleft())
+        elif not batch and self._compiling and not outputs:  # only grammars to wait for: do not spin
+            wait([f for _, f in self._compiling], timeout=GRAMMAR_POLL_SECONDS, return_when=FIRST_COMPLETED)
         return outputs
+
+    # ---- structured outputs ----
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Queues the requests whose grammar is ready; those whose grammar failed end with its error."""
+        outputs, still = [], []
+        for seq, future in self._compiling:
+            if not future.done():
+                still.append((seq, future))
+            elif future.exception() is not None:
+                del self.seqs[seq.rid]
+                seq.status, seq.finish_reason = Status.FINISHED, "error"
+                outputs.append(TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt,
+                                           error=str(future.exception())))
+            else:
+                self._matchers[seq.rid] = self.grammars.matcher(future.result())
+                self.scheduler.add(seq)
+        self._compiling = still
+        return outputs
+
+    def _masks(self, batch: Batch, outputs: list[TokenOutput]):
+        """Called by the runner between a step's forward and its sampling when the batch has constrained rows:
+        their masks depend on the tokens of the steps still in flight, so those are read back first (into
+        `outputs`) while the device runs this step's forward."""
+        while self._in_flight:
+            outputs += self._read_back(*self._in_flight.popleft())
+        sampled = batch.plan.sample
+        return self.grammars.masks([self._matchers.get(s.rid) if sampled[i] else None
+                                    for i, s in enumerate(batch.seqs)], self.device)
 
     def close(self) -> None:
         """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
@@ -164,6 +226,8 @@ class Engine:
         runner = getattr(self, "runner", None)  # absent when the constructor failed
         if runner is not None:
             runner.close()
+        if getattr(self, "grammars", None) is not None:
+            self.grammars.close()
         if workers is not None:
             workers.close()
         parallel.shutdown()
@@ -185,7 +249,9 @@ class Engine:
             token = int(tokens[i])
             seq.token_ids.append(token)
             self.num_generated_tokens += 1
-            out = TokenOutput(seq.rid, token, self._stop_reason(seq, token), num_prompt_tokens=seq.num_prompt,
+            matcher = self._matchers.get(seq.rid) if self._matchers else None
+            reason = self._stop_reason(seq, token) if matcher is None else self._constrained_stop(seq, token, matcher)
+            out = TokenOutput(seq.rid, token, reason, num_prompt_tokens=seq.num_prompt,
                               num_cached_tokens=seq.num_cached)
             k = seq.params.logprobs
             if k is not None and lp is not None:
@@ -196,8 +262,17 @@ class Engine:
             if out.finish_reason:
                 self.scheduler.finish(seq, out.finish_reason)
                 del self.seqs[seq.rid]
+                if matcher is not None:
+                    del self._matchers[seq.rid]
             outputs.append(out)
         return outputs
+
+    def _constrained_stop(self, seq: Sequence, token: int, matcher) -> str | None:
+        """A constrained request ends with "stop" once its grammar is complete (ignore_eos or not)."""
+        if not matcher.accept_token(token):  # the mask allowed only tokens the grammar accepts
+            log.error("a constrained request sampled a token its grammar refuses", rid=seq.rid, token=token)
+            return "error"
+        return "stop" if matcher.is_terminated() else self._stop_reason(seq, token)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

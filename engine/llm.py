@@ -67,7 +67,9 @@ class _Request:
             piece.text = self.stops.feed(text)
             if self.stops.stopped:
                 piece.finish_reason = "stop"
-        if piece.finish_reason and not self.stops.stopped:
+        if out.error is not None:
+            piece.text = f"error: {out.error}"
+        elif piece.finish_reason and not self.stops.stopped:
             piece.text += self.stops.flush()
         self.sink(piece)
         return piece.finish_reason is not None
@@ -161,6 +163,7 @@ class LLM:
     def _check(self, ids: list[int], params: SamplingParams) -> None:
         """Rejects what the engine would reject, in the caller's thread, before anything is queued."""
         self.engine.check_request(ids, params)
+        self.engine.check_grammar(params)
 
     def _submit(self, rid, ids, params, sink) -> None:
         self._raise_if_dead()

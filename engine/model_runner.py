@@ -57,7 +57,7 @@ class ModelRunner:
         self.layout = lay = layout or Layout()
         self.dtype = pick_dtype(config.dtype, hf_config, device)
         cls = model_class(hf_config)
-        self.shape = cls.shape(hf_config)
+        self.shape = cls.read_shape(hf_config)
         self.context_len = config.context_len or self.shape.max_position_embeddings
         torch.manual_seed(config.seed)
         with torch.device(device):
@@ -146,6 +146,7 @@ class ModelRunner:
         lay = self.layout
         prompt_rows = None
         if prompt_hidden is not None:  # every rank of the last stage: the vocabulary projection is collective
+            assert prompt is not None and top_k is not None  # prompt positions make top_k at least 0
             prompt_rows = self._prompt_rows(prompt_hidden, prompt, top_k)
         if lay.is_sampler:
             packed = self._sample(plan, meta, logits, rows, seq_lens, keep, top_k, constrain)
@@ -164,6 +165,7 @@ class ModelRunner:
     def _sample(self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k,
                 constrain=None) -> torch.Tensor:
         """Samples every row's next token and packs it (with logprobs, where asked) for the host."""
+        assert self.sampler is not None, "only the sampler rank samples"
         history = None
         if self.sampler.needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]

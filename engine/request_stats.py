@@ -65,6 +65,10 @@ class RequestStats:
         self.observe("request_prompt_tokens", seq.num_prompt)
         self.observe("request_generation_tokens", generated)
 
+    def forget(self, rid: str) -> None:
+        """Drops a request refused after it arrived (its grammar did not compile): it ran for no histogram."""
+        self.live.pop(rid, None)
+
     def observe(self, name: str, value: float) -> None:
         self.counts[name][bisect.bisect_left(HISTOGRAMS[name][1], value)] += 1
         self.sums[name] += value

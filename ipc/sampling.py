@@ -44,6 +44,7 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
     disable_any_whitespace: bool = False  # JSON: no whitespace between tokens beyond single separators
 
     def __post_init__(self) -> None:
+        check_declared(self, "structured_outputs.")
         given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
@@ -104,16 +105,27 @@ class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_un
     def __post_init__(self) -> None:
         """Checks the declared bounds when Python code builds one (decoding checked them already); raises
         ValueError naming the first bad field."""
-        for name, kind in _FIELD_TYPES:
-            why = _violation(getattr(self, name), kind)
-            if why is not None:
-                got = repr(getattr(self, name))
-                raise ValueError(f"{name} must be {why}, got {got if len(got) <= 80 else got[:77] + '...'}")
+        check_declared(self)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
 
 
 # ---- checking values against the declared msgspec types ----
+_declared: dict[type, list] = {}
+
+
+def check_declared(obj: msgspec.Struct, prefix: str = "") -> None:
+    """Raises ValueError naming the first field of `obj` whose value does not fit its declared type and bounds."""
+    cls = type(obj)
+    if cls not in _declared:
+        _declared[cls] = [(f.name, f.type) for f in msgspec.inspect.type_info(cls).fields]
+    for name, kind in _declared[cls]:
+        why = _violation(getattr(obj, name), kind)
+        if why is not None:
+            got = repr(getattr(obj, name))
+            raise ValueError(f"{prefix}{name} must be {why}, got {got if len(got) <= 80 else got[:77] + '...'}")
+
+
 def _num(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -149,7 +161,8 @@ def _violation(value: Any, t) -> str | None:
               and (t.le is None or value <= t.le) and (t.lt is None or value < t.lt))
         return None if ok else want  # NaN fails every comparison, so it is refused too
     if isinstance(t, i.StrType):
-        return None if isinstance(value, str) and len(value) >= (t.min_length or 0) else "a non-empty string"
+        ok = isinstance(value, str) and len(value) >= (t.min_length or 0)
+        return None if ok else "a non-empty string" if t.min_length else "a string"
     if isinstance(t, (i.ListType, i.DictType)):
         container = list if isinstance(t, i.ListType) else dict
         if not isinstance(value, container):
@@ -171,5 +184,3 @@ def _violation(value: Any, t) -> str | None:
         return None if isinstance(value, t.cls) else f"a {t.cls.__name__}"
     return None  # Any and other open types
 
-
-_FIELD_TYPES = [(f.name, f.type) for f in msgspec.inspect.type_info(SamplingParams).fields]
