@@ -450,3 +450,24 @@ def test_tool_plan_without_a_parser_is_a_400():
     with pytest.raises(ApiError, match="--tool-call-parser"):
         tool_plan(body, None)
     assert tool_plan(msgspec.structs.replace(body, tool_choice="none"), None).template_tools is None
+
+
+def test_served_openai_stream_helper_and_pydantic_tools(served):
+    """The official client's helpers: chat.completions.stream() accumulates the streamed call, and parse()
+    with a Pydantic function tool (strict) returns its arguments as that model."""
+    import openai
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: str
+
+    client, _ = served
+    tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+    with client.chat.completions.stream(model="m", messages=USER, tools=[tool], max_tokens=16,
+                                        temperature=0) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    assert call.function.parsed_arguments == GetWeather(city="Paris")
+    parsed = client.chat.completions.parse(model="m", messages=USER, tools=[tool], max_tokens=16,
+                                           temperature=0)
+    assert parsed.choices[0].message.tool_calls[0].function.parsed_arguments == GetWeather(city="Paris")
