@@ -144,3 +144,23 @@ def test_chat_template_kwargs_may_not_replace_the_routes_variables(client):
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="m", messages=HI, max_tokens=4,
                                        extra_body={"chat_template_kwargs": {"messages": []}})
+
+
+def test_reasoning_parser_none_flag_leaves_the_text_whole(tmp_path):
+    """--reasoning-parser none reaches the API workers: the think block stays in the content."""
+    from openai import OpenAI
+
+    from tests.chat_models import scripted_checkpoint
+    from tests.helpers import start_server, stop_server
+
+    path = scripted_checkpoint(tmp_path / "qwen3-think", SCRIPT, TEMPLATE)
+    proc, base = start_server(tmp_path, "--model", str(path), "--served-model-name", "m",
+                              "--reasoning-parser", "none")
+    try:
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0)
+        msg = r.choices[0].message
+        assert msg.content == "<think>why</think>ok"
+        assert (msg.model_extra or {}).get("reasoning_content") is None
+    finally:
+        stop_server(proc)
