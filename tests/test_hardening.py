@@ -142,6 +142,7 @@ def _watch_tree(proc, until) -> set[int]:
     while not until():
         seen.update(process_tree(proc.pid))
         time.sleep(0.05)
+    seen.update(process_tree(proc.pid))  # what `until` saw appear
     return seen - {proc.pid}
 
 
