@@ -109,7 +109,7 @@ def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, promp
               logprobs: int | None = None, vocab: int | None = None) -> tuple[m.Sampling, list[str]]:
     """The engine's parameters of a request (their bounds were checked as it was decoded) and its stop strings.
     An explicit max_tokens must fit the context after the prompt; without one, the default (or everything the
-    context has left) is used. Token ids in logit_bias must be below `vocab`."""
+    context has left) is used. The token ids it names (logit_bias, stop_token_ids) must be below `vocab`."""
     room = max_seq_len - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
@@ -122,9 +122,8 @@ def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, promp
         params = req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split()[0]) from None
-    if vocab and params.logit_bias and max(params.logit_bias) >= vocab:
-        raise ApiError(400, f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})",
-                       param="logit_bias")
+    if vocab and (why := params.token_id_outside(vocab)) is not None:
+        raise ApiError(400, why, param=why.split(":")[0])
     return params, params.stop
 
 

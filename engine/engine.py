@@ -123,9 +123,8 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
-        if bad:
-            raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if (why := params.token_id_outside(self.vocab_size)) is not None:
+            raise RequestError(why)
         if params.structured_outputs is not None and not self.layout.is_sampler:
             raise RequestError("structured_outputs need the sampler in the engine process (pp_size 1)")
 
@@ -180,7 +179,9 @@ class Engine:
             constrain = None
             if self._matchers and any(s.rid in self._matchers for s in batch.seqs):
                 constrain = lambda: self._masks(batch, outputs)  # noqa: E731
-            self._in_flight.append((batch, self.runner.launch(batch.plan, constrain)))
+            result = self.runner.launch(batch.plan, constrain)
+            assert result is not None  # the engine is rank 0, which gets every step's tokens
+            self._in_flight.append((batch, result))
         while len(self._in_flight) > self.depth:
             outputs += self._read_back(*self._in_flight.popleft())
         if not batch and self._in_flight:  # nothing launched: read one back, so that finished work surfaces
@@ -276,7 +277,7 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         known = len(seq.token_ids)  # pending tokens of a later step do not count yet
         if known - seq.num_prompt >= p.max_tokens or known >= self.max_seq_len:

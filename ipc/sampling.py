@@ -12,6 +12,7 @@ and the math), and test it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import msgspec
@@ -69,6 +70,7 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
         kind = self.kind
         spec = {"json": self.json, "json_object": "", "regex": self.regex, "grammar": self.grammar,
                 "choice": msgspec.json.encode(self.choice).decode() if self.choice else ""}[kind]
+        assert isinstance(spec, str)  # the given kind's text (__post_init__ made a schema object its text)
         return kind, spec, self.disable_any_whitespace
 
 
@@ -109,6 +111,15 @@ class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_un
         if self.stop_token_ids is None:
             self.stop_token_ids = []
 
+    def token_id_outside(self, vocab_size: int) -> str | None:
+        """Why a token id these parameters name cannot be a token of a `vocab_size` vocabulary (None when every
+        one can): the API worker and the engine both ask, so a new token-id field is listed here only."""
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("stop_token_ids", self.stop_token_ids or ())):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                return f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+        return None
+
 
 # ---- checking values against the declared msgspec types ----
 _declared: dict[type, list] = {}
@@ -118,7 +129,9 @@ def check_declared(obj: msgspec.Struct, prefix: str = "") -> None:
     """Raises ValueError naming the first field of `obj` whose value does not fit its declared type and bounds."""
     cls = type(obj)
     if cls not in _declared:
-        _declared[cls] = [(f.name, f.type) for f in msgspec.inspect.type_info(cls).fields]
+        info = msgspec.inspect.type_info(cls)
+        assert isinstance(info, msgspec.inspect.StructType)
+        _declared[cls] = [(f.name, f.type) for f in info.fields]
     for name, kind in _declared[cls]:
         why = _violation(getattr(obj, name), kind)
         if why is not None:
@@ -171,9 +184,11 @@ def _violation(value: Any, t) -> str | None:
             return f"at most {t.max_length} items"
         if t.min_length is not None and len(value) < t.min_length:
             return f"at least {t.min_length} items"
-        if container is list:
+        items: Iterable[tuple[Any, Any]]
+        if isinstance(t, i.ListType):
             items = ((t.item_type, x) for x in value)
         else:
+            assert isinstance(value, dict)
             items = [(t.key_type, k) for k in value] + [(t.value_type, v) for v in value.values()]
         for kind, x in items:
             why = _violation(x, kind)

@@ -153,3 +153,13 @@ def test_fields_that_ask_for_nothing_are_accepted(server):
                                              **ok}).status_code == 200
     assert _post(server, "/v1/chat/completions", {**CHAT, "modalities": ["text"], "store": False,
                                                   "logprobs": True, "top_logprobs": 2, **ok}).status_code == 200
+
+
+def test_every_token_id_field_is_checked_against_the_vocabulary(server, llm):
+    """One check (SamplingParams.token_id_outside) serves the API worker and the engine."""
+    from engine.engine import RequestError
+
+    r = _post(server, "/v1/completions", {"prompt": "x", "stop_token_ids": [5000]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+    with pytest.raises(RequestError, match="stop_token_ids: token id 5000"):
+        llm.generate_batch(["x"], SamplingParams(stop_token_ids=[5000]))
