@@ -391,11 +391,11 @@ class ReplicaGroup:
         from multiprocessing.connection import wait
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_alive():
+        while alive := [p for p in self.procs if p.is_alive()]:  # one look: wait([]) would never return
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
-            wait([p.sentinel for p in self.procs if p.is_alive()], left)
+            wait([p.sentinel for p in alive], left)
             for r, proc in enumerate(self.procs):
                 if not proc.is_alive() and r not in self._told and not self._stopping and self.is_alive():
                     self._told.add(r)

@@ -20,36 +20,57 @@ from app.engine_client import EngineClient, EngineDown
 from app.router import PrefixRouter
 from ipc import messages as m
 from ipc.heartbeat import HeartbeatReader
+from ipc.ring import pid_alive
 
 
 class Replicas:
-    def __init__(self, engine_pids: list[int], num_workers: int, kv_slots: int, stall_timeout: float,
-                 first: EngineClient | None = None, first_heartbeat: HeartbeatReader | None = None):
-        """`first` and `first_heartbeat`: replica 0's, when the caller made them already."""
+    def __init__(self, engine_pids: list[int], num_workers: int, kv_slots: int, stall_timeout: float):
         self.pids = engine_pids
         self.stall_timeout = stall_timeout
-        self.clients = [first or EngineClient(engine_pids[0], num_workers)]
-        self.clients += [EngineClient(pid, num_workers, r) for r, pid in enumerate(engine_pids) if r]
-        self.heartbeats = [first_heartbeat or HeartbeatReader(engine_pids[0])]
-        self.heartbeats += [HeartbeatReader(pid) for pid in engine_pids[1:]]
+        self.clients: list[EngineClient | None] = []
+        self.heartbeats: list[HeartbeatReader | None] = []
+        for r, pid in enumerate(engine_pids):
+            client, beat = self._open(r, pid, num_workers)
+            self.clients.append(client)
+            self.heartbeats.append(beat)
+        self.first = next((r for r, c in enumerate(self.clients) if c is not None), None)
+        if self.first is None:
+            raise EngineDown(f"no engine replica is running (pids {engine_pids})")
         self.router = PrefixRouter(len(engine_pids), kv_slots)
+
+    def _open(self, r: int, pid: int, num_workers: int) -> tuple[EngineClient | None, HeartbeatReader | None]:
+        """Replica r's client and heartbeat; (None, None) for a replica of several that is gone already (an
+        API worker respawned after it died: its segments are named after a process that no longer exists)."""
+        client = None
+        try:
+            client = EngineClient(pid, num_workers, r if len(self.pids) > 1 else None)
+            return client, HeartbeatReader(pid)
+        except Exception:
+            if client is not None:
+                client.close()
+            if len(self.pids) == 1 or pid_alive(pid):
+                raise  # one engine fails as it always did; a live replica that cannot be opened is a bug
+            return None, None
 
     def pick(self, ids: list[int]) -> EngineClient:
         """The client of the replica for prompt `ids`. With one replica, that one (it answers for itself
         if it cannot serve); with several, one that serves now, else EngineDown naming why none does."""
         if len(self.clients) == 1:
-            return self.clients[0]
+            return self.clients[0]  # type: ignore[return-value]  # one replica is never None
         whys = [self.unavailable(r) for r in range(len(self.clients))]
         if all(whys):
             raise EngineDown(_none_serves(whys))
-        loads = [None if why else len(c.streams) for c, why in zip(self.clients, whys)]
-        return self.clients[self.router.choose(ids, loads)]
+        loads = [None if why or c is None else len(c.streams) for c, why in zip(self.clients, whys)]
+        return self.clients[self.router.choose(ids, loads)]  # type: ignore[return-value]  # it serves
 
     def unavailable(self, r: int) -> str | None:
         """Why replica r takes no new requests (draining, gone, or its loop stalled), or None."""
-        why = self.clients[r].unavailable()
-        if why is None and (silent := self.heartbeats[r].silent_for()) >= self.stall_timeout:
-            busy = "with requests to run" if self.heartbeats[r].has_work() else "while idle"
+        client = self.clients[r]
+        if client is None:
+            return "the engine is not running"
+        why, beat = client.unavailable(), self.heartbeats[r]
+        if why is None and beat is not None and (silent := beat.silent_for()) >= self.stall_timeout:
+            busy = "with requests to run" if beat.has_work() else "while idle"
             why = f"the engine has made no progress for {silent:.0f} s {busy}"
         return why
 
@@ -70,7 +91,7 @@ class Replicas:
         None for a replica that is gone."""
         async def one(r: int) -> dict[str, float] | None:
             client, beat = self.clients[r], self.heartbeats[r]
-            if not client.healthy():
+            if client is None or beat is None or not client.healthy():
                 return None
             values = beat.last_stats()
             if beat.silent_for() < 1.0:
@@ -84,9 +105,11 @@ class Replicas:
 
     def close(self) -> None:
         for client in self.clients:
-            client.close()
+            if client is not None:
+                client.close()
         for beat in self.heartbeats:
-            beat.close()
+            if beat is not None:
+                beat.close()
 
 
 def _none_serves(whys: list[str | None]) -> str:

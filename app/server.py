@@ -17,7 +17,7 @@ from litestar.response import Stream
 
 from app import chat as chat_io
 from app.access_log import RequestLog, request_id
-from app.engine_client import EngineClient, EngineDown
+from app.engine_client import EngineDown
 from app.errors import ApiError, error_response
 from app.guard import guard
 from app.limits import MAX_BODY_BYTES, bound_body_reads
@@ -31,7 +31,6 @@ from app.replicas import ReplicaCollector, Replicas, merge_stats
 from app.tokenizer import AppTokenizer, read_chat_template
 from engine.logs import configure_logging, get_logger
 from ipc import messages as m
-from ipc.heartbeat import HeartbeatReader
 from ipc.lifecycle import open_metrics_table
 from ipc.process import die_with_parent
 from ipc.sampling import StructuredOutputs
@@ -79,13 +78,14 @@ async def lifespan(app: Litestar):
     app.state.chat_parsers = chat_io.model_parsers(s.model_path, app.state.tokenizer.template_text,
                                                    os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
                                                    os.environ.get("RINGLLM_REASONING_PARSER"))
-    app.state.client = EngineClient(s.engine_pid, s.workers, 0 if len(s.engine_pids) > 1 else None)
-    table = open_metrics_table(s.engine_pid)
-    app.state.metrics = Metrics(table, app.state.client.index, s.served_model, s.engine_pid)
-    app.state.heartbeat = HeartbeatReader(s.engine_pid)
     app.state.stall_timeout = float(os.environ.get("RINGLLM_ENGINE_STALL_TIMEOUT") or 30.0)
-    app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout,
-                                  app.state.client, app.state.heartbeat)
+    # One EngineClient (ring pair) and heartbeat per engine: one engine, or --dp-size replicas.
+    app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout)
+    first = app.state.replicas.first  # replica 0, unless this worker started after it died
+    app.state.client = app.state.replicas.clients[first]
+    app.state.heartbeat = app.state.replicas.heartbeats[first]
+    table = open_metrics_table(s.engine_pids[first])
+    app.state.metrics = Metrics(table, app.state.client.index, s.served_model, s.engine_pids[first])
     if len(s.engine_pids) > 1:
         app.state.replica_metrics = ReplicaCollector(s.served_model)
         app.state.metrics.registry.register(app.state.replica_metrics)

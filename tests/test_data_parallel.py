@@ -192,6 +192,34 @@ def replica_pids(base: str) -> list[int]:
     return [r["pid"] for r in httpx.get(base + "/health", timeout=30).json()["replicas"]]
 
 
+def _named(comm: str) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().strip() == comm:
+                out.add(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def exit_status(proc: subprocess.Popen, tree: list[int], seconds: float) -> int:
+    """The server's exit status; if it does not exit in time, which of its processes are left, and where."""
+    try:
+        return proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        left = {p: (Path(f"/proc/{p}/comm").read_text().strip(), Path(f"/proc/{p}/wchan").read_text())
+                for p in tree if pid_alive(p)}
+        raise AssertionError(f"the server did not exit in {seconds} s; left: {left}") from None
+
+
 def assert_all_gone(pids: list[int], engines: list[int]) -> None:
     """No process of the server's tree and no segment of its replicas is left. multiprocessing's resource
     tracker exits once it reads the end of its pipe, just after the server: a bounded count of looks."""
@@ -214,7 +242,7 @@ def test_sigterm_drains_every_replica(dp_server):
     tree = process_tree(proc.pid)
     os.kill(proc.pid, signal.SIGTERM)
     streams.join()
-    assert proc.wait(600) == 0
+    assert exit_status(proc, tree, 600) == 0
     assert all(last == "data: [DONE]" for last in streams.last.values()), streams.last
     assert_all_gone(tree, engines)
 
@@ -245,9 +273,22 @@ def test_a_killed_replica_fails_its_requests_and_the_others_serve_on(tmp_path):
         finally:
             streams.stop.set()
             streams.join()
+        # An API worker that dies now is respawned, and its successor serves with the replica that is left
+        # (the dead one's segments are gone from its view: it is counted as not serving, not a start-up error).
+        api = [p for p in process_tree(proc.pid) if p in _named("ringllm-api")]
+        assert len(api) == 1
+        os.kill(api[0], signal.SIGKILL)
+        for _ in range(600):  # Granian respawns it after 3.5 s
+            time.sleep(0.1)
+            new = [p for p in process_tree(proc.pid) if p != api[0] and p in _named("ringllm-api")]
+            if new and _answers(base):
+                break
+        health = httpx.get(base + "/health", timeout=30)
+        assert health.status_code == 200 and health.json()["replicas_serving"] == 1, health.text
+        complete(base, "after the respawn")
         tree = process_tree(proc.pid)
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(120) == 1  # the server exits non-zero: one of its replicas died
+        assert exit_status(proc, tree, 300) == 1  # the server exits non-zero: one of its replicas died
         assert_all_gone(tree, engines)
         log = (tmp_path / "serve.log").read_text(errors="replace")
         assert f"engine replica 1 (pid {engines[1]}) exited (code -9); 1 of 2 replicas serve on" in log
