@@ -250,3 +250,32 @@ def test_structured_outputs_travel_whole_on_the_wire():
     params = SamplingParams(structured_outputs=StructuredOutputs(json=SCHEMA, disable_any_whitespace=True))
     back = msgspec.msgpack.decode(m.encode(m.Generate("r", m.pack_ids([1]), params)), type=m.Generate).sampling
     assert back.structured_outputs == params.structured_outputs and json.loads(back.structured_outputs.json) == SCHEMA
+
+
+# ---- the real model (tests/real_model.py): a trained model's byte-level BPE of 151k tokens ----
+@pytest.fixture(scope="module")
+def real_llm(real_model):
+    with LLM(model=str(real_model), device="cpu", kv_cache_tokens=4096, context_len=1024) as llm:
+        yield llm
+
+
+@pytest.mark.timeout(1200)
+def test_real_model_schema_and_logit_bias(real_llm):
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 20}, "kind": {"enum": ["cat", "dog"]},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 30}}}
+    messages = [{"role": "user", "content": "Describe a pet as JSON with name, kind and age."}]
+    prompt = real_llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    outs = real_llm.generate_batch([prompt] * 2, [SamplingParams(max_tokens=80, temperature=1.0, seed=s,
+                                                                 structured_outputs=StructuredOutputs(json=schema))
+                                                  for s in range(2)])
+    for out in outs:
+        assert out.finish_reason == "stop", out
+        jsonschema_rs.validate(schema, json.loads(out.text))
+    greedy = dict(max_tokens=3, temperature=0.0, ignore_eos=True)
+    [free] = real_llm.generate_batch([prompt], SamplingParams(**greedy))  # the model opens a ```json block
+    [banned] = real_llm.generate_batch([prompt], SamplingParams(**greedy, logit_bias={free.token_ids[0]: -100}))
+    assert banned.token_ids[0] != free.token_ids[0]
+    cat = real_llm.tokenizer.encode(" cat")[0]
+    [forced] = real_llm.generate_batch([prompt], SamplingParams(**greedy, logit_bias={cat: 100}))
+    assert forced.token_ids == [cat] * 3
