@@ -8,8 +8,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from ipc.sampling import (MAX_LOGPROBS, MAX_STOP_SEQUENCES, SamplingFields, SamplingParams, StructuredOutputs, Text,
-                          TokenId)
+from ipc.sampling import (
+    MAX_LOGPROBS,
+    MAX_STOP_SEQUENCES,
+    SamplingFields,
+    SamplingParams,
+    StructuredOutputs,
+    Text,
+    TokenId,
+)
 
 MAX_N = 16
 MAX_PROMPTS = 64
@@ -128,7 +135,9 @@ def _constraint(body) -> StructuredOutputs | None:
     if isinstance(body.response_format, JsonObjectFormat):
         given["response_format"] = StructuredOutputs(json_object=True)
     elif isinstance(body.response_format, JsonSchemaFormat):
-        given["response_format"] = StructuredOutputs(json=body.response_format.json_schema.schema)
+        schema = body.response_format.json_schema.schema
+        # A boolean schema (JsonSchemaSpec allows one) is refused here, by StructuredOutputs' declared types.
+        given["response_format"] = StructuredOutputs(json=schema)  # type: ignore[arg-type]
     for name, kind in GUIDED.items():
         if getattr(body, name) is not None:
             try:

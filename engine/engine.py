@@ -178,7 +178,7 @@ class Engine:
                 self.workers.send(batch.plan)
             constrain = None
             if self._matchers and any(s.rid in self._matchers for s in batch.seqs):
-                constrain = lambda: self._masks(batch, outputs)  # noqa: E731
+                constrain = lambda: self._masks(batch, outputs)
             result = self.runner.launch(batch.plan, constrain)
             assert result is not None  # the engine is rank 0, which gets every step's tokens
             self._in_flight.append((batch, result))

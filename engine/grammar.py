@@ -16,8 +16,8 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 import torch
 
@@ -99,11 +99,13 @@ class Grammars:
 
     def _compile(self, key: tuple[str, str, bool]):
         kind, text, no_whitespace = key
+        assert self._compiler is not None  # submitted with the pool, before any compile
         compiler = self._compiler.result()
         try:
             # JSON: whitespace between elements is free (pretty-printed output) but bounded per gap, so that a
             # model cannot wander in whitespace forever and a bounded schema bounds the output.
-            space = dict(any_whitespace=not no_whitespace, max_whitespace_cnt=None if no_whitespace else MAX_JSON_WHITESPACE)
+            space = {"any_whitespace": not no_whitespace,
+                     "max_whitespace_cnt": None if no_whitespace else MAX_JSON_WHITESPACE}
             if kind == "json":
                 return compiler.compile_grammar(_json_grammar(text, space))
             if kind == "json_object":  # any object: strict mode would forbid every property of {"type": "object"}
@@ -115,7 +117,7 @@ class Grammars:
                 return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
                                                                           for c in choices))
             return compiler.compile_grammar(text)
-        except Exception as e:  # xgrammar raises RuntimeError (and others) for what it cannot compile
+        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others; none may reach the loop
             raise GrammarError(f"structured_outputs.{kind}: {_message(e)}") from None
 
     def matcher(self, compiled):

@@ -7,8 +7,8 @@ tokens do not depend on what else shares the batch. The others use one generator
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self.host = {n: np.zeros(max_rows, dtype=_NUMPY[t]) for n, t, _ in ROW_FIELDS}
+        self.host: dict[str, np.ndarray] = {n: np.zeros(max_rows, dtype=_NUMPY[t]) for n, t, _ in ROW_FIELDS}
         self.dev = {n: torch.zeros(max_rows, device=device, dtype=t) for n, t, _ in ROW_FIELDS}
         # logit_bias is sparse: each row's (token ids, biases) stay on the host until a step has such a row.
         self.bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -187,7 +187,7 @@ class Sampler:
                           torch.from_numpy(values).to(to), accumulate=True)
 
     def _penalize(self, logits, p, history, seq_lens):
-        B, L = history.shape
+        L = history.shape[1]
         pos = torch.arange(L, device=logits.device)[None, :]
         valid = pos < seq_lens[:, None]
         output = valid & (pos >= p["prompt_len"][:, None])

@@ -58,7 +58,8 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
             except msgspec.DecodeError:
                 raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
             if not isinstance(schema, (dict, bool)):
-                raise ValueError("structured_outputs.json must be a JSON schema: an object")
+                # ValueError, not TypeError: decoding turns it into a ValidationError; callers catch ValueError
+                raise ValueError("structured_outputs.json must be a JSON schema: an object")  # noqa: TRY004
 
     @property
     def kind(self) -> str:

@@ -19,10 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import NANO_FINGERPRINT, nano_workload, run  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.sampling_params import SamplingParams, StructuredOutputs  # noqa: E402
+from bench import NANO_FINGERPRINT, nano_workload, run
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams, StructuredOutputs
 
 # A grammar that stays open: strings, commas and whitespace for as long as max_tokens allows.
 NEVER_COMPLETE = StructuredOutputs(json={"type": "array", "items": {"type": "string"}, "minItems": 1_000_000})
@@ -45,8 +46,8 @@ def _fields(p: SamplingParams) -> dict:
 def build_engine(a: argparse.Namespace) -> Engine:
     model = a.model
     if model is None:  # a random checkpoint of a real model's shape, as scripts/bench.py builds it
-        from make_checkpoint import build
         import torch
+        from make_checkpoint import build
 
         out = Path("/tmp/ringllm-bench") / a.shape.stem
         if not (out / "model.safetensors").is_file():
@@ -87,9 +88,9 @@ def main() -> None:
         for fraction in (0.0, args.constrained_fraction):
             batch, n = constrained(params, fraction)
             seconds, tokens, steps, _ = run(engine, prompts, batch, f"f{fraction}-")
-            results[fraction] = dict(constrained_requests=n, seconds=round(seconds, 3), tokens=tokens,
-                                     steps=steps, tokens_per_s=round(tokens / seconds, 1),
-                                     ms_per_step=round(1e3 * seconds / steps, 3))
+            results[fraction] = {"constrained_requests": n, "seconds": round(seconds, 3), "tokens": tokens,
+                                 "steps": steps, "tokens_per_s": round(tokens / seconds, 1),
+                                 "ms_per_step": round(1e3 * seconds / steps, 3)}
             print(f"constrained {fraction:.0%} ({n} requests): {tokens} tokens in {seconds:.2f} s, "
                   f"{tokens / seconds:,.0f} tok/s, {1e3 * seconds / steps:.2f} ms/step"
                   + ("" if tokens == NANO_FINGERPRINT or args.requests != 256

@@ -1,6 +1,8 @@
 """The request contract (ipc/sampling.py): every sampling field is declared once, with its bounds, and flows
 from the OpenAI body through the ring to the engine; the server answers 400 for what it does not do."""
 
+import math
+
 import httpx
 import msgspec
 import pytest
@@ -12,9 +14,9 @@ from tests.helpers import start_server, stop_server
 
 # A value other than the default for every shared field: a field added to SamplingFields without a value
 # here fails the first test, so it is never forgotten on the way from the body to the engine.
-CHANGED = dict(temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=7, repetition_penalty=1.1,
-               presence_penalty=0.5, frequency_penalty=-0.5, ignore_eos=True, stop_token_ids=[3, 4],
-               logit_bias={"9": -100}, structured_outputs={"regex": "[ab]+"})
+CHANGED = {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 7, "repetition_penalty": 1.1,
+           "presence_penalty": 0.5, "frequency_penalty": -0.5, "ignore_eos": True, "stop_token_ids": [3, 4],
+           "logit_bias": {"9": -100}, "structured_outputs": {"regex": "[ab]+"}}
 
 
 @pytest.mark.parametrize("body_type,extra", [(CompletionRequest, {"prompt": "x"}),
@@ -39,7 +41,7 @@ def test_every_sampling_field_flows_from_the_body_to_the_engine(body_type, extra
 def test_bounds_are_checked_when_built_and_when_decoded(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
-    if value == value:  # NaN has no msgpack/JSON round trip worth testing
+    if not (isinstance(value, float) and math.isnan(value)):  # NaN has no JSON round trip worth testing
         with pytest.raises(msgspec.ValidationError, match=field):
             msgspec.msgpack.decode(msgspec.msgpack.encode({field: value}), type=SamplingParams)
 
@@ -107,7 +109,7 @@ def llm(tmp_path_factory):
 def test_logit_bias_bans_and_forces_tokens_offline(llm):
     from engine.engine import RequestError
 
-    greedy = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+    greedy = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     [free] = llm.generate_batch(["The sea is"], SamplingParams(**greedy))
     [banned] = llm.generate_batch(["The sea is"], SamplingParams(**greedy, logit_bias={free.token_ids[0]: -100}))
     assert banned.token_ids[0] != free.token_ids[0]

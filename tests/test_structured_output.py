@@ -272,7 +272,7 @@ def test_real_model_schema_and_logit_bias(real_llm):
     for out in outs:
         assert out.finish_reason == "stop", out
         jsonschema_rs.validate(schema, json.loads(out.text))
-    greedy = dict(max_tokens=3, temperature=0.0, ignore_eos=True)
+    greedy = {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}
     [free] = real_llm.generate_batch([prompt], SamplingParams(**greedy))  # the model opens a ```json block
     [banned] = real_llm.generate_batch([prompt], SamplingParams(**greedy, logit_bias={free.token_ids[0]: -100}))
     assert banned.token_ids[0] != free.token_ids[0]
