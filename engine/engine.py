@@ -309,7 +309,7 @@ class Engine:
     def stats(self) -> dict:
         s, cache = self.scheduler, self.scheduler.cache
         return {
-            "running": len(s.running), "waiting": len(s.waiting),
+            "running": len(s.running), "waiting": len(s.waiting) + len(self._compiling),  # with grammars to compile
             "kv_slots_total": s.allocator.capacity, "kv_slots_used": s.num_slots_used,
             "kv_slots_cached": cache.cached_tokens if cache else 0,
             "kv_slots_used_by_requests": s.num_slots_used - (cache.cached_tokens if cache else 0),

@@ -161,6 +161,20 @@ def test_constrained_and_unconstrained_batched_get_what_they_get_alone(request, 
         engine.close()
 
 
+def test_a_request_aborted_while_its_grammar_compiles_leaves_nothing_behind(demo_path):
+    engine = Engine(EngineConfig(model=str(demo_path), device="cpu", kv_cache_tokens=4096, context_len=512))
+    try:
+        so = StructuredOutputs(regex=r"[a-z]{1,9}")
+        engine.add_request("gone", [5, 6], SamplingParams(structured_outputs=so))
+        assert engine.stats()["waiting"] == 1
+        out = engine.abort("gone")
+        assert out is not None and out.finish_reason == "abort"
+        assert not engine.has_work and engine.stats()["waiting"] == 0
+        assert _run(engine, [([5, 6], SamplingParams(max_tokens=5, structured_outputs=so))])[0]  # still serves
+    finally:
+        engine.close()
+
+
 # ---- through the server ----
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
