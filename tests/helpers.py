@@ -99,7 +99,8 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     env = dict(os.environ, RINGLLM_CACHE=str(cache_dir), **(env or {}))
     log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_test)
     _started.append(proc)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_SECONDS
@@ -114,6 +115,14 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
             pytest.fail("server exited during start-up:\n" + open(log.name, "rb").read().decode()[-3000:])
     kill_group(proc)
     pytest.fail("server did not start")
+
+
+def _die_with_test() -> None:
+    """In the server's process before it runs: SIGKILL when the test process dies, even by kill -9 or the OOM
+    killer (its engine and workers then follow it, ipc/process.py), so no test leaves a server behind."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 START_SECONDS = 300  # a bound for a stuck start-up, far past a start on a busy 2-core machine
