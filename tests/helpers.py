@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -100,7 +101,7 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_test)
+                            preexec_fn=_die_with_test)  # noqa: PLW1509 (a system call only)
     _started.append(proc)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_SECONDS
@@ -117,12 +118,14 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     pytest.fail("server did not start")
 
 
+_prctl = ctypes.CDLL(None).prctl  # looked up here: the child of a fork must not load anything
+
+
 def _die_with_test() -> None:
     """In the server's process before it runs: SIGKILL when the test process dies, even by kill -9 or the OOM
-    killer (its engine and workers then follow it, ipc/process.py), so no test leaves a server behind."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    killer (its engine and workers then follow it, ipc/process.py), so no test leaves a server behind. Only a
+    system call, as code between fork and exec must be."""
+    _prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 START_SECONDS = 300  # a bound for a stuck start-up, far past a start on a busy 2-core machine
