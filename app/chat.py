@@ -231,10 +231,11 @@ class ForcedCalls:
         if self.name is not None:
             return "", self.feed("") if not self.started else []
         try:
-            calls = [call_from_json(x) for x in json.loads(self.buf)]
+            parsed = [call_from_json(x) for x in json.loads(self.buf)]
         except (ValueError, TypeError):
-            calls = [None]
-        if not calls or None in calls:  # only when the output was cut short (max_tokens)
+            parsed = [None]
+        calls: list[CallPart | ToolCall] = [c for c in parsed if c is not None]
+        if not calls or len(calls) < len(parsed):  # only when the output was cut short (max_tokens)
             return self.buf, []
         return "", calls
 
@@ -242,7 +243,8 @@ class ForcedCalls:
 class AnswerParser:
     def __init__(self, prompt: str, reasoning_parser: str | None, plan: ToolPlan):
         on = reasoning_parser is not None and plan.forced is None  # forced output has no reasoning part
-        self.reasoning = ReasoningParser(reasoning_parser, prompt_opens_reasoning(prompt)) if on else None
+        self.reasoning = (ReasoningParser(reasoning_parser, prompt_opens_reasoning(prompt))
+                          if on and reasoning_parser is not None else None)
         self.forced = ForcedCalls(plan.forced) if plan.forced else None
         self.tools = make_parser(plan.parser, plan.names) if plan.parser else None
         self.one_call = plan.one_call
@@ -312,7 +314,8 @@ def whole_message(parser: AnswerParser, text: str) -> ChatMessageOut:
     for p in first.calls + last.calls:
         if p.index not in calls:
             calls[p.index] = ToolCallOut(FunctionOut(p.name, ""), p.id, "function")
-        calls[p.index].function.arguments += p.arguments
+        function = calls[p.index].function
+        function.arguments = (function.arguments or "") + p.arguments
     reasoned = first.reasoning + last.reasoning if parser.reasoned else None
     return ChatMessageOut("assistant", content if content or not (calls or reasoned) else None, reasoned,
                           list(calls.values()) or None)

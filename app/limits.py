@@ -10,6 +10,7 @@ its headers and then part of its body reaches the app, which answers 408 once th
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class ServeLimits:
                                                 "this long (hung, stopped or stuck in one step)")
 
 
-def granian_options(limits: ServeLimits, workers: int) -> dict:
+def granian_options(limits: ServeLimits | argparse.Namespace, workers: int) -> dict:
     """Keyword arguments for Granian(...), from a ServeLimits or the parsed `ringllm serve` arguments."""
     from granian.constants import HTTPModes
     from granian.http import HTTP1Settings

@@ -119,7 +119,7 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type) -> None:
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
         action = parser.add_argument(*flags, **kw)
-        action.default_text = meta["default_text"]  # for scripts/config_reference.py
+        setattr(action, "default_text", meta["default_text"])  # for scripts/config_reference.py
 
 
 def from_args(cls: type, args: argparse.Namespace):
@@ -156,7 +156,7 @@ def _from_text(action: argparse.Action, text: str):
         if text.lower() not in _TRUE | _FALSE:
             raise ValueError("expected 1/0, true/false, yes/no or on/off")
         return text.lower() in _TRUE
-    convert = action.type or str
+    convert = action.type if callable(action.type) else str  # every typed option here has a callable type
     several = action.nargs == "+" or isinstance(action, argparse._AppendAction)
     values = [convert(x) for x in comma_list(text)] if several else [convert(text)]
     for v in values:

@@ -124,7 +124,9 @@ def _echoed_logprobs(ids: list[int], first) -> list:
     first generated token; the first prompt token has no context, so no logprob."""
     if not isinstance(first, m.TokenDelta) or first.prompt_logprobs is None:
         return []
-    return [(ids[0], None, None)] + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
+    assert first.prompt_top_logprobs is not None  # the engine sends both together
+    rows: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [(ids[0], None, None)]
+    return rows + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
 
 
 async def _next(queue: asyncio.Queue, remaining: float | None, limit: float | None):
@@ -203,7 +205,8 @@ async def _until_disconnect(request: Request) -> None:
 async def collect(request: Request, jobs, stops, n: int):
     """Runs a non-streaming request to its end, or aborts it in the engine if the client goes away first.
     Returns per-choice (texts, reasons, counts, logprobs)."""
-    texts, reasons, counts, lps_all = [""] * n, [None] * n, [0] * n, [[] for _ in range(n)]
+    texts, reasons, counts = [""] * n, [None] * n, [0] * n
+    lps_all: list[list] = [[] for _ in range(n)]
 
     async def gather():
         async for index, text, reason, count, lps in fan_out(request, jobs, stops):

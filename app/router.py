@@ -61,10 +61,10 @@ class PrefixRouter:
         """The replica for prompt `ids`, given each replica's requests in flight (None: it cannot serve now;
         at least one can). Records the prompt as sent there."""
         hashes = block_hashes(ids)
-        live = [r for r, load in enumerate(loads) if load is not None]
+        live = {r: load for r, load in enumerate(loads) if load is not None}  # replica -> its load
         best, matched = max(((r, self.indexes[r].matched_blocks(hashes)) for r in live), key=lambda x: x[1])
-        least = min(loads[r] for r in live)
-        most = max(loads[r] for r in live)
+        least = min(live.values())
+        most = max(live.values())
         imbalanced = most - least > IMBALANCE_ABS and most > IMBALANCE_REL * least
         tokens = matched * BLOCK_TOKENS
         if matched and not imbalanced and (tokens >= MATCH_SHARE * len(ids) or tokens >= MATCH_TOKENS):

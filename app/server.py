@@ -381,6 +381,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict:
             raise ApiError(400, f"chat template failed: {e}", param="messages") from None
     special = data.messages is None if special is None else special
     encode = tok.encode_chat if data.messages is not None and not special else None
+    assert text is not None  # the prompt, or the rendered messages
     ids = await tokenize_text(request, text, add_special_tokens=special, bound=False, encode=encode)
     return {"tokens": ids, "count": len(ids), "max_model_len": request.app.state.settings.max_seq_len}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -182,7 +183,7 @@ def _control_pattern(tok: Tokenizer, template: str) -> re.Pattern:
     return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 
 
-def _mark(obj, pattern: re.Pattern):
+def _mark(obj: Any, pattern: re.Pattern) -> Any:
     """Wraps every control token in user strings (values, not dict keys) in the markers; markers a user sent
     are dropped first, so they cannot forge one."""
     if isinstance(obj, str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from app.reasoning import held_prefix
 
@@ -40,7 +41,7 @@ def call_from_json(obj, args_keys=("arguments", "parameters")) -> ToolCall | Non
     """A call from a decoded {"name": str, "arguments": object} (or "parameters"), else None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    args = next((obj[k] for k in args_keys if k in obj), {})
+    args: Any = next((obj[k] for k in args_keys if k in obj), {})
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
@@ -170,7 +171,8 @@ def _parse_json(text: str) -> ToolCall | None:
 
 def _parse_json_sequence(text: str, names=frozenset()) -> list[ToolCall]:
     """Calls from `{...}; {...}`; an empty list unless the whole text is calls (of `names`, if given)."""
-    decoder, pos, calls = json.JSONDecoder(), 0, []
+    decoder, pos = json.JSONDecoder(), 0
+    calls: list[ToolCall] = []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n;":
             pos += 1

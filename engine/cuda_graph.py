@@ -11,6 +11,7 @@ stage-to-stage transfers stay outside the graphs; tensor-parallel collectives ar
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +40,9 @@ class DecodeGraphs:
         if not lay.is_first_stage:
             hidden, dtype = model.shape.hidden_size, next(model.parameters()).dtype
             self.carry = tuple(torch.zeros(max_bs, hidden, dtype=dtype, device=device) for _ in "hr")
-        self.outputs: dict[int, object] = {}  # logits, or (hidden, residual) before the last stage
+        self.outputs: dict[int, Any] = {}  # logits, or (hidden, residual) before the last stage
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool (an opaque handle)
         self._capture()
 
     @torch.inference_mode()
@@ -84,6 +85,7 @@ class DecodeGraphs:
         if input_ids is not None:
             self.input_ids[:b] = input_ids
         if carry is not None:
+            assert self.carry is not None, "a stage after the first was built with carry buffers"
             for static, received in zip(self.carry, carry):
                 static[:b] = received
                 static[b:bs] = 0

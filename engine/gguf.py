@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,10 +62,11 @@ class GGUFFile:
         except Exception as e:  # a truncated or foreign file: the reader's own message names the problem
             raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
         self.meta = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
-        self.arch = self.meta.get("general.architecture")
-        if self.arch not in ARCHITECTURES:
-            raise GGUFError(f"{path}: GGUF architecture {self.arch!r} is not supported; ringllm serves "
+        arch = self.meta.get("general.architecture")
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
+            raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; ringllm serves "
                             f"{', '.join(ARCHITECTURES)}")
+        self.arch: str = arch
 
     def _get(self, key: str, default=None):
         return self.meta.get(f"{self.arch}.{key}", default)
@@ -223,11 +225,13 @@ def write_tokenizer_files(f: GGUFFile, out: Path) -> None:
             GGUF_TOKENIZER_MAPPING,
             convert_gguf_tokenizer,
         )
-    except ImportError:  # transformers 4.x
-        from transformers.integrations.ggml import convert_gguf_tokenizer
-        from transformers.modeling_gguf_pytorch_utils import (
-            GGUF_TO_TRANSFORMERS_MAPPING as _M,
+    except ImportError:  # transformers 4.x (mypy checks against the installed 5.x, which moved these names)
+        from transformers.integrations.ggml import (  # type: ignore[attr-defined,no-redef]
+            convert_gguf_tokenizer,
         )
+        from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+        _M: Any = GGUF_TO_TRANSFORMERS_MAPPING
 
         GGUF_TOKENIZER_MAPPING = {"tokenizer": _M["tokenizer"]["tokenizer"],
                                   "tokenizer_config": _M["tokenizer_config"]["tokenizer"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from tqdm import tqdm
 
 from engine import gguf
 from engine.logs import get_logger
+
+if TYPE_CHECKING:
+    from engine.models.decoder import DecoderForCausalLM
 
 log = get_logger("engine.loader")
 
@@ -93,7 +97,7 @@ def pick_dtype(requested: str, cfg: dict, device: torch.device) -> torch.dtype:
     return DTYPES.get(name, torch.bfloat16)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: DecoderForCausalLM, path: Path) -> None:
     """Every checkpoint tensor offered to the model (each rank keeps its part); then an error if a tensor it
     needs was not in the checkpoint."""
     disable = not os.isatty(2) or os.environ.get("RINGLLM_NO_PROGRESS") == "1"
@@ -114,13 +118,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"{path} has no *.safetensors files")
-    names = []
+    entries: list[tuple[Path, str]] = []
     for file in files:
         with safe_open(file, framework="pt") as f:
-            names += [(file, n) for n in f.keys()]
+            entries += [(file, n) for n in f.keys()]
     handles = {}
     try:
-        for file, name in tqdm(names, desc="loading weights", unit="tensor", disable=disable):
+        for file, name in tqdm(entries, desc="loading weights", unit="tensor", disable=disable):
             if file not in handles:
                 handles[file] = safe_open(file, framework="pt").__enter__()
             # A lazy slice: a tensor-parallel rank reads only the rows or columns it holds.
@@ -133,7 +137,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     log.info("weights loaded", path=str(path), tensors=len(loaded), files=len(files))
 
 
-def required_tensors(model: torch.nn.Module) -> set[str]:
+def required_tensors(model: DecoderForCausalLM) -> set[str]:
     """The Hugging Face tensor names this rank's part of the model is built from."""
     shape = model.shape
     names = set()
@@ -155,7 +159,7 @@ def required_tensors(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def check_complete(model: torch.nn.Module, loaded: set[str], path: Path) -> None:
+def check_complete(model: DecoderForCausalLM, loaded: set[str], path: Path) -> None:
     have = {n if n.startswith(("model.", "lm_head.")) else f"model.{n}" for n in loaded}
     missing = sorted(required_tensors(model) - have)
     if missing:

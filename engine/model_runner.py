@@ -57,7 +57,7 @@ class ModelRunner:
         self.layout = lay = layout or Layout()
         self.dtype = pick_dtype(config.dtype, hf_config, device)
         cls = model_class(hf_config)
-        self.shape = cls.shape(hf_config)
+        self.shape = cls.read_shape(hf_config)
         self.context_len = config.context_len or self.shape.max_position_embeddings
         torch.manual_seed(config.seed)
         with torch.device(device):

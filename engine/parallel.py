@@ -174,6 +174,7 @@ def send_to_next_stage(tensors: list[torch.Tensor]) -> list:
 def recv_from_prev_stage(tensors: list[torch.Tensor]) -> None:
     peer = _layout.rank - _layout.tp_size
     for work in [dist.irecv(t, peer) for t in tensors]:
+        assert work is not None  # None only for a rank outside the group; both peers are in the default one
         work.wait()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ import torch
 class RankProfiler:
     def __init__(self, profile_dir: str, rank: int, device: torch.device):
         self.profile_dir, self.rank, self.device = Path(profile_dir), rank, device
-        self._prof = None
+        self._prof: Any = None  # a torch.profiler.profile while running (imported only when used)
 
     @property
     def running(self) -> bool:

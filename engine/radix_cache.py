@@ -22,9 +22,15 @@ class Node:
         self.children: dict[int, Node] = {}
         self.parent = parent
         self.key = key
-        self.value = value
+        self.value: np.ndarray = value if value is not None else np.empty(0, dtype=np.int32)  # the root: none
         self.lock_ref = 0
         self.last_access = next(_clock)
+
+
+def _parent(node: Node) -> Node:
+    """The parent of a node below the root (only the root has none)."""
+    assert node.parent is not None, "the root has no parent"
+    return node.parent
 
 
 def _common_prefix(a: tuple, b: list, start: int) -> int:
@@ -69,7 +75,7 @@ class RadixCache:
         mid = Node(child.parent, child.key[:n], child.value[:n])
         mid.lock_ref = child.lock_ref
         mid.last_access = child.last_access
-        child.parent.children[child.key[0]] = mid
+        _parent(child).children[child.key[0]] = mid
         child.key, child.value, child.parent = child.key[n:], child.value[n:], mid
         mid.children[child.key[0]] = child
         return mid
@@ -102,7 +108,7 @@ class RadixCache:
             if node.lock_ref == 0:
                 self.evictable_tokens -= len(node.key)
             node.lock_ref += 1
-            node = node.parent
+            node = _parent(node)
 
     def unlock(self, node: Node) -> None:
         while node is not self.root:
@@ -111,7 +117,7 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.evictable_tokens += len(node.key)
-            node = node.parent
+            node = _parent(node)
 
     # ---- eviction ----
     def evict(self, num_tokens: int) -> int:

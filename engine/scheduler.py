@@ -188,7 +188,7 @@ class Scheduler:
             self._preempt(victim)
             if victim is seq:
                 return False
-        writes.add(seq.row, seq.num_computed, slots, self.req_to_slot)
+        writes.add(_row(seq), seq.num_computed, slots, self.req_to_slot)
         seq.num_computed += n
         return True
 
@@ -210,7 +210,7 @@ class Scheduler:
         reserve = len(self.running)
         slots = self._alloc(n + reserve)
         if slots is None:
-            if node is not None:
+            if node is not None and self.cache is not None:  # a node comes from the cache
                 self.cache.unlock(node)
             return 0
         self.allocator.free(slots[n:])
@@ -255,13 +255,15 @@ class Scheduler:
         requests admitted later share them at once. Earlier steps computed these positions, and any reader
         comes later on the same stream. Where the tree already held some of them, the sequence switches to
         the tree's slots and frees its own copies."""
+        assert self.cache is not None and seq.cache_node is not None  # only with the radix cache
         k = min(seq.num_computed, len(seq.token_ids), seq.num_prompt)
-        own = self.req_to_slot[seq.row, :k].copy()
+        row = _row(seq)
+        own = self.req_to_slot[row, :k].copy()
         already = self.cache.insert(seq.token_ids[:k], own)
         tree_slots, node = self.cache.match_prefix(seq.token_ids[:k])
         if already > seq.num_cached:
             self.allocator.free(own[seq.num_cached : already])
-            writes.add(seq.row, seq.num_cached, tree_slots[seq.num_cached : already], self.req_to_slot)
+            writes.add(row, seq.num_cached, tree_slots[seq.num_cached : already], self.req_to_slot)
         self.cache.lock(node)
         self.cache.unlock(seq.cache_node)
         seq.cache_node, seq.num_cached = node, k
@@ -269,15 +271,17 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Gives back a sequence's row and slots; with the radix cache, the positions whose KV is known go into
         the tree instead, so a later request (or this one, recomputing) finds them."""
-        slots = self.req_to_slot[seq.row, : seq.num_computed].copy()
+        row = _row(seq)
+        slots = self.req_to_slot[row, : seq.num_computed].copy()
         keep = 0
         if self.cache is not None:
+            assert seq.cache_node is not None  # admission locked its prefix (the root, at least)
             keep = min(seq.num_computed, len(seq.token_ids))
             already = self.cache.insert(seq.token_ids[:keep], slots[:keep])
             self.allocator.free(slots[seq.num_cached : already])
             self.cache.unlock(seq.cache_node)
         self.allocator.free(slots[keep:])
-        self.free_rows.append(seq.row)
+        self.free_rows.append(row)
         seq.row, seq.num_computed, seq.num_cached, seq.cache_node = None, 0, 0, None
 
     def _plan(self, seqs: list[Sequence], spans: list[int], writes: "_Writes") -> StepPlan:
@@ -289,9 +293,15 @@ class Scheduler:
         return StepPlan(
             rows=np.array([s.row for s in seqs], dtype=np.int32), starts=ends - lens, lens=lens, sample=sample,
             **writes.arrays(),
-            new_rows=[s.row for s in writes.admitted], new_params=[s.params for s in writes.admitted],
+            new_rows=[_row(s) for s in writes.admitted], new_params=[s.params for s in writes.admitted],
             new_prompt_lens=[s.num_prompt for s in writes.admitted],
         )
+
+
+def _row(seq: Sequence) -> int:
+    """The request row of a sequence that holds one (running, or being placed)."""
+    assert seq.row is not None, f"{seq} holds no request row"
+    return seq.row
 
 
 class _Writes:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.radix_cache import Node
 
 
 class Status(enum.Enum):
@@ -29,7 +33,7 @@ class Sequence:
         self.group = 0  # micro-batch group under pipeline parallelism
         self.num_computed = 0  # positions whose KV is computed or scheduled to be
         self.num_cached = 0  # leading positions whose slots belong to the radix cache (locked)
-        self.cache_node = None
+        self.cache_node: Node | None = None  # with the radix cache: the locked end of its cached prefix
         # Overlap: tokens sampled on the device that the host has not read yet.
         self.num_pending = 0
         # With params.prompt_logprobs: (logprob, top [(id, logprob)]) of prompt tokens 1, 2, ... as computed

@@ -98,7 +98,8 @@ class EngineServer:
         """What the loop does every heartbeat.PUBLISH_SECONDS: publish the stats, stop a profile that has run
         its time, notice that the serve process has gone."""
         self.heartbeat.publish(self.engine.stats(), now)
-        if self.profile_started is not None and now - self.profile_started > self.profiler_max_seconds:
+        limit = self.profiler_max_seconds  # profile_started is set only where there is one
+        if self.profile_started is not None and limit is not None and now - self.profile_started > limit:
             log.info("profile ran its time: stopping it", seconds=self.profiler_max_seconds)
             self.profile_started = None
             self.engine.stop_profile()

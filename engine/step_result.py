@@ -1,5 +1,6 @@
-"""A step's result, from the device to the engine: how the sampler's tokens (and logprobs, and prompt logprobs)
-are packed into one float32 tensor, copied to the host without stalling the compute stream, and unpacked.
+"""A step's result, from the device to the engine: how the sampler's tokens (and logprobs, and prompt
+logprobs) are packed into one float32 tensor, copied to the host without stalling the compute stream, and
+unpacked.
 
 Both sides of the packing live here: the runner packs (`pack_sample`, `pack_prompt_rows`, `copy_to_host`),
 the engine unpacks (`StepResult.wait`, `file_prompt_logprobs`). Layout of one packed row: [token] alone, or,
@@ -66,7 +67,8 @@ def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
     """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs."""
     if top_k is None:
         return sample.tokens[:, None].float().contiguous()
-    out = torch.zeros(len(sample.tokens), packed_width(top_k), dtype=torch.float32, device=sample.tokens.device)
+    out = torch.zeros(len(sample.tokens), packed_width(top_k), dtype=torch.float32,
+                      device=sample.tokens.device)
     out[:, 0] = sample.tokens
     if sample.logprobs is not None:
         out[:, 1] = sample.logprobs
@@ -77,8 +79,8 @@ def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
     return out
 
 
-def pack_prompt_rows(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
-                     top_k: int) -> torch.Tensor:
+def pack_prompt_rows(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                     target: torch.Tensor, top_k: int) -> torch.Tensor:
     """[N, 2 + 2k]: the next prompt token (`target`), its logprob, the top k ids and logprobs, for each prompt
     position in `hidden`; projected onto the vocabulary (`logits`) a chunk at a time, so a long prompt needs
     little memory."""
@@ -117,7 +119,8 @@ def prompt_logprob_positions(starts: np.ndarray, lens: np.ndarray, prompt_lens: 
                              ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(batch index, position) of every position a step computes whose next token is a prompt token, for the
     batch entries that asked for prompt logprobs (k >= 0); in batch order, then position order. The runner
-    (packing) and `file_prompt_logprobs` (unpacking) both call this, so the prompt rows line up on both sides."""
+    (packing) and `file_prompt_logprobs` (unpacking) both call this, so the prompt rows line up on both
+    sides."""
     starts = starts.astype(np.int64)
     ends = np.minimum(starts + lens, prompt_lens - 1)
     counts = np.where(ks >= 0, np.maximum(ends - starts, 0), 0)

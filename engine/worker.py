@@ -22,6 +22,7 @@ import threading
 import time
 from multiprocessing.connection import wait as wait_any
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -180,7 +181,8 @@ class Workers:
         self.ring.close(unlink=True)
 
     def _watch(self) -> None:
-        sentinels = {p.sentinel: rank for rank, p in self.procs.items()}
+        # Process sentinels are ints; multiprocessing's wait() is typed for connections and sockets too.
+        sentinels: dict[Any, int] = {p.sentinel: rank for rank, p in self.procs.items()}
         while sentinels:
             for s in wait_any(list(sentinels)):
                 rank = sentinels.pop(s)

@@ -113,7 +113,7 @@ def _owner_alive(entry: str, own_ns: int) -> bool | None:
 def remove_stale_segments() -> list[str]:
     """Unlinks the segments, semaphores and lock files of owners that are no longer alive, and multiprocessing
     semaphores that nobody holds (see `_stale_mp_semaphores`). Returns their names."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = os.listdir(_SHM_DIR)
     except FileNotFoundError:

@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 import time
+from typing import Callable
 
 import posix_ipc
 
@@ -313,7 +314,7 @@ class RingReader:
             self.seg.words[self._ti] = self.seg.words[_Segment.HEAD]
         self._tail = self.seg.words[self._ti]
         self._partial: bytearray | None = None
-        self.on_reset = None  # called (no arguments) where a new writer took over, from poll()
+        self.on_reset: Callable[[], None] | None = None  # called where a new writer took over, from poll()
 
     @property
     def name(self) -> str:

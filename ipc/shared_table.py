@@ -20,9 +20,9 @@ class SharedTable:
         self.shm, self.map = map_segment(name, max(1, rows) * COLUMNS * 8 if create else None)
         self.values = memoryview(self.map).cast("d")
         self.rows = len(self.values) // COLUMNS
-        self._views: list[memoryview] = []  # released before the mapping closes
+        self._views: list[memoryview[float]] = []  # released before the mapping closes
 
-    def row(self, index: int) -> memoryview:
+    def row(self, index: int) -> memoryview[float]:
         """Row `index` as a writable view of COLUMNS float64 values."""
         if not 0 <= index < self.rows:
             raise IndexError(f"row {index} of a table with {self.rows} rows")

@@ -26,7 +26,7 @@ from engine.models import model_class  # noqa: E402
 def build(shape_json: Path, out: Path, dtype: str = "bfloat16", seed: int = 0, device: str = "cpu") -> Path:
     cfg = json.loads(shape_json.read_text())
     cls = model_class(cfg)
-    shape = cls.shape(cfg)
+    shape = cls.read_shape(cfg)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
     h, d = shape.hidden_size, shape.head_dim

@@ -7,6 +7,8 @@ Plans read lengths from host arrays the scheduler already has, so planning never
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -31,9 +33,9 @@ class FlashInferAttention(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode)
-        self._graph_workspace = None
-        self.graph_decoders: dict[int, object] = {}
-        self._wrapper = None
+        self._graph_workspace: torch.Tensor | None = None
+        self.graph_decoders: dict[int, Any] = {}  # flashinfer decode wrappers, by batch size
+        self._wrapper: Any = None  # the wrapper planned for this step
         self._last_page_lens = torch.full((4096,), PAGE_SIZE, dtype=torch.int32)  # every page is full
 
     @staticmethod

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from engine import parallel
-from engine.models.layers import DecoderLayer, RMSNorm, Rotary, VocabParallelEmbedding
+from engine.models.layers import (DecoderLayer, MergedLinear, RMSNorm, Rotary, RowParallelLinear,
+                                  VocabParallelEmbedding)
 from engine.parallel import Layout
 
 
@@ -90,7 +91,11 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, lay)  # used as a matrix
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, carry=None):
-        x, residual = (self.embed_tokens(input_ids), None) if carry is None else carry
+        if carry is None:  # the first stage, which holds the embedding
+            assert self.embed_tokens is not None
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = carry
         for layer in self.layers:
             x, residual = layer(x, residual, positions, attn)
         if self.norm is None:
@@ -100,6 +105,7 @@ class DecoderForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
+        assert head is not None, "logits only on the last stage, which holds the head (or the tied embedding)"
         local = torch.nn.functional.linear(hidden, head.weight)
         return parallel.tp_all_gather(local)[:, : self.shape.vocab_size]
 
@@ -133,10 +139,14 @@ class DecoderForCausalLM(nn.Module):
         for i, p in enumerate(parts):
             if p in self._MERGED:
                 merged, index = self._MERGED[p]
-                self.get_submodule(".".join(parts[:i] + [merged])).load_part(parts[-1], index, tensor)
+                linear = self.get_submodule(".".join(parts[:i] + [merged]))
+                assert isinstance(linear, MergedLinear)
+                linear.load_part(parts[-1], index, tensor)
                 return True
             if p in ("o_proj", "down_proj"):
-                self.get_submodule(".".join(parts[: i + 1])).load(tensor)
+                row_linear = self.get_submodule(".".join(parts[: i + 1]))
+                assert isinstance(row_linear, RowParallelLinear)
+                row_linear.load(tensor)
                 return True
         param = self.get_parameter(".".join(parts))
         full = tensor[:]

@@ -6,6 +6,7 @@ row-parallel out, one all-reduce per block); with tp = 1 they are plain layers."
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from torch import nn
 
 from engine import kernels, parallel
 from engine.parallel import Layout
+
+if TYPE_CHECKING:
+    from engine.models.decoder import ModelShape
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +53,8 @@ class MergedLinear(nn.Module):
 
     def load_part(self, name: str, index: int, tensor) -> None:
         param = self.weight if name == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"a checkpoint tensor {name!r} for a linear that has no bias")
         start, size, off = sum(self.part_sizes[:index]), self.part_sizes[index], self.part_offsets[index]
         param.data[start : start + size].copy_(tensor[off : off + size])
 
@@ -132,6 +138,9 @@ def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
 class Rotary(nn.Module):
     """Rotate-half rotary embedding over a cos/sin table computed once for every position."""
 
+    cos: torch.Tensor  # [max_positions, head_dim] buffers (not saved with the weights)
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, rope: dict):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, rope)
@@ -168,6 +177,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        assert cfg.rotary is not None, "the model sets shape.rotary before building its layers"
         self.rotary = cfg.rotary
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
@@ -192,7 +202,7 @@ class Attention(nn.Module):
             k = kernels.norm_rope(k, self.k_norm.weight if self.k_norm else None, r.eps_of(self.k_norm), r.cos, r.sin,
                                   positions)
             return self.o_proj(attn.forward(self.layer_id, q, k, v).reshape(-1, q_size))
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = attn.forward(self.layer_id, q, k, v)

@@ -5,5 +5,5 @@ from engine.models.decoder import DecoderForCausalLM, ModelShape
 
 class LlamaForCausalLM(DecoderForCausalLM):
     @staticmethod
-    def shape(cfg: dict) -> ModelShape:
+    def read_shape(cfg: dict) -> ModelShape:
         return ModelShape.from_hf_config(cfg, qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm=False)

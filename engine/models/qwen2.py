@@ -5,5 +5,5 @@ from engine.models.decoder import DecoderForCausalLM, ModelShape
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
     @staticmethod
-    def shape(cfg: dict) -> ModelShape:
+    def read_shape(cfg: dict) -> ModelShape:
         return ModelShape.from_hf_config(cfg, qkv_bias=True, qk_norm=False)
