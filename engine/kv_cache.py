@@ -71,7 +71,8 @@ class KVPool:
 
 
 # ---- sizing ----
-RESERVED_GPU_BYTES = 2 << 30  # beyond the forward's peak: attention workspaces, CUDA graphs, sampler temporaries
+# Set aside beyond the forward's peak: attention workspaces, CUDA graphs, sampler temporaries.
+RESERVED_GPU_BYTES = 2 << 30
 
 
 def kv_pool_slots(config: EngineConfig, bytes_per_token: int, device: torch.device,

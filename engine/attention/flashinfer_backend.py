@@ -93,8 +93,9 @@ class FlashInferAttention(AttentionBackend):
         return self.pool.k[layer], self.pool.v[layer], self.out_slots
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         # [pages, PAGE_SIZE, kv_heads, D]
-        paged = (self.pool.k[layer].unflatten(0, (-1, PAGE_SIZE)), self.pool.v[layer].unflatten(0, (-1, PAGE_SIZE)))
+        paged = (k_cache.unflatten(0, (-1, PAGE_SIZE)), v_cache.unflatten(0, (-1, PAGE_SIZE)))
         return self._wrapper.run(q, paged)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
