@@ -395,13 +395,21 @@ class ReplicaGroup:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
-            wait([p.sentinel for p in alive], left)
-            for r, proc in enumerate(self.procs):
-                if not proc.is_alive() and r not in self._told and not self._stopping and self.is_alive():
-                    self._told.add(r)
-                    serving = sum(p.is_alive() for p in self.procs)
-                    print(f"error: engine replica {r} (pid {proc.pid}) exited (code {proc.exitcode}); "
-                          f"{serving} of {len(self.procs)} replicas serve on", file=sys.stderr, flush=True)
+            ready = wait([p.sentinel for p in alive], left)
+            for proc in alive:
+                if proc.sentinel in ready:
+                    # Its pipe closes as it exits, a moment before it can be reaped: wait for that, so that
+                    # is_alive() and exitcode say what happened.
+                    proc.join()
+                    self._report(self.procs.index(proc))
+
+    def _report(self, r: int) -> None:
+        serving = sum(p.is_alive() for p in self.procs)
+        if r not in self._told and not self._stopping and serving:
+            self._told.add(r)
+            proc = self.procs[r]
+            print(f"error: engine replica {r} (pid {proc.pid}) exited (code {proc.exitcode}); {serving} of "
+                  f"{len(self.procs)} replicas serve on", file=sys.stderr, flush=True)
 
 
 def served_names(args: argparse.Namespace) -> list[str]:
