@@ -39,10 +39,13 @@ MP_SEMAPHORE_MIN_AGE_S = 10.0  # a multiprocessing semaphore made this recently 
 
 
 def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None if there is no such process."""
+    """The process's start time in clock ticks since boot, or None if there is no such process. A zombie counts
+    as gone: it has exited and closed everything, only its exit status waits to be read (after kill -9 of a whole
+    group the engine's new parent may take its time to reap it)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 

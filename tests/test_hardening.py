@@ -97,6 +97,29 @@ def test_a_reused_pid_does_not_inherit_a_dead_owners_segments():
         mine.unlink()
 
 
+def test_a_zombie_owners_segments_are_swept():
+    """After kill -9 of a whole group the engine's new parent may not have reaped it yet: a zombie has exited
+    and closed everything, so a restarting server must sweep its segments (this raced in CI before)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    name = lifecycle.segment_name(child.pid, "h2zombie")
+    try:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096)
+        shm.close_fd()
+        assert name.lstrip("/") not in remove_stale_segments()  # alive: kept
+        os.kill(child.pid, signal.SIGKILL)
+        for _ in range(200):  # until the kernel has made it a zombie (not reaped: no wait() yet)
+            with open(f"/proc/{child.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        assert name.lstrip("/") in remove_stale_segments()
+    finally:
+        child.kill()
+        child.wait(30)
+        if name.lstrip("/") in leftover_segments():
+            posix_ipc.unlink_shared_memory(name)
+
+
 HOLDER = """
 import sys, time, posix_ipc
 sem = posix_ipc.Semaphore(sys.argv[1], posix_ipc.O_CREX, initial_value=1)

@@ -268,8 +268,10 @@ def test_granian_logs_through_the_json_logger_and_the_ready_line_follows_the_lis
     granian = [i for i, line in enumerate(text) if '"logger": "_granian' in line]
     listening = next(i for i in granian if "Listening at" in text[i])
     ready = next(i for i, line in enumerate(text) if line.startswith("ringllm ready on " + base))
-    answered = next(i for i, line in enumerate(text) if '"event": "access"' in line and '"/health"' in line)
-    assert listening < answered < ready
+    # The ready line waits for an answer to its /health probe. The probe's access line is written by the API
+    # worker, the ready line by the serve process, into one file: they may land in either order.
+    assert any('"event": "access"' in line and '"/health"' in line for line in text)
+    assert listening < ready
 
 
 # ---- CORS ----
