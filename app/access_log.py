@@ -68,6 +68,12 @@ class RequestLog:
                 raise
             finally:
                 client = scope.get("client")
-                log.info("access", method=scope.get("method"), path=scope.get("path"), status=status,
-                         bytes=sent, duration_ms=round((time.perf_counter() - start) * 1e3, 2),
-                         client=f"{client[0]}:{client[1]}" if client else None)
+                log.info(
+                    "access",
+                    method=scope.get("method"),
+                    path=scope.get("path"),
+                    status=status,
+                    bytes=sent,
+                    duration_ms=round((time.perf_counter() - start) * 1e3, 2),
+                    client=f"{client[0]}:{client[1]}" if client else None,
+                )

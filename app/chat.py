@@ -43,12 +43,15 @@ def default_parsers(model_path: str, template: str | None) -> tuple[str | None, 
     return tool, "qwen3" if "<think>" in template else None
 
 
-def model_parsers(model_path: str, template: str | None, tool_flag: str | None,
-                  reasoning_flag: str | None) -> tuple[str | None, str | None]:
+def model_parsers(
+    model_path: str, template: str | None, tool_flag: str | None, reasoning_flag: str | None
+) -> tuple[str | None, str | None]:
     """The parsers the chat route uses: --tool-call-parser / --reasoning-parser, else the model's."""
     tool, thinking = default_parsers(model_path, template)
-    return (parser_setting(tool_flag, tool, TOOL_PARSERS, "--tool-call-parser"),
-            parser_setting(reasoning_flag, thinking, REASONING_PARSERS, "--reasoning-parser"))
+    return (
+        parser_setting(tool_flag, tool, TOOL_PARSERS, "--tool-call-parser"),
+        parser_setting(reasoning_flag, thinking, REASONING_PARSERS, "--reasoning-parser"),
+    )
 
 
 def parser_setting(value: str | None, default: str | None, choices: tuple[str, ...], flag: str) -> str | None:
@@ -79,18 +82,19 @@ def _template_message(i: int, msg: Message) -> dict:
     if msg.tool_calls and msg.role != "assistant":
         raise ApiError(400, f"{where}: only assistant messages carry tool_calls", param=f"{where}.tool_calls")
     if msg.content is None and msg.refusal is None and not (msg.role == "assistant" and msg.tool_calls):
-        raise ApiError(400, f"{where}: content is required (it may be null only in an assistant turn with "
-                            "tool_calls)", param=f"{where}.content")
+        raise ApiError(
+            400,
+            f"{where}: content is required (it may be null only in an assistant turn with tool_calls)",
+            param=f"{where}.content",
+        )
     if msg.role == "tool" and not msg.tool_call_id:
-        raise ApiError(400, f"{where}: a tool message needs the tool_call_id it answers",
-                       param=f"{where}.tool_call_id")
+        raise ApiError(400, f"{where}: a tool message needs the tool_call_id it answers", param=f"{where}.tool_call_id")
     content = msg.refusal if msg.content is None and msg.refusal is not None else msg.content
     out: dict = {"role": msg.role, "content": _text(where, content)}
     if msg.name is not None:
         out["name"] = msg.name
     if msg.tool_calls:
-        out["tool_calls"] = [_template_call(f"{where}.tool_calls[{j}]", call)
-                             for j, call in enumerate(msg.tool_calls)]
+        out["tool_calls"] = [_template_call(f"{where}.tool_calls[{j}]", call) for j, call in enumerate(msg.tool_calls)]
     if msg.tool_call_id is not None:
         out["tool_call_id"] = msg.tool_call_id
     if msg.reasoning_content is not None:
@@ -106,8 +110,9 @@ def _text(where: str, content) -> str | None:
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
         if part.type != "text":
-            raise ApiError(400, f"{at}: content parts of type {part.type!r} are not supported (only 'text')",
-                           param=f"{at}.type")
+            raise ApiError(
+                400, f"{at}: content parts of type {part.type!r} are not supported (only 'text')", param=f"{at}.type"
+            )
         if part.text is None:
             raise ApiError(400, f"{at}: a text part needs 'text'", param=f"{at}.text")
         texts.append(part.text)
@@ -122,8 +127,9 @@ def _template_call(where: str, call) -> dict:
     except ValueError:
         args = None
     if not isinstance(args, dict):
-        raise ApiError(400, f"{where}.function.arguments must be the JSON text of an object",
-                       param=f"{where}.function.arguments")
+        raise ApiError(
+            400, f"{where}.function.arguments must be the JSON text of an object", param=f"{where}.function.arguments"
+        )
     out = {"type": "function", "function": {"name": call.function.name, "arguments": args}}
     return {"id": call.id, **out} if call.id is not None else out
 
@@ -132,8 +138,7 @@ def template_kwargs(data: ChatRequest) -> dict:
     extra = dict(data.chat_template_kwargs or {})
     clash = sorted(RESERVED_TEMPLATE_VARIABLES & extra.keys())
     if clash:
-        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}",
-                       param="chat_template_kwargs")
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}", param="chat_template_kwargs")
     return extra
 
 
@@ -165,8 +170,9 @@ def tool_plan(data: ChatRequest, tool_parser: str | None) -> ToolPlan:
     one = not data.parallel_tool_calls
     if choice == "auto":
         if tool_parser is None:
-            raise ApiError(400, "this model has no tool-call parser; start the server with "
-                                "--tool-call-parser", param="tools")
+            raise ApiError(
+                400, "this model has no tool-call parser; start the server with --tool-call-parser", param="tools"
+            )
         return ToolPlan(shown, tool_parser, one_call=one, names=tuple(names))
     if choice == "required":
         items = {"anyOf": [_call_schema(t) for t in tools]}
@@ -183,9 +189,12 @@ def _parameters(tool) -> dict:
 
 
 def _call_schema(tool) -> dict:
-    return {"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
-                                             "parameters": _parameters(tool)},
-            "required": ["name", "parameters"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [tool.function.name]}, "parameters": _parameters(tool)},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
 
 
 # ---- out: text -> reasoning, content, tool calls ----
@@ -243,8 +252,11 @@ class ForcedCalls:
 class AnswerParser:
     def __init__(self, prompt: str, reasoning_parser: str | None, plan: ToolPlan):
         on = reasoning_parser is not None and plan.forced is None  # forced output has no reasoning part
-        self.reasoning = (ReasoningParser(reasoning_parser, prompt_opens_reasoning(prompt))
-                          if on and reasoning_parser is not None else None)
+        self.reasoning = (
+            ReasoningParser(reasoning_parser, prompt_opens_reasoning(prompt))
+            if on and reasoning_parser is not None
+            else None
+        )
         self.forced = ForcedCalls(plan.forced) if plan.forced else None
         self.tools = make_parser(plan.parser, plan.names) if plan.parser else None
         self.one_call = plan.one_call
@@ -317,10 +329,10 @@ def whole_message(parser: AnswerParser, text: str) -> ChatMessageOut:
         function = calls[p.index].function
         function.arguments = (function.arguments or "") + p.arguments
     reasoned = first.reasoning + last.reasoning if parser.reasoned else None
-    return ChatMessageOut("assistant", content if content or not (calls or reasoned) else None, reasoned,
-                          list(calls.values()) or None)
+    return ChatMessageOut(
+        "assistant", content if content or not (calls or reasoned) else None, reasoned, list(calls.values()) or None
+    )
 
 
 def finish_reason(parser: AnswerParser, reason: str | None) -> str | None:
     return "tool_calls" if reason == "stop" and parser.called else reason
-

@@ -20,13 +20,17 @@ from app.limits import ServeLimits, granian_options
 from app.options import ServeConfig, add_options, from_args, read_environment
 from engine.config import EngineConfig
 
-DEMO_NOTE = ("note: no --model given, so this is ringllm's demo model: random weights, so its output is random "
-             "text. Point --model at a Hugging Face checkpoint directory (or hub id) for real output.")
+DEMO_NOTE = (
+    "note: no --model given, so this is ringllm's demo model: random weights, so its output is random "
+    "text. Point --model at a Hugging Face checkpoint directory (or hub id) for real output."
+)
 
 
-ENV_NOTE = ("Every option can also be set by an environment variable: RINGLLM_ and the option's first name in "
-            "capitals with underscores (RINGLLM_CONTEXT_LEN=2048, RINGLLM_ENFORCE_EAGER=1, "
-            "RINGLLM_SERVED_MODEL_NAME=a,b); the command line wins.")
+ENV_NOTE = (
+    "Every option can also be set by an environment variable: RINGLLM_ and the option's first name in "
+    "capitals with underscores (RINGLLM_CONTEXT_LEN=2048, RINGLLM_ENFORCE_EAGER=1, "
+    "RINGLLM_SERVED_MODEL_NAME=a,b); the command line wins."
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringllm", description="A small, fast OpenAI-compatible LLM server.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server",
-                         epilog=ENV_NOTE)
+    srv = sub.add_parser("serve", help="start the engine and the OpenAI-compatible HTTP server", epilog=ENV_NOTE)
     srv.add_argument("--version", action="version", version=_version())
     add_options(srv, ServeConfig)
     add_options(srv, ServeLimits)
@@ -68,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_engine_args(gen)
     health = sub.add_parser("health", help="exit 0 when the running `ringllm serve` answers /health with 200")
-    health.add_argument("--pid", type=int, default=None,
-                        help="the server's process id (default: PID 1 if it is ringllm serve, else the oldest one)")
+    health.add_argument(
+        "--pid",
+        type=int,
+        default=None,
+        help="the server's process id (default: PID 1 if it is ringllm serve, else the oldest one)",
+    )
     health.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
     return parser
 
@@ -83,16 +90,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:
         print(DEMO_NOTE, file=sys.stderr)
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.sampling_seed, stop=args.stop)
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.sampling_seed,
+            stop=args.stop,
+        )
         llm = LLM(config=engine_config(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompt = args.prompt
     if args.chat:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)
+        prompt = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     async def stream() -> str | None:
         reason = None
@@ -147,12 +161,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     proc, info = started
     os.environ.update(_worker_environment(args, info))
     scheme = "https" if args.ssl_certfile else "http"
-    banner = (f"ringllm ready on {scheme}://{args.host}:{args.port} | model {served_names(args)[0]} | "
-              f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens")
+    banner = (
+        f"ringllm ready on {scheme}://{args.host}:{args.port} | model {served_names(args)[0]} | "
+        f"tp {args.tp_size} pp {args.pp_size} | KV capacity {info['kv_slots']} tokens"
+    )
     if args.dp_size > 1:
         banner += f" per replica | dp {args.dp_size}"
-    threading.Thread(target=_announce_when_answering, args=(args, banner, proc), name="ready-banner",
-                     daemon=True).start()
+    threading.Thread(
+        target=_announce_when_answering, args=(args, banner, proc), name="ready-banner", daemon=True
+    ).start()
     return _host_app(args, proc, signals)
 
 
@@ -257,8 +274,11 @@ def _start_engine(config, args: argparse.Namespace, signals: _ShutdownSignals):
 
     ctx = mp.get_context("spawn")
     ready, ready_end = ctx.Pipe(duplex=False)  # a pipe leaves nothing in /dev/shm, whatever kills us
-    proc = ctx.Process(target=_engine_process_main, name="ringllm-engine",
-                       args=(config, args.workers, ready_end, args.shutdown_timeout, args.profiler_max_seconds))
+    proc = ctx.Process(
+        target=_engine_process_main,
+        name="ringllm-engine",
+        args=(config, args.workers, ready_end, args.shutdown_timeout, args.profiler_max_seconds),
+    )
     proc.start()
     ready_end.close()
     while True:
@@ -302,17 +322,22 @@ def _start_replicas(config, args: argparse.Namespace, signals: _ShutdownSignals)
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     ids = config.device_ids or list(range(args.dp_size * world))
     if config.device != "cpu" and len(ids) < args.dp_size * world:
-        print(f"error: --dp-size {args.dp_size} × {world} ranks need {args.dp_size * world} GPUs; "
-              f"--device-ids lists {len(ids)}", file=sys.stderr)
+        print(
+            f"error: --dp-size {args.dp_size} × {world} ranks need {args.dp_size * world} GPUs; "
+            f"--device-ids lists {len(ids)}",
+            file=sys.stderr,
+        )
         return 2
     procs, pipes = [], []
     for r in range(args.dp_size):
         replica = dataclasses.replace(config, device_ids=None, nccl_port=config.nccl_port + r)
-        mine = [visible[i] if visible else str(i) for i in ids[r * world:(r + 1) * world]]
+        mine = [visible[i] if visible else str(i) for i in ids[r * world : (r + 1) * world]]
         ready, ready_end = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_engine_process_main, name=f"ringllm-engine-{r}",
-                           args=(replica, args.workers, ready_end, args.shutdown_timeout,
-                                 args.profiler_max_seconds))
+        proc = ctx.Process(
+            target=_engine_process_main,
+            name=f"ringllm-engine-{r}",
+            args=(replica, args.workers, ready_end, args.shutdown_timeout, args.profiler_max_seconds),
+        )
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if config.device != "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # a spawned child inherits the environment
@@ -408,8 +433,12 @@ class ReplicaGroup:
         if r not in self._told and not self._stopping and serving:
             self._told.add(r)
             proc = self.procs[r]
-            print(f"error: engine replica {r} (pid {proc.pid}) exited (code {proc.exitcode}); {serving} of "
-                  f"{len(self.procs)} replicas serve on", file=sys.stderr, flush=True)
+            print(
+                f"error: engine replica {r} (pid {proc.pid}) exited (code {proc.exitcode}); {serving} of "
+                f"{len(self.procs)} replicas serve on",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def served_names(args: argparse.Namespace) -> list[str]:
@@ -421,23 +450,28 @@ def served_names(args: argparse.Namespace) -> list[str]:
 def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
     """The settings each API worker reads (app.server.Settings)."""
     served = served_names(args)
-    env = dict(RINGLLM_ENGINE_PID=str(info["pid"]), RINGLLM_WORKERS=str(args.workers),
-               RINGLLM_MODEL_PATH=info["model_path"], RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
-               RINGLLM_VOCAB_SIZE=str(info["vocab_size"]), RINGLLM_SERVED_MODELS=json.dumps(served),
-               RINGLLM_TOKENIZER_PATH=args.tokenizer or info["model_path"],
-               RINGLLM_LOG_LEVEL=args.log_level, RINGLLM_PUBLIC_ROUTES=args.public_routes,
-               RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0),
-               RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests),
-               RINGLLM_TOOL_CALL_PARSER=args.tool_call_parser or "",
-               RINGLLM_REASONING_PARSER=args.reasoning_parser or "",
-               RINGLLM_CHAT_TEMPLATE=args.chat_template or "",
-               RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "",
-               RINGLLM_BODY_READ_TIMEOUT=str(args.body_read_timeout),
-               RINGLLM_PROFILER_ROUTES="1" if args.profiler_dir else "",
-               RINGLLM_ENGINE_STALL_TIMEOUT=str(args.engine_stall_timeout))
+    env = dict(
+        RINGLLM_ENGINE_PID=str(info["pid"]),
+        RINGLLM_WORKERS=str(args.workers),
+        RINGLLM_MODEL_PATH=info["model_path"],
+        RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
+        RINGLLM_VOCAB_SIZE=str(info["vocab_size"]),
+        RINGLLM_SERVED_MODELS=json.dumps(served),
+        RINGLLM_TOKENIZER_PATH=args.tokenizer or info["model_path"],
+        RINGLLM_LOG_LEVEL=args.log_level,
+        RINGLLM_PUBLIC_ROUTES=args.public_routes,
+        RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0),
+        RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests),
+        RINGLLM_TOOL_CALL_PARSER=args.tool_call_parser or "",
+        RINGLLM_REASONING_PARSER=args.reasoning_parser or "",
+        RINGLLM_CHAT_TEMPLATE=args.chat_template or "",
+        RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "",
+        RINGLLM_BODY_READ_TIMEOUT=str(args.body_read_timeout),
+        RINGLLM_PROFILER_ROUTES="1" if args.profiler_dir else "",
+        RINGLLM_ENGINE_STALL_TIMEOUT=str(args.engine_stall_timeout),
+    )
     if "replica_pids" in info:  # --dp-size N
-        env.update(RINGLLM_ENGINE_PIDS=",".join(map(str, info["replica_pids"])),
-                   RINGLLM_KV_SLOTS=str(info["kv_slots"]))
+        env.update(RINGLLM_ENGINE_PIDS=",".join(map(str, info["replica_pids"])), RINGLLM_KV_SLOTS=str(info["kv_slots"]))
     if args.api_key:
         env["RINGLLM_API_KEY"] = args.api_key
     if args.allowed_origins:
@@ -458,10 +492,17 @@ def _host_app(args: argparse.Namespace, proc, signals: _ShutdownSignals) -> int:
 
     from ipc.lifecycle import remove_stale_segments
 
-    server = Granian("app.server:asgi", address=args.host, port=args.port, interface=Interfaces.ASGI,
-                     workers=args.workers, workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)),
-                     respawn_failed_workers=True,  # a dead API worker is replaced; it reclaims its ring pair
-                     **granian_options(args, args.workers), **granian_operator_options(args))
+    server = Granian(
+        "app.server:asgi",
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=args.workers,
+        workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)),
+        respawn_failed_workers=True,  # a dead API worker is replaced; it reclaims its ring pair
+        **granian_options(args, args.workers),
+        **granian_operator_options(args),
+    )
     draining = threading.Event()
 
     def on_sigterm(*_):
@@ -474,8 +515,9 @@ def _host_app(args: argparse.Namespace, proc, signals: _ShutdownSignals) -> int:
     def watch_engine():
         proc.join()
         if not draining.is_set() and proc.exitcode != 0:
-            print(f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr,
-                  flush=True)
+            print(
+                f"error: the engine process exited (code {proc.exitcode}); shutting down", file=sys.stderr, flush=True
+            )
         server.signal_handler_interrupt()
 
     def take_signals():

@@ -15,5 +15,6 @@ def cors_config(env=os.environ) -> CORSConfig | None:
     origins = comma_list(env.get("RINGLLM_ALLOWED_ORIGINS", ""))
     if not origins:
         return None
-    return CORSConfig(allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
-                      expose_headers=["X-Request-Id"], max_age=600)
+    return CORSConfig(
+        allow_origins=origins, allow_methods=["*"], allow_headers=["*"], expose_headers=["X-Request-Id"], max_age=600
+    )

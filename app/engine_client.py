@@ -13,7 +13,6 @@ from ipc.async_reader import AsyncRingReader
 from ipc.lifecycle import WorkerPair, claim_worker_index
 from ipc.ring import pid_alive
 
-
 # How long a request may wait for room in the request ring (the engine is slow or stalled) before it is
 # refused with 503: the wait is asynchronous, the worker serves other requests meanwhile.
 RING_WAIT_SECONDS = 10.0
@@ -30,7 +29,7 @@ class EngineBusy(RuntimeError):
 class _Pending:
     """A frame waiting for room in the request ring: how much of it is written, and who waits for it."""
 
-    __slots__ = ("frame", "sent", "done", "dropped")
+    __slots__ = ("done", "dropped", "frame", "sent")
 
     def __init__(self, frame: bytes, sent: int, done: asyncio.Future):
         self.frame, self.sent, self.done, self.dropped = frame, sent, done, False
@@ -87,8 +86,10 @@ class EngineClient:
             elif not pending.done.done():  # part of it is in the ring: the rest follows, then this abort
                 self._send(m.encode(m.Abort(rid)))
             if isinstance(e, asyncio.TimeoutError):
-                raise EngineBusy(f"the engine took no new requests for {RING_WAIT_SECONDS:g} s (its request "
-                                 "ring stayed full); try again later") from None
+                raise EngineBusy(
+                    f"the engine took no new requests for {RING_WAIT_SECONDS:g} s (its request "
+                    "ring stayed full); try again later"
+                ) from None
             raise
         return queue
 

@@ -17,8 +17,9 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error",
-                   param: str | None = None) -> Response:
+def error_response(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+) -> Response:
     body = ErrorResponse(ErrorBody(message, kind, param, None))
     # Overload or restart: come back later.
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None

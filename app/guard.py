@@ -49,5 +49,4 @@ def check_json_content_type(value: bytes | None) -> None:
     media = (value or b"").split(b";")[0].strip().lower()
     if media != b"application/json":
         got = repr(value.decode("latin-1")) if value else "none"
-        raise ApiError(415, f"request bodies must be Content-Type application/json, got {got}",
-                       param="content-type")
+        raise ApiError(415, f"request bodies must be Content-Type application/json, got {got}", param="content-type")

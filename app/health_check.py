@@ -46,7 +46,7 @@ def server_options(pid: int) -> argparse.Namespace:
     argv = _argv(pid)
     parser = build_parser()
     read_environment(parser, _environ(pid))
-    return parser.parse_args(argv[argv.index("serve"):])
+    return parser.parse_args(argv[argv.index("serve") :])
 
 
 def probe(opts: argparse.Namespace, timeout: float) -> tuple[int, str]:
@@ -55,8 +55,9 @@ def probe(opts: argparse.Namespace, timeout: float) -> tuple[int, str]:
     if opts.ssl_certfile:
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # its own certificate, any name
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, opts.port, timeout=timeout,
-                                                                        context=context)
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            host, opts.port, timeout=timeout, context=context
+        )
     else:
         conn = http.client.HTTPConnection(host, opts.port, timeout=timeout)
     headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}

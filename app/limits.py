@@ -26,19 +26,32 @@ MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
 class ServeLimits:
     """`ringllm serve` options of this module (the CLI is generated from these fields)."""
 
-    http: str = setting("1", "HTTP protocols: 1 (HTTP/1.1) or auto (HTTP/1.1 and h2c; a connection that sends "
-                             "nothing is then never timed out)", choices=("1", "auto"))
-    header_read_timeout: float = setting(10.0, "seconds a connection may take to send a request's headers; also "
-                                               "how long an idle keep-alive connection stays open (at most 60)")
+    http: str = setting(
+        "1",
+        "HTTP protocols: 1 (HTTP/1.1) or auto (HTTP/1.1 and h2c; a connection that sends "
+        "nothing is then never timed out)",
+        choices=("1", "auto"),
+    )
+    header_read_timeout: float = setting(
+        10.0,
+        "seconds a connection may take to send a request's headers; also "
+        "how long an idle keep-alive connection stays open (at most 60)",
+    )
     body_read_timeout: float = setting(30.0, "seconds a client may take to send a request's body (408 after)")
     backlog: int = setting(1024, "connections the kernel queues for the server before refusing more (at least 128)")
-    backpressure: int | None = setting(None, "connections each API worker serves at once; more wait in the backlog "
-                                             "(default: backlog / workers)")
-    profiler_dir: str | None = setting(None, "enables POST /start_profile and /stop_profile, writing traces here "
-                                             "(default: the routes do not exist)", metavar="DIR")
+    backpressure: int | None = setting(
+        None, "connections each API worker serves at once; more wait in the backlog (default: backlog / workers)"
+    )
+    profiler_dir: str | None = setting(
+        None,
+        "enables POST /start_profile and /stop_profile, writing traces here (default: the routes do not exist)",
+        metavar="DIR",
+    )
     profiler_max_seconds: float = setting(10.0, "a profile started by /start_profile stops itself after this long")
-    engine_stall_timeout: float = setting(30.0, "/health answers 503 once the engine's loop has not turned for "
-                                                "this long (hung, stopped or stuck in one step)")
+    engine_stall_timeout: float = setting(
+        30.0,
+        "/health answers 503 once the engine's loop has not turned for this long (hung, stopped or stuck in one step)",
+    )
 
 
 def granian_options(limits: ServeLimits | argparse.Namespace, workers: int) -> dict:
@@ -47,9 +60,12 @@ def granian_options(limits: ServeLimits | argparse.Namespace, workers: int) -> d
     from granian.http import HTTP1Settings
 
     header_ms = min(60_000, max(1, round(limits.header_read_timeout * 1000)))  # Granian's range
-    return {"http": HTTPModes.http1 if limits.http == "1" else HTTPModes.auto, "backlog": max(128, limits.backlog),
-            "backpressure": limits.backpressure or max(1, limits.backlog // max(1, workers)),
-            "http1_settings": HTTP1Settings(header_read_timeout=header_ms, keep_alive=True)}
+    return {
+        "http": HTTPModes.http1 if limits.http == "1" else HTTPModes.auto,
+        "backlog": max(128, limits.backlog),
+        "backpressure": limits.backpressure or max(1, limits.backlog // max(1, workers)),
+        "http1_settings": HTTP1Settings(header_read_timeout=header_ms, keep_alive=True),
+    }
 
 
 def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
@@ -58,8 +74,13 @@ def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
 
 async def _answer(send, status: int, message: str) -> None:
     """An error in OpenAI's shape; `connection: close` since the rest of the body will not be read."""
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
     await send({"type": "http.response.body", "body": _error_body(message)})
 
 

@@ -41,35 +41,58 @@ class ServeConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = setting(8000, "HTTP port")
     workers: int = setting(1, "API worker processes")
-    dp_size: int = setting(1, "data-parallel engine replicas, each with its own GPUs (tp x pp of them), KV pool "
-                              "and prefix cache; requests go to the replica whose cache holds their prefix",
-                           "--data-parallel-size", "-dp")
+    dp_size: int = setting(
+        1,
+        "data-parallel engine replicas, each with its own GPUs (tp x pp of them), KV pool "
+        "and prefix cache; requests go to the replica whose cache holds their prefix",
+        "--data-parallel-size",
+        "-dp",
+    )
     served_model_name: list[str] | None = setting(
-        None, "names clients may use for the model, several allowed; the first is reported "
-              "(default: the --model argument as given)", nargs="+", metavar="NAME")
+        None,
+        "names clients may use for the model, several allowed; the first is reported "
+        "(default: the --model argument as given)",
+        nargs="+",
+        metavar="NAME",
+    )
     api_key: str | None = setting(None, "require this bearer token on every route but --public-routes")
-    public_routes: str = setting("/health,/metrics", "comma-separated routes that need no API key ('' guards "
-                                                     "them all)")
-    request_timeout: float | None = setting(None, "seconds a request may take before it is aborted with 504 "
-                                                  "(default: no limit)")
+    public_routes: str = setting("/health,/metrics", "comma-separated routes that need no API key ('' guards them all)")
+    request_timeout: float | None = setting(
+        None, "seconds a request may take before it is aborted with 504 (default: no limit)"
+    )
     shutdown_timeout: float = setting(30.0, "seconds SIGTERM waits for requests in flight before stopping")
     allowed_origins: list[str] | None = setting(
-        None, "CORS: origins browsers may call from, comma-separated or a JSON list, '*' for any "
-              "(default: no CORS headers)", parse=comma_list, metavar="ORIGINS")
+        None,
+        "CORS: origins browsers may call from, comma-separated or a JSON list, '*' for any (default: no CORS headers)",
+        parse=comma_list,
+        metavar="ORIGINS",
+    )
     ssl_keyfile: str | None = setting(None, "TLS private key (PEM); with --ssl-certfile serves HTTPS")
     ssl_certfile: str | None = setting(None, "TLS certificate chain (PEM)")
     tool_call_parser: str | None = setting(
-        None, "the model's tool-call syntax (hermes: Qwen2.5 and Qwen3; llama3_json: Llama 3.x)",
-        choices=(*TOOL_PARSERS, "none"), default_text="by family")
+        None,
+        "the model's tool-call syntax (hermes: Qwen2.5 and Qwen3; llama3_json: Llama 3.x)",
+        choices=(*TOOL_PARSERS, "none"),
+        default_text="by family",
+    )
     reasoning_parser: str | None = setting(
-        None, "where the model's reasoning is (qwen3: in a think block the model opens; deepseek_r1: in one the "
-              "prompt opens)", choices=(*REASONING_PARSERS, "none"), default_text="by family")
+        None,
+        "where the model's reasoning is (qwen3: in a think block the model opens; deepseek_r1: in one the "
+        "prompt opens)",
+        choices=(*REASONING_PARSERS, "none"),
+        default_text="by family",
+    )
     chat_template: str | None = setting(
-        None, "chat template to use instead of the model's: a file, or the template text itself",
-        metavar="FILE_OR_TEXT", default_text="the model's")
+        None,
+        "chat template to use instead of the model's: a file, or the template text itself",
+        metavar="FILE_OR_TEXT",
+        default_text="the model's",
+    )
     sanitize_control_tokens: bool = setting(
-        False, "encode control tokens found in chat messages (the template's role markers) as plain text; by "
-               "default they are the real tokens, as in transformers and vLLM")
+        False,
+        "encode control tokens found in chat messages (the template's role markers) as plain text; by "
+        "default they are the real tokens, as in transformers and vLLM",
+    )
 
 
 def _base_type(hint) -> type:
@@ -119,7 +142,7 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type) -> None:
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
         action = parser.add_argument(*flags, **kw)
-        setattr(action, "default_text", meta["default_text"])  # for scripts/config_reference.py
+        setattr(action, "default_text", meta["default_text"])  # noqa: B010 (argparse.Action declares no such field)
 
 
 def from_args(cls: type, args: argparse.Namespace):

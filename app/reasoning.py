@@ -51,7 +51,7 @@ class ReasoningParser:
             if self.state == "start":
                 head = self.buf.lstrip()
                 if head.startswith(START):
-                    self.buf, self.state = head[len(START):], "reasoning"
+                    self.buf, self.state = head[len(START) :], "reasoning"
                     self.reasoned = True
                     continue
                 if START.startswith(head):  # still only blanks and part of the tag: wait
@@ -66,15 +66,15 @@ class ReasoningParser:
                         break
                     self.optional_start = False
                     if head.startswith(START):
-                        self.buf = head[len(START):]
+                        self.buf = head[len(START) :]
                 at = self.buf.find(END)
                 if at >= 0:
                     reasoning.append(self.buf[:at])
-                    self.buf, self.state = self.buf[at + len(END):], "after"
+                    self.buf, self.state = self.buf[at + len(END) :], "after"
                     continue
                 keep = held_prefix(self.buf, END)
                 reasoning.append(self.buf[: len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep:]
+                self.buf = self.buf[len(self.buf) - keep :]
                 break
             if self.state == "after":
                 self.buf = self.buf.lstrip("\n")

@@ -23,17 +23,26 @@ log = get_logger("app")
 OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes seconds
 
 
-async def tokenize_text(request: Request, text: str, add_special_tokens: bool = False, encode=None,
-                        bound: bool = True, param: str = "prompt") -> list[int]:
+async def tokenize_text(
+    request: Request,
+    text: str,
+    add_special_tokens: bool = False,
+    encode=None,
+    bound: bool = True,
+    param: str = "prompt",
+) -> list[int]:
     """The token ids of a prompt text. A text longer than the context could hold even at the tokenizer's
     longest token is refused before tokenizing (with `bound`); a long text is tokenized off the event loop, so
     the worker goes on serving (and answering /health) meanwhile. `encode` replaces the tokenizer's."""
     tok, settings = request.app.state.tokenizer, request.app.state.settings
     limit = settings.max_seq_len * request.app.state.max_token_chars
     if bound and len(text) > limit:
-        raise ApiError(400, f"the prompt has {len(text)} characters: more than the context of "
-                            f"{settings.max_seq_len} tokens can hold ({limit} characters at most)",
-                       param=param)
+        raise ApiError(
+            400,
+            f"the prompt has {len(text)} characters: more than the context of "
+            f"{settings.max_seq_len} tokens can hold ({limit} characters at most)",
+            param=param,
+        )
     encode = encode or tok.encode
     if len(text) < OFF_LOOP_CHARS:
         return encode(text, add_special_tokens) if add_special_tokens else encode(text)
@@ -79,8 +88,9 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
             for item in items:
                 if isinstance(item, m.RequestFailed):
                     finished = engine_done = True
-                    raise ApiError(item.status, item.message, "server_error" if item.status >= 500 else
-                                   "invalid_request_error")
+                    raise ApiError(
+                        item.status, item.message, "server_error" if item.status >= 500 else "invalid_request_error"
+                    )
                 got = m.unpack_ids(item.token_ids)
                 new += got
                 reason = reason or item.finish_reason
@@ -115,8 +125,15 @@ async def _pieces(request: Request, job: Job, stops: list[str]):
             reason = "abort"
         total = time.perf_counter() - start
         metrics.finished(reason or "error", len(ids), total)
-        log.info("request", rid=rid, prompt_tokens=len(ids), completion_tokens=count, finish_reason=reason,
-                 ttft_s=round(ttft, 4) if ttft is not None else None, total_s=round(total, 4))
+        log.info(
+            "request",
+            rid=rid,
+            prompt_tokens=len(ids),
+            completion_tokens=count,
+            finish_reason=reason,
+            ttft_s=round(ttft, 4) if ttft is not None else None,
+            total_s=round(total, 4),
+        )
 
 
 def _echoed_logprobs(ids: list[int], first) -> list:
@@ -136,8 +153,9 @@ async def _next(queue: asyncio.Queue, remaining: float | None, limit: float | No
     try:
         return await asyncio.wait_for(queue.get(), max(0.0, remaining))
     except asyncio.TimeoutError:
-        raise ApiError(504, f"the request ran past the server's request timeout of {limit:g} s",
-                       "timeout_error") from None
+        raise ApiError(
+            504, f"the request ran past the server's request timeout of {limit:g} s", "timeout_error"
+        ) from None
 
 
 async def fan_out(request: Request, jobs: list[Job], stops: list[str]):
@@ -173,19 +191,27 @@ async def fan_out(request: Request, jobs: list[Job], stops: list[str]):
             t.cancel()
 
 
-def make_jobs(request: Request, ids_list: list[list[int]], sampling: m.Sampling, n: int,
-              echoes: list[str] | None = None) -> list[Job]:
+def make_jobs(
+    request: Request, ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None
+) -> list[Job]:
     """One job per prompt and choice; with a seed, choice j uses seed + j (wrapped within 64 bits) so the
     choices differ. More jobs than the engine's queue holds could never all be queued: that is a 400."""
     limit = request.app.state.settings.max_waiting_requests
     if len(ids_list) * n > limit:
-        raise ApiError(400, f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this "
-                            f"server queues at most {limit} (--max-waiting-requests)", param="n")
+        raise ApiError(
+            400,
+            f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this "
+            f"server queues at most {limit} (--max-waiting-requests)",
+            param="n",
+        )
     jobs = []
     for p, ids in enumerate(ids_list):
         for j in range(n):
-            sp = sampling if sampling.seed is None or j == 0 else msgspec.structs.replace(
-                sampling, seed=_choice_seed(sampling.seed, j))
+            sp = (
+                sampling
+                if sampling.seed is None or j == 0
+                else msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, j))
+            )
             jobs.append(Job(ids, sp, echoes[p] if echoes else None))
     return jobs
 

@@ -27,7 +27,7 @@ def block_hashes(ids: list[int]) -> list[int]:
     and tuples of ints the same in every process (no PYTHONHASHSEED salt), so API workers agree."""
     out, h = [], 0
     for end in range(BLOCK_TOKENS, len(ids) + 1, BLOCK_TOKENS):
-        h = hash((h, tuple(ids[end - BLOCK_TOKENS:end])))
+        h = hash((h, tuple(ids[end - BLOCK_TOKENS : end])))
         out.append(h)
     return out
 

@@ -91,10 +91,14 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
     "suffix": (None, ""),  # completions: text after the insertion point
     "best_of": (None, 1),  # completions: server-side candidates
     "service_tier": (None, "auto", "default"),  # there is one tier
-    "store": (None, False), "metadata": (None,),  # stored completions
+    "store": (None, False),
+    "metadata": (None,),  # stored completions
     "prediction": (None,),  # predicted outputs
-    "audio": (None,), "modalities": (None, ["text"]),
-    "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
     "include_obfuscation": (None, False),  # stream_options
 }
 
@@ -163,8 +167,10 @@ def _refuse_unimplemented(obj) -> None:
     for name in type(obj).__struct_fields__:
         allowed = NOT_IMPLEMENTED.get(name)
         if allowed is not None and getattr(obj, name) not in allowed:
-            raise ValueError(f"{name} is not supported by this server (accepted only as "
-                             f"{' or '.join(msgspec.json.encode(v).decode() for v in allowed)})")
+            raise ValueError(
+                f"{name} is not supported by this server (accepted only as "
+                f"{' or '.join(msgspec.json.encode(v).decode() for v in allowed)})"
+            )
 
 
 class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):

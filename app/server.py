@@ -17,17 +17,34 @@ from litestar.response import Stream
 
 from app import chat as chat_io
 from app.access_log import RequestLog, request_id
+from app.cors import cors_config
 from app.engine_client import EngineDown
 from app.errors import ApiError, error_response
 from app.guard import guard
 from app.limits import MAX_BODY_BYTES, bound_body_reads
-from app.cors import cors_config
 from app.metrics import Metrics
-from app.requests import collect, fan_out, make_jobs, tokenize_text
-from app.schemas import (ChatChoice, ChatChunk, ChatLogprobs, ChatMessageOut, ChatRequest, ChatResponse,
-                         ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                         ErrorBody, ErrorResponse, Message, TokenLogprob, TopLogprob, Usage, MAX_PROMPTS)
 from app.replicas import ReplicaCollector, Replicas, merge_stats
+from app.requests import collect, fan_out, make_jobs, tokenize_text
+from app.schemas import (
+    MAX_PROMPTS,
+    ChatChoice,
+    ChatChunk,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatRequest,
+    ChatResponse,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    Message,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from app.tokenizer import AppTokenizer, read_chat_template
 from engine.logs import configure_logging, get_logger
 from ipc import messages as m
@@ -37,8 +54,6 @@ from ipc.sampling import StructuredOutputs
 
 log = get_logger("app")
 _json = msgspec.json.Encoder()
-
-
 
 
 class Settings:
@@ -72,12 +87,18 @@ async def lifespan(app: Litestar):
     s = Settings()
     app.state.settings = s
     template = os.environ.get("RINGLLM_CHAT_TEMPLATE")
-    app.state.tokenizer = AppTokenizer(s.tokenizer_path, read_chat_template(template) if template else None,
-                                       os.environ.get("RINGLLM_SANITIZE_CONTROL_TOKENS") == "1")
+    app.state.tokenizer = AppTokenizer(
+        s.tokenizer_path,
+        read_chat_template(template) if template else None,
+        os.environ.get("RINGLLM_SANITIZE_CONTROL_TOKENS") == "1",
+    )
     app.state.max_token_chars = app.state.tokenizer.max_token_chars  # bounds a text before tokenizing
-    app.state.chat_parsers = chat_io.model_parsers(s.model_path, app.state.tokenizer.template_text,
-                                                   os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
-                                                   os.environ.get("RINGLLM_REASONING_PARSER"))
+    app.state.chat_parsers = chat_io.model_parsers(
+        s.model_path,
+        app.state.tokenizer.template_text,
+        os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
+        os.environ.get("RINGLLM_REASONING_PARSER"),
+    )
     app.state.stall_timeout = float(os.environ.get("RINGLLM_ENGINE_STALL_TIMEOUT") or 30.0)
     # One EngineClient (ring pair) and heartbeat per engine: one engine, or --dp-size replicas.
     app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout)
@@ -105,8 +126,15 @@ def _check_model(request: Request, model: str | None) -> None:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {names}", "not_found_error", "model")
 
 
-def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, prompt_len: int, max_seq_len: int,
-              logprobs: int | None = None, vocab: int | None = None) -> tuple[m.Sampling, list[str]]:
+def _sampling(
+    req,
+    max_tokens: int | None,
+    default_max_tokens: int | None,
+    prompt_len: int,
+    max_seq_len: int,
+    logprobs: int | None = None,
+    vocab: int | None = None,
+) -> tuple[m.Sampling, list[str]]:
     """The engine's parameters of a request (their bounds were checked as it was decoded) and its stop strings.
     An explicit max_tokens must fit the context after the prompt; without one, the default (or everything the
     context has left) is used. The token ids it names (logit_bias, stop_token_ids) must be below `vocab`."""
@@ -114,8 +142,11 @@ def _sampling(req, max_tokens: int | None, default_max_tokens: int | None, promp
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; the context holds {max_seq_len}", param="messages")
     if max_tokens is not None and max_tokens > room:
-        raise ApiError(400, f"max_tokens {max_tokens} plus the prompt's {prompt_len} tokens exceed the context of "
-                            f"{max_seq_len} tokens", param="max_tokens")
+        raise ApiError(
+            400,
+            f"max_tokens {max_tokens} plus the prompt's {prompt_len} tokens exceed the context of {max_seq_len} tokens",
+            param="max_tokens",
+        )
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
     try:
@@ -132,8 +163,11 @@ def _token_text(tok, tid: int) -> str:
 
 
 def _completion_logprobs(tok, lps) -> CompletionLogprobs:
-    return CompletionLogprobs([_token_text(tok, t) for t, _, _ in lps], [lp for _, lp, _ in lps],
-                              [None if top is None else {_token_text(tok, i): v for i, v in top} for _, _, top in lps])
+    return CompletionLogprobs(
+        [_token_text(tok, t) for t, _, _ in lps],
+        [lp for _, lp, _ in lps],
+        [None if top is None else {_token_text(tok, i): v for i, v in top} for _, _, top in lps],
+    )
 
 
 def _chat_logprobs(tok, lps) -> ChatLogprobs:
@@ -173,8 +207,9 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     prompts = _prompt_list(data.prompt)
     vocab = s.vocab_size or tok.vocab_size
     # Text prompts get the tokenizer's special tokens (Llama's BOS) as in transformers and vLLM; ids are as given.
-    ids_list = [await tokenize_text(request, p, add_special_tokens=True) if isinstance(p, str) else list(p)
-                for p in prompts]
+    ids_list = [
+        await tokenize_text(request, p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompts
+    ]
     for ids in ids_list:
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -191,6 +226,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
     prompt_tokens = sum(len(ids) for ids in ids_list)
     rid, created, model = f"cmpl-{request_id(request)}", int(time.time()), s.served_model
     if data.stream:
+
         async def events():
             counts = [0] * len(jobs)
             async for index, text, reason, count, lps in fan_out(request, jobs, stops):
@@ -203,8 +239,10 @@ async def completions(request: Request, data: CompletionRequest) -> Response | S
 
         return Stream(_sse_stream(events()), media_type="text/event-stream")
     texts, reasons, counts, all_lps = await collect(request, jobs, stops, len(jobs))
-    choices = [CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
-               for i in range(len(jobs))]
+    choices = [
+        CompletionChoice(i, texts[i], reasons[i], _completion_logprobs(tok, all_lps[i]) if want_lp else None)
+        for i in range(len(jobs))
+    ]
     body = CompletionResponse(rid, created, model, choices, _usage(prompt_tokens, sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
 
@@ -215,8 +253,11 @@ def _prompt_list(prompt) -> list:
         return [prompt]
     kinds = {type(x) for x in prompt}
     if len(kinds) > 1:
-        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
-                            "of token ids", param="prompt")
+        raise ApiError(
+            400,
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+            param="prompt",
+        )
     if not prompt or kinds == {int}:
         return [prompt]
     if len(prompt) > MAX_PROMPTS:
@@ -239,22 +280,38 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
     ids = await tokenize_text(request, text, param="messages", encode=tok.encode_chat)
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     want_lp = data.logprobs
-    sampling, stops = _sampling(data, max_tokens, None, len(ids), s.max_seq_len,
-                                (data.top_logprobs or 0) if want_lp else None, s.vocab_size or tok.vocab_size)
+    sampling, stops = _sampling(
+        data,
+        max_tokens,
+        None,
+        len(ids),
+        s.max_seq_len,
+        (data.top_logprobs or 0) if want_lp else None,
+        s.vocab_size or tok.vocab_size,
+    )
     if plan.schema is not None:
         sampling = _constrained(sampling, plan.schema)
     jobs = make_jobs(request, [ids], sampling, data.n)
     parsers = [chat_io.AnswerParser(text, reasoning_parser, plan) for _ in jobs]
     rid, created, model = f"chatcmpl-{request_id(request)}", int(time.time()), s.served_model
     if data.stream:
+
         async def events():
             first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
             yield _sse(ChatChunk(rid, created, model, first))
             counts = [0] * len(jobs)
             async for index, piece, reason, count, lps in fan_out(request, jobs, stops):
                 counts[index] = count
-                for chunk in _chat_chunks(rid, created, model, index, parsers[index], piece, reason,
-                                          _chat_logprobs(tok, lps) if want_lp else None):
+                for chunk in _chat_chunks(
+                    rid,
+                    created,
+                    model,
+                    index,
+                    parsers[index],
+                    piece,
+                    reason,
+                    _chat_logprobs(tok, lps) if want_lp else None,
+                ):
                     yield _sse(chunk)
             if data.stream_options and data.stream_options.include_usage:
                 yield _sse(ChatChunk(rid, created, model, [], _usage(len(ids), sum(counts))))
@@ -262,8 +319,15 @@ async def chat(request: Request, data: ChatRequest) -> Response | Stream:
 
         return Stream(_sse_stream(events()), media_type="text/event-stream")
     texts, reasons, counts, all_lps = await collect(request, jobs, stops, len(jobs))
-    choices = [ChatChoice(i, chat_io.whole_message(parsers[i], texts[i]), chat_io.finish_reason(parsers[i], reasons[i]),
-                          _chat_logprobs(tok, all_lps[i]) if want_lp else None) for i in range(len(jobs))]
+    choices = [
+        ChatChoice(
+            i,
+            chat_io.whole_message(parsers[i], texts[i]),
+            chat_io.finish_reason(parsers[i], reasons[i]),
+            _chat_logprobs(tok, all_lps[i]) if want_lp else None,
+        )
+        for i in range(len(jobs))
+    ]
     body = ChatResponse(rid, created, model, choices, _usage(len(ids), sum(counts)))
     return Response(_json.encode(body), media_type="application/json")
 
@@ -277,17 +341,27 @@ def _chat_chunks(rid, created, model, index, parser, piece, reason, logprobs) ->
         return []
     messages = [msg for d in deltas for msg in chat_io.delta_messages(d)] or [ChatMessageOut(content="")]
     reason = chat_io.finish_reason(parser, reason)
-    return [ChatChunk(rid, created, model, [ChatStreamChoice(index, msg, reason if k == len(messages) - 1 else None,
-                                                            logprobs if k == 0 else None)])
-            for k, msg in enumerate(messages)]
+    return [
+        ChatChunk(
+            rid,
+            created,
+            model,
+            [ChatStreamChoice(index, msg, reason if k == len(messages) - 1 else None, logprobs if k == 0 else None)],
+        )
+        for k, msg in enumerate(messages)
+    ]
 
 
 def _constrained(sampling: m.Sampling, schema: dict) -> m.Sampling:
     """tool_choice "required" or a named function: the output must match `schema` (the structured-output
     machinery of ipc/sampling.py), so the call is valid JSON for the function's parameters."""
     if sampling.structured_outputs is not None:
-        raise ApiError(400, "tool_choice 'required' or a named function cannot be combined with another output "
-                            "constraint (response_format, structured_outputs)", param="tool_choice")
+        raise ApiError(
+            400,
+            "tool_choice 'required' or a named function cannot be combined with another output "
+            "constraint (response_format, structured_outputs)",
+            param="tool_choice",
+        )
     # Compact JSON: a call needs no layout, and unbounded whitespace would let a model spend its tokens on it.
     constraint = StructuredOutputs(json=schema, disable_any_whitespace=True)
     return msgspec.structs.replace(sampling, structured_outputs=constraint)
@@ -296,9 +370,21 @@ def _constrained(sampling: m.Sampling, schema: dict) -> m.Sampling:
 @get("/v1/models")
 async def models(request: Request) -> dict:
     s = request.app.state.settings
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ringllm",
-                                        "root": s.model_path, "max_model_len": s.max_seq_len,
-                                        "vocab_size": s.vocab_size} for name in s.served_models]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "ringllm",
+                "root": s.model_path,
+                "max_model_len": s.max_seq_len,
+                "vocab_size": s.vocab_size,
+            }
+            for name in s.served_models
+        ],
+    }
 
 
 @get("/metrics")
@@ -353,8 +439,9 @@ async def _profiler_command(request: Request, command: str) -> None:
     except EngineDown as e:
         raise ApiError(503, str(e), "server_error") from None
     except asyncio.TimeoutError:
-        raise ApiError(503, "the engine did not answer within 10 s (it may be writing a profiler trace)",
-                       "server_error") from None
+        raise ApiError(
+            503, "the engine did not answer within 10 s (it may be writing a profiler trace)", "server_error"
+        ) from None
 
 
 class TokenizeRequest(msgspec.Struct):
@@ -425,7 +512,9 @@ def _on_http_error(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
     if isinstance(exc, ValidationException) and exc.extra:
         detail = f"{exc.detail}: {exc.extra}"
-    return error_response(exc.status_code, str(detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return error_response(
+        exc.status_code, str(detail), "invalid_request_error" if exc.status_code < 500 else "server_error"
+    )
 
 
 def _on_unexpected(request: Request, exc: Exception) -> Response:
@@ -439,8 +528,16 @@ def _on_unexpected(request: Request, exc: Exception) -> Response:
 
 PROFILER_ROUTES = os.environ.get("RINGLLM_PROFILER_ROUTES") == "1"  # --profiler-dir: off unless asked for
 app = Litestar(
-    route_handlers=[completions, chat, models, health, metrics, tokenize, detokenize,
-                    *([start_profile, stop_profile] if PROFILER_ROUTES else [])],
+    route_handlers=[
+        completions,
+        chat,
+        models,
+        health,
+        metrics,
+        tokenize,
+        detokenize,
+        *([start_profile, stop_profile] if PROFILER_ROUTES else []),
+    ],
     lifespan=[lifespan],
     exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
     middleware=[guard, bound_body_reads],  # the API key and the Content-Type, then the body within a time limit

@@ -41,8 +41,10 @@ def tokenizer_directory(path: str | Path) -> Path:
     if gguf.is_gguf(path):
         return gguf.tokenizer_dir(path)
     if not (path / "tokenizer.json").is_file():
-        raise TokenizerError(f"no tokenizer: {path / 'tokenizer.json'} does not exist (ringllm reads a "
-                             "checkpoint's tokenizer.json; pass --tokenizer to use another directory)")
+        raise TokenizerError(
+            f"no tokenizer: {path / 'tokenizer.json'} does not exist (ringllm reads a "
+            "checkpoint's tokenizer.json; pass --tokenizer to use another directory)"
+        )
     return path
 
 
@@ -60,8 +62,7 @@ def read_chat_template(value: str) -> str:
 
 
 class AppTokenizer:
-    def __init__(self, model_path: str | Path, chat_template: str | None = None,
-                 sanitize_control_tokens: bool = False):
+    def __init__(self, model_path: str | Path, chat_template: str | None = None, sanitize_control_tokens: bool = False):
         path = tokenizer_directory(model_path)
         try:
             self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -78,8 +79,11 @@ class AppTokenizer:
         if template:
             _check_template(template)
         # What transformers passes every template besides the conversation: its special tokens.
-        self.special = {k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-                        if (v := _token_text(cfg.get(k))) is not None}
+        self.special = {
+            k: v
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (v := _token_text(cfg.get(k))) is not None
+        }
         self.sanitize = sanitize_control_tokens
         self._control_re = _control_pattern(self.tok, template or "") if sanitize_control_tokens else None
 
@@ -106,11 +110,18 @@ class AppTokenizer:
         if not self.template_text:
             raise ValueError("this model has no chat template; use /v1/completions (or give --chat-template)")
         if self._control_re is not None:
-            messages, tools, kwargs = (_mark(messages, self._control_re), _mark(tools, self._control_re),
-                                       _mark(kwargs, self._control_re))
-        rendered, _ = render_jinja_template(conversations=[messages], tools=tools,
-                                            chat_template=self.template_text, add_generation_prompt=True,
-                                            **{**self.special, **kwargs})
+            messages, tools, kwargs = (
+                _mark(messages, self._control_re),
+                _mark(tools, self._control_re),
+                _mark(kwargs, self._control_re),
+            )
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            tools=tools,
+            chat_template=self.template_text,
+            add_generation_prompt=True,
+            **{**self.special, **kwargs},
+        )
         return rendered[0]
 
     def encode_chat(self, rendered: str) -> list[int]:
@@ -133,12 +144,11 @@ class AppTokenizer:
         encode = self._encode_as_text if as_text else self.encode
         ids = encode("\n" + piece)
         if ids[: len(newline)] == newline:
-            ids = ids[len(newline):]
+            ids = ids[len(newline) :]
         else:
             ids = encode(piece)
         if as_text and self.tok.token_to_id(piece) in ids:
-            raise ValueError(f"cannot encode {piece!r} as plain text: this tokenizer makes it the control "
-                             "token")
+            raise ValueError(f"cannot encode {piece!r} as plain text: this tokenizer makes it the control token")
         return ids
 
     def _encode_as_text(self, text: str) -> list[int]:
@@ -173,12 +183,17 @@ def _control_pattern(tok: Tokenizer, template: str) -> re.Pattern:
     env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
     try:
         ast = env.parse(template)
-        literal = "\0".join([n.data for n in ast.find_all(jinja2.nodes.TemplateData)]
-                            + [n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)])
+        literal = "\0".join(
+            [n.data for n in ast.find_all(jinja2.nodes.TemplateData)]
+            + [n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)]
+        )
     except jinja2.TemplateError:
         literal = template
-    tokens = [t.content for t in tok.get_added_tokens_decoder().values()
-              if t.special or (t.content in literal and not t.content.isspace())]
+    tokens = [
+        t.content
+        for t in tok.get_added_tokens_decoder().values()
+        if t.special or (t.content in literal and not t.content.isspace())
+    ]
     tokens.sort(key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 

@@ -99,7 +99,7 @@ class HermesParser:
                 at = self.buf.find(HERMES_END)
                 if at < 0:
                     break
-                body, self.buf = self.buf[:at], self.buf[at + len(HERMES_END):]
+                body, self.buf = self.buf[:at], self.buf[at + len(HERMES_END) :]
                 self.in_call = False
                 call = _parse_json(body)
                 if call is None:
@@ -113,14 +113,14 @@ class HermesParser:
                 before = self.buf[:at].rstrip()
                 if before.strip():
                     out.append(before)
-                self.buf, self.in_call = self.buf[at + len(HERMES_START):], True
+                self.buf, self.in_call = self.buf[at + len(HERMES_START) :], True
                 continue
             keep = held_prefix(self.buf, HERMES_START)
             certain = self.buf[: len(self.buf) - keep]
             blank_tail = len(certain) - len(certain.rstrip())
             if certain.strip():  # hold trailing blanks: they are dropped if a call comes next
                 out.append(certain[: len(certain) - blank_tail])
-                self.buf = self.buf[len(certain) - blank_tail:]
+                self.buf = self.buf[len(certain) - blank_tail :]
             break
         return "".join(out), calls
 

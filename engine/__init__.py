@@ -2,7 +2,7 @@
 
 Imports are lazy so that torch-free parts (SamplingParams, the detokenizer) load without torch."""
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "Completion", "Engine", "configure_logging"]
+__all__ = ["LLM", "Completion", "Engine", "EngineConfig", "SamplingParams", "configure_logging"]
 
 
 def __getattr__(name):

@@ -7,26 +7,46 @@ a help text and an environment variable live here and nowhere else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 KV_CACHE_DTYPES = ("auto",)  # the KV cache is stored in the model's dtype; fp8 is not implemented
 
 
-def setting(default: Any, help: str, *aliases: str, choices: tuple | None = None, metavar: str | None = None,
-            default_text: str | None = None, parse: Callable[[str], Any] | None = None, nargs: str | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *aliases: str,
+    choices: tuple | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    nargs: str | None = None,
+) -> Any:
     """A config field and its option: `--field-name` plus `aliases` (vLLM's names), `help`, optionally a
     fixed set of `choices`, the text the reference shows for the default (`default_text`), and how one
     value is read from text (`parse`; by default from the field's type) or several (`nargs="+"`)."""
-    return field(default=default, metadata=dict(help=help, aliases=aliases, choices=choices, metavar=metavar,
-                                                default_text=default_text, parse=parse, nargs=nargs))
+    return field(
+        default=default,
+        metadata=dict(
+            help=help,
+            aliases=aliases,
+            choices=choices,
+            metavar=metavar,
+            default_text=default_text,
+            parse=parse,
+            nargs=nargs,
+        ),
+    )
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = setting(None, "checkpoint directory or hub repo id (default: the demo model)",
-                                default_text="the demo model")
+    model: str | None = setting(
+        None, "checkpoint directory or hub repo id (default: the demo model)", default_text="the demo model"
+    )
     tokenizer: str | None = setting(None, "tokenizer directory (default: the model's)")
     download_dir: str | None = setting(None, "where hub checkpoints are downloaded (default: the hub's cache)")
     dtype: str = setting("auto", "weights' and activations' dtype", choices=DTYPES)
@@ -45,8 +65,9 @@ class EngineConfig:
     max_bs: int = setting(256, "most sequences in one step", "--max-num-seqs")
     max_num_batched_tokens: int = setting(8192, "token budget of one step (prefill chunks and decodes)")
     max_waiting_requests: int = setting(4096, "queue bound; beyond it requests get 503")
-    context_len: int | None = setting(None, "longest sequence (default: the model's; larger is refused)",
-                                      "--max-model-len")
+    context_len: int | None = setting(
+        None, "longest sequence (default: the model's; larger is refused)", "--max-model-len"
+    )
     enforce_eager: bool = setting(False, "no CUDA graphs")
     disable_overlap_schedule: bool = setting(False, "do not overlap host and device work")
     disable_radix_cache: bool = setting(False, "no prefix caching")
@@ -66,8 +87,10 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: the KV cache is kept in "
-                             f"the model's dtype (use 'auto')")
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: the KV cache is kept in "
+                f"the model's dtype (use 'auto')"
+            )
         if self.tp_size < 1 or self.pp_size < 1:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
         if not 0 <= self.node_rank < self.nnodes:
@@ -82,5 +105,7 @@ def check_context_len(config: EngineConfig, model_max: int | None) -> None:
     """Refuses a context longer than the model was trained for (its max_position_embeddings): the rotary
     tables would be extrapolated silently and the output would degrade without any sign."""
     if config.context_len is not None and model_max is not None and config.context_len > model_max:
-        raise ValueError(f"--context-len {config.context_len} is larger than the model's maximum of {model_max} "
-                         f"tokens (max_position_embeddings); use at most {model_max}")
+        raise ValueError(
+            f"--context-len {config.context_len} is larger than the model's maximum of {model_max} "
+            f"tokens (max_position_embeddings); use at most {model_max}"
+        )

@@ -20,8 +20,15 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-DEMO_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
+DEMO_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=4096,
+)
 VOCAB_SIZE = 1024
 CORPUS = Path(__file__).with_name("data") / "corpus.txt"
 
@@ -49,22 +56,44 @@ def build_demo_checkpoint(out: Path) -> None:
     tokenizer_json = _train_tokenizer()
     (out / "tokenizer.json").write_text(tokenizer_json)
     vocab = json.loads(tokenizer_json)
-    size = len(vocab["model"]["vocab"]) + sum(1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
+    size = len(vocab["model"]["vocab"]) + sum(
+        1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"]
+    )
     ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
     config = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": size,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": True,
-        "attention_bias": False, "hidden_act": "silu", "torch_dtype": "float32",
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], **DEMO_SHAPE,
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": size,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        **DEMO_SHAPE,
     }
     _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {"bos_token_id": config["bos_token_id"],
-                                                 "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": DEMO_SHAPE["max_position_embeddings"],
-        "add_bos_token": False, "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
-    })
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]},
+    )
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "model_max_length": DEMO_SHAPE["max_position_embeddings"],
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
     save_file(_random_weights(config), str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -74,8 +103,12 @@ def _train_tokenizer() -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = CORPUS.read_text(encoding="utf-8")
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
     return tok.to_str(pretty=True)
@@ -90,16 +123,25 @@ def _random_weights(config: dict) -> dict[str, torch.Tensor]:
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        })
-    return {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * std)
-            for name, shape in sorted(shapes.items())}
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    return {
+        name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * std)
+        for name, shape in sorted(shapes.items())
+    }
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -57,8 +57,9 @@ class StopStringMatcher:
             self.stopped = True
             self.pending = ""
             return buf[: min(hits)[0]]
-        hold = max((n for s in self.stops for n in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:n])),
-                   default=0)
+        hold = max(
+            (n for s in self.stops for n in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:n])), default=0
+        )
         self.pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]
 

@@ -88,17 +88,22 @@ class Engine:
         self.vocab_size = self.runner.shape.vocab_size
         self.eos_token_ids = set(self.runner.shape.eos_token_ids) | _generation_eos(self.model_path)
         self.scheduler = Scheduler(
-            num_slots=self.runner.num_slots, max_rows=self.runner.max_rows, context_len=self.runner.context_len,
-            max_bs=config.max_bs, max_batched_tokens=config.max_num_batched_tokens,
-            use_radix_cache=not config.disable_radix_cache, num_groups=config.pp_size,
+            num_slots=self.runner.num_slots,
+            max_rows=self.runner.max_rows,
+            context_len=self.runner.context_len,
+            max_bs=config.max_bs,
+            max_batched_tokens=config.max_num_batched_tokens,
+            use_radix_cache=not config.disable_radix_cache,
+            num_groups=config.pp_size,
         )
         # Steps launched but not yet read back: one with overlap, one per pipeline stage under PP.
         self.depth = config.pp_size if not config.disable_overlap_schedule else 0
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: deque[tuple[Batch, StepResult]] = deque()
         # Structured outputs: requests waiting for their grammar to compile, and the matchers of admitted ones.
-        self.grammars = Grammars(lambda: load_tokenizer(config.tokenizer or self.model_path), self.vocab_size,
-                                 sorted(self.eos_token_ids))
+        self.grammars = Grammars(
+            lambda: load_tokenizer(config.tokenizer or self.model_path), self.vocab_size, sorted(self.eos_token_ids)
+        )
         self._compiling: list[tuple[Sequence, Future]] = []
         self._matchers: dict[str, object] = {}
         self.num_generated_tokens = 0
@@ -118,8 +123,10 @@ class Engine:
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
-                               f"{self.max_seq_len - 1} (context length {self.max_seq_len}, one for the output)")
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
+                f"{self.max_seq_len - 1} (context length {self.max_seq_len}, one for the output)"
+            )
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
@@ -200,8 +207,9 @@ class Engine:
             elif future.exception() is not None:
                 del self.seqs[seq.rid]
                 seq.status, seq.finish_reason = Status.FINISHED, "error"
-                outputs.append(TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt,
-                                           error=str(future.exception())))
+                outputs.append(
+                    TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=str(future.exception()))
+                )
             else:
                 self._matchers[seq.rid] = self.grammars.matcher(future.result())
                 self.scheduler.add(seq)
@@ -215,8 +223,9 @@ class Engine:
         while self._in_flight:
             outputs += self._read_back(*self._in_flight.popleft())
         sampled = batch.plan.sample
-        return self.grammars.masks([self._matchers.get(s.rid) if sampled[i] else None
-                                    for i, s in enumerate(batch.seqs)], self.device)
+        return self.grammars.masks(
+            [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device
+        )
 
     def close(self) -> None:
         """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
@@ -252,8 +261,9 @@ class Engine:
             self.num_generated_tokens += 1
             matcher = self._matchers.get(seq.rid) if self._matchers else None
             reason = self._stop_reason(seq, token) if matcher is None else self._constrained_stop(seq, token, matcher)
-            out = TokenOutput(seq.rid, token, reason, num_prompt_tokens=seq.num_prompt,
-                              num_cached_tokens=seq.num_cached)
+            out = TokenOutput(
+                seq.rid, token, reason, num_prompt_tokens=seq.num_prompt, num_cached_tokens=seq.num_cached
+            )
             k = seq.params.logprobs
             if k is not None and lp is not None:
                 out.logprob = lp[i]
@@ -309,14 +319,17 @@ class Engine:
     def stats(self) -> dict:
         s, cache = self.scheduler, self.scheduler.cache
         return {
-            "running": len(s.running), "waiting": len(s.waiting) + len(self._compiling),  # with grammars to compile
-            "kv_slots_total": s.allocator.capacity, "kv_slots_used": s.num_slots_used,
+            "running": len(s.running),
+            "waiting": len(s.waiting) + len(self._compiling),  # with grammars to compile
+            "kv_slots_total": s.allocator.capacity,
+            "kv_slots_used": s.num_slots_used,
             "kv_slots_cached": cache.cached_tokens if cache else 0,
             "kv_slots_used_by_requests": s.num_slots_used - (cache.cached_tokens if cache else 0),
             "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
             "prefix_cache_hit_tokens": cache.hit_tokens if cache else 0,
             "prefix_cache_query_tokens": cache.query_tokens if cache else 0,
-            "generated_tokens": self.num_generated_tokens, "prompt_tokens_computed": self.num_prompt_tokens_computed,
+            "generated_tokens": self.num_generated_tokens,
+            "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "preemptions": s.num_preemptions,
         }
 

@@ -24,10 +24,17 @@ ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llam
 # GGUF tensor names -> Hugging Face names (llama.cpp's "standardized tensor names"; the same for the three).
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _IGNORED = {"rope_freqs.weight"}  # read into the config (Llama 3 rope scaling), not a model parameter
 TOKENIZER_FILES_VERSION = 2  # in the tokenizer cache's key: a change in how the files are built rebuilds them
@@ -45,8 +52,10 @@ def find_gguf(directory: Path) -> Path | None:
     """The one .gguf file in a directory (None if there is none; an error if there are several)."""
     found = sorted(directory.glob("*.gguf"))
     if len(found) > 1:
-        raise GGUFError(f"{directory} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); "
-                        "pass --model the one to serve")
+        raise GGUFError(
+            f"{directory} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); "
+            "pass --model the one to serve"
+        )
     return found[0] if found else None
 
 
@@ -64,8 +73,9 @@ class GGUFFile:
         self.meta = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
         arch = self.meta.get("general.architecture")
         if not isinstance(arch, str) or arch not in ARCHITECTURES:
-            raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; ringllm serves "
-                            f"{', '.join(ARCHITECTURES)}")
+            raise GGUFError(
+                f"{path}: GGUF architecture {arch!r} is not supported; ringllm serves {', '.join(ARCHITECTURES)}"
+            )
         self.arch: str = arch
 
     def _get(self, key: str, default=None):
@@ -79,10 +89,13 @@ class GGUFFile:
         names = {t.name for t in self.reader.tensors}
         tokens = self.meta.get("tokenizer.ggml.tokens") or []
         cfg = {
-            "architectures": [ARCHITECTURES[self.arch]], "model_type": self.arch,
+            "architectures": [ARCHITECTURES[self.arch]],
+            "model_type": self.arch,
             "vocab_size": self._get("vocab_size") or len(tokens),
-            "hidden_size": hidden, "intermediate_size": self._get("feed_forward_length"),
-            "num_hidden_layers": self._get("block_count"), "num_attention_heads": heads,
+            "hidden_size": hidden,
+            "intermediate_size": self._get("feed_forward_length"),
+            "num_hidden_layers": self._get("block_count"),
+            "num_attention_heads": heads,
             "num_key_value_heads": self._get("attention.head_count_kv", heads),
             "head_dim": self._get("attention.key_length") or hidden // heads,
             "rms_norm_eps": self._get("attention.layer_norm_rms_epsilon", 1e-6),
@@ -97,11 +110,11 @@ class GGUFFile:
             raise GGUFError(f"{self.path} lacks the metadata for {', '.join(missing)}")
         scaling = self._get("rope.scaling.type")
         if scaling not in (None, "none"):
-            raise GGUFError(f"{self.path}: rope scaling {scaling!r} is not supported "
-                            "(plain and Llama 3 rope are)")
+            raise GGUFError(f"{self.path}: rope scaling {scaling!r} is not supported (plain and Llama 3 rope are)")
         if "rope_freqs.weight" in names:
-            cfg["rope_scaling"] = _llama3_rope(self.tensor("rope_freqs.weight"), cfg["rope_theta"],
-                                               cfg["head_dim"], self.path)
+            cfg["rope_scaling"] = _llama3_rope(
+                self.tensor("rope_freqs.weight"), cfg["rope_theta"], cfg["head_dim"], self.path
+            )
         return cfg
 
     # ---- tensors ----
@@ -123,8 +136,10 @@ class GGUFFile:
                 dequantize(t.data[:1], t.tensor_type)
                 seen[t.tensor_type] = True
             except (NotImplementedError, ValueError) as e:
-                raise GGUFError(f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}, which "
-                                f"cannot be dequantized here ({e})") from None
+                raise GGUFError(
+                    f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}, which "
+                    f"cannot be dequantized here ({e})"
+                ) from None
 
     def tensor_names(self) -> list[str]:
         return [t.name for t in self.reader.tensors]
@@ -139,8 +154,7 @@ class GGUFFile:
                 continue
             name = hf_name(t.name, self.path)
             w = dequantize(t.data, t.tensor_type)
-            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
-                                                       "k_proj.bias")):
+            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                 heads = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
                 w = unpermute_qk(w, heads)
             yield name, w
@@ -173,12 +187,19 @@ def _llama3_rope(freq_factors: np.ndarray, theta: float, head_dim: int, path: Pa
     for old_ctx in (8192, 4096, 2048, 16384, 32768, 1024, 512, 256, 128, 64):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
             smooth = (old_ctx / wavelen - low) / (high - low)
-            want = np.where(wavelen < old_ctx / high, 1.0,
-                            np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+            want = np.where(
+                wavelen < old_ctx / high,
+                1.0,
+                np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+            )
             if np.allclose(want, freq_factors, rtol=1e-4, atol=1e-5):
-                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                        "high_freq_factor": high,
-                        "original_max_position_embeddings": old_ctx}
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": old_ctx,
+                }
     raise GGUFError(f"{path}: its rope_freqs tensor matches no Llama 3 rope scaling ringllm knows")
 
 
@@ -233,20 +254,27 @@ def write_tokenizer_files(f: GGUFFile, out: Path) -> None:
 
         _M: Any = GGUF_TO_TRANSFORMERS_MAPPING
 
-        GGUF_TOKENIZER_MAPPING = {"tokenizer": _M["tokenizer"]["tokenizer"],
-                                  "tokenizer_config": _M["tokenizer_config"]["tokenizer"]}
+        GGUF_TOKENIZER_MAPPING = {
+            "tokenizer": _M["tokenizer"]["tokenizer"],
+            "tokenizer_config": _M["tokenizer_config"]["tokenizer"],
+        }
     meta = f.meta
     if "tokenizer.ggml.tokens" not in meta:
         raise GGUFError(f"{f.path} holds no tokenizer (no tokenizer.ggml.tokens in its metadata)")
-    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
-                      if f"tokenizer.{key}" in meta}
-              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    groups = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     tok_dict, tok_cfg = groups["tokenizer"], groups["tokenizer_config"]
     if tok_dict.get("tokenizer_type") == "llama":
         tok_cfg.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
     tokens = tok_dict["tokens"]
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         token_id = meta.get(f"tokenizer.ggml.{key}")
         tok_cfg[name] = tokens[token_id] if token_id is not None else None
     try:
@@ -269,12 +297,13 @@ def _set_special_tokens_template(backend, tok_cfg: dict, meta: dict) -> None:
     flags = {k: tok_cfg.get(f"add_{k}_token") for k in ("bos", "eos")}
     if all(v is None for v in flags.values()):
         return
-    specials = {k: (tok_cfg.get(f"{k}_token"), meta.get(f"tokenizer.ggml.{k}_token_id"))
-                for k in ("bos", "eos")}
+    specials = {k: (tok_cfg.get(f"{k}_token"), meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos")}
     want = {k: bool(flags[k]) and specials[k][1] is not None for k in ("bos", "eos")}
     probe_plain, probe = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
-    has = {"bos": probe[:1] == [specials["bos"][1]] and len(probe) > len(probe_plain),
-           "eos": probe[-1:] == [specials["eos"][1]] and len(probe) > len(probe_plain)}
+    has = {
+        "bos": probe[:1] == [specials["bos"][1]] and len(probe) > len(probe_plain),
+        "eos": probe[-1:] == [specials["eos"][1]] and len(probe) > len(probe_plain),
+    }
     if has == want:
         return
     pre = [specials["bos"][0]] if want["bos"] else []

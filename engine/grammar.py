@@ -45,8 +45,8 @@ def _message(e: Exception) -> str:
 # takes [^"\\\r\n], which lets raw control characters (U+0000-U+001F) in, and every string class lets UTF-8
 # encoded surrogates (ED A0 80 ...) in. Neither is JSON: Python's json.loads and JSON.parse refuse the first,
 # and the second is not even UTF-8. Both classes become JSON's own, less the surrogates.
-_STRING_CLASSES = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
-_JSON_STRING_CHARS = r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]'
+_STRING_CLASSES = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
 
 
 def _json_grammar(schema: str, options: dict) -> str:
@@ -91,8 +91,9 @@ class Grammars:
     def _make_compiler(self):
         import xgrammar
 
-        info = xgrammar.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size,
-                                                       stop_token_ids=self.stop_token_ids or None)
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            self._load_tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
+        )
         log.info("grammar compiler ready", vocab_size=self.vocab_size, vocab_type=info.vocab_type.name)
         # Our cache holds the compiled grammars (bounded); xgrammar's own would keep every one.
         return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -104,8 +105,10 @@ class Grammars:
         try:
             # JSON: whitespace between elements is free (pretty-printed output) but bounded per gap, so that a
             # model cannot wander in whitespace forever and a bounded schema bounds the output.
-            space = {"any_whitespace": not no_whitespace,
-                     "max_whitespace_cnt": None if no_whitespace else MAX_JSON_WHITESPACE}
+            space = {
+                "any_whitespace": not no_whitespace,
+                "max_whitespace_cnt": None if no_whitespace else MAX_JSON_WHITESPACE,
+            }
             if kind == "json":
                 return compiler.compile_grammar(_json_grammar(text, space))
             if kind == "json_object":  # any object: strict mode would forbid every property of {"type": "object"}
@@ -114,10 +117,11 @@ class Grammars:
                 return compiler.compile_regex(text)
             if kind == "choice":  # EBNF string literals take JSON's escapes
                 choices = json.loads(text)
-                return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
-                                                                          for c in choices))
+                return compiler.compile_grammar(
+                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+                )
             return compiler.compile_grammar(text)
-        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others; none may reach the loop
+        except Exception as e:
             raise GrammarError(f"structured_outputs.{kind}: {_message(e)}") from None
 
     def matcher(self, compiled):
@@ -126,8 +130,9 @@ class Grammars:
         import xgrammar
 
         stop = self.stop_token_ids
-        return xgrammar.GrammarMatcher(compiled, override_stop_tokens=stop or None,
-                                       terminate_without_stop_token=not stop)
+        return xgrammar.GrammarMatcher(
+            compiled, override_stop_tokens=stop or None, terminate_without_stop_token=not stop
+        )
 
     # ---- masks ----
     def masks(self, matchers: list, device: torch.device) -> GrammarMask | None:

@@ -21,8 +21,7 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, x_stride, res_ptr, w_ptr, out_ptr, n, eps, HAS_RES: tl.constexpr,
-                        BLOCK: tl.constexpr):
+    def _rmsnorm_kernel(x_ptr, x_stride, res_ptr, w_ptr, out_ptr, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
@@ -38,8 +37,21 @@ if triton is not None:
         tl.store(out_ptr + row * n + offs, y, mask=mask)
 
     @triton.jit
-    def _norm_rope_kernel(x_ptr, tok_stride, head_stride, w_ptr, cos_ptr, sin_ptr, cs_stride, pos_ptr, out_ptr,
-                          num_heads, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+    def _norm_rope_kernel(
+        x_ptr,
+        tok_stride,
+        head_stride,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        cs_stride,
+        pos_ptr,
+        out_ptr,
+        num_heads,
+        eps,
+        HAS_NORM: tl.constexpr,
+        HALF: tl.constexpr,
+    ):
         tok = tl.program_id(0)
         head = tl.program_id(1)
         offs = tl.arange(0, HALF)
@@ -60,9 +72,25 @@ if triton is not None:
         tl.store(out + HALF + offs, (b * cos + a * sin).to(x1.dtype))
 
     @triton.jit
-    def _qkv_rope_store_kernel(qkv_ptr, tok_stride, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cs_stride, pos_ptr, slot_ptr,
-                               q_out_ptr, k_cache_ptr, v_cache_ptr, num_heads, num_kv_heads, eps,
-                               HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+    def _qkv_rope_store_kernel(
+        qkv_ptr,
+        tok_stride,
+        qw_ptr,
+        kw_ptr,
+        cos_ptr,
+        sin_ptr,
+        cs_stride,
+        pos_ptr,
+        slot_ptr,
+        q_out_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        num_heads,
+        num_kv_heads,
+        eps,
+        HAS_NORM: tl.constexpr,
+        HALF: tl.constexpr,
+    ):
         """One program per (token, head) over the fused q|k|v projection: a query head is normed, rotated and
         written to q_out; a KV head's key is normed, rotated and its value copied, both straight into the
         token's slot of the layer's K/V cache. Replaces two norm+rotary launches and two cache scatters."""
@@ -103,8 +131,20 @@ if triton is not None:
             tl.store(v_cache_ptr + row + HALF + offs, tl.load(v + HALF + offs))
 
     @triton.jit
-    def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _skinny_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        x_stride,
+        w_stride,
+        y_stride,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """y = x W^T for few rows (decode at small batch): each program streams a BLOCK_N-row strip of W once
         for every row of x. Narrow strips give enough programs to keep the memory system busy, which cuBLAS's
         tiles for large M do not at M <= 16."""
@@ -154,8 +194,19 @@ if triton is not None:
         return tl.where(take, x, best), tl.where(take, offs, best_idx)
 
     @triton.jit
-    def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, seed_ptr, counter_ptr, max_ptr, idx_ptr, vocab,
-                              num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def _gumbel_argmax_kernel(
+        logits_ptr,
+        stride,
+        temp_ptr,
+        seed_ptr,
+        counter_ptr,
+        max_ptr,
+        idx_ptr,
+        vocab,
+        num_chunks,
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """argmax(logits / T + Gumbel noise) samples softmax(logits / T) exactly, in one pass and without
         normalising; T == 0 gives the plain argmax (no noise is drawn). Noise is Philox(seed, counter * vocab +
         token id): one call gives four uniforms, for four consecutive blocks of a 4 * BLOCK group, so the
@@ -192,9 +243,25 @@ if triton is not None:
         tl.store(idx_ptr + row * num_chunks + chunk, i)
 
     @triton.jit
-    def _qkv_rope_store_kernel(qkv_ptr, tok_stride, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cs_stride, pos_ptr, slot_ptr,
-                               q_out_ptr, k_cache_ptr, v_cache_ptr, num_heads, num_kv_heads, eps,
-                               HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+    def _qkv_rope_store_kernel(
+        qkv_ptr,
+        tok_stride,
+        qw_ptr,
+        kw_ptr,
+        cos_ptr,
+        sin_ptr,
+        cs_stride,
+        pos_ptr,
+        slot_ptr,
+        q_out_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        num_heads,
+        num_kv_heads,
+        eps,
+        HAS_NORM: tl.constexpr,
+        HALF: tl.constexpr,
+    ):
         """One program per (token, head) over the fused q|k|v projection: a query head is normed, rotated and
         written to q_out; a KV head's key is normed, rotated and its value copied, both straight into the
         token's slot of the layer's K/V cache. Replaces two norm+rotary launches and two cache scatters."""
@@ -235,8 +302,20 @@ if triton is not None:
             tl.store(v_cache_ptr + row + HALF + offs, tl.load(v + HALF + offs))
 
     @triton.jit
-    def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _skinny_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        x_stride,
+        w_stride,
+        y_stride,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """y = x W^T for few rows (decode at small batch): each program streams a BLOCK_N-row strip of W once
         for every row of x. Narrow strips give enough programs to keep the memory system busy, which cuBLAS's
         tiles for large M do not at M <= 16."""
@@ -288,8 +367,19 @@ if triton is not None:
         return tl.where(take, m, best), tl.where(take, i, best_idx)
 
     @triton.jit
-    def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, seed_ptr, counter_ptr, max_ptr, idx_ptr, vocab,
-                              num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def _gumbel_argmax_kernel(
+        logits_ptr,
+        stride,
+        temp_ptr,
+        seed_ptr,
+        counter_ptr,
+        max_ptr,
+        idx_ptr,
+        vocab,
+        num_chunks,
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """argmax(logits / T + Gumbel noise) samples softmax(logits / T) exactly, in one pass and without
         normalising; T == 0 gives the plain argmax (no noise is drawn). Noise is Philox(seed, counter * vocab +
         token id): one call gives four uniforms, for four consecutive blocks of a 4 * BLOCK group, so the
@@ -323,9 +413,25 @@ if triton is not None:
         tl.store(idx_ptr + row * num_chunks + chunk, best_idx)
 
     @triton.jit
-    def _qkv_rope_store_kernel(qkv_ptr, tok_stride, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cs_stride, pos_ptr, slot_ptr,
-                               q_out_ptr, k_cache_ptr, v_cache_ptr, num_heads, num_kv_heads, eps,
-                               HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+    def _qkv_rope_store_kernel(
+        qkv_ptr,
+        tok_stride,
+        qw_ptr,
+        kw_ptr,
+        cos_ptr,
+        sin_ptr,
+        cs_stride,
+        pos_ptr,
+        slot_ptr,
+        q_out_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        num_heads,
+        num_kv_heads,
+        eps,
+        HAS_NORM: tl.constexpr,
+        HALF: tl.constexpr,
+    ):
         """One program per (token, head) over the fused q|k|v projection: a query head is normed, rotated and
         written to q_out; a KV head's key is normed, rotated and its value copied, both straight into the
         token's slot of the layer's K/V cache. Replaces two norm+rotary launches and two cache scatters."""
@@ -366,8 +472,20 @@ if triton is not None:
             tl.store(v_cache_ptr + row + HALF + offs, tl.load(v + HALF + offs))
 
     @triton.jit
-    def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _skinny_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        x_stride,
+        w_stride,
+        y_stride,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """y = x W^T for few rows (decode at small batch): each program streams a BLOCK_N-row strip of W once
         for every row of x. Narrow strips give enough programs to keep the memory system busy, which cuBLAS's
         tiles for large M do not at M <= 16."""
@@ -411,8 +529,19 @@ if triton is not None:
         return tl.where(take, m, best), tl.where(take, i, best_idx)
 
     @triton.jit
-    def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, seed_ptr, counter_ptr, max_ptr, idx_ptr, vocab,
-                              num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def _gumbel_argmax_kernel(
+        logits_ptr,
+        stride,
+        temp_ptr,
+        seed_ptr,
+        counter_ptr,
+        max_ptr,
+        idx_ptr,
+        vocab,
+        num_chunks,
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """argmax(logits / T + Gumbel noise) samples softmax(logits / T) exactly, in one pass and without
         normalising; T == 0 gives the plain argmax. Noise is Philox(seed, counter * vocab + token id). Each
         program scans one chunk of one row; the chunk winners are reduced afterwards."""
@@ -441,26 +570,66 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     x2 = x.reshape(-1, n)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        _rmsnorm_kernel[(x2.shape[0],)](x2, x2.stride(0), residual if residual is not None else x2, weight, out, n,
-                                        eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n))
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2,
+            x2.stride(0),
+            residual if residual is not None else x2,
+            weight,
+            out,
+            n,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(n),
+        )
     return out.view(x.shape)
 
 
-def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-              positions: torch.Tensor) -> torch.Tensor:
+def norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
     """Per-head RMSNorm (when `weight` is given) then neox-style rotary, from a strided [T, heads, D] view into
     a new contiguous tensor."""
     T, H, D = x.shape
     out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if T:
-        _norm_rope_kernel[(T, H)](x, x.stride(0), x.stride(1), weight if weight is not None else x, cos, sin,
-                                  cos.stride(0), positions, out, H, eps, HAS_NORM=weight is not None, HALF=D // 2)
+        _norm_rope_kernel[(T, H)](
+            x,
+            x.stride(0),
+            x.stride(1),
+            weight if weight is not None else x,
+            cos,
+            sin,
+            cos.stride(0),
+            positions,
+            out,
+            H,
+            eps,
+            HAS_NORM=weight is not None,
+            HALF=D // 2,
+        )
     return out
 
 
-def qkv_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_weight, k_weight,
-                   eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def qkv_rope_store(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight,
+    k_weight,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
     """From the q|k|v projection [T, (H + 2 Hkv) D]: per-head RMSNorm (weights given) and neox rotary of q and
     k; k and v are stored into `slots` of the layer's caches ([slots, Hkv, D], contiguous). Returns q as a new
     [T, H, D] tensor."""
@@ -469,9 +638,24 @@ def qkv_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_di
     if T:
         has_norm = q_weight is not None
         _qkv_rope_store_kernel[(T, num_heads + num_kv_heads)](
-            qkv, qkv.stride(0), q_weight if has_norm else qkv, k_weight if has_norm else qkv, cos, sin,
-            cos.stride(0), positions, slots, q, k_cache, v_cache, num_heads, num_kv_heads, eps,
-            HAS_NORM=has_norm, HALF=head_dim // 2)
+            qkv,
+            qkv.stride(0),
+            q_weight if has_norm else qkv,
+            k_weight if has_norm else qkv,
+            cos,
+            sin,
+            cos.stride(0),
+            positions,
+            slots,
+            q,
+            k_cache,
+            v_cache,
+            num_heads,
+            num_kv_heads,
+            eps,
+            HAS_NORM=has_norm,
+            HALF=head_dim // 2,
+        )
     return q
 
 
@@ -492,9 +676,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.nn.functional.linear(x, weight, bias)
     block_n, block_k, warps, stages = config or (16, 512, 4, 3)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](x2, weight, y, M, N, K, x2.stride(0), weight.stride(0),
-                                                   y.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   num_warps=warps, num_stages=stages)
+    _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](
+        x2,
+        weight,
+        y,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return y.view(*x.shape[:-1], N)
 
 
@@ -511,8 +708,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 SAMPLE_BLOCK = 512  # part of the noise stream's definition: changing it changes every seeded draw
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
-                  counter: torch.Tensor) -> torch.Tensor:
+def gumbel_sample(
+    logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
+) -> torch.Tensor:
     """One token per row: greedy where temperature is 0, else a draw from softmax(logits / temperature)."""
     B, V = logits.shape
     # Small batches split each row into more, shorter chunks, so that enough programs run at once (at B = 1
@@ -522,6 +720,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     best = torch.empty((B, n), dtype=torch.float32, device=logits.device)
     idx = torch.empty((B, n), dtype=torch.int32, device=logits.device)
     if B:
-        _gumbel_argmax_kernel[(B, n)](logits, logits.stride(0), temperature, seed, counter, best, idx, V, n,
-                                      CHUNK=chunk, BLOCK=SAMPLE_BLOCK)
+        _gumbel_argmax_kernel[(B, n)](
+            logits, logits.stride(0), temperature, seed, counter, best, idx, V, n, CHUNK=chunk, BLOCK=SAMPLE_BLOCK
+        )
     return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1).long()

@@ -5,7 +5,8 @@ Slot 0 is never handed out: padded positions (CUDA-graph batches) write their K/
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -54,8 +55,15 @@ class SlotAllocator:
 class KVPool:
     """Per-layer K and V of shape [slots, kv_heads, head_dim] on the model's device."""
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -75,8 +83,9 @@ class KVPool:
 RESERVED_GPU_BYTES = 2 << 30
 
 
-def kv_pool_slots(config: EngineConfig, bytes_per_token: int, device: torch.device,
-                  activation_peak: Callable[[], int]) -> int:
+def kv_pool_slots(
+    config: EngineConfig, bytes_per_token: int, device: torch.device, activation_peak: Callable[[], int]
+) -> int:
     """How many slots this rank's pool gets: `kv_cache_tokens` when set; on a GPU what is left of
     `gpu_memory_utilization` once the weights are loaded and the forward's peak (`activation_peak`, measured
     only here) is set aside; on the CPU `cpu_kv_cache_gb`."""
@@ -90,8 +99,10 @@ def kv_pool_slots(config: EngineConfig, bytes_per_token: int, device: torch.devi
         budget = config.cpu_kv_cache_gb * (1 << 30)
     slots = int(budget // bytes_per_token)
     if slots < 2:
-        raise ValueError(f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
-                         f"{bytes_per_token} bytes per token): lower the model size or raise the memory budget")
+        raise ValueError(
+            f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
+            f"{bytes_per_token} bytes per token): lower the model size or raise the memory budget"
+        )
     return slots
 
 

@@ -1,9 +1,9 @@
 """The offline API: `LLM` wraps an Engine, its tokenizer and a thread that drives the step loop.
 
-    llm = LLM()                                    # the demo model; LLM(model="path") for a checkpoint
-    results = llm.generate_batch(["Hi", "Yo"], SamplingParams(max_tokens=32))
-    async for out in llm.generate("Hi", params):   # streams
-        print(out.text, end="")
+llm = LLM()                                    # the demo model; LLM(model="path") for a checkpoint
+results = llm.generate_batch(["Hi", "Yo"], SamplingParams(max_tokens=32))
+async for out in llm.generate("Hi", params):   # streams
+    print(out.text, end="")
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import asyncio
 import itertools
 import threading
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -95,8 +95,9 @@ class LLM:
     def encode(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
-    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                       ) -> list[Completion]:
+    def generate_batch(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Runs every prompt to completion together; results in prompt order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         results = [Completion(f"batch-{next(self._ids)}") for _ in prompts]
@@ -115,10 +116,11 @@ class LLM:
                     remaining[0] -= 1
                     if remaining[0] == 0:
                         done.set()
+
             return sink
 
         submitted = [(r.rid, self.encode(p), sp, sink_for(r)) for r, p, sp in zip(results, prompts, params_list)]
-        for rid, ids, sp, _ in submitted:
+        for _rid, ids, sp, _ in submitted:
             self._check(ids, sp)
         for item in submitted:
             self._submit(*item)
@@ -127,7 +129,9 @@ class LLM:
                 self._raise_if_dead()
         return results
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[Completion]:
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[Completion]:
         """Streams pieces of one completion; the last has `finish_reason` set. Leaving the loop early aborts."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Completion] = asyncio.Queue()

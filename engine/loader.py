@@ -23,9 +23,14 @@ if TYPE_CHECKING:
 log = get_logger("engine.loader")
 
 DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -44,16 +49,18 @@ def resolve_model_path(model: str, download_dir: str | None = None) -> Path:
             found = gguf.find_gguf(path)
             if found is not None:
                 return found
-            raise ModelNotFoundError(f"{path} has no config.json (nor a .gguf file): not a Hugging "
-                                     "Face checkpoint directory")
+            raise ModelNotFoundError(
+                f"{path} has no config.json (nor a .gguf file): not a Hugging Face checkpoint directory"
+            )
         return path
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"model {model!r} is neither a checkpoint directory nor a hub repo id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(model, cache_dir=download_dir,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        local = snapshot_download(
+            model, cache_dir=download_dir, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
     except Exception as e:  # no network, unknown repo, gated repo: all end the same way for the user
         raise ModelNotFoundError(
             f"could not download {model!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
@@ -84,7 +91,8 @@ def read_config(path: Path) -> dict:
         raise ModelNotFoundError(
             f"{path / 'config.json'} has a quantization_config (quant_method {method!r}): ringllm loads "
             f"unquantized safetensors checkpoints and GGUF files, not {method} weights; use the unquantized "
-            "model or a GGUF file")
+            "model or a GGUF file"
+        )
     return cfg
 
 
@@ -106,8 +114,7 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> None:
         f = gguf.opened(path)
         cfg = f.config()
         names = f.tensor_names()
-        tensors = tqdm(f.hf_tensors(cfg), total=len(names), desc="loading GGUF weights", unit="tensor",
-                       disable=disable)
+        tensors = tqdm(f.hf_tensors(cfg), total=len(names), desc="loading GGUF weights", unit="tensor", disable=disable)
         for name, array in tensors:
             if model.load_weight(name, torch.from_numpy(np.require(array, requirements=["C", "W"]))):
                 loaded.add(name)
@@ -121,7 +128,7 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> None:
     entries: list[tuple[Path, str]] = []
     for file in files:
         with safe_open(file, framework="pt") as f:
-            entries += [(file, n) for n in f.keys()]
+            entries += [(file, n) for n in f.keys()]  # noqa: SIM118 (safe_open is not a mapping)
     handles = {}
     try:
         for file, name in tqdm(entries, desc="loading weights", unit="tensor", disable=disable):
@@ -147,8 +154,13 @@ def required_tensors(model: DecoderForCausalLM) -> set[str]:
         names.add("lm_head.weight")
     if model.norm is not None:
         names.add("model.norm.weight")
-    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                 "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    per_layer = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
     per_layer += [f"self_attn.{p}_proj.weight" for p in "qkvo"]
     if shape.qkv_bias:
         per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
@@ -164,8 +176,9 @@ def check_complete(model: DecoderForCausalLM, loaded: set[str], path: Path) -> N
     missing = sorted(required_tensors(model) - have)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ModelNotFoundError(f"the checkpoint at {path} is incomplete: {len(missing)} tensor(s) the "
-                                 f"model needs are missing: {shown}")
+        raise ModelNotFoundError(
+            f"the checkpoint at {path} is incomplete: {len(missing)} tensor(s) the model needs are missing: {shown}"
+        )
 
 
 def load_tokenizer(source: str | Path):
@@ -181,10 +194,11 @@ def load_tokenizer(source: str | Path):
         path = gguf.tokenizer_dir(path)  # the GGUF's own tokenizer as files (built once, shared with the app)
     elif not path.exists():
         raise ModelNotFoundError(f"no tokenizer: {path} does not exist")
-    elif path.is_dir() and not any((path / n).is_file()
-                                   for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ModelNotFoundError(f"no tokenizer: {path / 'tokenizer.json'} does not exist (nor "
-                                 "tokenizer.model or vocab.json); pass --tokenizer to use another directory")
+    elif path.is_dir() and not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelNotFoundError(
+            f"no tokenizer: {path / 'tokenizer.json'} does not exist (nor "
+            "tokenizer.model or vocab.json); pass --tokenizer to use another directory"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # a corrupt or foreign file: transformers' own message, with the path

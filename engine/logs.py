@@ -38,13 +38,21 @@ def stdlib_logging_config(level: str = "info", json: bool | None = None) -> dict
     formatter = {
         "()": structlog.stdlib.ProcessorFormatter,
         "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        "foreign_pre_chain": [structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
-                              structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        "foreign_pre_chain": [
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
     }
     handler = {"class": "logging.StreamHandler", "formatter": "structlog", "stream": "ext://sys.stderr"}
     logger = {"handlers": ["structlog"], "level": level.upper(), "propagate": False}
-    return {"version": 1, "disable_existing_loggers": False, "formatters": {"structlog": formatter},
-            "handlers": {"structlog": handler}, "loggers": {"_granian": dict(logger), "granian.access": dict(logger)}}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"structlog": formatter},
+        "handlers": {"structlog": handler},
+        "loggers": {"_granian": dict(logger), "granian.access": dict(logger)},
+    }
 
 
 def get_logger(name: str):

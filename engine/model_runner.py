@@ -13,9 +13,10 @@ collectives and token landing of a parallel engine (engine/parallel.py)."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,8 +31,14 @@ from engine.models import model_class
 from engine.parallel import MAX_PENDING_SENDS, Layout, TokenBroadcasts, TokenLanding
 from engine.sampler import GrammarMask, Sampler
 from engine.scheduler import StepPlan
-from engine.step_result import (StepResult, copy_to_host, pack_prompt_rows, pack_sample, packed_width,
-                                prompt_logprob_positions)
+from engine.step_result import (
+    StepResult,
+    copy_to_host,
+    pack_prompt_rows,
+    pack_sample,
+    packed_width,
+    prompt_logprob_positions,
+)
 
 if TYPE_CHECKING:
     from engine.cuda_graph import DecodeGraphs
@@ -50,8 +57,14 @@ class _PromptPositions:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: Path, hf_config: dict, device: torch.device,
-                 layout: Layout | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: Path,
+        hf_config: dict,
+        device: torch.device,
+        layout: Layout | None = None,
+    ):
         self.config = config
         self.device = device
         self.layout = lay = layout or Layout()
@@ -91,10 +104,18 @@ class ModelRunner:
             from engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.model, self.attn, config.max_bs, self.context_len + 1, device)
-        log.info("model runner ready", rank=lay.rank, model=self.shape.architecture, dtype=str(self.dtype),
-                 device=str(device), kv_slots=self.num_slots, context_len=self.context_len,
-                 layers=f"{self.model.layer_range.start}-{self.model.layer_range.stop - 1}",
-                 backend=type(self.attn).__name__, cuda_graphs=self.graphs.buckets if self.graphs else None)
+        log.info(
+            "model runner ready",
+            rank=lay.rank,
+            model=self.shape.architecture,
+            dtype=str(self.dtype),
+            device=str(device),
+            kv_slots=self.num_slots,
+            context_len=self.context_len,
+            layers=f"{self.model.layer_range.start}-{self.model.layer_range.stop - 1}",
+            backend=type(self.attn).__name__,
+            cuda_graphs=self.graphs.buckets if self.graphs else None,
+        )
 
     def close(self) -> None:
         """Waits for every step this rank queued, then frees its CUDA graphs."""
@@ -111,21 +132,34 @@ class ModelRunner:
 
         def forward() -> None:
             pool = KVPool(self.num_layers, n + 1, self.num_kv_heads, self.shape.head_dim, self.dtype, self.device)
-            attn = make_backend(self.config.attention_backend, self.device, pool, self.num_heads,
-                                self.shape.head_dim)
+            attn = make_backend(self.config.attention_backend, self.device, pool, self.num_heads, self.shape.head_dim)
             idx = torch.arange(1, n + 1, device=self.device, dtype=torch.int32)
-            attn.begin(AttentionMetadata(np.array([0, n]), np.array([0, n]), np.array([n]), False,
-                                         torch.tensor([0, n], device=self.device, dtype=torch.int32),
-                                         torch.tensor([0, n], device=self.device, dtype=torch.int32), idx, idx))
+            attn.begin(
+                AttentionMetadata(
+                    np.array([0, n]),
+                    np.array([0, n]),
+                    np.array([n]),
+                    False,
+                    torch.tensor([0, n], device=self.device, dtype=torch.int32),
+                    torch.tensor([0, n], device=self.device, dtype=torch.int32),
+                    idx,
+                    idx,
+                )
+            )
             carry = None
             if not self.layout.is_first_stage:
-                carry = tuple(torch.zeros(n, self.shape.hidden_size, dtype=self.dtype, device=self.device)
-                              for _ in "hr")
+                carry = tuple(
+                    torch.zeros(n, self.shape.hidden_size, dtype=self.dtype, device=self.device) for _ in "hr"
+                )
             with torch.inference_mode():
-                hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
-                                    torch.arange(n, device=self.device), attn, carry)
+                hidden = self.model(
+                    torch.zeros(n, dtype=torch.long, device=self.device),
+                    torch.arange(n, device=self.device),
+                    attn,
+                    carry,
+                )
                 if self.layout.is_last_stage:
-                    self.model.logits(hidden[-self.config.max_bs:])
+                    self.model.logits(hidden[-self.config.max_bs :])
 
         return peak_bytes(self.device, forward)
 
@@ -158,12 +192,18 @@ class ModelRunner:
         if self.landing is None:
             return None
         num_prompt_rows = len(prompt.pos) if prompt is not None else 0
-        packed, work = self.landing.receive((len(plan.rows) + num_prompt_rows, packed_width(top_k)),
-                                            plan.rows[plan.sample], keep, rows[keep], seq_lens[keep])
+        packed, work = self.landing.receive(
+            (len(plan.rows) + num_prompt_rows, packed_width(top_k)),
+            plan.rows[plan.sample],
+            keep,
+            rows[keep],
+            seq_lens[keep],
+        )
         return copy_to_host(packed, top_k, len(plan.rows), work, self.copy_stream) if lay.rank == 0 else None
 
-    def _sample(self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k,
-                constrain=None) -> torch.Tensor:
+    def _sample(
+        self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k, constrain=None
+    ) -> torch.Tensor:
         """Samples every row's next token and packs it (with logprobs, where asked) for the host."""
         assert self.sampler is not None, "only the sampler rank samples"
         history = None
@@ -175,7 +215,7 @@ class ModelRunner:
         self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
         return pack_sample(sample, top_k)
 
-    def _logprobs_width(self, plan: StepPlan, prompt: "_PromptPositions | None") -> int | None:
+    def _logprobs_width(self, plan: StepPlan, prompt: _PromptPositions | None) -> int | None:
         """The k of the step's packed result: the most top logprobs any row (or prompt position) asked for;
         None when nothing asked for logprobs. Every rank derives it from the plan alone."""
         want = self.row_logprobs[plan.rows]
@@ -184,7 +224,7 @@ class ModelRunner:
             ks.append(int(self.row_prompt_logprobs[prompt.rows].max()))
         return max(ks) if ks else None
 
-    def _prompt_positions(self, plan: StepPlan, meta: AttentionMetadata) -> "_PromptPositions | None":
+    def _prompt_positions(self, plan: StepPlan, meta: AttentionMetadata) -> _PromptPositions | None:
         """The step's positions whose prompt logprobs were asked for, or None (nearly every step)."""
         if not self.num_prompt_logprob_rows:
             return None
@@ -196,7 +236,7 @@ class ModelRunner:
             return None
         return _PromptPositions(plan.rows[index], pos, meta.qo_indptr_host[index] + pos - plan.starts[index])
 
-    def _prompt_rows(self, hidden: torch.Tensor, prompt: "_PromptPositions", top_k: int) -> torch.Tensor:
+    def _prompt_rows(self, hidden: torch.Tensor, prompt: _PromptPositions, top_k: int) -> torch.Tensor:
         """The packed prompt rows (engine/step_result.py) of the prompt positions in `hidden`."""
         rows, pos = prompt.rows, prompt.pos
         target = self.req_tokens[torch.from_numpy(rows).to(self.device), torch.from_numpy(pos + 1).to(self.device)]
@@ -206,15 +246,16 @@ class ModelRunner:
         if not plan.new_rows:
             return
         self.row_logprobs[plan.new_rows] = [-1 if p.logprobs is None else p.logprobs for p in plan.new_params]
-        self.row_prompt_logprobs[plan.new_rows] = [-1 if p.prompt_logprobs is None else p.prompt_logprobs
-                                                   for p in plan.new_params]
+        self.row_prompt_logprobs[plan.new_rows] = [
+            -1 if p.prompt_logprobs is None else p.prompt_logprobs for p in plan.new_params
+        ]
         self.row_prompt_len[plan.new_rows] = plan.new_prompt_lens
         # Rows keep their last request's value until reused; this count only lets most steps skip the lookup.
         self.num_prompt_logprob_rows = int((self.row_prompt_logprobs >= 0).sum())
         if self.sampler is not None:
             self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
 
-    def _forward(self, meta: AttentionMetadata, input_ids, positions, prompt: "_PromptPositions | None"):
+    def _forward(self, meta: AttentionMetadata, input_ids, positions, prompt: _PromptPositions | None):
         """This stage's layers: from the previous stage's hidden states (or the embedding), to the next stage
         (or, on the last stage, the logits of each sequence's last position and the hidden states of the
         `prompt` positions, whose prompt logprobs were asked for). Returns (logits, prompt hidden)."""
@@ -237,7 +278,9 @@ class ModelRunner:
         if lay.is_last_stage:
             return out, prompt_hidden
         self._sends.append((parallel.send_to_next_stage(list(out)), out))
-        while self._sends and (len(self._sends) > MAX_PENDING_SENDS or all(w.is_completed() for w in self._sends[0][0])):
+        while self._sends and (
+            len(self._sends) > MAX_PENDING_SENDS or all(w.is_completed() for w in self._sends[0][0])
+        ):
             for w in self._sends.popleft()[0]:
                 w.wait()
         return None, None
@@ -252,23 +295,51 @@ class ModelRunner:
         T = int(qo_indptr[-1])
         row_of_token = np.repeat(plan.rows, lens)
         positions = np.arange(T) - np.repeat(qo_indptr[:-1], lens) + np.repeat(starts, lens)
-        parts = [plan.slot_rows, plan.slot_pos, plan.slot_ids, plan.token_rows, plan.token_pos, plan.token_ids,
-                 plan.rows, kv_lens, qo_indptr, kv_indptr, row_of_token, positions, np.flatnonzero(plan.sample)]
+        parts = [
+            plan.slot_rows,
+            plan.slot_pos,
+            plan.slot_ids,
+            plan.token_rows,
+            plan.token_pos,
+            plan.token_ids,
+            plan.rows,
+            kv_lens,
+            qo_indptr,
+            kv_indptr,
+            row_of_token,
+            positions,
+            np.flatnonzero(plan.sample),
+        ]
         packed = torch.from_numpy(np.concatenate(parts).astype(np.int64))
         if self.device.type == "cuda":
             packed = packed.pin_memory().to(self.device, non_blocking=True)
-        (slot_rows, slot_pos, slot_ids, tok_rows, tok_pos, tok_ids, rows, seq_lens, qo_d, kv_d, row_of_token_d,
-         positions_d, keep) = packed.split([len(x) for x in parts])
+        (
+            slot_rows,
+            slot_pos,
+            slot_ids,
+            tok_rows,
+            tok_pos,
+            tok_ids,
+            rows,
+            seq_lens,
+            qo_d,
+            kv_d,
+            row_of_token_d,
+            positions_d,
+            keep,
+        ) = packed.split([len(x) for x in parts])
         if len(slot_ids):
             self.req_to_slot[slot_rows, slot_pos] = slot_ids.int()
         if len(tok_ids):
             self.req_tokens[tok_rows, tok_pos] = tok_ids.int()
         total_kv = int(kv_indptr[-1])
         kv_rows = torch.repeat_interleave(rows, seq_lens, output_size=total_kv)
-        kv_pos = torch.arange(total_kv, device=self.device) - torch.repeat_interleave(kv_d[:-1], seq_lens,
-                                                                                      output_size=total_kv)
+        kv_pos = torch.arange(total_kv, device=self.device) - torch.repeat_interleave(
+            kv_d[:-1], seq_lens, output_size=total_kv
+        )
         kv_indices = self.req_to_slot[kv_rows, kv_pos]
         out_slots = self.req_to_slot[row_of_token_d, positions_d]
-        meta = AttentionMetadata(qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d.int(), kv_d.int(), kv_indices,
-                                 out_slots)
+        meta = AttentionMetadata(
+            qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d.int(), kv_d.int(), kv_indices, out_slots
+        )
         return meta, rows, positions_d, row_of_token_d, seq_lens, keep

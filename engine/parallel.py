@@ -103,8 +103,9 @@ def init(lay: Layout, backend: str, init_method: str, timeout_s: float = 600.0) 
     """Joins the process group and makes this rank's groups. Every rank calls new_group for every group, in
     the same order: torch.distributed requires it even of non-members."""
     global _layout, _tp_group, _token_group, _plan_group
-    dist.init_process_group(backend, init_method=init_method, rank=lay.rank, world_size=lay.world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=lay.rank, world_size=lay.world_size, timeout=timedelta(seconds=timeout_s)
+    )
     for stage in range(lay.pp_size):
         group = dist.new_group(lay.stage_ranks(stage))
         if stage == lay.pp_rank:
@@ -187,8 +188,11 @@ def broadcast_bytes(data: bytes | None) -> bytes:
     """Rank 0 sends `data` to the ranks on other hosts, which pass None and get it back."""
     size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
     dist.broadcast(size, 0, group=_plan_group)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None else torch.empty(
-        int(size), dtype=torch.uint8)
+    buf = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data is not None
+        else torch.empty(int(size), dtype=torch.uint8)
+    )
     dist.broadcast(buf, 0, group=_plan_group)
     return data if data is not None else buf.numpy().tobytes()
 
@@ -242,8 +246,9 @@ class TokenLanding:
     def __bool__(self) -> bool:
         return bool(self._waits)
 
-    def receive(self, shape: tuple[int, int], rows_host: np.ndarray, keep: torch.Tensor, rows: torch.Tensor,
-                pos: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def receive(
+        self, shape: tuple[int, int], rows_host: np.ndarray, keep: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
         """Starts receiving one step's packed tokens; returns (buffer, pending work). The kept rows' tokens
         are landed at (rows, pos) later."""
         buf = torch.empty(shape, dtype=torch.float32, device=self.req_tokens.device)

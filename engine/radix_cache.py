@@ -16,9 +16,9 @@ _clock = itertools.count()
 
 
 class Node:
-    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
+    __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "value")
 
-    def __init__(self, parent: "Node | None" = None, key: tuple = (), value: np.ndarray | None = None):
+    def __init__(self, parent: Node | None = None, key: tuple = (), value: np.ndarray | None = None):
         self.children: dict[int, Node] = {}
         self.parent = parent
         self.key = key

@@ -108,8 +108,15 @@ class Sampler:
             else:
                 self.bias.pop(row, None)
 
-    def __call__(self, logits: torch.Tensor, rows_host: np.ndarray, rows: torch.Tensor,
-                 history: torch.Tensor | None, seq_lens: torch.Tensor, mask: GrammarMask | None = None) -> SampleResult:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows_host: np.ndarray,
+        rows: torch.Tensor,
+        history: torch.Tensor | None,
+        seq_lens: torch.Tensor,
+        mask: GrammarMask | None = None,
+    ) -> SampleResult:
         """logits: [B, V] for the last position of each row. `history` ([B, L] token ids, L >= max seq_len) is
         needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens; `mask` limits the
         rows of constrained requests to the tokens their grammar allows."""
@@ -125,8 +132,12 @@ class Sampler:
             if filtered.any():
                 idx = np.flatnonzero(filtered)
                 sub = torch.from_numpy(idx).to(self.device)
-                tokens[sub] = self._reference(logits[sub].float(), {n: a[idx] for n, a in h.items()},
-                                              _RowParams(self.dev, rows[sub]), seq_lens[sub])
+                tokens[sub] = self._reference(
+                    logits[sub].float(),
+                    {n: a[idx] for n, a in h.items()},
+                    _RowParams(self.dev, rows[sub]),
+                    seq_lens[sub],
+                )
         else:
             tokens = self._reference(logits.float(), h, p, seq_lens)
         result = SampleResult(tokens)
@@ -141,8 +152,11 @@ class Sampler:
     def needs_history(self, rows_host: np.ndarray) -> bool:
         """Whether any of these rows has a penalty, and so needs its token history."""
         h = self.host
-        return bool((h["rep"][rows_host] != 1).any() or (h["presence"][rows_host] != 0).any()
-                    or (h["frequency"][rows_host] != 0).any())
+        return bool(
+            (h["rep"][rows_host] != 1).any()
+            or (h["presence"][rows_host] != 0).any()
+            or (h["frequency"][rows_host] != 0).any()
+        )
 
     def _reference(self, logits, h, p, seq_lens):
         greedy = logits.argmax(-1)
@@ -183,8 +197,11 @@ class Sampler:
         ids = np.concatenate([ids for ids, _ in biases])
         values = np.concatenate([v for _, v in biases])
         to = self.device
-        logits.index_put_((torch.from_numpy(batch_rows).to(to), torch.from_numpy(ids).to(to)),
-                          torch.from_numpy(values).to(to), accumulate=True)
+        logits.index_put_(
+            (torch.from_numpy(batch_rows).to(to), torch.from_numpy(ids).to(to)),
+            torch.from_numpy(values).to(to),
+            accumulate=True,
+        )
 
     def _penalize(self, logits, p, history, seq_lens):
         L = history.shape[1]

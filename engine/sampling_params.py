@@ -2,19 +2,19 @@
 (torch-free, so the API workers share it)."""
 
 from ipc.sampling import (
-                          MAX_LOGIT_BIAS,
-                          MAX_LOGPROBS,
-                          MAX_STOP_SEQUENCES,
-                          MAX_STOP_TOKEN_IDS,
-                          SamplingParams,
-                          StructuredOutputs,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    StructuredOutputs,
 )
 
 __all__ = [
-                          "MAX_LOGIT_BIAS",
-                          "MAX_LOGPROBS",
-                          "MAX_STOP_SEQUENCES",
-                          "MAX_STOP_TOKEN_IDS",
-                          "SamplingParams",
-                          "StructuredOutputs",
+    "MAX_LOGIT_BIAS",
+    "MAX_LOGPROBS",
+    "MAX_STOP_SEQUENCES",
+    "MAX_STOP_TOKEN_IDS",
+    "SamplingParams",
+    "StructuredOutputs",
 ]

@@ -16,7 +16,6 @@ sampled its token, so every stage has a different micro-batch to work on."""
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -68,8 +67,16 @@ _DEFER = -1  # _admit: skip this request for now, try the next
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_rows: int, context_len: int, max_bs: int,
-                 max_batched_tokens: int, use_radix_cache: bool, num_groups: int = 1):
+    def __init__(
+        self,
+        num_slots: int,
+        max_rows: int,
+        context_len: int,
+        max_bs: int,
+        max_batched_tokens: int,
+        use_radix_cache: bool,
+        num_groups: int = 1,
+    ):
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator.free) if use_radix_cache else None
         # A sequence may grow to the context length, or to the whole pool if that is smaller: then a lone
@@ -151,8 +158,12 @@ class Scheduler:
             spans.append(n)
             budget -= n
         for seq in list(self.waiting):
-            if (budget == 0 or len(chosen) == self.max_bs or not self.free_rows
-                    or len(self.running) >= self.max_bs * self.num_groups):
+            if (
+                budget == 0
+                or len(chosen) == self.max_bs
+                or not self.free_rows
+                or len(self.running) >= self.max_bs * self.num_groups
+            ):
                 break
             n = self._admit(seq, budget, writes, chosen, group)
             if n == 0:
@@ -173,10 +184,16 @@ class Scheduler:
     def _decodes(self, group: int) -> list[Sequence]:
         """The group's running sequences past their prompt that still need tokens (one that will surely end by
         length when its pending tokens arrive is not run again)."""
-        return [s for s in self.running if s.group == group and not s.in_prefill
-                and s.num_output < s.params.max_tokens and s.length < self.max_seq_len]
+        return [
+            s
+            for s in self.running
+            if s.group == group
+            and not s.in_prefill
+            and s.num_output < s.params.max_tokens
+            and s.length < self.max_seq_len
+        ]
 
-    def _place(self, seq: Sequence, n: int, writes: "_Writes", chosen: list, preempt: bool = True) -> bool:
+    def _place(self, seq: Sequence, n: int, writes: _Writes, chosen: list, preempt: bool = True) -> bool:
         """Gives `seq` slots for its next n positions, evicting cache and preempting later sequences as
         needed. False if it cannot run this step (it may have been preempted itself)."""
         while (slots := self._alloc(n)) is None:
@@ -192,7 +209,7 @@ class Scheduler:
         seq.num_computed += n
         return True
 
-    def _admit(self, seq: Sequence, budget: int, writes: "_Writes", chosen: list, group: int) -> int:
+    def _admit(self, seq: Sequence, budget: int, writes: _Writes, chosen: list, group: int) -> int:
         """Places a waiting sequence: a row, its cached prefix, and slots for its first chunk. Returns the
         chunk length; 0 if it must wait (and so must everything behind it); _DEFER if only it should wait."""
         if seq.num_pending:
@@ -233,8 +250,10 @@ class Scheduler:
         """True if a running prefill is computing a longer prefix of `seq` than the cache holds: waiting a step
         for it costs less than computing the same positions twice."""
         want = seq.token_ids[: matched + 1]
-        return any(p.num_cached <= matched < min(p.num_computed, p.num_prompt) and p.token_ids[: matched + 1] == want
-                   for p in self.running)
+        return any(
+            p.num_cached <= matched < min(p.num_computed, p.num_prompt) and p.token_ids[: matched + 1] == want
+            for p in self.running
+        )
 
     def _alloc(self, n: int) -> np.ndarray | None:
         slots = self.allocator.alloc(n)
@@ -250,7 +269,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _cache_prompt_prefix(self, seq: Sequence, writes: "_Writes") -> None:
+    def _cache_prompt_prefix(self, seq: Sequence, writes: _Writes) -> None:
         """Puts the prompt positions computed so far into the radix cache while the sequence runs, so that
         requests admitted later share them at once. Earlier steps computed these positions, and any reader
         comes later on the same stream. Where the tree already held some of them, the sequence switches to
@@ -284,16 +303,20 @@ class Scheduler:
         self.free_rows.append(row)
         seq.row, seq.num_computed, seq.num_cached, seq.cache_node = None, 0, 0, None
 
-    def _plan(self, seqs: list[Sequence], spans: list[int], writes: "_Writes") -> StepPlan:
+    def _plan(self, seqs: list[Sequence], spans: list[int], writes: _Writes) -> StepPlan:
         lens = np.array(spans, dtype=np.int32)
         ends = np.array([s.num_computed for s in seqs], dtype=np.int32)
         sample = np.array([s.num_computed >= len(s.token_ids) for s in seqs], dtype=bool)
         for seq, keep in zip(seqs, sample):
             seq.num_pending += int(keep)
         return StepPlan(
-            rows=np.array([s.row for s in seqs], dtype=np.int32), starts=ends - lens, lens=lens, sample=sample,
+            rows=np.array([s.row for s in seqs], dtype=np.int32),
+            starts=ends - lens,
+            lens=lens,
+            sample=sample,
             **writes.arrays(),
-            new_rows=[_row(s) for s in writes.admitted], new_params=[s.params for s in writes.admitted],
+            new_rows=[_row(s) for s in writes.admitted],
+            new_params=[s.params for s in writes.admitted],
             new_prompt_lens=[s.num_prompt for s in writes.admitted],
         )
 
@@ -330,6 +353,11 @@ class _Writes:
         def cat(parts, i):
             return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype=np.int32)
 
-        return dict(slot_rows=cat(self.slot_parts, 0), slot_pos=cat(self.slot_parts, 1), slot_ids=cat(self.slot_parts, 2),
-                    token_rows=cat(self.token_parts, 0), token_pos=cat(self.token_parts, 1),
-                    token_ids=cat(self.token_parts, 2))
+        return dict(
+            slot_rows=cat(self.slot_parts, 0),
+            slot_pos=cat(self.slot_parts, 1),
+            slot_ids=cat(self.slot_parts, 2),
+            token_rows=cat(self.token_parts, 0),
+            token_pos=cat(self.token_parts, 1),
+            token_ids=cat(self.token_parts, 2),
+        )

@@ -22,8 +22,8 @@ from ipc.heartbeat import HeartbeatWriter
 from ipc.lifecycle import (
     RingPair,
     cleanup,
-    create_pair_claims,
     create_metrics_table,
+    create_pair_claims,
     remove_stale_segments,
 )
 from ipc.process import die_with_parent, parent_gone
@@ -35,8 +35,14 @@ IDLE_SLEEP_SECONDS = 5e-4
 
 
 class EngineServer:
-    def __init__(self, config: EngineConfig, num_workers: int, shutdown_timeout: float = 30.0,
-                 profiler_max_seconds: float | None = None, parent: int | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_workers: int,
+        shutdown_timeout: float = 30.0,
+        profiler_max_seconds: float | None = None,
+        parent: int | None = None,
+    ):
         self.engine = Engine(config)
         self.shutdown_timeout = shutdown_timeout
         self.profiler_max_seconds = profiler_max_seconds  # bounds a profile started by a Control message
@@ -63,8 +69,9 @@ class EngineServer:
         not write to a ring whose writer it may have interrupted)."""
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.shutdown_timeout
-            log.info("draining: new requests are refused", running=len(self.engine.seqs),
-                     timeout_s=self.shutdown_timeout)
+            log.info(
+                "draining: new requests are refused", running=len(self.engine.seqs), timeout_s=self.shutdown_timeout
+            )
 
     def _drained(self) -> bool:
         """Draining, and nothing left to finish (or no time left to finish it in)."""
@@ -72,8 +79,10 @@ class EngineServer:
             return False
         if self.engine.has_work and time.monotonic() < self.drain_deadline:
             return False
-        log.info("drained" if not self.engine.has_work else "shutdown timeout: stopping with requests left",
-                 left=len(self.engine.seqs))
+        log.info(
+            "drained" if not self.engine.has_work else "shutdown timeout: stopping with requests left",
+            left=len(self.engine.seqs),
+        )
         return True
 
     def serve_forever(self) -> None:
@@ -83,7 +92,9 @@ class EngineServer:
             now = beat(self.engine.has_work)
             if due(now):
                 self._every_publish(now)
-            got = sum(pair.requests.poll(lambda view, i=i: self._on_message(i, view)) for i, pair in enumerate(self.pairs))
+            got = sum(
+                pair.requests.poll(lambda view, i=i: self._on_message(i, view)) for i, pair in enumerate(self.pairs)
+            )
             if self.engine.has_work:
                 self._route(self.engine.step())
                 idle_since = None
@@ -227,8 +238,13 @@ class EngineServer:
                 self._write(worker, m.StepOutput(items))
 
 
-def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_timeout: float = 30.0,
-                       profiler_max_seconds: float | None = None) -> None:
+def run_engine_process(
+    config: EngineConfig,
+    num_workers: int,
+    ready,
+    shutdown_timeout: float = 30.0,
+    profiler_max_seconds: float | None = None,
+) -> None:
     """Target of the engine process: sends a dict describing the model through the `ready` pipe once the rings
     exist and the model is loaded (or {"error": ...} if it could not start). A pipe, not a multiprocessing
     queue: a queue's named semaphores (sem.mp-*) outlive a kill -9 of the whole process group.
@@ -249,18 +265,23 @@ def run_engine_process(config: EngineConfig, num_workers: int, ready, shutdown_t
             server = EngineServer(config, num_workers, shutdown_timeout, profiler_max_seconds, parent)
         except (ValueError, OSError) as e:
             ready.send({"error": str(e)})
-            raise SystemExit(2)
-        ready.send({"pid": os.getpid(), "model_path": str(server.engine.model_path),
-                   "max_seq_len": server.engine.max_seq_len, "vocab_size": server.engine.vocab_size,
-                   "kv_slots": server.engine.scheduler.allocator.capacity})
+            raise SystemExit(2) from None
+        ready.send(
+            {
+                "pid": os.getpid(),
+                "model_path": str(server.engine.model_path),
+                "max_seq_len": server.engine.max_seq_len,
+                "vocab_size": server.engine.vocab_size,
+                "kv_slots": server.engine.scheduler.allocator.capacity,
+            }
+        )
         log.info("engine ready", workers=num_workers, kv_slots=server.engine.scheduler.allocator.capacity)
         signal.signal(signal.SIGTERM, server.drain)
         server.serve_forever()
     except RingError as e:
         log.error("engine stopped: an app worker's ring failed", error=str(e))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if server is not None:
             server.engine.close()
         cleanup()
-

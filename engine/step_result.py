@@ -10,8 +10,9 @@ all of it. The step's prompt rows (prompt logprobs) follow its sampled rows, pac
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -67,8 +68,7 @@ def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
     """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs."""
     if top_k is None:
         return sample.tokens[:, None].float().contiguous()
-    out = torch.zeros(len(sample.tokens), packed_width(top_k), dtype=torch.float32,
-                      device=sample.tokens.device)
+    out = torch.zeros(len(sample.tokens), packed_width(top_k), dtype=torch.float32, device=sample.tokens.device)
     out[:, 0] = sample.tokens
     if sample.logprobs is not None:
         out[:, 1] = sample.logprobs
@@ -79,8 +79,9 @@ def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
     return out
 
 
-def pack_prompt_rows(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                     target: torch.Tensor, top_k: int) -> torch.Tensor:
+def pack_prompt_rows(
+    logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor, top_k: int
+) -> torch.Tensor:
     """[N, 2 + 2k]: the next prompt token (`target`), its logprob, the top k ids and logprobs, for each prompt
     position in `hidden`; projected onto the vocabulary (`logits`) a chunk at a time, so a long prompt needs
     little memory."""
@@ -98,8 +99,9 @@ def pack_prompt_rows(logits: Callable[[torch.Tensor], torch.Tensor], hidden: tor
     return out
 
 
-def copy_to_host(packed: torch.Tensor, top_k: int | None, num_rows: int, work: Any,
-                 copy_stream: torch.cuda.Stream | None) -> StepResult:
+def copy_to_host(
+    packed: torch.Tensor, top_k: int | None, num_rows: int, work: Any, copy_stream: torch.cuda.Stream | None
+) -> StepResult:
     """Starts the copy of a step's packed result to pinned host memory on `copy_stream`, so that the compute
     stream goes on with the next step; without a copy stream (CPU) the tensor already is on the host."""
     if copy_stream is None:
@@ -115,8 +117,9 @@ def copy_to_host(packed: torch.Tensor, top_k: int | None, num_rows: int, work: A
     return StepResult(host, top_k, num_rows, done)
 
 
-def prompt_logprob_positions(starts: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray,
-                             ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def prompt_logprob_positions(
+    starts: np.ndarray, lens: np.ndarray, prompt_lens: np.ndarray, ks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(batch index, position) of every position a step computes whose next token is a prompt token, for the
     batch entries that asked for prompt logprobs (k >= 0); in batch order, then position order. The runner
     (packing) and `file_prompt_logprobs` (unpacking) both call this, so the prompt rows line up on both

@@ -41,8 +41,18 @@ from ipc.ring import PeerDied, RingReader, RingWriter, pid_alive
 
 log = get_logger("engine.worker")
 
-_ARRAYS = ("rows", "starts", "lens", "sample", "slot_rows", "slot_pos", "slot_ids", "token_rows", "token_pos",
-           "token_ids")
+_ARRAYS = (
+    "rows",
+    "starts",
+    "lens",
+    "sample",
+    "slot_rows",
+    "slot_pos",
+    "slot_ids",
+    "token_rows",
+    "token_pos",
+    "token_ids",
+)
 
 
 class PlanMessage(msgspec.Struct, tag="plan"):
@@ -64,8 +74,16 @@ _decoder = msgspec.msgpack.Decoder(PlanMessage | ControlMessage)
 
 def encode_plan(plan: StepPlan) -> bytes:
     arrays = [np.asarray(getattr(plan, name), dtype=np.int32) for name in _ARRAYS]
-    return _encoder.encode(PlanMessage(np.concatenate(arrays).tobytes(), [len(a) for a in arrays], plan.new_rows,
-                                       plan.new_params, plan.new_prompt_lens, plan.num_decodes))
+    return _encoder.encode(
+        PlanMessage(
+            np.concatenate(arrays).tobytes(),
+            [len(a) for a in arrays],
+            plan.new_rows,
+            plan.new_params,
+            plan.new_prompt_lens,
+            plan.num_decodes,
+        )
+    )
 
 
 def decode_message(data) -> StepPlan | str:
@@ -75,8 +93,13 @@ def decode_message(data) -> StepPlan | str:
     flat = np.frombuffer(msg.arrays, dtype=np.int32)
     parts = dict(zip(_ARRAYS, np.split(flat, np.cumsum(msg.sizes)[:-1])))
     parts["sample"] = parts["sample"].astype(bool)
-    return StepPlan(**parts, new_rows=msg.new_rows, new_params=msg.new_params, new_prompt_lens=msg.new_prompt_lens,
-                    num_decodes=msg.num_decodes)
+    return StepPlan(
+        **parts,
+        new_rows=msg.new_rows,
+        new_params=msg.new_params,
+        new_prompt_lens=msg.new_prompt_lens,
+        num_decodes=msg.num_decodes,
+    )
 
 
 def no_cuda_reason(device: str) -> str | None:
@@ -85,8 +108,7 @@ def no_cuda_reason(device: str) -> str | None:
     if not device.startswith("cuda") or torch.cuda.is_available():
         return None
     build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-    return (f"--device {device}: this torch ({torch.__version__}, {build}) sees no CUDA GPU; "
-            f"use --device cpu (or auto)")
+    return f"--device {device}: this torch ({torch.__version__}, {build}) sees no CUDA GPU; use --device cpu (or auto)"
 
 
 def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
@@ -96,8 +118,9 @@ def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
         raise ValueError(why)
     ids = config.device_ids or list(range(torch.cuda.device_count()))
     if local_rank >= len(ids):
-        raise ValueError(f"rank needs GPU #{local_rank} on this host but only {len(ids)} are available or listed "
-                         f"in --device-ids")
+        raise ValueError(
+            f"rank needs GPU #{local_rank} on this host but only {len(ids)} are available or listed in --device-ids"
+        )
     return torch.device("cuda", ids[local_rank])
 
 
@@ -129,14 +152,22 @@ class Workers:
         self.config = config
         self.remote = config.nnodes > 1  # ranks on other hosts read plans from a broadcast, not the ring
         local = range(first_rank, ranks_per_node(config))  # the engine runs on node 0
-        self.ring = RingWriter(lifecycle.segment_name(os.getpid(), "plans"), capacity=1 << 24,
-                               num_readers=max(1, len(local)), timeout=600.0)
+        self.ring = RingWriter(
+            lifecycle.segment_name(os.getpid(), "plans"),
+            capacity=1 << 24,
+            num_readers=max(1, len(local)),
+            timeout=600.0,
+        )
         lifecycle.own(self.ring)
         ctx = mp.get_context("spawn")
         self.procs = {}
         for i, rank in enumerate(local):
-            proc = ctx.Process(target=worker_main, name=f"ringllm-rank{rank}", daemon=True,
-                               args=(config, str(model_path), rank, rank, self.ring.name, i, os.getpid()))
+            proc = ctx.Process(
+                target=worker_main,
+                name=f"ringllm-rank{rank}",
+                daemon=True,
+                args=(config, str(model_path), rank, rank, self.ring.name, i, os.getpid()),
+            )
             proc.start()
             self.procs[rank] = proc
         self._closing = self._closed = False
@@ -198,8 +229,15 @@ class Workers:
 
 
 # ---- the worker's side ----
-def worker_main(config: EngineConfig, model_path: str, rank: int, local_rank: int, ring_name: str | None,
-                reader: int, engine_pid: int | None) -> None:
+def worker_main(
+    config: EngineConfig,
+    model_path: str,
+    rank: int,
+    local_rank: int,
+    ring_name: str | None,
+    reader: int,
+    engine_pid: int | None,
+) -> None:
     """One rank. On the engine's host it reads plans from the ring and follows the engine's pid; on another
     host (ring_name None) plans arrive through torch.distributed, and a lost engine surfaces as a failed
     collective."""
@@ -263,13 +301,17 @@ def run_node(config: EngineConfig, model_path: Path) -> int:
     per = ranks_per_node(config)
     first = per * config.node_rank
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, name=f"ringllm-rank{rank}",
-                         args=(config, str(model_path), rank, rank - first, None, 0, None))
-             for rank in range(first, first + per)]
+    procs = [
+        ctx.Process(
+            target=worker_main,
+            name=f"ringllm-rank{rank}",
+            args=(config, str(model_path), rank, rank - first, None, 0, None),
+        )
+        for rank in range(first, first + per)
+    ]
     for p in procs:
         p.start()
-    log.info("node started", node_rank=config.node_rank, ranks=f"{first}-{first + per - 1}",
-             master=init_method(config))
+    log.info("node started", node_rank=config.node_rank, ranks=f"{first}-{first + per - 1}", master=init_method(config))
     for p in procs:
         p.join()
     return max(p.exitcode or 0 for p in procs)

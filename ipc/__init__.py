@@ -2,4 +2,4 @@
 
 from ipc.ring import PeerDied, RingCorrupted, RingError, RingReader, RingTimeout, RingWriter
 
-__all__ = ["RingReader", "RingWriter", "RingError", "RingTimeout", "PeerDied", "RingCorrupted"]
+__all__ = ["PeerDied", "RingCorrupted", "RingError", "RingReader", "RingTimeout", "RingWriter"]

@@ -22,7 +22,7 @@ class AsyncRingReader:
                 if not self.reader.wait(0.2):
                     continue
                 batch: list[bytes] = []
-                self.reader.poll(lambda view: batch.append(bytes(view)))
+                self.reader.poll(lambda view: batch.append(bytes(view)))  # noqa: B023 (called within this turn)
                 if batch:
                     self.loop.call_soon_threadsafe(self.on_frames, batch)
         except RingError as e:

@@ -16,9 +16,19 @@ from ipc.shared_table import SharedTable
 BEATS, BEAT_AT, HAS_WORK, PUBLISHED_AT = 0, 1, 2, 3
 STATS_AT = 8
 # The engine's stats (Engine.stats) published for a reader that cannot wait for an answer.
-STAT_KEYS = ("running", "waiting", "kv_slots_total", "kv_slots_used", "kv_slots_cached", "kv_slots_used_by_requests",
-             "prefix_cache_hit_rate", "prefix_cache_hit_tokens", "generated_tokens", "prompt_tokens_computed",
-             "preemptions")
+STAT_KEYS = (
+    "running",
+    "waiting",
+    "kv_slots_total",
+    "kv_slots_used",
+    "kv_slots_cached",
+    "kv_slots_used_by_requests",
+    "prefix_cache_hit_rate",
+    "prefix_cache_hit_tokens",
+    "generated_tokens",
+    "prompt_tokens_computed",
+    "preemptions",
+)
 PUBLISH_SECONDS = 0.05
 
 

@@ -36,8 +36,7 @@ def die_with_parent(sig: int = signal.SIGKILL, poll_seconds: float = 0.5, name: 
     _prctl(PR_SET_PDEATHSIG, int(sig))
     if name:
         _prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
-    threading.Thread(target=_watch_parent, args=(parent, sig, poll_seconds), name="parent-watch",
-                     daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent, sig, poll_seconds), name="parent-watch", daemon=True).start()
     return parent
 
 

@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import posix_ipc
 
@@ -137,8 +137,9 @@ class _Segment:
 
 
 class RingWriter:
-    def __init__(self, name: str, capacity: int = 1 << 20, num_readers: int = 1, create: bool = True,
-                 timeout: float = 10.0):
+    def __init__(
+        self, name: str, capacity: int = 1 << 20, num_readers: int = 1, create: bool = True, timeout: float = 10.0
+    ):
         self.seg = _Segment(name, create, capacity, num_readers)
         self.seg.words[_Segment.WRITER_PID] = os.getpid()
         self.owner = create
@@ -299,8 +300,16 @@ class RingWriter:
 
 
 class RingReader:
-    def __init__(self, name: str, index: int = 0, spin_seconds: float = 500e-6, create: bool = False,
-                 capacity: int = 1 << 20, num_readers: int = 1, from_head: bool = False):
+    def __init__(
+        self,
+        name: str,
+        index: int = 0,
+        spin_seconds: float = 500e-6,
+        create: bool = False,
+        capacity: int = 1 << 20,
+        num_readers: int = 1,
+        from_head: bool = False,
+    ):
         """`from_head`: skip what is in the ring now (frames a previous reader left unread)."""
         self.seg = _Segment(name, create, capacity, num_readers)
         if not 0 <= index < self.seg.num_readers:
@@ -349,8 +358,10 @@ class RingReader:
                 n = word & ~MORE
                 need = (n + 11) & ~7
                 if pos + need > cap or tail + need > head:
-                    raise RingCorrupted(f"ring {self.name}: frame of {n} bytes at offset {pos} overruns the data "
-                                        f"(capacity {cap}, {head - tail} bytes published)")
+                    raise RingCorrupted(
+                        f"ring {self.name}: frame of {n} bytes at offset {pos} overruns the data "
+                        f"(capacity {cap}, {head - tail} bytes published)"
+                    )
                 if word & MORE or self._partial is not None:
                     count += self._add_fragment(data[pos + 4 : pos + 4 + n], word & MORE, handle)
                 else:

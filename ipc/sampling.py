@@ -48,8 +48,10 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
         check_declared(self, "structured_outputs.")
         given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
-                             f"{', '.join(given) or 'none'}")
+            raise ValueError(
+                f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
+                f"{', '.join(given) or 'none'}"
+            )
         if isinstance(self.json, dict):  # the engine compiles (and caches) by the schema's text
             self.json = msgspec.json.encode(self.json).decode()
         elif isinstance(self.json, str):
@@ -59,7 +61,7 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
                 raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
             if not isinstance(schema, (dict, bool)):
                 # ValueError, not TypeError: decoding turns it into a ValidationError; callers catch ValueError
-                raise ValueError("structured_outputs.json must be a JSON schema: an object")  # noqa: TRY004
+                raise ValueError("structured_outputs.json must be a JSON schema: an object")
 
     @property
     def kind(self) -> str:
@@ -69,8 +71,13 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
     def key(self) -> tuple[str, str, bool]:
         """What a compiled grammar is cached under: (kind, its text, whitespace rule)."""
         kind = self.kind
-        spec = {"json": self.json, "json_object": "", "regex": self.regex, "grammar": self.grammar,
-                "choice": msgspec.json.encode(self.choice).decode() if self.choice else ""}[kind]
+        spec = {
+            "json": self.json,
+            "json_object": "",
+            "regex": self.regex,
+            "grammar": self.grammar,
+            "choice": msgspec.json.encode(self.choice).decode() if self.choice else "",
+        }[kind]
         assert isinstance(spec, str)  # the given kind's text (__post_init__ made a schema object its text)
         return kind, spec, self.disable_any_whitespace
 
@@ -171,8 +178,12 @@ def _violation(value: Any, t) -> str | None:
         types = int if isinstance(t, i.IntType) else (int, float)
         if isinstance(value, bool) or not isinstance(value, types):
             return want
-        ok = ((t.ge is None or value >= t.ge) and (t.gt is None or value > t.gt)
-              and (t.le is None or value <= t.le) and (t.lt is None or value < t.lt))
+        ok = (
+            (t.ge is None or value >= t.ge)
+            and (t.gt is None or value > t.gt)
+            and (t.le is None or value <= t.le)
+            and (t.lt is None or value < t.lt)
+        )
         return None if ok else want  # NaN fails every comparison, so it is refused too
     if isinstance(t, i.StrType):
         ok = isinstance(value, str) and len(value) >= (t.min_length or 0)
@@ -199,4 +210,3 @@ def _violation(value: Any, t) -> str | None:
     if isinstance(t, i.StructType):
         return None if isinstance(value, t.cls) else f"a {t.cls.__name__}"
     return None  # Any and other open types
-

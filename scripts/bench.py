@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.kv_cache import KVPool  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.kv_cache import KVPool
+from engine.sampling_params import SamplingParams
 
 NANO_FINGERPRINT = 133_966
 
@@ -39,7 +39,9 @@ NANO_FINGERPRINT = 133_966
 def nano_workload():
     random.seed(0)
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024)) for _ in range(256)]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024)) for _ in range(256)
+    ]
     return prompts, params
 
 
@@ -178,8 +180,7 @@ def profile_decode(engine: Engine, out_dir: Path, batch: int, steps: int = 20, c
     summary = f"batch {batch}: {wall * 1e3:.3f} ms per decode step (wall, unprofiled)\n" + kernel_table(prof, steps)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    (out_dir / f"profile_decode_bs{batch}.txt").write_text(summary + "\n\n" + table + "\n\nby host time:\n"
-                                                           + cpu_table)
+    (out_dir / f"profile_decode_bs{batch}.txt").write_text(summary + "\n\n" + table + "\n\nby host time:\n" + cpu_table)
     print(summary, flush=True)
 
 
@@ -198,10 +199,20 @@ def nano(engine: Engine, bandwidth: float) -> dict:
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
     floor_bytes = kv_tokens * per_token + weight_bytes * steps
     floor = floor_bytes / bandwidth
-    return {"workload": "nano", "seconds": seconds, "output_tokens": tokens, "tok_per_s": tokens / seconds,
-            "steps": steps, "kv_bytes_read": kv_tokens * per_token, "weight_bytes_per_step": weight_bytes,
-            "copy_bandwidth_Bps": bandwidth, "floor_seconds": floor, "floor_tok_per_s": tokens / floor,
-            "ratio_to_floor": floor / seconds, "host_seconds": timer.totals}
+    return {
+        "workload": "nano",
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "tok_per_s": tokens / seconds,
+        "steps": steps,
+        "kv_bytes_read": kv_tokens * per_token,
+        "weight_bytes_per_step": weight_bytes,
+        "copy_bandwidth_Bps": bandwidth,
+        "floor_seconds": floor,
+        "floor_tok_per_s": tokens / floor,
+        "ratio_to_floor": floor / seconds,
+        "host_seconds": timer.totals,
+    }
 
 
 def latency(engine: Engine) -> dict:
@@ -209,10 +220,15 @@ def latency(engine: Engine) -> dict:
     prompt = [rng.randint(0, 10000) for _ in range(128)]
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=512)
     run(engine, [prompt], [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=32)], "lwarm")
-    seconds, tokens, steps, first = run(engine, [prompt], [params], "lat")
+    seconds, tokens, _steps, first = run(engine, [prompt], [params], "lat")
     ttft = first["lat0"]
-    return {"workload": "latency", "seconds": seconds, "output_tokens": tokens, "ttft_ms": ttft * 1e3,
-            "ms_per_output_token": (seconds - ttft) / (tokens - 1) * 1e3}
+    return {
+        "workload": "latency",
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "ttft_ms": ttft * 1e3,
+        "ms_per_output_token": (seconds - ttft) / (tokens - 1) * 1e3,
+    }
 
 
 def prefix_workload():
@@ -226,12 +242,19 @@ def prefix(engine: Engine) -> dict:
     prompts, params = prefix_workload()
     engine.scheduler.cache and engine.scheduler.cache.reset()
     before = engine.stats()["prompt_tokens_computed"]
-    seconds, tokens, steps, _ = run(engine, prompts, params, "pfx")
+    seconds, tokens, _steps, _ = run(engine, prompts, params, "pfx")
     computed = engine.stats()["prompt_tokens_computed"] - before
     unique = 8 * 2048 + 256 * 64
-    return {"workload": "prefix", "radix": engine.scheduler.cache is not None, "seconds": seconds,
-            "output_tokens": tokens, "tok_per_s": tokens / seconds, "prompt_tokens_computed": computed,
-            "unique_prompt_tokens": unique, "computed_over_unique": computed / unique}
+    return {
+        "workload": "prefix",
+        "radix": engine.scheduler.cache is not None,
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "tok_per_s": tokens / seconds,
+        "prompt_tokens_computed": computed,
+        "unique_prompt_tokens": unique,
+        "computed_over_unique": computed / unique,
+    }
 
 
 def main() -> None:
@@ -262,10 +285,17 @@ def main() -> None:
         if not (out / "model.safetensors").is_file():
             build(a.shape, out, device="cuda" if torch.cuda.is_available() else "cpu")
         model = str(out)
-    base = dict(model=model, max_bs=a.max_bs, max_num_batched_tokens=a.max_num_batched_tokens,
-                context_len=a.context_len, disable_overlap_schedule=a.disable_overlap_schedule,
-                enforce_eager=a.enforce_eager, attention_backend=a.attention_backend, tp_size=a.tp_size,
-                pp_size=a.pp_size)
+    base = dict(
+        model=model,
+        max_bs=a.max_bs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        context_len=a.context_len,
+        disable_overlap_schedule=a.disable_overlap_schedule,
+        enforce_eager=a.enforce_eager,
+        attention_backend=a.attention_backend,
+        tp_size=a.tp_size,
+        pp_size=a.pp_size,
+    )
     results = Results(a.json, {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name})
     engine = Engine(EngineConfig(**base))
     todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
@@ -309,9 +339,14 @@ class Results:
 
     @staticmethod
     def _line(r: dict) -> str:
-        detail = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                  if k not in ("workload", "seconds", "output_tokens", "tok_per_s")}
-        return f"{r['workload']:<10} {r['seconds']:>8.2f} {r['output_tokens']:>8} {r.get('tok_per_s', 0):>9.0f}  {detail}"
+        detail = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in r.items()
+            if k not in ("workload", "seconds", "output_tokens", "tok_per_s")
+        }
+        return (
+            f"{r['workload']:<10} {r['seconds']:>8.2f} {r['output_tokens']:>8} {r.get('tok_per_s', 0):>9.0f}  {detail}"
+        )
 
     def table(self) -> None:
         print(f"\n{'workload':<10} {'seconds':>8} {'out tok':>8} {'tok/s':>9}  details")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ipc.lifecycle import segment_name  # noqa: E402
-from ipc.ring import RingReader, RingWriter  # noqa: E402
+from ipc.lifecycle import segment_name
+from ipc.ring import RingReader, RingWriter
 
 CTX = mp.get_context("fork")
 
@@ -164,13 +164,17 @@ def main():
         rl = ring_round_trip(size, a.round_trips)
         zl = zmq_round_trip(size, a.round_trips, tmp)
         rt, zt = ring_one_way(size, a.messages), zmq_one_way(size, a.messages, tmp)
-        rows.append((size, _pct(rl, .5), _pct(rl, .99), _pct(zl, .5), _pct(zl, .99), rt, zt))
+        rows.append((size, _pct(rl, 0.5), _pct(rl, 0.99), _pct(zl, 0.5), _pct(zl, 0.99), rt, zt))
     print(f"machine: {os.cpu_count()} cores; {a.round_trips} round trips, {a.messages} one-way messages")
-    print(f"{'frame':>6} | {'ring p50':>9} {'ring p99':>9} | {'zmq p50':>9} {'zmq p99':>9} | {'p50 ratio':>9} | "
-          f"{'ring msg/s':>11} {'zmq msg/s':>11} {'ratio':>6}")
+    print(
+        f"{'frame':>6} | {'ring p50':>9} {'ring p99':>9} | {'zmq p50':>9} {'zmq p99':>9} | {'p50 ratio':>9} | "
+        f"{'ring msg/s':>11} {'zmq msg/s':>11} {'ratio':>6}"
+    )
     for size, rp50, rp99, zp50, zp99, rt, zt in rows:
-        print(f"{size:>6} | {rp50 * 1e6:>7.1f}us {rp99 * 1e6:>7.1f}us | {zp50 * 1e6:>7.1f}us {zp99 * 1e6:>7.1f}us | "
-              f"{zp50 / rp50:>8.1f}x | {rt:>11,.0f} {zt:>11,.0f} {rt / zt:>5.2f}x")
+        print(
+            f"{size:>6} | {rp50 * 1e6:>7.1f}us {rp99 * 1e6:>7.1f}us | {zp50 * 1e6:>7.1f}us {zp99 * 1e6:>7.1f}us | "
+            f"{zp50 / rp50:>8.1f}x | {rt:>11,.0f} {zt:>11,.0f} {rt / zt:>5.2f}x"
+        )
 
 
 if __name__ == "__main__":

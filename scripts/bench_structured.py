@@ -34,8 +34,10 @@ def constrained(params: list[SamplingParams], fraction: float) -> tuple[list[Sam
     if fraction <= 0:
         return params, 0
     every = max(1, round(1 / fraction))
-    out = [SamplingParams(**{**_fields(p), "structured_outputs": NEVER_COMPLETE}) if i % every == 0 else p
-           for i, p in enumerate(params)]
+    out = [
+        SamplingParams(**{**_fields(p), "structured_outputs": NEVER_COMPLETE}) if i % every == 0 else p
+        for i, p in enumerate(params)
+    ]
     return out, sum(1 for i in range(len(params)) if i % every == 0)
 
 
@@ -58,11 +60,21 @@ def build_engine(a: argparse.Namespace) -> Engine:
         from engine.demo import demo_model_path
 
         tokenizer = str(demo_model_path())
-        print(f"{model} has no tokenizer: the grammars use the demo model's ({tokenizer}); its 1,024 tokens "
-              "make mask fills cheaper than a real vocabulary's (pass --tokenizer for a real one)")
-    return Engine(EngineConfig(model=model, tokenizer=tokenizer, max_bs=a.max_bs,
-                               max_num_batched_tokens=a.max_num_batched_tokens, context_len=a.context_len,
-                               disable_overlap_schedule=a.disable_overlap_schedule, enforce_eager=a.enforce_eager))
+        print(
+            f"{model} has no tokenizer: the grammars use the demo model's ({tokenizer}); its 1,024 tokens "
+            "make mask fills cheaper than a real vocabulary's (pass --tokenizer for a real one)"
+        )
+    return Engine(
+        EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            max_bs=a.max_bs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            context_len=a.context_len,
+            disable_overlap_schedule=a.disable_overlap_schedule,
+            enforce_eager=a.enforce_eager,
+        )
+    )
 
 
 def main() -> None:
@@ -88,16 +100,28 @@ def main() -> None:
         for fraction in (0.0, args.constrained_fraction):
             batch, n = constrained(params, fraction)
             seconds, tokens, steps, _ = run(engine, prompts, batch, f"f{fraction}-")
-            results[fraction] = {"constrained_requests": n, "seconds": round(seconds, 3), "tokens": tokens,
-                                 "steps": steps, "tokens_per_s": round(tokens / seconds, 1),
-                                 "ms_per_step": round(1e3 * seconds / steps, 3)}
-            print(f"constrained {fraction:.0%} ({n} requests): {tokens} tokens in {seconds:.2f} s, "
-                  f"{tokens / seconds:,.0f} tok/s, {1e3 * seconds / steps:.2f} ms/step"
-                  + ("" if tokens == NANO_FINGERPRINT or args.requests != 256
-                     else f" (nano's fingerprint is {NANO_FINGERPRINT})"))
+            results[fraction] = {
+                "constrained_requests": n,
+                "seconds": round(seconds, 3),
+                "tokens": tokens,
+                "steps": steps,
+                "tokens_per_s": round(tokens / seconds, 1),
+                "ms_per_step": round(1e3 * seconds / steps, 3),
+            }
+            print(
+                f"constrained {fraction:.0%} ({n} requests): {tokens} tokens in {seconds:.2f} s, "
+                f"{tokens / seconds:,.0f} tok/s, {1e3 * seconds / steps:.2f} ms/step"
+                + (
+                    ""
+                    if tokens == NANO_FINGERPRINT or args.requests != 256
+                    else f" (nano's fingerprint is {NANO_FINGERPRINT})"
+                )
+            )
         base, with_grammar = results[0.0], results[args.constrained_fraction]
-        print(f"structured outputs cost: {100 * (1 - with_grammar['tokens_per_s'] / base['tokens_per_s']):.1f} % "
-              f"of throughput")
+        print(
+            f"structured outputs cost: {100 * (1 - with_grammar['tokens_per_s'] / base['tokens_per_s']):.1f} % "
+            f"of throughput"
+        )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     finally:

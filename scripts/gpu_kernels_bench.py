@@ -65,31 +65,47 @@ def check(cfg) -> None:
     untouched = torch.ones(slots_n, dtype=torch.bool, device=dev)
     untouched[slots] = False
     untouched_ok = bool(kc[untouched].isnan().all() and vc[untouched].isnan().all())
-    print(f"fused qkv store: q err {rel(q, q_ref):.2e}, k err {rel(kc[slots], k_ref):.2e}, "
-          f"v equal {torch.equal(vc[slots], v_ref.view(T, Hkv, D))}, other slots untouched {untouched_ok}")
+    print(
+        f"fused qkv store: q err {rel(q, q_ref):.2e}, k err {rel(kc[slots], k_ref):.2e}, "
+        f"v equal {torch.equal(vc[slots], v_ref.view(T, Hkv, D))}, other slots untouched {untouched_ok}"
+    )
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     for M in (1, 3, 8, 16):
         errs = []
-        for N, K in ((H * D + 2 * Hkv * D, hidden), (hidden, H * D), (2 * inter, hidden), (hidden, inter),
-                     (vocab, hidden)):
+        for N, K in (
+            (H * D + 2 * Hkv * D, hidden),
+            (hidden, H * D),
+            (2 * inter, hidden),
+            (hidden, inter),
+            (vocab, hidden),
+        ):
             x, w = torch.randn(M, K, device=dev, dtype=dt), torch.randn(N, K, device=dev, dtype=dt) * 0.05
             y = kernels.linear(x, w, config=(16, 512, 4, 3))
             errs.append(rel(y, x.double() @ w.double().T) if not y.isnan().any() else float("nan"))
-        print(f"skinny GEMM M={M}: rel err vs float64 " + " ".join(f"{e:.1e}" for e in errs)
-              + f" (cuBLAS bf16 at M={M}: {rel(F.linear(x, w), x.double() @ w.double().T):.1e})")
+        print(
+            f"skinny GEMM M={M}: rel err vs float64 "
+            + " ".join(f"{e:.1e}" for e in errs)
+            + f" (cuBLAS bf16 at M={M}: {rel(F.linear(x, w), x.double() @ w.double().T):.1e})"
+        )
 
 
 def time_linears(cfg, layers: int) -> dict:
     dev, dt = "cuda", torch.bfloat16
     H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg.get("head_dim", 128)
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    shapes = {"qkv": (H * D + 2 * Hkv * D, hidden), "o": (hidden, H * D), "gate_up": (2 * inter, hidden),
-              "down": (hidden, inter)}
+    shapes = {
+        "qkv": (H * D + 2 * Hkv * D, hidden),
+        "o": (hidden, H * D),
+        "gate_up": (2 * inter, hidden),
+        "down": (hidden, inter),
+    }
     configs = [(16, 128, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 3)]
     results = {}
     print(f"\nlinears, us per decode step ({layers} layers, graph replay)")
-    print(f"{'shape':<8} {'M':>3} {'cuBLAS':>8} {'skinny best':>11}  best config (BLOCK_N, BLOCK_K, warps, stages)"
-          f"   default-config")
+    print(
+        f"{'shape':<8} {'M':>3} {'cuBLAS':>8} {'skinny best':>11}  best config (BLOCK_N, BLOCK_K, warps, stages)"
+        f"   default-config"
+    )
     for name, (N, K) in list(shapes.items()) + [("lm_head", (vocab, hidden))]:
         n_layers = 1 if name == "lm_head" else layers
         ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(n_layers)]
@@ -101,8 +117,12 @@ def time_linears(cfg, layers: int) -> dict:
                 t = graph_time(lambda x=x, ws=ws, c=c: [kernels.linear(x, w, config=c) for w in ws])
                 best = min(best, (t, c))
             t_default = graph_time(lambda x=x, ws=ws: [kernels.linear(x, w) for w in ws])
-            results[f"{name}/M{M}"] = {"cublas_us": t_cublas, "skinny_best_us": best[0], "best": best[1],
-                                       "skinny_default_us": t_default}
+            results[f"{name}/M{M}"] = {
+                "cublas_us": t_cublas,
+                "skinny_best_us": best[0],
+                "best": best[1],
+                "skinny_default_us": t_default,
+            }
             print(f"{name:<8} {M:>3} {t_cublas:>8.1f} {best[0]:>11.1f}  {best[1]}   {t_default:.1f}", flush=True)
         del ws
     return results
@@ -115,8 +135,10 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
     fr = torch.outer(torch.arange(4097, device=dev).float(), inv)
     cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
     qw, kw = (torch.randn(D, device=dev, dtype=dt) for _ in "qk")
-    caches = [(torch.zeros(300_000, Hkv, D, device=dev, dtype=dt), torch.zeros(300_000, Hkv, D, device=dev, dtype=dt))
-              for _ in range(layers)]
+    caches = [
+        (torch.zeros(300_000, Hkv, D, device=dev, dtype=dt), torch.zeros(300_000, Hkv, D, device=dev, dtype=dt))
+        for _ in range(layers)
+    ]
     print(f"\nq/k/v path, us per decode step ({layers} layers)")
     for T in (1, 256):
         qkv = torch.randn(T, (H + 2 * Hkv) * D, device=dev, dtype=dt)
@@ -144,8 +166,11 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
         counter = torch.zeros(B, dtype=torch.long, device=dev)
         for t in (0.0, 0.6):
             temp = torch.full((B,), t, device=dev)
-            us = graph_time(lambda logits=logits, temp=temp, seed=seed, counter=counter:
-                            kernels.gumbel_sample(logits, temp, seed, counter))
+            us = graph_time(
+                lambda logits=logits, temp=temp, seed=seed, counter=counter: kernels.gumbel_sample(
+                    logits, temp, seed, counter
+                )
+            )
             print(f"B={B:<4} T={t}: {us:8.1f} us ({B * vocab * 2 / us / 1e6:.2f} TB/s of logits)", flush=True)
 
 

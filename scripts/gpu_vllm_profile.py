@@ -36,10 +36,23 @@ def main() -> None:
     trace_dir = Path("/tmp/vllm-profile")
     shutil.rmtree(trace_dir, ignore_errors=True)
     trace_dir.mkdir()
-    prof = ProfilerConfig(profiler="torch", torch_profiler_dir=str(trace_dir), torch_profiler_with_stack=False,
-                          delay_iterations=25, max_iterations=PROFILED_STEPS, ignore_frontend=True)
-    llm = LLM(model=a.model, max_num_seqs=256, max_model_len=4096, gpu_memory_utilization=0.9,
-              generation_config="vllm", seed=0, profiler_config=prof)
+    prof = ProfilerConfig(
+        profiler="torch",
+        torch_profiler_dir=str(trace_dir),
+        torch_profiler_with_stack=False,
+        delay_iterations=25,
+        max_iterations=PROFILED_STEPS,
+        ignore_frontend=True,
+    )
+    llm = LLM(
+        model=a.model,
+        max_num_seqs=256,
+        max_model_len=4096,
+        gpu_memory_utilization=0.9,
+        generation_config="vllm",
+        seed=0,
+        profiler_config=prof,
+    )
     prompts, max_tokens = nano_workload()
     assert sum(max_tokens) == NANO_FINGERPRINT
     llm.generate([TokensPrompt(prompt_token_ids=[1] * 16)], SamplingParams(max_tokens=16), use_tqdm=False)
@@ -48,14 +61,24 @@ def main() -> None:
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    emit({"workload": "nano", "engine": "vllm", "tok_per_s": tokens / seconds, "output_tokens": tokens,
-          "seconds": seconds, **vllm_env.versions()}, None)
+    emit(
+        {
+            "workload": "nano",
+            "engine": "vllm",
+            "tok_per_s": tokens / seconds,
+            "output_tokens": tokens,
+            "seconds": seconds,
+            **vllm_env.versions(),
+        },
+        None,
+    )
     emit({**run_latency(llm), "engine": "vllm"}, None)
 
     rng = random.Random(4)
     for batch in (256, 1):
-        batch_prompts = [TokensPrompt(prompt_token_ids=[rng.randint(0, 10000) for _ in range(900)])
-                         for _ in range(batch)]
+        batch_prompts = [
+            TokensPrompt(prompt_token_ids=[rng.randint(0, 10000) for _ in range(900)]) for _ in range(batch)
+        ]
         sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=80)
         llm.start_profile()
         t0 = time.perf_counter()
@@ -63,8 +86,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         llm.stop_profile()
         table = next(trace_dir.glob("profiler_out_*.txt"), None)
-        header = (f"vLLM batch {batch}: {PROFILED_STEPS} decode steps profiled (engine iterations 25-44 of a "
-                  f"generate of {batch} x 900-token prompts, 80 tokens; that generate took {wall:.2f} s)\n")
+        header = (
+            f"vLLM batch {batch}: {PROFILED_STEPS} decode steps profiled (engine iterations 25-44 of a "
+            f"generate of {batch} x 900-token prompts, 80 tokens; that generate took {wall:.2f} s)\n"
+        )
         text = table.read_text() if table else "no profiler table was written\n"
         (a.out / f"vllm_profile_bs{batch}.txt").write_text(header + text)
         if table:

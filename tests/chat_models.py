@@ -57,10 +57,17 @@ def scripted_checkpoint(out: Path, script: list[str], template: str) -> Path:
 
     config = json.loads((out / "config.json").read_text())
     # One token per character makes long prompts; the context is as long as the tests need.
-    config.update(eos_token_id=eos, bos_token_id=tok.token_to_id("<|endoftext|>"),
-                  max_position_embeddings=4096)
+    config.update(eos_token_id=eos, bos_token_id=tok.token_to_id("<|endoftext|>"), max_position_embeddings=4096)
     (out / "config.json").write_text(json.dumps(config))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "bos_token": None, "chat_template": template}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": template,
+            }
+        )
+    )
     return out

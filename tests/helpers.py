@@ -21,23 +21,50 @@ import torch
 FAMILIES = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3"),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
-    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama",
-                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=64), rope_theta=500000.0),
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+        rope_theta=500000.0,
+    ),
 }
 
 
-def tiny_checkpoint(family: str, out: Path, vocab: int = 256, tie: bool = False, seed: int = 0,
-                    head_dim: int = 16, dtype: torch.dtype = torch.float32) -> Path:
+def tiny_checkpoint(
+    family: str,
+    out: Path,
+    vocab: int = 256,
+    tie: bool = False,
+    seed: int = 0,
+    head_dim: int = 16,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Saves a random-weight model of `family` with transformers' own classes, in float32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(FAMILIES[family])
     model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                               max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=tie,
-                               rms_norm_eps=1e-6, **spec)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+        **spec,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # norms at 1 and biases at 0 would hide mistakes in how they are applied
@@ -56,9 +83,16 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
     for p in prompts:
         ids = torch.tensor([p])
         with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-        outs.append(gen[0, len(p):].tolist())
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        outs.append(gen[0, len(p) :].tolist())
     return outs
 
 
@@ -99,9 +133,14 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     port = free_port()
     env = dict(os.environ, RINGLLM_CACHE=str(cache_dir), **(env or {}))
     log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_test)  # noqa: PLW1509 (a system call only)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_test,
+    )
     _started.append(proc)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_SECONDS

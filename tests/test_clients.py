@@ -16,8 +16,14 @@ from tests.helpers import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-QUESTIONS = ["The capital of the sea is", "Two and two make", "Once upon a time", "The river runs",
-             "A small fast server", "Tokens go in and"]
+QUESTIONS = [
+    "The capital of the sea is",
+    "Two and two make",
+    "Once upon a time",
+    "The river runs",
+    "A small fast server",
+    "Tokens go in and",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +43,37 @@ def test_ready_banner_names_url_model_layout_and_capacity(served):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_completion_and_stream(served):
     base, _ = served
-    out = subprocess.run(["curl", "-sS", base + "/v1/completions", "-H", "content-type: application/json",
-                          "-d", '{"prompt": "Hello", "max_tokens": 5, "temperature": 0}'],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            base + "/v1/completions",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            '{"prompt": "Hello", "max_tokens": 5, "temperature": 0}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     assert json.loads(out)["usage"]["completion_tokens"] == 5
-    stream = subprocess.run(["curl", "-sSN", base + "/v1/chat/completions", "-H", "content-type: application/json",
-                             "-d", '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": true}'],
-                            capture_output=True, text=True, timeout=30, check=True).stdout
+    stream = subprocess.run(
+        [
+            "curl",
+            "-sSN",
+            base + "/v1/chat/completions",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": true}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     events = [e for e in stream.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
@@ -62,14 +92,27 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_types(served):
     base, _ = served
     httpx.post(base + "/v1/completions", json={"prompt": "count me", "max_tokens": 3}, timeout=30)
     families = _scrape(base)
-    for name in ("ringllm_num_requests_running", "ringllm_num_requests_waiting", "ringllm_kv_cache_usage_ratio",
-                 "ringllm_kv_cache_slots_used_by_requests", "ringllm_prefix_cache_hit_rate"):
+    for name in (
+        "ringllm_num_requests_running",
+        "ringllm_num_requests_waiting",
+        "ringllm_kv_cache_usage_ratio",
+        "ringllm_kv_cache_slots_used_by_requests",
+        "ringllm_prefix_cache_hit_rate",
+    ):
         assert families[name].type == "gauge", name
-    for name in ("ringllm_generation_tokens", "ringllm_prompt_tokens_computed", "ringllm_preemptions",
-                 "ringllm_requests", "ringllm_prompt_tokens"):
+    for name in (
+        "ringllm_generation_tokens",
+        "ringllm_prompt_tokens_computed",
+        "ringllm_preemptions",
+        "ringllm_requests",
+        "ringllm_prompt_tokens",
+    ):
         assert families[name].type == "counter", name  # the parser strips the _total suffix
-    for name in ("ringllm_time_to_first_token_seconds", "ringllm_inter_token_latency_seconds",
-                 "ringllm_e2e_request_latency_seconds"):
+    for name in (
+        "ringllm_time_to_first_token_seconds",
+        "ringllm_inter_token_latency_seconds",
+        "ringllm_e2e_request_latency_seconds",
+    ):
         assert families[name].type == "histogram"
         count = _sample(families, name, name + "_count")
         assert count == _sample(families, name, name + "_bucket", le="+Inf") >= 1
@@ -95,12 +138,18 @@ def _greedy_answers(base: str, chat: bool) -> list[str]:
     answers = []
     for q in QUESTIONS:
         if chat:
-            r = httpx.post(base + "/v1/chat/completions", timeout=30, json={
-                "messages": [{"role": "user", "content": q}], "max_tokens": 8, "temperature": 0, "stop": ["\n"]})
+            r = httpx.post(
+                base + "/v1/chat/completions",
+                timeout=30,
+                json={"messages": [{"role": "user", "content": q}], "max_tokens": 8, "temperature": 0, "stop": ["\n"]},
+            )
             answers.append(r.json()["choices"][0]["message"]["content"])
         else:
-            r = httpx.post(base + "/v1/completions", timeout=30,
-                           json={"prompt": q, "max_tokens": 8, "temperature": 0, "stop": ["\n"]})
+            r = httpx.post(
+                base + "/v1/completions",
+                timeout=30,
+                json={"prompt": q, "max_tokens": 8, "temperature": 0, "stop": ["\n"]},
+            )
             answers.append(r.json()["choices"][0]["text"])
     return answers
 
@@ -139,9 +188,20 @@ def test_lm_eval_client_scores_the_servers_own_greedy_answers(served, tmp_path, 
     name = "ringllm_tiny_chat" if chat else "ringllm_tiny"
     _write_task(tmp_path, name, _greedy_answers(base, chat))
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    cmd = [str(BIN / "lm_eval"), "run", "--model", client, "--model_args",
-           f"model=ringllm-demo,base_url={base}{endpoint},tokenizer_backend=none,num_concurrent=2,max_retries=1",
-           "--tasks", name, "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")]
+    cmd = [
+        str(BIN / "lm_eval"),
+        "run",
+        "--model",
+        client,
+        "--model_args",
+        f"model=ringllm-demo,base_url={base}{endpoint},tokenizer_backend=none,num_concurrent=2,max_retries=1",
+        "--tasks",
+        name,
+        "--include_path",
+        str(tmp_path),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     if chat:
         cmd.append("--apply_chat_template")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -174,8 +234,11 @@ def test_echo_returns_the_prompt_with_its_logprobs(served):
     base, cache = served
     model, _ = _hf_demo(cache)
     ids = [17, 300, 5, 88, 41, 999, 2]
-    r = httpx.post(base + "/v1/completions", timeout=30, json={
-        "prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 2})
+    r = httpx.post(
+        base + "/v1/completions",
+        timeout=30,
+        json={"prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 2},
+    )
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
     prompt_text = httpx.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"]
@@ -196,8 +259,12 @@ def test_lm_eval_loglikelihood_task_agrees_with_transformers(served, tmp_path):
     logprobs that agree with transformers score 1.0."""
     base, cache = served
     model, tok = _hf_demo(cache)
-    docs = [("The sea is", ["wide", "blue", "cold"]), ("Once upon a", ["time", "hill", "river"]),
-            ("Two and two", ["make four", "is five", "say three"]), ("A small fast", ["server", "horse"])]
+    docs = [
+        ("The sea is", ["wide", "blue", "cold"]),
+        ("Once upon a", ["time", "hill", "river"]),
+        ("Two and two", ["make four", "is five", "say three"]),
+        ("A small fast", ["server", "horse"]),
+    ]
     labels = []
     for question, choices in docs:
         scores = []
@@ -207,8 +274,9 @@ def test_lm_eval_loglikelihood_task_agrees_with_transformers(served, tmp_path):
             scores.append(sum(_hf_token_logprobs(model, whole)[len(context) - 1 :]))
         labels.append(max(range(len(choices)), key=scores.__getitem__))
     data = tmp_path / "choice.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": lab}) + "\n"
-                            for (q, c), lab in zip(docs, labels)))
+    data.write_text(
+        "".join(json.dumps({"question": q, "choices": c, "label": lab}) + "\n" for (q, c), lab in zip(docs, labels))
+    )
     (tmp_path / "ringllm_choice.yaml").write_text(f"""task: ringllm_choice
 dataset_path: json
 dataset_kwargs:
@@ -225,10 +293,21 @@ metric_list:
 """)
     from engine.demo import demo_model_path
 
-    cmd = [str(BIN / "lm_eval"), "run", "--model", "local-completions", "--model_args",
-           f"model=ringllm-demo,base_url={base}/v1/completions,tokenizer_backend=huggingface,"
-           f"tokenizer={demo_model_path(cache)},num_concurrent=2,max_retries=1",
-           "--tasks", "ringllm_choice", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")]
+    cmd = [
+        str(BIN / "lm_eval"),
+        "run",
+        "--model",
+        "local-completions",
+        "--model_args",
+        f"model=ringllm-demo,base_url={base}/v1/completions,tokenizer_backend=huggingface,"
+        f"tokenizer={demo_model_path(cache)},num_concurrent=2,max_retries=1",
+        "--tasks",
+        "ringllm_choice",
+        "--include_path",
+        str(tmp_path),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -237,17 +316,23 @@ metric_list:
 
 
 def test_readme_configuration_reference_matches_the_cli():
-    check = subprocess.run([sys.executable, str(ROOT / "scripts/config_reference.py"), "--check"],
-                           capture_output=True, text=True, env=dict(os.environ, RINGLLM_API_KEY="", RINGLLM_MODEL=""))
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/config_reference.py"), "--check"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, RINGLLM_API_KEY="", RINGLLM_MODEL=""),
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.skipif(not (BIN / "hadolint").exists() and shutil.which("hadolint") is None,
-                    reason="hadolint is not installed")
+@pytest.mark.skipif(
+    not (BIN / "hadolint").exists() and shutil.which("hadolint") is None, reason="hadolint is not installed"
+)
 def test_containerfile_lints_clean():
     exe = str(BIN / "hadolint") if (BIN / "hadolint").exists() else shutil.which("hadolint")
-    run = subprocess.run([exe, "--failure-threshold", "info", str(ROOT / "Containerfile")], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [exe, "--failure-threshold", "info", str(ROOT / "Containerfile")], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -262,8 +347,12 @@ def _bench_client():
 
 
 def _bench(base: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts/bench_client.py"), "--base-url", base + "/v1",
-                           "--no-progress", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_client.py"), "--base-url", base + "/v1", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_bench_client_nano_against_the_demo_model_with_vllm_keys(served, tmp_path):
@@ -271,8 +360,22 @@ def test_bench_client_nano_against_the_demo_model_with_vllm_keys(served, tmp_pat
     request must succeed and the token counts must be the server's (ignore_eos: exactly max_tokens)."""
     base, _ = served
     out = tmp_path / "nano.json"
-    args = ["--workload", "nano", "--num-requests", "3", "--seed", "7", "--max-model-len", "48",
-            "--max-concurrency", "2", "--request-rate", "20", "--json", str(out)]
+    args = [
+        "--workload",
+        "nano",
+        "--num-requests",
+        "3",
+        "--seed",
+        "7",
+        "--max-model-len",
+        "48",
+        "--max-concurrency",
+        "2",
+        "--request-rate",
+        "20",
+        "--json",
+        str(out),
+    ]
     run = _bench(base, *args)
     assert run.returncode == 0, run.stdout + run.stderr
     s = json.loads(out.read_text())
@@ -293,8 +396,21 @@ def test_bench_client_nano_against_the_demo_model_with_vllm_keys(served, tmp_pat
 
 def test_bench_client_chat_mode_goodput_and_a_failing_run(served):
     base, _ = served
-    run = _bench(base, "--backend", "openai-chat", "--workload", "random", "--input-len", "4:8", "--output-len", "2:4",
-                 "--num-requests", "2", "--goodput", "e2el:600000")
+    run = _bench(
+        base,
+        "--backend",
+        "openai-chat",
+        "--workload",
+        "random",
+        "--input-len",
+        "4:8",
+        "--output-len",
+        "2:4",
+        "--num-requests",
+        "2",
+        "--goodput",
+        "e2el:600000",
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "goodput:" in run.stdout
     bad = _bench(base, "--workload", "random", "--num-requests", "2", "--model", "no-such-model")

@@ -14,13 +14,26 @@ from tests.helpers import start_server, stop_server
 
 # A value other than the default for every shared field: a field added to SamplingFields without a value
 # here fails the first test, so it is never forgotten on the way from the body to the engine.
-CHANGED = {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 7, "repetition_penalty": 1.1,
-           "presence_penalty": 0.5, "frequency_penalty": -0.5, "ignore_eos": True, "stop_token_ids": [3, 4],
-           "logit_bias": {"9": -100}, "structured_outputs": {"regex": "[ab]+"}}
+CHANGED = {
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "top_k": 5,
+    "min_p": 0.1,
+    "seed": 7,
+    "repetition_penalty": 1.1,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "ignore_eos": True,
+    "stop_token_ids": [3, 4],
+    "logit_bias": {"9": -100},
+    "structured_outputs": {"regex": "[ab]+"},
+}
 
 
-@pytest.mark.parametrize("body_type,extra", [(CompletionRequest, {"prompt": "x"}),
-                                             (ChatRequest, {"messages": [{"role": "user", "content": "x"}]})])
+@pytest.mark.parametrize(
+    "body_type,extra",
+    [(CompletionRequest, {"prompt": "x"}), (ChatRequest, {"messages": [{"role": "user", "content": "x"}]})],
+)
 def test_every_sampling_field_flows_from_the_body_to_the_engine(body_type, extra):
     assert set(CHANGED) == set(SamplingFields.__struct_fields__)
     body = msgspec.json.decode(msgspec.json.encode({**CHANGED, **extra, "stop": "END"}), type=body_type)
@@ -33,11 +46,22 @@ def test_every_sampling_field_flows_from_the_body_to_the_engine(body_type, extra
         assert got.max_tokens == 5 and got.stop == ["END"]
 
 
-@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-300), ("repetition_penalty", 0.0),
-                                         ("repetition_penalty", 2.5), ("presence_penalty", -3.0),
-                                         ("frequency_penalty", 2.01), ("temperature", float("nan")),
-                                         ("max_tokens", 0), ("top_p", 0.0), ("stop", [""]),
-                                         ("logit_bias", {1: 101.0}), ("logit_bias", {-1: 1.0})])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("repetition_penalty", 1e-300),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", 2.5),
+        ("presence_penalty", -3.0),
+        ("frequency_penalty", 2.01),
+        ("temperature", float("nan")),
+        ("max_tokens", 0),
+        ("top_p", 0.0),
+        ("stop", [""]),
+        ("logit_bias", {1: 101.0}),
+        ("logit_bias", {-1: 1.0}),
+    ],
+)
 def test_bounds_are_checked_when_built_and_when_decoded(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -65,16 +89,20 @@ def _post(base, path, body):
     return httpx.post(base + path, json=body, timeout=60)
 
 
-@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-300), ("presence_penalty", 5),
-                                         ("frequency_penalty", -2.5)])
+@pytest.mark.parametrize(
+    "field,value", [("repetition_penalty", 1e-300), ("presence_penalty", 5), ("frequency_penalty", -2.5)]
+)
 def test_penalties_out_of_their_finite_range_are_400(server, field, value):
     r = _post(server, "/v1/completions", {"prompt": "x", field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
 
 
 def _greedy(base, prompt, **kw):
-    r = _post(base, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                                        "logprobs": 0, **kw})
+    r = _post(
+        base,
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 0, **kw},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]
 
@@ -116,9 +144,10 @@ def test_logit_bias_bans_and_forces_tokens_offline(llm):
     [forced] = llm.generate_batch(["The sea is"], SamplingParams(**greedy, logit_bias={42: 100.0}))
     assert forced.token_ids == [42] * 8
     # Sampled rows and rows without a bias share the batch: only the biased one changes.
-    both = llm.generate_batch(["The sea is", "The sea is"], [SamplingParams(**greedy),
-                                                             SamplingParams(**{**greedy, "temperature": 1.0}, seed=3,
-                                                                            logit_bias={42: 100.0})])
+    both = llm.generate_batch(
+        ["The sea is", "The sea is"],
+        [SamplingParams(**greedy), SamplingParams(**{**greedy, "temperature": 1.0}, seed=3, logit_bias={42: 100.0})],
+    )
     assert both[0].token_ids == free.token_ids and both[1].token_ids == [42] * 8
     with pytest.raises(RequestError, match="logit_bias"):
         llm.generate_batch(["x"], SamplingParams(logit_bias={10**6: 1.0}))
@@ -129,8 +158,11 @@ REFUSED = [
     ("/v1/completions", {"prompt": "x", "suffix": " the end"}, "suffix"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "x", "min_tokens": 3}, "min_tokens"),  # a vLLM extension ringllm lacks
-    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_obfuscation": True}},
-     "include_obfuscation"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "stream": True, "stream_options": {"include_obfuscation": True}},
+        "include_obfuscation",
+    ),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
     ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -151,10 +183,20 @@ def test_unimplemented_fields_are_refused_by_name(server, path, body, field):
 
 def test_fields_that_ask_for_nothing_are_accepted(server):
     ok = {"user": "u1", "safety_identifier": "s", "prompt_cache_key": "k", "service_tier": "auto"}
-    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None,
-                                             **ok}).status_code == 200
-    assert _post(server, "/v1/chat/completions", {**CHAT, "modalities": ["text"], "store": False,
-                                                  "logprobs": True, "top_logprobs": 2, **ok}).status_code == 200
+    assert (
+        _post(
+            server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None, **ok}
+        ).status_code
+        == 200
+    )
+    assert (
+        _post(
+            server,
+            "/v1/chat/completions",
+            {**CHAT, "modalities": ["text"], "store": False, "logprobs": True, "top_logprobs": 2, **ok},
+        ).status_code
+        == 200
+    )
 
 
 def test_every_token_id_field_is_checked_against_the_vocabulary(server, llm):

@@ -98,8 +98,11 @@ def test_dp2_serves_completions_and_chat(dp_server):
     assert health.status_code == 200
     assert health.json()["status"] == "ok" and health.json()["replicas_serving"] == 2
     assert complete(base, "Hello there", 6)["choices"][0]["finish_reason"] == "length"
-    chat = httpx.post(base + "/v1/chat/completions", timeout=120,
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    chat = httpx.post(
+        base + "/v1/chat/completions",
+        timeout=120,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+    )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["role"] == "assistant"
     assert chat.json()["usage"]["completion_tokens"] == 5
@@ -114,10 +117,14 @@ def test_a_shared_prefix_stays_on_one_replica(dp_server):
     for k in range(4):
         complete(base, SHARED + [500 + k] * 8)
     after = scrape(base)
-    hits = {r: v - per_replica(before, "ringllm_dp_replica_prefix_cache_hit_tokens")[r]
-            for r, v in per_replica(after, "ringllm_dp_replica_prefix_cache_hit_tokens").items()}
-    queries = {r: v - per_replica(before, "ringllm_dp_replica_prefix_cache_query_tokens")[r]
-               for r, v in per_replica(after, "ringllm_dp_replica_prefix_cache_query_tokens").items()}
+    hits = {
+        r: v - per_replica(before, "ringllm_dp_replica_prefix_cache_hit_tokens")[r]
+        for r, v in per_replica(after, "ringllm_dp_replica_prefix_cache_hit_tokens").items()
+    }
+    queries = {
+        r: v - per_replica(before, "ringllm_dp_replica_prefix_cache_query_tokens")[r]
+        for r, v in per_replica(after, "ringllm_dp_replica_prefix_cache_query_tokens").items()
+    }
     holder = max(queries, key=queries.get)
     assert queries[1 - holder] == 0, queries  # every request went to one replica
     assert hits[holder] >= 3 * len(SHARED), hits  # and the three after the first found the prefix cached
@@ -136,16 +143,19 @@ def test_metrics_sum_both_replicas(dp_server):
     _, base = dp_server
     complete(base, "sum me", 3)
     text = scrape(base)
-    pairs = (("ringllm_prefix_cache_queries_total", "ringllm_dp_replica_prefix_cache_query_tokens"),
-             ("ringllm_prefix_cache_hits_total", "ringllm_dp_replica_prefix_cache_hit_tokens"),
-             ("ringllm_generation_tokens_total", "ringllm_dp_replica_generation_tokens"))
+    pairs = (
+        ("ringllm_prefix_cache_queries_total", "ringllm_dp_replica_prefix_cache_query_tokens"),
+        ("ringllm_prefix_cache_hits_total", "ringllm_dp_replica_prefix_cache_hit_tokens"),
+        ("ringllm_generation_tokens_total", "ringllm_dp_replica_generation_tokens"),
+    )
     for total, each in pairs:
         values = per_replica(text, each)
         assert len(values) == 2 and all(v > 0 for v in values.values()), (each, values)
         assert series(text, total) == sum(values.values()), total
     rate = series(text, "ringllm_prefix_cache_hit_rate")
-    assert rate == pytest.approx(series(text, "ringllm_prefix_cache_hits_total")
-                                 / series(text, "ringllm_prefix_cache_queries_total"))
+    assert rate == pytest.approx(
+        series(text, "ringllm_prefix_cache_hits_total") / series(text, "ringllm_prefix_cache_queries_total")
+    )
 
 
 class Streams:
@@ -160,8 +170,12 @@ class Streams:
             t.start()
 
     def _run(self, k: int) -> None:
-        body = {"prompt": [k * 91 % 1000 + 2 + j for j in range(20)], "max_tokens": self.max_tokens,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "prompt": [k * 91 % 1000 + 2 + j for j in range(20)],
+            "max_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
         last = None
         try:
             with httpx.stream("POST", self.base + "/v1/completions", json=body, timeout=300) as r:
@@ -215,8 +229,11 @@ def exit_status(proc: subprocess.Popen, tree: list[int], seconds: float) -> int:
     try:
         return proc.wait(seconds)
     except subprocess.TimeoutExpired:
-        left = {p: (Path(f"/proc/{p}/comm").read_text().strip(), Path(f"/proc/{p}/wchan").read_text())
-                for p in tree if pid_alive(p)}
+        left = {
+            p: (Path(f"/proc/{p}/comm").read_text().strip(), Path(f"/proc/{p}/wchan").read_text())
+            for p in tree
+            if pid_alive(p)
+        }
         raise AssertionError(f"the server did not exit in {seconds} s; left: {left}") from None
 
 
@@ -296,6 +313,12 @@ def test_a_killed_replica_fails_its_requests_and_the_others_serve_on(tmp_path):
 
 def test_dp_size_must_be_positive(tmp_path):
     env = dict(os.environ, RINGLLM_CACHE=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "app", "serve", "--device", "cpu", "--dp-size", "0"],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "serve", "--device", "cpu", "--dp-size", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and "--dp-size must be >= 1" in done.stderr

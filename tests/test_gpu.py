@@ -22,9 +22,10 @@ def _metadata(kv_lens, new_lens, pool_slots, device):
     kvp = np.concatenate([[0], np.cumsum(kv_lens)])
     slots = rng.permutation(np.arange(1, pool_slots))[: kvp[-1]].astype(np.int32)
     out = np.concatenate([slots[kvp[i + 1] - n : kvp[i + 1]] for i, n in enumerate(new_lens)])
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).to(device)  # noqa: E731
-    return AttentionMetadata(qo, kvp, np.asarray(kv_lens), all(n == 1 for n in new_lens), t(qo), t(kvp), t(slots),
-                             t(out).long())
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).to(device)
+    return AttentionMetadata(
+        qo, kvp, np.asarray(kv_lens), all(n == 1 for n in new_lens), t(qo), t(kvp), t(slots), t(out).long()
+    )
 
 
 @pytest.mark.parametrize("new_lens", [[1, 1, 1, 1], [5, 1, 37, 64]])
@@ -52,8 +53,7 @@ def test_flashinfer_matches_torch_attention(new_lens, Hkv):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return tiny_checkpoint("qwen3", tmp_path_factory.mktemp("gpu-qwen3"), vocab=512, head_dim=128,
-                           dtype=torch.bfloat16)
+    return tiny_checkpoint("qwen3", tmp_path_factory.mktemp("gpu-qwen3"), vocab=512, head_dim=128, dtype=torch.bfloat16)
 
 
 def _prompts():
@@ -63,8 +63,11 @@ def _prompts():
 
 
 def _generate(ckpt, **kw):
-    engine = Engine(EngineConfig(model=str(ckpt), device="cuda", max_bs=16, context_len=512, dtype="bfloat16",
-                                 kv_cache_tokens=4096, **kw))
+    engine = Engine(
+        EngineConfig(
+            model=str(ckpt), device="cuda", max_bs=16, context_len=512, dtype="bfloat16", kv_cache_tokens=4096, **kw
+        )
+    )
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     return run_engine(engine, _prompts(), params, "a"), run_engine(engine, _prompts(), params, "b")
 
@@ -90,8 +93,8 @@ def _rel(a, b):
 
 
 def test_triton_kernels_match_torch_layers():
-    from engine.models.layers import Attention, RMSNorm, Rotary, silu_and_mul
     from engine.models.decoder import ModelShape
+    from engine.models.layers import Attention, RMSNorm, Rotary, silu_and_mul
     from engine.parallel import Layout
 
     torch.manual_seed(0)
@@ -106,8 +109,25 @@ def test_triton_kernels_match_torch_layers():
     g = torch.randn(37, 2 * 3072, dtype=torch.bfloat16)
     assert _rel(silu_and_mul(g.cuda()), silu_and_mul(g)) < 1e-2
     # q/k norm + rotary through the attention layer's own code paths (CPU torch vs CUDA Triton).
-    shape = ModelShape("Qwen3ForCausalLM", 100, 256, 512, 1, 4, 2, 128, 1e-6, 512, {"rope_theta": 1e6}, True, False,
-                       True, [], None, None)
+    shape = ModelShape(
+        "Qwen3ForCausalLM",
+        100,
+        256,
+        512,
+        1,
+        4,
+        2,
+        128,
+        1e-6,
+        512,
+        {"rope_theta": 1e6},
+        True,
+        False,
+        True,
+        [],
+        None,
+        None,
+    )
     shape.rotary = Rotary(128, 512, shape.rope)
     layer = Attention(0, shape, Layout())
     for p in layer.parameters():
@@ -140,8 +160,25 @@ def test_fused_qkv_store_attention_matches_unfused(qk_norm):
     from engine.parallel import Layout
 
     device, H, Hkv, D = torch.device("cuda"), 16, 8, 128
-    shape = ModelShape("Qwen3ForCausalLM", 100, 1024, 3072, 1, H, Hkv, D, 1e-6, 2048, {"rope_theta": 1e6}, True,
-                       False, qk_norm, [], None, None)
+    shape = ModelShape(
+        "Qwen3ForCausalLM",
+        100,
+        1024,
+        3072,
+        1,
+        H,
+        Hkv,
+        D,
+        1e-6,
+        2048,
+        {"rope_theta": 1e6},
+        True,
+        False,
+        qk_norm,
+        [],
+        None,
+        None,
+    )
     shape.rotary = Rotary(D, 2048, shape.rope).to(device)
     torch.manual_seed(1)
     layer = Attention(0, shape, Layout()).to(device)
@@ -200,7 +237,9 @@ def test_gumbel_sampling_distribution_and_seeds():
     assert torch.allclose(freq, probs, atol=0.01), freq
     again = gumbel_sample(logits, temp, seeds, torch.zeros(n, dtype=torch.long, device="cuda"))
     assert torch.equal(tokens, again)
-    greedy = gumbel_sample(logits, torch.zeros(n, device="cuda"), seeds, torch.zeros(n, dtype=torch.long, device="cuda"))
+    greedy = gumbel_sample(
+        logits, torch.zeros(n, device="cuda"), seeds, torch.zeros(n, dtype=torch.long, device="cuda")
+    )
     assert (greedy == 0).all()
     # Real vocabulary size: greedy is the argmax at small and large batch (two chunk sizes), and a seeded row
     # draws the same token alone as inside a batch of 64.
@@ -239,8 +278,9 @@ def _parallel_prompts():
 def _parallel_engine(path, **kw):
     from tests.helpers import free_port
 
-    return Engine(EngineConfig(model=str(path), max_bs=16, context_len=1024, kv_cache_tokens=1 << 15,
-                               nccl_port=free_port(), **kw))
+    return Engine(
+        EngineConfig(model=str(path), max_bs=16, context_len=1024, kv_cache_tokens=1 << 15, nccl_port=free_port(), **kw)
+    )
 
 
 def _greedy_with_margins(path, **kw):
@@ -365,11 +405,14 @@ def test_bf16_rounding_alone_parts_greedy_paths_not_teacher_forced_logits(qwen3_
     other = _greedy_with_margins(qwen3_06b, attention_backend="torch")
     matched, margins = _greedy_agreement(one_gpu_greedy, other)
     sequences = [p + [tok for tok, _ in r] for p, r in zip(_parallel_prompts(), one_gpu_greedy)]
-    gap, same_top, n = _teacher_forced_agreement(_teacher_forced(qwen3_06b, sequences),
-                                                 _teacher_forced(qwen3_06b, sequences, attention_backend="torch"))
-    print(f"flashinfer vs torch attention: greedy matched {matched}/{sum(len(r) for r in one_gpu_greedy)}, "
-          f"margins at divergence {[round(m, 3) for m in margins]}; teacher-forced relative gap {gap:.4f}, "
-          f"top-1 agreement {same_top}/{n}")
+    gap, same_top, n = _teacher_forced_agreement(
+        _teacher_forced(qwen3_06b, sequences), _teacher_forced(qwen3_06b, sequences, attention_backend="torch")
+    )
+    print(
+        f"flashinfer vs torch attention: greedy matched {matched}/{sum(len(r) for r in one_gpu_greedy)}, "
+        f"margins at divergence {[round(m, 3) for m in margins]}; teacher-forced relative gap {gap:.4f}, "
+        f"top-1 agreement {same_top}/{n}"
+    )
     assert all(m < 0.1 for m in margins), margins
     assert gap < 0.1, gap
     assert same_top >= 0.5 * n, same_top
@@ -383,8 +426,11 @@ def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
 
     def prompt_logprobs(**kw):
-        engine = Engine(EngineConfig(model=str(ckpt), max_bs=16, context_len=512, kv_cache_tokens=4096,
-                                     max_num_batched_tokens=64, **kw))
+        engine = Engine(
+            EngineConfig(
+                model=str(ckpt), max_bs=16, context_len=512, kv_cache_tokens=4096, max_num_batched_tokens=64, **kw
+            )
+        )
         got = {}
         for i, p in enumerate(_prompts()):
             engine.add_request(f"p{i}", p, params)

@@ -37,8 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def _can_unshare() -> bool:
     if shutil.which("unshare") is None:
         return False
-    run = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
-                         capture_output=True, timeout=30, check=False)
+    run = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     return run.returncode == 0
 
 
@@ -58,10 +62,21 @@ def test_engines_with_one_pid_in_two_pid_namespaces_do_not_collide_and_are_swept
     --ipc=host): both create their rings; a sweep from outside leaves the live ones alone and removes them once
     their owners are killed."""
     before = set(leftover_segments())
-    cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
-           OWNER.format(root=str(ROOT))]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _ in range(2)]
+    cmd = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        sys.executable,
+        "-c",
+        OWNER.format(root=str(ROOT)),
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for _ in range(2)
+    ]
     try:
         lines = [p.stdout.readline().split() for p in procs]
         assert all(line and line[0] == "1" for line in lines), (lines, [p.stderr.read() for p in procs if p.poll()])
@@ -132,7 +147,9 @@ def test_sweep_removes_multiprocessing_semaphores_whose_holders_were_killed():
     """sem.mp-* files of processes killed with -9 (resource tracker and all) are removed; one that a live
     process still holds is kept, however old."""
     names = [f"/mp-h2{os.getpid()}{tag}" for tag in ("dead", "live")]
-    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, name], stdout=subprocess.PIPE, text=True) for name in names]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", HOLDER, name], stdout=subprocess.PIPE, text=True) for name in names
+    ]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
         procs[0].kill()
@@ -155,8 +172,21 @@ def test_sweep_removes_multiprocessing_semaphores_whose_holders_were_killed():
 
 # ---- signals and orphans ----
 def _serve_cmd(port: int, *args) -> list[str]:
-    return [sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", "--kv-cache-tokens", "2048",
-            "--context-len", "256", *args]
+    return [
+        sys.executable,
+        "-m",
+        "app",
+        "serve",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--kv-cache-tokens",
+        "2048",
+        "--context-len",
+        "256",
+        *args,
+    ]
 
 
 def _watch_tree(proc, until) -> set[int]:
@@ -170,8 +200,11 @@ def _watch_tree(proc, until) -> set[int]:
 
 
 def _engine_spawned(proc) -> bool:
-    return any(b"spawn_main" in _cmdline(p) and b"resource_tracker" not in _cmdline(p)
-               for p in process_tree(proc.pid) if p != proc.pid)
+    return any(
+        b"spawn_main" in _cmdline(p) and b"resource_tracker" not in _cmdline(p)
+        for p in process_tree(proc.pid)
+        if p != proc.pid
+    )
 
 
 def _cmdline(pid: int) -> bytes:
@@ -196,8 +229,13 @@ def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when
     and no process it started and no segment of theirs is left."""
     mp_before = {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")}
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(_serve_cmd(free_port()), env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        _serve_cmd(free_port()),
+        env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         t0 = time.monotonic()
         if when == "3s":
@@ -218,15 +256,27 @@ def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when
 def test_kill_9_of_the_serve_process_alone_ends_engine_gpu_workers_and_api_workers(tmp_path):
     """The children notice their parent's death (PR_SET_PDEATHSIG, and a watch on the parent pid): none is left
     serving as an orphan, and the engine removes its segments on the way out."""
-    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--workers", "2", "--tp-size", "2",
-                 "--nccl-port", str(free_port())) as (proc, _):
+    with serving(
+        tmp_path,
+        "--kv-cache-tokens",
+        "2048",
+        "--context-len",
+        "256",
+        "--workers",
+        "2",
+        "--tp-size",
+        "2",
+        "--nccl-port",
+        str(free_port()),
+    ) as (proc, _):
         engine = engine_pid(proc)
         everyone = set(process_tree(proc.pid)) - {proc.pid}
         assert len(everyone) >= 4  # engine, rank 1, two API workers (and the resource tracker)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        assert _gone(lambda: [p for p in everyone if pid_alive(p)]), [(p, _cmdline(p)[:80]) for p in everyone
-                                                                       if pid_alive(p)]
+        assert _gone(lambda: [p for p in everyone if pid_alive(p)]), [
+            (p, _cmdline(p)[:80]) for p in everyone if pid_alive(p)
+        ]
         assert _gone(lambda: server_segments(engine))
 
 
@@ -258,7 +308,9 @@ def test_ctrl_c_drains_like_sigterm_and_exits_0_without_a_traceback(tmp_path, to
     # The group's API workers stop at once, so the engine's drain then has nobody to stream to: bound it short.
     shutdown = "300" if to == "server" else "3"
     with serving(tmp_path, "--kv-cache-tokens", "4096", "--context-len", "2048", "--shutdown-timeout", shutdown) as (
-            proc, base):
+        proc,
+        base,
+    ):
         thread, events = _stream_in_background(base, max(64, min(2000, int(tokens_per_second(base) * 6))))
         if to == "server":
             os.kill(proc.pid, signal.SIGINT)
@@ -280,18 +332,35 @@ def _open(port: int, first_bytes: bytes | None) -> socket.socket:
     return s
 
 
-PARTIAL_BODY = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
-HOLDERS = {"silent": None, "request line": b"GET /heal", "headers": b"GET /health HTTP/1.1\r\nHost: x\r\n",
-           "body": PARTIAL_BODY}
+PARTIAL_BODY = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 1000\r\n\r\n{"prompt": '
+)
+HOLDERS = {
+    "silent": None,
+    "request line": b"GET /heal",
+    "headers": b"GET /health HTTP/1.1\r\nHost: x\r\n",
+    "body": PARTIAL_BODY,
+}
 
 
 def test_silent_and_partial_connections_do_not_lock_anyone_out(tmp_path):
     """200 connections that send nothing, part of a request line, part of their headers or part of their body,
     against a server that serves 16 connections at once: each is closed after the header (or body) read
     timeout, so /health answers (before: never, while they stayed open); a partial body is answered 408."""
-    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--backpressure", "16",
-                 "--header-read-timeout", "1", "--body-read-timeout", "1") as (proc, base):
+    with serving(
+        tmp_path,
+        "--kv-cache-tokens",
+        "2048",
+        "--context-len",
+        "256",
+        "--backpressure",
+        "16",
+        "--header-read-timeout",
+        "1",
+        "--body-read-timeout",
+        "1",
+    ) as (_proc, base):
         port = int(base.rsplit(":", 1)[1])
         held = [(kind, _open(port, data)) for kind, data in HOLDERS.items() for _ in range(50)]
         try:
@@ -316,7 +385,9 @@ def _read_all(s: socket.socket) -> bytes:
 
 def test_idle_keep_alive_connection_is_closed_after_the_header_timeout(tmp_path):
     with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--header-read-timeout", "1") as (
-            proc, base):
+        _proc,
+        base,
+    ):
         s = _open(int(base.rsplit(":", 1)[1]), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         s.settimeout(60)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
@@ -326,10 +397,16 @@ def test_idle_keep_alive_connection_is_closed_after_the_header_timeout(tmp_path)
 def test_a_second_server_on_a_busy_port_fails_at_once_with_a_clear_message(tmp_path):
     """Granian's SO_REUSEPORT would let both listen and split the traffic; the second refuses before loading
     anything. Also: without --profiler-dir the profiler routes do not exist."""
-    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256") as (proc, base):
+    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256") as (_proc, base):
         port = int(base.rsplit(":", 1)[1])
-        second = subprocess.run(_serve_cmd(port), env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
-                                capture_output=True, text=True, timeout=300, check=False)
+        second = subprocess.run(
+            _serve_cmd(port),
+            env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"cannot listen on 127.0.0.1:{port}" in second.stderr and "in use" in second.stderr
         assert "engine ready" not in second.stderr  # refused before the engine started
@@ -341,8 +418,17 @@ def test_a_second_server_on_a_busy_port_fails_at_once_with_a_clear_message(tmp_p
 # ---- the profiler routes ----
 def test_profiler_routes_with_profiler_dir_work_and_stop_themselves(tmp_path):
     traces = tmp_path / "traces"
-    with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--profiler-dir", str(traces),
-                 "--profiler-max-seconds", "1") as (proc, base):
+    with serving(
+        tmp_path,
+        "--kv-cache-tokens",
+        "2048",
+        "--context-len",
+        "256",
+        "--profiler-dir",
+        str(traces),
+        "--profiler-max-seconds",
+        "1",
+    ) as (_proc, base):
         r = httpx.post(base + "/start_profile", timeout=60)
         assert r.status_code == 200 and r.json() == {"profiling": True}
         done = httpx.post(base + "/v1/completions", json={"prompt": "profiled", "max_tokens": 8}, timeout=120)
@@ -358,10 +444,16 @@ def test_health_turns_503_while_the_engine_is_stopped_and_metrics_answer_from_it
     """SIGSTOP on the engine: /health answers 503 once --engine-stall-timeout passes, /metrics answers at once
     with the values the engine last published; SIGCONT: /health is 200 again."""
     with serving(tmp_path, "--kv-cache-tokens", "2048", "--context-len", "256", "--engine-stall-timeout", "2") as (
-            proc, base):
+        proc,
+        base,
+    ):
         engine = engine_pid(proc)
-        assert httpx.post(base + "/v1/completions", json={"prompt": "count", "max_tokens": 7, "ignore_eos": True},
-                          timeout=120).status_code == 200
+        assert (
+            httpx.post(
+                base + "/v1/completions", json={"prompt": "count", "max_tokens": 7, "ignore_eos": True}, timeout=120
+            ).status_code
+            == 200
+        )
         tokens = metric(base, "ringllm_generation_tokens_total")
         assert tokens >= 7
         time.sleep(0.5)  # past a heartbeat publish
@@ -381,4 +473,3 @@ def test_health_turns_503_while_the_engine_is_stopped_and_metrics_answer_from_it
         while httpx.get(base + "/health", timeout=60).status_code != 200:
             assert time.monotonic() < deadline, "/health did not recover after SIGCONT"
             time.sleep(0.1)
-

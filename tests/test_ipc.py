@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipc import messages as m
-from ipc.lifecycle import (claim_worker_index, create_pair_claims, leftover_segments, remove_stale_segments,
-                           segment_name)
+from ipc.lifecycle import claim_worker_index, create_pair_claims, leftover_segments, remove_stale_segments, segment_name
 from ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
 from ipc.shared_table import SharedTable
 
@@ -80,7 +79,7 @@ def test_wrap_at_every_offset():
         sizes += [40, 0, 1000, 2000]
         for i, size in enumerate(sizes):
             w.write(_payload(offset + i, size))
-            r.poll(lambda v: got.append(bytes(v)))
+            r.poll(lambda v: got.append(bytes(v)))  # noqa: B023 (called within this turn)
         assert got == [_payload(offset + i, size) for i, size in enumerate(sizes)]
         w.close()
         r.close()
@@ -273,7 +272,7 @@ def test_a_killed_workers_pair_is_free_again(claims):
 def _count_into_row(name, index, times):
     table = SharedTable(name)
     row = table.row(index)
-    for i in range(times):
+    for _i in range(times):
         row[0] += 1
         row[1] += 0.5
     row[2] = index

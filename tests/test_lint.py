@@ -1,6 +1,6 @@
 """Static checks of the packages, run with the test suite so that CI keeps them green.
 
-mypy reads its configuration from pyproject.toml ([tool.mypy]: app, ipc and engine, with the cache under
+mypy and ruff read their configuration from pyproject.toml ([tool.mypy]: app, ipc and engine, with the cache under
 .mypy_cache, which keeps a rerun to a few seconds)."""
 
 from __future__ import annotations
@@ -21,4 +21,11 @@ def test_mypy() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# ---- ruff (lint and format): the lead adds `ruff check` and `ruff format --check` here ----
+def test_ruff_check() -> None:
+    result = _run("ruff", "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format() -> None:
+    result = _run("ruff", "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -29,7 +29,7 @@ def test_stream_equals_batch(llm):
 
     pieces = asyncio.run(collect())
     assert pieces[-1].finish_reason == "length" and all(p.finish_reason is None for p in pieces[:-1])
-    assert sum((p.token_ids for p in pieces), []) == batch.token_ids
+    assert [t for p in pieces for t in p.token_ids] == batch.token_ids
     assert "".join(p.text for p in pieces) == batch.text == llm.tokenizer.decode(batch.token_ids)
     assert len(batch.token_ids) == 24 and batch.prompt_tokens == len(llm.tokenizer.encode("The sea is"))
 
@@ -64,8 +64,9 @@ def test_stop_token_ids(llm):
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     [full] = llm.generate_batch(["The river"], params)
     target = full.token_ids[5]
-    [cut] = llm.generate_batch(["The river"], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
-                                                            stop_token_ids=[target]))
+    [cut] = llm.generate_batch(
+        ["The river"], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[target])
+    )
     assert cut.token_ids == full.token_ids[: full.token_ids.index(target) + 1]
     assert cut.finish_reason == "stop"
 
@@ -96,6 +97,7 @@ def test_early_exit_from_stream_aborts(llm):
         if llm.engine.stats()["kv_slots_used_by_requests"] == 0:
             break
         import time
+
         time.sleep(0.05)
     assert llm.engine.stats()["kv_slots_used_by_requests"] == 0
 
@@ -136,8 +138,16 @@ def test_profile_writes_a_trace(tmp_path, demo_path):
     from engine.engine import Engine
     from tests.helpers import run_engine
 
-    engine = Engine(EngineConfig(model=str(demo_path), device="cpu", kv_cache_tokens=1024, context_len=128,
-                                 profile=True, profile_dir=str(tmp_path)))
+    engine = Engine(
+        EngineConfig(
+            model=str(demo_path),
+            device="cpu",
+            kv_cache_tokens=1024,
+            context_len=128,
+            profile=True,
+            profile_dir=str(tmp_path),
+        )
+    )
     run_engine(engine, [[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
     path = engine.stop_profile()
     assert path.is_file() and path.stat().st_size > 0 and "rank0" in path.name
@@ -146,7 +156,26 @@ def test_profile_writes_a_trace(tmp_path, demo_path):
 def test_cli_generate_runs(demo_path, capsys):
     from app.cli import main
 
-    assert main(["generate", "The sea", "--model", str(demo_path), "--max-tokens", "5", "--device", "cpu",
-                 "--kv-cache-tokens", "512", "--context-len", "128", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "The sea",
+                "--model",
+                str(demo_path),
+                "--max-tokens",
+                "5",
+                "--device",
+                "cpu",
+                "--kv-cache-tokens",
+                "512",
+                "--context-len",
+                "128",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "finish_reason: length" in capsys.readouterr().err
     assert main(["generate", "x", "--model", "/no/such/dir", "--device", "cpu"]) == 2

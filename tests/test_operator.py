@@ -32,19 +32,22 @@ def test_every_config_field_has_an_option_with_its_default():
     assert engine_config(args) == EngineConfig()
 
 
-@pytest.mark.parametrize("argv, field, value", [
-    (["--max-model-len", "512"], "context_len", 512),
-    (["--tensor-parallel-size", "2"], "tp_size", 2),
-    (["-tp", "2"], "tp_size", 2),
-    (["--pipeline-parallel-size", "3"], "pp_size", 3),
-    (["-pp", "3"], "pp_size", 3),
-    (["--max-num-seqs", "17"], "max_bs", 17),
-    (["--tokenizer", "/tok"], "tokenizer", "/tok"),
-    (["--download-dir", "/dl"], "download_dir", "/dl"),
-    (["--kv-cache-dtype", "auto"], "kv_cache_dtype", "auto"),
-    (["--master-port", "30001"], "nccl_port", 30001),
-    (["--device-ids", "2,3"], "device_ids", [2, 3]),
-])
+@pytest.mark.parametrize(
+    "argv, field, value",
+    [
+        (["--max-model-len", "512"], "context_len", 512),
+        (["--tensor-parallel-size", "2"], "tp_size", 2),
+        (["-tp", "2"], "tp_size", 2),
+        (["--pipeline-parallel-size", "3"], "pp_size", 3),
+        (["-pp", "3"], "pp_size", 3),
+        (["--max-num-seqs", "17"], "max_bs", 17),
+        (["--tokenizer", "/tok"], "tokenizer", "/tok"),
+        (["--download-dir", "/dl"], "download_dir", "/dl"),
+        (["--kv-cache-dtype", "auto"], "kv_cache_dtype", "auto"),
+        (["--master-port", "30001"], "nccl_port", 30001),
+        (["--device-ids", "2,3"], "device_ids", [2, 3]),
+    ],
+)
 def test_vllm_names_set_the_same_engine_field(argv, field, value):
     assert getattr(engine_config(_parse(["serve", *argv])), field) == value
 
@@ -57,9 +60,17 @@ def test_served_model_name_takes_several_and_origins_take_json_or_commas():
 
 
 def test_every_option_reads_its_environment_variable_and_the_command_line_wins():
-    env = {"RINGLLM_PORT": "9123", "RINGLLM_CONTEXT_LEN": "300", "RINGLLM_ENFORCE_EAGER": "true",
-           "RINGLLM_SERVED_MODEL_NAME": "a,b", "RINGLLM_DEVICE_IDS": "0,1", "RINGLLM_SHUTDOWN_TIMEOUT": "45",
-           "RINGLLM_API_KEY": "k", "RINGLLM_DISABLE_RADIX_CACHE": "0", "RINGLLM_DTYPE": ""}
+    env = {
+        "RINGLLM_PORT": "9123",
+        "RINGLLM_CONTEXT_LEN": "300",
+        "RINGLLM_ENFORCE_EAGER": "true",
+        "RINGLLM_SERVED_MODEL_NAME": "a,b",
+        "RINGLLM_DEVICE_IDS": "0,1",
+        "RINGLLM_SHUTDOWN_TIMEOUT": "45",
+        "RINGLLM_API_KEY": "k",
+        "RINGLLM_DISABLE_RADIX_CACHE": "0",
+        "RINGLLM_DTYPE": "",
+    }
     args = _parse(["serve"], env)
     assert (args.port, args.context_len, args.enforce_eager, args.served_model_name) == (9123, 300, True, ["a", "b"])
     assert (args.device_ids, args.shutdown_timeout, args.api_key) == ([0, 1], 45.0, "k")
@@ -67,8 +78,9 @@ def test_every_option_reads_its_environment_variable_and_the_command_line_wins()
     assert _parse(["serve", "--max-model-len", "200", "--port", "1"], env).context_len == 200
 
 
-@pytest.mark.parametrize("env", [{"RINGLLM_PORT": "eighty"}, {"RINGLLM_ENFORCE_EAGER": "maybe"},
-                                 {"RINGLLM_DEVICE": "tpu"}])
+@pytest.mark.parametrize(
+    "env", [{"RINGLLM_PORT": "eighty"}, {"RINGLLM_ENFORCE_EAGER": "maybe"}, {"RINGLLM_DEVICE": "tpu"}]
+)
 def test_an_environment_value_that_does_not_parse_names_the_variable(env, capsys):
     with pytest.raises(SystemExit) as e:
         _parse(["serve"], env)
@@ -77,8 +89,9 @@ def test_an_environment_value_that_does_not_parse_names_the_variable(env, capsys
 
 def _ringllm(*argv: str, cache: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, RINGLLM_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "app", *argv], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *argv], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
 
 
 def test_version():
@@ -111,8 +124,7 @@ def served(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("operator")
     env = {"RINGLLM_KV_CACHE_TOKENS": "4096", "RINGLLM_CONTEXT_LEN": "256", "RINGLLM_ALLOWED_ORIGINS": "http://ok.test"}
-    proc, base = start_server(cache, "--workers", "2", "--served-model-name", "Org/Model-8B", "model-8b",
-                              env=env)
+    proc, base = start_server(cache, "--workers", "2", "--served-model-name", "Org/Model-8B", "model-8b", env=env)
     _wait_for_workers(cache / "serve.log", 2)
     yield proc, base, cache
     stop_server(proc)
@@ -149,8 +161,10 @@ def test_neither_the_serve_parent_nor_its_api_workers_map_libtorch(served):
 def test_what_the_serve_parent_imports_leaves_torch_out():
     """The parent's own imports before Granian forks (the maps test above sees the result, this names the
     modules): app.server (what the workers load), app.cli and what cmd_serve reaches for."""
-    code = ("import sys, app.server, app.cli, app.health_check, engine.logs, ipc.lifecycle, granian; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys, app.server, app.cli, app.health_check, engine.logs, ipc.lifecycle, granian; "
+        "sys.exit('torch' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
 
@@ -164,14 +178,19 @@ def test_health_command_finds_the_servers_port_from_its_own_options(served):
     """The container's HEALTHCHECK: `ringllm health` reads the server's command line and environment, so it
     follows --port (given here on the command line by the test helper) and answers 0 while /health is 200."""
     proc, _, _ = served
-    run = subprocess.run([sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0 and run.stdout.strip() == "healthy", run.stdout + run.stderr
 
 
 def test_health_command_fails_without_a_server(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "app", "health", "--pid", str(os.getpid()), "--timeout", "1"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "app", "health", "--pid", str(os.getpid()), "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1 and "unhealthy" in run.stdout
 
 
@@ -202,23 +221,34 @@ def test_an_incoming_request_id_is_returned_used_in_the_response_id_and_logged(s
     import httpx
 
     _, base, cache = served
-    r = httpx.post(base + "/v1/completions", headers={"X-Request-Id": "op-test-1"}, timeout=30,
-                   json={"model": "model-8b", "prompt": "hi", "max_tokens": 2})
+    r = httpx.post(
+        base + "/v1/completions",
+        headers={"X-Request-Id": "op-test-1"},
+        timeout=30,
+        json={"model": "model-8b", "prompt": "hi", "max_tokens": 2},
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "op-test-1"
     assert r.json()["id"] == "cmpl-op-test-1" and r.json()["model"] == "Org/Model-8B"
-    c = httpx.post(base + "/v1/chat/completions", headers={"X-Request-Id": "op-test-2"}, timeout=30,
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    c = httpx.post(
+        base + "/v1/chat/completions",
+        headers={"X-Request-Id": "op-test-2"},
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert c.headers["x-request-id"] == "op-test-2" and c.json()["id"] == "chatcmpl-op-test-2"
-    with httpx.stream("POST", base + "/v1/chat/completions", headers={"X-Request-Id": "op-test-3"}, timeout=30,
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}) as s:
+    with httpx.stream(
+        "POST",
+        base + "/v1/chat/completions",
+        headers={"X-Request-Id": "op-test-3"},
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
+    ) as s:
         assert s.headers["x-request-id"] == "op-test-3"
         assert '"id":"chatcmpl-op-test-3"' in s.read().decode()
     for rid in ("op-test-1", "op-test-2", "op-test-3"):
-        access = _wait_for_log(cache, lambda x, rid=rid: x.get("event") == "access" and x.get("request_id") == rid,
-                               rid)
+        access = _wait_for_log(cache, lambda x, rid=rid: x.get("event") == "access" and x.get("request_id") == rid, rid)
         assert access["status"] == 200 and access["method"] == "POST"
-        done = _wait_for_log(cache, lambda x, rid=rid: x.get("event") == "request" and x.get("request_id") == rid,
-                             rid)
+        done = _wait_for_log(cache, lambda x, rid=rid: x.get("event") == "request" and x.get("request_id") == rid, rid)
         assert done["completion_tokens"] == 2
 
 
@@ -232,11 +262,14 @@ def test_a_request_id_is_made_when_none_or_a_bad_one_is_given(served):
         assert len(rid) == 32 and int(rid, 16) >= 0 and r.json()["id"] == f"cmpl-{rid}"
 
 
-@pytest.mark.parametrize("method, path, body, status", [
-    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400),
-    ("POST", "/v1/completions", {"model": "other", "prompt": "hi"}, 404),
-    ("GET", "/no/such/route", None, 404),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status",
+    [
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400),
+        ("POST", "/v1/completions", {"model": "other", "prompt": "hi"}, 404),
+        ("GET", "/no/such/route", None, 404),
+    ],
+)
 def test_answers_with_errors_get_one_access_line_with_their_status_and_id(served, method, path, body, status):
     import httpx
 
@@ -279,15 +312,25 @@ def test_cors_preflight_from_an_allowed_origin_gets_the_access_control_headers(s
     import httpx
 
     _, base, _ = served
-    r = httpx.options(base + "/v1/chat/completions", timeout=10, headers={
-        "Origin": "http://ok.test", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    r = httpx.options(
+        base + "/v1/chat/completions",
+        timeout=10,
+        headers={
+            "Origin": "http://ok.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert r.status_code in (200, 204), r.text
     assert r.headers["access-control-allow-origin"] == "http://ok.test"
     assert "POST" in r.headers["access-control-allow-methods"]
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
-    post = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30,
-                      headers={"Origin": "http://ok.test"})
+    post = httpx.post(
+        base + "/v1/completions",
+        json={"prompt": "hi", "max_tokens": 1},
+        timeout=30,
+        headers={"Origin": "http://ok.test"},
+    )
     assert post.headers["access-control-allow-origin"] == "http://ok.test"
     assert "x-request-id" in post.headers["access-control-expose-headers"].lower()
 
@@ -296,11 +339,18 @@ def test_cors_gives_nothing_to_other_origins(served):
     import httpx
 
     _, base, _ = served
-    r = httpx.options(base + "/v1/completions", timeout=10,
-                      headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+    r = httpx.options(
+        base + "/v1/completions",
+        timeout=10,
+        headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"},
+    )
     assert "access-control-allow-origin" not in r.headers
-    post = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30,
-                      headers={"Origin": "http://evil.test"})
+    post = httpx.post(
+        base + "/v1/completions",
+        json={"prompt": "hi", "max_tokens": 1},
+        timeout=30,
+        headers={"Origin": "http://evil.test"},
+    )
     assert "access-control-allow-origin" not in post.headers
 
 
@@ -318,15 +368,21 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     key_file, cert_file = folder / "key.pem", folder / "cert.pem"
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_file, cert_file
 
@@ -345,11 +401,32 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
     model = str(demo_model_path(tmp_path))  # built here, then served by path with no --served-model-name
     port = free_port()
     with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu",
-                                 "--model", model, "--kv-cache-tokens", "1024", "--context-len", "128",
-                                 "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
-                                env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app",
+                "serve",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--model",
+                model,
+                "--kv-cache-tokens",
+                "1024",
+                "--context-len",
+                "128",
+                "--ssl-keyfile",
+                str(key),
+                "--ssl-certfile",
+                str(cert),
+            ],
+            env=dict(os.environ, RINGLLM_CACHE=str(tmp_path)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"https://127.0.0.1:{port}"
     trust = __import__("ssl").create_default_context(cafile=str(cert))  # only this certificate
     try:
@@ -366,11 +443,13 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         models = httpx.get(base + "/v1/models", verify=trust, timeout=10).json()["data"]
         assert [m["id"] for m in models] == [model]
-        r = httpx.post(base + "/v1/completions", verify=trust, timeout=30,
-                       json={"model": model, "prompt": "hi", "max_tokens": 2})
+        r = httpx.post(
+            base + "/v1/completions", verify=trust, timeout=30, json={"model": model, "prompt": "hi", "max_tokens": 2}
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-        run = subprocess.run([sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True,
-                             text=True, timeout=60)
+        run = subprocess.run(
+            [sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         assert f"ringllm ready on {base} | model {model} |" in (tmp_path / "serve.log").read_text()
     finally:
@@ -406,15 +485,21 @@ def test_metrics_carry_model_name_engine_histograms_prefix_counters_and_process_
     prompt = list(range(10, 42))  # 32 tokens, sent three times: the second and third find it cached
     before = _families(base)
     for _ in range(3):
-        r = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "ignore_eos": True},
-                       timeout=30)
+        r = httpx.post(
+            base + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "ignore_eos": True}, timeout=30
+        )
         assert r.json()["usage"]["completion_tokens"] == 4
     after = _families(base)
     for family in after.values():
         if family.name.startswith("ringllm_"):
             assert all(s.labels.get("model_name") == "Org/Model-8B" for s in family.samples), family.name
-    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
-                 "request_prompt_tokens", "request_generation_tokens"):
+    for name in (
+        "request_queue_time_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "request_prompt_tokens",
+        "request_generation_tokens",
+    ):
         assert after["ringllm_" + name].type == "histogram"
         count = f"ringllm_{name}_count"
         assert _value(after, count) - _value(before, count) == 3, name
@@ -459,8 +544,14 @@ def test_engine_counters_are_left_out_rather_than_reset_when_the_engine_does_not
     table = SharedTable(f"/ringllm-test-{os.getpid()}-metrics", 1, create=True)
     try:
         metrics = Metrics(table, 0, "m")
-        full = {f.name for f in text_string_to_metric_families(metrics.render(
-            {"generated_tokens": 5, "prefix_cache_query_tokens": 9, "hist:request_prompt_tokens:sum": 3}).decode())}
+        full = {
+            f.name
+            for f in text_string_to_metric_families(
+                metrics.render(
+                    {"generated_tokens": 5, "prefix_cache_query_tokens": 9, "hist:request_prompt_tokens:sum": 3}
+                ).decode()
+            )
+        }
         empty = {f.name for f in text_string_to_metric_families(metrics.render({}).decode())}
     finally:
         table.close(unlink=True)

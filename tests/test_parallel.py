@@ -26,8 +26,9 @@ MAX_NEW = 10
 def _prompts(vocab: int) -> list[list[int]]:
     rng = random.Random(2)
     shared = [rng.randrange(vocab) for _ in range(16)]
-    return ([[rng.randrange(vocab) for _ in range(n)] for n in (3, 17, 1, 26, 9)]
-            + [shared + [rng.randrange(vocab) for _ in range(n)] for n in (2, 7)])
+    return [[rng.randrange(vocab) for _ in range(n)] for n in (3, 17, 1, 26, 9)] + [
+        shared + [rng.randrange(vocab) for _ in range(n)] for n in (2, 7)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,15 @@ def _config(path, **kw) -> EngineConfig:
     return EngineConfig(model=str(path), device="cpu", max_bs=8, seed=0, nccl_port=free_port(), **kw)
 
 
-@pytest.mark.parametrize("family,tp,pp,extra", [
-    ("qwen3", 2, 1, {}),
-    ("qwen2-tied", 1, 2, {}),
-    ("llama", 2, 2, {}),
-    ("qwen3", 1, 2, dict(max_num_batched_tokens=7, kv_cache_tokens=96)),  # chunked prefill and preemption
-])
+@pytest.mark.parametrize(
+    "family,tp,pp,extra",
+    [
+        ("qwen3", 2, 1, {}),
+        ("qwen2-tied", 1, 2, {}),
+        ("llama", 2, 2, {}),
+        ("qwen3", 1, 2, dict(max_num_batched_tokens=7, kv_cache_tokens=96)),  # chunked prefill and preemption
+    ],
+)
 def test_parallel_greedy_matches_one_rank(checkpoints, family, tp, pp, extra):
     """Radix cache and overlap on; the second pass hits the cache."""
     path, prompts = checkpoints[family], _prompts(256)
@@ -75,8 +79,9 @@ def test_parallel_sampling_and_logprobs_match_one_rank(checkpoints):
     """Seeded sampling, penalties, logprobs and prompt logprobs travel from the last stage's sampler to rank 0
     intact."""
     path, prompts = checkpoints["qwen3"], _prompts(256)[:4]
-    params = SamplingParams(max_tokens=6, temperature=0.8, seed=7, repetition_penalty=1.3, logprobs=3,
-                            prompt_logprobs=2, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=6, temperature=0.8, seed=7, repetition_penalty=1.3, logprobs=3, prompt_logprobs=2, ignore_eos=True
+    )
 
     def collect(engine):
         outs, prompt_lps = {}, {}
@@ -130,16 +135,35 @@ def test_bad_parallel_settings_are_refused(checkpoints):
 def test_plan_round_trips_through_the_wire():
     from engine.scheduler import StepPlan
 
-    plan = StepPlan(rows=np.array([3, 1], np.int32), starts=np.array([0, 5], np.int32),
-                    lens=np.array([4, 1], np.int32), sample=np.array([True, False]),
-                    slot_rows=np.array([3] * 4, np.int32), slot_pos=np.arange(4, dtype=np.int32),
-                    slot_ids=np.array([9, 8, 7, 6], np.int32), token_rows=np.array([3], np.int32),
-                    token_pos=np.array([0], np.int32), token_ids=np.array([42], np.int32), new_rows=[3],
-                    new_params=[SamplingParams(temperature=0.5, seed=3, stop_token_ids=[2])], new_prompt_lens=[4],
-                    num_decodes=1)
+    plan = StepPlan(
+        rows=np.array([3, 1], np.int32),
+        starts=np.array([0, 5], np.int32),
+        lens=np.array([4, 1], np.int32),
+        sample=np.array([True, False]),
+        slot_rows=np.array([3] * 4, np.int32),
+        slot_pos=np.arange(4, dtype=np.int32),
+        slot_ids=np.array([9, 8, 7, 6], np.int32),
+        token_rows=np.array([3], np.int32),
+        token_pos=np.array([0], np.int32),
+        token_ids=np.array([42], np.int32),
+        new_rows=[3],
+        new_params=[SamplingParams(temperature=0.5, seed=3, stop_token_ids=[2])],
+        new_prompt_lens=[4],
+        num_decodes=1,
+    )
     back = decode_message(encode_plan(plan))
-    for name in ("rows", "starts", "lens", "sample", "slot_rows", "slot_pos", "slot_ids", "token_rows",
-                 "token_pos", "token_ids"):
+    for name in (
+        "rows",
+        "starts",
+        "lens",
+        "sample",
+        "slot_rows",
+        "slot_pos",
+        "slot_ids",
+        "token_rows",
+        "token_pos",
+        "token_ids",
+    ):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
     assert back.new_params == plan.new_params and back.new_rows == [3] and back.num_decodes == 1
 
@@ -163,8 +187,13 @@ _CHILD = textwrap.dedent("""
 
 
 def _start_child(path):
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(free_port())], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     line = proc.stdout.readline()
     if not line.startswith("workers"):
         proc.kill()
@@ -202,13 +231,39 @@ def test_a_second_node_joins_through_the_rendezvous(checkpoints):
     prompts = _prompts(256)
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     expected = run_engine(Engine(_config(path)), prompts, params, "a")
-    node1 = subprocess.Popen([sys.executable, "-m", "app", "serve", "--model", str(path), "--device", "cpu",
-                              "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
-                              "--master-port", str(port), "--max-bs", "8"],
-                             cwd=os.path.dirname(os.path.dirname(__file__)), stderr=subprocess.PIPE, text=True)
+    node1 = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--model",
+            str(path),
+            "--device",
+            "cpu",
+            "--tp-size",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--max-bs",
+            "8",
+        ],
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        engine = Engine(EngineConfig(model=str(path), device="cpu", max_bs=8, tp_size=2, nnodes=2,
-                                     master_addr="127.0.0.1", nccl_port=port))
+        engine = Engine(
+            EngineConfig(
+                model=str(path), device="cpu", max_bs=8, tp_size=2, nnodes=2, master_addr="127.0.0.1", nccl_port=port
+            )
+        )
         try:
             assert run_engine(engine, prompts, params, "a") == expected
         finally:

@@ -9,8 +9,9 @@ from engine.kv_cache import SlotAllocator
 from engine.radix_cache import RadixCache
 
 tokens = st.lists(st.integers(0, 3), min_size=1, max_size=12)
-ops = st.lists(st.tuples(st.sampled_from(["insert", "match_lock", "unlock", "evict"]), tokens, st.integers(1, 30)),
-               max_size=60)
+ops = st.lists(
+    st.tuples(st.sampled_from(["insert", "match_lock", "unlock", "evict"]), tokens, st.integers(1, 30)), max_size=60
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -115,8 +115,7 @@ def test_served_reasoning_content(client):
     assert (msg.model_extra["reasoning_content"], msg.content) == ("why", "ok")
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == len(SCRIPT) - 1
-    chunks = list(client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0,
-                                                 stream=True))
+    chunks = list(client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
     assert (reasoning, "".join(d.content or "" for d in deltas)) == ("why", "ok")
@@ -125,8 +124,13 @@ def test_served_reasoning_content(client):
 
 
 def test_served_enable_thinking_false_reaches_the_template(client):
-    r = client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0,
-                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    r = client.chat.completions.create(
+        model="m",
+        messages=HI,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
     msg = r.choices[0].message
     assert msg.content == "ok" and (msg.model_extra or {}).get("reasoning_content") is None
 
@@ -142,8 +146,9 @@ def test_chat_template_kwargs_may_not_replace_the_routes_variables(client):
     import openai
 
     with pytest.raises(openai.BadRequestError, match="messages"):
-        client.chat.completions.create(model="m", messages=HI, max_tokens=4,
-                                       extra_body={"chat_template_kwargs": {"messages": []}})
+        client.chat.completions.create(
+            model="m", messages=HI, max_tokens=4, extra_body={"chat_template_kwargs": {"messages": []}}
+        )
 
 
 def test_reasoning_parser_none_flag_leaves_the_text_whole(tmp_path):
@@ -154,8 +159,7 @@ def test_reasoning_parser_none_flag_leaves_the_text_whole(tmp_path):
     from tests.helpers import start_server, stop_server
 
     path = scripted_checkpoint(tmp_path / "qwen3-think", SCRIPT, TEMPLATE)
-    proc, base = start_server(tmp_path, "--model", str(path), "--served-model-name", "m",
-                              "--reasoning-parser", "none")
+    proc, base = start_server(tmp_path, "--model", str(path), "--served-model-name", "m", "--reasoning-parser", "none")
     try:
         client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0)

@@ -29,8 +29,11 @@ def _bos_checkpoint(demo_path, out):
     tj["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [bos_id], "tokens": ["<|endoftext|>"]}},
     }
     (out / "tokenizer.json").write_text(json.dumps(tj))
@@ -50,9 +53,19 @@ def served(tmp_path_factory, bos_model):
     """One API worker (so that /health shares the event loop of the request under test), a context long
     enough for 4,000-token prompts, and a queue bound the fan-out tests can exceed. Yields (process, url)."""
     cache = tmp_path_factory.mktemp("defects")
-    proc, base = start_server(cache, "--model", str(bos_model[0]), "--served-model-name", "demo",
-                              "--kv-cache-tokens", "16384", "--context-len", "4096",
-                              "--max-waiting-requests", str(MAX_WAITING))
+    proc, base = start_server(
+        cache,
+        "--model",
+        str(bos_model[0]),
+        "--served-model-name",
+        "demo",
+        "--kv-cache-tokens",
+        "16384",
+        "--context-len",
+        "4096",
+        "--max-waiting-requests",
+        str(MAX_WAITING),
+    )
     yield proc, base
     stop_server(proc)
 
@@ -120,9 +133,11 @@ def test_prompt_tokens_are_counted_once_whatever_n(server):
     assert two["prompt_tokens"] == 5 and two["completion_tokens"] == 4
     messages = [{"role": "user", "content": "hi"}]
     count = httpx.post(server + "/tokenize", json={"messages": messages}, timeout=10).json()["count"]
-    chat = httpx.post(server + "/v1/chat/completions", timeout=60,
-                      json={"messages": messages, "max_tokens": 2, "n": 2, "stream": True,
-                            "stream_options": {"include_usage": True}})
+    chat = httpx.post(
+        server + "/v1/chat/completions",
+        timeout=60,
+        json={"messages": messages, "max_tokens": 2, "n": 2, "stream": True, "stream_options": {"include_usage": True}},
+    )
     last = json.loads([x for x in chat.text.split("\n\n") if x.startswith("data: {")][-1][6:])
     assert last["usage"]["prompt_tokens"] == count and last["usage"]["completion_tokens"] == 4
 
@@ -143,16 +158,18 @@ def test_the_largest_seed_with_n_2_wraps_instead_of_overflowing(server):
 # ---- issue 12.5 ----
 def test_pathologically_nested_json_is_a_400(server):
     for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001):
-        r = httpx.post(server + "/v1/completions", content=raw, headers={"content-type": "application/json"},
-                       timeout=30)
+        r = httpx.post(
+            server + "/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=30
+        )
         assert r.status_code == 400, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(server + "/health", timeout=10).status_code == 200
 
 
 # ---- issue 19.4 ----
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", None])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]
+)
 def test_a_body_that_is_not_declared_json_is_a_415(server, content_type):
     headers = {"content-type": content_type} if content_type else {}
     for path in ("/v1/completions", "/tokenize"):
@@ -162,8 +179,12 @@ def test_a_body_that_is_not_declared_json_is_a_415(server, content_type):
 
 
 def test_json_with_a_charset_parameter_is_accepted(server):
-    r = httpx.post(server + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}',
-                   headers={"content-type": "Application/JSON; charset=utf-8"}, timeout=30)
+    r = httpx.post(
+        server + "/v1/completions",
+        content=b'{"prompt": "hi", "max_tokens": 1}',
+        headers={"content-type": "Application/JSON; charset=utf-8"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -180,8 +201,19 @@ def keyed(tmp_path_factory, demo_path):
     cfg = json.loads((model / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
-    proc, base = start_server(cache, "--model", str(model), "--kv-cache-tokens", "1024", "--context-len", "64",
-                              "--api-key", KEY, "--public-routes", "/health,/schema/openapi.json")
+    proc, base = start_server(
+        cache,
+        "--model",
+        str(model),
+        "--kv-cache-tokens",
+        "1024",
+        "--context-len",
+        "64",
+        "--api-key",
+        KEY,
+        "--public-routes",
+        "/health,/schema/openapi.json",
+    )
     yield base
     stop_server(proc)
 
@@ -204,11 +236,19 @@ def test_authentication_comes_before_validation(keyed, raw):
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
 def test_the_bearer_scheme_is_case_insensitive(keyed, scheme):
-    r = httpx.post(keyed + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
-                   headers={"authorization": f"{scheme} {KEY}"}, timeout=30)
+    r = httpx.post(
+        keyed + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 1},
+        headers={"authorization": f"{scheme} {KEY}"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
-    bad = httpx.post(keyed + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
-                     headers={"authorization": f"{scheme} {KEY}x"}, timeout=30)
+    bad = httpx.post(
+        keyed + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 1},
+        headers={"authorization": f"{scheme} {KEY}x"},
+        timeout=30,
+    )
     assert bad.status_code == 401
 
 
@@ -232,15 +272,24 @@ def test_text_prompts_get_the_tokenizers_bos_as_in_transformers(server, bos_mode
 # ---- issue 12.8 ----
 def test_tokenize_messages_without_a_chat_template_is_a_400(keyed):
     auth = {"authorization": f"Bearer {KEY}"}
-    r = httpx.post(keyed + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth,
-                   timeout=10)
+    r = httpx.post(
+        keyed + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth, timeout=10
+    )
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"], r.text
     assert httpx.post(keyed + "/tokenize", json={"prompt": "hi"}, headers=auth, timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("body", [{"messages": [{"role": "user"}]}, {"messages": [{"content": "hi"}]},
-                                  {"messages": [{"role": "user", "content": None}]}, {"messages": "hi"}, {},
-                                  {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"content": "hi"}]},
+        {"messages": [{"role": "user", "content": None}]},
+        {"messages": "hi"},
+        {},
+        {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]},
+    ],
+)
 def test_tokenize_bad_messages_is_a_400(server, body):
     r = httpx.post(server + "/tokenize", json=body, timeout=10)
     assert r.status_code == 400, r.text
@@ -335,6 +384,7 @@ def _tcp(port: int, state: str) -> set[str]:
 def _api_workers(proc, port) -> list[int]:
     """The Granian workers of this test's server: the processes under it forked from it (same command line;
     the engine is a spawned interpreter)."""
+
     def cmdline(pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -402,8 +452,7 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
             log = (tmp_path / "serve.log").read_text()
         assert log.count('"app worker ready"') == 3, log[-3000:]  # it claimed the dead worker's pair
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda i: _complete(base, prompt=f"after {i}", max_tokens=4).status_code,
-                                  range(24)))
+            codes = list(pool.map(lambda i: _complete(base, prompt=f"after {i}", max_tokens=4).status_code, range(24)))
         assert codes == [200] * 24
         assert survivor in _api_workers(proc, port)
     finally:

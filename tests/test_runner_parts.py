@@ -42,24 +42,38 @@ def test_attention_backends_run_without_cuda_graphs_unless_they_declare_them():
 
 
 def test_a_packed_step_unpacks_to_its_tokens_logprobs_and_prompt_logprobs():
-    sample = SampleResult(torch.tensor([5, 7]), torch.tensor([-0.5, -1.5]), torch.tensor([[5, 1], [7, 2]]),
-                          torch.tensor([[-0.5, -2.0], [-1.5, -3.0]]))
+    sample = SampleResult(
+        torch.tensor([5, 7]),
+        torch.tensor([-0.5, -1.5]),
+        torch.tensor([[5, 1], [7, 2]]),
+        torch.tensor([[-0.5, -2.0], [-1.5, -3.0]]),
+    )
     # Batch entry 1 asked for prompt logprobs (k = 1) and computes positions 0..3 of a 4-token prompt: the
     # tokens after positions 0, 1, 2 are prompt tokens, so three prompt rows follow the two sampled ones.
     starts, lens, prompt_lens, ks = np.array([3, 0]), np.array([1, 4]), np.array([3, 4]), np.array([-1, 1])
     index, pos = prompt_logprob_positions(starts, lens, prompt_lens, ks)
     assert index.tolist() == [1, 1, 1] and pos.tolist() == [0, 1, 2]
     # float32 holds these logprobs exactly, so they come back equal
-    prompt_rows = torch.tensor([[11, -0.125, 11, 12, -0.125, -0.25], [12, -0.75, 9, 12, -0.5, -0.75],
-                                [13, -0.5, 13, 4, -0.5, -1.0]])
+    prompt_rows = torch.tensor(
+        [[11, -0.125, 11, 12, -0.125, -0.25], [12, -0.75, 9, 12, -0.5, -0.75], [13, -0.5, 13, 4, -0.5, -1.0]]
+    )
     host = StepResult(torch.cat([pack_sample(sample, 2), prompt_rows]), top_k=2, num_rows=2).wait()
     assert host.tokens.tolist() == [5, 7] and host.logprobs == [-0.5, -1.5]
     assert host.top == ([[5, 1], [7, 2]], [[-0.5, -2.0], [-1.5, -3.0]])
-    plan = StepPlan(rows=np.array([0, 1]), starts=np.array([3, 0]), lens=np.array([1, 4]),
-                    sample=np.array([True, True]), **{k: np.zeros(0, dtype=np.int64) for k in (
-                        "slot_rows", "slot_pos", "slot_ids", "token_rows", "token_pos", "token_ids")})
-    seqs = [SimpleNamespace(params=SimpleNamespace(prompt_logprobs=None), num_prompt=3, prompt_logprobs=[]),
-            SimpleNamespace(params=SimpleNamespace(prompt_logprobs=1), num_prompt=4, prompt_logprobs=[])]
+    plan = StepPlan(
+        rows=np.array([0, 1]),
+        starts=np.array([3, 0]),
+        lens=np.array([1, 4]),
+        sample=np.array([True, True]),
+        **{
+            k: np.zeros(0, dtype=np.int64)
+            for k in ("slot_rows", "slot_pos", "slot_ids", "token_rows", "token_pos", "token_ids")
+        },
+    )
+    seqs = [
+        SimpleNamespace(params=SimpleNamespace(prompt_logprobs=None), num_prompt=3, prompt_logprobs=[]),
+        SimpleNamespace(params=SimpleNamespace(prompt_logprobs=1), num_prompt=4, prompt_logprobs=[]),
+    ]
     assert host.prompt is not None
     file_prompt_logprobs(seqs, plan, host.prompt)
     assert seqs[1].prompt_logprobs == [(-0.125, [(11, -0.125)]), (-0.75, [(9, -0.5)]), (-0.5, [(13, -0.5)])]

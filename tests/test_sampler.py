@@ -29,13 +29,16 @@ def _expect(keep):
     return p / p.sum()
 
 
-@pytest.mark.parametrize("params,keep", [
-    (SamplingParams(temperature=1.0), [1, 1, 1, 1, 1, 1]),
-    (SamplingParams(temperature=1.0, top_k=2), [1, 1, 0, 0, 0, 0]),
-    (SamplingParams(temperature=1.0, top_p=0.7), [1, 1, 1, 0, 0, 0]),  # 0.4 + 0.25 < 0.7 needs the third
-    (SamplingParams(temperature=1.0, min_p=0.3), [1, 1, 1, 0, 0, 0]),  # floor 0.12
-    (SamplingParams(temperature=1.0, top_k=3, top_p=0.6), [1, 1, 0, 0, 0, 0]),  # top-p after top-k renormalises
-])
+@pytest.mark.parametrize(
+    "params,keep",
+    [
+        (SamplingParams(temperature=1.0), [1, 1, 1, 1, 1, 1]),
+        (SamplingParams(temperature=1.0, top_k=2), [1, 1, 0, 0, 0, 0]),
+        (SamplingParams(temperature=1.0, top_p=0.7), [1, 1, 1, 0, 0, 0]),  # 0.4 + 0.25 < 0.7 needs the third
+        (SamplingParams(temperature=1.0, min_p=0.3), [1, 1, 1, 0, 0, 0]),  # floor 0.12
+        (SamplingParams(temperature=1.0, top_k=3, top_p=0.6), [1, 1, 0, 0, 0, 0]),  # top-p after top-k renormalises
+    ],
+)
 def test_distribution(params, keep):
     freq = _freq(_draw(params))
     expected = _expect(keep)
@@ -64,8 +67,14 @@ def test_seed_reproducible_and_independent_of_batch():
 
 def test_penalties():
     s = Sampler(2, 6, torch.device("cpu"), 0)
-    s.set_rows([0, 1], [SamplingParams(temperature=0.0, frequency_penalty=2.0),
-                        SamplingParams(temperature=0.0, repetition_penalty=2.0)], [1, 1])
+    s.set_rows(
+        [0, 1],
+        [
+            SamplingParams(temperature=0.0, frequency_penalty=2.0),
+            SamplingParams(temperature=0.0, repetition_penalty=2.0),
+        ],
+        [1, 1],
+    )
     logits = torch.tensor([[3.0, 2.9, 0, 0, 0, 0], [3.0, 2.0, 0, 0, 0, 0]])
     history = torch.tensor([[5, 0, 0, 0], [0, 1, 1, 1]])  # row 0: prompt [5], output [0, 0, 0]
     out = s(logits, np.array([0, 1]), torch.tensor([0, 1]), history, torch.tensor([4, 4]))
@@ -84,8 +93,14 @@ def test_nan_and_inf_logits_do_not_pick_token_zero():
     """A penalised row whose logits hold NaN or +inf still samples a real token (before the guard, NaN made
     argmax return token 0 and inf - inf made the softmax NaN)."""
     s = Sampler(2, 6, torch.device("cpu"), 0)
-    s.set_rows([0, 1], [SamplingParams(temperature=0.0, repetition_penalty=1.2),
-                        SamplingParams(temperature=1.0, repetition_penalty=1.2)], [1, 1])
+    s.set_rows(
+        [0, 1],
+        [
+            SamplingParams(temperature=0.0, repetition_penalty=1.2),
+            SamplingParams(temperature=1.0, repetition_penalty=1.2),
+        ],
+        [1, 1],
+    )
     logits = torch.tensor([[float("nan"), 1.0, 2.0, 0, 0, 0], [float("nan"), float("inf"), 0, 0, 0, 0]])
     history = torch.tensor([[5], [5]])
     out = s(logits, np.array([0, 1]), torch.tensor([0, 1]), history, torch.tensor([1, 1]))

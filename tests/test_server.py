@@ -13,8 +13,19 @@ from tests.helpers import metric, start_server, stop_server, wait_for_metric
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    proc, base = start_server(cache, "--kv-cache-tokens", "8192", "--context-len", "256", "--workers", "2",
-                        "--served-model-name", "demo", "--profiler-dir", str(cache / "profiles"))
+    proc, base = start_server(
+        cache,
+        "--kv-cache-tokens",
+        "8192",
+        "--context-len",
+        "256",
+        "--workers",
+        "2",
+        "--served-model-name",
+        "demo",
+        "--profiler-dir",
+        str(cache / "profiles"),
+    )
     yield base
     stop_server(proc)
 
@@ -29,15 +40,22 @@ def client(server):
 def test_completions_and_chat(client):
     r = client.completions.create(model="demo", prompt="The sea is", max_tokens=8, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8 and r.choices[0].text
-    chunks = list(client.completions.create(model="demo", prompt="The sea is", max_tokens=8, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="demo", prompt="The sea is", max_tokens=8, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
-    c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-                                       temperature=0)
+    c = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+    )
     assert c.choices[0].message.role == "assistant" and c.usage.completion_tokens == 6
-    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=6, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces = list(stream)
     text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
     assert text == c.choices[0].message.content and pieces[-1].usage.completion_tokens == 6
@@ -60,16 +78,19 @@ def test_stop_string_and_seed(client):
     assert a.choices[0].text == b.choices[0].text
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"prompt": "x", "max_tokens": -1}, 400),
-    ({"prompt": "x", "temperature": "hot"}, 400),
-    ({"prompt": "x", "temperature": 9}, 400),
-    ({"prompt": [10**7]}, 400),
-    ({"prompt": "x " * 400}, 400),
-    ({"prompt": "x", "model": "other"}, 404),
-    ({"prompt": ""}, 400),
-    ({}, 400),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"prompt": "x", "max_tokens": -1}, 400),
+        ({"prompt": "x", "temperature": "hot"}, 400),
+        ({"prompt": "x", "temperature": 9}, 400),
+        ({"prompt": [10**7]}, 400),
+        ({"prompt": "x " * 400}, 400),
+        ({"prompt": "x", "model": "other"}, 404),
+        ({"prompt": ""}, 400),
+        ({}, 400),
+    ],
+)
 def test_errors_in_openai_shape(server, body, status):
     r = httpx.post(server + "/v1/completions", json=body, timeout=10)
     assert r.status_code == status, r.text
@@ -104,8 +125,12 @@ def test_segments_removed_after_shutdown(tmp_path):
 
 
 def test_metrics_and_disconnect_frees_slots(server):
-    with httpx.stream("POST", server + "/v1/completions", timeout=30,
-                      json={"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        server + "/v1/completions",
+        timeout=30,
+        json={"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True},
+    ) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break  # disconnect mid-stream
@@ -136,14 +161,16 @@ def test_api_key(tmp_path):
 
 
 def test_n_and_lists_of_prompts(client):
-    r = client.completions.create(model="demo", prompt=["The sea", "A river"], max_tokens=5, temperature=1.0, n=2,
-                                  seed=1)
+    r = client.completions.create(
+        model="demo", prompt=["The sea", "A river"], max_tokens=5, temperature=1.0, n=2, seed=1
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 20
     ids = client.completions.create(model="demo", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, temperature=0)
     assert len(ids.choices) == 2
-    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=3,
-                                          max_tokens=4, temperature=1.0, seed=3)
+    chat = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hi"}], n=3, max_tokens=4, temperature=1.0, seed=3
+    )
     assert len(chat.choices) == 3 and len({c.message.content for c in chat.choices}) > 1
 
 
@@ -154,8 +181,14 @@ def test_logprobs(client):
     assert all(x <= 0 for x in lp.token_logprobs)
     # greedy: the chosen token is the most likely one
     assert all(abs(max(t.values()) - x) < 1e-4 for t, x in zip(lp.top_logprobs, lp.token_logprobs))
-    c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    c = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = c.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
 
@@ -163,8 +196,11 @@ def test_logprobs(client):
 def test_non_streaming_disconnect_aborts(server):
     generated = metric(server, "ringllm_generation_tokens_total")
     with pytest.raises(httpx.ReadTimeout):  # 8 x 240 tokens take well over the 0.25 s the client waits
-        httpx.post(server + "/v1/completions", json={"prompt": "slow", "max_tokens": 240, "ignore_eos": True, "n": 8},
-                   timeout=0.25)
+        httpx.post(
+            server + "/v1/completions",
+            json={"prompt": "slow", "max_tokens": 240, "ignore_eos": True, "n": 8},
+            timeout=0.25,
+        )
     wait_for_metric(server, "ringllm_kv_cache_slots_used_by_requests", 0, 10)
     assert metric(server, "ringllm_kv_cache_slots_used_by_requests") == 0
     assert metric(server, "ringllm_num_requests_running") == 0

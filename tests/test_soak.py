@@ -35,12 +35,21 @@ def _rss_mb(pids: list[int]) -> float:
 
 async def _one(client: httpx.AsyncClient, rng: random.Random, outcomes: Counter) -> None:
     kind = rng.choice(["complete", "chat", "stream", "stream-disconnect", "timeout-disconnect", "bad", "n"])
-    body = {"prompt": "soak " * rng.randint(1, 40), "max_tokens": rng.randint(1, 48), "temperature": rng.random(),
-            "ignore_eos": rng.random() < 0.5}
+    body = {
+        "prompt": "soak " * rng.randint(1, 40),
+        "max_tokens": rng.randint(1, 48),
+        "temperature": rng.random(),
+        "ignore_eos": rng.random() < 0.5,
+    }
     try:
         if kind == "chat":
-            r = await client.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "hi " * rng.randint(1, 20)}], "max_tokens": rng.randint(1, 32)})
+            r = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": "hi " * rng.randint(1, 20)}],
+                    "max_tokens": rng.randint(1, 32),
+                },
+            )
             outcomes[f"chat {r.status_code}"] += 1
         elif kind.startswith("stream"):
             async with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
@@ -55,9 +64,13 @@ async def _one(client: httpx.AsyncClient, rng: random.Random, outcomes: Counter)
             except httpx.TimeoutException:
                 outcomes["timeout-disconnect left"] += 1
         elif kind == "bad":
-            r = await client.post("/v1/completions", content=rng.choice([b"{", b'{"prompt": 3}', b'{"prompt": "x", "n": 99}',
-                                                                         b'{"prompt": [-4]}', b"\xff\xfe"]),
-                                  headers={"content-type": "application/json"})
+            r = await client.post(
+                "/v1/completions",
+                content=rng.choice(
+                    [b"{", b'{"prompt": 3}', b'{"prompt": "x", "n": 99}', b'{"prompt": [-4]}', b"\xff\xfe"]
+                ),
+                headers={"content-type": "application/json"},
+            )
             outcomes[f"bad {r.status_code}"] += 1
         else:
             r = await client.post("/v1/completions", json=body | ({"n": 3} if kind == "n" else {}))
@@ -79,6 +92,7 @@ async def _drive(base: str, seconds: float) -> Counter:
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=CONCURRENCY * 2)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+
         async def worker():
             while time.monotonic() < deadline:
                 await _one(client, rng, outcomes)
@@ -89,8 +103,9 @@ async def _drive(base: str, seconds: float) -> Counter:
 
 def test_soak_mixed_requests_leak_nothing(tmp_path):
     before = set(leftover_segments())
-    proc, base = start_server(tmp_path, "--kv-cache-tokens", "16384", "--context-len", "512", "--max-bs", "32",
-                              "--workers", "2")
+    proc, base = start_server(
+        tmp_path, "--kv-cache-tokens", "16384", "--context-len", "512", "--max-bs", "32", "--workers", "2"
+    )
     try:
         asyncio.run(_drive(base, min(20.0, SECONDS / 6)))  # warm-up: caches, allocator pools, JIT paths
         pids = process_tree(proc.pid)
@@ -98,8 +113,10 @@ def test_soak_mixed_requests_leak_nothing(tmp_path):
         outcomes = asyncio.run(_drive(base, SECONDS))
         rss_end = _rss_mb(pids)
         total = sum(outcomes.values())
-        print(f"\nsoak: {total} requests in {SECONDS:.0f} s; RSS {rss_start:.0f} -> {rss_end:.0f} MB over "
-              f"{len(pids)} processes; outcomes {dict(sorted(outcomes.items()))}")
+        print(
+            f"\nsoak: {total} requests in {SECONDS:.0f} s; RSS {rss_start:.0f} -> {rss_end:.0f} MB over "
+            f"{len(pids)} processes; outcomes {dict(sorted(outcomes.items()))}"
+        )
         assert total >= 1000
         assert not [k for k in outcomes if k.split()[-1].startswith("5")], outcomes  # no 5xx at all
         assert wait_for_metric(base, "ringllm_kv_cache_slots_used_by_requests", 0, 30) == 0

@@ -24,8 +24,12 @@ SCHEMA = {
         "name": {"type": "string", "maxLength": 12},
         "kind": {"enum": ["cat", "dog", "bird"]},
         "tags": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "maxItems": 3},
-        "owner": {"type": "object", "additionalProperties": False, "required": ["ok", "age"],
-                  "properties": {"ok": {"type": "boolean"}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}},
+        "owner": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["ok", "age"],
+            "properties": {"ok": {"type": "boolean"}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        },
     },
     "required": ["name", "kind", "tags", "owner"],
     "additionalProperties": False,
@@ -51,8 +55,12 @@ def _closing_bias(tok) -> dict[int, float]:
 
 def test_json_object_output_always_parses(llm):
     so = StructuredOutputs(json_object=True)
-    params = [SamplingParams(max_tokens=256, temperature=1.0, seed=s, structured_outputs=so,
-                             logit_bias=_closing_bias(llm.tokenizer)) for s in range(6)]
+    params = [
+        SamplingParams(
+            max_tokens=256, temperature=1.0, seed=s, structured_outputs=so, logit_bias=_closing_bias(llm.tokenizer)
+        )
+        for s in range(6)
+    ]
     for out in llm.generate_batch(PROMPTS[:3] * 2, params):
         assert out.finish_reason == "stop", out
         assert isinstance(json.loads(out.text), dict), out.text
@@ -74,8 +82,12 @@ def test_json_strings_hold_only_json_characters(llm):
     every string; engine/grammar.py patches both out of the grammar."""
     import xgrammar
 
-    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}, "t": {"type": "string"}},
-              "required": ["s", "t"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string", "maxLength": 5}, "t": {"type": "string"}},
+        "required": ["s", "t"],
+        "additionalProperties": False,
+    }
     compiled = llm.engine.grammars.compile(StructuredOutputs(json=schema)).result()
 
     def accepts(text: bytes) -> bool:
@@ -83,8 +95,12 @@ def test_json_strings_hold_only_json_characters(llm):
         return matcher.accept_string(text) and matcher.is_completed()
 
     assert accepts('{"s": "ok", "t": "é😀 \\n"}'.encode())
-    for bad in (b'{"s": "\x0e", "t": ""}', b'{"s": "", "t": "\x01"}', b'{"s": "\xed\xa0\x80", "t": ""}',
-                b'{"s": "", "t": "\xed\xb0\x80"}'):
+    for bad in (
+        b'{"s": "\x0e", "t": ""}',
+        b'{"s": "", "t": "\x01"}',
+        b'{"s": "\xed\xa0\x80", "t": ""}',
+        b'{"s": "", "t": "\xed\xb0\x80"}',
+    ):
         assert not accepts(bad), bad
 
 
@@ -94,8 +110,11 @@ def test_regex_choice_and_grammar(llm):
     regex = StructuredOutputs(regex=r"[a-z]{3}-[0-9]{2}")
     choice = StructuredOutputs(choice=["yes", "no", 'say "maybe"'])
     grammar = StructuredOutputs(grammar='root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?')
-    for so, check in [(regex, lambda t: re.fullmatch(r"[a-z]{3}-[0-9]{2}", t)), (choice, choice.choice.__contains__),
-                      (grammar, lambda t: re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", t))]:
+    for so, check in [
+        (regex, lambda t: re.fullmatch(r"[a-z]{3}-[0-9]{2}", t)),
+        (choice, choice.choice.__contains__),
+        (grammar, lambda t: re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", t)),
+    ]:
         params = [SamplingParams(max_tokens=200, temperature=1.0, seed=s, structured_outputs=so) for s in range(6)]
         for out in llm.generate_batch(PROMPTS[:3] * 2, params):
             assert out.finish_reason == "stop" and check(out.text), (so.kind, out)
@@ -103,13 +122,20 @@ def test_regex_choice_and_grammar(llm):
 
 def test_a_complete_grammar_ends_the_request_even_with_ignore_eos(llm):
     so = StructuredOutputs(choice=["yes", "no"])
-    [out] = llm.generate_batch(["x"], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True,
-                                                     structured_outputs=so))
+    [out] = llm.generate_batch(
+        ["x"], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, structured_outputs=so)
+    )
     assert out.finish_reason == "stop" and out.text in ("yes", "no")
 
 
-@pytest.mark.parametrize("so", [StructuredOutputs(regex="(?<=a)b"), StructuredOutputs(grammar="root ::= nothing"),
-                                StructuredOutputs(json={"type": "object", "properties": {"a": {"$ref": "#/nope"}}})])
+@pytest.mark.parametrize(
+    "so",
+    [
+        StructuredOutputs(regex="(?<=a)b"),
+        StructuredOutputs(grammar="root ::= nothing"),
+        StructuredOutputs(json={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}),
+    ],
+)
 def test_a_constraint_that_does_not_compile_is_refused_before_it_queues(llm, so):
     with pytest.raises(RequestError, match=f"structured_outputs.{so.kind}"):
         llm.generate_batch(["x"], SamplingParams(structured_outputs=so))
@@ -145,15 +171,24 @@ def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> li
 @pytest.mark.parametrize("overlap", [True, False])
 def test_constrained_and_unconstrained_batched_get_what_they_get_alone(request, model, overlap):
     path = request.getfixturevalue("demo_path" if model == "demo" else model)
-    engine = Engine(EngineConfig(model=str(path), device="cpu", kv_cache_tokens=4096, context_len=512,
-                                 disable_overlap_schedule=not overlap))
+    engine = Engine(
+        EngineConfig(
+            model=str(path), device="cpu", kv_cache_tokens=4096, context_len=512, disable_overlap_schedule=not overlap
+        )
+    )
     try:
         schema = StructuredOutputs(json=SCHEMA, disable_any_whitespace=True)
-        requests = [([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)),
-                    ([9, 10], SamplingParams(temperature=0.0, max_tokens=200, structured_outputs=schema)),
-                    ([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3)),
-                    ([11], SamplingParams(temperature=0.0, max_tokens=40,
-                                          structured_outputs=StructuredOutputs(regex=r"[a-z]{2,30}")))]
+        requests = [
+            ([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)),
+            ([9, 10], SamplingParams(temperature=0.0, max_tokens=200, structured_outputs=schema)),
+            ([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3)),
+            (
+                [11],
+                SamplingParams(
+                    temperature=0.0, max_tokens=40, structured_outputs=StructuredOutputs(regex=r"[a-z]{2,30}")
+                ),
+            ),
+        ]
         alone = [_run(engine, [r])[0] for r in requests]
         together = _run(engine, requests)
         assert together == alone
@@ -178,8 +213,9 @@ def test_a_request_aborted_while_its_grammar_compiles_leaves_nothing_behind(demo
 # ---- through the server ----
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, base = start_server(tmp_path_factory.mktemp("structured"), "--kv-cache-tokens", "8192",
-                              "--context-len", "1024")
+    proc, base = start_server(
+        tmp_path_factory.mktemp("structured"), "--kv-cache-tokens", "8192", "--context-len", "1024"
+    )
     yield base
     stop_server(proc)
 
@@ -202,21 +238,32 @@ def test_official_client_parse_returns_a_parsed_object(server):
     client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
     for seed in range(2):
         completion = client.chat.completions.parse(
-            model=client.models.list().data[0].id, response_format=Pet, temperature=1.0,
-            seed=seed, max_tokens=400, messages=[{"role": "user", "content": "Describe a pet as JSON."}])
+            model=client.models.list().data[0].id,
+            response_format=Pet,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=400,
+            messages=[{"role": "user", "content": "Describe a pet as JSON."}],
+        )
         pet = completion.choices[0].message.parsed
         assert completion.choices[0].finish_reason == "stop" and isinstance(pet, Pet), completion
 
 
-@pytest.mark.parametrize("path,body,stream", [
-    ("/v1/completions", {"prompt": "A pet:"}, False),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A pet?"}]}, True),
-])
+@pytest.mark.parametrize(
+    "path,body,stream",
+    [
+        ("/v1/completions", {"prompt": "A pet:"}, False),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A pet?"}]}, True),
+    ],
+)
 def test_response_format_json_schema_on_completions_and_chat(server, path, body, stream):
     fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
     for seed in range(2):
-        r = httpx.post(server + path, json={**body, "response_format": fmt, "seed": seed, "max_tokens": 400,
-                                            "stream": stream}, timeout=120)
+        r = httpx.post(
+            server + path,
+            json={**body, "response_format": fmt, "seed": seed, "max_tokens": 400, "stream": stream},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         jsonschema_rs.validate(SCHEMA, json.loads(_text(r, stream)))
 
@@ -235,23 +282,30 @@ def _text(r, stream: bool) -> str:
 
 
 def test_vllm_names_constrain_too(server):
-    for extra, check in [({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
-                         ({"guided_regex": "[0-9]{4}"}, lambda t: len(t) == 4 and t.isdigit()),
-                         ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down"))]:
+    for extra, check in [
+        ({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
+        ({"guided_regex": "[0-9]{4}"}, lambda t: len(t) == 4 and t.isdigit()),
+        ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+    ]:
         r = httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 20, **extra}, timeout=60)
         assert r.status_code == 200 and check(r.json()["choices"][0]["text"]), (extra, r.text)
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
-     "response_format"),
-    ({"guided_json": "not json"}, "guided_json"),
-    ({"guided_regex": "(?<=a)b"}, "regex"),  # passes the API worker, refused by the engine's compiler
-    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided"),
-    ({"guided_choice": []}, "guided_choice"),  # built by the API worker: its bounds are checked there too
-    ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+            "response_format",
+        ),
+        ({"guided_json": "not json"}, "guided_json"),
+        ({"guided_regex": "(?<=a)b"}, "regex"),  # passes the API worker, refused by the engine's compiler
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided"),
+        ({"guided_choice": []}, "guided_choice"),  # built by the API worker: its bounds are checked there too
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
+    ],
+)
 def test_bad_constraints_are_400(server, body, field):
     r = httpx.post(server + "/v1/completions", json={"prompt": "x", **body}, timeout=60)
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
@@ -275,14 +329,25 @@ def real_llm(real_model):
 
 @pytest.mark.timeout(1200)
 def test_real_model_schema_and_logit_bias(real_llm):
-    schema = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "age"],
-              "properties": {"name": {"type": "string", "maxLength": 20}, "kind": {"enum": ["cat", "dog"]},
-                             "age": {"type": "integer", "minimum": 0, "maximum": 30}}}
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "kind", "age"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "kind": {"enum": ["cat", "dog"]},
+            "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        },
+    }
     messages = [{"role": "user", "content": "Describe a pet as JSON with name, kind and age."}]
     prompt = real_llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    outs = real_llm.generate_batch([prompt] * 2, [SamplingParams(max_tokens=80, temperature=1.0, seed=s,
-                                                                 structured_outputs=StructuredOutputs(json=schema))
-                                                  for s in range(2)])
+    outs = real_llm.generate_batch(
+        [prompt] * 2,
+        [
+            SamplingParams(max_tokens=80, temperature=1.0, seed=s, structured_outputs=StructuredOutputs(json=schema))
+            for s in range(2)
+        ],
+    )
     for out in outs:
         assert out.finish_reason == "stop", out
         jsonschema_rs.validate(schema, json.loads(out.text))

@@ -21,19 +21,25 @@ PYTHON_TAG_TWO_CALLS = '<|python_tag|>{"name": "a", "parameters": {}};{"name": "
 # (parser, text, expected content, expected [(name, arguments JSON)])
 CASES = [
     (HermesParser, f"<tool_call>\n{CALL}\n</tool_call>", "", [("get_weather", ARGS)]),
-    (HermesParser, f"Let me look.\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>{CALL}</tool_call>\n",
-     "Let me look.", [("get_weather", ARGS), ("get_weather", ARGS)]),
+    (
+        HermesParser,
+        f"Let me look.\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>{CALL}</tool_call>\n",
+        "Let me look.",
+        [("get_weather", ARGS), ("get_weather", ARGS)],
+    ),
     (HermesParser, "No tools: 1 < 2, <tool is no tag.\n", "No tools: 1 < 2, <tool is no tag.\n", []),
     (HermesParser, "<tool_call>{not json}</tool_call> after", "<tool_call>{not json}</tool_call> after", []),
-    (HermesParser, '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',
-     []),
+    (HermesParser, '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
     (HermesParser, f"<tool_call>{CALL}", "", [("get_weather", ARGS)]),  # cut before its closing tag
     (HermesParser, '<tool_call>{"name": "f", "arg', '<tool_call>{"name": "f", "arg', []),
-    (HermesParser, '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "",
-     [("f", '{"x": 1}')]),
+    (HermesParser, '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "", [("f", '{"x": 1}')]),
     (HermesParser, "<tool_ca", "<tool_ca", []),
-    (Llama3JsonParser, '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "°C"}}', "",
-     [("get_weather", ARGS)]),
+    (
+        Llama3JsonParser,
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "°C"}}',
+        "",
+        [("get_weather", ARGS)],
+    ),
     (Llama3JsonParser, PYTHON_TAG_TWO_CALLS, "", [("a", "{}"), ("b", '{"x": [1]}')]),
     (Llama3JsonParser, "The weather is {mild}.", "The weather is {mild}.", []),
     (Llama3JsonParser, ' {"name": "a", "parameters": {}} tail', ' {"name": "a", "parameters": {}} tail', []),
@@ -96,11 +102,17 @@ def test_answer_parser_reasoning_then_calls_and_parallel_off():
                         calls.setdefault(part.index, [None, ""])
                         calls[part.index][0] = calls[part.index][0] or part.name
                         calls[part.index][1] += part.arguments
-                got = ("".join(d.reasoning for d in deltas), "".join(d.content for d in deltas),
-                       [tuple(v) for _, v in sorted(calls.items())])
+                got = (
+                    "".join(d.reasoning for d in deltas),
+                    "".join(d.content for d in deltas),
+                    [tuple(v) for _, v in sorted(calls.items())],
+                )
             else:
-                got = (msg.reasoning_content, msg.content,
-                       [(c.function.name, c.function.arguments) for c in msg.tool_calls])
+                got = (
+                    msg.reasoning_content,
+                    msg.content,
+                    [(c.function.name, c.function.arguments) for c in msg.tool_calls],
+                )
             assert got[0] == "\nweather?\n" and not got[1], pieces
             assert got[2] == [("get_weather", ARGS)] * (1 if one else 2), pieces
 
@@ -123,20 +135,31 @@ def test_forced_calls():
 # Qwen2.5-Instruct's chat template (the tools part as Qwen ships it; the default system prompt shortened).
 QWEN25_TEMPLATE = (Path(__file__).parent / "data" / "qwen2.5-tools.jinja").read_text()
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city, as 'sunny' or <cloudy> & so on",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                    "unit": {"type": "string", "enum": ["°C", "°F"]}},
-                   "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city, as 'sunny' or <cloudy> & so on",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["°C", "°F"]}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 CONVERSATION = [
-    {"role": "system", "content": [{"type": "text", "text": "Be brief."},
-                                   {"type": "text", "text": "Use tools."}]},
+    {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools."}]},
     {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Oslo?"}], "name": "ann"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-        {"id": "call_2", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
     {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "<cloudy>, 9 °C"}]},
 ]
@@ -160,9 +183,11 @@ def test_messages_and_tools_render_as_transformers_renders_them(tmp_path):
     theirs[4]["content"] = "<cloudy>, 9 °C"
     theirs[2]["tool_calls"] = [
         {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-        for c in theirs[2]["tool_calls"]]
-    expected = AutoTokenizer.from_pretrained(path).apply_chat_template(theirs, tools=TOOLS, tokenize=False,
-                                                                       add_generation_prompt=True)
+        for c in theirs[2]["tool_calls"]
+    ]
+    expected = AutoTokenizer.from_pretrained(path).apply_chat_template(
+        theirs, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
     assert ours == expected
     assert "'sunny' or <cloudy> & so on" in ours and '"arguments": {"city": "Oslo"}' in ours
 
@@ -190,9 +215,14 @@ def served(tmp_path_factory):
 
 
 def ask(client, **kw):
-    return client.chat.completions.create(model="m", messages=kw.pop("messages", USER),
-                                          max_tokens=kw.pop("max_tokens", 16), temperature=0,
-                                          tools=kw.pop("tools", TOOLS), **kw)
+    return client.chat.completions.create(
+        model="m",
+        messages=kw.pop("messages", USER),
+        max_tokens=kw.pop("max_tokens", 16),
+        temperature=0,
+        tools=kw.pop("tools", TOOLS),
+        **kw,
+    )
 
 
 def test_served_tool_call(served):
@@ -202,7 +232,10 @@ def test_served_tool_call(served):
     assert choice.finish_reason == "tool_calls" and choice.message.content == "On"
     [call] = choice.message.tool_calls
     assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
-        "function", "get_weather", {"city": "Paris"})
+        "function",
+        "get_weather",
+        {"city": "Paris"},
+    )
     assert call.id.startswith("call_")
 
 
@@ -235,8 +268,10 @@ def test_served_agent_loop_messages(served):
     arguments with tojson, which needs them decoded)."""
     client, _ = served
     first = ask(client).choices[0].message
-    messages = USER + [first.model_dump(exclude_none=True),
-                       {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"}]
+    messages = USER + [
+        first.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"},
+    ]
     r = ask(client, messages=messages)
     assert r.usage.prompt_tokens > ask(client).usage.prompt_tokens
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"  # the script does not change
@@ -246,8 +281,14 @@ def test_served_answer_messages_go_back_as_the_client_got_them(served):
     """An assistant message as OpenAI's client holds it (refusal, annotations, audio and function_call null)
     is accepted; a refusal's text is the turn's content."""
     client, _ = served
-    echoed = {"role": "assistant", "content": None, "refusal": "I cannot.", "annotations": [], "audio": None,
-              "function_call": None}
+    echoed = {
+        "role": "assistant",
+        "content": None,
+        "refusal": "I cannot.",
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+    }
     plain = {"role": "assistant", "content": "I cannot."}
     a = ask(client, messages=USER + [echoed] + USER, tool_choice="none", max_tokens=1)
     b = ask(client, messages=USER + [plain] + USER, tool_choice="none", max_tokens=1)
@@ -268,20 +309,38 @@ def test_served_developer_role_is_a_system_message_for_templates_without_it(serv
     assert prompt_tokens(as_developer + USER) == prompt_tokens(rule + USER) > prompt_tokens(USER)
 
 
-@pytest.mark.parametrize("change,param", [
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0].type"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
-    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}]},
-     "messages[0].tool_calls[0].function.arguments"),
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}]},
-     None),  # msgspec names the field in the message: "... at `$.messages[0].function_call`"
-    ({"messages": [{"role": "user", "content": "x", "cache": True}]}, None),
-    ({"tools": None, "tool_choice": "required"}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "change,param",
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}]},
+            None,
+        ),  # msgspec names the field in the message: "... at `$.messages[0].function_call`"
+        ({"messages": [{"role": "user", "content": "x", "cache": True}]}, None),
+        ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    ],
+)
 def test_served_bad_messages_and_tools_are_400(served, change, param):
     import httpx
 
@@ -300,9 +359,16 @@ def test_served_bad_messages_and_tools_are_400(served, change, param):
 
 
 # ---- the real Qwen2.5-Coder-0.5B-Instruct (GGUF, ~5 tokens/s here): one server, few and short answers ----
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 PARIS = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 
@@ -323,8 +389,7 @@ def real(real_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_turn(real):
     """The model's answer to PARIS with the weather tool, tool_choice auto, greedy (shared by the tests)."""
-    return real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, max_tokens=32,
-                                        temperature=0)
+    return real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, max_tokens=32, temperature=0)
 
 
 def test_real_model_calls_the_tool(first_turn):
@@ -339,22 +404,29 @@ def test_real_model_agent_loop_completes(real, first_turn):
     offer, calls the tool again; the final turn is asked with tool_choice "none", as an agent does when it
     wants the answer."""
     msg = first_turn.choices[0].message
-    messages = PARIS + [msg.model_dump(exclude_none=True),
-                        {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 °C."}]
-    final = real.chat.completions.create(model="q", messages=messages, tools=WEATHER, tool_choice="none",
-                                         max_tokens=12, temperature=0)
+    messages = PARIS + [
+        msg.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 °C."},
+    ]
+    final = real.chat.completions.create(
+        model="q", messages=messages, tools=WEATHER, tool_choice="none", max_tokens=12, temperature=0
+    )
     answer = final.choices[0]
     assert answer.message.tool_calls is None and answer.message.content
     assert answer.finish_reason in ("stop", "length")
-    alone = real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, tool_choice="none",
-                                         max_tokens=1, temperature=0)
+    alone = real.chat.completions.create(
+        model="q", messages=PARIS, tools=WEATHER, tool_choice="none", max_tokens=1, temperature=0
+    )
     assert final.usage.prompt_tokens > alone.usage.prompt_tokens + 20  # the call and its result were in
 
 
 def test_real_model_streamed_call_is_the_same_call(real, first_turn):
     whole = first_turn.choices[0].message.tool_calls[0]
-    chunks = list(real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, max_tokens=32,
-                                               temperature=0, stream=True))
+    chunks = list(
+        real.chat.completions.create(
+            model="q", messages=PARIS, tools=WEATHER, max_tokens=32, temperature=0, stream=True
+        )
+    )
     parts = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
     assert parts and parts[0].function.name == whole.function.name and parts[0].id
     assert "".join(p.function.arguments or "" for p in parts) == whole.function.arguments
@@ -362,11 +434,17 @@ def test_real_model_streamed_call_is_the_same_call(real, first_turn):
 
 
 # ---- tool_choice "required" and a named function: the output is constrained to valid calls ----
-CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
-        "additionalProperties": False}  # an enum keeps a scripted model's constrained output short
+CITY = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}  # an enum keeps a scripted model's constrained output short
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
-CITY_ONLY = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
-             {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGUMENTS}}]
+CITY_ONLY = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
+    {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGUMENTS}},
+]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -397,17 +475,21 @@ def test_served_required_tool_choice_gives_valid_calls(served):
 
 
 def test_real_model_agent_loop_with_tool_choice_required(real):
-    r = real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, tool_choice="required",
-                                     max_tokens=40, temperature=0)
+    r = real.chat.completions.create(
+        model="q", messages=PARIS, tools=WEATHER, tool_choice="required", max_tokens=40, temperature=0
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
-    messages = PARIS + [choice.message.model_dump(exclude_none=True),
-                        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 °C."}]
-    final = real.chat.completions.create(model="q", messages=messages, tools=WEATHER, tool_choice="none",
-                                         max_tokens=12, temperature=0)
+    messages = PARIS + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 °C."},
+    ]
+    final = real.chat.completions.create(
+        model="q", messages=messages, tools=WEATHER, tool_choice="none", max_tokens=12, temperature=0
+    )
     assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
 
 
@@ -419,8 +501,7 @@ def test_real_model_parse_with_a_pydantic_model(real):
         country: str
 
     ask = [{"role": "user", "content": "Give the name and country of Paris as JSON."}]
-    r = real.chat.completions.parse(model="q", messages=ask, response_format=City, max_tokens=40,
-                                    temperature=0)
+    r = real.chat.completions.parse(model="q", messages=ask, response_format=City, max_tokens=40, temperature=0)
     city = r.choices[0].message.parsed
     assert isinstance(city, City) and city.name and city.country
 
@@ -463,11 +544,9 @@ def test_served_openai_stream_helper_and_pydantic_tools(served):
 
     client, _ = served
     tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
-    with client.chat.completions.stream(model="m", messages=USER, tools=[tool], max_tokens=16,
-                                        temperature=0) as stream:
+    with client.chat.completions.stream(model="m", messages=USER, tools=[tool], max_tokens=16, temperature=0) as stream:
         final = stream.get_final_completion()
     [call] = final.choices[0].message.tool_calls
     assert call.function.parsed_arguments == GetWeather(city="Paris")
-    parsed = client.chat.completions.parse(model="m", messages=USER, tools=[tool], max_tokens=16,
-                                           temperature=0)
+    parsed = client.chat.completions.parse(model="m", messages=USER, tools=[tool], max_tokens=16, temperature=0)
     assert parsed.choices[0].message.tool_calls[0].function.parsed_arguments == GetWeather(city="Paris")

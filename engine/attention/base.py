@@ -44,7 +44,7 @@ class AttentionBackend(abc.ABC):
         self.pool = pool
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.meta: AttentionMetadata | None = None
         self.out_slots: torch.Tensor | None = None  # [T] where this step's K/V go (a graph's static buffer)
 
@@ -63,8 +63,9 @@ class AttentionBackend(abc.ABC):
         """Prepares decoding at batch size `bs` over fixed buffers, before that graph is captured."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
-    def begin_graph(self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor,
-                    out_slots: torch.Tensor) -> None:
+    def begin_graph(
+        self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor, out_slots: torch.Tensor
+    ) -> None:
         """`begin` for a replay (or the capture) of the graph of batch size `bs`."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 

@@ -32,7 +32,8 @@ class FlashInferAttention(AttentionBackend):
         self.tensor_core_decode = num_heads // self.num_kv_heads >= 4
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode)
+            self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode
+        )
         self._graph_workspace: torch.Tensor | None = None
         self.graph_decoders: dict[int, Any] = {}  # flashinfer decode wrappers, by batch size
         self._wrapper: Any = None  # the wrapper planned for this step
@@ -55,13 +56,24 @@ class FlashInferAttention(AttentionBackend):
         kinds = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if meta.is_decode:
             self._wrapper = self.decode
-            self.decode.plan(kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim,
-                             PAGE_SIZE, **kinds)
+            self.decode.plan(
+                kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE, **kinds
+            )
         else:
             self._wrapper = self.prefill
             qo_indptr = torch.from_numpy(meta.qo_indptr_host.astype(np.int32))
-            self.prefill.plan(qo_indptr, kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads,
-                              self.head_dim, PAGE_SIZE, causal=True, **kinds)
+            self.prefill.plan(
+                qo_indptr,
+                kv_indptr,
+                meta.kv_indices,
+                lpl,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                PAGE_SIZE,
+                causal=True,
+                **kinds,
+            )
 
     # ---- CUDA graphs ----
     def make_graph_decoder(self, bs: int, indices_buffer: torch.Tensor) -> None:
@@ -71,19 +83,32 @@ class FlashInferAttention(AttentionBackend):
         if self._graph_workspace is None:
             self._graph_workspace = self._workspace(device)
         self.graph_decoders[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self._graph_workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_core_decode,
+            self._graph_workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self.tensor_core_decode,
             paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buffer=indices_buffer,
-            paged_kv_last_page_len_buffer=torch.full((bs,), PAGE_SIZE, dtype=torch.int32, device=device))
+            paged_kv_last_page_len_buffer=torch.full((bs,), PAGE_SIZE, dtype=torch.int32, device=device),
+        )
 
-    def begin_graph(self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor,
-                    out_slots: torch.Tensor) -> None:
+    def begin_graph(
+        self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor, out_slots: torch.Tensor
+    ) -> None:
         """Plans the graph wrapper of batch size `bs` (lengths already padded to bs) and points the layers at
         the graph's static slot buffer."""
         wrapper = self.graph_decoders[bs]
-        wrapper.plan(torch.from_numpy(kv_indptr_host.astype(np.int32)), kv_indices, self._last_page_len(bs),
-                     self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE, q_data_type=self.dtype,
-                     kv_data_type=self.dtype)
+        wrapper.plan(
+            torch.from_numpy(kv_indptr_host.astype(np.int32)),
+            kv_indices,
+            self._last_page_len(bs),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            PAGE_SIZE,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
         self._wrapper = wrapper
         self.out_slots = out_slots
 

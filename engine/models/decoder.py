@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from engine import parallel
-from engine.models.layers import (DecoderLayer, MergedLinear, RMSNorm, Rotary, RowParallelLinear,
-                                  VocabParallelEmbedding)
+from engine.models.layers import DecoderLayer, MergedLinear, RMSNorm, Rotary, RowParallelLinear, VocabParallelEmbedding
 from engine.parallel import Layout
 
 
@@ -37,7 +36,7 @@ class ModelShape:
     rotary: Rotary | None = None  # built once per model and shared by its layers
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, qkv_bias: bool, qk_norm: bool) -> "ModelShape":
+    def from_hf_config(cls, cfg: dict, qkv_bias: bool, qk_norm: bool) -> ModelShape:
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -82,7 +81,9 @@ class DecoderForCausalLM(nn.Module):
         self.layer_range = lay.layer_range(shape.num_layers)
         first, last = lay.is_first_stage, lay.is_last_stage
         needs_embedding = first or (last and shape.tie_word_embeddings)
-        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, lay) if needs_embedding else None
+        self.embed_tokens = (
+            VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, lay) if needs_embedding else None
+        )
         self.layers = nn.ModuleList(DecoderLayer(i, shape, lay) for i in range(len(self.layer_range)))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps) if last else None
         self.rotary = shape.rotary
@@ -111,15 +112,18 @@ class DecoderForCausalLM(nn.Module):
 
     # Checkpoint parameter name -> (our parameter, part index in a merged linear or None).
     _MERGED = {
-        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
 
     def load_weight(self, name: str, tensor) -> bool:
         """Copies this rank's part of one checkpoint tensor into place; False for names it does not hold.
         `tensor` may be a safetensors slice: only the indexed shard is read from disk."""
         if name.startswith("model."):
-            name = name[len("model."):]
+            name = name[len("model.") :]
         if "rotary_emb" in name:
             return False
         if name in ("embed_tokens.weight", "lm_head.weight"):

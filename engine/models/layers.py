@@ -150,7 +150,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     @staticmethod
-    def eps_of(norm: "RMSNorm | None") -> float:
+    def eps_of(norm: RMSNorm | None) -> float:
         return norm.eps if norm is not None else 0.0
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
@@ -165,15 +165,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_id: int, cfg: "ModelShape", tp: Layout):
+    def __init__(self, layer_id: int, cfg: ModelShape, tp: Layout):
         super().__init__()
         self.layer_id = layer_id  # index into this stage's KV pool
         first_kv, self.num_kv_heads = tp.kv_heads(cfg.num_kv_heads)
         self.num_heads, self.head_dim = cfg.num_heads // tp.tp_size, cfg.head_dim
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv],
-                                     [tp.tp_rank * q, first_kv * self.head_dim, first_kv * self.head_dim],
-                                     bias=cfg.qkv_bias)
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size,
+            [q, kv, kv],
+            [tp.tp_rank * q, first_kv * self.head_dim, first_kv * self.head_dim],
+            bias=cfg.qkv_bias,
+        )
         self.o_proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -186,10 +189,21 @@ class Attention(nn.Module):
         target = attn.kv_store_target(self.layer_id) if kernels.available(x) else None
         if target is not None:  # one kernel: q/k norm, rotary, and K/V written straight into the cache
             r = self.rotary
-            q = kernels.qkv_rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
-                                       self.q_norm.weight if self.q_norm else None,
-                                       self.k_norm.weight if self.k_norm else None, r.eps_of(self.q_norm),
-                                       r.cos, r.sin, positions, target[2], target[0], target[1])
+            q = kernels.qkv_rope_store(
+                qkv,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.q_norm.weight if self.q_norm else None,
+                self.k_norm.weight if self.k_norm else None,
+                r.eps_of(self.q_norm),
+                r.cos,
+                r.sin,
+                positions,
+                target[2],
+                target[0],
+                target[1],
+            )
             return self.o_proj(attn.attend(self.layer_id, q).reshape(-1, q_size))
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -197,10 +211,12 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if kernels.available(x):  # per-head norm and rotary in one pass each
             r = self.rotary
-            q = kernels.norm_rope(q, self.q_norm.weight if self.q_norm else None, r.eps_of(self.q_norm), r.cos, r.sin,
-                                  positions)
-            k = kernels.norm_rope(k, self.k_norm.weight if self.k_norm else None, r.eps_of(self.k_norm), r.cos, r.sin,
-                                  positions)
+            q = kernels.norm_rope(
+                q, self.q_norm.weight if self.q_norm else None, r.eps_of(self.q_norm), r.cos, r.sin, positions
+            )
+            k = kernels.norm_rope(
+                k, self.k_norm.weight if self.k_norm else None, r.eps_of(self.k_norm), r.cos, r.sin, positions
+            )
             return self.o_proj(attn.forward(self.layer_id, q, k, v).reshape(-1, q_size))
         if self.q_norm is not None and self.k_norm is not None:  # both or neither (qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
@@ -222,7 +238,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, layer_id: int, cfg: "ModelShape", tp: Layout):
+    def __init__(self, layer_id: int, cfg: ModelShape, tp: Layout):
         super().__init__()
         self.self_attn = Attention(layer_id, cfg, tp)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, tp)
