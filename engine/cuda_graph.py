@@ -10,6 +10,7 @@ stage-to-stage transfers stay outside the graphs; tensor-parallel collectives ar
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -48,17 +49,28 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         disable = not os.isatty(2) or os.environ.get("RINGLLM_NO_PROGRESS") == "1"
-        for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph", disable=disable):
-            self.attn.make_graph_decoder(bs, self.indices)
-            self.attn.begin_graph(bs, np.arange(bs + 1), self.indices[:bs], self.out_slots[:bs])
-            self._forward(bs)  # warm-up outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize(self.device)
+        # The cyclic garbage collector must not run during a capture: collecting an earlier engine that was
+        # never closed resets its graphs, and a reset is not permitted while a stream captures, which
+        # invalidates this capture (seen in the GPU tests: "operation not permitted when stream is capturing
+        # (function reset)"). Collect first, then keep it off until every graph is captured.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph", disable=disable):
+                self.attn.make_graph_decoder(bs, self.indices)
+                self.attn.begin_graph(bs, np.arange(bs + 1), self.indices[:bs], self.out_slots[:bs])
+                self._forward(bs)  # warm-up outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[bs] = self._forward(bs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs] = graph
+            torch.cuda.synchronize(self.device)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def _forward(self, bs: int):
         carry = None if self.carry is None else (self.carry[0][:bs], self.carry[1][:bs])

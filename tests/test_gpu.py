@@ -69,7 +69,10 @@ def _generate(ckpt, **kw):
         )
     )
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    return run_engine(engine, _prompts(), params, "a"), run_engine(engine, _prompts(), params, "b")
+    try:
+        return run_engine(engine, _prompts(), params, "a"), run_engine(engine, _prompts(), params, "b")
+    finally:
+        engine.close()
 
 
 def test_cuda_graphs_match_eager_and_overlap_matches_plain(ckpt):
