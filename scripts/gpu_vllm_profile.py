@@ -1,10 +1,11 @@
-"""vLLM's side of the side-by-side profile: nano and batch-1 latency (as ../shared/peers/vllm's nano_offline.py
+"""vLLM's side of the side-by-side profile: nano and batch-1 latency (as the vLLM bundle's nano_offline.py
 and latency.py measure them), then vLLM's own torch-profiler tables of 20 decode steps at batch 256 and at
 batch 1 with ~900-token contexts, the same steps scripts/bench.py --profile-dir profiles on ringllm.
 
     source .vllm-run/env.sh && python3 scripts/gpu_vllm_profile.py --model /tmp/qwen3-0.6b --out $OUT
 
-Needs the vLLM bundle of ../shared/peers/vllm (its scripts in .vllm-run/). Writes vllm_profile_bs{N}.txt
+Needs an offline vLLM 0.26 bundle unpacked with its scripts in .vllm-run/ (the team's GPU host kit; not part of
+this repository). Writes vllm_profile_bs{N}.txt
 (vLLM's per-kernel table, sorted by CUDA time) and prints the nano and latency JSON lines."""
 
 from __future__ import annotations
