@@ -211,7 +211,7 @@ def nano(engine: Engine, bandwidth: float) -> dict:
         "floor_seconds": floor,
         "floor_tok_per_s": tokens / floor,
         "ratio_to_floor": floor / seconds,
-        "host_seconds": timer.totals,
+        "host_seconds": dict(timer.totals),  # a copy: a later run's timer wraps this one's wrappers
     }
 
 
