@@ -51,10 +51,12 @@ class IncrementalDetokenizer:
         return ""
 
     def _add_streamed(self, token_ids: list[int]) -> str:
+        stream, fast = self._stream, self._fast
+        assert stream is not None and fast is not None  # add() takes this path only then
         pieces = []
         for token in token_ids:
             self.ids.append(token)
-            piece = self._stream.step(self._fast, token)
+            piece = stream.step(fast, token)
             if piece is not None:  # everything up to this token is text now
                 pieces.append(piece)
                 self.prefix_offset, self.read_offset = max(0, len(self.ids) - 4), len(self.ids)

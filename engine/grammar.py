@@ -145,9 +145,12 @@ class Grammars:
         bitmask = xgrammar.allocate_token_bitmask(len(index), self.vocab_size)
         for j, i in enumerate(index):
             matchers[i].fill_next_token_bitmask(bitmask, j)
+        rows = torch.tensor(index, dtype=torch.long)
         if device.type == "cuda":
-            bitmask = bitmask.pin_memory()
-        return GrammarMask(bitmask.to(device, non_blocking=True), torch.tensor(index, device=device))
+            # Both copies from pinned memory, without waiting: a copy from pageable memory synchronizes the
+            # stream, so the host would wait for this step's forward and lose the overlap with the next step.
+            bitmask, rows = bitmask.pin_memory(), rows.pin_memory()
+        return GrammarMask(bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True))
 
     def close(self) -> None:
         if self._pool is not None:
