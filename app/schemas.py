@@ -106,11 +106,11 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
 # response_format (OpenAI): plain text, any JSON object, or JSON matching a schema. The engine enforces the
 # schema whether `strict` is true or not.
 class TextFormat(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
-    pass
+    """Free text: no constraint."""
 
 
 class JsonObjectFormat(msgspec.Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
-    pass
+    """Any JSON object."""
 
 
 class JsonSchemaSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
