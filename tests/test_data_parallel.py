@@ -254,7 +254,8 @@ def test_sigterm_drains_every_replica(dp_server):
     leaving no process and no segment."""
     proc, base = dp_server
     engines = replica_pids(base)
-    streams = Streams(base, 4, max_tokens=24)
+    # Long enough that a scrape sees them running on both replicas on a fast machine, short enough to drain.
+    streams = Streams(base, 4, max_tokens=200)
     wait_both_running(base)
     tree = process_tree(proc.pid)
     os.kill(proc.pid, signal.SIGTERM)
