@@ -164,6 +164,7 @@ class Streams:
     def __init__(self, base: str, count: int, max_tokens: int):
         self.base, self.max_tokens = base, max_tokens
         self.last: dict[int, str | None] = {}
+        self.started = [threading.Event() for _ in range(count)]  # set at each stream's first data line
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(count)]
         for t in self.threads:
@@ -182,6 +183,7 @@ class Streams:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         last = line
+                        self.started[k].set()
                     if self.stop.is_set():
                         break
         finally:
@@ -257,6 +259,8 @@ def test_sigterm_drains_every_replica(dp_server):
     # Long enough that a scrape sees them running on both replicas on a fast machine, short enough to drain.
     streams = Streams(base, 4, max_tokens=200)
     wait_both_running(base)
+    # Every stream in flight before the signal: one not yet admitted is (rightly) refused by the drain.
+    assert all(started.wait(120) for started in streams.started)
     tree = process_tree(proc.pid)
     os.kill(proc.pid, signal.SIGTERM)
     streams.join()
