@@ -27,6 +27,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import workloads
 
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -232,10 +235,9 @@ def latency(engine: Engine) -> dict:
 
 
 def prefix_workload():
-    rng = random.Random(2)
-    systems = [[rng.randint(0, 10000) for _ in range(2048)] for _ in range(8)]
-    prompts = [systems[i % 8] + [rng.randint(0, 10000) for _ in range(64)] for i in range(256)]
-    return prompts, [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=128)] * 256
+    prompts = workloads.prefix_prompts()
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=workloads.PREFIX_MAX_TOKENS)
+    return prompts, [params] * len(prompts)
 
 
 def prefix(engine: Engine) -> dict:
@@ -244,7 +246,7 @@ def prefix(engine: Engine) -> dict:
     before = engine.stats()["prompt_tokens_computed"]
     seconds, tokens, _steps, _ = run(engine, prompts, params, "pfx")
     computed = engine.stats()["prompt_tokens_computed"] - before
-    unique = 8 * 2048 + 256 * 64
+    unique = workloads.PREFIX_SYSTEMS * workloads.PREFIX_SYSTEM_LEN + len(prompts) * workloads.PREFIX_SUFFIX_LEN
     return {
         "workload": "prefix",
         "radix": engine.scheduler.cache is not None,
