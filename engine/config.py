@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
-KV_CACHE_DTYPES = ("auto",)  # the KV cache is stored in the model's dtype; fp8 is not implemented
+# auto: the model's dtype. fp8 and fp8_e4m3 (vLLM's names for the same thing): float8_e4m3fn with scale 1.0,
+# so stored values are clamped to +-448 and keep about 2 significant digits (engine/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def setting(
@@ -50,7 +52,11 @@ class EngineConfig:
     tokenizer: str | None = setting(None, "tokenizer directory (default: the model's)")
     download_dir: str | None = setting(None, "where hub checkpoints are downloaded (default: the hub's cache)")
     dtype: str = setting("auto", "weights' and activations' dtype", choices=DTYPES)
-    kv_cache_dtype: str = setting("auto", "KV cache dtype; only auto (the model's dtype) is implemented")
+    kv_cache_dtype: str = setting(
+        "auto",
+        "KV cache dtype (auto: the model's; fp8 = fp8_e4m3: float8 e4m3, half the bytes, values clamped to +-448)",
+        choices=KV_CACHE_DTYPES,
+    )
     device: str = setting("auto", "where the engine runs (auto: cuda when available)", choices=("auto", "cpu", "cuda"))
     tp_size: int = setting(1, "tensor-parallel ranks", "--tensor-parallel-size", "-tp")
     pp_size: int = setting(1, "pipeline-parallel stages", "--pipeline-parallel-size", "-pp")
@@ -88,8 +94,8 @@ class EngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
-                f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: the KV cache is kept in "
-                f"the model's dtype (use 'auto')"
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: use one of "
+                f"{', '.join(KV_CACHE_DTYPES)}"
             )
         if self.tp_size < 1 or self.pp_size < 1:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")

@@ -90,10 +90,13 @@ if triton is not None:
         eps,
         HAS_NORM: tl.constexpr,
         HALF: tl.constexpr,
+        KV_FP8: tl.constexpr,
     ):
         """One program per (token, head) over the fused q|k|v projection: a query head is normed, rotated and
         written to q_out; a KV head's key is normed, rotated and its value copied, both straight into the
-        token's slot of the layer's K/V cache. Replaces two norm+rotary launches and two cache scatters."""
+        token's slot of the layer's K/V cache. Replaces two norm+rotary launches and two cache scatters.
+        KV_FP8: the cache is float8 e4m3; K/V are rounded to the model's dtype first, as the torch store
+        rounds them, then clamped to +-448 (a bare cast of a larger value is not guaranteed to saturate)."""
         tok = tl.program_id(0)
         head = tl.program_id(1)
         D: tl.constexpr = 2 * HALF
@@ -124,11 +127,18 @@ if triton is not None:
         else:
             slot = tl.load(slot_ptr + tok).to(tl.int64)
             row = (slot * num_kv_heads + kv_head) * D
+            v = base + num_kv_heads * D
+            v1, v2 = tl.load(v + offs), tl.load(v + HALF + offs)
+            if KV_FP8:
+                kv_ty = k_cache_ptr.dtype.element_ty
+                r1 = tl.clamp(r1.to(tl.float32), -448.0, 448.0).to(kv_ty)
+                r2 = tl.clamp(r2.to(tl.float32), -448.0, 448.0).to(kv_ty)
+                v1 = tl.clamp(v1.to(tl.float32), -448.0, 448.0).to(kv_ty)
+                v2 = tl.clamp(v2.to(tl.float32), -448.0, 448.0).to(kv_ty)
             tl.store(k_cache_ptr + row + offs, r1)
             tl.store(k_cache_ptr + row + HALF + offs, r2)
-            v = base + num_kv_heads * D
-            tl.store(v_cache_ptr + row + offs, tl.load(v + offs))
-            tl.store(v_cache_ptr + row + HALF + offs, tl.load(v + HALF + offs))
+            tl.store(v_cache_ptr + row + offs, v1)
+            tl.store(v_cache_ptr + row + HALF + offs, v2)
 
     @triton.jit
     def _skinny_gemm_kernel(
@@ -290,8 +300,11 @@ def qkv_rope_store(
     v_cache: torch.Tensor,
 ) -> torch.Tensor:
     """From the q|k|v projection [T, (H + 2 Hkv) D]: per-head RMSNorm (weights given) and neox rotary of q and
-    k; k and v are stored into `slots` of the layer's caches ([slots, Hkv, D], contiguous). Returns q as a new
-    [T, H, D] tensor."""
+    k; k and v are stored into `slots` of the layer's caches ([slots, Hkv, D], contiguous; the model's dtype
+    or float8_e4m3fn, clamped as engine/kv_cache.py's store does). Returns q as a new [T, H, D] tensor."""
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if not kv_fp8 and k_cache.dtype != qkv.dtype:
+        raise ValueError(f"qkv_rope_store: a {k_cache.dtype} cache for {qkv.dtype} activations")
     T = qkv.shape[0]
     q = torch.empty((T, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if T:
@@ -314,6 +327,7 @@ def qkv_rope_store(
             eps,
             HAS_NORM=has_norm,
             HALF=head_dim // 2,
+            KV_FP8=kv_fp8,
         )
     return q
 

@@ -24,7 +24,7 @@ import torch
 from engine import parallel
 from engine.attention import AttentionMetadata, make_backend
 from engine.config import EngineConfig
-from engine.kv_cache import KVPool, kv_pool_slots, peak_bytes
+from engine.kv_cache import KVPool, kv_cache_dtype, kv_pool_slots, peak_bytes
 from engine.loader import load_weights, pick_dtype
 from engine.logs import get_logger
 from engine.models import model_class
@@ -82,10 +82,13 @@ class ModelRunner:
         self.num_layers, self.num_heads, self.num_kv_heads = len(self.model.layers), attn0.num_heads, attn0.num_kv_heads
         # Pipeline stages work on different micro-batches at once: each gets up to max_bs rows of its own.
         self.max_rows = config.max_bs * lay.pp_size
-        per_token = KVPool.bytes_per_token(self.num_layers, self.num_kv_heads, self.shape.head_dim, self.dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        per_token = KVPool.bytes_per_token(self.num_layers, self.num_kv_heads, self.shape.head_dim, self.kv_dtype)
         slots = kv_pool_slots(config, per_token, device, self._profile_activation_bytes)
         self.num_slots = parallel.all_ranks_min(slots, device)  # every rank holds every slot
-        self.pool = KVPool(self.num_layers, self.num_slots, self.num_kv_heads, self.shape.head_dim, self.dtype, device)
+        self.pool = KVPool(
+            self.num_layers, self.num_slots, self.num_kv_heads, self.shape.head_dim, self.dtype, device, self.kv_dtype
+        )
         self.attn = make_backend(config.attention_backend, device, self.pool, self.num_heads, self.shape.head_dim)
         self.req_to_slot = torch.zeros(self.max_rows, self.context_len + 1, dtype=torch.int32, device=device)
         self.req_tokens = torch.zeros(self.max_rows, self.context_len + 2, dtype=torch.int32, device=device)
@@ -109,6 +112,7 @@ class ModelRunner:
             rank=lay.rank,
             model=self.shape.architecture,
             dtype=str(self.dtype),
+            kv_dtype=str(self.kv_dtype),
             device=str(device),
             kv_slots=self.num_slots,
             context_len=self.context_len,
@@ -131,7 +135,9 @@ class ModelRunner:
         n = min(self.config.max_num_batched_tokens, self.context_len)
 
         def forward() -> None:
-            pool = KVPool(self.num_layers, n + 1, self.num_kv_heads, self.shape.head_dim, self.dtype, self.device)
+            pool = KVPool(
+                self.num_layers, n + 1, self.num_kv_heads, self.shape.head_dim, self.dtype, self.device, self.kv_dtype
+            )
             attn = make_backend(self.config.attention_backend, self.device, pool, self.num_heads, self.shape.head_dim)
             idx = torch.arange(1, n + 1, device=self.device, dtype=torch.int32)
             attn.begin(

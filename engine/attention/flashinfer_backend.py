@@ -27,7 +27,9 @@ class FlashInferAttention(AttentionBackend):
         super().__init__(pool, num_heads, head_dim)
         self.fi = flashinfer
         self.num_kv_heads = pool.k.shape[2]
-        self.dtype = pool.k.dtype
+        # q and the output are in the model's dtype; the cache may be fp8 (FlashInfer's FA2 kernels take bf16 q
+        # over fp8 K/V, with k_scale/v_scale left at 1.0, the scale the pool stores with)
+        self.dtype, self.kv_dtype = pool.dtype, pool.kv_dtype
         device = pool.k.device
         self.tensor_core_decode = num_heads // self.num_kv_heads >= 4
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
@@ -53,7 +55,7 @@ class FlashInferAttention(AttentionBackend):
         super().begin(meta)
         kv_indptr = torch.from_numpy(meta.kv_indptr_host.astype(np.int32))
         lpl = self._last_page_len(meta.batch_size)
-        kinds = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        kinds = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype)
         if meta.is_decode:
             self._wrapper = self.decode
             self.decode.plan(
@@ -107,7 +109,7 @@ class FlashInferAttention(AttentionBackend):
             self.head_dim,
             PAGE_SIZE,
             q_data_type=self.dtype,
-            kv_data_type=self.dtype,
+            kv_data_type=self.kv_dtype,
         )
         self._wrapper = wrapper
         self.out_slots = out_slots

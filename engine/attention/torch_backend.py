@@ -20,8 +20,9 @@ class TorchAttention(AttentionBackend):
         for i in range(meta.batch_size):
             q_i = q[qo[i] : qo[i + 1]].transpose(0, 1)  # [H, n, D]
             idx = meta.kv_indices[kvp[i] : kvp[i + 1]]
-            k_i = k_cache[idx].transpose(0, 1)  # [Hkv, S, D]
-            v_i = v_cache[idx].transpose(0, 1)
+            # an fp8 cache is upcast to the compute dtype once gathered (a no-op when it is stored in it)
+            k_i = k_cache[idx].to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
+            v_i = v_cache[idx].to(q.dtype).transpose(0, 1)
             n, s = q_i.shape[1], k_i.shape[1]
             # query j sits at position s - n + j and sees keys 0 ..= s - n + j
             mask = None
