@@ -273,6 +273,7 @@ def main() -> None:
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--pp-size", type=int, default=1)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"], help="fp8: e4m3 K/V")
     ap.add_argument("--json", type=Path, help="write results here")
     ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the tables here")
     ap.add_argument("--repeat", type=int, default=1, help="run nano and latency this many times (one engine)")
@@ -295,6 +296,7 @@ def main() -> None:
         disable_overlap_schedule=a.disable_overlap_schedule,
         enforce_eager=a.enforce_eager,
         attention_backend=a.attention_backend,
+        kv_cache_dtype=a.kv_cache_dtype,
         tp_size=a.tp_size,
         pp_size=a.pp_size,
     )
