@@ -77,6 +77,9 @@ class EngineConfig:
     enforce_eager: bool = setting(False, "no CUDA graphs")
     disable_overlap_schedule: bool = setting(False, "do not overlap host and device work")
     disable_radix_cache: bool = setting(False, "no prefix caching")
+    disable_cascade_attention: bool = setting(
+        False, "decode rows sharing a cached prefix attend to it one by one (no cascade attention on FlashInfer)"
+    )
     attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "flashinfer"))
     seed: int = setting(0, "seed of the sampler's generator")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))

@@ -87,7 +87,8 @@ class DecodeGraphs:
         self.pool = None
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return meta.is_decode and meta.batch_size <= self.buckets[-1]
+        # a cascade step (shared prefixes, engine/attention/cascade.py) runs eagerly
+        return meta.is_decode and meta.cascade is None and meta.batch_size <= self.buckets[-1]
 
     def run(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata, carry=None):
         """Logits [b, vocab] on the last stage; before it, copies of (hidden, residual), safe to send while the

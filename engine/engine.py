@@ -95,6 +95,7 @@ class Engine:
             max_batched_tokens=config.max_num_batched_tokens,
             use_radix_cache=not config.disable_radix_cache,
             num_groups=config.pp_size,
+            group_shared_prefixes=not config.disable_cascade_attention,
         )
         # Steps launched but not yet read back: one with overlap, one per pipeline stage under PP.
         self.depth = config.pp_size if not config.disable_overlap_schedule else 0

@@ -23,6 +23,7 @@ import torch
 
 from engine import parallel
 from engine.attention import AttentionMetadata, make_backend
+from engine.attention.cascade import CascadeMetadata, plan_cascade
 from engine.config import EngineConfig
 from engine.kv_cache import KVPool, kv_cache_dtype, kv_pool_slots, peak_bytes
 from engine.loader import load_weights, pick_dtype
@@ -291,6 +292,13 @@ class ModelRunner:
                 w.wait()
         return None, None
 
+    def _plan_cascade(self, plan: StepPlan, kv_lens: np.ndarray) -> CascadeMetadata | None:
+        """Shared-prefix attention indices for a decode step whose rows the scheduler grouped, where the backend
+        runs cascade and it pays (engine/attention/cascade.py); None otherwise."""
+        if not (self.attn.supports_cascade and plan.is_decode and len(plan.shared_lens)):
+            return None
+        return plan_cascade(plan.rows, kv_lens, plan.shared_indptr, plan.shared_lens, self.req_to_slot)
+
     def _prepare(self, plan: StepPlan):
         """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then
         the step's rows, lengths and positions. Slot indices for attention are gathered there."""
@@ -348,4 +356,5 @@ class ModelRunner:
         meta = AttentionMetadata(
             qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d.int(), kv_d.int(), kv_indices, out_slots
         )
+        meta.cascade = self._plan_cascade(plan, kv_lens)
         return meta, rows, positions_d, row_of_token_d, seq_lens, keep

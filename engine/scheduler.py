@@ -47,6 +47,10 @@ class StepPlan:
     new_params: list[SamplingParams] = field(default_factory=list)
     new_prompt_lens: list[int] = field(default_factory=list)
     num_decodes: int = 0  # the first num_decodes sequences decode; the rest compute prompt positions
+    # Decode steps with shared cached prefixes (engine/attention/cascade.py): decode rows
+    # [shared_indptr[g], shared_indptr[g+1]) all start with the same shared_lens[g] cached slots.
+    shared_indptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int32))
+    shared_lens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
 
     @property
     def is_decode(self) -> bool:
@@ -64,6 +68,7 @@ class Batch:
 
 
 _DEFER = -1  # _admit: skip this request for now, try the next
+MIN_SHARED_PREFIX = 64  # shortest shared prefix worth a cascade group (positions)
 
 
 class Scheduler:
@@ -76,6 +81,7 @@ class Scheduler:
         max_batched_tokens: int,
         use_radix_cache: bool,
         num_groups: int = 1,
+        group_shared_prefixes: bool = False,
     ):
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator.free) if use_radix_cache else None
@@ -85,6 +91,8 @@ class Scheduler:
         self.max_bs = max_bs
         self.max_batched_tokens = max_batched_tokens
         self.num_groups = num_groups
+        # Order decode-only steps by shared cached prefix, for cascade attention (needs the radix cache).
+        self.group_shared_prefixes = group_shared_prefixes and use_radix_cache
         self.group = 0  # the micro-batch group the next step serves
         self.req_to_slot = np.zeros((max_rows, context_len + 1), dtype=np.int32)  # host mirror of the device table
         self.free_rows = list(range(max_rows - 1, -1, -1))
@@ -177,8 +185,14 @@ class Scheduler:
         if not chosen:
             self._unsent = writes  # table writes still have to reach the device with the next plan
             return None
+        shared = None
+        if self.group_shared_prefixes and num_decodes == len(chosen) > 1:
+            # after placement, which went in admission order (preemption depends on it)
+            chosen, shared = _group_by_shared_prefix(chosen)
         plan = self._plan(chosen, spans, writes)
         plan.num_decodes = num_decodes
+        if shared is not None:
+            plan.shared_indptr, plan.shared_lens = shared
         return Batch(chosen, plan)
 
     def _decodes(self, group: int) -> list[Sequence]:
@@ -319,6 +333,47 @@ class Scheduler:
             new_params=[s.params for s in writes.admitted],
             new_prompt_lens=[s.num_prompt for s in writes.admitted],
         )
+
+
+def _group_by_shared_prefix(seqs: list[Sequence]) -> tuple[list[Sequence], tuple[np.ndarray, np.ndarray] | None]:
+    """Decode sequences reordered so that those sharing a cached prefix are contiguous, grouped ones first (the
+    rest keep their order), and the groups as (indptr, shared lengths); None when no group forms.
+
+    Each sequence's cached prefix is the radix path down to its locked node, and its request row holds the
+    tree's slots there. It joins the ancestor on that path that saves the most reads, (sequences below it - 1)
+    x its depth, deepest on a tie: with 8 system prompts of 2,048 tokens, each followed by a unique question,
+    every sequence joins its system prompt's node. A group is kept when it has 2 or more sequences and shares
+    at least MIN_SHARED_PREFIX positions."""
+    paths = []  # per sequence: [(node, depth)], deepest first
+    below: dict[int, int] = {}  # id(node) -> how many of the sequences pass through it
+    for seq in seqs:
+        nodes, node = [], seq.cache_node
+        while node is not None and node.parent is not None:  # up to, not including, the root
+            nodes.append(node)
+            node = node.parent
+        depth, path = seq.num_cached, []
+        for node in nodes:
+            path.append((node, depth))
+            below[id(node)] = below.get(id(node), 0) + 1
+            depth -= len(node.key)
+        paths.append(path)
+    members: dict[int, list[int]] = {}  # id(chosen node) -> indices of its sequences
+    depth_of: dict[int, int] = {}
+    for i, path in enumerate(paths):
+        best = max(path, key=lambda nd: (below[id(nd[0])] - 1) * nd[1], default=None)
+        if best is None or below[id(best[0])] < 2 or best[1] < MIN_SHARED_PREFIX:
+            continue
+        members.setdefault(id(best[0]), []).append(i)
+        depth_of[id(best[0])] = best[1]
+    groups = [(depth_of[k], idx) for k, idx in members.items() if len(idx) >= 2]
+    if not groups:
+        return seqs, None
+    grouped = [i for _, idx in groups for i in idx]
+    in_group = set(grouped)
+    order = grouped + [i for i in range(len(seqs)) if i not in in_group]
+    indptr = np.concatenate([[0], np.cumsum([len(idx) for _, idx in groups])]).astype(np.int32)
+    lens = np.array([d for d, _ in groups], dtype=np.int32)
+    return [seqs[i] for i in order], (indptr, lens)
 
 
 def _row(seq: Sequence) -> int:

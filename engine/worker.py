@@ -52,6 +52,8 @@ _ARRAYS = (
     "token_rows",
     "token_pos",
     "token_ids",
+    "shared_indptr",
+    "shared_lens",
 )
 
 

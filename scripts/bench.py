@@ -250,6 +250,7 @@ def prefix(engine: Engine) -> dict:
     return {
         "workload": "prefix",
         "radix": engine.scheduler.cache is not None,
+        "cascade": engine.scheduler.group_shared_prefixes and engine.runner.attn.supports_cascade,
         "seconds": seconds,
         "output_tokens": tokens,
         "tok_per_s": tokens / seconds,
@@ -315,14 +316,16 @@ def main() -> None:
             profile_decode(engine, a.profile_dir, batch)
     if "prefix" in todo:
         results.append(prefix(engine))
-        engine.close()
-        del engine
-        import gc
+        # then the radix cache without cascade attention, and no radix cache at all
+        for off in (dict(disable_cascade_attention=True), dict(disable_radix_cache=True)):
+            engine.close()
+            del engine
+            import gc
 
-        gc.collect()  # the timers' wrappers form cycles with the engine
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        engine = Engine(EngineConfig(**base, disable_radix_cache=True))
-        results.append(prefix(engine))
+            gc.collect()  # the timers' wrappers form cycles with the engine
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            engine = Engine(EngineConfig(**base, **off))
+            results.append(prefix(engine))
     engine.close()
     results.table()
 

@@ -150,6 +150,8 @@ def test_plan_round_trips_through_the_wire():
         new_params=[SamplingParams(temperature=0.5, seed=3, stop_token_ids=[2])],
         new_prompt_lens=[4],
         num_decodes=1,
+        shared_indptr=np.array([0, 2], np.int32),
+        shared_lens=np.array([3], np.int32),
     )
     back = decode_message(encode_plan(plan))
     for name in (
@@ -163,6 +165,8 @@ def test_plan_round_trips_through_the_wire():
         "token_rows",
         "token_pos",
         "token_ids",
+        "shared_indptr",
+        "shared_lens",
     ):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
     assert back.new_params == plan.new_params and back.new_rows == [3] and back.num_decodes == 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.attention.cascade import CascadeMetadata
 from engine.kv_cache import KVPool
 
 
@@ -23,6 +24,8 @@ class AttentionMetadata:
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor  # [sum kv_lens] slot of every attended position, gathered on the device
     out_slots: torch.Tensor  # [T] slot each new token's K/V goes to
+    # A decode step whose rows share cached prefixes, where the backend runs cascade (engine/attention/cascade.py)
+    cascade: CascadeMetadata | None = None
 
     @property
     def batch_size(self) -> int:
@@ -39,6 +42,7 @@ class AttentionBackend(abc.ABC):
     calls them); by default a backend runs without graphs."""
 
     supports_cuda_graphs = False
+    supports_cascade = False  # runs decode steps given AttentionMetadata.cascade (a backend may ignore it)
 
     def __init__(self, pool: KVPool, num_heads: int, head_dim: int):
         self.pool = pool

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.cascade import FlashInferCascade
 from engine.kv_cache import PAGE_SIZE
 
 WORKSPACE_BYTES = 256 << 20
@@ -20,6 +21,7 @@ WORKSPACE_BYTES = 256 << 20
 
 class FlashInferAttention(AttentionBackend):
     supports_cuda_graphs = True
+    supports_cascade = True
 
     def __init__(self, pool, num_heads: int, head_dim: int):
         import flashinfer
@@ -35,6 +37,10 @@ class FlashInferAttention(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode
+        )
+        # A cascade step plans both eager wrappers (level 0 on the prefill one, level 1 on the decode one).
+        self.cascade = FlashInferCascade(
+            flashinfer, self.prefill, self.decode, num_heads, self.num_kv_heads, head_dim, PAGE_SIZE
         )
         self._graph_workspace: torch.Tensor | None = None
         self.graph_decoders: dict[int, Any] = {}  # flashinfer decode wrappers, by batch size
@@ -56,7 +62,10 @@ class FlashInferAttention(AttentionBackend):
         kv_indptr = torch.from_numpy(meta.kv_indptr_host.astype(np.int32))
         lpl = self._last_page_len(meta.batch_size)
         kinds = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype)
-        if meta.is_decode:
+        if meta.cascade is not None:
+            self._wrapper = self.cascade
+            self.cascade.plan(meta.cascade, self._last_page_len, **kinds)
+        elif meta.is_decode:
             self._wrapper = self.decode
             self.decode.plan(
                 kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE, **kinds

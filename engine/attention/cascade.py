@@ -1,0 +1,134 @@
+"""Shared-prefix (cascade) attention for decode steps.
+
+When many decode rows continue the same cached prompt prefix (a system prompt, the radix cache holding it
+once), plain decode attention reads that prefix's KV once per row. Cascade attention splits each row's
+context in two: level 0, the prefix its group shares, attended by all of the group's queries at once (one
+non-causal "prefill" whose query length is the group's size, so the prefix is read once per group), and
+level 1, the row's own slots past it (plain decode). The two partial outputs are merged through their
+log-sum-exp states, which gives exactly the attention over the whole context.
+
+The scheduler decides who shares what from the radix tree (host only): the step's decode rows come first,
+ordered by group, with `StepPlan.shared_indptr` (group g is decode rows [indptr[g], indptr[g+1])) and
+`StepPlan.shared_lens` (the length of the prefix group g shares). `plan_cascade` turns that into slot
+indices on the device; a backend that can run it (`supports_cascade`) attends with `CascadeMetadata`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# A step runs cascade only when it saves at least this many KV positions' reads (over all rows): below it
+# the two extra kernels per layer (level 0 and the merge) and the eager launch (no CUDA graph) cost more.
+MIN_SAVED_TOKENS = 16384
+
+
+@dataclass
+class CascadeMetadata:
+    """Decode rows [0, shared_qo_indptr_host[-1]) attend to their group's shared prefix (level 0) and every
+    row to its own slots past it (level 1)."""
+
+    shared_qo_indptr_host: np.ndarray  # [G+1] each group's decode rows
+    shared_kv_indptr_host: np.ndarray  # [G+1] offsets of each group's prefix slots in shared_kv_indices
+    shared_kv_indices: torch.Tensor  # [sum shared_lens]
+    unique_kv_indptr_host: np.ndarray  # [B+1] offsets of each row's own slots in unique_kv_indices
+    unique_kv_indices: torch.Tensor  # [sum (kv_len - shared len)]
+
+    @property
+    def num_grouped(self) -> int:
+        return int(self.shared_qo_indptr_host[-1])
+
+
+def saved_tokens(shared_indptr: np.ndarray, shared_lens: np.ndarray) -> int:
+    """KV positions a step's cascade does not read again: each group reads its prefix once, not size times."""
+    sizes = np.diff(shared_indptr).astype(np.int64)
+    return int(((sizes - 1) * shared_lens.astype(np.int64)).sum())
+
+
+def plan_cascade(
+    rows: np.ndarray,
+    kv_lens: np.ndarray,
+    shared_indptr: np.ndarray,
+    shared_lens: np.ndarray,
+    req_to_slot: torch.Tensor,
+    min_saved_tokens: int = MIN_SAVED_TOKENS,
+) -> CascadeMetadata | None:
+    """The cascade indices of a decode step whose rows `rows` (with `kv_lens` positions each) start with the
+    groups of (`shared_indptr`, `shared_lens`); None when it would not pay. The prefix of a group is read
+    from its first row's slots (every row of the group holds the same slots there: the radix tree's).
+    The indices are gathered from `req_to_slot` on its device after one small host-to-device copy."""
+    if len(shared_lens) == 0 or saved_tokens(shared_indptr, shared_lens) < min_saved_tokens:
+        return None
+    sizes = np.diff(shared_indptr)
+    shared_per_row = np.zeros(len(rows), dtype=np.int64)
+    shared_per_row[: shared_indptr[-1]] = np.repeat(shared_lens, sizes)
+    unique_lens = kv_lens.astype(np.int64) - shared_per_row
+    assert (unique_lens >= 1).all(), "a decode row's new position is never in a shared prefix"
+    # One flat gather over G + B segments (row, first position, length): the groups' prefixes, then each
+    # row's own part.
+    seg_rows = np.concatenate([rows[shared_indptr[:-1]], rows]).astype(np.int64)
+    seg_starts = np.concatenate([np.zeros(len(shared_lens), dtype=np.int64), shared_per_row])
+    seg_lens = np.concatenate([shared_lens.astype(np.int64), unique_lens])
+    seg_offsets = np.concatenate([[0], np.cumsum(seg_lens)])
+    total, num_shared = int(seg_offsets[-1]), int(seg_offsets[len(shared_lens)])
+    small = torch.from_numpy(np.concatenate([seg_rows, seg_starts, seg_lens, seg_offsets[:-1]]))
+    device = req_to_slot.device
+    if device.type == "cuda":
+        small = small.pin_memory().to(device, non_blocking=True)
+    seg_rows_d, seg_starts_d, seg_lens_d, seg_offsets_d = small.view(4, -1)
+    seg = torch.repeat_interleave(torch.arange(len(seg_lens), device=device), seg_lens_d, output_size=total)
+    pos = torch.arange(total, device=device) - seg_offsets_d[seg] + seg_starts_d[seg]
+    indices = req_to_slot[seg_rows_d[seg], pos]
+    return CascadeMetadata(
+        shared_qo_indptr_host=shared_indptr.astype(np.int64),
+        shared_kv_indptr_host=seg_offsets[: len(shared_lens) + 1],
+        shared_kv_indices=indices[:num_shared],
+        unique_kv_indptr_host=seg_offsets[len(shared_lens) :] - num_shared,
+        unique_kv_indices=indices[num_shared:],
+    )
+
+
+class FlashInferCascade:
+    """Cascade decode on FlashInfer: level 0 on a paged prefill wrapper (non-causal, query length = the
+    group's size), level 1 on a paged decode wrapper, both returning their log-sum-exp, then merged in
+    place (flashinfer.merge_state_in_place), as FlashInfer's MultiLevelCascadeAttentionWrapper does, but with
+    the decode kernel for level 1 and only the grouped rows in level 0 (the rest have no shared prefix)."""
+
+    def __init__(self, flashinfer, prefill, decode, num_heads: int, num_kv_heads: int, head_dim: int, page_size):
+        self.fi = flashinfer
+        self.prefill, self.decode = prefill, decode
+        self.num_heads, self.num_kv_heads, self.head_dim, self.page_size = num_heads, num_kv_heads, head_dim, page_size
+        self.num_grouped = 0
+
+    def plan(self, cascade: CascadeMetadata, last_page_len, q_data_type, kv_data_type) -> None:
+        """`last_page_len(n)`: n ones (page size 1: every page is full)."""
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, self.page_size)
+        kinds = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
+        num_groups = len(cascade.shared_kv_indptr_host) - 1
+        self.prefill.plan(
+            torch.from_numpy(cascade.shared_qo_indptr_host.astype(np.int32)),
+            torch.from_numpy(cascade.shared_kv_indptr_host.astype(np.int32)),
+            cascade.shared_kv_indices,
+            last_page_len(num_groups),
+            *heads,
+            causal=False,
+            **kinds,
+        )
+        num_rows = len(cascade.unique_kv_indptr_host) - 1
+        self.decode.plan(
+            torch.from_numpy(cascade.unique_kv_indptr_host.astype(np.int32)),
+            cascade.unique_kv_indices,
+            last_page_len(num_rows),
+            *heads,
+            **kinds,
+        )
+        self.num_grouped = cascade.num_grouped
+
+    def run(self, q: torch.Tensor, paged, **kwargs) -> torch.Tensor:
+        """As a wrapper's run (`kwargs`, such as KV scales, go to both levels)."""
+        out, lse = self.decode.run(q, paged, return_lse=True, **kwargs)
+        n = self.num_grouped
+        shared_out, shared_lse = self.prefill.run(q[:n], paged, return_lse=True, **kwargs)
+        self.fi.merge_state_in_place(out[:n], lse[:n], shared_out, shared_lse)
+        return out
