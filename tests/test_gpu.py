@@ -562,3 +562,110 @@ def test_cascade_greedy_tokens_match_plain_decode_where_bf16_allows(qwen3_06b):
     # the first token comes from a prefill step; past it, matched tokens come from cascade steps
     assert len(ref_lp) >= len(ref) + 16, len(ref_lp)
     assert max(abs(a - b) for a, b in zip(got_lp, ref_lp)) < 0.1
+
+
+# ---- FP8 (e4m3) KV cache: --kv-cache-dtype fp8 ----
+FP8 = torch.float8_e4m3fn
+
+
+def test_fused_qkv_store_into_fp8_equals_the_torch_store():
+    """qkv_rope_store into an fp8 cache writes exactly what the same kernel's bf16 K/V become through the torch
+    store (KVPool.store: clamp to +-448, round to nearest even): bit for bit, out-of-range values included,
+    no NaN, every other slot untouched; q is the same as with a bf16 cache."""
+    from engine import kernels
+    from engine.models.layers import Rotary
+
+    torch.manual_seed(0)
+    device, T, H, Hkv, D = torch.device("cuda"), 37, 16, 8, 128
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, device=device, dtype=torch.bfloat16) * 4
+    qkv[3, (H + Hkv) * D + 5] = 3000.0  # a value beyond fp8's range, and one far beyond it
+    qkv[9, (H + Hkv) * D + 70] = -1e6
+    qw, kw = (torch.randn(D, device=device, dtype=torch.bfloat16) * s for s in (1.0, 200.0))  # keys past 448 too
+    rotary = Rotary(D, 2048, {"rope_theta": 1e6}).to(device)
+    positions = torch.randint(0, 2048, (T,), device=device)
+    slots = torch.randperm(1000, device=device)[:T] + 1
+    outs = {}
+    for dtype in (torch.bfloat16, FP8):
+        pool = KVPool(1, 1024, Hkv, D, torch.bfloat16, device, dtype)
+        q = kernels.qkv_rope_store(
+            qkv, H, Hkv, D, qw, kw, 1e-6, rotary.cos, rotary.sin, positions, slots, pool.k[0], pool.v[0]
+        )
+        outs[dtype] = q, pool
+    (q16, p16), (q8, p8) = outs[torch.bfloat16], outs[FP8]
+    assert torch.equal(q16, q8)
+    ref = KVPool(1, 1024, Hkv, D, torch.bfloat16, device, FP8)
+    ref.store(0, slots, p16.k[0][slots], p16.v[0][slots])
+    assert p16.k[0][slots].float().abs().max() > 448 and p16.v[0][slots].float().abs().max() > 448
+    for got, want in ((p8.k[0], ref.k[0]), (p8.v[0], ref.v[0])):
+        assert not got.float().isnan().any()
+        assert got.float().abs().max() == 448.0
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # untouched slots are zero in both
+
+
+@pytest.mark.parametrize("new_lens", [[1, 1, 1, 1], [5, 1, 37, 64]], ids=["decode", "prefill"])
+@pytest.mark.parametrize("Hkv", [8, 4], ids=["gqa2", "gqa4-tensor-core-decode"])
+def test_flashinfer_over_fp8_cache_matches_torch_attention(new_lens, Hkv):
+    """FlashInfer's decode (plain and tensor-core) and prefill kernels with bf16 q over an fp8 K/V cache against
+    the torch backend over the same fp8 cache (which upcasts it): the same attention, up to bf16 rounding."""
+    from engine.attention.flashinfer_backend import FlashInferAttention
+    from engine.attention.torch_backend import TorchAttention
+
+    device, H, D = torch.device("cuda"), 16, 128
+    kv_lens = [n + p for n, p in zip(new_lens, [100, 0, 300, 17])]
+    outs, pools = [], []
+    for cls in (TorchAttention, FlashInferAttention):
+        torch.manual_seed(0)
+        pool = KVPool(1, 2048, Hkv, D, torch.bfloat16, device, FP8)
+        pool.k.copy_(torch.randn(pool.k.shape, device=device)), pool.v.copy_(torch.randn(pool.v.shape, device=device))
+        meta = _metadata(kv_lens, new_lens, 2048, device)
+        T = sum(new_lens)
+        q, k, v = (torch.randn(T, h, D, device=device, dtype=torch.bfloat16) for h in (H, Hkv, Hkv))
+        attn = cls(pool, H, D)
+        attn.begin(meta)
+        out = attn.forward(0, q, k, v)
+        assert out.dtype == torch.bfloat16
+        outs.append(out.float())
+        pools.append(pool)
+    assert torch.equal(pools[0].k.view(torch.uint8), pools[1].k.view(torch.uint8))  # the same store
+    err = (outs[0] - outs[1]).norm() / outs[0].norm()
+    assert err < 1e-2, err
+
+
+def test_fp8_kv_engine_graphs_match_eager_and_torch_backend(ckpt):
+    """The whole engine with --kv-cache-dtype fp8 on the GPU: CUDA graphs (fused fp8 store, graph decoders over
+    fp8) give eager's tokens, and FlashInfer agrees with the torch backend over fp8 as closely as the bf16
+    test demands. Both passes run: the second one hits the prefix cache."""
+    graphs = _generate(ckpt, kv_cache_dtype="fp8")
+    eager = _generate(ckpt, kv_cache_dtype="fp8", enforce_eager=True)
+    assert graphs[0] == eager[0]
+    ref = _generate(ckpt, kv_cache_dtype="fp8", attention_backend="torch")[0]
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(graphs[0], ref)]
+    assert sum(agree) >= 0.8 * sum(len(x) for x in ref), agree
+
+
+def test_fp8_kv_pool_holds_twice_the_bf16_tokens_on_the_gpu(ckpt):
+    import gc
+
+    slots = {}
+    for name in ("auto", "fp8"):
+        config = EngineConfig(
+            model=str(ckpt),
+            device="cuda",
+            max_bs=16,
+            context_len=512,
+            dtype="bfloat16",
+            gpu_memory_utilization=0.2,
+            kv_cache_dtype=name,
+            enforce_eager=True,
+        )
+        engine = Engine(config)
+        try:
+            assert engine.runner.pool.k.dtype == (FP8 if name == "fp8" else torch.bfloat16)
+            slots[name] = engine.runner.num_slots
+        finally:
+            engine.close()
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+    # the budget is what is free after the weights and the measured peak: allow for the allocator's slack
+    assert 1.8 * slots["auto"] < slots["fp8"] < 2.2 * slots["auto"], slots
