@@ -136,7 +136,11 @@ class Scheduler:
                     self._cache_prompt_prefix(seq, writes)
         decodes = self._decodes(group)[: min(budget, self.max_bs)]
         slots = self._alloc(len(decodes))
+        shared = None
         if slots is not None:  # the common case: one allocation and one table write for every decode
+            if self.group_shared_prefixes and len(decodes) > 1:
+                # all are placed at once, so their order is free: rows sharing a cached prefix side by side
+                decodes, shared = _group_by_shared_prefix(decodes)
             rows = np.array([s.row for s in decodes], dtype=np.int32)
             pos = np.array([s.num_computed for s in decodes], dtype=np.int32)
             writes.add_one_each(rows, pos, slots, self.req_to_slot)
@@ -185,13 +189,9 @@ class Scheduler:
         if not chosen:
             self._unsent = writes  # table writes still have to reach the device with the next plan
             return None
-        shared = None
-        if self.group_shared_prefixes and num_decodes == len(chosen) > 1:
-            # after placement, which went in admission order (preemption depends on it)
-            chosen, shared = _group_by_shared_prefix(chosen)
         plan = self._plan(chosen, spans, writes)
         plan.num_decodes = num_decodes
-        if shared is not None:
+        if shared is not None and num_decodes == len(chosen):  # cascade runs on decode-only steps
             plan.shared_indptr, plan.shared_lens = shared
         return Batch(chosen, plan)
 

@@ -117,6 +117,8 @@ def test_decode_rows_sharing_a_cached_prefix_are_grouped_contiguously():
                 assert plan.shared_lens[g] < seqs[i].num_computed  # the new position is the row's own
         admitted = [s for s in sched.running if s in batch.seqs[plan.shared_indptr[-1] :]]
         assert batch.seqs[plan.shared_indptr[-1] :] == admitted  # the rest keep their admission order
+    # the decodes' slot writes follow the reordered rows (the runner's one-kernel decode prepare needs that)
+    np.testing.assert_array_equal(steps[-1].plan.slot_rows, steps[-1].plan.rows)
 
 
 def test_no_groups_without_the_setting_or_the_radix_cache():
