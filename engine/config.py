@@ -97,8 +97,7 @@ class EngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
-                f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: use one of "
-                f"{', '.join(KV_CACHE_DTYPES)}"
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not implemented: use one of {', '.join(KV_CACHE_DTYPES)}"
             )
         if self.tp_size < 1 or self.pp_size < 1:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
