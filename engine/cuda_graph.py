@@ -90,29 +90,47 @@ class DecodeGraphs:
         # a cascade step (shared prefixes, engine/attention/cascade.py) runs eagerly
         return meta.is_decode and meta.cascade is None and meta.batch_size <= self.buckets[-1]
 
-    def run(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata, carry=None):
+    def bucket_for(self, b: int) -> int | None:
+        """The captured batch size a decode batch of b replays (padded up to it), or None past the largest."""
+        return next((x for x in self.buckets if x >= b), None)
+
+    def run(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        carry=None,
+        prepared: bool = False,
+    ):
         """Logits [b, vocab] on the last stage; before it, copies of (hidden, residual), safe to send while the
-        next replay rewrites the static outputs."""
+        next replay rewrites the static outputs. `prepared`: input ids, positions, out slots and indices, with
+        the padding rows, already are in the static buffers (kernels.decode_prep wrote them there)."""
         b = meta.batch_size
         bs = next(x for x in self.buckets if x >= b)
-        if input_ids is not None:
-            self.input_ids[:b] = input_ids
+        n = int(meta.kv_indptr_host[-1])
+        kv_indptr = np.concatenate([meta.kv_indptr_host, n + np.arange(1, bs - b + 1)])
         if carry is not None:
             assert self.carry is not None, "a stage after the first was built with carry buffers"
             for static, received in zip(self.carry, carry):
                 static[:b] = received
                 static[b:bs] = 0
-        self.positions[:b] = positions
-        self.out_slots[:b] = meta.out_slots
-        if bs > b:  # padding rows: token 0 at position 0, one cached slot (slot 0)
-            self.input_ids[b:bs] = 0
-            self.positions[b:bs] = 0
-            self.out_slots[b:bs] = 0
-        n = int(meta.kv_indptr_host[-1])
-        kv_indptr = np.concatenate([meta.kv_indptr_host, n + np.arange(1, bs - b + 1)])
-        self.indices[:n] = meta.kv_indices
-        self.indices[n : n + bs - b] = 0
+        if not prepared:
+            self._copy_inputs(input_ids, positions, meta, b, bs, n)
         self.attn.begin_graph(bs, kv_indptr, self.indices[: n + bs - b], self.out_slots[:bs])
         self.graphs[bs].replay()
         out = self.outputs[bs]
         return out[:b] if self.last_stage else tuple(t[:b].clone() for t in out)
+
+    def _copy_inputs(self, input_ids, positions, meta: AttentionMetadata, b: int, bs: int, n: int) -> None:
+        """The step's inputs into the static buffers, and the padding rows: token 0 at position 0, one cached
+        slot (slot 0)."""
+        if input_ids is not None:
+            self.input_ids[:b] = input_ids
+        self.positions[:b] = positions
+        self.out_slots[:b] = meta.out_slots
+        if bs > b:
+            self.input_ids[b:bs] = 0
+            self.positions[b:bs] = 0
+            self.out_slots[b:bs] = 0
+        self.indices[:n] = meta.kv_indices
+        self.indices[n : n + bs - b] = 0

@@ -197,13 +197,17 @@ if triton is not None:
         take = m > best
         return tl.where(take, m, best), tl.where(take, i, best_idx)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["step_seed"])
     def _gumbel_argmax_kernel(
         logits_ptr,
         stride,
+        rows_ptr,
         temp_ptr,
         seed_ptr,
-        counter_ptr,
+        has_seed_ptr,
+        prompt_len_ptr,
+        seq_lens_ptr,
+        step_seed,
         max_ptr,
         idx_ptr,
         vocab,
@@ -212,25 +216,111 @@ if triton is not None:
         BLOCK: tl.constexpr,
     ):
         """argmax(logits / T + Gumbel noise) samples softmax(logits / T) exactly, in one pass and without
-        normalising; T == 0 gives the plain argmax. Noise is Philox(seed, counter * vocab + token id). Each
-        program scans one chunk of one row; the chunk winners are reduced afterwards."""
-        row = tl.program_id(0)
+        normalising; T == 0 gives the plain argmax. Noise is Philox(seed, counter * vocab + token id): a seeded
+        row's (seed, counter) are its own seed and output index (seq_len - prompt_len), so it draws the same
+        token in any batch; the others use (step_seed, batch index). The per-row parameters are read from the
+        sampler's tables by request row (rows_ptr). Each program scans one chunk of one batch entry; the chunk
+        winners are reduced by _sample_finish_kernel."""
+        b = tl.program_id(0)
         chunk = tl.program_id(1)
+        row = tl.load(rows_ptr + b).to(tl.int64)
         t = tl.load(temp_ptr + row)
-        seed = tl.load(seed_ptr + row)
-        base = tl.load(counter_ptr + row) * vocab
+        seeded = tl.load(has_seed_ptr + row) != 0
+        seed = tl.where(seeded, tl.load(seed_ptr + row).to(tl.int64), step_seed.to(tl.int64))
+        own = tl.load(seq_lens_ptr + b).to(tl.int64) - tl.load(prompt_len_ptr + row).to(tl.int64)
+        base = tl.where(seeded, own, b.to(tl.int64)) * vocab
         best = tl.full((), float("-inf"), tl.float32)
         best_idx = tl.full((), 0, tl.int32)
         # One Philox call gives four uniforms: each iteration covers four blocks.
         for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, 4 * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             u0, u1, u2, u3 = tl.rand4x(seed, (base + offs).to(tl.uint32))
-            best, best_idx = _race(logits_ptr + row * stride, offs, vocab, t, u0, best, best_idx)
-            best, best_idx = _race(logits_ptr + row * stride, offs + BLOCK, vocab, t, u1, best, best_idx)
-            best, best_idx = _race(logits_ptr + row * stride, offs + 2 * BLOCK, vocab, t, u2, best, best_idx)
-            best, best_idx = _race(logits_ptr + row * stride, offs + 3 * BLOCK, vocab, t, u3, best, best_idx)
-        tl.store(max_ptr + row * num_chunks + chunk, best)
-        tl.store(idx_ptr + row * num_chunks + chunk, best_idx)
+            best, best_idx = _race(logits_ptr + b * stride, offs, vocab, t, u0, best, best_idx)
+            best, best_idx = _race(logits_ptr + b * stride, offs + BLOCK, vocab, t, u1, best, best_idx)
+            best, best_idx = _race(logits_ptr + b * stride, offs + 2 * BLOCK, vocab, t, u2, best, best_idx)
+            best, best_idx = _race(logits_ptr + b * stride, offs + 3 * BLOCK, vocab, t, u3, best, best_idx)
+        tl.store(max_ptr + b * num_chunks + chunk, best)
+        tl.store(idx_ptr + b * num_chunks + chunk, best_idx)
+
+    @triton.jit
+    def _sample_finish_kernel(
+        max_ptr,
+        idx_ptr,
+        num_chunks,
+        tokens_ptr,
+        packed_ptr,
+        rows_ptr,
+        seq_lens_ptr,
+        keep_ptr,
+        req_tokens_ptr,
+        req_tokens_stride,
+        LAND: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per batch entry: the winner of its chunks (the first, on a tie, as torch.argmax) is its
+        token, stored as int64 and as the float32 packed result (engine/step_result.py). LAND: a kept row's
+        token also goes into req_tokens[row, seq_len], the next step's input (the runner's write-back)."""
+        b = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < num_chunks
+        best = tl.load(max_ptr + b * num_chunks + offs, mask=mask, other=float("-inf"))
+        winner = tl.argmax(best, axis=0)
+        token = tl.load(idx_ptr + b * num_chunks + winner)
+        tl.store(tokens_ptr + b, token.to(tl.int64))
+        tl.store(packed_ptr + b, token.to(tl.float32))
+        if LAND:
+            kept = tl.load(keep_ptr + b) != 0
+            row = tl.load(rows_ptr + b).to(tl.int64)
+            pos = tl.load(seq_lens_ptr + b).to(tl.int64)
+            tl.store(req_tokens_ptr + row * req_tokens_stride + pos, token.to(tl.int32), mask=kept)
+
+    @triton.jit
+    def _decode_prep_kernel(
+        rows_ptr,
+        kv_lens_ptr,
+        kv_indptr_ptr,
+        new_slots_ptr,
+        req_to_slot_ptr,
+        req_to_slot_stride,
+        req_tokens_ptr,
+        req_tokens_stride,
+        num_rows,
+        indices_ptr,
+        out_slots_ptr,
+        positions_ptr,
+        input_ids_ptr,
+        BLOCK: tl.constexpr,
+    ):
+        """A decode step's indices, one program per (batch entry, BLOCK of its positions): entry b (request row
+        r, kv_len n) gets the new token's slot written into req_to_slot[r, n - 1], its slot list
+        req_to_slot[r, :n] copied to indices[kv_indptr[b]:], and out_slot, position n - 1 and input id
+        req_tokens[r, n - 1]. Entries b >= num_rows pad a CUDA graph's batch: one position at slot 0, token 0,
+        their index after the real ones (indices[kv_indptr[num_rows] + b - num_rows])."""
+        b = tl.program_id(0)
+        blk = tl.program_id(1)
+        if b < num_rows:
+            row = tl.load(rows_ptr + b).to(tl.int64)
+            n = tl.load(kv_lens_ptr + b).to(tl.int64)
+            start = tl.load(kv_indptr_ptr + b).to(tl.int64)
+            new_slot = tl.load(new_slots_ptr + b)
+            offs = blk * BLOCK + tl.arange(0, BLOCK)
+            last = offs == n - 1
+            slots = tl.load(req_to_slot_ptr + row * req_to_slot_stride + offs, mask=offs < n - 1, other=0)
+            slots = tl.where(last, new_slot, slots)
+            tl.store(indices_ptr + start + offs, slots.to(indices_ptr.dtype.element_ty), mask=offs < n)
+            # Only the program whose block holds position n - 1 touches it in the table: no other reads it.
+            tl.store(req_to_slot_ptr + row * req_to_slot_stride + offs, slots, mask=last)
+            if blk == 0:
+                tl.store(out_slots_ptr + b, new_slot.to(out_slots_ptr.dtype.element_ty))
+                tl.store(positions_ptr + b, (n - 1).to(positions_ptr.dtype.element_ty))
+                token = tl.load(req_tokens_ptr + row * req_tokens_stride + n - 1)
+                tl.store(input_ids_ptr + b, token.to(input_ids_ptr.dtype.element_ty))
+        elif blk == 0:
+            total = tl.load(kv_indptr_ptr + num_rows).to(tl.int64)
+            tl.store(indices_ptr + total + b - num_rows, tl.zeros((), indices_ptr.dtype.element_ty))
+            tl.store(out_slots_ptr + b, tl.zeros((), out_slots_ptr.dtype.element_ty))
+            tl.store(positions_ptr + b, tl.zeros((), positions_ptr.dtype.element_ty))
+            tl.store(input_ids_ptr + b, tl.zeros((), input_ids_ptr.dtype.element_ty))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -384,16 +474,110 @@ SAMPLE_BLOCK = 512  # part of the noise stream's definition: changing it changes
 def gumbel_sample(
     logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
 ) -> torch.Tensor:
-    """One token per row: greedy where temperature is 0, else a draw from softmax(logits / temperature)."""
+    """One token per row: greedy where temperature is 0, else a draw from softmax(logits / temperature) with
+    the noise of (seed, counter) per row. sample_rows with every row seeded and a prompt length of 0."""
+    B, dev = logits.shape[0], logits.device
+    rows = torch.arange(B, device=dev)
+    seeded, zeros = torch.ones(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+    return sample_rows(logits, rows, counter, 0, temperature, seed, seeded, zeros)[0]
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    step_seed: int,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    has_seed: torch.Tensor,
+    prompt_len: torch.Tensor,
+    land: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per batch entry b (request row rows[b], seq_lens[b] known tokens), its parameters read from
+    the per-request-row tables (temperature, seed, has_seed, prompt_len): greedy where temperature is 0, else
+    a draw from softmax(logits / temperature); seeded rows from (seed, seq_len - prompt_len), the others from
+    (step_seed, b). `land` = (req_tokens, keep [B] flags): kept rows' tokens are written to
+    req_tokens[row, seq_len]. Returns (tokens [B] int64, the packed result [B, 1] float32)."""
     B, V = logits.shape
     # Small batches split each row into more, shorter chunks, so that enough programs run at once (at B = 1
     # the 8192-token chunks give 19 programs for 132 multiprocessors). Multiples of 4 * SAMPLE_BLOCK only.
     chunk = 8192 if B >= 32 else 2048
     n = triton.cdiv(V, chunk)
-    best = torch.empty((B, n), dtype=torch.float32, device=logits.device)
-    idx = torch.empty((B, n), dtype=torch.int32, device=logits.device)
+    dev = logits.device
+    best = torch.empty((B, n), dtype=torch.float32, device=dev)
+    idx = torch.empty((B, n), dtype=torch.int32, device=dev)
+    tokens = torch.empty(B, dtype=torch.long, device=dev)
+    packed = torch.empty((B, 1), dtype=torch.float32, device=dev)
     if B:
         _gumbel_argmax_kernel[(B, n)](
-            logits, logits.stride(0), temperature, seed, counter, best, idx, V, n, CHUNK=chunk, BLOCK=SAMPLE_BLOCK
+            logits,
+            logits.stride(0),
+            rows,
+            temperature,
+            seed,
+            has_seed,
+            prompt_len,
+            seq_lens,
+            step_seed,
+            best,
+            idx,
+            V,
+            n,
+            CHUNK=chunk,
+            BLOCK=SAMPLE_BLOCK,
         )
-    return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1).long()
+        req_tokens, keep = land if land is not None else (tokens, tokens)
+        _sample_finish_kernel[(B,)](
+            best,
+            idx,
+            n,
+            tokens,
+            packed,
+            rows,
+            seq_lens,
+            keep,
+            req_tokens,
+            req_tokens.stride(0),
+            LAND=land is not None,
+            BLOCK=triton.next_power_of_2(n),
+        )
+    return tokens, packed
+
+
+DECODE_PREP_BLOCK = 1024
+
+
+def decode_prep(
+    rows: torch.Tensor,
+    kv_lens: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    new_slots: torch.Tensor,
+    max_kv_len: int,
+    req_to_slot: torch.Tensor,
+    req_tokens: torch.Tensor,
+    indices: torch.Tensor,
+    out_slots: torch.Tensor,
+    positions: torch.Tensor,
+    input_ids: torch.Tensor,
+) -> None:
+    """A decode step's table write and gathers in one launch (see _decode_prep_kernel): rows, kv_lens,
+    new_slots [b], kv_indptr [b + 1] on the device; out_slots, positions and input_ids have bs >= b entries
+    (the rows past b pad a CUDA graph's batch) and indices kv_indptr[b] + bs - b."""
+    num_rows, bs = len(rows), len(out_slots)
+    grid = (bs, triton.cdiv(max(max_kv_len, 1), DECODE_PREP_BLOCK))
+    _decode_prep_kernel[grid](
+        rows,
+        kv_lens,
+        kv_indptr,
+        new_slots,
+        req_to_slot,
+        req_to_slot.stride(0),
+        req_tokens,
+        req_tokens.stride(0),
+        num_rows,
+        indices,
+        out_slots,
+        positions,
+        input_ids,
+        BLOCK=DECODE_PREP_BLOCK,
+    )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine import parallel
+from engine import kernels, parallel
 from engine.attention import AttentionMetadata, make_backend
 from engine.attention.cascade import CascadeMetadata, plan_cascade
 from engine.config import EngineConfig
@@ -55,6 +55,21 @@ class _PromptPositions:
     rows: np.ndarray
     pos: np.ndarray
     token_index: np.ndarray
+
+
+@dataclass
+class _StepIndices:
+    """A step's index tensors on the device, from `_prepare`. The general path gathers them with torch ops;
+    a decode step on CUDA gets them from one kernel (kernels.decode_prep), written straight into the CUDA
+    graph's static buffers when the step replays a graph (`in_graph`)."""
+
+    rows: torch.Tensor  # [B] request row of each sequence
+    positions: torch.Tensor  # [T] position of each new token
+    input_ids: torch.Tensor | None  # [T] int64 token of each new token (gathered on the first stage only)
+    seq_lens: torch.Tensor  # [B] known tokens once this step is computed (where a sampled token goes)
+    keep: torch.Tensor  # indices of the sequences whose sampled token is kept
+    keep_flags: torch.Tensor  # [B] 1 where kept
+    in_graph: bool = False
 
 
 class ModelRunner:
@@ -179,18 +194,19 @@ class ModelRunner:
         self._admit_rows(plan)
         if self.landing:
             self.landing.land(plan.rows, plan.token_rows)
-        meta, rows, positions, row_of_token, seq_lens, keep = self._prepare(plan)
-        input_ids = self.req_tokens[row_of_token, positions].long() if self.layout.is_first_stage else None
+        meta, ix = self._prepare(plan)
+        rows, seq_lens, keep = ix.rows, ix.seq_lens, ix.keep
+        input_ids = ix.input_ids if self.layout.is_first_stage else None
         prompt = self._prompt_positions(plan, meta)
         top_k = self._logprobs_width(plan, prompt)
-        logits, prompt_hidden = self._forward(meta, input_ids, positions, prompt)
+        logits, prompt_hidden = self._forward(meta, input_ids, ix.positions, prompt, ix.in_graph)
         lay = self.layout
         prompt_rows = None
         if prompt_hidden is not None:  # every rank of the last stage: the vocabulary projection is collective
             assert prompt is not None and top_k is not None  # prompt positions make top_k at least 0
             prompt_rows = self._prompt_rows(prompt_hidden, prompt, top_k)
         if lay.is_sampler:
-            packed = self._sample(plan, meta, logits, rows, seq_lens, keep, top_k, constrain)
+            packed = self._sample(plan, meta, logits, ix, top_k, constrain)
             if prompt_rows is not None:
                 packed = torch.cat([packed, prompt_rows])
             if self.broadcasts is not None:
@@ -209,17 +225,21 @@ class ModelRunner:
         return copy_to_host(packed, top_k, len(plan.rows), work, self.copy_stream) if lay.rank == 0 else None
 
     def _sample(
-        self, plan: StepPlan, meta: AttentionMetadata, logits, rows, seq_lens, keep, top_k, constrain=None
+        self, plan: StepPlan, meta: AttentionMetadata, logits, ix: _StepIndices, top_k, constrain=None
     ) -> torch.Tensor:
         """Samples every row's next token and packs it (with logprobs, where asked) for the host."""
         assert self.sampler is not None, "only the sampler rank samples"
+        rows, seq_lens, keep = ix.rows, ix.seq_lens, ix.keep
         history = None
         if self.sampler.needs_history(plan.rows):
             history = self.req_tokens[rows, : int(meta.kv_lens_host.max())]
         mask = constrain() if constrain is not None else None
-        sample = self.sampler(logits, plan.rows, rows, history, seq_lens, mask)
-        # Sampled tokens become the next position's input on the device, before the host sees them.
-        self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
+        # Sampled tokens become the next position's input on the device, before the host sees them: the fused
+        # sampler writes them itself where it can (`land`), and packs them then.
+        land = (self.req_tokens, ix.keep_flags) if top_k is None else None
+        sample = self.sampler(logits, plan.rows, rows, history, seq_lens, mask, land=land)
+        if sample.packed is None:
+            self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
         return pack_sample(sample, top_k)
 
     def _logprobs_width(self, plan: StepPlan, prompt: _PromptPositions | None) -> int | None:
@@ -262,10 +282,13 @@ class ModelRunner:
         if self.sampler is not None:
             self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
 
-    def _forward(self, meta: AttentionMetadata, input_ids, positions, prompt: _PromptPositions | None):
+    def _forward(
+        self, meta: AttentionMetadata, input_ids, positions, prompt: _PromptPositions | None, in_graph=False
+    ):
         """This stage's layers: from the previous stage's hidden states (or the embedding), to the next stage
         (or, on the last stage, the logits of each sequence's last position and the hidden states of the
-        `prompt` positions, whose prompt logprobs were asked for). Returns (logits, prompt hidden)."""
+        `prompt` positions, whose prompt logprobs were asked for). Returns (logits, prompt hidden).
+        `in_graph`: the step's inputs already are in the CUDA graph's static buffers."""
         lay = self.layout
         carry = None
         if not lay.is_first_stage:
@@ -274,7 +297,7 @@ class ModelRunner:
             parallel.recv_from_prev_stage(list(carry))
         prompt_hidden = None
         if self.graphs is not None and self.graphs.can_run(meta) and prompt is None:
-            out = self.graphs.run(input_ids, positions, meta, carry)
+            out = self.graphs.run(input_ids, positions, meta, carry, prepared=in_graph)
         else:
             self.attn.begin(meta)
             out = self.model(input_ids, positions, self.attn, carry)
@@ -299,9 +322,11 @@ class ModelRunner:
             return None
         return plan_cascade(plan.rows, kv_lens, plan.shared_indptr, plan.shared_lens, self.req_to_slot)
 
-    def _prepare(self, plan: StepPlan):
+    def _prepare(self, plan: StepPlan) -> tuple[AttentionMetadata, _StepIndices]:
         """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then
         the step's rows, lengths and positions. Slot indices for attention are gathered there."""
+        if self._decode_kernel_fits(plan):
+            return self._prepare_decode(plan)
         lens, starts = plan.lens.astype(np.int64), plan.starts.astype(np.int64)
         kv_lens = starts + lens
         qo_indptr = np.concatenate([[0], np.cumsum(lens)])
@@ -323,6 +348,7 @@ class ModelRunner:
             row_of_token,
             positions,
             np.flatnonzero(plan.sample),
+            plan.sample,
         ]
         packed = torch.from_numpy(np.concatenate(parts).astype(np.int64))
         if self.device.type == "cuda":
@@ -341,6 +367,7 @@ class ModelRunner:
             row_of_token_d,
             positions_d,
             keep,
+            keep_flags,
         ) = packed.split([len(x) for x in parts])
         if len(slot_ids):
             self.req_to_slot[slot_rows, slot_pos] = slot_ids.int()
@@ -357,4 +384,66 @@ class ModelRunner:
             qo_indptr, kv_indptr, kv_lens, plan.is_decode, qo_d.int(), kv_d.int(), kv_indices, out_slots
         )
         meta.cascade = self._plan_cascade(plan, kv_lens)
-        return meta, rows, positions_d, row_of_token_d, seq_lens, keep
+        input_ids = self.req_tokens[row_of_token_d, positions_d].long() if self.layout.is_first_stage else None
+        return meta, _StepIndices(rows, positions_d, input_ids, seq_lens, keep, keep_flags)
+
+    def _decode_kernel_fits(self, plan: StepPlan) -> bool:
+        """A CUDA decode step whose only slot writes are each sequence's new position (a plain batch of
+        decodes, as the scheduler places them): kernels.decode_prep does its table write and gathers."""
+        B = len(plan.rows)
+        return (
+            self.device.type == "cuda"
+            and kernels.triton is not None
+            and B > 0
+            and plan.is_decode
+            and len(plan.slot_ids) == B
+            and np.array_equal(plan.slot_rows, plan.rows)
+            and np.array_equal(plan.slot_pos, plan.starts)
+        )
+
+    def _prepare_decode(self, plan: StepPlan) -> tuple[AttentionMetadata, _StepIndices]:
+        """`_prepare` for a decode step, in one small copy and one kernel launch instead of some twenty torch
+        ops: the new slots go into req_to_slot and the slot lists, out slots, positions and input ids are
+        gathered by kernels.decode_prep, into the CUDA graph's static buffers when the step replays one."""
+        B = len(plan.rows)
+        kv_lens = plan.starts.astype(np.int64) + 1
+        kv_indptr = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(kv_lens, out=kv_indptr[1:])
+        qo_indptr = np.arange(B + 1)
+        parts = [
+            plan.rows,
+            kv_lens,
+            kv_indptr,
+            qo_indptr,
+            plan.slot_ids,
+            plan.sample,
+            np.flatnonzero(plan.sample),
+            plan.token_rows,
+            plan.token_pos,
+            plan.token_ids,
+        ]
+        # int32 throughout: rows, slots, positions and token ids all fit, and attention takes int32 indptrs.
+        packed = torch.from_numpy(np.concatenate(parts, dtype=np.int32, casting="unsafe"))
+        packed = packed.pin_memory().to(self.device, non_blocking=True)
+        rows, seq_lens, kv_d, qo_d, new_slots, keep_flags, keep, tok_rows, tok_pos, tok_ids = packed.split(
+            [len(x) for x in parts]
+        )
+        if len(tok_ids):  # tokens known on the host (a parallel engine's landing, recomputes): before the gather
+            self.req_tokens[tok_rows, tok_pos] = tok_ids
+        n = int(kv_indptr[-1])
+        g = self.graphs
+        bs = g.bucket_for(B) if g is not None else None
+        if g is not None and bs is not None:
+            indices, out_slots, positions, input_ids = g.indices, g.out_slots[:bs], g.positions[:bs], g.input_ids[:bs]
+        else:
+            indices = torch.empty(n, dtype=torch.int32, device=self.device)
+            out_slots = torch.empty(B, dtype=torch.int32, device=self.device)
+            positions = torch.empty(B, dtype=torch.long, device=self.device)
+            input_ids = torch.empty(B, dtype=torch.long, device=self.device)
+        tables = (self.req_to_slot, self.req_tokens)
+        outputs = (indices, out_slots, positions, input_ids)
+        kernels.decode_prep(rows, seq_lens, kv_d, new_slots, int(kv_lens.max()), *tables, *outputs)
+        meta = AttentionMetadata(qo_indptr, kv_indptr, kv_lens, True, qo_d, kv_d, indices[:n], out_slots[:B])
+        meta.cascade = self._plan_cascade(plan, kv_lens)
+        ix = _StepIndices(rows, positions[:B], input_ids[:B], seq_lens, keep, keep_flags, in_graph=bs is not None)
+        return meta, ix

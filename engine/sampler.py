@@ -51,6 +51,9 @@ class SampleResult:
     logprobs: torch.Tensor | None = None  # [B] chosen token's logprob
     top_ids: torch.Tensor | None = None  # [B, k]
     top_logprobs: torch.Tensor | None = None  # [B, k]
+    # [B, 1] float32, set when the fused sampler has packed the tokens (engine/step_result.py) and written
+    # the kept ones back into the request-token table (the `land` of Sampler.__call__)
+    packed: torch.Tensor | None = None
 
 
 # The per-row tables, one entry each: name, dtype, the value of a request (its parameters and prompt length).
@@ -116,10 +119,13 @@ class Sampler:
         history: torch.Tensor | None,
         seq_lens: torch.Tensor,
         mask: GrammarMask | None = None,
+        land: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SampleResult:
         """logits: [B, V] for the last position of each row. `history` ([B, L] token ids, L >= max seq_len) is
         needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens; `mask` limits the
-        rows of constrained requests to the tokens their grammar allows."""
+        rows of constrained requests to the tokens their grammar allows. `land` = (req_tokens, keep [B] flags):
+        where the fused kernel gives every row its final token, it also writes the kept rows' tokens to
+        req_tokens[row, seq_len] and packs them (result.packed); otherwise the caller does both."""
         h = {n: a[rows_host] for n, a in self.host.items()}
         p = _RowParams(self.dev, rows)
         raw = logits
@@ -127,9 +133,11 @@ class Sampler:
         if penalize or h["has_bias"].any() or mask is not None:
             logits = self._adjust(logits, rows_host, h, p, history if penalize else None, seq_lens, mask)
         filtered = (h["top_k"] > 0) | (h["top_p"] < 1) | (h["min_p"] > 0)
+        any_filtered = bool(filtered.any())
+        packed = None  # set only where the fused kernel's tokens are final, and so were landed
         if self.fused:
-            tokens = self._fused(logits, p, seq_lens)
-            if filtered.any():
+            tokens, packed = self._fused(logits, rows, seq_lens, None if any_filtered else land)
+            if any_filtered:
                 idx = np.flatnonzero(filtered)
                 sub = torch.from_numpy(idx).to(self.device)
                 tokens[sub] = self._reference(
@@ -140,7 +148,7 @@ class Sampler:
                 )
         else:
             tokens = self._reference(logits.float(), h, p, seq_lens)
-        result = SampleResult(tokens)
+        result = SampleResult(tokens, packed=packed if land is not None and not any_filtered else None)
         if (h["logprobs"] >= 0).any():
             lp = torch.log_softmax(raw.float(), dim=-1)
             result.logprobs = lp.gather(1, tokens[:, None]).squeeze(1)
@@ -164,13 +172,14 @@ class Sampler:
             return greedy
         return torch.where(p["temperature"] == 0, greedy, self._sample(logits, h, p, seq_lens))
 
-    def _fused(self, logits, p, seq_lens):
-        """Seeded rows draw from (seed, output index); the others from a per-step seed and their batch index."""
+    def _fused(self, logits, rows, seq_lens, land):
+        """Seeded rows draw from (seed, output index); the others from a per-step seed and their batch index.
+        The kernel reads the rows' parameters from the tables itself (no per-step gathers)."""
         self._step_seed += 1
-        B = logits.shape[0]
-        seed = torch.where(p["has_seed"], p["seed"], self._step_seed)
-        counter = torch.where(p["has_seed"], seq_lens - p["prompt_len"], torch.arange(B, device=logits.device))
-        return kernels.gumbel_sample(logits, p["temperature"], seed, counter)
+        d = self.dev
+        return kernels.sample_rows(
+            logits, rows, seq_lens, self._step_seed, d["temperature"], d["seed"], d["has_seed"], d["prompt_len"], land
+        )
 
     def _adjust(self, logits, rows_host, h, p, history, seq_lens, mask: GrammarMask | None):
         """Penalties, then logit_bias, then grammar masks, on a float copy (logprobs come from the raw logits).

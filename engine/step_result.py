@@ -65,9 +65,10 @@ def packed_width(top_k: int | None) -> int:
 
 
 def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
-    """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs."""
+    """[B, 1] token ids, or with logprobs [B, 2 + 2k]: token, its logprob, k top ids, k top logprobs. The fused
+    sampler may have packed the [B, 1] form already (`sample.packed`)."""
     if top_k is None:
-        return sample.tokens[:, None].float().contiguous()
+        return sample.packed if sample.packed is not None else sample.tokens[:, None].float().contiguous()
     out = torch.zeros(len(sample.tokens), packed_width(top_k), dtype=torch.float32, device=sample.tokens.device)
     out[:, 0] = sample.tokens
     if sample.logprobs is not None:

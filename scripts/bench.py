@@ -223,7 +223,8 @@ def latency(engine: Engine) -> dict:
     prompt = [rng.randint(0, 10000) for _ in range(128)]
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=512)
     run(engine, [prompt], [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=32)], "lwarm")
-    seconds, tokens, _steps, first = run(engine, [prompt], [params], "lat")
+    timer = HostTimer(engine)
+    seconds, tokens, steps, first = run(engine, [prompt], [params], "lat")
     ttft = first["lat0"]
     return {
         "workload": "latency",
@@ -231,6 +232,10 @@ def latency(engine: Engine) -> dict:
         "output_tokens": tokens,
         "ttft_ms": ttft * 1e3,
         "ms_per_output_token": (seconds - ttft) / (tokens - 1) * 1e3,
+        # host time per step in the runner's launch (prepare, graph replay, sampling: all queued, no sync)
+        # and in the scheduler; a decode step is host-bound when their sum nears ms_per_output_token
+        "launch_ms_per_step": timer.totals["launch"] / steps * 1e3,
+        "schedule_ms_per_step": timer.totals["schedule"] / steps * 1e3,
     }
 
 

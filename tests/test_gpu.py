@@ -1,6 +1,7 @@
 """GPU path (`pytest -m gpu` on a CUDA host): FlashInfer against the torch reference, CUDA graphs against
 eager, overlap on against off."""
 
+import json
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ from engine import EngineConfig, SamplingParams
 from engine.attention import AttentionMetadata
 from engine.engine import Engine
 from engine.kv_cache import KVPool
-from tests.helpers import run_engine, tiny_checkpoint
+from tests.helpers import run_engine, tiny_checkpoint, write_json
 
 pytestmark = pytest.mark.gpu
 
@@ -254,6 +255,149 @@ def test_gumbel_sampling_distribution_and_seeds():
     together = gumbel_sample(big, hot, seeds[:64], ctr)
     alone = torch.cat([gumbel_sample(big[i : i + 1], hot[:1], seeds[i : i + 1], ctr[:1]) for i in range(4)])
     assert torch.equal(together[:4], alone)
+
+
+def test_sample_rows_reads_the_row_tables_as_the_torch_gathers_did():
+    """kernels.sample_rows reads temperature, seed, has_seed and prompt_len by request row and takes the step
+    seed as a scalar; the same draws as gathering them with torch first (the sampler's former path, through
+    gumbel_sample, whose noise test_gumbel_sampling_distribution_and_seeds pins). Greedy, seeded and unseeded
+    rows, rows out of order; `land` writes the kept rows' tokens into req_tokens[row, seq_len]."""
+    from engine.kernels import gumbel_sample, sample_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    R, B, V = 40, 24, 151_936
+    temp = torch.rand(R, device="cuda", generator=g) + 0.3
+    temp[::5] = 0  # greedy rows
+    seed = torch.randint(0, 1 << 40, (R,), device="cuda", generator=g)
+    has_seed = torch.rand(R, device="cuda", generator=g) < 0.5
+    prompt_len = torch.randint(0, 100, (R,), device="cuda", generator=g)
+    rows = torch.randperm(R, device="cuda", generator=g)[:B]
+    seq_lens = torch.randint(100, 400, (B,), device="cuda", generator=g)
+    logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16, generator=g)
+    step_seed = 1_000_003 * 7 + 3
+    counter = torch.where(has_seed[rows], seq_lens - prompt_len[rows], torch.arange(B, device="cuda"))
+    ref = gumbel_sample(logits, temp[rows], torch.where(has_seed[rows], seed[rows], step_seed), counter)
+    tokens, packed = sample_rows(logits, rows, seq_lens, step_seed, temp, seed, has_seed, prompt_len)
+    assert torch.equal(tokens, ref) and torch.equal(packed[:, 0], ref.float()) and packed.shape == (B, 1)
+    greedy = (temp[rows] == 0).nonzero().squeeze(1)
+    assert torch.equal(tokens[greedy], logits[greedy].float().argmax(1))
+    req_tokens = torch.full((R, 512), -1, dtype=torch.int32, device="cuda")
+    keep = (torch.arange(B, device="cuda") % 3 != 0).int()
+    again, _ = sample_rows(logits, rows, seq_lens.int(), step_seed, temp, seed, has_seed, prompt_len, (req_tokens, keep))
+    expect = torch.full_like(req_tokens, -1)
+    k = keep.bool()
+    expect[rows[k], seq_lens[k]] = ref[k].int()
+    assert torch.equal(again, ref) and torch.equal(req_tokens, expect)
+
+
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory):
+    """The tiny model with room for 4,096 positions (its weights do not depend on it)."""
+    path = tiny_checkpoint("qwen3", tmp_path_factory.mktemp("gpu-long"), vocab=512, head_dim=128, dtype=torch.bfloat16)
+    config = json.loads((path / "config.json").read_text())
+    write_json(path / "config.json", config | {"max_position_embeddings": 4096})
+    return path
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graph-buffers", "eager"])
+def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, monkeypatch):
+    """ModelRunner._prepare of a decode step through kernels.decode_prep (into the CUDA graph's static
+    buffers, padding rows included, or into new tensors without graphs) against the general torch path:
+    the new slots written into req_to_slot, kv indices, out slots, positions, input ids, and the rest."""
+    from engine.model_runner import ModelRunner
+    from engine.scheduler import StepPlan
+
+    config = EngineConfig(
+        model=str(long_ckpt), device="cuda", max_bs=16, context_len=3000, dtype="bfloat16",
+        kv_cache_tokens=8192, enforce_eager=enforce_eager,
+    )  # fmt: skip
+    engine = Engine(config)
+    try:
+        runner = engine.runner
+        g = torch.Generator(device="cuda").manual_seed(1)
+        table = torch.randint(1, 8192, runner.req_to_slot.shape, device="cuda", generator=g, dtype=torch.int32)
+        tokens = torch.randint(0, 512, runner.req_tokens.shape, device="cuda", generator=g, dtype=torch.int32)
+        runner.req_tokens.copy_(tokens)
+        rows = np.array([5, 0, 11, 2, 9], dtype=np.int32)
+        starts = np.array([0, 2500, 1023, 1024, 17], dtype=np.int32)  # kv lens 1 .. 2501, across blocks of 1024
+        empty = np.empty(0, dtype=np.int32)
+        plan = StepPlan(
+            rows, starts, np.ones(5, dtype=np.int32), np.array([True, True, False, True, True]),
+            rows, starts, np.array([101, 102, 103, 104, 105], dtype=np.int32), empty, empty, empty,
+        )  # fmt: skip
+        assert runner._decode_kernel_fits(plan)
+        runner.req_to_slot.copy_(table)
+        if runner.graphs is not None:  # stale values where the padding row goes
+            for buf in (runner.graphs.indices, runner.graphs.out_slots, runner.graphs.positions):
+                buf.fill_(-1)
+        meta, ix = runner._prepare(plan)
+        assert ix.in_graph == (not enforce_eager)
+        got = [t.clone() for t in (meta.kv_indices, meta.out_slots, ix.positions, ix.input_ids, ix.rows)]
+        got += [t.clone() for t in (ix.seq_lens, ix.keep, ix.keep_flags, meta.qo_indptr, meta.kv_indptr)]
+        table_after = runner.req_to_slot.clone()
+        n = int(meta.kv_indptr_host[-1])
+        if runner.graphs is not None:  # B = 5 replays the graph of 8: three padding rows, at slot 0
+            gr = runner.graphs
+            assert gr.indices[n : n + 3].tolist() == [0, 0, 0] and gr.indices[n + 3] == -1
+            assert gr.out_slots[5:8].tolist() == [0, 0, 0] and gr.positions[5:8].tolist() == [0, 0, 0]
+            assert gr.input_ids[5:8].tolist() == [0, 0, 0]
+        runner.req_to_slot.copy_(table)
+        monkeypatch.setattr(ModelRunner, "_decode_kernel_fits", lambda self, plan: False)
+        ref_meta, ref = runner._prepare(plan)
+        want = [ref_meta.kv_indices, ref_meta.out_slots, ref.positions, ref.input_ids, ref.rows]
+        want += [ref.seq_lens, ref.keep, ref.keep_flags, ref_meta.qo_indptr, ref_meta.kv_indptr]
+        assert torch.equal(table_after, runner.req_to_slot)
+        for a, b in zip(got, want):
+            assert torch.equal(a.long(), b.long())
+        assert (meta.kv_indptr_host == ref_meta.kv_indptr_host).all() and meta.is_decode
+    finally:
+        engine.close()
+
+
+def _generate_mixed(ckpt, prompts):
+    """Greedy, seeded, unseeded, top-p (the reference sampler) and logprobs rows in one batch; the last two
+    finish first, so that the later steps take the fused sampler's write-back (`land`)."""
+    engine = Engine(
+        EngineConfig(model=str(ckpt), device="cuda", max_bs=16, context_len=512, dtype="bfloat16", kv_cache_tokens=4096)
+    )
+    kinds = [
+        dict(temperature=0.0),
+        dict(temperature=1.0, seed=7),
+        dict(temperature=0.8),
+        dict(temperature=1.0, top_p=0.9, seed=3, max_tokens=8),
+        dict(temperature=0.0, logprobs=2, max_tokens=8),
+        dict(temperature=1.5, seed=11),
+    ]
+    out: dict[str, list] = {}
+    try:
+        for i, p in enumerate(prompts):
+            kind = {"max_tokens": 24} | kinds[i % len(kinds)]
+            engine.add_request(f"m{i}", p, SamplingParams(ignore_eos=True, **kind))
+            out[f"m{i}"] = []
+        while engine.has_work:
+            for o in engine.step():
+                if o.token_id is not None:
+                    out[o.rid].append(o.token_id)
+        return list(out.values())
+    finally:
+        engine.close()
+
+
+def test_decode_kernels_give_the_tokens_of_the_torch_path(ckpt, monkeypatch):
+    """End to end, with CUDA graphs: decode_prep and the fused sampler's in-kernel table reads and token
+    write-back give exactly the tokens of the general _prepare and the runner's own write-back, for every kind
+    of row (the ones that still take the torch paths, top-p and logprobs, sharing the batch)."""
+    from engine.model_runner import ModelRunner
+    from engine.sampler import Sampler
+
+    prompts = _prompts() + _prompts()[:2]
+    fast = _generate_mixed(ckpt, prompts)
+    monkeypatch.setattr(ModelRunner, "_decode_kernel_fits", lambda self, plan: False)
+    call = Sampler.__call__
+    monkeypatch.setattr(Sampler, "__call__", lambda self, *a, land=None, **kw: call(self, *a, **kw))
+    slow = _generate_mixed(ckpt, prompts)
+    assert fast == slow
+    assert [len(t) for t in fast] == [24, 24, 24, 8, 8, 24, 24, 24]
 
 
 # ---- tensor and pipeline parallelism (2 GPUs) ----
