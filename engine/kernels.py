@@ -317,10 +317,10 @@ if triton is not None:
                 tl.store(input_ids_ptr + b, token.to(input_ids_ptr.dtype.element_ty))
         elif blk == 0:
             total = tl.load(kv_indptr_ptr + num_rows).to(tl.int64)
-            tl.store(indices_ptr + total + b - num_rows, tl.zeros((), indices_ptr.dtype.element_ty))
-            tl.store(out_slots_ptr + b, tl.zeros((), out_slots_ptr.dtype.element_ty))
-            tl.store(positions_ptr + b, tl.zeros((), positions_ptr.dtype.element_ty))
-            tl.store(input_ids_ptr + b, tl.zeros((), input_ids_ptr.dtype.element_ty))
+            tl.store(indices_ptr + total + b - num_rows, tl.full((), 0, indices_ptr.dtype.element_ty))
+            tl.store(out_slots_ptr + b, tl.full((), 0, out_slots_ptr.dtype.element_ty))
+            tl.store(positions_ptr + b, tl.full((), 0, positions_ptr.dtype.element_ty))
+            tl.store(input_ids_ptr + b, tl.full((), 0, input_ids_ptr.dtype.element_ty))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -539,7 +539,7 @@ def sample_rows(
             req_tokens,
             req_tokens.stride(0),
             LAND=land is not None,
-            BLOCK=triton.next_power_of_2(n),
+            BLOCK=max(triton.next_power_of_2(n), 16),
         )
     return tokens, packed
 
