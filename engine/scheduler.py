@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.kv_cache import SlotAllocator
-from engine.radix_cache import RadixCache
+from engine.radix_cache import Node, RadixCache
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, Status
 
@@ -345,27 +345,25 @@ def _group_by_shared_prefix(seqs: list[Sequence]) -> tuple[list[Sequence], tuple
     every sequence joins its system prompt's node. A group is kept when it has 2 or more sequences and shares
     at least MIN_SHARED_PREFIX positions."""
     paths = []  # per sequence: [(node, depth)], deepest first
-    below: dict[int, int] = {}  # id(node) -> how many of the sequences pass through it
+    below: dict[Node, int] = {}  # how many of the sequences pass through each node (nodes hash by identity)
     for seq in seqs:
-        nodes, node = [], seq.cache_node
+        node, depth, path = seq.cache_node, seq.num_cached, []
         while node is not None and node.parent is not None:  # up to, not including, the root
-            nodes.append(node)
-            node = node.parent
-        depth, path = seq.num_cached, []
-        for node in nodes:
             path.append((node, depth))
-            below[id(node)] = below.get(id(node), 0) + 1
+            below[node] = below.get(node, 0) + 1
             depth -= len(node.key)
+            node = node.parent
         paths.append(path)
-    members: dict[int, list[int]] = {}  # id(chosen node) -> indices of its sequences
-    depth_of: dict[int, int] = {}
+    members: dict[Node, tuple[int, list[int]]] = {}  # chosen node -> (its depth, indices of its sequences)
     for i, path in enumerate(paths):
-        best = max(path, key=lambda nd: (below[id(nd[0])] - 1) * nd[1], default=None)
-        if best is None or below[id(best[0])] < 2 or best[1] < MIN_SHARED_PREFIX:
-            continue
-        members.setdefault(id(best[0]), []).append(i)
-        depth_of[id(best[0])] = best[1]
-    groups = [(depth_of[k], idx) for k, idx in members.items() if len(idx) >= 2]
+        best, best_saved = None, 0
+        for node, depth in path:  # deepest first, so a tie keeps the deeper node
+            saved = (below[node] - 1) * depth
+            if saved > best_saved:
+                best, best_saved = (node, depth), saved
+        if best is not None and best[1] >= MIN_SHARED_PREFIX:
+            members.setdefault(best[0], (best[1], []))[1].append(i)
+    groups = [(depth, idx) for depth, idx in members.values() if len(idx) >= 2]
     if not groups:
         return seqs, None
     grouped = [i for _, idx in groups for i in idx]
