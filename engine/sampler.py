@@ -95,9 +95,13 @@ class Sampler:
         self.dev = {n: torch.zeros(max_rows, device=device, dtype=t) for n, t, _ in ROW_FIELDS}
         # logit_bias is sparse: each row's (token ids, biases) stay on the host until a step has such a row.
         self.bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        # On CUDA, rows without top-k/top-p/min-p sample in one fused Gumbel-max pass (kernels.gumbel_sample).
+        # On CUDA, rows without top-k/top-p/min-p sample in one fused Gumbel-max pass (kernels.sample_rows).
         self.fused = kernels.available(torch.empty(0, device=device))
         self._step_seed = seed * 1_000_003
+        # Whether every row set so far samples plainly (no penalty, logit_bias, top-k/p, min-p or logprobs):
+        # then a step skips the host checks of which stages it needs (batch-1 decode is host-bound).
+        self._was_set = np.zeros(max_rows, dtype=bool)
+        self.all_plain = True
 
     def set_rows(self, rows: list[int], params: list[SamplingParams], prompt_lens: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.int64).to(self.device)
@@ -110,6 +114,22 @@ class Sampler:
                 self.bias[row] = (np.fromiter(p.logit_bias, np.int64), np.fromiter(p.logit_bias.values(), np.float32))
             else:
                 self.bias.pop(row, None)
+        self._was_set[rows] = True
+        self.all_plain = not self._special(np.flatnonzero(self._was_set)).any()
+
+    def _special(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these rows need more than the fused Gumbel-max pass."""
+        h = {n: a[rows] for n, a in self.host.items()}
+        return (
+            (h["rep"] != 1)
+            | (h["presence"] != 0)
+            | (h["frequency"] != 0)
+            | h["has_bias"]
+            | (h["top_k"] > 0)
+            | (h["top_p"] < 1)
+            | (h["min_p"] > 0)
+            | (h["logprobs"] >= 0)
+        )
 
     def __call__(
         self,
@@ -126,6 +146,9 @@ class Sampler:
         rows of constrained requests to the tokens their grammar allows. `land` = (req_tokens, keep [B] flags):
         where the fused kernel gives every row its final token, it also writes the kept rows' tokens to
         req_tokens[row, seq_len] and packs them (result.packed); otherwise the caller does both."""
+        if self.fused and self.all_plain and mask is None:
+            tokens, packed = self._fused(logits, rows, seq_lens, land)
+            return SampleResult(tokens, packed=packed if land is not None else None)
         h = {n: a[rows_host] for n, a in self.host.items()}
         p = _RowParams(self.dev, rows)
         raw = logits
@@ -159,6 +182,8 @@ class Sampler:
 
     def needs_history(self, rows_host: np.ndarray) -> bool:
         """Whether any of these rows has a penalty, and so needs its token history."""
+        if self.all_plain:
+            return False
         h = self.host
         return bool(
             (h["rep"][rows_host] != 1).any()

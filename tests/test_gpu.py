@@ -354,20 +354,21 @@ def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, 
         engine.close()
 
 
-def _generate_mixed(ckpt, prompts):
-    """Greedy, seeded, unseeded, top-p (the reference sampler) and logprobs rows in one batch; the last two
-    finish first, so that the later steps take the fused sampler's write-back (`land`)."""
+PLAIN_KINDS = [dict(temperature=0.0), dict(temperature=1.0, seed=7), dict(temperature=0.8)]
+# top-p (the reference sampler) and logprobs rows finish first, so that the later steps take the fused
+# sampler's write-back (`land`) beside rows that have needed the torch paths
+MIXED_KINDS = PLAIN_KINDS + [
+    dict(temperature=1.0, top_p=0.9, seed=3, max_tokens=8),
+    dict(temperature=0.0, logprobs=2, max_tokens=8),
+    dict(temperature=1.5, seed=11),
+]
+
+
+def _generate_mixed(ckpt, prompts, kinds):
+    """Each prompt with the next of `kinds` (sampling parameters), in one batch."""
     engine = Engine(
         EngineConfig(model=str(ckpt), device="cuda", max_bs=16, context_len=512, dtype="bfloat16", kv_cache_tokens=4096)
     )
-    kinds = [
-        dict(temperature=0.0),
-        dict(temperature=1.0, seed=7),
-        dict(temperature=0.8),
-        dict(temperature=1.0, top_p=0.9, seed=3, max_tokens=8),
-        dict(temperature=0.0, logprobs=2, max_tokens=8),
-        dict(temperature=1.5, seed=11),
-    ]
     out: dict[str, list] = {}
     try:
         for i, p in enumerate(prompts):
@@ -383,21 +384,22 @@ def _generate_mixed(ckpt, prompts):
         engine.close()
 
 
-def test_decode_kernels_give_the_tokens_of_the_torch_path(ckpt, monkeypatch):
+@pytest.mark.parametrize("kinds", [PLAIN_KINDS, MIXED_KINDS], ids=["plain", "mixed"])
+def test_decode_kernels_give_the_tokens_of_the_torch_path(ckpt, kinds, monkeypatch):
     """End to end, with CUDA graphs: decode_prep and the fused sampler's in-kernel table reads and token
-    write-back give exactly the tokens of the general _prepare and the runner's own write-back, for every kind
-    of row (the ones that still take the torch paths, top-p and logprobs, sharing the batch)."""
+    write-back give exactly the tokens of the general _prepare and the runner's own write-back: greedy,
+    seeded and unseeded rows alone (the sampler's all-plain shortcut), and beside top-p and logprobs rows."""
     from engine.model_runner import ModelRunner
     from engine.sampler import Sampler
 
     prompts = _prompts() + _prompts()[:2]
-    fast = _generate_mixed(ckpt, prompts)
+    fast = _generate_mixed(ckpt, prompts, kinds)
     monkeypatch.setattr(ModelRunner, "_decode_kernel_fits", lambda self, plan: False)
     call = Sampler.__call__
     monkeypatch.setattr(Sampler, "__call__", lambda self, *a, land=None, **kw: call(self, *a, **kw))
-    slow = _generate_mixed(ckpt, prompts)
+    slow = _generate_mixed(ckpt, prompts, kinds)
     assert fast == slow
-    assert [len(t) for t in fast] == [24, 24, 24, 8, 8, 24, 24, 24]
+    assert [len(t) for t in fast] == [kinds[i % len(kinds)].get("max_tokens", 24) for i in range(len(prompts))]
 
 
 # ---- tensor and pipeline parallelism (2 GPUs) ----

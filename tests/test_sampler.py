@@ -105,3 +105,19 @@ def test_nan_and_inf_logits_do_not_pick_token_zero():
     history = torch.tensor([[5], [5]])
     out = s(logits, np.array([0, 1]), torch.tensor([0, 1]), history, torch.tensor([1, 1]))
     assert out.tokens.tolist() == [2, 1]
+
+
+def test_a_sampler_of_plain_rows_skips_the_stage_checks_until_a_row_needs_them():
+    """`all_plain` (every row set so far needs only the fused pass) turns off the per-step host checks; a row
+    with a penalty, filter or logprobs turns them back on, and a row keeps its last request's values."""
+    s = Sampler(4, 6, torch.device("cpu"), 0)
+    assert s.all_plain
+    s.set_rows([0, 2], [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=3)], [1, 1])
+    assert s.all_plain and not s.needs_history(np.array([0, 2]))
+    for special in (dict(presence_penalty=0.5), dict(top_p=0.9), dict(logprobs=1), dict(logit_bias={1: 2.0})):
+        s.set_rows([1], [SamplingParams(**special)], [1])
+        assert not s.all_plain, special
+        s.set_rows([1], [SamplingParams()], [1])  # the row reused by a plain request
+        assert s.all_plain, special
+    s.set_rows([3], [SamplingParams(repetition_penalty=1.3)], [1])
+    assert not s.all_plain and s.needs_history(np.array([0, 3])) and not s.needs_history(np.array([0, 2]))
