@@ -249,13 +249,26 @@ def prefix(engine: Engine) -> dict:
     prompts, params = prefix_workload()
     engine.scheduler.cache and engine.scheduler.cache.reset()
     before = engine.stats()["prompt_tokens_computed"]
-    seconds, tokens, _steps, _ = run(engine, prompts, params, "pfx")
+    plan_cascade, cascade_steps = engine.runner._plan_cascade, [0]
+
+    def counting(plan, kv_lens):  # how many steps ran cascade attention
+        got = plan_cascade(plan, kv_lens)
+        cascade_steps[0] += got is not None
+        return got
+
+    engine.runner._plan_cascade = counting
+    try:
+        seconds, tokens, steps, _ = run(engine, prompts, params, "pfx")
+    finally:
+        engine.runner._plan_cascade = plan_cascade
     computed = engine.stats()["prompt_tokens_computed"] - before
     unique = workloads.PREFIX_SYSTEMS * workloads.PREFIX_SYSTEM_LEN + len(prompts) * workloads.PREFIX_SUFFIX_LEN
     return {
         "workload": "prefix",
         "radix": engine.scheduler.cache is not None,
         "cascade": engine.scheduler.group_shared_prefixes and engine.runner.attn.supports_cascade,
+        "steps": steps,
+        "cascade_steps": cascade_steps[0],
         "seconds": seconds,
         "output_tokens": tokens,
         "tok_per_s": tokens / seconds,
