@@ -282,9 +282,7 @@ class ModelRunner:
         if self.sampler is not None:
             self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
 
-    def _forward(
-        self, meta: AttentionMetadata, input_ids, positions, prompt: _PromptPositions | None, in_graph=False
-    ):
+    def _forward(self, meta: AttentionMetadata, input_ids, positions, prompt: _PromptPositions | None, in_graph=False):
         """This stage's layers: from the previous stage's hidden states (or the embedding), to the next stage
         (or, on the last stage, the logits of each sequence's last position and the hidden states of the
         `prompt` positions, whose prompt logprobs were asked for). Returns (logits, prompt hidden).

@@ -283,7 +283,9 @@ def test_sample_rows_reads_the_row_tables_as_the_torch_gathers_did():
     assert torch.equal(tokens[greedy], logits[greedy].float().argmax(1))
     req_tokens = torch.full((R, 512), -1, dtype=torch.int32, device="cuda")
     keep = (torch.arange(B, device="cuda") % 3 != 0).int()
-    again, _ = sample_rows(logits, rows, seq_lens.int(), step_seed, temp, seed, has_seed, prompt_len, (req_tokens, keep))
+    again, _ = sample_rows(
+        logits, rows, seq_lens.int(), step_seed, temp, seed, has_seed, prompt_len, (req_tokens, keep)
+    )
     expect = torch.full_like(req_tokens, -1)
     k = keep.bool()
     expect[rows[k], seq_lens[k]] = ref[k].int()
