@@ -176,3 +176,49 @@ def test_grouped_decode_steps_give_the_same_tokens(ckpt):
         engine.close()
     assert grouped_steps[True] == 0 and grouped_steps[False] >= 3
     assert outs[False] == outs[True]
+
+
+def test_cascade_levels_merged_by_log_sum_exp_equal_attention_over_each_whole_row():
+    """The math FlashInfer's cascade runs, in float64 on plan_cascade's indices for ragged groups (3, 1 and 5
+    rows sharing 30, 6 and 100 slots, then 2 rows sharing nothing): level 0 over the group's prefix, level 1
+    over the row's own slots, merged by their log-sum-exp, equals attention over the row's whole slot list."""
+    import torch
+
+    from engine.attention.cascade import plan_cascade
+
+    rng = np.random.default_rng(1)
+    H, Hkv, D, num_slots = 4, 2, 8, 1024
+    free = iter(rng.permutation(np.arange(1, num_slots)).tolist())
+    sizes, shared = [3, 1, 5], [30, 6, 100]
+    tails = [1, 7, 13, 2, 1, 40, 3, 9, 50, 17, 1]
+    prefixes = [[next(free) for _ in range(n)] for n in shared]
+    slot_lists = [p for p, s in zip(prefixes, sizes) for _ in range(s)] + [[], []]
+    slot_lists = [p + [next(free) for _ in range(t)] for p, t in zip(slot_lists, tails)]
+    rows = rng.permutation(len(slot_lists)).astype(np.int32) + 2
+    table = torch.zeros(len(slot_lists) + 2, 256, dtype=torch.int32)
+    for r, slots in zip(rows, slot_lists):
+        table[r, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    kv_lens = np.array([len(s) for s in slot_lists])
+    meta = plan_cascade(rows, kv_lens, indptr, np.array(shared, np.int32), table, min_saved_tokens=0)
+    assert meta is not None
+    gen = torch.Generator().manual_seed(0)
+    K, V = (torch.randn(num_slots, Hkv, D, generator=gen, dtype=torch.float64) for _ in "kv")
+    q = torch.randn(len(slot_lists), H, D, generator=gen, dtype=torch.float64)
+
+    def attend(qi, idx):  # (out [H, D], log-sum-exp [H])
+        k, v = (x[idx.long()].repeat_interleave(H // Hkv, 1) for x in (K, V))
+        s = torch.einsum("hd,nhd->hn", qi, k) / D**0.5
+        return torch.einsum("hn,nhd->hd", s.softmax(-1), v), s.logsumexp(-1)
+
+    for i, slots in enumerate(slot_lists):
+        own = meta.unique_kv_indices[meta.unique_kv_indptr_host[i] : meta.unique_kv_indptr_host[i + 1]]
+        out, lse = attend(q[i], own)
+        if i < meta.num_grouped:
+            g = int(np.searchsorted(meta.shared_qo_indptr_host, i, side="right")) - 1
+            kvp = meta.shared_kv_indptr_host
+            out0, lse0 = attend(q[i], meta.shared_kv_indices[kvp[g] : kvp[g + 1]])
+            w0, w1 = (lse0 - torch.logaddexp(lse0, lse)).exp(), (lse - torch.logaddexp(lse0, lse)).exp()
+            out = w0[:, None] * out0 + w1[:, None] * out
+        ref, _ = attend(q[i], torch.tensor(slots))
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
