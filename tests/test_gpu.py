@@ -658,14 +658,13 @@ def test_cascade_decode_matches_plain_decode_on_ragged_groups(Hkv):
 
 
 def _prefix_shape_greedy(path, **kw):
-    """The prefix workload scaled down (4 system prompts of 1,024 ids, 32 ids each of their own, 32 requests
-    decoding together): greedy tokens with top-2 logprobs, and how many decode steps ran cascade."""
+    """The prefix workload scaled down (4 system prompts of 2,048 ids, 32 ids each of their own, 64 requests
+    decoding together: a decode step saves 4 x 15 x 2,048 KV reads, well past cascade.MIN_SAVED_TOKENS):
+    greedy tokens with top-2 logprobs, and how many decode steps ran cascade."""
     rng = random.Random(4)
-    systems = [[rng.randrange(150_000) for _ in range(1024)] for _ in range(4)]
-    prompts = [systems[i % 4] + [rng.randrange(150_000) for _ in range(32)] for i in range(32)]
-    engine = Engine(
-        EngineConfig(model=str(path), max_bs=64, context_len=2048, kv_cache_tokens=1 << 16, **kw)
-    )
+    systems = [[rng.randrange(150_000) for _ in range(2048)] for _ in range(4)]
+    prompts = [systems[i % 4] + [rng.randrange(150_000) for _ in range(32)] for i in range(64)]
+    engine = Engine(EngineConfig(model=str(path), max_bs=64, context_len=4096, kv_cache_tokens=1 << 15, **kw))
     plan_cascade, cascade_steps = engine.runner._plan_cascade, [0]
 
     def counting(plan, kv_lens):
