@@ -129,16 +129,18 @@ if triton is not None:
             row = (slot * num_kv_heads + kv_head) * D
             v = base + num_kv_heads * D
             v1, v2 = tl.load(v + offs), tl.load(v + HALF + offs)
+            # Triton forbids a branch re-typing a variable, so the fp8 values get names of their own.
             if KV_FP8:
                 kv_ty = k_cache_ptr.dtype.element_ty
-                r1 = tl.clamp(r1.to(tl.float32), -448.0, 448.0).to(kv_ty)
-                r2 = tl.clamp(r2.to(tl.float32), -448.0, 448.0).to(kv_ty)
-                v1 = tl.clamp(v1.to(tl.float32), -448.0, 448.0).to(kv_ty)
-                v2 = tl.clamp(v2.to(tl.float32), -448.0, 448.0).to(kv_ty)
-            tl.store(k_cache_ptr + row + offs, r1)
-            tl.store(k_cache_ptr + row + HALF + offs, r2)
-            tl.store(v_cache_ptr + row + offs, v1)
-            tl.store(v_cache_ptr + row + HALF + offs, v2)
+                tl.store(k_cache_ptr + row + offs, tl.clamp(r1.to(tl.float32), -448.0, 448.0).to(kv_ty))
+                tl.store(k_cache_ptr + row + HALF + offs, tl.clamp(r2.to(tl.float32), -448.0, 448.0).to(kv_ty))
+                tl.store(v_cache_ptr + row + offs, tl.clamp(v1.to(tl.float32), -448.0, 448.0).to(kv_ty))
+                tl.store(v_cache_ptr + row + HALF + offs, tl.clamp(v2.to(tl.float32), -448.0, 448.0).to(kv_ty))
+            else:
+                tl.store(k_cache_ptr + row + offs, r1)
+                tl.store(k_cache_ptr + row + HALF + offs, r2)
+                tl.store(v_cache_ptr + row + offs, v1)
+                tl.store(v_cache_ptr + row + HALF + offs, v2)
 
     @triton.jit
     def _skinny_gemm_kernel(
