@@ -32,7 +32,9 @@ from engine.models import model_class
 from engine.parallel import MAX_PENDING_SENDS, Layout, TokenBroadcasts, TokenLanding
 from engine.sampler import GrammarMask, Sampler
 from engine.scheduler import StepPlan
+from engine.staging import StagingRing
 from engine.step_result import (
+    ResultRing,
     StepResult,
     copy_to_host,
     pack_prompt_rows,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from engine.cuda_graph import DecodeGraphs
 
 log = get_logger("engine.runner")
+STAGING_BUFFERS = 4  # steps whose index arrays are in pinned buffers at once (engine/staging.py)
+RING_TOP_LOGPROBS = 20  # a result with up to this many top logprobs a row fits a ResultRing buffer
 
 
 @dataclass
@@ -118,6 +122,13 @@ class ModelRunner:
         self.broadcasts = TokenBroadcasts() if lay.is_sampler and lay.world_size > 1 else None
         self._sends: deque = deque()  # (work, tensors) of stage-to-stage sends still in flight
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Pinned buffers reused step after step for the index arrays going in and the results coming out
+        # (engine/staging.py, engine/step_result.py ResultRing): up to pp_size steps are in flight.
+        self.staging = self.results = None
+        if device.type == "cuda":
+            staging_bytes = 8 * (6 * config.max_num_batched_tokens + 16 * self.max_rows + 256)
+            self.staging = StagingRing(device, STAGING_BUFFERS, staging_bytes)
+            self.results = ResultRing(lay.pp_size + 2, self.max_rows * packed_width(RING_TOP_LOGPROBS))
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
@@ -211,7 +222,9 @@ class ModelRunner:
                 packed = torch.cat([packed, prompt_rows])
             if self.broadcasts is not None:
                 self.broadcasts.send(packed)
-            return copy_to_host(packed, top_k, len(plan.rows), None, self.copy_stream) if lay.rank == 0 else None
+            if lay.rank != 0:
+                return None
+            return copy_to_host(packed, top_k, len(plan.rows), None, self.copy_stream, self.results)
         if self.landing is None:
             return None
         num_prompt_rows = len(prompt.pos) if prompt is not None else 0
@@ -222,7 +235,9 @@ class ModelRunner:
             rows[keep],
             seq_lens[keep],
         )
-        return copy_to_host(packed, top_k, len(plan.rows), work, self.copy_stream) if lay.rank == 0 else None
+        if lay.rank != 0:
+            return None
+        return copy_to_host(packed, top_k, len(plan.rows), work, self.copy_stream, self.results)
 
     def _sample(
         self, plan: StepPlan, meta: AttentionMetadata, logits, ix: _StepIndices, top_k, constrain=None
@@ -388,12 +403,14 @@ class ModelRunner:
         per = 16 // np.dtype(dtype).itemsize
         sizes = [len(x) for x in parts]
         starts = np.cumsum([0] + [-(-n // per) * per for n in sizes]).tolist()
-        host = np.zeros(starts[-1], dtype=dtype)
-        for x, a, n in zip(parts, starts, sizes):
-            host[a : a + n] = x
-        packed = torch.from_numpy(host)
-        if self.device.type == "cuda":
-            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        packed = self.staging.send(parts, starts, dtype) if self.staging is not None else None
+        if packed is None:
+            host = np.zeros(starts[-1], dtype=dtype)
+            for x, a, n in zip(parts, starts, sizes):
+                host[a : a + n] = x
+            packed = torch.from_numpy(host)
+            if self.device.type == "cuda":
+                packed = packed.pin_memory().to(self.device, non_blocking=True)
         return [packed[a : a + n] for a, n in zip(starts, sizes)]
 
     def _decode_kernel_fits(self, plan: StepPlan) -> bool:

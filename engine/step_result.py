@@ -10,8 +10,9 @@ all of it. The step's prompt rows (prompt logprobs) follow its sampled rows, pac
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,15 +37,24 @@ class HostSample:
 @dataclass
 class StepResult:
     """A launched step's sampled tokens, packed by `pack_sample` (on the host once `ready` has fired, or once
-    `work` has finished on a CPU rank that receives them): `num_rows` sampled rows, then any prompt rows."""
+    `work` has finished on a CPU rank that receives them): `num_rows` sampled rows, then any prompt rows.
+    `host` may be a buffer of a ResultRing: `wait` copies everything out of it and marks it read, after which
+    the ring hands the buffer to a later step."""
 
     host: torch.Tensor
     top_k: int | None
     num_rows: int
     ready: torch.cuda.Event | None = None
     work: Any = None  # a torch.distributed Work, on a rank that receives the tokens
+    _sample: HostSample | None = field(default=None, init=False, repr=False)
+
+    @property
+    def read(self) -> bool:
+        return self._sample is not None
 
     def wait(self) -> HostSample:
+        if self._sample is not None:  # read already: its buffer may hold a later step's tokens by now
+            return self._sample
         if self.ready is not None:
             self.ready.synchronize()
         elif self.work is not None:
@@ -53,10 +63,48 @@ class StepResult:
         packed, prompt = everything[: self.num_rows], everything[self.num_rows :]
         tokens = packed[:, 0].astype(np.int64)
         if self.top_k is None:
-            return HostSample(tokens, None, None)
-        k = self.top_k
-        top = (packed[:, 2 : 2 + k].astype(np.int64).tolist(), packed[:, 2 + k : 2 + 2 * k].tolist()) if k else None
-        return HostSample(tokens, packed[:, 1].tolist(), top, prompt if len(prompt) else None)
+            sample = HostSample(tokens, None, None)
+        else:
+            k = self.top_k
+            top = None
+            if k:
+                top = (packed[:, 2 : 2 + k].astype(np.int64).tolist(), packed[:, 2 + k : 2 + 2 * k].tolist())
+            sample = HostSample(tokens, packed[:, 1].tolist(), top, prompt.copy() if len(prompt) else None)
+        self._sample = sample
+        return sample
+
+
+class ResultRing:
+    """A few pinned host buffers, each with the events of its copy, reused round-robin for the copies of
+    steps' results: a fresh pinned tensor and two new events per step cost the host tens of microseconds, and
+    a batch-1 decode step is host-bound.
+
+    Why reuse is safe: a buffer is taken again only once the StepResult that last used it has been read
+    (`wait` synchronized on its copy and copied everything out) or dropped unread (nobody reads it then, and a
+    later copy into it queues behind the earlier one on the same copy stream). Its events are re-recorded only
+    then too. The engine reads step N before it launches step N + depth + 1 (depth: steps in flight), so
+    depth + 2 buffers never run short; when all are held (a caller keeping results unread) or a result is too
+    large (long prompt logprobs), the copy gets a fresh buffer as before."""
+
+    def __init__(self, size: int, capacity: int):
+        self.capacity = capacity  # float32 elements per buffer
+        self.buffers = [torch.empty(capacity, dtype=torch.float32, pin_memory=True) for _ in range(size)]
+        self.queued = [torch.cuda.Event() for _ in range(size)]  # where on the compute stream a copy starts
+        self.copied = [torch.cuda.Event() for _ in range(size)]
+        self.holders: list[weakref.ref | None] = [None] * size
+        self.next = 0
+
+    def take(self, packed: torch.Tensor) -> int | None:
+        """A free buffer's index for a copy of `packed`, or None."""
+        if packed.numel() > self.capacity or packed.dtype != torch.float32:
+            return None
+        for _ in range(len(self.buffers)):
+            i, self.next = self.next, (self.next + 1) % len(self.buffers)
+            holder = self.holders[i]
+            last = holder() if holder is not None else None
+            if last is None or last.read:
+                return i
+        return None
 
 
 def packed_width(top_k: int | None) -> int:
@@ -101,21 +149,37 @@ def pack_prompt_rows(
 
 
 def copy_to_host(
-    packed: torch.Tensor, top_k: int | None, num_rows: int, work: Any, copy_stream: torch.cuda.Stream | None
+    packed: torch.Tensor,
+    top_k: int | None,
+    num_rows: int,
+    work: Any,
+    copy_stream: torch.cuda.Stream | None,
+    ring: ResultRing | None = None,
 ) -> StepResult:
-    """Starts the copy of a step's packed result to pinned host memory on `copy_stream`, so that the compute
-    stream goes on with the next step; without a copy stream (CPU) the tensor already is on the host."""
+    """Starts the copy of a step's packed result to pinned host memory on `copy_stream` (into a buffer of
+    `ring` where one is free), so that the compute stream goes on with the next step; without a copy stream
+    (CPU) the tensor already is on the host."""
     if copy_stream is None:
         return StepResult(packed, top_k, num_rows, None, work)
-    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-    done = torch.cuda.Event()
-    copy_stream.wait_stream(torch.cuda.current_stream(packed.device))
+    slot = ring.take(packed) if ring is not None else None
+    if ring is None or slot is None:
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        done = torch.cuda.Event()
+        copy_stream.wait_stream(torch.cuda.current_stream(packed.device))
+    else:
+        host = ring.buffers[slot][: packed.numel()].view(packed.shape)
+        done, queued = ring.copied[slot], ring.queued[slot]
+        queued.record(torch.cuda.current_stream(packed.device))  # after the step's sampling and packing
+        copy_stream.wait_event(queued)
     with torch.cuda.stream(copy_stream):
         if work is not None:
             work.wait()  # makes the copy stream, not the compute stream, wait for the broadcast
         host.copy_(packed, non_blocking=True)
         done.record()
-    return StepResult(host, top_k, num_rows, done)
+    result = StepResult(host, top_k, num_rows, done)
+    if ring is not None and slot is not None:
+        ring.holders[slot] = weakref.ref(result)
+    return result
 
 
 def prompt_logprob_positions(

@@ -847,3 +847,63 @@ def test_fp8_kv_cascade_matches_plain_decode_where_rounding_allows(qwen3_06b):
     print(f"fp8 cascade: {got_steps} steps; greedy matched {matched}, margins at divergence {margins}")
     assert all(m < 0.1 for m in margins), margins
     assert matched >= len(ref) + 16, matched
+
+
+def _after_device_work(fill: float, rows: int, width: int = 1) -> torch.Tensor:
+    """A [rows, width] result the compute stream writes only after ~10 ms of other work (torch.cuda._sleep),
+    so that a copy that did not wait for the compute stream would read it unwritten."""
+    out = torch.empty(rows, width, device="cuda")
+    torch.cuda._sleep(20_000_000)
+    return out.fill_(fill)
+
+
+def test_result_ring_reuses_a_buffer_only_once_its_result_is_read_or_dropped():
+    from engine.step_result import ResultRing, copy_to_host
+
+    ring, stream = ResultRing(2, 64), torch.cuda.Stream()
+    ring_ptrs = {b.data_ptr() for b in ring.buffers}
+    held = [copy_to_host(_after_device_work(float(i), 3), None, 3, None, stream, ring) for i in range(3)]
+    # two unread results hold both buffers: the third copy got a fresh one
+    assert {held[0].host.data_ptr(), held[1].host.data_ptr()} == ring_ptrs
+    assert held[2].host.data_ptr() not in ring_ptrs
+    assert [r.wait().tokens.tolist() for r in held] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+    # read: the buffers are free again; a read result keeps its tokens when its buffer is rewritten
+    again = [copy_to_host(_after_device_work(7.0 + i, 2), None, 2, None, stream, ring) for i in range(2)]
+    assert {r.host.data_ptr() for r in again} == ring_ptrs
+    assert [r.wait().tokens.tolist() for r in again] == [[7, 7], [8, 8]]
+    assert held[0].wait().tokens.tolist() == [0, 0, 0]
+    # a result dropped unread frees its buffer; one kept unread does not
+    kept = copy_to_host(_after_device_work(5.0, 1), None, 1, None, stream, ring)
+    dropped = copy_to_host(_after_device_work(6.0, 1), None, 1, None, stream, ring)
+    dropped_ptr = dropped.host.data_ptr()
+    del dropped
+    reused = copy_to_host(_after_device_work(9.0, 4), None, 4, None, stream, ring)
+    assert reused.host.data_ptr() == dropped_ptr != kept.host.data_ptr()
+    assert reused.wait().tokens.tolist() == [9] * 4 and kept.wait().tokens.tolist() == [5]
+    # too large for a buffer (prompt rows): a fresh one, and the prompt rows survive the read
+    big = copy_to_host(_after_device_work(3.0, 20, 6), 2, 4, None, stream, ring)
+    assert big.host.data_ptr() not in ring_ptrs
+    sample = big.wait()
+    assert sample.tokens.tolist() == [3] * 4 and sample.prompt is not None and (sample.prompt == 3).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_staging_ring_waits_for_a_buffers_copy_before_rewriting_it(dtype):
+    """More steps than buffers while the device lags: each step's parts arrive intact, so no buffer was
+    rewritten before its copy ran; parts too large for a buffer are refused (the runner then pins a fresh
+    array)."""
+    from engine.staging import StagingRing
+
+    device = torch.device("cuda")
+    ring, rng = StagingRing(device, 2, 256), np.random.default_rng(0)
+    sent = []
+    for _ in range(6):
+        torch.cuda._sleep(20_000_000)  # the copy queues behind this: the host runs ahead of it
+        parts = [rng.integers(0, 1 << 30, n).astype(dtype) for n in (3, 5, 1, 0)]
+        starts = [0, 4, 12, 16, 16]
+        sent.append((parts, starts, ring.send(parts, starts, dtype)))
+    for parts, starts, out in sent:
+        assert out is not None and out.dtype == getattr(torch, np.dtype(dtype).name)
+        for x, a in zip(parts, starts):
+            assert out[a : a + len(x)].cpu().numpy().tolist() == x.tolist()
+    assert ring.send([np.zeros(100, dtype=dtype)], [0, 100], dtype) is None
