@@ -23,7 +23,13 @@ import torch
 
 from engine import kernels, parallel
 from engine.attention import AttentionMetadata, make_backend
-from engine.attention.cascade import CascadeMetadata, plan_cascade
+from engine.attention.cascade import (
+    MAX_GROUPS,
+    MIN_SAVED_TOKENS,
+    MIN_SAVED_TOKENS_GRAPH,
+    CascadeMetadata,
+    plan_cascade,
+)
 from engine.config import EngineConfig
 from engine.kv_cache import KVPool, kv_cache_dtype, kv_pool_slots, peak_bytes
 from engine.loader import load_weights, pick_dtype
@@ -133,7 +139,10 @@ class ModelRunner:
         if device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self.model, self.attn, config.max_bs, self.context_len + 1, device)
+            cascade = not (config.disable_cascade_attention or config.disable_radix_cache)
+            self.graphs = DecodeGraphs(
+                self.model, self.attn, config.max_bs, self.context_len + 1, device, cascade=cascade
+            )
         log.info(
             "model runner ready",
             rank=lay.rank,
@@ -333,7 +342,16 @@ class ModelRunner:
         runs cascade and it pays (engine/attention/cascade.py); None otherwise."""
         if not (self.attn.supports_cascade and plan.is_decode and len(plan.shared_lens)):
             return None
-        return plan_cascade(plan.rows, kv_lens, plan.shared_indptr, plan.shared_lens, self.req_to_slot)
+        indptr, lens, B, g = plan.shared_indptr, plan.shared_lens, len(plan.rows), self.graphs
+        if g is None or g.bucket_for(B) is None:  # an eager step either way
+            return plan_cascade(plan.rows, kv_lens, indptr, lens, self.req_to_slot, MIN_SAVED_TOKENS)
+        # A plain graph beats an eager cascade step (host-bound: two more kernels a layer, all launched), so
+        # cascade runs here only in a cascade graph, on its first MAX_GROUPS groups (the scheduler orders the
+        # groups by reads saved; rows past them go ungrouped).
+        indptr, lens = indptr[: MAX_GROUPS + 1], lens[:MAX_GROUPS]
+        if not g.runs_cascade(B, len(lens)):
+            return None
+        return plan_cascade(plan.rows, kv_lens, indptr, lens, self.req_to_slot, MIN_SAVED_TOKENS_GRAPH)
 
     def _prepare(self, plan: StepPlan) -> tuple[AttentionMetadata, _StepIndices]:
         """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then

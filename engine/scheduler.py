@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.attention.cascade import MAX_GROUPS
 from engine.kv_cache import SlotAllocator
 from engine.radix_cache import Node, RadixCache
 from engine.sampling_params import SamplingParams
@@ -136,7 +137,7 @@ class Scheduler:
                     self._cache_prompt_prefix(seq, writes)
         decodes = self._decodes(group)[: min(budget, self.max_bs)]
         slots = self._alloc(len(decodes))
-        shared = None
+        shared = bulk = None
         if slots is not None:  # the common case: one allocation and one table write for every decode
             if self.group_shared_prefixes and len(decodes) > 1:
                 # all are placed at once, so their order is free: rows sharing a cached prefix side by side
@@ -144,6 +145,7 @@ class Scheduler:
             rows = np.array([s.row for s in decodes], dtype=np.int32)
             pos = np.array([s.num_computed for s in decodes], dtype=np.int32)
             writes.add_one_each(rows, pos, slots, self.req_to_slot)
+            bulk = (rows, pos)
             for seq in decodes:
                 seq.num_computed += 1
             chosen += decodes
@@ -189,7 +191,8 @@ class Scheduler:
         if not chosen:
             self._unsent = writes  # table writes still have to reach the device with the next plan
             return None
-        plan = self._plan(chosen, spans, writes)
+        # a decode-only step placed in bulk (batch-1 decode, its host cost counts) reuses the bulk's arrays
+        plan = self._plan(chosen, spans, writes, bulk if num_decodes == len(chosen) else None)
         plan.num_decodes = num_decodes
         if shared is not None and num_decodes == len(chosen):  # cascade runs on decode-only steps
             plan.shared_indptr, plan.shared_lens = shared
@@ -317,15 +320,23 @@ class Scheduler:
         self.free_rows.append(row)
         seq.row, seq.num_computed, seq.num_cached, seq.cache_node = None, 0, 0, None
 
-    def _plan(self, seqs: list[Sequence], spans: list[int], writes: _Writes) -> StepPlan:
-        lens = np.array(spans, dtype=np.int32)
-        ends = np.array([s.num_computed for s in seqs], dtype=np.int32)
+    def _plan(
+        self, seqs: list[Sequence], spans: list[int], writes: _Writes, decodes: tuple | None = None
+    ) -> StepPlan:
+        """`decodes`: (rows, starts) when every sequence is a decode placed in bulk, in this order."""
+        if decodes is not None:
+            rows, starts = decodes
+            lens = np.ones(len(seqs), dtype=np.int32)
+        else:
+            lens = np.array(spans, dtype=np.int32)
+            rows = np.array([s.row for s in seqs], dtype=np.int32)
+            starts = np.array([s.num_computed for s in seqs], dtype=np.int32) - lens
         sample = np.array([s.num_computed >= len(s.token_ids) for s in seqs], dtype=bool)
         for seq, keep in zip(seqs, sample):
             seq.num_pending += int(keep)
         return StepPlan(
-            rows=np.array([s.row for s in seqs], dtype=np.int32),
-            starts=ends - lens,
+            rows=rows,
+            starts=starts,
             lens=lens,
             sample=sample,
             **writes.arrays(),
@@ -335,7 +346,9 @@ class Scheduler:
         )
 
 
-def _group_by_shared_prefix(seqs: list[Sequence]) -> tuple[list[Sequence], tuple[np.ndarray, np.ndarray] | None]:
+def _group_by_shared_prefix(
+    seqs: list[Sequence], max_groups: int = MAX_GROUPS
+) -> tuple[list[Sequence], tuple[np.ndarray, np.ndarray] | None]:
     """Decode sequences reordered so that those sharing a cached prefix are contiguous, grouped ones first (the
     rest keep their order), and the groups as (indptr, shared lengths); None when no group forms.
 
@@ -343,7 +356,8 @@ def _group_by_shared_prefix(seqs: list[Sequence]) -> tuple[list[Sequence], tuple
     tree's slots there. It joins the ancestor on that path that saves the most reads, (sequences below it - 1)
     x its depth, deepest on a tie: with 8 system prompts of 2,048 tokens, each followed by a unique question,
     every sequence joins its system prompt's node. A group is kept when it has 2 or more sequences and shares
-    at least MIN_SHARED_PREFIX positions."""
+    at least MIN_SHARED_PREFIX positions; at most `max_groups` groups are kept (a CUDA graph's cascade step
+    takes that many), those saving the most reads, in that order, and the others' sequences go ungrouped."""
     paths = []  # per sequence: [(node, depth)], deepest first
     below: dict[Node, int] = {}  # how many of the sequences pass through each node (nodes hash by identity)
     for seq in seqs:
@@ -364,6 +378,8 @@ def _group_by_shared_prefix(seqs: list[Sequence]) -> tuple[list[Sequence], tuple
         if best is not None and best[1] >= MIN_SHARED_PREFIX:
             members.setdefault(best[0], (best[1], []))[1].append(i)
     groups = [(depth, idx) for depth, idx in members.values() if len(idx) >= 2]
+    groups.sort(key=lambda g: (len(g[1]) - 1) * g[0], reverse=True)  # stable: ties keep first-seen order
+    del groups[max_groups:]
     if not groups:
         return seqs, None
     grouped = [i for _, idx in groups for i in idx]
@@ -404,6 +420,8 @@ class _Writes:
 
     def arrays(self) -> dict:
         def cat(parts, i):
+            if len(parts) == 1:  # a decode-only step: one bulk write, nothing to join
+                return parts[0][i]
             return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype=np.int32)
 
         return dict(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention.cascade import CascadeMetadata
+from engine.attention.cascade import CascadeMetadata, GraphCascade
 from engine.kv_cache import KVPool
 
 
@@ -43,6 +43,7 @@ class AttentionBackend(abc.ABC):
 
     supports_cuda_graphs = False
     supports_cascade = False  # runs decode steps given AttentionMetadata.cascade (a backend may ignore it)
+    supports_cascade_graphs = False  # also inside CUDA graphs (make_graph_cascade, begin_graph's cascade)
 
     def __init__(self, pool: KVPool, num_heads: int, head_dim: int):
         self.pool = pool
@@ -67,10 +68,21 @@ class AttentionBackend(abc.ABC):
         """Prepares decoding at batch size `bs` over fixed buffers, before that graph is captured."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
+    def make_graph_cascade(self, bs: int, shared_indices_buffer: torch.Tensor) -> None:
+        """Prepares cascade decoding at batch size `bs` over fixed buffers (after make_graph_decoder(bs)), before
+        that cascade graph is captured; level 0's slot indices live in `shared_indices_buffer`."""
+        raise NotImplementedError(f"{type(self).__name__} does not run cascade attention in CUDA graphs")
+
     def begin_graph(
-        self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor, out_slots: torch.Tensor
+        self,
+        bs: int,
+        kv_indptr_host: np.ndarray,
+        kv_indices: torch.Tensor,
+        out_slots: torch.Tensor,
+        cascade: GraphCascade | None = None,
     ) -> None:
-        """`begin` for a replay (or the capture) of the graph of batch size `bs`."""
+        """`begin` for a replay (or the capture) of the graph of batch size `bs`; with `cascade`, of its cascade
+        graph, and then kv_indptr_host/kv_indices are level 1's (each row's own slots past its group's prefix)."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

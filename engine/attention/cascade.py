@@ -23,6 +23,12 @@ import torch
 # the two extra kernels per layer (level 0 and the merge) and the eager launch (no CUDA graph) cost more.
 # 32k positions of Qwen3-0.6B are 3.8 GB (~0.9 ms at 4 TB/s); an estimate, not yet measured.
 MIN_SAVED_TOKENS = 32768
+# The same where the step replays a CUDA graph: the extra kernels cost ~3 us a layer then (~80 us a step on
+# Qwen3-0.6B), about 4k positions' reads of its KV (~115 KB each, all layers) at 4 TB/s. An estimate.
+MIN_SAVED_TOKENS_GRAPH = 4096
+# The most groups a CUDA-graph cascade step takes: level 0 runs over this many fixed entries (unused ones
+# empty). The scheduler keeps the groups that save the most; the rest of the rows go ungrouped.
+MAX_GROUPS = 16
 
 
 @dataclass
@@ -39,6 +45,10 @@ class CascadeMetadata:
     @property
     def num_grouped(self) -> int:
         return int(self.shared_qo_indptr_host[-1])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.shared_qo_indptr_host) - 1
 
 
 def saved_tokens(shared_indptr: np.ndarray, shared_lens: np.ndarray) -> int:
@@ -132,4 +142,101 @@ class FlashInferCascade:
         n = self.num_grouped
         shared_out, shared_lse = self.prefill.run(q[:n], paged, return_lse=True, **kwargs)
         self.fi.merge_state_in_place(out[:n], lse[:n], shared_out, shared_lse)
+        return out
+
+
+@dataclass
+class GraphCascade:
+    """A cascade step laid out for the CUDA graph of batch size bs. Level 0 has MAX_GROUPS + 1 fixed entries:
+    the step's groups, empty ones (no rows, one slot: slot 0), then one entry holding every other row (the
+    ungrouped rows and the graph's padding rows) over slot 0, since the prefill kernel's query length is
+    fixed at bs; the merge skips those rows (`merge_mask`). Level 1 has bs rows, a padding row one slot
+    (slot 0) as in the plain graphs."""
+
+    shared_qo_indptr_host: np.ndarray  # [MAX_GROUPS + 2]
+    shared_kv_indptr_host: np.ndarray  # [MAX_GROUPS + 2]
+    unique_kv_indptr_host: np.ndarray  # [bs + 1]
+    num_grouped: int  # rows [0, num_grouped) merge level 0 into level 1
+    shared_kv_indices: torch.Tensor | None = None  # [shared_kv_indptr_host[-1]], set by the graph's owner
+
+
+def graph_layout(cascade: CascadeMetadata | None, bs: int, max_groups: int = MAX_GROUPS) -> GraphCascade:
+    """The graph layout (host arrays only) of a step's cascade at bucket `bs`; None: the layout a graph is
+    captured with (no groups, every row in the last entry, which fixes the kernel's query rows at bs)."""
+    if cascade is None:
+        sizes, lens, own = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        sizes = np.diff(cascade.shared_qo_indptr_host).astype(np.int64)
+        lens = np.diff(cascade.shared_kv_indptr_host).astype(np.int64)
+        own = np.diff(cascade.unique_kv_indptr_host).astype(np.int64)
+    k, b, n = len(sizes), len(own), int(sizes.sum())
+    assert k <= max_groups and b <= bs, (k, max_groups, b, bs)
+    qo_lens = np.concatenate([sizes, np.zeros(max_groups - k, np.int64), [bs - n]])
+    kv_lens = np.concatenate([lens, np.ones(max_groups - k + 1, np.int64)])
+    unique_lens = np.concatenate([own, np.ones(bs - b, np.int64)])
+    cum = lambda x: np.concatenate([[0], np.cumsum(x)])
+    return GraphCascade(cum(qo_lens), cum(kv_lens), cum(unique_lens), n)
+
+
+def fill_graph_buffers(
+    cascade: CascadeMetadata | None,
+    bs: int,
+    unique_buffer: torch.Tensor,
+    shared_buffer: torch.Tensor,
+    max_groups: int = MAX_GROUPS,
+) -> tuple[GraphCascade, torch.Tensor]:
+    """A step's graph layout at bucket `bs` (None: the capture's), with its slot indices written into a
+    graph's static buffers: level 1's (each row's own slots, then slot 0 for each padding row) into
+    `unique_buffer`, level 0's (the groups' prefixes, then slot 0 for each further entry) into
+    `shared_buffer`. Returns (the layout, its shared_kv_indices set; level 1's indices)."""
+    layout = graph_layout(cascade, bs, max_groups)
+    n0 = 0 if cascade is None else len(cascade.shared_kv_indices)
+    n1 = 0 if cascade is None else len(cascade.unique_kv_indices)
+    m0, m1 = int(layout.shared_kv_indptr_host[-1]), int(layout.unique_kv_indptr_host[-1])
+    if cascade is not None:
+        shared_buffer[:n0] = cascade.shared_kv_indices
+        unique_buffer[:n1] = cascade.unique_kv_indices
+    shared_buffer[n0:m0] = 0
+    unique_buffer[n1:m1] = 0
+    layout.shared_kv_indices = shared_buffer[:m0]
+    return layout, unique_buffer[:m1]
+
+
+class FlashInferGraphCascade:
+    """Cascade decode at a fixed batch size inside a CUDA graph: level 1 on the bucket's graph decode wrapper
+    (the one its plain graph uses), level 0 on a graph-mode prefill wrapper of MAX_GROUPS + 1 entries over
+    all bs query rows (GraphCascade), merged where `merge_mask` is set (flashinfer.merge_state_in_place
+    skips the other rows, whose level-0 result over slot 0 is meaningless). Planned before each replay."""
+
+    def __init__(self, flashinfer, prefill, decode, merge_mask: torch.Tensor, heads: tuple, last_page_len):
+        self.fi, self.prefill, self.decode, self.merge_mask = flashinfer, prefill, decode, merge_mask
+        self.heads, self.last_page_len = heads, last_page_len  # (qo heads, kv heads, head dim, page size)
+
+    def plan(self, layout: GraphCascade, unique_kv_indices: torch.Tensor, q_data_type, kv_data_type) -> None:
+        kinds = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
+        entries = len(layout.shared_qo_indptr_host) - 1
+        self.prefill.plan(
+            torch.from_numpy(layout.shared_qo_indptr_host.astype(np.int32)),
+            torch.from_numpy(layout.shared_kv_indptr_host.astype(np.int32)),
+            layout.shared_kv_indices,
+            self.last_page_len(entries),
+            *self.heads,
+            causal=False,
+            **kinds,
+        )
+        bs = len(layout.unique_kv_indptr_host) - 1
+        self.decode.plan(
+            torch.from_numpy(layout.unique_kv_indptr_host.astype(np.int32)),
+            unique_kv_indices,
+            self.last_page_len(bs),
+            *self.heads,
+            **kinds,
+        )
+        self.merge_mask[: layout.num_grouped].fill_(1)
+        self.merge_mask[layout.num_grouped :].fill_(0)
+
+    def run(self, q: torch.Tensor, paged, **kwargs) -> torch.Tensor:
+        out, lse = self.decode.run(q, paged, return_lse=True, **kwargs)
+        shared_out, shared_lse = self.prefill.run(q, paged, return_lse=True, **kwargs)
+        self.fi.merge_state_in_place(out, lse, shared_out, shared_lse, mask=self.merge_mask)
         return out

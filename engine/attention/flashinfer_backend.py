@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.attention.cascade import FlashInferCascade
+from engine.attention.cascade import MAX_GROUPS, FlashInferCascade, FlashInferGraphCascade, GraphCascade
 from engine.kv_cache import PAGE_SIZE
 
 WORKSPACE_BYTES = 256 << 20
@@ -22,6 +22,7 @@ WORKSPACE_BYTES = 256 << 20
 class FlashInferAttention(AttentionBackend):
     supports_cuda_graphs = True
     supports_cascade = True
+    supports_cascade_graphs = True
 
     def __init__(self, pool, num_heads: int, head_dim: int):
         import flashinfer
@@ -44,6 +45,9 @@ class FlashInferAttention(AttentionBackend):
         )
         self._graph_workspace: torch.Tensor | None = None
         self.graph_decoders: dict[int, Any] = {}  # flashinfer decode wrappers, by batch size
+        self.graph_cascades: dict[int, FlashInferGraphCascade] = {}  # by batch size
+        self._graph_prefill: Any = None  # level 0 of every cascade graph (make_graph_cascade)
+        self._merge_mask: torch.Tensor | None = None
         self._wrapper: Any = None  # the wrapper planned for this step
         self._last_page_lens = torch.full((4096,), PAGE_SIZE, dtype=torch.int32)  # every page is full
 
@@ -103,11 +107,48 @@ class FlashInferAttention(AttentionBackend):
             paged_kv_last_page_len_buffer=torch.full((bs,), PAGE_SIZE, dtype=torch.int32, device=device),
         )
 
+    def make_graph_cascade(self, bs: int, shared_indices_buffer: torch.Tensor) -> None:
+        """The cascade graph of batch size `bs`: level 1 on the bucket's graph decode wrapper, level 0 on one
+        graph-mode prefill wrapper over MAX_GROUPS + 1 entries (engine/attention/cascade.py GraphCascade)
+        that every bucket shares: its entry count is the same for all, and the first plan, at the largest
+        bucket (captured first), fixes its most query rows. One graph runs at a time and each is planned
+        before its replay, so sharing the wrapper, the merge mask and the float workspace (the kernels run
+        one after the other) is safe."""
+        device = self.pool.k.device
+        if self._graph_prefill is None:
+            entries = MAX_GROUPS + 1
+            self._graph_prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+                self._graph_workspace,
+                "NHD",
+                use_cuda_graph=True,
+                qo_indptr_buf=torch.zeros(entries + 1, dtype=torch.int32, device=device),
+                paged_kv_indptr_buf=torch.zeros(entries + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buf=shared_indices_buffer,
+                paged_kv_last_page_len_buf=torch.full((entries,), PAGE_SIZE, dtype=torch.int32, device=device),
+            )
+            self._merge_mask = torch.zeros(bs, dtype=torch.uint8, device=device)  # the kernel reads uint8
+        mask = self._merge_mask
+        assert mask is not None and bs <= len(mask), "the largest cascade graph comes first"
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
+        self.graph_cascades[bs] = FlashInferGraphCascade(
+            self.fi, self._graph_prefill, self.graph_decoders[bs], mask[:bs], heads, self._last_page_len
+        )
+
     def begin_graph(
-        self, bs: int, kv_indptr_host: np.ndarray, kv_indices: torch.Tensor, out_slots: torch.Tensor
+        self,
+        bs: int,
+        kv_indptr_host: np.ndarray,
+        kv_indices: torch.Tensor,
+        out_slots: torch.Tensor,
+        cascade: GraphCascade | None = None,
     ) -> None:
-        """Plans the graph wrapper of batch size `bs` (lengths already padded to bs) and points the layers at
-        the graph's static slot buffer."""
+        """Plans the graph wrapper of batch size `bs` (lengths already padded to bs), or with `cascade` both of
+        its cascade graph's, and points the layers at the graph's static slot buffer."""
+        self.out_slots = out_slots
+        if cascade is not None:
+            self._wrapper = self.graph_cascades[bs]
+            self._wrapper.plan(cascade, kv_indices, self.dtype, self.kv_dtype)
+            return
         wrapper = self.graph_decoders[bs]
         wrapper.plan(
             torch.from_numpy(kv_indptr_host.astype(np.int32)),
@@ -121,7 +162,6 @@ class FlashInferAttention(AttentionBackend):
             kv_data_type=self.kv_dtype,
         )
         self._wrapper = wrapper
-        self.out_slots = out_slots
 
     # ---- the layer call ----
     def kv_store_target(self, layer: int):
