@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -420,7 +421,7 @@ class ModelRunner:
         specializes a kernel on its pointers' alignment, so views at odd offsets would compile variants."""
         per = 16 // np.dtype(dtype).itemsize
         sizes = [len(x) for x in parts]
-        starts = np.cumsum([0] + [-(-n // per) * per for n in sizes]).tolist()
+        starts = [0, *accumulate(-(-n // per) * per for n in sizes)]
         packed = self.staging.send(parts, starts, dtype) if self.staging is not None else None
         if packed is None:
             host = np.zeros(starts[-1], dtype=dtype)
@@ -441,8 +442,9 @@ class ModelRunner:
             and B > 0
             and plan.is_decode
             and len(plan.slot_ids) == B
-            and np.array_equal(plan.slot_rows, plan.rows)
-            and np.array_equal(plan.slot_pos, plan.starts)
+            # the scheduler's bulk-placed decodes share these arrays (a worker's decoded plan does not)
+            and (plan.slot_rows is plan.rows or np.array_equal(plan.slot_rows, plan.rows))
+            and (plan.slot_pos is plan.starts or np.array_equal(plan.slot_pos, plan.starts))
         )
 
     def _prepare_decode(self, plan: StepPlan) -> tuple[AttentionMetadata, _StepIndices]:
@@ -454,23 +456,16 @@ class ModelRunner:
         kv_indptr = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(kv_lens, out=kv_indptr[1:])
         qo_indptr = np.arange(B + 1)
-        parts = [
-            plan.rows,
-            kv_lens,
-            kv_indptr,
-            qo_indptr,
-            plan.slot_ids,
-            plan.sample,
-            np.flatnonzero(plan.sample),
-            plan.token_rows,
-            plan.token_pos,
-            plan.token_ids,
-        ]
+        parts = [plan.rows, kv_lens, kv_indptr, qo_indptr, plan.slot_ids, plan.sample, np.flatnonzero(plan.sample)]
+        # tokens known on the host (a parallel engine's landing, recomputes); nearly every step has none
+        has_tokens = len(plan.token_ids) > 0
+        if has_tokens:
+            parts += [plan.token_rows, plan.token_pos, plan.token_ids]
         # int32 throughout: rows, slots, positions and token ids all fit, and attention takes int32 indptrs.
-        rows, seq_lens, kv_d, qo_d, new_slots, keep_flags, keep, tok_rows, tok_pos, tok_ids = self._to_device(
-            parts, np.int32
-        )
-        if len(tok_ids):  # tokens known on the host (a parallel engine's landing, recomputes): before the gather
+        sent = self._to_device(parts, np.int32)
+        rows, seq_lens, kv_d, qo_d, new_slots, keep_flags, keep = sent[:7]
+        if has_tokens:  # before the gather of the input ids
+            tok_rows, tok_pos, tok_ids = sent[7:]
             self.req_tokens[tok_rows, tok_pos] = tok_ids
         n = int(kv_indptr[-1])
         g = self.graphs

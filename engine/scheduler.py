@@ -320,9 +320,7 @@ class Scheduler:
         self.free_rows.append(row)
         seq.row, seq.num_computed, seq.num_cached, seq.cache_node = None, 0, 0, None
 
-    def _plan(
-        self, seqs: list[Sequence], spans: list[int], writes: _Writes, decodes: tuple | None = None
-    ) -> StepPlan:
+    def _plan(self, seqs: list[Sequence], spans: list[int], writes: _Writes, decodes: tuple | None = None) -> StepPlan:
         """`decodes`: (rows, starts) when every sequence is a decode placed in bulk, in this order."""
         if decodes is not None:
             rows, starts = decodes

@@ -301,11 +301,13 @@ def long_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("host_tokens", [False, True], ids=["no-host-tokens", "host-tokens"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graph-buffers", "eager"])
-def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, monkeypatch):
+def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, host_tokens, monkeypatch):
     """ModelRunner._prepare of a decode step through kernels.decode_prep (into the CUDA graph's static
     buffers, padding rows included, or into new tensors without graphs) against the general torch path:
-    the new slots written into req_to_slot, kv indices, out slots, positions, input ids, and the rest."""
+    the new slots written into req_to_slot, kv indices, out slots, positions, input ids, and the rest.
+    `host_tokens`: the plan also carries tokens known on the host (written before the input ids are read)."""
     from engine.model_runner import ModelRunner
     from engine.scheduler import StepPlan
 
@@ -323,9 +325,10 @@ def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, 
         rows = np.array([5, 0, 11, 2, 9], dtype=np.int32)
         starts = np.array([0, 2500, 1023, 1024, 17], dtype=np.int32)  # kv lens 1 .. 2501, across blocks of 1024
         empty = np.empty(0, dtype=np.int32)
+        toks = [np.array(a, dtype=np.int32) for a in ([0, 9], [2500, 17], [77, 78])] if host_tokens else [empty] * 3
         plan = StepPlan(
             rows, starts, np.ones(5, dtype=np.int32), np.array([True, True, False, True, True]),
-            rows, starts, np.array([101, 102, 103, 104, 105], dtype=np.int32), empty, empty, empty,
+            rows, starts, np.array([101, 102, 103, 104, 105], dtype=np.int32), *toks,
         )  # fmt: skip
         assert runner._decode_kernel_fits(plan)
         runner.req_to_slot.copy_(table)
@@ -337,6 +340,8 @@ def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, 
         got = [t.clone() for t in (meta.kv_indices, meta.out_slots, ix.positions, ix.input_ids, ix.rows)]
         got += [t.clone() for t in (ix.seq_lens, ix.keep, ix.keep_flags, meta.qo_indptr, meta.kv_indptr)]
         table_after = runner.req_to_slot.clone()
+        if host_tokens:  # rows 0 and 9 (batch entries 1 and 4) read the tokens the plan carried
+            assert got[3][[1, 4]].tolist() == [77, 78]
         n = int(meta.kv_indptr_host[-1])
         if runner.graphs is not None:  # B = 5 replays the graph of 8: three padding rows, at slot 0
             gr = runner.graphs
