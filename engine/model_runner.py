@@ -156,6 +156,7 @@ class ModelRunner:
             layers=f"{self.model.layer_range.start}-{self.model.layer_range.stop - 1}",
             backend=type(self.attn).__name__,
             cuda_graphs=self.graphs.buckets if self.graphs else None,
+            cascade_graphs=self.graphs.cascade_buckets if self.graphs else None,
         )
 
     def close(self) -> None:
