@@ -23,9 +23,10 @@ import torch
 # the two extra kernels per layer (level 0 and the merge) and the eager launch (no CUDA graph) cost more.
 # 32k positions of Qwen3-0.6B are 3.8 GB (~0.9 ms at 4 TB/s); an estimate, not yet measured.
 MIN_SAVED_TOKENS = 32768
-# The same where the step replays a CUDA graph: the extra kernels cost ~3 us a layer then (~80 us a step on
-# Qwen3-0.6B), about 4k positions' reads of its KV (~115 KB each, all layers) at 4 TB/s. An estimate.
-MIN_SAVED_TOKENS_GRAPH = 4096
+# The same where the step replays a CUDA graph: no launch cost then, but level 0 and the merge take ~5-7 us a
+# layer even when small (~200 us a step on Qwen3-0.6B's 28 layers), about 7k positions' reads of its KV
+# (~115 KB each, all layers) at 4 TB/s. An estimate, not yet measured.
+MIN_SAVED_TOKENS_GRAPH = 8192
 # The most groups a CUDA-graph cascade step takes: level 0 runs over this many fixed entries (unused ones
 # empty). The scheduler keeps the groups that save the most; the rest of the rows go ungrouped.
 MAX_GROUPS = 16
