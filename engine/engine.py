@@ -251,13 +251,13 @@ class Engine:
         if sample.prompt is not None:
             file_prompt_logprobs(batch.seqs, plan, sample.prompt)
         outputs = []
-        for i, seq in enumerate(batch.seqs):
-            if not plan.sample[i]:
+        # Python ints and bools once, not a numpy scalar per row (a batch-1 decode step is host-bound)
+        for i, (seq, kept, token) in enumerate(zip(batch.seqs, plan.sample.tolist(), tokens.tolist())):
+            if not kept:
                 continue
             seq.num_pending -= 1
             if seq.status is Status.FINISHED:
                 continue  # finished (or aborted) while this step ran: its extra token is dropped
-            token = int(tokens[i])
             seq.token_ids.append(token)
             self.num_generated_tokens += 1
             matcher = self._matchers.get(seq.rid) if self._matchers else None

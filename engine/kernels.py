@@ -484,6 +484,15 @@ def gumbel_sample(
     return sample_rows(logits, rows, counter, 0, temperature, seed, seeded, zeros)[0]
 
 
+def _sample_chunk(B: int) -> int:
+    return 8192 if B >= 32 else 2048
+
+
+def sample_scratch_size(max_rows: int, vocab: int) -> int:
+    """Elements of sample_rows' chunk-winner buffers that suffice for any batch of up to max_rows."""
+    return max(b * -(-vocab // _sample_chunk(b)) for b in {min(max_rows, 31), max_rows})
+
+
 def sample_rows(
     logits: torch.Tensor,
     rows: torch.Tensor,
@@ -494,20 +503,26 @@ def sample_rows(
     has_seed: torch.Tensor,
     prompt_len: torch.Tensor,
     land: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per batch entry b (request row rows[b], seq_lens[b] known tokens), its parameters read from
     the per-request-row tables (temperature, seed, has_seed, prompt_len): greedy where temperature is 0, else
     a draw from softmax(logits / temperature); seeded rows from (seed, seq_len - prompt_len), the others from
     (step_seed, b). `land` = (req_tokens, keep [B] flags): kept rows' tokens are written to
-    req_tokens[row, seq_len]. Returns (tokens [B] int64, the packed result [B, 1] float32)."""
+    req_tokens[row, seq_len]. `scratch`: float32 and int32 buffers, as large as each other, for the chunk
+    winners (the caller's, reused step after step: see sample_scratch_size; fresh ones otherwise). Returns
+    (tokens [B] int64, the packed result [B, 1] float32)."""
     B, V = logits.shape
     # Small batches split each row into more, shorter chunks, so that enough programs run at once (at B = 1
     # the 8192-token chunks give 19 programs for 132 multiprocessors). Multiples of 4 * SAMPLE_BLOCK only.
-    chunk = 8192 if B >= 32 else 2048
+    chunk = _sample_chunk(B)
     n = triton.cdiv(V, chunk)
     dev = logits.device
-    best = torch.empty((B, n), dtype=torch.float32, device=dev)
-    idx = torch.empty((B, n), dtype=torch.int32, device=dev)
+    if scratch is not None and scratch[0].numel() >= B * n:
+        best, idx = scratch  # only the kernels below touch them, in stream order: reuse is safe
+    else:
+        best = torch.empty((B, n), dtype=torch.float32, device=dev)
+        idx = torch.empty((B, n), dtype=torch.int32, device=dev)
     tokens = torch.empty(B, dtype=torch.long, device=dev)
     packed = torch.empty((B, 1), dtype=torch.float32, device=dev)
     if B:

@@ -124,6 +124,7 @@ class ModelRunner:
         self.row_prompt_logprobs = np.full(self.max_rows, -1, dtype=np.int64)
         self.row_prompt_len = np.zeros(self.max_rows, dtype=np.int64)
         self.num_prompt_logprob_rows = 0
+        self.num_logprob_rows = 0
         # Tokens travel from the sampler to the ranks that embed or report them (a parallel engine only).
         self.landing = TokenLanding(self.req_tokens) if lay.receives_tokens else None
         self.broadcasts = TokenBroadcasts() if lay.is_sampler and lay.world_size > 1 else None
@@ -271,8 +272,10 @@ class ModelRunner:
     def _logprobs_width(self, plan: StepPlan, prompt: _PromptPositions | None) -> int | None:
         """The k of the step's packed result: the most top logprobs any row (or prompt position) asked for;
         None when nothing asked for logprobs. Every rank derives it from the plan alone."""
-        want = self.row_logprobs[plan.rows]
-        ks = [int(want.max())] if (want >= 0).any() else []
+        ks = []
+        if self.num_logprob_rows:  # most steps: no request row holds logprobs (see _admit_rows)
+            want = self.row_logprobs[plan.rows]
+            ks = [int(want.max())] if (want >= 0).any() else []
         if prompt is not None:
             ks.append(int(self.row_prompt_logprobs[prompt.rows].max()))
         return max(ks) if ks else None
@@ -303,8 +306,9 @@ class ModelRunner:
             -1 if p.prompt_logprobs is None else p.prompt_logprobs for p in plan.new_params
         ]
         self.row_prompt_len[plan.new_rows] = plan.new_prompt_lens
-        # Rows keep their last request's value until reused; this count only lets most steps skip the lookup.
+        # Rows keep their last request's value until reused; these counts only let most steps skip lookups.
         self.num_prompt_logprob_rows = int((self.row_prompt_logprobs >= 0).sum())
+        self.num_logprob_rows = int((self.row_logprobs >= 0).sum())
         if self.sampler is not None:
             self.sampler.set_rows(plan.new_rows, plan.new_params, plan.new_prompt_lens)
 

@@ -97,6 +97,10 @@ class Sampler:
         self.bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # On CUDA, rows without top-k/top-p/min-p sample in one fused Gumbel-max pass (kernels.sample_rows).
         self.fused = kernels.available(torch.empty(0, device=device))
+        self._scratch = None  # the fused kernel's chunk winners, reused step after step
+        if self.fused:
+            n = kernels.sample_scratch_size(max_rows, vocab_size)
+            self._scratch = (torch.empty(n, device=device), torch.empty(n, dtype=torch.int32, device=device))
         self._step_seed = seed * 1_000_003
         # Whether every row set so far samples plainly (no penalty, logit_bias, top-k/p, min-p or logprobs):
         # then a step skips the host checks of which stages it needs (batch-1 decode is host-bound).
@@ -202,9 +206,8 @@ class Sampler:
         The kernel reads the rows' parameters from the tables itself (no per-step gathers)."""
         self._step_seed += 1
         d = self.dev
-        return kernels.sample_rows(
-            logits, rows, seq_lens, self._step_seed, d["temperature"], d["seed"], d["has_seed"], d["prompt_len"], land
-        )
+        tables = (d["temperature"], d["seed"], d["has_seed"], d["prompt_len"])
+        return kernels.sample_rows(logits, rows, seq_lens, self._step_seed, *tables, land, self._scratch)
 
     def _adjust(self, logits, rows_host, h, p, history, seq_lens, mask: GrammarMask | None):
         """Penalties, then logit_bias, then grammar masks, on a float copy (logprobs come from the raw logits).

@@ -161,21 +161,26 @@ def copy_to_host(
     (CPU) the tensor already is on the host."""
     if copy_stream is None:
         return StepResult(packed, top_k, num_rows, None, work)
+    compute = torch.cuda.current_stream(packed.device)
     slot = ring.take(packed) if ring is not None else None
     if ring is None or slot is None:
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         done = torch.cuda.Event()
-        copy_stream.wait_stream(torch.cuda.current_stream(packed.device))
+        copy_stream.wait_stream(compute)
     else:
         host = ring.buffers[slot][: packed.numel()].view(packed.shape)
         done, queued = ring.copied[slot], ring.queued[slot]
-        queued.record(torch.cuda.current_stream(packed.device))  # after the step's sampling and packing
+        queued.record(compute)  # after the step's sampling and packing
         copy_stream.wait_event(queued)
-    with torch.cuda.stream(copy_stream):
+    # set_stream, not a `torch.cuda.stream` context: the same switch with fewer stream queries (host-bound)
+    torch.cuda.set_stream(copy_stream)
+    try:
         if work is not None:
             work.wait()  # makes the copy stream, not the compute stream, wait for the broadcast
         host.copy_(packed, non_blocking=True)
-        done.record()
+        done.record(copy_stream)
+    finally:
+        torch.cuda.set_stream(compute)
     result = StepResult(host, top_k, num_rows, done)
     if ring is not None and slot is not None:
         ring.holders[slot] = weakref.ref(result)

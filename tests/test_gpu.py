@@ -1017,3 +1017,28 @@ def test_staging_ring_waits_for_a_buffers_copy_before_rewriting_it(dtype):
         for x, a in zip(parts, starts):
             assert out[a : a + len(x)].cpu().numpy().tolist() == x.tolist()
     assert ring.send([np.zeros(100, dtype=dtype)], [0, 100], dtype) is None
+
+
+def test_sample_rows_with_reused_scratch_draws_as_with_fresh_buffers():
+    """The sampler's chunk-winner buffers (kernels.sample_scratch_size, reused every step, stale values from a
+    larger batch left in them) give the tokens of fresh buffers, at batch sizes on both sides of the chunk
+    switch (32 rows)."""
+    from engine.kernels import sample_rows, sample_scratch_size
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    R, V = 40, 151_936
+    temp = torch.rand(R, device="cuda", generator=g) + 0.3
+    temp[::4] = 0
+    seed = torch.randint(0, 1 << 40, (R,), device="cuda", generator=g)
+    has_seed = torch.rand(R, device="cuda", generator=g) < 0.5
+    prompt_len = torch.randint(0, 100, (R,), device="cuda", generator=g)
+    n = sample_scratch_size(R, V)
+    scratch = (torch.full((n,), 1e30, device="cuda"), torch.full((n,), -7, dtype=torch.int32, device="cuda"))
+    for B in (40, 31, 1, 32, 5):
+        rows = torch.randperm(R, device="cuda", generator=g)[:B]
+        seq_lens = torch.randint(100, 400, (B,), device="cuda", generator=g)
+        logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16, generator=g)
+        args = (logits, rows, seq_lens, 11 + B, temp, seed, has_seed, prompt_len)
+        fresh, _ = sample_rows(*args)
+        reused, packed = sample_rows(*args, None, scratch)
+        assert torch.equal(fresh, reused) and torch.equal(packed[:, 0], fresh.float()), B
