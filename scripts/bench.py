@@ -236,6 +236,9 @@ def latency(engine: Engine) -> dict:
         # and in the scheduler; a decode step is host-bound when their sum nears ms_per_output_token
         "launch_ms_per_step": timer.totals["launch"] / steps * 1e3,
         "schedule_ms_per_step": timer.totals["schedule"] / steps * 1e3,
+        # reading a step's tokens back, and of it the wait for the device: a wait near 0 means host-bound
+        "read_back_ms_per_step": timer.totals["read_back"] / steps * 1e3,
+        "wait_ms_per_step": timer.totals["wait"] / steps * 1e3,
     }
 
 
