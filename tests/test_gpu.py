@@ -1042,3 +1042,44 @@ def test_sample_rows_with_reused_scratch_draws_as_with_fresh_buffers():
         fresh, _ = sample_rows(*args)
         reused, packed = sample_rows(*args, None, scratch)
         assert torch.equal(fresh, reused) and torch.equal(packed[:, 0], fresh.float()), B
+
+
+def test_engine_steps_copy_through_the_pinned_rings(ckpt, monkeypatch):
+    """In the engine's step loop every result lands in a ResultRing buffer and every step's index arrays go
+    through the StagingRing (no fresh pinned tensor in steady state), and the tokens are those of a run with
+    overlap off (each step read back before the next is launched)."""
+    from engine.model_runner import ModelRunner
+    from engine.staging import StagingRing
+
+    def run(**kw):
+        engine = Engine(
+            EngineConfig(
+                model=str(ckpt), device="cuda", max_bs=16, context_len=512, dtype="bfloat16", kv_cache_tokens=4096, **kw
+            )
+        )
+        try:
+            out = run_engine(engine, _prompts(), SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+            return out, {b.data_ptr() for b in engine.runner.results.buffers}
+        finally:
+            engine.close()
+
+    plain, _ = run(disable_overlap_schedule=True)
+    hosts, staged = [], []
+    launch, send = ModelRunner.launch, StagingRing.send
+
+    def spy_launch(self, plan, constrain=None):
+        result = launch(self, plan, constrain)
+        hosts.append(result.host.data_ptr())
+        return result
+
+    def spy_send(self, *args):
+        out = send(self, *args)
+        staged.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ModelRunner, "launch", spy_launch)
+    monkeypatch.setattr(StagingRing, "send", spy_send)
+    overlapped, ring = run()
+    assert overlapped == plain
+    assert len(hosts) >= 24 and set(hosts) <= ring and len(set(hosts)) >= 2
+    assert len(staged) == len(hosts) and all(staged)
