@@ -277,6 +277,10 @@ if triton is not None:
             tl.store(req_tokens_ptr + row * req_tokens_stride + pos, token.to(tl.int32), mask=kept)
 
     @triton.jit
+    def _copy_one_kernel(src_ptr, dst_ptr):
+        tl.store(dst_ptr, tl.load(src_ptr))
+
+    @triton.jit
     def _decode_prep_kernel(
         rows_ptr,
         kv_lens_ptr,
@@ -504,14 +508,16 @@ def sample_rows(
     prompt_len: torch.Tensor,
     land: tuple[torch.Tensor, torch.Tensor] | None = None,
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per batch entry b (request row rows[b], seq_lens[b] known tokens), its parameters read from
     the per-request-row tables (temperature, seed, has_seed, prompt_len): greedy where temperature is 0, else
     a draw from softmax(logits / temperature); seeded rows from (seed, seq_len - prompt_len), the others from
     (step_seed, b). `land` = (req_tokens, keep [B] flags): kept rows' tokens are written to
     req_tokens[row, seq_len]. `scratch`: float32 and int32 buffers, as large as each other, for the chunk
-    winners (the caller's, reused step after step: see sample_scratch_size; fresh ones otherwise). Returns
-    (tokens [B] int64, the packed result [B, 1] float32)."""
+    winners (the caller's, reused step after step: see sample_scratch_size; fresh ones otherwise). `out`: a
+    [B, 1] float32 tensor for the packed result, possibly pinned host memory (see writes_pinned_memory).
+    Returns (tokens [B] int64, the packed result [B, 1] float32)."""
     B, V = logits.shape
     # Small batches split each row into more, shorter chunks, so that enough programs run at once (at B = 1
     # the 8192-token chunks give 19 programs for 132 multiprocessors). Multiples of 4 * SAMPLE_BLOCK only.
@@ -524,7 +530,7 @@ def sample_rows(
         best = torch.empty((B, n), dtype=torch.float32, device=dev)
         idx = torch.empty((B, n), dtype=torch.int32, device=dev)
     tokens = torch.empty(B, dtype=torch.long, device=dev)
-    packed = torch.empty((B, 1), dtype=torch.float32, device=dev)
+    packed = out if out is not None else torch.empty((B, 1), dtype=torch.float32, device=dev)
     if B:
         _gumbel_argmax_kernel[(B, n)](
             logits,
@@ -559,6 +565,22 @@ def sample_rows(
             BLOCK=max(triton.next_power_of_2(n), 16),
         )
     return tokens, packed
+
+
+def writes_pinned_memory(device: torch.device) -> bool:
+    """Whether a Triton kernel on `device` stores straight into pinned host memory (mapped into the device's
+    address space under unified addressing), tried once: then the fused sampler writes a step's tokens where
+    the host reads them, and the step needs no copy to the host. Any failure means no."""
+    if triton is None or device.type != "cuda":
+        return False
+    try:
+        with torch.cuda.device(device):
+            host = torch.zeros(16, dtype=torch.float32, pin_memory=True)
+            _copy_one_kernel[(1,)](torch.full((16,), 7.0, device=device), host)  # as the sampler: device -> host
+            torch.cuda.synchronize(device)
+        return host[0].item() == 7.0
+    except Exception:  # a refused pointer, an unmapped allocation: the copy path is always right
+        return False
 
 
 DECODE_PREP_BLOCK = 1024

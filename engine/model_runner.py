@@ -137,6 +137,9 @@ class ModelRunner:
             staging_bytes = 8 * (6 * config.max_num_batched_tokens + 16 * self.max_rows + 256)
             self.staging = StagingRing(device, STAGING_BUFFERS, staging_bytes)
             self.results = ResultRing(lay.pp_size + 2, self.max_rows * packed_width(RING_TOP_LOGPROBS))
+        # One device: the sampler may write a plain step's tokens into a result buffer itself (no copy).
+        one_device = self.results is not None and lay.world_size == 1
+        self.zero_copy = one_device and kernels.writes_pinned_memory(device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
@@ -157,6 +160,7 @@ class ModelRunner:
             layers=f"{self.model.layer_range.start}-{self.model.layer_range.stop - 1}",
             backend=type(self.attn).__name__,
             cuda_graphs=self.graphs.buckets if self.graphs else None,
+            zero_copy_results=self.zero_copy,
             cascade_graphs=self.graphs.cascade_buckets if self.graphs else None,
         )
 
@@ -229,7 +233,11 @@ class ModelRunner:
             assert prompt is not None and top_k is not None  # prompt positions make top_k at least 0
             prompt_rows = self._prompt_rows(prompt_hidden, prompt, top_k)
         if lay.is_sampler:
-            packed = self._sample(plan, meta, logits, ix, top_k, constrain)
+            direct = self._direct_result(plan, top_k, prompt_rows)
+            packed = self._sample(plan, meta, logits, ix, top_k, constrain, direct[1] if direct else None)
+            if direct is not None and packed is direct[1]:  # the sampler wrote the tokens to the host itself
+                assert self.results is not None
+                return self.results.landed(direct[0], len(plan.rows), torch.cuda.current_stream(self.device))
             if prompt_rows is not None:
                 packed = torch.cat([packed, prompt_rows])
             if self.broadcasts is not None:
@@ -251,10 +259,19 @@ class ModelRunner:
             return None
         return copy_to_host(packed, top_k, len(plan.rows), work, self.copy_stream, self.results)
 
+    def _direct_result(self, plan: StepPlan, top_k, prompt_rows) -> tuple[int, torch.Tensor] | None:
+        """Where the fused sampler may write a step's packed tokens straight into pinned host memory (one
+        device, no logprobs): a free ResultRing buffer for them (step_result.ResultRing.take_direct)."""
+        if not self.zero_copy or top_k is not None or prompt_rows is not None:
+            return None
+        assert self.results is not None
+        return self.results.take_direct(len(plan.rows))
+
     def _sample(
-        self, plan: StepPlan, meta: AttentionMetadata, logits, ix: _StepIndices, top_k, constrain=None
+        self, plan: StepPlan, meta: AttentionMetadata, logits, ix: _StepIndices, top_k, constrain=None, out=None
     ) -> torch.Tensor:
-        """Samples every row's next token and packs it (with logprobs, where asked) for the host."""
+        """Samples every row's next token and packs it (with logprobs, where asked) for the host; `out`: where
+        the fused sampler may put the packed tokens (the caller checks whether it did)."""
         assert self.sampler is not None, "only the sampler rank samples"
         rows, seq_lens, keep = ix.rows, ix.seq_lens, ix.keep
         history = None
@@ -264,7 +281,7 @@ class ModelRunner:
         # Sampled tokens become the next position's input on the device, before the host sees them: the fused
         # sampler writes them itself where it can (`land`), and packs them then.
         land = (self.req_tokens, ix.keep_flags) if top_k is None else None
-        sample = self.sampler(logits, plan.rows, rows, history, seq_lens, mask, land=land)
+        sample = self.sampler(logits, plan.rows, rows, history, seq_lens, mask, land=land, out=out)
         if sample.packed is None:
             self.req_tokens[rows[keep], seq_lens[keep]] = sample.tokens[keep].int()
         return pack_sample(sample, top_k)

@@ -144,14 +144,17 @@ class Sampler:
         seq_lens: torch.Tensor,
         mask: GrammarMask | None = None,
         land: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out: torch.Tensor | None = None,
     ) -> SampleResult:
         """logits: [B, V] for the last position of each row. `history` ([B, L] token ids, L >= max seq_len) is
         needed only when a row has penalties; `seq_lens` [B] counts each row's known tokens; `mask` limits the
         rows of constrained requests to the tokens their grammar allows. `land` = (req_tokens, keep [B] flags):
         where the fused kernel gives every row its final token, it also writes the kept rows' tokens to
-        req_tokens[row, seq_len] and packs them (result.packed); otherwise the caller does both."""
+        req_tokens[row, seq_len] and packs them (result.packed); otherwise the caller does both. `out`: where
+        such a packed result goes when every row is plain ([B, 1] float32, possibly pinned host memory: the
+        caller then finds result.packed is out)."""
         if self.fused and self.all_plain and mask is None:
-            tokens, packed = self._fused(logits, rows, seq_lens, land)
+            tokens, packed = self._fused(logits, rows, seq_lens, land, out if land is not None else None)
             return SampleResult(tokens, packed=packed if land is not None else None)
         h = {n: a[rows_host] for n, a in self.host.items()}
         p = _RowParams(self.dev, rows)
@@ -201,13 +204,13 @@ class Sampler:
             return greedy
         return torch.where(p["temperature"] == 0, greedy, self._sample(logits, h, p, seq_lens))
 
-    def _fused(self, logits, rows, seq_lens, land):
+    def _fused(self, logits, rows, seq_lens, land, out=None):
         """Seeded rows draw from (seed, output index); the others from a per-step seed and their batch index.
         The kernel reads the rows' parameters from the tables itself (no per-step gathers)."""
         self._step_seed += 1
         d = self.dev
         tables = (d["temperature"], d["seed"], d["has_seed"], d["prompt_len"])
-        return kernels.sample_rows(logits, rows, seq_lens, self._step_seed, *tables, land, self._scratch)
+        return kernels.sample_rows(logits, rows, seq_lens, self._step_seed, *tables, land, self._scratch, out)
 
     def _adjust(self, logits, rows_host, h, p, history, seq_lens, mask: GrammarMask | None):
         """Penalties, then logit_bias, then grammar masks, on a float copy (logprobs come from the raw logits).

@@ -84,7 +84,8 @@ class ResultRing:
     later copy into it queues behind the earlier one on the same copy stream). Its events are re-recorded only
     then too. The engine reads step N before it launches step N + depth + 1 (depth: steps in flight), so
     depth + 2 buffers never run short; when all are held (a caller keeping results unread) or a result is too
-    large (long prompt logprobs), the copy gets a fresh buffer as before."""
+    large (long prompt logprobs), the copy gets a fresh buffer as before. Where kernels can store into pinned
+    memory, a plain step's sampler writes its tokens into a buffer itself (`take_direct`, `landed`)."""
 
     def __init__(self, size: int, capacity: int):
         self.capacity = capacity  # float32 elements per buffer
@@ -96,13 +97,35 @@ class ResultRing:
 
     def take(self, packed: torch.Tensor) -> int | None:
         """A free buffer's index for a copy of `packed`, or None."""
-        if packed.numel() > self.capacity or packed.dtype != torch.float32:
+        if packed.dtype != torch.float32:
+            return None
+        return self._free(packed.numel(), direct=False)
+
+    def take_direct(self, num_rows: int) -> tuple[int, torch.Tensor] | None:
+        """A free buffer for a [num_rows, 1] result that a kernel on the compute stream writes straight into
+        (kernels.writes_pinned_memory): (its index, the [num_rows, 1] view to write), or None. Only a buffer
+        whose last result was read qualifies: one dropped unread may still have a copy in flight on the copy
+        stream, which the compute stream's write would not be ordered after."""
+        i = self._free(num_rows, direct=True)
+        return None if i is None else (i, self.buffers[i][:num_rows].view(num_rows, 1))
+
+    def landed(self, slot: int, num_rows: int, stream: torch.cuda.Stream) -> StepResult:
+        """The result of a step whose kernel wrote it into buffer `slot` (take_direct), ready once `stream`
+        passes this point."""
+        done = self.copied[slot]
+        done.record(stream)
+        result = StepResult(self.buffers[slot][:num_rows].view(num_rows, 1), None, num_rows, done)
+        self.holders[slot] = weakref.ref(result)
+        return result
+
+    def _free(self, numel: int, direct: bool) -> int | None:
+        if numel > self.capacity:
             return None
         for _ in range(len(self.buffers)):
             i, self.next = self.next, (self.next + 1) % len(self.buffers)
             holder = self.holders[i]
             last = holder() if holder is not None else None
-            if last is None or last.read:
+            if holder is None or (last is not None and last.read) or (last is None and not direct):
                 return i
         return None
 

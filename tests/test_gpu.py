@@ -1045,11 +1045,13 @@ def test_sample_rows_with_reused_scratch_draws_as_with_fresh_buffers():
 
 
 def test_engine_steps_copy_through_the_pinned_rings(ckpt, monkeypatch):
-    """In the engine's step loop every result lands in a ResultRing buffer and every step's index arrays go
-    through the StagingRing (no fresh pinned tensor in steady state), and the tokens are those of a run with
-    overlap off (each step read back before the next is launched)."""
+    """In the engine's step loop every result lands in a ResultRing buffer (decode steps written there by the
+    sampler itself: zero-copy) and every step's index arrays go through the StagingRing (no fresh pinned
+    tensor in steady state); the tokens are those of a run with overlap off and every result copied."""
+    from engine import kernels
     from engine.model_runner import ModelRunner
     from engine.staging import StagingRing
+    from engine.step_result import ResultRing
 
     def run(**kw):
         engine = Engine(
@@ -1059,13 +1061,17 @@ def test_engine_steps_copy_through_the_pinned_rings(ckpt, monkeypatch):
         )
         try:
             out = run_engine(engine, _prompts(), SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
-            return out, {b.data_ptr() for b in engine.runner.results.buffers}
+            return out, engine.runner.zero_copy, {b.data_ptr() for b in engine.runner.results.buffers}
         finally:
             engine.close()
 
-    plain, _ = run(disable_overlap_schedule=True)
-    hosts, staged = [], []
-    launch, send = ModelRunner.launch, StagingRing.send
+    assert kernels.writes_pinned_memory(torch.device("cuda"))
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "writes_pinned_memory", lambda device: False)
+        plain, zero_copy, _ = run(disable_overlap_schedule=True)
+    assert not zero_copy
+    hosts, staged, landed = [], [], []
+    launch, send, land = ModelRunner.launch, StagingRing.send, ResultRing.landed
 
     def spy_launch(self, plan, constrain=None):
         result = launch(self, plan, constrain)
@@ -1077,9 +1083,47 @@ def test_engine_steps_copy_through_the_pinned_rings(ckpt, monkeypatch):
         staged.append(out is not None)
         return out
 
+    def spy_landed(self, *args):
+        landed.append(args)
+        return land(self, *args)
+
     monkeypatch.setattr(ModelRunner, "launch", spy_launch)
     monkeypatch.setattr(StagingRing, "send", spy_send)
-    overlapped, ring = run()
-    assert overlapped == plain
+    monkeypatch.setattr(ResultRing, "landed", spy_landed)
+    overlapped, zero_copy, ring = run()
+    assert zero_copy and overlapped == plain
     assert len(hosts) >= 24 and set(hosts) <= ring and len(set(hosts)) >= 2
     assert len(staged) == len(hosts) and all(staged)
+    assert len(landed) >= 20  # every decode step (the 6 prompts decode 23 steps; prefill steps may too)
+
+
+def test_zero_copy_result_is_read_only_after_the_sampler_wrote_it():
+    """The sampler writes a step's tokens into a ResultRing buffer on the compute stream (behind ~10 ms of
+    other work); `wait` returns them, not what the buffer held before; a buffer read is handed out again, one
+    unread is not."""
+    from engine.kernels import sample_rows
+    from engine.step_result import ResultRing
+
+    ring, V = ResultRing(2, 64), 4096
+    zeros = torch.zeros(8, dtype=torch.long, device="cuda")
+    temp, seeded = torch.zeros(8, device="cuda"), torch.zeros(8, dtype=torch.bool, device="cuda")
+
+    def step(tokens: list[int]):
+        B = len(tokens)
+        taken = ring.take_direct(B)
+        assert taken is not None
+        slot, out = taken
+        out.fill_(-1.0)
+        logits = torch.zeros(B, V)
+        logits[torch.arange(B), torch.tensor(tokens)] = 1.0  # greedy picks these
+        logits, rows = logits.cuda(), torch.arange(B, device="cuda")
+        torch.cuda._sleep(20_000_000)  # the sampler's write comes ~10 ms after the host queued it
+        _, packed = sample_rows(logits, rows, zeros[:B] + 5, 1, temp, zeros, seeded, zeros, out=out)
+        assert packed is out
+        return ring.landed(slot, B, torch.cuda.current_stream())
+
+    first, second = step([3, 9]), step([100, 7, 4000])
+    assert ring.take_direct(1) is None  # both buffers hold unread results
+    assert first.wait().tokens.tolist() == [3, 9] and second.wait().tokens.tolist() == [100, 7, 4000]
+    third = step([42])
+    assert third.wait().tokens.tolist() == [42] and first.wait().tokens.tolist() == [3, 9]
