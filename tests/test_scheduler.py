@@ -105,9 +105,7 @@ def test_decode_rows_sharing_a_cached_prefix_are_grouped_contiguously():
             for g in range(len(plan.shared_lens))
         ]
         # one group per system prompt long enough to pay (0 and 1); the short one (2) and the lone prompt not
-        assert sorted(sorted(g) for g in groups) == [
-            [i for i, s in enumerate(system_of) if s == k] for k in (0, 1)
-        ]
+        assert sorted(sorted(g) for g in groups) == [[i for i, s in enumerate(system_of) if s == k] for k in (0, 1)]
         for g, members in enumerate(groups):
             (system,) = {system_of[i] for i in members}
             assert plan.shared_lens[g] == systems[system]
@@ -160,9 +158,7 @@ def test_grouped_decode_steps_give_the_same_tokens(ckpt):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outs, grouped_steps = {}, {}
     for off in (False, True):
-        engine = Engine(
-            EngineConfig(model=str(ckpt), device="cpu", max_bs=16, disable_cascade_attention=off, seed=1)
-        )
+        engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=16, disable_cascade_attention=off, seed=1))
         schedule, count = engine.scheduler.schedule, [0]
 
         def counting(schedule=schedule, count=count):
