@@ -10,6 +10,7 @@ all of it. The step's prompt rows (prompt logprobs) follow its sampled rows, pac
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class StepResult:
     num_rows: int
     ready: torch.cuda.Event | None = None
     work: Any = None  # a torch.distributed Work, on a rank that receives the tokens
+    on_read: Callable[[], None] | None = field(default=None, repr=False)  # its ResultRing's note, once read
     _sample: HostSample | None = field(default=None, init=False, repr=False)
 
     @property
@@ -71,6 +73,8 @@ class StepResult:
                 top = (packed[:, 2 : 2 + k].astype(np.int64).tolist(), packed[:, 2 + k : 2 + 2 * k].tolist())
             sample = HostSample(tokens, packed[:, 1].tolist(), top, prompt.copy() if len(prompt) else None)
         self._sample = sample
+        if self.on_read is not None:
+            self.on_read()
         return sample
 
 
@@ -93,6 +97,10 @@ class ResultRing:
         self.queued = [torch.cuda.Event() for _ in range(size)]  # where on the compute stream a copy starts
         self.copied = [torch.cuda.Event() for _ in range(size)]
         self.holders: list[weakref.ref | None] = [None] * size
+        # Whether each buffer's last result was read, kept here rather than asked of the result: the engine
+        # drops a result once read, and a collected result could no longer say so.
+        self.read = [True] * size
+        self.lent = [0] * size  # how many results each buffer has been lent to
         self.next = 0
 
     def take(self, packed: torch.Tensor) -> int | None:
@@ -114,9 +122,20 @@ class ResultRing:
         passes this point."""
         done = self.copied[slot]
         done.record(stream)
-        result = StepResult(self.buffers[slot][:num_rows].view(num_rows, 1), None, num_rows, done)
+        return self.hold(slot, StepResult(self.buffers[slot][:num_rows].view(num_rows, 1), None, num_rows, done))
+
+    def hold(self, slot: int, result: StepResult) -> StepResult:
+        """Lends buffer `slot` to `result` until it is read (or, for copies only, dropped)."""
         self.holders[slot] = weakref.ref(result)
+        self.read[slot] = False
+        self.lent[slot] += 1
+        # A partial holds the ring, not the result: no cycle, so a result dropped unread is freed at once.
+        result.on_read = functools.partial(self._mark_read, slot, self.lent[slot])
         return result
+
+    def _mark_read(self, slot: int, lent: int) -> None:
+        if self.lent[slot] == lent:  # the buffer still belongs to the result that was read
+            self.read[slot] = True
 
     def _free(self, numel: int, direct: bool) -> int | None:
         if numel > self.capacity:
@@ -124,8 +143,7 @@ class ResultRing:
         for _ in range(len(self.buffers)):
             i, self.next = self.next, (self.next + 1) % len(self.buffers)
             holder = self.holders[i]
-            last = holder() if holder is not None else None
-            if holder is None or (last is not None and last.read) or (last is None and not direct):
+            if self.read[i] or (not direct and (holder is None or holder() is None)):
                 return i
         return None
 
@@ -205,9 +223,7 @@ def copy_to_host(
     finally:
         torch.cuda.set_stream(compute)
     result = StepResult(host, top_k, num_rows, done)
-    if ring is not None and slot is not None:
-        ring.holders[slot] = weakref.ref(result)
-    return result
+    return ring.hold(slot, result) if ring is not None and slot is not None else result
 
 
 def prompt_logprob_positions(
