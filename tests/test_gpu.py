@@ -152,18 +152,21 @@ def test_triton_kernels_match_torch_layers():
     assert _rel(out_gpu, out_cpu) < 1e-4 and _rel(gpu_echo.k, cpu_echo.k) < 1e-4
 
 
-@pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "llama"])
-def test_fused_qkv_store_attention_matches_unfused(qk_norm):
+@pytest.mark.parametrize(
+    "qk_norm,H,Hkv", [(True, 16, 8), (False, 16, 8), (True, 8, 4)], ids=["qwen3", "llama", "qwen3-tp2-rank"]
+)
+def test_fused_qkv_store_attention_matches_unfused(qk_norm, H, Hkv):
     """The attention layer over FlashInfer (q/k norm, rotary and the K/V store in one kernel) against the same
     layer over the torch backend (norm + rotary kernels, then index_put, then SDPA): the same output, the
-    same K/V in the written slots, and every other slot untouched."""
+    same K/V in the written slots, and every other slot untouched. Also at one TP=2 rank's heads of
+    Qwen3-0.6B (8 query, 4 KV heads)."""
     from engine.attention.flashinfer_backend import FlashInferAttention
     from engine.attention.torch_backend import TorchAttention
     from engine.models.decoder import ModelShape
     from engine.models.layers import Attention, Rotary
     from engine.parallel import Layout
 
-    device, H, Hkv, D = torch.device("cuda"), 16, 8, 128
+    device, D = torch.device("cuda"), 128
     shape = ModelShape(
         "Qwen3ForCausalLM",
         100,
@@ -215,17 +218,23 @@ def test_fused_qkv_store_attention_matches_unfused(qk_norm):
 
 
 def test_skinny_linear_matches_cublas():
-    """kernels.linear's skinny GEMM (row-parallel weights at decode batch sizes) against F.linear in float64."""
+    """kernels.linear's skinny GEMM (row-parallel weights at decode batch sizes) against F.linear in float64, at
+    Qwen3-0.6B's o_proj/down_proj shapes on one GPU and on each rank of TP=2 (1024 x 1024, 1024 x 1536); gated
+    (the MLP's down projection over gate|up) it equals SiLU-and-mul followed by the plain kernel, bit for bit."""
     from engine import kernels
 
     torch.manual_seed(3)
     for M in (1, 2, 5, 16, 17):
-        for N, K in ((1024, 2048), (1024, 3072), (1000, 1100)):
+        for N, K in ((1024, 2048), (1024, 3072), (1024, 1024), (1024, 1536), (1000, 1100)):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.05
             ref = x.double() @ w.double().T
             assert _rel(kernels.linear(x, w), ref) < 1e-2
             assert _rel(kernels.linear(x[None], w)[0], ref) < 1e-2  # leading dims kept
+            gate_up = torch.randn(M, 2 * K, device="cuda", dtype=torch.bfloat16)
+            unfused = kernels.linear(kernels.silu_and_mul(gate_up), w)
+            gated = kernels.linear(gate_up, w, gated=True)
+            assert torch.equal(gated, unfused) if M <= kernels.SKINNY_MAX_M else _rel(gated, unfused) < 1e-2
 
 
 def test_gumbel_sampling_distribution_and_seeds():

@@ -75,9 +75,14 @@ class RowParallelLinear(nn.Module):
     def load(self, tensor) -> None:
         self.weight.data.copy_(tensor[:, self.offset : self.offset + self.in_local])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """`gated`: x is the MLP's gate|up, and the input is silu(gate) * up (on CUDA fused into the skinny
+        kernel at decode batch sizes, which saves a launch per layer)."""
         # o_proj and down_proj are the deep, narrow weights where cuBLAS is slow at decode batch sizes.
-        y = kernels.linear(x, self.weight) if kernels.available(x) else F.linear(x, self.weight)
+        if kernels.available(x):
+            y = kernels.linear(x, self.weight, gated=gated)
+        else:
+            y = F.linear(silu_and_mul(x) if gated else x, self.weight)
         return parallel.tp_all_reduce(y)
 
 
@@ -234,7 +239,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class DecoderLayer(nn.Module):
