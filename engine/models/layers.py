@@ -239,7 +239,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), gated=True)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
