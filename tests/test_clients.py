@@ -423,3 +423,14 @@ def test_bench_client_percentiles_are_interpolated():
     s = bench.summarize(results, 1.0, [50.0, 99.0], {})
     assert s["p99_ttft_ms"] == pytest.approx(7930.0)  # not the maximum (8000), as nearest-rank gave
     assert s["median_ttft_ms"] == pytest.approx(4500.0) and s["mean_e2el_ms"] == pytest.approx(9000.0)
+
+
+def test_bench_client_nano_is_the_engine_benchmarks_nano():
+    """With the defaults and a model of at least 10,001 ids and 2,048 positions, the client's nano sends
+    exactly nano-vllm's requests, as scripts/bench.py and the vLLM side do: 142,827 prompt and 133,966 output
+    tokens (a comparison over HTTP is then between the same requests)."""
+    bench = _bench_client()
+    work = bench.build_workload(bench.parser().parse_args(["--workload", "nano"]), bench.Target("m", 151936, 4096))
+    assert len(work) == 256 and {r["temperature"] for r in work} == {0.6}
+    assert sum(r["max_tokens"] for r in work) == 133_966
+    assert sum(len(r["prompt"]) for r in work) == 142_827
