@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
+import posix_ipc
 from prometheus_client.core import GaugeMetricFamily
 
 from app.engine_client import EngineClient, EngineDown
@@ -45,12 +46,14 @@ class Replicas:
         try:
             client = EngineClient(pid, num_workers, r if len(self.pids) > 1 else None)
             return client, HeartbeatReader(pid)
-        except Exception:
+        except Exception as e:
             if client is not None:
                 client.close()
-            if len(self.pids) == 1 or pid_alive(pid):
-                raise  # one engine fails as it always did; a live replica that cannot be opened is a bug
-            return None, None
+            if len(self.pids) > 1 and not pid_alive(pid):
+                return None, None
+            if isinstance(e, posix_ipc.ExistentialError):  # its segments are gone: it exited, or is exiting
+                raise EngineDown(f"the engine (pid {pid}) is not running: its shared memory is gone") from e
+            raise  # a live engine that cannot be opened is a bug
 
     def pick(self, ids: list[int]) -> EngineClient:
         """The client of the replica for prompt `ids`. With one replica, that one (it answers for itself

@@ -101,7 +101,13 @@ async def lifespan(app: Litestar):
     )
     app.state.stall_timeout = float(os.environ.get("RINGLLM_ENGINE_STALL_TIMEOUT") or 30.0)
     # One EngineClient (ring pair) and heartbeat per engine: one engine, or --dp-size replicas.
-    app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout)
+    try:
+        app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout)
+    except EngineDown as e:
+        # The engine went away while this worker started (a SIGTERM during start-up, or an engine that
+        # died): one line, and out; a traceback from the lifespan would read as a crash of the server.
+        log.error("the API worker cannot start", reason=str(e), pid=os.getpid())
+        os._exit(1)
     first = app.state.replicas.first  # replica 0, unless this worker started after it died
     app.state.client = app.state.replicas.clients[first]
     app.state.heartbeat = app.state.replicas.heartbeats[first]

@@ -223,6 +223,19 @@ def _gone(what, seconds: float = 60) -> bool:
     return not what()
 
 
+def test_an_api_worker_whose_engine_is_gone_is_told_so_in_one_line():
+    """The engine's segments vanish while an API worker starts (a SIGTERM during start-up: CI caught the
+    worker's lifespan dying with a posix_ipc traceback). Opening the replicas says which engine is gone, as
+    EngineDown, which the lifespan logs in one line before the worker exits."""
+    from app.engine_client import EngineDown
+    from app.replicas import Replicas
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pytest.raises(EngineDown, match=f"pid {gone.pid}.*not running"):
+        Replicas([gone.pid], num_workers=1, kv_slots=64, stall_timeout=30.0)
+
+
 @pytest.mark.parametrize("when", ["engine-spawned", "3s"])
 def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when):
     """SIGTERM to `ringllm serve` while it starts (as soon as the engine process exists, or 3 s in): it exits 0,
