@@ -156,13 +156,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        GATED: tl.constexpr,
     ):
         """y = x W^T for few rows (decode at small batch): each program streams a BLOCK_N-row strip of W once
         for every row of x. Narrow strips give enough programs to keep the memory system busy, which cuBLAS's
-        tiles for large M do not at M <= 16. GATED: x is [M, 2K] gate|up and the product is taken with
-        silu(gate) * up, computed as _silu_mul_kernel does (so the result is the unfused one, bit for bit),
-        which saves the MLP's separate SiLU launch at decode."""
+        tiles for large M do not at M <= 16."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,13 +169,7 @@ if triton is not None:
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
-            x_mask = (offs_m[:, None] < M) & (kk[None, :] < K)
-            if GATED:
-                gate = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                up = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0)
-                x = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
-            else:
-                x = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+            x = tl.load(x_rows + kk[None, :], mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
             w = tl.load(w_rows + kk[None, :], mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
         y = y_ptr + offs_m[:, None] * y_stride + offs_n[None, :]
@@ -440,21 +431,18 @@ def qkv_rope_store(
 SKINNY_MAX_M = 16  # rows up to which the skinny kernel is used
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config=None, gated: bool = False
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config=None) -> torch.Tensor:
     """F.linear, through the skinny kernel when x (bf16/fp16: the kernel's float32 dot would run in tf32) has
     at most SKINNY_MAX_M rows and the weight is no wider than it is deep (N <= K: o_proj, down_proj). Measured on an H200 (scripts/gpu_kernels_bench.py, Qwen3-0.6B
     shapes, 28 layers): o_proj at M = 1 363 -> 145 us per step, down_proj 189 -> 178; for the wide weights
     (q|k|v, gate|up, lm_head) it only tied cuBLAS, so they stay there. `config` forces the kernel with
-    (BLOCK_N, BLOCK_K, num_warps, num_stages). `gated`: x is gate|up and the input is silu(gate) * up (the
-    MLP's down projection), fused into the skinny kernel where it runs."""
+    (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     x2 = x.reshape(-1, x.shape[-1])
-    M, K = x2.shape[0], weight.shape[1]
+    M, K = x2.shape
     N = weight.shape[0]
     fits = M <= SKINNY_MAX_M and (config is not None or N <= K) and x.dtype in (torch.bfloat16, torch.float16)
     if not fits or bias is not None or M == 0 or x2.stride(-1) != 1 or weight.stride(-1) != 1:
-        return torch.nn.functional.linear(silu_and_mul(x) if gated else x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
     block_n, block_k, warps, stages = config or (16, 512, 4, 3)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](
@@ -470,7 +458,6 @@ def linear(
         BLOCK_M=16,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        GATED=gated,
         num_warps=warps,
         num_stages=stages,
     )

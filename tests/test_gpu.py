@@ -219,8 +219,7 @@ def test_fused_qkv_store_attention_matches_unfused(qk_norm, H, Hkv):
 
 def test_skinny_linear_matches_cublas():
     """kernels.linear's skinny GEMM (row-parallel weights at decode batch sizes) against F.linear in float64, at
-    Qwen3-0.6B's o_proj/down_proj shapes on one GPU and on each rank of TP=2 (1024 x 1024, 1024 x 1536); gated
-    (the MLP's down projection over gate|up) it equals SiLU-and-mul followed by the plain kernel, bit for bit."""
+    Qwen3-0.6B's o_proj/down_proj shapes on one GPU and on each rank of TP=2 (1024 x 1024, 1024 x 1536)."""
     from engine import kernels
 
     torch.manual_seed(3)
@@ -231,10 +230,6 @@ def test_skinny_linear_matches_cublas():
             ref = x.double() @ w.double().T
             assert _rel(kernels.linear(x, w), ref) < 1e-2
             assert _rel(kernels.linear(x[None], w)[0], ref) < 1e-2  # leading dims kept
-            gate_up = torch.randn(M, 2 * K, device="cuda", dtype=torch.bfloat16)
-            unfused = kernels.linear(kernels.silu_and_mul(gate_up), w)
-            gated = kernels.linear(gate_up, w, gated=True)
-            assert torch.equal(gated, unfused) if M <= kernels.SKINNY_MAX_M else _rel(gated, unfused) < 1e-2
 
 
 def test_gumbel_sampling_distribution_and_seeds():

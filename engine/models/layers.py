@@ -75,14 +75,9 @@ class RowParallelLinear(nn.Module):
     def load(self, tensor) -> None:
         self.weight.data.copy_(tensor[:, self.offset : self.offset + self.in_local])
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """`gated`: x is the MLP's gate|up, and the input is silu(gate) * up (on CUDA fused into the skinny
-        kernel at decode batch sizes, which saves a launch per layer)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # o_proj and down_proj are the deep, narrow weights where cuBLAS is slow at decode batch sizes.
-        if kernels.available(x):
-            y = kernels.linear(x, self.weight, gated=gated)
-        else:
-            y = F.linear(silu_and_mul(x) if gated else x, self.weight)
+        y = kernels.linear(x, self.weight) if kernels.available(x) else F.linear(x, self.weight)
         return parallel.tp_all_reduce(y)
 
 
