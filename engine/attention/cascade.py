@@ -101,6 +101,26 @@ def plan_cascade(
     )
 
 
+def plan_levels(prefill, decode, shared: tuple, unique: tuple, heads: tuple, last_page_len, kinds: dict) -> None:
+    """Plans level 0 on `prefill` over `shared` = (query indptr, slot indptr, slot indices) of its entries,
+    non-causal, and level 1 on `decode` over `unique` = (slot indptr, slot indices) of each row; `heads` =
+    (query heads, KV heads, head dim, page size), `last_page_len(n)` n ones."""
+    qo_indptr, kv_indptr, kv_indices = shared
+    prefill.plan(
+        torch.from_numpy(qo_indptr.astype(np.int32)),
+        torch.from_numpy(kv_indptr.astype(np.int32)),
+        kv_indices,
+        last_page_len(len(kv_indptr) - 1),
+        *heads,
+        causal=False,
+        **kinds,
+    )
+    row_indptr, row_indices = unique
+    decode.plan(
+        torch.from_numpy(row_indptr.astype(np.int32)), row_indices, last_page_len(len(row_indptr) - 1), *heads, **kinds
+    )
+
+
 class FlashInferCascade:
     """Cascade decode on FlashInfer: level 0 on a paged prefill wrapper (non-causal, query length = the
     group's size), level 1 on a paged decode wrapper, both returning their log-sum-exp, then merged in
@@ -116,24 +136,14 @@ class FlashInferCascade:
     def plan(self, cascade: CascadeMetadata, last_page_len, q_data_type, kv_data_type) -> None:
         """`last_page_len(n)`: n ones (page size 1: every page is full)."""
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, self.page_size)
-        kinds = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
-        num_groups = len(cascade.shared_kv_indptr_host) - 1
-        self.prefill.plan(
-            torch.from_numpy(cascade.shared_qo_indptr_host.astype(np.int32)),
-            torch.from_numpy(cascade.shared_kv_indptr_host.astype(np.int32)),
-            cascade.shared_kv_indices,
-            last_page_len(num_groups),
-            *heads,
-            causal=False,
-            **kinds,
-        )
-        num_rows = len(cascade.unique_kv_indptr_host) - 1
-        self.decode.plan(
-            torch.from_numpy(cascade.unique_kv_indptr_host.astype(np.int32)),
-            cascade.unique_kv_indices,
-            last_page_len(num_rows),
-            *heads,
-            **kinds,
+        plan_levels(
+            self.prefill,
+            self.decode,
+            (cascade.shared_qo_indptr_host, cascade.shared_kv_indptr_host, cascade.shared_kv_indices),
+            (cascade.unique_kv_indptr_host, cascade.unique_kv_indices),
+            heads,
+            last_page_len,
+            dict(q_data_type=q_data_type, kv_data_type=kv_data_type),
         )
         self.num_grouped = cascade.num_grouped
 
@@ -214,24 +224,14 @@ class FlashInferGraphCascade:
         self.heads, self.last_page_len = heads, last_page_len  # (qo heads, kv heads, head dim, page size)
 
     def plan(self, layout: GraphCascade, unique_kv_indices: torch.Tensor, q_data_type, kv_data_type) -> None:
-        kinds = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
-        entries = len(layout.shared_qo_indptr_host) - 1
-        self.prefill.plan(
-            torch.from_numpy(layout.shared_qo_indptr_host.astype(np.int32)),
-            torch.from_numpy(layout.shared_kv_indptr_host.astype(np.int32)),
-            layout.shared_kv_indices,
-            self.last_page_len(entries),
-            *self.heads,
-            causal=False,
-            **kinds,
-        )
-        bs = len(layout.unique_kv_indptr_host) - 1
-        self.decode.plan(
-            torch.from_numpy(layout.unique_kv_indptr_host.astype(np.int32)),
-            unique_kv_indices,
-            self.last_page_len(bs),
-            *self.heads,
-            **kinds,
+        plan_levels(
+            self.prefill,
+            self.decode,
+            (layout.shared_qo_indptr_host, layout.shared_kv_indptr_host, layout.shared_kv_indices),
+            (layout.unique_kv_indptr_host, unique_kv_indices),
+            self.heads,
+            self.last_page_len,
+            dict(q_data_type=q_data_type, kv_data_type=kv_data_type),
         )
         self.merge_mask[: layout.num_grouped].fill_(1)
         self.merge_mask[layout.num_grouped :].fill_(0)
