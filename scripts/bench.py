@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workloads
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.kv_cache import KVPool
-from engine.sampling_params import SamplingParams
+from ringllm.engine.config import EngineConfig
+from ringllm.engine.engine import Engine
+from ringllm.engine.kv_cache import KVPool
+from ringllm.engine.sampling_params import SamplingParams
 
 NANO_FINGERPRINT = 133_966
 
@@ -99,7 +99,7 @@ class HostTimer:
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "launch", "launch")
         self._wrap(engine, "_read_back", "read_back")
-        from engine.step_result import StepResult
+        from ringllm.engine.step_result import StepResult
 
         original, totals = StepResult.wait, self.totals
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ipc.lifecycle import segment_name
-from ipc.ring import RingReader, RingWriter
+from ringllm.ipc.lifecycle import segment_name
+from ringllm.ipc.ring import RingReader, RingWriter
 
 CTX = mp.get_context("fork")
 

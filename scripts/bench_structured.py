@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import NANO_FINGERPRINT, nano_workload, run
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams, StructuredOutputs
+from ringllm.engine.config import EngineConfig
+from ringllm.engine.engine import Engine
+from ringllm.engine.sampling_params import SamplingParams, StructuredOutputs
 
 # A grammar that stays open: strings, commas and whitespace for as long as max_tokens allows.
 NEVER_COMPLETE = StructuredOutputs(json={"type": "array", "items": {"type": "string"}, "minItems": 1_000_000})
@@ -57,7 +57,7 @@ def build_engine(a: argparse.Namespace) -> Engine:
         model = str(out)
     tokenizer = a.tokenizer
     if tokenizer is None and not (Path(model) / "tokenizer.json").is_file():
-        from engine.demo import demo_model_path
+        from ringllm.engine.demo import demo_model_path
 
         tokenizer = str(demo_model_path())
         print(

@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.cli import build_parser  # noqa: E402
-from app.options import env_name  # noqa: E402
+from ringllm.app.cli import build_parser  # noqa: E402
+from ringllm.app.options import env_name  # noqa: E402
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import kernels
+from ringllm.engine import kernels
 
 
 def graph_time(fn, reps: int = 20) -> float:

@@ -47,7 +47,7 @@ small=/tmp/ringllm-bench/qwen3-0.6b
   > "$out/make-0.6b.log" 2>&1
 for dp in 1 2; do
   port=$((8100 + dp))
-  setsid python3 -m app serve --model "$small" --port $port --context-len 4096 --max-bs 256 \
+  setsid python3 -m ringllm serve --model "$small" --port $port --context-len 4096 --max-bs 256 \
     --max-num-batched-tokens 16384 --workers 2 --dp-size $dp > "$out/serve-dp$dp.log" 2>&1 &
   server=$!
   for _ in $(seq 180); do curl -sf "localhost:$port/health" > /dev/null && break; sleep 1; done

@@ -4,7 +4,7 @@
 set -u
 out=${OUT:-.}
 python3 scripts/bench.py --shape scripts/shapes/qwen3-0.6b.json --workload nano --json "$out/engine-nano.json" 2>&1 | tail -2
-python3 -m app serve --model /tmp/ringllm-bench/qwen3-0.6b --port 8000 --context-len 4096 --max-bs 256 \
+python3 -m ringllm serve --model /tmp/ringllm-bench/qwen3-0.6b --port 8000 --context-len 4096 --max-bs 256 \
   --max-num-batched-tokens 16384 --workers "${WORKERS:-2}" > "$out/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 120); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.loader import DTYPES
-from engine.models import model_class
+from ringllm.engine.loader import DTYPES
+from ringllm.engine.models import model_class
 
 
 def build(shape_json: Path, out: Path, dtype: str = "bfloat16", seed: int = 0, device: str = "cpu") -> Path:
@@ -69,7 +69,7 @@ def build(shape_json: Path, out: Path, dtype: str = "bfloat16", seed: int = 0, d
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    from engine.demo import demo_model_path
+    from ringllm.engine.demo import demo_model_path
 
     demo = demo_model_path()
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_path(tmp_path_factory):
-    from engine.demo import demo_model_path
+    from ringllm.engine.demo import demo_model_path
 
     return demo_model_path(tmp_path_factory.mktemp("ringllm-cache"))
 

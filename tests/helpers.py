@@ -134,7 +134,7 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     env = dict(os.environ, RINGLLM_CACHE=str(cache_dir), **(env or {}))
     log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port), "--device", "cpu", *args],
+        [sys.executable, "-m", "ringllm", "serve", "--port", str(port), "--device", "cpu", *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -218,7 +218,7 @@ def engine_pid(proc: subprocess.Popen, seconds: float = 60) -> int:
     """The pid of this server's engine: the process of its tree that owns ring segments (its name is in theirs).
     Found from the server's own pid, so another server starting on the machine at the same time is never
     taken for this one."""
-    from ipc.lifecycle import leftover_segments
+    from ringllm.ipc.lifecycle import leftover_segments
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -243,7 +243,7 @@ def tokens_per_second(base: str, tokens: int = 24, headers: dict | None = None) 
 
 def server_segments(pid: int) -> set[str]:
     """The /dev/shm entries of the engine with this pid (rings, semaphores, lock file, tables)."""
-    from ipc.lifecycle import leftover_segments
+    from ringllm.ipc.lifecycle import leftover_segments
 
     return set(leftover_segments(pid))
 

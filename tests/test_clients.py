@@ -215,7 +215,7 @@ def _hf_demo(cache):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.demo import demo_model_path
+    from ringllm.engine.demo import demo_model_path
 
     path = demo_model_path(cache)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
@@ -291,7 +291,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    from engine.demo import demo_model_path
+    from ringllm.engine.demo import demo_model_path
 
     cmd = [
         str(BIN / "lm_eval"),

@@ -7,9 +7,9 @@ import httpx
 import msgspec
 import pytest
 
-from app.schemas import ChatRequest, CompletionRequest
-from ipc import messages as m
-from ipc.sampling import SamplingFields, SamplingParams, StructuredOutputs
+from ringllm.app.schemas import ChatRequest, CompletionRequest
+from ringllm.ipc import messages as m
+from ringllm.ipc.sampling import SamplingFields, SamplingParams, StructuredOutputs
 from tests.helpers import start_server, stop_server
 
 # A value other than the default for every shared field: a field added to SamplingFields without a value
@@ -126,8 +126,8 @@ def test_bad_logit_bias_is_400(server, bias):
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from engine import LLM
-    from engine.demo import demo_model_path
+    from ringllm.engine import LLM
+    from ringllm.engine.demo import demo_model_path
 
     path = demo_model_path(tmp_path_factory.mktemp("cache"))
     with LLM(model=str(path), device="cpu", kv_cache_tokens=4096, context_len=256) as llm:
@@ -135,7 +135,7 @@ def llm(tmp_path_factory):
 
 
 def test_logit_bias_bans_and_forces_tokens_offline(llm):
-    from engine.engine import RequestError
+    from ringllm.engine.engine import RequestError
 
     greedy = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     [free] = llm.generate_batch(["The sea is"], SamplingParams(**greedy))
@@ -201,7 +201,7 @@ def test_fields_that_ask_for_nothing_are_accepted(server):
 
 def test_every_token_id_field_is_checked_against_the_vocabulary(server, llm):
     """One check (SamplingParams.token_id_outside) serves the API worker and the engine."""
-    from engine.engine import RequestError
+    from ringllm.engine.engine import RequestError
 
     r = _post(server, "/v1/completions", {"prompt": "x", "stop_token_ids": [5000]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text

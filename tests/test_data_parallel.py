@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.router import BLOCK_TOKENS, PrefixRouter
-from ipc.lifecycle import leftover_segments
-from ipc.ring import pid_alive
+from ringllm.app.router import BLOCK_TOKENS, PrefixRouter
+from ringllm.ipc.lifecycle import leftover_segments
+from ringllm.ipc.ring import pid_alive
 from tests.helpers import process_tree, serving
 
 SHARED = [(7 * i) % 1000 + 3 for i in range(96)]  # a 96-token prefix (6 router blocks) several prompts share
@@ -319,7 +319,7 @@ def test_a_killed_replica_fails_its_requests_and_the_others_serve_on(tmp_path):
 def test_dp_size_must_be_positive(tmp_path):
     env = dict(os.environ, RINGLLM_CACHE=str(tmp_path))
     done = subprocess.run(
-        [sys.executable, "-m", "app", "serve", "--device", "cpu", "--dp-size", "0"],
+        [sys.executable, "-m", "ringllm", "serve", "--device", "cpu", "--dp-size", "0"],
         env=env,
         capture_output=True,
         text=True,

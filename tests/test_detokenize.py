@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.tokenizer import AppTokenizer
-from engine.demo import demo_model_path
-from engine.detokenize import IncrementalDetokenizer
+from ringllm.app.tokenizer import AppTokenizer
+from ringllm.engine.demo import demo_model_path
+from ringllm.engine.detokenize import IncrementalDetokenizer
 
 TEXTS = [
     "The sea is calm tonight, and the tide is full.",

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from engine import EngineConfig, SamplingParams
-from engine.engine import Engine
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.engine import Engine
 from tests.helpers import hf_greedy, run_engine, tiny_checkpoint
 
 MAX_NEW = 12

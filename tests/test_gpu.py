@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import EngineConfig, SamplingParams
-from engine.attention import AttentionMetadata
-from engine.engine import Engine
-from engine.kv_cache import KVPool
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.attention import AttentionMetadata
+from ringllm.engine.engine import Engine
+from ringllm.engine.kv_cache import KVPool
 from tests.helpers import run_engine, tiny_checkpoint, write_json
 
 pytestmark = pytest.mark.gpu
@@ -32,8 +32,8 @@ def _metadata(kv_lens, new_lens, pool_slots, device):
 @pytest.mark.parametrize("new_lens", [[1, 1, 1, 1], [5, 1, 37, 64]])
 @pytest.mark.parametrize("Hkv", [8, 4], ids=["gqa2", "gqa4-tensor-core-decode"])
 def test_flashinfer_matches_torch_attention(new_lens, Hkv):
-    from engine.attention.flashinfer_backend import FlashInferAttention
-    from engine.attention.torch_backend import TorchAttention
+    from ringllm.engine.attention.flashinfer_backend import FlashInferAttention
+    from ringllm.engine.attention.torch_backend import TorchAttention
 
     device, H, D = torch.device("cuda"), 16, 128
     kv_lens = [n + p for n, p in zip(new_lens, [100, 0, 300, 17])]
@@ -97,9 +97,9 @@ def _rel(a, b):
 
 
 def test_triton_kernels_match_torch_layers():
-    from engine.models.decoder import ModelShape
-    from engine.models.layers import Attention, RMSNorm, Rotary, silu_and_mul
-    from engine.parallel import Layout
+    from ringllm.engine.models.decoder import ModelShape
+    from ringllm.engine.models.layers import Attention, RMSNorm, Rotary, silu_and_mul
+    from ringllm.engine.parallel import Layout
 
     torch.manual_seed(0)
     x, res = torch.randn(37, 1024, dtype=torch.bfloat16), torch.randn(37, 1024, dtype=torch.bfloat16)
@@ -160,11 +160,11 @@ def test_fused_qkv_store_attention_matches_unfused(qk_norm, H, Hkv):
     layer over the torch backend (norm + rotary kernels, then index_put, then SDPA): the same output, the
     same K/V in the written slots, and every other slot untouched. Also at one TP=2 rank's heads of
     Qwen3-0.6B (8 query, 4 KV heads)."""
-    from engine.attention.flashinfer_backend import FlashInferAttention
-    from engine.attention.torch_backend import TorchAttention
-    from engine.models.decoder import ModelShape
-    from engine.models.layers import Attention, Rotary
-    from engine.parallel import Layout
+    from ringllm.engine.attention.flashinfer_backend import FlashInferAttention
+    from ringllm.engine.attention.torch_backend import TorchAttention
+    from ringllm.engine.models.decoder import ModelShape
+    from ringllm.engine.models.layers import Attention, Rotary
+    from ringllm.engine.parallel import Layout
 
     device, D = torch.device("cuda"), 128
     shape = ModelShape(
@@ -220,7 +220,7 @@ def test_fused_qkv_store_attention_matches_unfused(qk_norm, H, Hkv):
 def test_skinny_linear_matches_cublas():
     """kernels.linear's skinny GEMM (row-parallel weights at decode batch sizes) against F.linear in float64, at
     Qwen3-0.6B's o_proj/down_proj shapes on one GPU and on each rank of TP=2 (1024 x 1024, 1024 x 1536)."""
-    from engine import kernels
+    from ringllm.engine import kernels
 
     torch.manual_seed(3)
     for M in (1, 2, 5, 16, 17):
@@ -233,7 +233,7 @@ def test_skinny_linear_matches_cublas():
 
 
 def test_gumbel_sampling_distribution_and_seeds():
-    from engine.kernels import gumbel_sample
+    from ringllm.engine.kernels import gumbel_sample
 
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     n = 40_000
@@ -266,7 +266,7 @@ def test_sample_rows_reads_the_row_tables_as_the_torch_gathers_did():
     seed as a scalar; the same draws as gathering them with torch first (the sampler's former path, through
     gumbel_sample, whose noise test_gumbel_sampling_distribution_and_seeds pins). Greedy, seeded and unseeded
     rows, rows out of order; `land` writes the kept rows' tokens into req_tokens[row, seq_len]."""
-    from engine.kernels import gumbel_sample, sample_rows
+    from ringllm.engine.kernels import gumbel_sample, sample_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
     R, B, V = 40, 24, 151_936
@@ -312,8 +312,8 @@ def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, 
     buffers, padding rows included, or into new tensors without graphs) against the general torch path:
     the new slots written into req_to_slot, kv indices, out slots, positions, input ids, and the rest.
     `host_tokens`: the plan also carries tokens known on the host (written before the input ids are read)."""
-    from engine.model_runner import ModelRunner
-    from engine.scheduler import StepPlan
+    from ringllm.engine.model_runner import ModelRunner
+    from ringllm.engine.scheduler import StepPlan
 
     config = EngineConfig(
         model=str(long_ckpt), device="cuda", max_bs=16, context_len=3000, dtype="bfloat16",
@@ -400,8 +400,8 @@ def test_decode_kernels_give_the_tokens_of_the_torch_path(ckpt, kinds, monkeypat
     """End to end, with CUDA graphs: decode_prep and the fused sampler's in-kernel table reads and token
     write-back give exactly the tokens of the general _prepare and the runner's own write-back: greedy,
     seeded and unseeded rows alone (the sampler's all-plain shortcut), and beside top-p and logprobs rows."""
-    from engine.model_runner import ModelRunner
-    from engine.sampler import Sampler
+    from ringllm.engine.model_runner import ModelRunner
+    from ringllm.engine.sampler import Sampler
 
     prompts = _prompts() + _prompts()[:2]
     fast = _generate_mixed(ckpt, prompts, kinds)
@@ -617,8 +617,8 @@ def _ragged_groups_on_gpu(Hkv):
     """Groups of 3, 1 and 5 rows sharing prefixes of 300, 64 and 1,000 slots (a group of one still runs
     both levels), then 2 rows with nothing shared; every row has its own tail of ragged length, in request rows
     in no particular order. Returns (backend, its pool, q, k, v, meta(cascade=None), plan_cascade's metadata)."""
-    from engine.attention.cascade import plan_cascade
-    from engine.attention.flashinfer_backend import FlashInferAttention
+    from ringllm.engine.attention.cascade import plan_cascade
+    from ringllm.engine.attention.flashinfer_backend import FlashInferAttention
 
     device, H, D, num_slots = torch.device("cuda"), 16, 128, 8192
     rng = np.random.default_rng(1)
@@ -661,7 +661,7 @@ def _per_row_rel(got, ref) -> float:
 def test_cascade_decode_matches_plain_decode_on_ragged_groups(Hkv):
     """Cascade (level 0 + level 1 + merge) on _ragged_groups_on_gpu must give what plain decode over each row's
     whole slot list gives."""
-    from engine.attention.torch_backend import TorchAttention
+    from ringllm.engine.attention.torch_backend import TorchAttention
 
     fi, pool, q, k, v, meta, cascade = _ragged_groups_on_gpu(Hkv)
     fi.begin(meta())
@@ -684,7 +684,7 @@ def test_graph_cascade_matches_eager_cascade_and_plain_decode(Hkv):
     queries are noise): the 11 rows equal eager cascade's and plain decode's, every row is finite, and the
     plain graph of the same bucket (sharing the level-1 wrapper) still gives plain decode after a cascade
     replay."""
-    from engine.attention.cascade import MAX_GROUPS, fill_graph_buffers
+    from ringllm.engine.attention.cascade import MAX_GROUPS, fill_graph_buffers
 
     fi, _, q, k, v, meta, cascade = _ragged_groups_on_gpu(Hkv)
     fi.begin(meta())
@@ -833,8 +833,8 @@ def test_fused_qkv_store_into_fp8_equals_the_torch_store():
     """qkv_rope_store into an fp8 cache writes exactly what the same kernel's bf16 K/V become through the torch
     store (KVPool.store: clamp to +-448, round to nearest even): bit for bit, out-of-range values included,
     no NaN, every other slot untouched; q is the same as with a bf16 cache."""
-    from engine import kernels
-    from engine.models.layers import Rotary
+    from ringllm.engine import kernels
+    from ringllm.engine.models.layers import Rotary
 
     torch.manual_seed(0)
     device, T, H, Hkv, D = torch.device("cuda"), 37, 16, 8, 128
@@ -868,8 +868,8 @@ def test_fused_qkv_store_into_fp8_equals_the_torch_store():
 def test_flashinfer_over_fp8_cache_matches_torch_attention(new_lens, Hkv):
     """FlashInfer's decode (plain and tensor-core) and prefill kernels with bf16 q over an fp8 K/V cache against
     the torch backend over the same fp8 cache (which upcasts it): the same attention, up to bf16 rounding."""
-    from engine.attention.flashinfer_backend import FlashInferAttention
-    from engine.attention.torch_backend import TorchAttention
+    from ringllm.engine.attention.flashinfer_backend import FlashInferAttention
+    from ringllm.engine.attention.torch_backend import TorchAttention
 
     device, H, D = torch.device("cuda"), 16, 128
     kv_lens = [n + p for n, p in zip(new_lens, [100, 0, 300, 17])]
@@ -976,7 +976,7 @@ def _after_device_work(fill: float, rows: int, width: int = 1) -> torch.Tensor:
 
 
 def test_result_ring_reuses_a_buffer_only_once_its_result_is_read_or_dropped():
-    from engine.step_result import ResultRing, copy_to_host
+    from ringllm.engine.step_result import ResultRing, copy_to_host
 
     ring, stream = ResultRing(2, 64), torch.cuda.Stream()
     ring_ptrs = {b.data_ptr() for b in ring.buffers}
@@ -1010,7 +1010,7 @@ def test_staging_ring_waits_for_a_buffers_copy_before_rewriting_it(dtype):
     """More steps than buffers while the device lags: each step's parts arrive intact, so no buffer was
     rewritten before its copy ran; parts too large for a buffer are refused (the runner then pins a fresh
     array)."""
-    from engine.staging import StagingRing
+    from ringllm.engine.staging import StagingRing
 
     device = torch.device("cuda")
     ring, rng = StagingRing(device, 2, 256), np.random.default_rng(0)
@@ -1031,7 +1031,7 @@ def test_sample_rows_with_reused_scratch_draws_as_with_fresh_buffers():
     """The sampler's chunk-winner buffers (kernels.sample_scratch_size, reused every step, stale values from a
     larger batch left in them) give the tokens of fresh buffers, at batch sizes on both sides of the chunk
     switch (32 rows)."""
-    from engine.kernels import sample_rows, sample_scratch_size
+    from ringllm.engine.kernels import sample_rows, sample_scratch_size
 
     g = torch.Generator(device="cuda").manual_seed(2)
     R, V = 40, 151_936
@@ -1056,10 +1056,10 @@ def test_engine_steps_copy_through_the_pinned_rings(ckpt, monkeypatch):
     """In the engine's step loop every result lands in a ResultRing buffer (written there by the sampler
     itself: zero-copy) and every step's index arrays go through the StagingRing (no fresh pinned
     tensor in steady state); the tokens are those of a run with overlap off and every result copied."""
-    from engine import kernels
-    from engine.model_runner import ModelRunner
-    from engine.staging import StagingRing
-    from engine.step_result import ResultRing
+    from ringllm.engine import kernels
+    from ringllm.engine.model_runner import ModelRunner
+    from ringllm.engine.staging import StagingRing
+    from ringllm.engine.step_result import ResultRing
 
     def run(**kw):
         engine = Engine(
@@ -1109,8 +1109,8 @@ def test_zero_copy_result_is_read_only_after_the_sampler_wrote_it():
     """The sampler writes a step's tokens into a ResultRing buffer on the compute stream (behind ~10 ms of
     other work); `wait` returns them, not what the buffer held before; a buffer read is handed out again, one
     unread is not."""
-    from engine.kernels import sample_rows
-    from engine.step_result import ResultRing
+    from ringllm.engine.kernels import sample_rows
+    from ringllm.engine.step_result import ResultRing
 
     ring, V = ResultRing(2, 64), 4096
     zeros = torch.zeros(8, dtype=torch.long, device="cuda")

@@ -16,9 +16,9 @@ import httpx
 import posix_ipc
 import pytest
 
-from ipc import lifecycle
-from ipc.lifecycle import leftover_segments, remove_stale_segments
-from ipc.ring import pid_alive
+from ringllm.ipc import lifecycle
+from ringllm.ipc.lifecycle import leftover_segments, remove_stale_segments
+from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
     engine_pid,
     free_port,
@@ -49,7 +49,7 @@ def _can_unshare() -> bool:
 OWNER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from ipc.lifecycle import RingPair
+from ringllm.ipc.lifecycle import RingPair
 pair = RingPair(os.getpid(), 0, capacity=4096)
 print(os.getpid(), pair.requests.name, flush=True)
 time.sleep(120)
@@ -175,7 +175,7 @@ def _serve_cmd(port: int, *args) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "app",
+        "ringllm",
         "serve",
         "--port",
         str(port),
@@ -227,8 +227,8 @@ def test_an_api_worker_whose_engine_is_gone_is_told_so_in_one_line():
     """The engine's segments vanish while an API worker starts (a SIGTERM during start-up: CI caught the
     worker's lifespan dying with a posix_ipc traceback). Opening the replicas says which engine is gone, as
     EngineDown, which the lifespan logs in one line before the worker exits."""
-    from app.engine_client import EngineDown
-    from app.replicas import Replicas
+    from ringllm.app.engine_client import EngineDown
+    from ringllm.app.replicas import Replicas
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -4,11 +4,11 @@ sampler's scratch size. The pinned rings (engine/staging.py, step_result.ResultR
 import numpy as np
 import pytest
 
-from engine import EngineConfig, SamplingParams
-from engine.engine import Engine
-from engine.kernels import _sample_chunk, sample_scratch_size
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.engine import Engine
+from ringllm.engine.kernels import _sample_chunk, sample_scratch_size
+from ringllm.engine.scheduler import Scheduler
+from ringllm.engine.sequence import Sequence
 from tests.helpers import tiny_checkpoint
 
 

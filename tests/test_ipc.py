@@ -14,10 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipc import messages as m
-from ipc.lifecycle import claim_worker_index, create_pair_claims, leftover_segments, remove_stale_segments, segment_name
-from ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
-from ipc.shared_table import SharedTable
+from ringllm.ipc import messages as m
+from ringllm.ipc.lifecycle import (
+    claim_worker_index,
+    create_pair_claims,
+    leftover_segments,
+    remove_stale_segments,
+    segment_name,
+)
+from ringllm.ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
+from ringllm.ipc.shared_table import SharedTable
 
 CTX = mp.get_context("fork")
 _counter = iter(range(10**9))
@@ -314,7 +320,7 @@ def test_messages_round_trip():
 def test_async_reader_thread_hands_batches_to_the_loop():
     import asyncio
 
-    from ipc.async_reader import AsyncRingReader
+    from ringllm.ipc.async_reader import AsyncRingReader
 
     name = _name()
     w = RingWriter(name, capacity=4096)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import EngineConfig, SamplingParams
-from engine.attention import AttentionMetadata
-from engine.attention.torch_backend import TorchAttention
-from engine.engine import Engine
-from engine.kv_cache import FP8_KV_DTYPE, KVPool, kv_cache_dtype
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.attention import AttentionMetadata
+from ringllm.engine.attention.torch_backend import TorchAttention
+from ringllm.engine.engine import Engine
+from ringllm.engine.kv_cache import FP8_KV_DTYPE, KVPool, kv_cache_dtype
 from tests.helpers import run_engine, tiny_checkpoint
 
 FP8 = torch.float8_e4m3fn

@@ -4,16 +4,16 @@ import asyncio
 
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
-from engine.demo import build_demo_checkpoint, checkpoint_digest
-from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
-from engine.engine import RequestError
-from engine.loader import ModelNotFoundError
+from ringllm.engine import LLM, EngineConfig, SamplingParams
+from ringllm.engine.demo import build_demo_checkpoint, checkpoint_digest
+from ringllm.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from ringllm.engine.engine import RequestError
+from ringllm.engine.loader import ModelNotFoundError
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from engine.demo import demo_model_path
+    from ringllm.engine.demo import demo_model_path
 
     path = demo_model_path(tmp_path_factory.mktemp("cache"))
     with LLM(model=str(path), device="cpu", kv_cache_tokens=8192, context_len=256) as llm:
@@ -135,7 +135,7 @@ def test_engine_config_rejects_bad_values():
 
 
 def test_profile_writes_a_trace(tmp_path, demo_path):
-    from engine.engine import Engine
+    from ringllm.engine.engine import Engine
     from tests.helpers import run_engine
 
     engine = Engine(
@@ -154,7 +154,7 @@ def test_profile_writes_a_trace(tmp_path, demo_path):
 
 
 def test_cli_generate_runs(demo_path, capsys):
-    from app.cli import main
+    from ringllm.app.cli import main
 
     assert (
         main(

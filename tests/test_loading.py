@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import EngineConfig, SamplingParams
-from engine.engine import Engine
-from engine.gguf import GGUFError, unpermute_qk
-from engine.loader import ModelNotFoundError
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.engine import Engine
+from ringllm.engine.gguf import GGUFError, unpermute_qk
+from ringllm.engine.loader import ModelNotFoundError
 from tests.helpers import (
     hf_greedy,
     run_engine,
@@ -245,7 +245,7 @@ def test_a_quantization_config_is_refused_at_start(tmp_path):
 # ---- a missing tokenizer is named before anything loads (issue 12, item 11) ----
 def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app", *args, "--device", "cpu"],
+        [sys.executable, "-m", "ringllm", *args, "--device", "cpu"],
         capture_output=True,
         text=True,
         check=False,
@@ -269,7 +269,7 @@ def test_a_missing_tokenizer_fails_first_naming_the_file(command, tmp_path):
 
 def test_the_tokenizer_of_a_gguf_file_is_found_in_it(tmp_path, demo_path):
     """A .gguf without tokenizer metadata is named as such; the app's tokenizer accepts a .gguf path."""
-    from app.tokenizer import TokenizerError, tokenizer_directory
+    from ringllm.app.tokenizer import TokenizerError, tokenizer_directory
 
     hf = tiny_checkpoint("qwen3", tmp_path / "hf")
     model = to_gguf(hf, tmp_path / "m.gguf")
@@ -296,7 +296,7 @@ TEMPLATES = {
 def test_templates_render_like_transformers(name, demo_path):
     from transformers import AutoTokenizer
 
-    from app.tokenizer import AppTokenizer
+    from ringllm.app.tokenizer import AppTokenizer
 
     messages = [
         {"role": "system", "content": "sys <b>&'x'"},
@@ -317,7 +317,7 @@ def test_templates_render_like_transformers(name, demo_path):
 def test_raise_exception_and_a_broken_template(demo_path):
     import jinja2
 
-    from app.tokenizer import AppTokenizer, TokenizerError
+    from ringllm.app.tokenizer import AppTokenizer, TokenizerError
 
     tok = AppTokenizer(demo_path, chat_template="{{ raise_exception('roles must alternate') }}")
     with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
@@ -327,7 +327,7 @@ def test_raise_exception_and_a_broken_template(demo_path):
 
 
 def test_chat_template_option_reads_a_file_or_the_text(tmp_path):
-    from app.tokenizer import TokenizerError, read_chat_template
+    from ringllm.app.tokenizer import TokenizerError, read_chat_template
 
     file = tmp_path / "t.jinja"
     file.write_text("{{ messages[0].content }}")
@@ -342,8 +342,8 @@ def test_serve_with_chat_template_and_sanitized_control_tokens(tmp_path):
     text in content plain text, while the default makes it the real token (both through /tokenize)."""
     import httpx
 
-    from app.tokenizer import AppTokenizer
-    from engine.demo import demo_model_path
+    from ringllm.app.tokenizer import AppTokenizer
+    from ringllm.engine.demo import demo_model_path
 
     file = tmp_path / "t.jinja"
     file.write_text(
@@ -407,8 +407,8 @@ def test_the_app_tokenizer_of_a_gguf_file_equals_transformers(add_bos, tmp_path,
     the chat template as transformers' from_pretrained(dir, gguf_file=...) does; the engine loads the file."""
     from transformers import AutoTokenizer
 
-    from app.tokenizer import AppTokenizer
-    from engine.loader import load_tokenizer
+    from ringllm.app.tokenizer import AppTokenizer
+    from ringllm.engine.loader import load_tokenizer
 
     monkeypatch.setenv("RINGLLM_CACHE", str(tmp_path / "cache"))
     hf = tiny_checkpoint("qwen3", tmp_path / "hf", vocab=1024)

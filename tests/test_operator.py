@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import build_parser, engine_config
-from app.options import ServeConfig, read_environment
-from engine.config import EngineConfig
+from ringllm.app.cli import build_parser, engine_config
+from ringllm.app.options import ServeConfig, read_environment
+from ringllm.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,12 +91,12 @@ def test_an_environment_value_that_does_not_parse_names_the_variable(env, capsys
 def _ringllm(*argv: str, cache: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, RINGLLM_CACHE=str(cache))
     return subprocess.run(
-        [sys.executable, "-m", "app", *argv], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+        [sys.executable, "-m", "ringllm", *argv], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
     )
 
 
 def test_version():
-    run = subprocess.run([sys.executable, "-m", "app", "--version"], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-m", "ringllm", "--version"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("ringllm 0.")
 
 
@@ -181,14 +181,14 @@ def test_health_command_finds_the_servers_port_from_its_own_options(served):
     follows --port (given here on the command line by the test helper) and answers 0 while /health is 200."""
     proc, _, _ = served
     run = subprocess.run(
-        [sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ringllm", "health", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0 and run.stdout.strip() == "healthy", run.stdout + run.stderr
 
 
 def test_health_command_fails_without_a_server(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "app", "health", "--pid", str(os.getpid()), "--timeout", "1"],
+        [sys.executable, "-m", "ringllm", "health", "--pid", str(os.getpid()), "--timeout", "1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -395,7 +395,7 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
 
     import httpx
 
-    from engine.demo import demo_model_path
+    from ringllm.engine.demo import demo_model_path
     from tests.helpers import free_port, stop_server
 
     pytest.importorskip("cryptography")
@@ -407,7 +407,7 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "app",
+                "ringllm",
                 "serve",
                 "--port",
                 str(port),
@@ -450,7 +450,10 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         run = subprocess.run(
-            [sys.executable, "-m", "app", "health", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "ringllm", "health", "--pid", str(proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert run.returncode == 0, run.stdout + run.stderr
         assert f"ringllm ready on {base} | model {model} |" in (tmp_path / "serve.log").read_text()
@@ -540,8 +543,8 @@ def test_engine_counters_are_left_out_rather_than_reset_when_the_engine_does_not
     would read that as a counter reset."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from app.metrics import Metrics
-    from ipc.shared_table import SharedTable
+    from ringllm.app.metrics import Metrics
+    from ringllm.ipc.shared_table import SharedTable
 
     table = SharedTable(f"/ringllm-test-{os.getpid()}-metrics", 1, create=True)
     try:

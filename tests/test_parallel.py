@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from engine import EngineConfig, SamplingParams
-from engine.engine import Engine
-from engine.parallel import Layout
-from engine.worker import decode_message, encode_plan
-from ipc.lifecycle import leftover_segments
-from ipc.ring import pid_alive
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.engine import Engine
+from ringllm.engine.parallel import Layout
+from ringllm.engine.worker import decode_message, encode_plan
+from ringllm.ipc.lifecycle import leftover_segments
+from ringllm.ipc.ring import pid_alive
 from tests.helpers import free_port, run_engine, tiny_checkpoint
 
 MAX_NEW = 10
@@ -133,7 +133,7 @@ def test_bad_parallel_settings_are_refused(checkpoints):
 
 
 def test_plan_round_trips_through_the_wire():
-    from engine.scheduler import StepPlan
+    from ringllm.engine.scheduler import StepPlan
 
     plan = StepPlan(
         rows=np.array([3, 1], np.int32),
@@ -174,9 +174,9 @@ def test_plan_round_trips_through_the_wire():
 
 _CHILD = textwrap.dedent("""
     import sys, time
-    from engine import EngineConfig, SamplingParams
-    from engine.engine import Engine
-    from engine.logs import configure_logging
+    from ringllm.engine import EngineConfig, SamplingParams
+    from ringllm.engine.engine import Engine
+    from ringllm.engine.logs import configure_logging
     if __name__ == "__main__":
         configure_logging("info")
         e = Engine(EngineConfig(model=sys.argv[1], device="cpu", max_bs=4, tp_size=2, nccl_port=int(sys.argv[2])))
@@ -239,7 +239,7 @@ def test_a_second_node_joins_through_the_rendezvous(checkpoints):
         [
             sys.executable,
             "-m",
-            "app",
+            "ringllm",
             "serve",
             "--model",
             str(path),

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.kv_cache import SlotAllocator
-from engine.radix_cache import RadixCache
+from ringllm.engine.kv_cache import SlotAllocator
+from ringllm.engine.radix_cache import RadixCache
 
 tokens = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 ops = st.lists(

@@ -25,8 +25,8 @@ import msgspec
 import pytest
 import torch
 
-from engine import EngineConfig, SamplingParams
-from engine.engine import Engine
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.engine import Engine
 from tests.helpers import free_port, stop_server
 
 pytestmark = pytest.mark.timeout(1200)  # module fixtures load transformers, the engine and a server
@@ -133,7 +133,7 @@ def server(real_model, tmp_path_factory):
             [
                 sys.executable,
                 "-m",
-                "app",
+                "ringllm",
                 "serve",
                 "--port",
                 str(port),
@@ -289,15 +289,15 @@ def _conversations():
 
 @pytest.fixture(scope="module")
 def app_tokenizers(real_model):
-    from app.tokenizer import AppTokenizer
+    from ringllm.app.tokenizer import AppTokenizer
 
     return AppTokenizer(real_model), AppTokenizer(real_model, sanitize_control_tokens=True)
 
 
 @pytest.mark.parametrize("sanitize", [False, True], ids=["control-tokens-parsed", "control-tokens-sanitized"])
 def test_chat_rendering_equals_transformers_token_for_token(hf, app_tokenizers, sanitize):
-    from app import chat as chat_io
-    from app.schemas import Message
+    from ringllm.app import chat as chat_io
+    from ringllm.app.schemas import Message
 
     tok = hf[1]
     app_tok = app_tokenizers[sanitize]

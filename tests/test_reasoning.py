@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.reasoning import ReasoningParser, prompt_opens_reasoning
+from ringllm.app.reasoning import ReasoningParser, prompt_opens_reasoning
 
 # (parser, prompt ends inside <think>, model text, expected reasoning, expected content)
 CASES = [
@@ -52,8 +52,8 @@ def test_split_at_every_point(kind, opened, text, reasoning, content):
 def test_split_at_every_token_boundary_of_a_tokenizer(tmp_path):
     """Pieces as a real stream makes them: the incremental detokenizer's output, token by token and in every
     two-part cut of the token sequence, with <think> and </think> single tokens."""
-    from app.tokenizer import AppTokenizer
-    from engine.detokenize import IncrementalDetokenizer
+    from ringllm.app.tokenizer import AppTokenizer
+    from ringllm.engine.detokenize import IncrementalDetokenizer
     from tests.chat_models import scripted_checkpoint
 
     path = scripted_checkpoint(tmp_path / "m", ["\n", "<think>", "<|im_end|>"], "")

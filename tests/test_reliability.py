@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from ipc.ring import pid_alive
+from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
     engine_pid,
     free_port,

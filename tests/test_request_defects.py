@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from ipc.lifecycle import leftover_segments
+from ringllm.ipc.lifecycle import leftover_segments
 from tests.helpers import metric, process_tree, start_server, stop_server, wait_for_metric
 
 RUNNING = "ringllm_num_requests_running"
@@ -462,7 +462,7 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
 def test_a_stream_that_fails_unexpectedly_ends_with_an_error_event():
     import asyncio
 
-    from app.server import _sse_stream
+    from ringllm.app.server import _sse_stream
 
     async def events():
         yield b"data: {}\n\n"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.attention.torch_backend import TorchAttention
-from engine.config import EngineConfig
-from engine.kv_cache import PAGE_SIZE, KVPool, kv_pool_slots
-from engine.sampler import SampleResult
-from engine.scheduler import StepPlan
-from engine.step_result import StepResult, file_prompt_logprobs, pack_sample, prompt_logprob_positions
+from ringllm.engine.attention.torch_backend import TorchAttention
+from ringllm.engine.config import EngineConfig
+from ringllm.engine.kv_cache import PAGE_SIZE, KVPool, kv_pool_slots
+from ringllm.engine.sampler import SampleResult
+from ringllm.engine.scheduler import StepPlan
+from ringllm.engine.step_result import StepResult, file_prompt_logprobs, pack_sample, prompt_logprob_positions
 
 CPU = torch.device("cpu")
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from ringllm.engine.sampler import Sampler
+from ringllm.engine.sampling_params import SamplingParams
 
 N = 20_000
 LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))

@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from engine import EngineConfig, SamplingParams
-from engine.engine import Engine
+from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.engine import Engine
 from tests.helpers import run_engine, tiny_checkpoint
 
 
@@ -56,7 +56,7 @@ def test_token_budget_and_batch_limit(ckpt):
 def _decode_steps(sched, seqs, max_steps=200):
     """Drives a Scheduler alone (no model: each kept row 'samples' token 7) and yields every plan once all
     `seqs` decode together."""
-    from engine.sequence import Status
+    from ringllm.engine.sequence import Status
 
     for seq in seqs:
         sched.add(seq)
@@ -74,8 +74,8 @@ def _decode_steps(sched, seqs, max_steps=200):
 
 
 def _grouping_case(group_shared_prefixes: bool):
-    from engine.scheduler import Scheduler
-    from engine.sequence import Sequence
+    from ringllm.engine.scheduler import Scheduler
+    from ringllm.engine.sequence import Sequence
 
     rng = random.Random(5)
     # three system prompts (distinct first tokens), one too short to be worth a group, and a lone prompt
@@ -120,7 +120,7 @@ def test_decode_rows_sharing_a_cached_prefix_are_grouped_contiguously():
 
 
 def test_no_groups_without_the_setting_or_the_radix_cache():
-    from engine.scheduler import Scheduler
+    from ringllm.engine.scheduler import Scheduler
 
     sched, seqs, _, _ = _grouping_case(False)
     for batch in _decode_steps(sched, seqs):
@@ -132,7 +132,7 @@ def test_no_groups_without_the_setting_or_the_radix_cache():
 def test_plan_cascade_gathers_each_groups_prefix_once_and_each_rows_own_slots():
     import torch
 
-    from engine.attention.cascade import plan_cascade
+    from ringllm.engine.attention.cascade import plan_cascade
 
     table = torch.arange(8 * 50, dtype=torch.int32).view(8, 50)
     rows = np.array([5, 2, 7, 1, 4], np.int32)
@@ -180,7 +180,7 @@ def _ragged_cascade_case(num_slots=1024):
     [rows, H, D], attend(q_row, slot indices) -> (out [H, D], log-sum-exp [H]) over float64 K/V)."""
     import torch
 
-    from engine.attention.cascade import plan_cascade
+    from ringllm.engine.attention.cascade import plan_cascade
 
     rng = np.random.default_rng(1)
     H, Hkv, D = 4, 2, 8
@@ -240,7 +240,7 @@ def test_graph_layout_levels_merged_where_masked_equal_attention_over_each_whole
     every entry a group but the last (2 ungrouped rows)."""
     import torch
 
-    from engine.attention.cascade import MAX_GROUPS, fill_graph_buffers
+    from ringllm.engine.attention.cascade import MAX_GROUPS, fill_graph_buffers
 
     slot_lists, meta, q, attend = _ragged_cascade_case()
     max_groups = max_groups or MAX_GROUPS
@@ -271,7 +271,7 @@ def test_graph_layout_levels_merged_where_masked_equal_attention_over_each_whole
 
 def test_graph_layout_of_a_capture_puts_every_row_in_the_last_entry():
     """A cascade graph is captured with no groups: level 0's query rows (fixed at the first plan) are all bs."""
-    from engine.attention.cascade import MAX_GROUPS, graph_layout
+    from ringllm.engine.attention.cascade import MAX_GROUPS, graph_layout
 
     lay = graph_layout(None, 32)
     assert lay.shared_qo_indptr_host.tolist() == [0] * (MAX_GROUPS + 1) + [32]
@@ -283,7 +283,7 @@ def test_at_most_max_groups_groups_are_kept_those_saving_most_first():
     """System prompt 0 (4 sequences x 100 positions: saves 300 reads) before system prompt 1 (3 x 70: 140),
     though system prompt 1's sequences come first; with a cap of one group only system prompt 0's is kept and
     the other sequences keep their order, ungrouped."""
-    from engine.scheduler import _group_by_shared_prefix
+    from ringllm.engine.scheduler import _group_by_shared_prefix
 
     sched, seqs, system_of, systems = _grouping_case(True)
     batch = next(_decode_steps(sched, seqs))

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from ipc.lifecycle import leftover_segments
+from ringllm.ipc.lifecycle import leftover_segments
 from tests.helpers import metric, start_server, stop_server, wait_for_metric
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from ipc.lifecycle import leftover_segments
+from ringllm.ipc.lifecycle import leftover_segments
 from tests.helpers import metric, process_tree, start_server, stop_server, wait_for_metric
 
 pytestmark = pytest.mark.soak

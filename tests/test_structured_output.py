@@ -10,10 +10,10 @@ import jsonschema_rs
 import msgspec
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
-from engine.demo import demo_model_path
-from engine.engine import Engine, RequestError
-from ipc.sampling import StructuredOutputs
+from ringllm.engine import LLM, EngineConfig, SamplingParams
+from ringllm.engine.demo import demo_model_path
+from ringllm.engine.engine import Engine, RequestError
+from ringllm.ipc.sampling import StructuredOutputs
 from tests.helpers import start_server, stop_server, tiny_checkpoint
 
 # Nested objects, enums, arrays and bounded scalars: a bounded schema, so that every output ends well within
@@ -313,7 +313,7 @@ def test_bad_constraints_are_400(server, body, field):
 
 
 def test_structured_outputs_travel_whole_on_the_wire():
-    from ipc import messages as m
+    from ringllm.ipc import messages as m
 
     params = SamplingParams(structured_outputs=StructuredOutputs(json=SCHEMA, disable_any_whitespace=True))
     back = msgspec.msgpack.decode(m.encode(m.Generate("r", m.pack_ids([1]), params)), type=m.Generate).sampling

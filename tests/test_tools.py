@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import AnswerParser, ToolPlan, whole_message
-from app.tool_calls import HermesParser, Llama3JsonParser
+from ringllm.app.chat import AnswerParser, ToolPlan, whole_message
+from ringllm.app.tool_calls import HermesParser, Llama3JsonParser
 
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}'
 ARGS = json.dumps({"city": "Paris", "unit": "°C"}, ensure_ascii=False)
@@ -169,9 +169,9 @@ def test_messages_and_tools_render_as_transformers_renders_them(tmp_path):
     import msgspec
     from transformers import AutoTokenizer
 
-    from app.chat import template_messages
-    from app.schemas import Message
-    from app.tokenizer import AppTokenizer
+    from ringllm.app.chat import template_messages
+    from ringllm.app.schemas import Message
+    from ringllm.app.tokenizer import AppTokenizer
     from tests.chat_models import scripted_checkpoint
 
     path = scripted_checkpoint(tmp_path / "m", ["\n", "<|im_end|>"], QWEN25_TEMPLATE)
@@ -507,7 +507,7 @@ def test_real_model_parse_with_a_pydantic_model(real):
 
 
 def test_parsers_by_family_template_or_flag(tmp_path):
-    from app.chat import model_parsers
+    from ringllm.app.chat import model_parsers
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     assert model_parsers(str(tmp_path), None, None, None) == ("hermes", "qwen3")
@@ -523,9 +523,9 @@ def test_parsers_by_family_template_or_flag(tmp_path):
 def test_tool_plan_without_a_parser_is_a_400():
     import msgspec
 
-    from app.chat import tool_plan
-    from app.errors import ApiError
-    from app.schemas import ChatRequest
+    from ringllm.app.chat import tool_plan
+    from ringllm.app.errors import ApiError
+    from ringllm.app.schemas import ChatRequest
 
     body = msgspec.convert({"messages": USER, "tools": TOOLS}, ChatRequest)
     with pytest.raises(ApiError, match="--tool-call-parser"):

@@ -1,0 +1,3 @@
+from ringllm.app.cli import main
+
+raise SystemExit(main())

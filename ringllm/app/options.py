@@ -1,0 +1,188 @@
+"""Command-line options generated from config dataclasses, so that each option's default, help text, aliases
+and allowed values are written once, on the field (`engine.config.setting`).
+
+`add_options(parser, EngineConfig)` adds `--field-name` (and the field's aliases) for every field;
+`from_args(EngineConfig, args)` builds the config back; `read_environment(parser)` lets every option of a
+parser, generated or not, be set by RINGLLM_<DEST> (the command line wins over the environment)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any
+
+from ringllm.app.reasoning import PARSERS as REASONING_PARSERS
+from ringllm.app.tool_calls import PARSERS as TOOL_PARSERS
+from ringllm.engine.config import setting
+
+ENV_PREFIX = "RINGLLM_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def comma_list(text: str) -> list[str]:
+    """'a,b' or a JSON list '["a", "b"]' (vLLM's form for --allowed-origins)."""
+    text = text.strip()
+    if text.startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ValueError("expected a JSON list of strings")
+        return items
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """The HTTP side of `ringllm serve`: what the parent process and its API workers need."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(8000, "HTTP port")
+    workers: int = setting(1, "API worker processes")
+    dp_size: int = setting(
+        1,
+        "data-parallel engine replicas, each with its own GPUs (tp x pp of them), KV pool "
+        "and prefix cache; requests go to the replica whose cache holds their prefix",
+        "--data-parallel-size",
+        "-dp",
+    )
+    served_model_name: list[str] | None = setting(
+        None,
+        "names clients may use for the model, several allowed; the first is reported "
+        "(default: the --model argument as given)",
+        nargs="+",
+        metavar="NAME",
+    )
+    api_key: str | None = setting(None, "require this bearer token on every route but --public-routes")
+    public_routes: str = setting("/health,/metrics", "comma-separated routes that need no API key ('' guards them all)")
+    request_timeout: float | None = setting(
+        None, "seconds a request may take before it is aborted with 504 (default: no limit)"
+    )
+    shutdown_timeout: float = setting(30.0, "seconds SIGTERM waits for requests in flight before stopping")
+    allowed_origins: list[str] | None = setting(
+        None,
+        "CORS: origins browsers may call from, comma-separated or a JSON list, '*' for any (default: no CORS headers)",
+        parse=comma_list,
+        metavar="ORIGINS",
+    )
+    ssl_keyfile: str | None = setting(None, "TLS private key (PEM); with --ssl-certfile serves HTTPS")
+    ssl_certfile: str | None = setting(None, "TLS certificate chain (PEM)")
+    tool_call_parser: str | None = setting(
+        None,
+        "the model's tool-call syntax (hermes: Qwen2.5 and Qwen3; llama3_json: Llama 3.x)",
+        choices=(*TOOL_PARSERS, "none"),
+        default_text="by family",
+    )
+    reasoning_parser: str | None = setting(
+        None,
+        "where the model's reasoning is (qwen3: in a think block the model opens; deepseek_r1: in one the "
+        "prompt opens)",
+        choices=(*REASONING_PARSERS, "none"),
+        default_text="by family",
+    )
+    chat_template: str | None = setting(
+        None,
+        "chat template to use instead of the model's: a file, or the template text itself",
+        metavar="FILE_OR_TEXT",
+        default_text="the model's",
+    )
+    sanitize_control_tokens: bool = setting(
+        False,
+        "encode control tokens found in chat messages (the template's role markers) as plain text; by "
+        "default they are the real tokens, as in transformers and vLLM",
+    )
+
+
+def _base_type(hint) -> type:
+    """int for `int | None`, list for `list[int]`, and so on."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _item_type(hint) -> type:
+    """The element type of `list[X] | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    args = typing.get_args(hint)
+    return args[0] if args else str
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_options(parser: argparse.ArgumentParser | Any, cls: type) -> None:
+    """One option per field of dataclass `cls` that was declared with `setting`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        flags = ["--" + f.name.replace("_", "-"), *meta["aliases"]]
+        base = _base_type(hints[f.name])
+        kw: dict[str, Any] = dict(dest=f.name, help=meta["help"], default=f.default)
+        if base is bool:
+            kw["action"] = "store_true"
+        else:
+            if meta["parse"] is not None:
+                kw["type"] = meta["parse"]
+            elif base is list and meta["nargs"] is None:
+                kw["type"] = _int_list if _item_type(hints[f.name]) is int else comma_list
+            elif base is list:
+                kw["type"] = _item_type(hints[f.name])
+            elif base in (int, float):
+                kw["type"] = base
+            if meta["nargs"]:
+                kw["nargs"] = meta["nargs"]
+            if meta["choices"]:
+                kw["choices"] = meta["choices"]
+            if meta["metavar"]:
+                kw["metavar"] = meta["metavar"]
+        action = parser.add_argument(*flags, **kw)
+        setattr(action, "default_text", meta["default_text"])  # noqa: B010 (argparse.Action declares no such field)
+
+
+def from_args(cls: type, args: argparse.Namespace):
+    """The dataclass `cls` with every field that has an option taken from `args`."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def env_name(action: argparse.Action) -> str:
+    return ENV_PREFIX + action.dest.upper()
+
+
+def read_environment(parser: argparse.ArgumentParser, env=os.environ) -> None:
+    """Sets the default of every option of `parser` and its sub-commands from RINGLLM_<DEST> where that is
+    set (an empty value counts as unset). A value that does not parse is an error naming the variable."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                read_environment(sub, env)
+            continue
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        name = env_name(action)
+        text = env.get(name, "")
+        if text == "":
+            continue
+        try:
+            action.default = _from_text(action, text)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            parser.error(f"{name}={text!r}: {e}")
+
+
+def _from_text(action: argparse.Action, text: str):
+    if isinstance(action, argparse._StoreTrueAction):
+        if text.lower() not in _TRUE | _FALSE:
+            raise ValueError("expected 1/0, true/false, yes/no or on/off")
+        return text.lower() in _TRUE
+    convert = action.type if callable(action.type) else str  # every typed option here has a callable type
+    several = action.nargs == "+" or isinstance(action, argparse._AppendAction)
+    values = [convert(x) for x in comma_list(text)] if several else [convert(text)]
+    for v in values:
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{v!r} is not one of {', '.join(map(str, action.choices))}")
+    return values if several else values[0]

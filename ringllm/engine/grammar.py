@@ -1,0 +1,157 @@
+"""Structured outputs: grammar-constrained decoding with xgrammar.
+
+A constrained request's grammar (a JSON schema, any JSON object, a regex, a choice of strings or an EBNF
+grammar) is compiled once per (kind, text) on a small thread pool, off the step loop; the request waits for it
+outside the scheduler's queue. Once admitted it has its own GrammarMatcher, which accepts each token as it is
+read back. Before a step samples, the matchers of its constrained rows fill one bitmask each (bit j set: token j
+allowed), and the sampler sets every other logit to -inf. When the grammar is complete only the stop tokens are
+allowed, and the request ends once its matcher has accepted one.
+
+xgrammar (and the tokenizer it reads the vocabulary from) is imported and built on the first constrained
+request, so an engine that never gets one pays nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ringllm.engine.logs import get_logger
+from ringllm.engine.sampler import GrammarMask
+from ringllm.ipc.sampling import StructuredOutputs
+
+log = get_logger("engine.grammar")
+
+MAX_CACHED_GRAMMARS = 256  # compiled grammars kept (least recently used dropped first)
+COMPILE_THREADS = 2
+MAX_JSON_WHITESPACE = 16  # whitespace characters between two JSON elements ("\n" and 15 spaces of indent)
+
+
+class GrammarError(ValueError):
+    """A constraint that cannot be compiled; the message says why."""
+
+
+def _message(e: Exception) -> str:
+    """xgrammar's error without its C++ location prefix ("[12:00:00] /project/cpp/x.cc:42: ...")."""
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[0]) if str(e) else type(e).__name__
+
+
+# Two defects of xgrammar 0.2.9's JSON strings, patched in the EBNF it writes: a string with minLength/maxLength
+# takes [^"\\\r\n], which lets raw control characters (U+0000-U+001F) in, and every string class lets UTF-8
+# encoded surrogates (ED A0 80 ...) in. Neither is JSON: Python's json.loads and JSON.parse refuse the first,
+# and the second is not even UTF-8. Both classes become JSON's own, less the surrogates.
+_STRING_CLASSES = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+
+
+def _json_grammar(schema: str, options: dict) -> str:
+    """The EBNF of a JSON schema, with JSON's own string characters everywhere."""
+    import xgrammar
+
+    text = str(xgrammar.Grammar.from_json_schema(schema, **options))
+    for loose in _STRING_CLASSES:
+        text = text.replace(loose, _JSON_STRING_CHARS)
+    return text
+
+
+class Grammars:
+    """Compiles constraints for one engine and makes the matchers and masks of its requests."""
+
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, stop_token_ids: list[int]):
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self._pool: ThreadPoolExecutor | None = None
+        self._compiler: Future | None = None
+        self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()  # compile() is called from the engine thread and from callers of check
+
+    # ---- compiling ----
+    def compile(self, spec: StructuredOutputs) -> Future:
+        """The compiled grammar of `spec` as a future; the same one for every request with the same spec."""
+        key = spec.key
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
+                self._compiler = self._pool.submit(self._make_compiler)
+            future = self._cache[key] = self._pool.submit(self._compile, key)
+            while len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
+            return future
+
+    def _make_compiler(self):
+        import xgrammar
+
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            self._load_tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
+        )
+        log.info("grammar compiler ready", vocab_size=self.vocab_size, vocab_type=info.vocab_type.name)
+        # Our cache holds the compiled grammars (bounded); xgrammar's own would keep every one.
+        return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+    def _compile(self, key: tuple[str, str, bool]):
+        kind, text, no_whitespace = key
+        assert self._compiler is not None  # submitted with the pool, before any compile
+        compiler = self._compiler.result()
+        try:
+            # JSON: whitespace between elements is free (pretty-printed output) but bounded per gap, so that a
+            # model cannot wander in whitespace forever and a bounded schema bounds the output.
+            space = {
+                "any_whitespace": not no_whitespace,
+                "max_whitespace_cnt": None if no_whitespace else MAX_JSON_WHITESPACE,
+            }
+            if kind == "json":
+                return compiler.compile_grammar(_json_grammar(text, space))
+            if kind == "json_object":  # any object: strict mode would forbid every property of {"type": "object"}
+                return compiler.compile_grammar(_json_grammar('{"type": "object"}', dict(space, strict_mode=False)))
+            if kind == "regex":
+                return compiler.compile_regex(text)
+            if kind == "choice":  # EBNF string literals take JSON's escapes
+                choices = json.loads(text)
+                return compiler.compile_grammar(
+                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+                )
+            return compiler.compile_grammar(text)
+        except Exception as e:
+            raise GrammarError(f"structured_outputs.{kind}: {_message(e)}") from None
+
+    def matcher(self, compiled):
+        """A request's place in its grammar: accept_token() each token read back; is_terminated() once the
+        grammar is complete and its stop token accepted (or at once, for a model without stop tokens)."""
+        import xgrammar
+
+        stop = self.stop_token_ids
+        return xgrammar.GrammarMatcher(
+            compiled, override_stop_tokens=stop or None, terminate_without_stop_token=not stop
+        )
+
+    # ---- masks ----
+    def masks(self, matchers: list, device: torch.device) -> GrammarMask | None:
+        """The bitmask of every batch row whose matcher is given (None: unconstrained, or not sampled)."""
+        index = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+        if not index:
+            return None
+        import xgrammar
+
+        bitmask = xgrammar.allocate_token_bitmask(len(index), self.vocab_size)
+        for j, i in enumerate(index):
+            matchers[i].fill_next_token_bitmask(bitmask, j)
+        rows = torch.tensor(index, dtype=torch.long)
+        if device.type == "cuda":
+            # Both copies from pinned memory, without waiting: a copy from pageable memory synchronizes the
+            # stream, so the host would wait for this step's forward and lose the overlap with the next step.
+            bitmask, rows = bitmask.pin_memory(), rows.pin_memory()
+        return GrammarMask(bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,432 @@
+"""FCFS continuous batching over token-granular KV slots.
+
+Every step: each running sequence decodes one token, a sequence part-way through its prompt gets its next
+chunk, and waiting sequences are admitted in arrival order while the token budget, the batch-size limit, the
+request rows and the slots last. When slots run out for decodes, the radix cache gives back unlocked
+prefixes first and then the most recently admitted sequence is preempted (its KV is dropped and recomputed
+later; nothing is lost).
+
+The scheduler runs ahead of the device (overlap): a sequence whose last sampled token is still on the device
+carries it as a placeholder (`num_pending`), so it is scheduled exactly once per step and never twice.
+
+Under pipeline parallelism with p stages the running sequences form p micro-batch groups, and step k serves
+group k mod p only: a sequence's next step then comes p steps after its last, by when the last stage has
+sampled its token, so every stage has a different micro-batch to work on."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ringllm.engine.attention.cascade import MAX_GROUPS
+from ringllm.engine.kv_cache import SlotAllocator
+from ringllm.engine.radix_cache import Node, RadixCache
+from ringllm.engine.sampling_params import SamplingParams
+from ringllm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class StepPlan:
+    """What the model runner needs for one step, and only what changed since the last: the slots and token
+    ids of newly placed positions and the parameters of newly admitted rows. Plain arrays, so that it can be
+    sent to worker processes as is."""
+
+    rows: np.ndarray  # [B] request row of each scheduled sequence
+    starts: np.ndarray  # [B] first position computed this step
+    lens: np.ndarray  # [B] positions computed this step
+    sample: np.ndarray  # [B] bool: this step's last position yields a token that is kept
+    slot_rows: np.ndarray  # flat writes into the request-to-slot table
+    slot_pos: np.ndarray
+    slot_ids: np.ndarray
+    token_rows: np.ndarray  # flat writes into the request-to-token table (tokens known on the host)
+    token_pos: np.ndarray
+    token_ids: np.ndarray
+    new_rows: list[int] = field(default_factory=list)  # rows admitted this step, with their parameters
+    new_params: list[SamplingParams] = field(default_factory=list)
+    new_prompt_lens: list[int] = field(default_factory=list)
+    num_decodes: int = 0  # the first num_decodes sequences decode; the rest compute prompt positions
+    # Decode steps with shared cached prefixes (engine/attention/cascade.py): decode rows
+    # [shared_indptr[g], shared_indptr[g+1]) all start with the same shared_lens[g] cached slots.
+    shared_indptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int32))
+    shared_lens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+
+    @property
+    def is_decode(self) -> bool:
+        return bool((self.lens == 1).all())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lens.sum())
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]
+    plan: StepPlan
+
+
+_DEFER = -1  # _admit: skip this request for now, try the next
+MIN_SHARED_PREFIX = 64  # shortest shared prefix worth a cascade group (positions)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        num_slots: int,
+        max_rows: int,
+        context_len: int,
+        max_bs: int,
+        max_batched_tokens: int,
+        use_radix_cache: bool,
+        num_groups: int = 1,
+        group_shared_prefixes: bool = False,
+    ):
+        self.allocator = SlotAllocator(num_slots)
+        self.cache = RadixCache(self.allocator.free) if use_radix_cache else None
+        # A sequence may grow to the context length, or to the whole pool if that is smaller: then a lone
+        # sequence always gets its next slot, and preempting later arrivals always makes progress.
+        self.max_seq_len = min(context_len, self.allocator.capacity)
+        self.max_bs = max_bs
+        self.max_batched_tokens = max_batched_tokens
+        self.num_groups = num_groups
+        # Order decode-only steps by shared cached prefix, for cascade attention (needs the radix cache).
+        self.group_shared_prefixes = group_shared_prefixes and use_radix_cache
+        self.group = 0  # the micro-batch group the next step serves
+        self.req_to_slot = np.zeros((max_rows, context_len + 1), dtype=np.int32)  # host mirror of the device table
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+        self._unsent: _Writes | None = None
+
+    # ---- queue ----
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence wherever it is; its slots go back (or into the cache) at once. Device work already
+        queued for it is ordered before any reuse of those slots, so this is safe while a step is in flight."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_slots_used(self) -> int:
+        return self.allocator.capacity - self.allocator.num_free
+
+    # ---- one step ----
+    def schedule(self) -> Batch | None:
+        group, self.group = self.group, (self.group + 1) % self.num_groups
+        budget, chosen, spans = self.max_batched_tokens, [], []
+        writes, self._unsent = self._unsent or _Writes(), None
+        if self.cache is not None:
+            for seq in self.running:
+                if seq.num_cached < min(seq.num_computed, len(seq.token_ids), seq.num_prompt):
+                    self._cache_prompt_prefix(seq, writes)
+        decodes = self._decodes(group)[: min(budget, self.max_bs)]
+        slots = self._alloc(len(decodes))
+        shared = bulk = None
+        if slots is not None:  # the common case: one allocation and one table write for every decode
+            if self.group_shared_prefixes and len(decodes) > 1:
+                # all are placed at once, so their order is free: rows sharing a cached prefix side by side
+                decodes, shared = _group_by_shared_prefix(decodes)
+            rows = np.array([s.row for s in decodes], dtype=np.int32)
+            pos = np.array([s.num_computed for s in decodes], dtype=np.int32)
+            writes.add_one_each(rows, pos, slots, self.req_to_slot)
+            bulk = (rows, pos)
+            for seq in decodes:
+                seq.num_computed += 1
+            chosen += decodes
+            spans += [1] * len(decodes)
+            budget -= len(decodes)
+            decodes = []
+        for seq in decodes:  # short of slots: one at a time, evicting and preempting as needed
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below for an earlier sequence's slot
+            if not self._place(seq, 1, writes, chosen):
+                continue
+            chosen.append(seq)
+            spans.append(1)
+            budget -= 1
+        num_decodes = len(chosen)
+        placed = {id(s) for s in chosen}
+        for seq in [s for s in self.running if s.in_prefill and s.group == group and id(s) not in placed]:
+            if budget == 0 or len(chosen) == self.max_bs:
+                break
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self._place(seq, n, writes, chosen, preempt=False):
+                break
+            chosen.append(seq)
+            spans.append(n)
+            budget -= n
+        for seq in list(self.waiting):
+            if (
+                budget == 0
+                or len(chosen) == self.max_bs
+                or not self.free_rows
+                or len(self.running) >= self.max_bs * self.num_groups
+            ):
+                break
+            n = self._admit(seq, budget, writes, chosen, group)
+            if n == 0:
+                break
+            if n == _DEFER:
+                continue
+            self.waiting.remove(seq)
+            chosen.append(seq)
+            spans.append(n)
+            budget -= n
+        if not chosen:
+            self._unsent = writes  # table writes still have to reach the device with the next plan
+            return None
+        # a decode-only step placed in bulk (batch-1 decode, its host cost counts) reuses the bulk's arrays
+        plan = self._plan(chosen, spans, writes, bulk if num_decodes == len(chosen) else None)
+        plan.num_decodes = num_decodes
+        if shared is not None and num_decodes == len(chosen):  # cascade runs on decode-only steps
+            plan.shared_indptr, plan.shared_lens = shared
+        return Batch(chosen, plan)
+
+    def _decodes(self, group: int) -> list[Sequence]:
+        """The group's running sequences past their prompt that still need tokens (one that will surely end by
+        length when its pending tokens arrive is not run again)."""
+        return [
+            s
+            for s in self.running
+            if s.group == group
+            and not s.in_prefill
+            and s.num_output < s.params.max_tokens
+            and s.length < self.max_seq_len
+        ]
+
+    def _place(self, seq: Sequence, n: int, writes: _Writes, chosen: list, preempt: bool = True) -> bool:
+        """Gives `seq` slots for its next n positions, evicting cache and preempting later sequences as
+        needed. False if it cannot run this step (it may have been preempted itself)."""
+        while (slots := self._alloc(n)) is None:
+            if not preempt:
+                return False
+            victim = next((s for s in reversed(self.running) if s not in chosen), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        writes.add(_row(seq), seq.num_computed, slots, self.req_to_slot)
+        seq.num_computed += n
+        return True
+
+    def _admit(self, seq: Sequence, budget: int, writes: _Writes, chosen: list, group: int) -> int:
+        """Places a waiting sequence: a row, its cached prefix, and slots for its first chunk. Returns the
+        chunk length; 0 if it must wait (and so must everything behind it); _DEFER if only it should wait."""
+        if seq.num_pending:
+            return 0  # preempted while a token was in flight: it rejoins once that token is known
+        cached, node = np.empty(0, dtype=np.int32), None
+        if self.cache is not None and seq.params.prompt_logprobs is not None:
+            node = self.cache.root  # cached positions have no logits: such a request computes its whole prompt
+        elif self.cache is not None:
+            cached, node = self.cache.match_prefix(seq.token_ids[:-1])
+            if self._prefix_in_progress(seq, len(cached)):
+                return _DEFER
+            self.cache.lock(node)
+        n = min(len(seq.token_ids) - len(cached), budget)
+        # Keep a slot for every running sequence's next decode, so admission does not force preemption.
+        reserve = len(self.running)
+        slots = self._alloc(n + reserve)
+        if slots is None:
+            if node is not None and self.cache is not None:  # a node comes from the cache
+                self.cache.unlock(node)
+            return 0
+        self.allocator.free(slots[n:])
+        seq.row, seq.group = self.free_rows.pop(), group
+        seq.num_cached = seq.num_computed = len(cached)
+        seq.cache_node = node
+        if self.cache is not None:
+            self.cache.record(len(seq.token_ids), len(cached))
+        writes.add(seq.row, 0, np.concatenate([cached, slots[:n]]), self.req_to_slot)
+        writes.add_tokens(seq.row, seq.token_ids)
+        writes.admitted.append(seq)
+        seq.num_computed += n
+        seq.status = Status.RUNNING
+        if seq.scheduled_at is None:  # a preempted request keeps its first admission time
+            seq.scheduled_at = time.monotonic()
+        self.running.append(seq)
+        return n
+
+    def _prefix_in_progress(self, seq: Sequence, matched: int) -> bool:
+        """True if a running prefill is computing a longer prefix of `seq` than the cache holds: waiting a step
+        for it costs less than computing the same positions twice."""
+        want = seq.token_ids[: matched + 1]
+        return any(
+            p.num_cached <= matched < min(p.num_computed, p.num_prompt) and p.token_ids[: matched + 1] == want
+            for p in self.running
+        )
+
+    def _alloc(self, n: int) -> np.ndarray | None:
+        slots = self.allocator.alloc(n)
+        if slots is None and self.cache is not None:
+            self.cache.evict(n - self.allocator.num_free)
+            slots = self.allocator.alloc(n)
+        return slots
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _cache_prompt_prefix(self, seq: Sequence, writes: _Writes) -> None:
+        """Puts the prompt positions computed so far into the radix cache while the sequence runs, so that
+        requests admitted later share them at once. Earlier steps computed these positions, and any reader
+        comes later on the same stream. Where the tree already held some of them, the sequence switches to
+        the tree's slots and frees its own copies."""
+        assert self.cache is not None and seq.cache_node is not None  # only with the radix cache
+        k = min(seq.num_computed, len(seq.token_ids), seq.num_prompt)
+        row = _row(seq)
+        own = self.req_to_slot[row, :k].copy()
+        already = self.cache.insert(seq.token_ids[:k], own)
+        tree_slots, node = self.cache.match_prefix(seq.token_ids[:k])
+        if already > seq.num_cached:
+            self.allocator.free(own[seq.num_cached : already])
+            writes.add(row, seq.num_cached, tree_slots[seq.num_cached : already], self.req_to_slot)
+        self.cache.lock(node)
+        self.cache.unlock(seq.cache_node)
+        seq.cache_node, seq.num_cached = node, k
+
+    def _release(self, seq: Sequence) -> None:
+        """Gives back a sequence's row and slots; with the radix cache, the positions whose KV is known go into
+        the tree instead, so a later request (or this one, recomputing) finds them."""
+        row = _row(seq)
+        slots = self.req_to_slot[row, : seq.num_computed].copy()
+        keep = 0
+        if self.cache is not None:
+            assert seq.cache_node is not None  # admission locked its prefix (the root, at least)
+            keep = min(seq.num_computed, len(seq.token_ids))
+            already = self.cache.insert(seq.token_ids[:keep], slots[:keep])
+            self.allocator.free(slots[seq.num_cached : already])
+            self.cache.unlock(seq.cache_node)
+        self.allocator.free(slots[keep:])
+        self.free_rows.append(row)
+        seq.row, seq.num_computed, seq.num_cached, seq.cache_node = None, 0, 0, None
+
+    def _plan(self, seqs: list[Sequence], spans: list[int], writes: _Writes, decodes: tuple | None = None) -> StepPlan:
+        """`decodes`: (rows, starts) when every sequence is a decode placed in bulk, in this order."""
+        if decodes is not None:
+            rows, starts = decodes
+            lens = np.ones(len(seqs), dtype=np.int32)
+        else:
+            lens = np.array(spans, dtype=np.int32)
+            rows = np.array([s.row for s in seqs], dtype=np.int32)
+            starts = np.array([s.num_computed for s in seqs], dtype=np.int32) - lens
+        sample = np.array([s.num_computed >= len(s.token_ids) for s in seqs], dtype=bool)
+        for seq, keep in zip(seqs, sample):
+            seq.num_pending += int(keep)
+        return StepPlan(
+            rows=rows,
+            starts=starts,
+            lens=lens,
+            sample=sample,
+            **writes.arrays(),
+            new_rows=[_row(s) for s in writes.admitted],
+            new_params=[s.params for s in writes.admitted],
+            new_prompt_lens=[s.num_prompt for s in writes.admitted],
+        )
+
+
+def _group_by_shared_prefix(
+    seqs: list[Sequence], max_groups: int = MAX_GROUPS
+) -> tuple[list[Sequence], tuple[np.ndarray, np.ndarray] | None]:
+    """Decode sequences reordered so that those sharing a cached prefix are contiguous, grouped ones first (the
+    rest keep their order), and the groups as (indptr, shared lengths); None when no group forms.
+
+    Each sequence's cached prefix is the radix path down to its locked node, and its request row holds the
+    tree's slots there. It joins the ancestor on that path that saves the most reads, (sequences below it - 1)
+    x its depth, deepest on a tie: with 8 system prompts of 2,048 tokens, each followed by a unique question,
+    every sequence joins its system prompt's node. A group is kept when it has 2 or more sequences and shares
+    at least MIN_SHARED_PREFIX positions; at most `max_groups` groups are kept (a CUDA graph's cascade step
+    takes that many), those saving the most reads, in that order, and the others' sequences go ungrouped."""
+    paths = []  # per sequence: [(node, depth)], deepest first
+    below: dict[Node, int] = {}  # how many of the sequences pass through each node (nodes hash by identity)
+    for seq in seqs:
+        node, depth, path = seq.cache_node, seq.num_cached, []
+        while node is not None and node.parent is not None:  # up to, not including, the root
+            path.append((node, depth))
+            below[node] = below.get(node, 0) + 1
+            depth -= len(node.key)
+            node = node.parent
+        paths.append(path)
+    members: dict[Node, tuple[int, list[int]]] = {}  # chosen node -> (its depth, indices of its sequences)
+    for i, path in enumerate(paths):
+        best, best_saved = None, 0
+        for node, depth in path:  # deepest first, so a tie keeps the deeper node
+            saved = (below[node] - 1) * depth
+            if saved > best_saved:
+                best, best_saved = (node, depth), saved
+        if best is not None and best[1] >= MIN_SHARED_PREFIX:
+            members.setdefault(best[0], (best[1], []))[1].append(i)
+    groups = [(depth, idx) for depth, idx in members.values() if len(idx) >= 2]
+    groups.sort(key=lambda g: (len(g[1]) - 1) * g[0], reverse=True)  # stable: ties keep first-seen order
+    del groups[max_groups:]
+    if not groups:
+        return seqs, None
+    grouped = [i for _, idx in groups for i in idx]
+    in_group = set(grouped)
+    order = grouped + [i for i in range(len(seqs)) if i not in in_group]
+    indptr = np.concatenate([[0], np.cumsum([len(idx) for _, idx in groups])]).astype(np.int32)
+    lens = np.array([d for d, _ in groups], dtype=np.int32)
+    return [seqs[i] for i in order], (indptr, lens)
+
+
+def _row(seq: Sequence) -> int:
+    """The request row of a sequence that holds one (running, or being placed)."""
+    assert seq.row is not None, f"{seq} holds no request row"
+    return seq.row
+
+
+class _Writes:
+    """Collects one step's writes into the request-to-slot and request-to-token tables."""
+
+    def __init__(self):
+        self.slot_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.token_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.admitted: list[Sequence] = []
+
+    def add(self, row: int, start: int, slots: np.ndarray, table: np.ndarray) -> None:
+        pos = np.arange(start, start + len(slots), dtype=np.int32)
+        table[row, start : start + len(slots)] = slots
+        self.slot_parts.append((np.full(len(slots), row, dtype=np.int32), pos, slots))
+
+    def add_one_each(self, rows: np.ndarray, pos: np.ndarray, slots: np.ndarray, table: np.ndarray) -> None:
+        """One slot for each of many rows (a batch of decodes)."""
+        table[rows, pos] = slots
+        self.slot_parts.append((rows, pos, slots))
+
+    def add_tokens(self, row: int, tokens: list[int]) -> None:
+        ids = np.asarray(tokens, dtype=np.int32)
+        self.token_parts.append((np.full(len(ids), row, dtype=np.int32), np.arange(len(ids), dtype=np.int32), ids))
+
+    def arrays(self) -> dict:
+        def cat(parts, i):
+            if len(parts) == 1:  # a decode-only step: one bulk write, nothing to join
+                return parts[0][i]
+            return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype=np.int32)
+
+        return dict(
+            slot_rows=cat(self.slot_parts, 0),
+            slot_pos=cat(self.slot_parts, 1),
+            slot_ids=cat(self.slot_parts, 2),
+            token_rows=cat(self.token_parts, 0),
+            token_pos=cat(self.token_parts, 1),
+            token_ids=cat(self.token_parts, 2),
+        )
