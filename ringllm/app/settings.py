@@ -1,0 +1,65 @@
+"""What an API worker needs to know, in one typed struct: built by `ringllm serve` (the launcher) from its
+options and the engines' ready messages, handed to the Granian workers in one environment variable, and decoded
+once, checked, as a worker starts. No other setting crosses that process boundary.
+
+The variable's name is outside the RINGLLM_<OPTION> namespace on purpose: those are the user's option
+variables, and a warning names any RINGLLM_ variable that is not one of them."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+ENV_VAR = "_RINGLLM_WORKER_SETTINGS"
+
+Positive = Annotated[float, Meta(gt=0)]
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One API worker's settings. Engine facts (pids, capacity, context, vocabulary) come from the engines'
+    ready messages; the rest from `ringllm serve`'s options."""
+
+    # ---- the engines ----
+    engine_pids: Annotated[list[int], Meta(min_length=1)]  # one per --dp-size replica; replica 0 first
+    workers: Annotated[int, Meta(ge=1)]  # API worker processes: each claims one ring pair per engine
+    kv_slots: Annotated[int, Meta(ge=0)] = 0  # the smallest replica's KV capacity in tokens (the router's bound)
+    max_seq_len: Annotated[int, Meta(ge=1)]
+    vocab_size: Annotated[int, Meta(ge=0)] = 0  # the model's; its tokenizer may know fewer ids
+    # ---- the model as clients see it ----
+    model_path: str
+    served_models: Annotated[list[str], Meta(min_length=1)]  # names clients may use; answers report the first
+    tokenizer_path: str
+    chat_template: str | None = None  # the template's text (--chat-template, read by the launcher), or the model's
+    sanitize_control_tokens: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    # ---- HTTP ----
+    api_key: str | None = None
+    public_routes: list[str] = ["/health", "/metrics"]
+    allowed_origins: list[str] = []  # CORS; empty: no CORS headers
+    request_timeout: Positive | None = None
+    body_read_timeout: Positive = 30.0
+    max_waiting_requests: Annotated[int, Meta(ge=1)] = 4096
+    engine_stall_timeout: Positive = 30.0
+    profiler_routes: bool = False
+    log_level: str = "info"
+
+    @property
+    def served_model(self) -> str:
+        return self.served_models[0]
+
+    def to_environment(self) -> dict[str, str]:
+        """The variable the launcher sets before Granian forks its workers."""
+        return {ENV_VAR: msgspec.json.encode(self).decode()}
+
+    @classmethod
+    def from_environment(cls, env=os.environ) -> WorkerSettings:
+        """Decodes the launcher's settings (msgspec checks every field); a worker started any other way is told
+        how it should have been started."""
+        text = env.get(ENV_VAR)
+        if not text:
+            raise RuntimeError(f"{ENV_VAR} is not set: API workers are started by `ringllm serve`")
+        return msgspec.json.decode(text, type=cls)
