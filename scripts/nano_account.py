@@ -36,6 +36,38 @@ from ringllm.engine.kv_cache import KVPool
 from ringllm.engine.sampling_params import SamplingParams
 
 
+class CompileCounter:
+    """How many Triton kernels were compiled (or loaded from Triton's disk cache) and the seconds it took, since
+    the last take(): a first run that compiles is cold."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        try:
+            import triton.compiler
+            import triton.compiler.compiler as compiler
+        except ImportError:
+            return
+        original, counter = compiler.compile, self
+
+        def counted(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return original(*args, **kw)
+            finally:
+                counter.count += 1
+                counter.seconds += time.perf_counter() - t
+
+        compiler.compile = triton.compiler.compile = counted  # JITFunction imports it from triton.compiler
+
+    def take(self) -> dict:
+        out = dict(count=self.count, seconds=self.seconds)
+        self.count, self.seconds = 0, 0.0
+        return out
+
+
+compile_counter = CompileCounter()
+
+
 class StepLog:
     """Records, for every step the engine launches, its class and its floor inputs; `close()` ends a step."""
 
@@ -131,10 +163,13 @@ def main() -> None:
         results[tag] = dict(
             seconds=seconds,
             classes=account(log.rows, per_token, weight_bytes, params, bandwidth, a.flops),
+            slowest=sorted(log.rows, key=lambda r: -r[4])[:40],  # [kind, computed, kv, sampled, seconds]
+            compiles=compile_counter.take(),
         )
         log.rows.clear()
         out_tokens = sum(c["tokens_out"] for c in results[tag]["classes"].values())
         print(f"\n{tag}: {seconds:.3f} s, {out_tokens} tokens ({out_tokens / seconds:,.0f} tok/s)")
+        print("triton compiles:", results[tag]["compiles"], "slowest steps:", results[tag]["slowest"][:6])
         print(f"{'class':<12} {'steps':>6} {'seconds':>8} {'tok out':>8} {'floor s':>8} {'floor/s':>8}")
         for kind, c in sorted(results[tag]["classes"].items()):
             print(
