@@ -5,10 +5,10 @@ character flushes what one decode gives (U+FFFD)."""
 from __future__ import annotations
 
 import pytest
-
 from ringllm.app.tokenizer import AppTokenizer
-from ringllm.engine.demo import demo_model_path
 from ringllm.engine.detokenize import IncrementalDetokenizer
+
+from ringllm.engine.demo import demo_model_path
 
 TEXTS = [
     "The sea is calm tonight, and the tide is full.",
