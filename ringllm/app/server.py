@@ -20,7 +20,7 @@ from ringllm.app.limits import MAX_BODY_BYTES, bound_body_reads
 from ringllm.app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ringllm.app.settings import WorkerSettings
 from ringllm.app.sse import sse_stream
-from ringllm.app.worker import Worker
+from ringllm.app.worker import Services, Worker
 from ringllm.engine.logs import get_logger
 from ringllm.ipc.sampling import FieldError
 
@@ -28,11 +28,12 @@ log = get_logger("app")
 _json = msgspec.json.Encoder()
 
 
-def create_app(settings: WorkerSettings | None = None) -> RequestLog:
+def create_app(settings: WorkerSettings | None = None, services: Services | None = None) -> RequestLog:
     """The ASGI app of one API worker: the settings are `ringllm serve`'s (decoded once, here, when none are
-    given), since CORS, the body-read limit and the profiler routes shape the app itself."""
+    given), since CORS, the body-read limit and the profiler routes shape the app itself. The worker's lifespan
+    builds the serving objects, unless `services` are given (tests over a fake engine)."""
     settings = settings or WorkerSettings.from_environment()
-    worker = Worker(settings)
+    worker = Worker(settings, services)
     app = Litestar(
         route_handlers=_routes(worker, settings.profiler_routes),
         lifespan=[worker.lifespan],

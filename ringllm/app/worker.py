@@ -40,9 +40,12 @@ class Services:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, services: Services | None = None):
+        """`services`: serving objects built already (tests over a fake engine); the lifespan builds them
+        otherwise."""
         self.settings = settings
-        self._services: Services | None = None
+        self._services = services
+        self._given = services is not None
 
     @property
     def services(self) -> Services:
@@ -52,6 +55,9 @@ class Worker:
 
     @asynccontextmanager
     async def lifespan(self, _app) -> AsyncIterator[None]:
+        if self._given:
+            yield
+            return
         s = self.settings
         die_with_parent(name="ringllm-api")  # no API worker outlives the serve process (ipc/process.py)
         configure_logging(s.log_level)

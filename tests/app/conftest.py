@@ -95,3 +95,20 @@ async def collect_frames(frames) -> list:
         data = frame[6:-2]
         out.append("[DONE]" if data == b"[DONE]" else json.loads(data))
     return out
+
+
+class FakeStatus:
+    """app/status.py's ServerStatus for an engine that serves (no rings, no heartbeat)."""
+
+    def __init__(self):
+        self.commands: list[str] = []
+        self.unavailable: str | None = None
+
+    def health(self):
+        return self.unavailable, None
+
+    async def render_metrics(self) -> bytes:
+        return b"ringllm_num_requests_running 0.0\n"
+
+    async def profiler(self, command: str) -> None:
+        self.commands.append(command)
