@@ -160,3 +160,5 @@ def test_cli_generate_runs(demo_path, capsys):
     )
     assert "finish_reason: length" in capsys.readouterr().err
     assert main(["generate", "x", "--model", "/no/such/dir", "--device", "cpu"]) == 2
+    chat = ["generate", "hi", "--chat", "--model", str(demo_path), "--max-tokens", "3", "--device", "cpu"]
+    assert main([*chat, "--kv-cache-tokens", "512", "--context-len", "128"]) == 0  # the demo model's template

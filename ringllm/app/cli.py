@@ -102,11 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompt = args.prompt
-    if args.chat:  # rendered and tokenized as the server's chat route does it
-        prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": prompt}])
 
-    async def stream() -> str | None:
+    async def stream(prompt: str | list[int]) -> str | None:
         reason = None
         async for piece in llm.generate(prompt, params):
             sys.stdout.write(piece.text)
@@ -115,7 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return reason
 
     try:
-        reason = asyncio.run(stream())
+        # --chat: rendered and tokenized as the server's chat route does it (a model without a template: exit 2)
+        chat = [{"role": "user", "content": args.prompt}]
+        reason = asyncio.run(stream(chat_prompt_ids(llm.tokenizer, chat) if args.chat else args.prompt))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ def build(tokenizer_dir):
         )
         tokenizer = Tokenizer(settings.tokenizer_path, settings.chat_template, settings.sanitize_control_tokens)
         engine = FakeEngine(tokenizer)
-        metrics = Metrics(MemoryTable(), 0, settings.served_model)  # type: ignore[arg-type]
+        metrics = Metrics(MemoryTable(), 0, settings.served_model)
         model = ServedModel(tokenizer, settings)
         generations = Generations(engine, tokenizer, metrics, settings.request_timeout, settings.max_waiting_requests)
         return Serving(
