@@ -1,8 +1,11 @@
-"""The three boundaries of the design, checked in fresh interpreters: `ipc/` imports neither torch nor the web
-stack, `app/` never imports torch, `engine/` never imports the web stack (docs/ARCHITECTURE.md)."""
+"""The boundaries of the design, checked in fresh interpreters: `ipc/` imports neither torch nor the web stack,
+`app/` never imports torch, `text/` neither torch nor the web stack, `engine/` never the web stack
+(docs/ARCHITECTURE.md). And the seams: `app/` and `text/` reach into `engine/` only through the torch-free
+modules listed here, so a new reach shows up as a change to this list."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN = {"ipc": ("torch", "litestar", "granian"), "app": ("torch",), "engine": ("litestar", "granian")}
+FORBIDDEN = {
+    "ipc": ("torch", "litestar", "granian"),
+    "app": ("torch",),
+    "text": ("torch", "litestar", "granian"),
+    "engine": ("litestar", "granian"),
+}
+# The engine modules each package may import, at the top of a file or inside a function.
+ENGINE_SEAMS = {
+    "app": {
+        "ringllm.engine.logs",  # structlog set-up shared by every process
+        "ringllm.engine.request_stats",  # the engine's histogram names and buckets, which /metrics renders
+        "ringllm.engine.config",  # `setting`, how options are declared (app/options.py, app/limits.py)
+    },
+    "text": {"ringllm.engine.gguf"},  # a GGUF file's tokenizer, built once into a cache (numpy, no torch)
+}
+# The `ringllm` command runs the engine in-process for `generate` and spawns it for `serve`: it is the launcher,
+# not the API workers' code (it moves to ringllm/serve/).
+LAUNCHER = {"ringllm/app/cli.py"}
 
 
 def _modules(package: str) -> list[str]:
@@ -38,3 +58,24 @@ def test_package_does_not_import_across_its_boundary(package):
     modules = [m for m in _modules(package) if not m.endswith("__main__")]
     assert modules, f"no modules found in {package}/"
     assert _loaded_after_import(modules, FORBIDDEN[package]) == []
+
+
+def _engine_imports(path: Path) -> set[str]:
+    """The ringllm.engine modules a file imports anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # `from ringllm.engine import gguf` imports the module ringllm.engine.gguf
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names if node.module == "ringllm.engine"}
+    return {name for name in found if name.startswith("ringllm.engine.")}
+
+
+@pytest.mark.parametrize("package", sorted(ENGINE_SEAMS))
+def test_package_reaches_the_engine_only_through_its_seams(package):
+    reaches = {}
+    for path in sorted((ROOT / "ringllm" / package).rglob("*.py")):
+        if str(path.relative_to(ROOT)) not in LAUNCHER:
+            reaches.update({name: path.name for name in _engine_imports(path) - ENGINE_SEAMS[package]})
+    assert reaches == {}, f"{package}/ imports engine modules outside its seams: {reaches}"

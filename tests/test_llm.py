@@ -6,7 +6,6 @@ import pytest
 
 from ringllm.engine import LLM, EngineConfig, SamplingParams
 from ringllm.engine.demo import build_demo_checkpoint, checkpoint_digest
-from ringllm.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from ringllm.engine.engine import RequestError
 from ringllm.engine.loader import ModelNotFoundError
 
@@ -109,24 +108,6 @@ def test_demo_checkpoint_is_deterministic(tmp_path):
     assert checkpoint_digest(tmp_path / "a") == checkpoint_digest(tmp_path / "b")
 
 
-def test_incremental_detokenizer_multibyte(llm):
-    text = "café 日本語 🚀 done"
-    ids = llm.tokenizer.encode(text)
-    detok = IncrementalDetokenizer(llm.tokenizer)
-    out = "".join(detok.add([i]) for i in ids) + detok.flush()
-    assert out == text
-
-
-def test_stop_matcher_across_pieces():
-    m = StopStringMatcher(["STOP", "xyz"])
-    emitted = m.feed("hello ST")
-    assert emitted == "hello " and not m.stopped  # "ST" may start a stop string: held back
-    emitted += m.feed("OPPED")
-    assert m.stopped and emitted == "hello "
-    m = StopStringMatcher(["STOP"])
-    assert m.feed("ST") == "" and m.feed("ep") == "STep" and not m.stopped
-
-
 def test_engine_config_rejects_bad_values():
     with pytest.raises(ValueError):
         EngineConfig(max_bs=0)
@@ -179,3 +160,5 @@ def test_cli_generate_runs(demo_path, capsys):
     )
     assert "finish_reason: length" in capsys.readouterr().err
     assert main(["generate", "x", "--model", "/no/such/dir", "--device", "cpu"]) == 2
+    chat = ["generate", "hi", "--chat", "--model", str(demo_path), "--max-tokens", "3", "--device", "cpu"]
+    assert main([*chat, "--kv-cache-tokens", "512", "--context-len", "128"]) == 0  # the demo model's template

@@ -289,9 +289,9 @@ def _conversations():
 
 @pytest.fixture(scope="module")
 def app_tokenizers(real_model):
-    from ringllm.app.tokenizer import AppTokenizer
+    from ringllm.text.tokenizer import Tokenizer
 
-    return AppTokenizer(real_model), AppTokenizer(real_model, sanitize_control_tokens=True)
+    return Tokenizer(real_model), Tokenizer(real_model, sanitize_control_tokens=True)
 
 
 @pytest.mark.parametrize("sanitize", [False, True], ids=["control-tokens-parsed", "control-tokens-sanitized"])

@@ -52,12 +52,12 @@ def test_split_at_every_point(kind, opened, text, reasoning, content):
 def test_split_at_every_token_boundary_of_a_tokenizer(tmp_path):
     """Pieces as a real stream makes them: the incremental detokenizer's output, token by token and in every
     two-part cut of the token sequence, with <think> and </think> single tokens."""
-    from ringllm.app.tokenizer import AppTokenizer
-    from ringllm.engine.detokenize import IncrementalDetokenizer
+    from ringllm.text.detokenize import IncrementalDetokenizer
+    from ringllm.text.tokenizer import Tokenizer
     from tests.chat_models import scripted_checkpoint
 
     path = scripted_checkpoint(tmp_path / "m", ["\n", "<think>", "<|im_end|>"], "")
-    tok = AppTokenizer(path)
+    tok = Tokenizer(path)
     text = "<think>\nLet me see: 2 < 3.\n</think>\n\nYes, 2 < 3."
     ids = tok.encode(text)
     assert tok.decode(ids) == text and len(ids) > 20

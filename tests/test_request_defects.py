@@ -462,14 +462,14 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
 def test_a_stream_that_fails_unexpectedly_ends_with_an_error_event():
     import asyncio
 
-    from ringllm.app.server import _sse_stream
+    from ringllm.app.sse import sse_stream
 
     async def events():
         yield b"data: {}\n\n"
         raise RuntimeError("a bug")
 
     async def frames():
-        return [f async for f in _sse_stream(events())]
+        return [f async for f in sse_stream(events())]
 
     got = asyncio.run(frames())
     assert got[0] == b"data: {}\n\n" and json.loads(got[-1][6:])["error"]["type"] == "server_error"

@@ -14,6 +14,7 @@ from ringllm.engine import LLM, EngineConfig, SamplingParams
 from ringllm.engine.demo import demo_model_path
 from ringllm.engine.engine import Engine, RequestError
 from ringllm.ipc.sampling import StructuredOutputs
+from ringllm.text.chat_template import chat_prompt_ids
 from tests.helpers import start_server, stop_server, tiny_checkpoint
 
 # Nested objects, enums, arrays and bounded scalars: a bounded schema, so that every output ends well within
@@ -50,7 +51,7 @@ def llm(demo_path):
 
 def _closing_bias(tok) -> dict[int, float]:
     """Makes '"' and '}' likely, so that the random model's free-form strings and objects end soon."""
-    return {tok.convert_tokens_to_ids('"'): 8.0, tok.convert_tokens_to_ids("}"): 8.0}
+    return {tok.token_to_id('"'): 8.0, tok.token_to_id("}"): 8.0}
 
 
 def test_json_object_output_always_parses(llm):
@@ -340,7 +341,7 @@ def test_real_model_schema_and_logit_bias(real_llm):
         },
     }
     messages = [{"role": "user", "content": "Describe a pet as JSON with name, kind and age."}]
-    prompt = real_llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = chat_prompt_ids(real_llm.tokenizer, messages)
     outs = real_llm.generate_batch(
         [prompt] * 2,
         [

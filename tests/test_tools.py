@@ -200,12 +200,12 @@ def test_messages_and_tools_render_as_transformers_renders_them(tmp_path):
 
     from ringllm.app.chat import template_messages
     from ringllm.app.schemas import Message
-    from ringllm.app.tokenizer import AppTokenizer
+    from ringllm.text.tokenizer import Tokenizer
     from tests.chat_models import scripted_checkpoint
 
     path = scripted_checkpoint(tmp_path / "m", ["\n", "<|im_end|>"], QWEN25_TEMPLATE)
     messages = template_messages(msgspec.convert(CONVERSATION, list[Message]))
-    ours = AppTokenizer(path).apply_chat_template(messages, TOOLS)
+    ours = Tokenizer(path).apply_chat_template(messages, TOOLS)
     # What a transformers user writes for the same conversation: text contents, arguments as objects.
     theirs = [dict(m) for m in CONVERSATION]
     theirs[0]["content"], theirs[1]["content"] = "Be brief.\nUse tools.", "Weather in Paris and Oslo?"

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import http.client
 import importlib.metadata
-import json
 import math
 import os
 import signal
@@ -85,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ringllm.engine.llm import LLM
     from ringllm.engine.logs import configure_logging
     from ringllm.engine.sampling_params import SamplingParams
+    from ringllm.text.chat_template import chat_prompt_ids
 
     configure_logging(args.log_level)
     if args.model is None:
@@ -102,13 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompt = args.prompt
-    if args.chat:
-        prompt = llm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
 
-    async def stream() -> str | None:
+    async def stream(prompt: str | list[int]) -> str | None:
         reason = None
         async for piece in llm.generate(prompt, params):
             sys.stdout.write(piece.text)
@@ -117,7 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return reason
 
     try:
-        reason = asyncio.run(stream())
+        # --chat: rendered and tokenized as the server's chat route does it (a model without a template: exit 2)
+        chat = [{"role": "user", "content": args.prompt}]
+        reason = asyncio.run(stream(chat_prompt_ids(llm.tokenizer, chat) if args.chat else args.prompt))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -255,14 +252,15 @@ def _tokenizer_problem(args: argparse.Namespace) -> str | None:
     (cached) for the workers. The demo model and hub ids are checked by the engine as it finds them."""
     from pathlib import Path
 
-    from ringllm.app.tokenizer import AppTokenizer, TokenizerError, read_chat_template
+    from ringllm.text.chat_template import read_chat_template
+    from ringllm.text.tokenizer import Tokenizer, TokenizerError
 
     source = args.tokenizer or args.model
     try:
         template = read_chat_template(args.chat_template) if args.chat_template else None
         if source is None or not (Path(source).expanduser().exists() or source.startswith((".", "/", "~"))):
             return None
-        AppTokenizer(source, chat_template=template, sanitize_control_tokens=args.sanitize_control_tokens)
+        Tokenizer(source, chat_template=template, sanitize_control_tokens=args.sanitize_control_tokens)
     except (TokenizerError, ValueError, OSError) as e:
         return str(e)
     return None
@@ -448,35 +446,34 @@ def served_names(args: argparse.Namespace) -> list[str]:
 
 
 def _worker_environment(args: argparse.Namespace, info: dict) -> dict[str, str]:
-    """The settings each API worker reads (app.server.Settings)."""
-    served = served_names(args)
-    env = dict(
-        RINGLLM_ENGINE_PID=str(info["pid"]),
-        RINGLLM_WORKERS=str(args.workers),
-        RINGLLM_MODEL_PATH=info["model_path"],
-        RINGLLM_MAX_SEQ_LEN=str(info["max_seq_len"]),
-        RINGLLM_VOCAB_SIZE=str(info["vocab_size"]),
-        RINGLLM_SERVED_MODELS=json.dumps(served),
-        RINGLLM_TOKENIZER_PATH=args.tokenizer or info["model_path"],
-        RINGLLM_LOG_LEVEL=args.log_level,
-        RINGLLM_PUBLIC_ROUTES=args.public_routes,
-        RINGLLM_REQUEST_TIMEOUT=str(args.request_timeout or 0),
-        RINGLLM_MAX_WAITING_REQUESTS=str(args.max_waiting_requests),
-        RINGLLM_TOOL_CALL_PARSER=args.tool_call_parser or "",
-        RINGLLM_REASONING_PARSER=args.reasoning_parser or "",
-        RINGLLM_CHAT_TEMPLATE=args.chat_template or "",
-        RINGLLM_SANITIZE_CONTROL_TOKENS="1" if args.sanitize_control_tokens else "",
-        RINGLLM_BODY_READ_TIMEOUT=str(args.body_read_timeout),
-        RINGLLM_PROFILER_ROUTES="1" if args.profiler_dir else "",
-        RINGLLM_ENGINE_STALL_TIMEOUT=str(args.engine_stall_timeout),
+    """The settings each API worker decodes (app/settings.py), in their one variable."""
+    from ringllm.app.settings import WorkerSettings
+    from ringllm.text.chat_template import read_chat_template
+
+    settings = WorkerSettings(
+        engine_pids=info.get("replica_pids") or [info["pid"]],  # --dp-size N: every replica's
+        workers=args.workers,
+        kv_slots=info["kv_slots"],
+        max_seq_len=info["max_seq_len"],
+        vocab_size=info["vocab_size"],
+        model_path=info["model_path"],
+        served_models=served_names(args),
+        tokenizer_path=args.tokenizer or info["model_path"],
+        chat_template=read_chat_template(args.chat_template) if args.chat_template else None,
+        sanitize_control_tokens=args.sanitize_control_tokens,
+        tool_call_parser=args.tool_call_parser or None,
+        reasoning_parser=args.reasoning_parser or None,
+        api_key=args.api_key or None,
+        public_routes=[r for r in args.public_routes.split(",") if r],
+        allowed_origins=args.allowed_origins or [],
+        request_timeout=args.request_timeout if (args.request_timeout or 0) > 0 else None,
+        body_read_timeout=args.body_read_timeout,
+        max_waiting_requests=args.max_waiting_requests,
+        engine_stall_timeout=args.engine_stall_timeout,
+        profiler_routes=bool(args.profiler_dir),
+        log_level=args.log_level,
     )
-    if "replica_pids" in info:  # --dp-size N
-        env.update(RINGLLM_ENGINE_PIDS=",".join(map(str, info["replica_pids"])), RINGLLM_KV_SLOTS=str(info["kv_slots"]))
-    if args.api_key:
-        env["RINGLLM_API_KEY"] = args.api_key
-    if args.allowed_origins:
-        env["RINGLLM_ALLOWED_ORIGINS"] = json.dumps(args.allowed_origins)
-    return env
+    return settings.to_environment()
 
 
 def _host_app(args: argparse.Namespace, proc, signals: _ShutdownSignals) -> int:
@@ -493,7 +490,8 @@ def _host_app(args: argparse.Namespace, proc, signals: _ShutdownSignals) -> int:
     from ringllm.ipc.lifecycle import remove_stale_segments
 
     server = Granian(
-        "ringllm.app.server:asgi",
+        "ringllm.app.server:create_app",
+        factory=True,  # each worker builds its app from the settings in _worker_environment's variable
         address=args.host,
         port=args.port,
         interface=Interfaces.ASGI,

@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import os
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ringllm.ipc import messages as m
 from ringllm.ipc.async_reader import AsyncRingReader
@@ -24,6 +26,16 @@ class EngineDown(RuntimeError):
 
 class EngineBusy(RuntimeError):
     """The request ring stayed full for RING_WAIT_SECONDS: the engine is not taking requests fast enough."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A generation the engine has taken: its outputs (m.TokenDelta items, or one m.RequestFailed) arrive on
+    `outputs`; `abort()` tells the engine to stop it and free its KV."""
+
+    rid: str
+    outputs: asyncio.Queue
+    abort: Callable[[], None]
 
 
 class _Pending:

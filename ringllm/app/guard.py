@@ -10,15 +10,13 @@ import hmac
 from ringllm.app.errors import ApiError
 
 
-def guard(app):
+def guard(app, api_key: str | None, public_routes: set[str]):
     """Litestar middleware factory: wraps the route's ASGI app."""
 
     async def middleware(scope, receive, send):
         if scope["type"] == "http":
-            settings = scope["litestar_app"].state.settings
             headers = _headers(scope)
-            given = headers.get(b"authorization")
-            check_api_key(settings.api_key, settings.public_routes, scope["path"], given)
+            check_api_key(api_key, public_routes, scope["path"], headers.get(b"authorization"))
             if _has_body(headers):
                 check_json_content_type(headers.get(b"content-type"))
         await app(scope, receive, send)

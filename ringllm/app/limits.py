@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from dataclasses import dataclass
 
-import msgspec
-
+from ringllm.app.errors import error_body
 from ringllm.engine.config import setting
 
 MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
@@ -68,10 +66,6 @@ def granian_options(limits: ServeLimits | argparse.Namespace, workers: int) -> d
     }
 
 
-def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
-    return msgspec.json.encode({"error": {"message": message, "type": kind, "param": None, "code": None}})
-
-
 async def _answer(send, status: int, message: str) -> None:
     """An error in OpenAI's shape; `connection: close` since the rest of the body will not be read."""
     await send(
@@ -81,15 +75,13 @@ async def _answer(send, status: int, message: str) -> None:
             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
         }
     )
-    await send({"type": "http.response.body", "body": _error_body(message)})
+    await send({"type": "http.response.body", "body": error_body(message)})
 
 
-def bound_body_reads(app, timeout: float | None = None, max_bytes: int = MAX_BODY_BYTES):
+def bound_body_reads(app, timeout: float, max_bytes: int = MAX_BODY_BYTES):
     """Wraps ASGI `app`: an HTTP request's whole body is read first, within `timeout` seconds (408 past it) and
     `max_bytes` (413 past it, at once when Content-Length says so), then handed to `app` in one piece; later
     receive() calls (a disconnect) go to the server as before."""
-    if timeout is None:
-        timeout = float(os.environ.get("RINGLLM_BODY_READ_TIMEOUT") or 30.0)
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http":

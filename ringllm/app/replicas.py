@@ -13,11 +13,12 @@ exits (status 1) once every replica has exited."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import posix_ipc
 from prometheus_client.core import GaugeMetricFamily
 
-from ringllm.app.engine_client import EngineClient, EngineDown
+from ringllm.app.engine_client import EngineClient, EngineDown, Submission
 from ringllm.app.router import PrefixRouter
 from ringllm.ipc import messages as m
 from ringllm.ipc.heartbeat import HeartbeatReader
@@ -54,6 +55,13 @@ class Replicas:
             if isinstance(e, posix_ipc.ExistentialError):  # its segments are gone: it exited, or is exiting
                 raise EngineDown(f"the engine (pid {pid}) is not running: its shared memory is gone") from e
             raise  # a live engine that cannot be opened is a bug
+
+    async def submit(self, token_ids: list[int], sampling: m.Sampling) -> Submission:
+        """Sends a generation to the replica `pick` chooses (the serving layer's EngineConnection)."""
+        client = self.pick(token_ids)
+        rid = client.new_rid()
+        outputs = await client.submit(rid, token_ids, sampling)
+        return Submission(rid, outputs, functools.partial(client.abort, rid))
 
     def pick(self, ids: list[int]) -> EngineClient:
         """The client of the replica for prompt `ids`. With one replica, that one (it answers for itself

@@ -1,54 +1,37 @@
-"""A request's life between the HTTP route and the engine: submit each generation (prompt × choice), turn
-its token deltas into text pieces (detokenizing, matching stop strings, enforcing --request-timeout), fan
-several choices out and back in, and abort in the engine whatever the client no longer waits for."""
+"""A request's life between the serving objects and the engine: submit each generation (prompt × choice), turn
+its token deltas into text pieces (text/stream.py: detokenizing, stop strings), enforce --request-timeout, fan
+several choices out and back in, and abort in the engine whatever the client no longer waits for.
+
+The engine is reached through `EngineConnection`: the replicas' ring clients (app/replicas.py) when serving,
+a scripted fake in the unit tests (tests/app/fake_engine.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
-from litestar import Request
 
-from ringllm.app.engine_client import EngineBusy, EngineDown
+from ringllm.app.engine_client import EngineBusy, EngineDown, Submission
 from ringllm.app.errors import ApiError
-from ringllm.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from ringllm.app.metrics import Metrics
 from ringllm.engine.logs import get_logger
 from ringllm.ipc import messages as m
+from ringllm.text.stream import TextStream
+from ringllm.text.tokenizer import Tokenizer
 
 log = get_logger("app")
 
+# (token id, its logprob, the top (id, logprob) pairs); an echoed prompt's first token has neither
+TokenLogprobs = tuple[int, float | None, list[tuple[int, float]] | None]
 
-OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes seconds
 
-
-async def tokenize_text(
-    request: Request,
-    text: str,
-    add_special_tokens: bool = False,
-    encode=None,
-    bound: bool = True,
-    param: str = "prompt",
-) -> list[int]:
-    """The token ids of a prompt text. A text longer than the context could hold even at the tokenizer's
-    longest token is refused before tokenizing (with `bound`); a long text is tokenized off the event loop, so
-    the worker goes on serving (and answering /health) meanwhile. `encode` replaces the tokenizer's."""
-    tok, settings = request.app.state.tokenizer, request.app.state.settings
-    limit = settings.max_seq_len * request.app.state.max_token_chars
-    if bound and len(text) > limit:
-        raise ApiError(
-            400,
-            f"the prompt has {len(text)} characters: more than the context of "
-            f"{settings.max_seq_len} tokens can hold ({limit} characters at most)",
-            param=param,
-        )
-    encode = encode or tok.encode
-    if len(text) < OFF_LOOP_CHARS:
-        return encode(text, add_special_tokens) if add_special_tokens else encode(text)
-    if add_special_tokens:
-        return await asyncio.to_thread(encode, text, add_special_tokens)
-    return await asyncio.to_thread(encode, text)
+class EngineConnection(Protocol):
+    async def submit(self, token_ids: list[int], sampling: m.Sampling) -> Submission:
+        """Sends one generation to an engine that can serve it now (raises EngineDown or EngineBusy)."""
+        ...
 
 
 class Job(NamedTuple):
@@ -59,194 +42,214 @@ class Job(NamedTuple):
     echo: str | None = None
 
 
-async def _pieces(request: Request, job: Job, stops: list[str]):
-    """Yields (text, finish_reason, completion_tokens, logprobs) as tokens arrive; tokens that arrived
-    together make one piece. With `job.echo` the first piece starts with the prompt (and its tokens'
-    logprobs, the first one None). Whatever ends the request before the engine does (a stop string, the
-    timeout, a consumer that went away) aborts it in the engine: it stops generating and frees its KV."""
-    ids, sampling = job.ids, job.sampling
-    tok = request.app.state.tokenizer
-    try:
-        client = request.app.state.replicas.pick(ids)  # with --dp-size 1 the one engine
-        rid = client.new_rid()
-        queue = await client.submit(rid, ids, sampling)
-    except (EngineDown, EngineBusy) as e:
-        raise ApiError(503, str(e), "server_error") from None
-    detok, matcher = IncrementalDetokenizer(tok, ids), StopStringMatcher(stops)
-    count, finished, reason = 0, False, None
-    engine_done = False  # the engine finished or failed the request itself: nothing to abort
-    metrics, start, last, ttft = request.app.state.metrics, time.perf_counter(), None, None
-    limit = request.app.state.settings.request_timeout
-    try:
-        while not finished:
-            items = [await _next(queue, None if limit is None else start + limit - time.perf_counter(), limit)]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            new, reason, lps = [], None, []
-            if job.echo is not None and last is None:
-                lps = _echoed_logprobs(ids, items[0]) if sampling.logprobs is not None else []
-            for item in items:
-                if isinstance(item, m.RequestFailed):
-                    finished = engine_done = True
-                    raise ApiError(
-                        item.status, item.message, "server_error" if item.status >= 500 else "invalid_request_error"
-                    )
-                got = m.unpack_ids(item.token_ids)
-                new += got
-                reason = reason or item.finish_reason
-                if item.logprobs is not None:
-                    tops = item.top_logprobs or [[] for _ in got]
-                    lps += list(zip(got, item.logprobs, tops))
-            count += len(new)
-            engine_done = reason is not None
-            text = detok.add(new) + (detok.flush() if reason else "")
-            out = matcher.feed(text)
-            if matcher.stopped:
-                reason = "stop"
-                if not engine_done:  # the engine does not see stop strings: it would generate on
-                    client.abort(rid)
+class Output(NamedTuple):
+    """A piece of one choice: its new text, its finish reason once it ended, its completion tokens so far,
+    and the logprobs of the tokens in this piece."""
+
+    choice: int
+    text: str
+    finish_reason: str | None
+    tokens: int
+    logprobs: list[TokenLogprobs]
+
+
+class Choice(NamedTuple):
+    """One choice of a request run to its end."""
+
+    text: str
+    finish_reason: str | None
+    tokens: int
+    logprobs: list[TokenLogprobs]
+
+
+class Generations:
+    """Runs generations against the engine for every route; one per API worker."""
+
+    def __init__(
+        self,
+        engine: EngineConnection,
+        tokenizer: Tokenizer,
+        metrics: Metrics,
+        request_timeout: float | None = None,
+        max_waiting_requests: int = 4096,
+    ):
+        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
+        self.timeout, self.max_waiting = request_timeout, max_waiting_requests
+
+    def jobs(
+        self, ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None
+    ) -> list[Job]:
+        """One job per prompt and choice; with a seed, choice j uses seed + j (wrapped within 64 bits) so the
+        choices differ. More jobs than the engine's queue holds could never all be queued: that is a 400."""
+        if len(ids_list) * n > self.max_waiting:
+            raise ApiError(
+                400,
+                f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this "
+                f"server queues at most {self.max_waiting} (--max-waiting-requests)",
+                param="n",
+            )
+        jobs = []
+        for p, ids in enumerate(ids_list):
+            for j in range(n):
+                sp = sampling
+                if sampling.seed is not None and j > 0:
+                    sp = msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, j))
+                jobs.append(Job(ids, sp, echoes[p] if echoes else None))
+        return jobs
+
+    async def stream(self, jobs: list[Job]) -> AsyncIterator[Output]:
+        """Runs several generations at once (prompts × n) and yields their pieces as they arrive from any of
+        them. Leaving early aborts those still running."""
+        if len(jobs) == 1:  # the common case needs no tasks or queue hop
+            async for out in self._pieces(0, jobs[0]):
+                yield out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def drive(index: int, job: Job) -> None:
+            try:
+                async for out in self._pieces(index, job):
+                    await queue.put(out)
+            except ApiError as e:
+                await queue.put(e)
+            except Exception as e:  # never leave the request waiting for a choice that died
+                log.exception("a choice failed", error=str(e))
+                await queue.put(ApiError(500, "internal error", "server_error"))
+
+        tasks = [asyncio.create_task(drive(i, job)) for i, job in enumerate(jobs)]
+        try:
+            done = 0
+            while done < len(jobs):
+                item = await queue.get()
+                if isinstance(item, ApiError):
+                    raise item
+                done += item.finish_reason is not None
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def collect(self, jobs: list[Job], disconnected: Callable[[], Coroutine[Any, Any, None]]) -> list[Choice]:
+        """Runs a non-streaming request to its end, or aborts it in the engine once `disconnected()` returns
+        (the client went away: a 499 nobody reads)."""
+        texts, counts = [""] * len(jobs), [0] * len(jobs)
+        reasons: list[str | None] = [None] * len(jobs)
+        lps: list[list[TokenLogprobs]] = [[] for _ in jobs]
+
+        async def gather() -> None:
+            async for out in self.stream(jobs):
+                texts[out.choice] += out.text
+                reasons[out.choice], counts[out.choice] = out.finish_reason, out.tokens
+                lps[out.choice] += out.logprobs
+
+        work, watch = asyncio.create_task(gather()), asyncio.create_task(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not work.done():
+            work.cancel()  # the client left: cancelling aborts every choice in the engine
+            raise ApiError(499, "client disconnected")
+        work.result()
+        return [Choice(*choice) for choice in zip(texts, reasons, counts, lps)]
+
+    async def _pieces(self, choice: int, job: Job) -> AsyncIterator[Output]:
+        """Yields one choice's pieces as tokens arrive; tokens that arrived together make one piece. With
+        `job.echo` the first piece starts with the prompt (and its tokens' logprobs, the first one None).
+        Whatever ends the request before the engine does (a stop string, the timeout, a consumer that went
+        away) aborts it in the engine: it stops generating and frees its KV."""
+        try:
+            sub = await self.engine.submit(job.ids, job.sampling)
+        except (EngineDown, EngineBusy) as e:
+            raise ApiError(503, str(e), "server_error") from None
+        text = TextStream(self.tokenizer, job.ids, job.sampling.stop)
+        count, engine_done = 0, False  # engine_done: it finished or failed the request itself, or was aborted
+        start, last, ttft = time.perf_counter(), None, None
+        try:
+            while not text.finished:
+                items = await self._next_items(sub.outputs, start)
+                lps = _echoed_logprobs(job.ids, items[0]) if job.echo is not None and last is None else []
+                try:
+                    new, reason = _tokens(items, lps)
+                except ApiError:
+                    engine_done = True  # the engine failed the request: nothing to abort
+                    raise
+                count += len(new)
+                engine_done = reason is not None
+                piece = text.feed(new, reason)
+                if piece.abort:  # a stop string: the engine would generate on
+                    sub.abort()
                     engine_done = True
-            elif reason:
-                out += matcher.flush()
-            finished = reason is not None
-            now = time.perf_counter()
-            if last is None:
-                out = (job.echo or "") + out
-                ttft = now - start
-                metrics.ttft.observe(ttft)
-            else:
-                metrics.itl.observe(now - last)
-            last = now
-            yield out, reason, count, lps
-    finally:
-        if not engine_done:
-            client.abort(rid)
-        if not finished:
-            reason = "abort"
-        total = time.perf_counter() - start
-        metrics.finished(reason or "error", len(ids), total)
-        log.info(
-            "request",
-            rid=rid,
-            prompt_tokens=len(ids),
-            completion_tokens=count,
-            finish_reason=reason,
-            ttft_s=round(ttft, 4) if ttft is not None else None,
-            total_s=round(total, 4),
-        )
+                now = time.perf_counter()
+                if last is None:
+                    ttft = now - start
+                    self.metrics.ttft.observe(ttft)
+                else:
+                    self.metrics.itl.observe(now - last)
+                out = piece.text if last is not None else (job.echo or "") + piece.text
+                last = now
+                yield Output(choice, out, piece.finish_reason, count, lps)
+        finally:
+            if not engine_done:
+                sub.abort()
+            reason = text.finish_reason or "abort"
+            total = time.perf_counter() - start
+            self.metrics.finished(reason, len(job.ids), total)
+            log.info(
+                "request",
+                rid=sub.rid,
+                prompt_tokens=len(job.ids),
+                completion_tokens=count,
+                finish_reason=reason,
+                ttft_s=round(ttft, 4) if ttft is not None else None,
+                total_s=round(total, 4),
+            )
+
+    async def _next_items(self, outputs: asyncio.Queue, start: float) -> list:
+        """What the engine sent since the last look (at least one item), or a 504 once the request has run past
+        --request-timeout (the caller aborts it)."""
+        if self.timeout is None:
+            items = [await outputs.get()]
+        else:
+            try:
+                items = [await asyncio.wait_for(outputs.get(), max(0.0, start + self.timeout - time.perf_counter()))]
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    504, f"the request ran past the server's request timeout of {self.timeout:g} s", "timeout_error"
+                ) from None
+        while not outputs.empty():
+            items.append(outputs.get_nowait())
+        return items
 
 
-def _echoed_logprobs(ids: list[int], first) -> list:
+def _tokens(items: list, lps: list[TokenLogprobs]) -> tuple[list[int], str | None]:
+    """The new token ids of the engine's items and their finish reason; their logprobs are added to `lps`. An
+    item that failed the request raises its error."""
+    new: list[int] = []
+    reason = None
+    for item in items:
+        if isinstance(item, m.RequestFailed):
+            kind = "server_error" if item.status >= 500 else "invalid_request_error"
+            raise ApiError(item.status, item.message, kind)
+        got = m.unpack_ids(item.token_ids)
+        new += got
+        reason = reason or item.finish_reason
+        if item.logprobs is not None:
+            tops = item.top_logprobs or [[] for _ in got]
+            lps += list(zip(got, item.logprobs, tops))
+    return new, reason
+
+
+def _echoed_logprobs(ids: list[int], first) -> list[TokenLogprobs]:
     """(token, logprob, top) for each prompt token, from the engine's prompt logprobs that came with the
     first generated token; the first prompt token has no context, so no logprob."""
     if not isinstance(first, m.TokenDelta) or first.prompt_logprobs is None:
         return []
     assert first.prompt_top_logprobs is not None  # the engine sends both together
-    rows: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [(ids[0], None, None)]
+    rows: list[TokenLogprobs] = [(ids[0], None, None)]
     return rows + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
-
-
-async def _next(queue: asyncio.Queue, remaining: float | None, limit: float | None):
-    """The next item for a request, or a 504 once it has run past --request-timeout (the caller aborts it)."""
-    if remaining is None:
-        return await queue.get()
-    try:
-        return await asyncio.wait_for(queue.get(), max(0.0, remaining))
-    except asyncio.TimeoutError:
-        raise ApiError(
-            504, f"the request ran past the server's request timeout of {limit:g} s", "timeout_error"
-        ) from None
-
-
-async def fan_out(request: Request, jobs: list[Job], stops: list[str]):
-    """Runs several generations at once (prompts × n) and yields (choice index, text, finish_reason, count)
-    as pieces arrive from any of them. Leaving early aborts those still running."""
-    if len(jobs) == 1:  # the common case needs no tasks or queue hop
-        async for text, reason, count, lps in _pieces(request, jobs[0], stops):
-            yield 0, text, reason, count, lps
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def drive(index, job):
-        try:
-            async for text, reason, count, lps in _pieces(request, job, stops):
-                await queue.put((index, text, reason, count, lps))
-        except ApiError as e:
-            await queue.put(e)
-        except Exception as e:  # never leave the request waiting for a choice that died
-            log.exception("a choice failed", error=str(e))
-            await queue.put(ApiError(500, "internal error", "server_error"))
-
-    tasks = [asyncio.create_task(drive(i, job)) for i, job in enumerate(jobs)]
-    try:
-        done = 0
-        while done < len(jobs):
-            item = await queue.get()
-            if isinstance(item, ApiError):
-                raise item
-            done += item[2] is not None
-            yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def make_jobs(
-    request: Request, ids_list: list[list[int]], sampling: m.Sampling, n: int, echoes: list[str] | None = None
-) -> list[Job]:
-    """One job per prompt and choice; with a seed, choice j uses seed + j (wrapped within 64 bits) so the
-    choices differ. More jobs than the engine's queue holds could never all be queued: that is a 400."""
-    limit = request.app.state.settings.max_waiting_requests
-    if len(ids_list) * n > limit:
-        raise ApiError(
-            400,
-            f"{len(ids_list)} prompts × n={n} make {len(ids_list) * n} generations; this "
-            f"server queues at most {limit} (--max-waiting-requests)",
-            param="n",
-        )
-    jobs = []
-    for p, ids in enumerate(ids_list):
-        for j in range(n):
-            sp = (
-                sampling
-                if sampling.seed is None or j == 0
-                else msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, j))
-            )
-            jobs.append(Job(ids, sp, echoes[p] if echoes else None))
-    return jobs
 
 
 def _choice_seed(seed: int, j: int) -> int:
     """seed + j as a signed 64-bit integer: 2**63 - 1 + 1 wraps to -2**63 instead of overflowing."""
     return (seed + j + 2**63) % 2**64 - 2**63
-
-
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body was read already; only that event is left)."""
-    message = await request.receive()
-    while message["type"] != "http.disconnect":
-        message = await request.receive()
-
-
-async def collect(request: Request, jobs, stops, n: int):
-    """Runs a non-streaming request to its end, or aborts it in the engine if the client goes away first.
-    Returns per-choice (texts, reasons, counts, logprobs)."""
-    texts, reasons, counts = [""] * n, [None] * n, [0] * n
-    lps_all: list[list] = [[] for _ in range(n)]
-
-    async def gather():
-        async for index, text, reason, count, lps in fan_out(request, jobs, stops):
-            texts[index] += text
-            reasons[index], counts[index] = reason, count
-            lps_all[index] += lps
-
-    work, watch = asyncio.create_task(gather()), asyncio.create_task(_until_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not work.done():
-        work.cancel()  # the client left: cancelling aborts every choice in the engine
-        raise ApiError(499, "client disconnected")
-    work.result()
-    return texts, reasons, counts, lps_all

@@ -11,6 +11,7 @@ from msgspec import Meta
 from ringllm.ipc.sampling import (
     MAX_LOGPROBS,
     MAX_STOP_SEQUENCES,
+    FieldError,
     SamplingFields,
     SamplingParams,
     StructuredOutputs,
@@ -147,9 +148,10 @@ def _constraint(body) -> StructuredOutputs | None:
             try:
                 given[name] = StructuredOutputs(**{kind: getattr(body, name)})
             except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+                raise FieldError(name, f"{name}: {e}") from None
     if len(given) > 1:
-        raise ValueError(f"{next(iter(given))}: give one output constraint, not {' and '.join(given)}")
+        first = next(iter(given))
+        raise FieldError(first, f"{first}: give one output constraint, not {' and '.join(given)}")
     if not given:
         return None
     [(name, constraint)] = given.items()
@@ -159,7 +161,7 @@ def _constraint(body) -> StructuredOutputs | None:
         try:
             jsonschema_rs.meta.validate(msgspec.json.decode(constraint.json))
         except jsonschema_rs.ValidationError as e:
-            raise ValueError(f"{name}: not a valid JSON schema: {str(e).splitlines()[0]}") from None
+            raise FieldError(name, f"{name}: not a valid JSON schema: {str(e).splitlines()[0]}") from None
     return constraint
 
 
@@ -167,9 +169,10 @@ def _refuse_unimplemented(obj) -> None:
     for name in type(obj).__struct_fields__:
         allowed = NOT_IMPLEMENTED.get(name)
         if allowed is not None and getattr(obj, name) not in allowed:
-            raise ValueError(
+            raise FieldError(
+                name,
                 f"{name} is not supported by this server (accepted only as "
-                f"{' or '.join(msgspec.json.encode(v).decode() for v in allowed)})"
+                f"{' or '.join(msgspec.json.encode(v).decode() for v in allowed)})",
             )
 
 
@@ -197,8 +200,8 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     def sampling_params(self, **engine_fields) -> SamplingParams:
         """The engine's parameters for this body: every shared field as it is, `stop` as a list, the output
         constraint of response_format / guided_* / structured_outputs, and `engine_fields` (max_tokens once it
-        is checked against the context, logprobs as the engine counts them). Raises ValueError whose message
-        starts with the name of the bad field."""
+        is checked against the context, logprobs as the engine counts them). Raises FieldError naming the bad
+        field."""
         self._refuse()
         shared = {name: getattr(self, name) for name in SamplingFields.__struct_fields__}
         shared["structured_outputs"] = _constraint(self)
@@ -240,7 +243,17 @@ class ChatRequest(_Sampling, kw_only=True):
     def _refuse(self) -> None:
         super()._refuse()
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+
+
+class TokenizeRequest(msgspec.Struct):
+    prompt: str | None = None
+    messages: list[Message] | None = None  # as in a chat request; rendered with the chat template
+    add_special_tokens: bool | None = None  # default: True for a prompt (as completions), False for messages
+
+
+class DetokenizeRequest(msgspec.Struct):
+    tokens: list[int]
 
 
 class Usage(msgspec.Struct):

@@ -38,7 +38,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     reasoning_parser: str | None = None
     # ---- HTTP ----
     api_key: str | None = None
-    public_routes: list[str] = ["/health", "/metrics"]
+    public_routes: list[str] = msgspec.field(default_factory=lambda: ["/health", "/metrics"])
     allowed_origins: list[str] = []  # CORS; empty: no CORS headers
     request_timeout: Positive | None = None
     body_read_timeout: Positive = 30.0

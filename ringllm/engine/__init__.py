@@ -1,6 +1,6 @@
 """ringllm's engine: `from ringllm.engine import LLM, SamplingParams, EngineConfig`.
 
-Imports are lazy so that torch-free parts (SamplingParams, the detokenizer) load without torch."""
+Imports are lazy so that torch-free parts (SamplingParams, EngineConfig) load without torch."""
 
 __all__ = ["LLM", "Completion", "Engine", "EngineConfig", "SamplingParams", "configure_logging"]
 

@@ -19,7 +19,7 @@ import torch
 from ringllm.engine import parallel
 from ringllm.engine.config import EngineConfig, check_context_len
 from ringllm.engine.grammar import GrammarError, Grammars
-from ringllm.engine.loader import checkpoint_path, load_tokenizer, read_config
+from ringllm.engine.loader import checkpoint_path, read_config
 from ringllm.engine.logs import get_logger
 from ringllm.engine.model_runner import ModelRunner
 from ringllm.engine.parallel import Layout
@@ -29,6 +29,8 @@ from ringllm.engine.scheduler import Batch, Scheduler
 from ringllm.engine.sequence import Sequence, Status
 from ringllm.engine.step_result import StepResult, file_prompt_logprobs
 from ringllm.engine.worker import Workers, join, no_cuda_reason, rank_device
+from ringllm.ipc.sampling import FieldError, check_token_ids
+from ringllm.text.tokenizer import transformers_tokenizer
 
 log = get_logger("engine")
 GRAMMAR_POLL_SECONDS = 1e-3  # how long an otherwise idle step waits for a grammar to compile
@@ -103,7 +105,9 @@ class Engine:
         self._in_flight: deque[tuple[Batch, StepResult]] = deque()
         # Structured outputs: requests waiting for their grammar to compile, and the matchers of admitted ones.
         self.grammars = Grammars(
-            lambda: load_tokenizer(config.tokenizer or self.model_path), self.vocab_size, sorted(self.eos_token_ids)
+            lambda: transformers_tokenizer(config.tokenizer or self.model_path),
+            self.vocab_size,
+            sorted(self.eos_token_ids),
         )
         self._compiling: list[tuple[Sequence, Future]] = []
         self._matchers: dict[str, object] = {}
@@ -128,11 +132,10 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
                 f"{self.max_seq_len - 1} (context length {self.max_seq_len}, one for the output)"
             )
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if (why := params.token_id_outside(self.vocab_size)) is not None:
-            raise RequestError(why)
+        try:
+            check_token_ids(self.vocab_size, [prompt_ids], params)
+        except FieldError as e:
+            raise RequestError(str(e)) from None
         if params.structured_outputs is not None and not self.layout.is_sampler:
             raise RequestError("structured_outputs need the sampler in the engine process (pp_size 1)")
 

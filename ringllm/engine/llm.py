@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ringllm.engine.config import EngineConfig
-from ringllm.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from ringllm.engine.engine import Engine, RequestError, TokenOutput
-from ringllm.engine.loader import checkpoint_path, load_tokenizer
+from ringllm.engine.loader import checkpoint_path
 from ringllm.engine.logs import get_logger
 from ringllm.engine.sampling_params import SamplingParams
+from ringllm.text.stream import TextStream
+from ringllm.text.tokenizer import Tokenizer
 
 log = get_logger("engine.llm")
 
@@ -44,35 +45,30 @@ class Completion:
 
 
 class _Request:
-    """Host-side state of one request: detokenizer, stop strings, and where its pieces go."""
+    """Host-side state of one request: its text stream (text/stream.py, as the API workers use it) and where
+    its pieces go."""
 
     def __init__(self, rid, prompt_ids, params, tokenizer, sink: Callable[[Completion], None]):
         self.rid, self.params, self.sink = rid, params, sink
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = StopStringMatcher(params.stop)
+        self.text = TextStream(tokenizer, prompt_ids, params.stop)
         self.prompt_tokens = len(prompt_ids)
 
-    def on_output(self, out: TokenOutput) -> bool:
-        """Turns one engine output into a Completion piece; True if the request has ended here (a stop
-        string counts, and the caller then aborts it in the engine)."""
+    def on_output(self, out: TokenOutput) -> tuple[bool, bool]:
+        """Turns one engine output into a Completion piece; returns (whether the request has ended here,
+        whether the engine still runs it: a stop string ended it, and the caller aborts it there)."""
         piece = Completion(self.rid, prompt_tokens=self.prompt_tokens, finish_reason=out.finish_reason)
-        if out.token_id is not None:
-            piece.token_ids = [out.token_id]
+        new = [] if out.token_id is None else [out.token_id]
+        if new:
+            piece.token_ids = new
             if out.logprob is not None:
                 piece.logprobs = [out.logprob]
             piece.prompt_logprobs = out.prompt_logprobs
-            text = self.detok.add([out.token_id])
-            if out.finish_reason:
-                text += self.detok.flush()
-            piece.text = self.stops.feed(text)
-            if self.stops.stopped:
-                piece.finish_reason = "stop"
+        text = self.text.feed(new, out.finish_reason)
+        piece.text, piece.finish_reason = text.text, text.finish_reason
         if out.error is not None:
             piece.text = f"error: {out.error}"
-        elif piece.finish_reason and not self.stops.stopped:
-            piece.text += self.stops.flush()
         self.sink(piece)
-        return piece.finish_reason is not None
+        return piece.finished, text.abort
 
 
 class LLM:
@@ -80,7 +76,7 @@ class LLM:
         config = config or EngineConfig(model=model, **overrides)
         self.config = config
         # The tokenizer first: a missing one fails before any weights are loaded, naming the file.
-        self.tokenizer = load_tokenizer(config.tokenizer or checkpoint_path(config.model, config.download_dir))
+        self.tokenizer = Tokenizer(config.tokenizer or checkpoint_path(config.model, config.download_dir))
         self.engine = Engine(config)
         self._ids = itertools.count()
         self._commands: deque = deque()
@@ -93,7 +89,9 @@ class LLM:
 
     # ---- public API ----
     def encode(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        """A text prompt gets the tokenizer's special tokens (Llama's BOS), as in transformers and in the
+        server's /v1/completions; token ids are used as given."""
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def generate_batch(
         self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
@@ -212,7 +210,7 @@ class LLM:
         if req is None:
             return
         try:
-            ended = req.on_output(out)
+            ended, running = req.on_output(out)
         except Exception:  # the consumer is gone (its event loop closed): drop the request, keep serving
             log.warning("dropping a request whose consumer failed", rid=out.rid, exc_info=True)
             del self._requests[out.rid]
@@ -220,5 +218,5 @@ class LLM:
             return
         if ended:
             del self._requests[out.rid]
-            if out.finish_reason is None:  # ended by a stop string: the engine still runs it
+            if running:  # ended by a stop string
                 self.engine.abort(out.rid)

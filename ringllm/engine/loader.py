@@ -179,27 +179,3 @@ def check_complete(model: DecoderForCausalLM, loaded: set[str], path: Path) -> N
         raise ModelNotFoundError(
             f"the checkpoint at {path} is incomplete: {len(missing)} tensor(s) the model needs are missing: {shown}"
         )
-
-
-def load_tokenizer(source: str | Path):
-    """The transformers tokenizer of a checkpoint directory or GGUF file (for the offline API and
-    `ringllm generate`); a clear error naming the file when there is none."""
-    from transformers import AutoTokenizer
-
-    path = Path(source).expanduser()
-    found = gguf.find_gguf(path) if path.is_dir() and not (path / "tokenizer.json").is_file() else None
-    if found is not None:
-        path = found
-    if gguf.is_gguf(path):
-        path = gguf.tokenizer_dir(path)  # the GGUF's own tokenizer as files (built once, shared with the app)
-    elif not path.exists():
-        raise ModelNotFoundError(f"no tokenizer: {path} does not exist")
-    elif path.is_dir() and not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ModelNotFoundError(
-            f"no tokenizer: {path / 'tokenizer.json'} does not exist (nor "
-            "tokenizer.model or vocab.json); pass --tokenizer to use another directory"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # a corrupt or foreign file: transformers' own message, with the path
-        raise ModelNotFoundError(f"cannot load the tokenizer at {path}: {type(e).__name__}: {e}") from e

@@ -12,7 +12,7 @@ and the math), and test it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -32,6 +32,15 @@ Text = Annotated[str, Meta(min_length=1)]
 CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
+class FieldError(ValueError):
+    """A request field whose value cannot be served: `field` names it (the OpenAI error's `param`), the message
+    says why. A ValueError, so that msgspec turns one raised while decoding into a ValidationError."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Constrains a request's output to a grammar (vLLM's `structured_outputs`): exactly one of `json` (a JSON
     schema, as an object or its text), `json_object` (any JSON object), `regex`, `choice` (one of these strings)
@@ -48,9 +57,10 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
         check_declared(self, "structured_outputs.")
         given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(
+            raise FieldError(
+                "structured_outputs",
                 f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
-                f"{', '.join(given) or 'none'}"
+                f"{', '.join(given) or 'none'}",
             )
         if isinstance(self.json, dict):  # the engine compiles (and caches) by the schema's text
             self.json = msgspec.json.encode(self.json).decode()
@@ -58,10 +68,13 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
             try:
                 schema = msgspec.json.decode(self.json)
             except msgspec.DecodeError:
-                raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
+                raise FieldError(
+                    "structured_outputs.json",
+                    "structured_outputs.json must be a JSON schema (an object or its JSON text)",
+                ) from None
             if not isinstance(schema, (dict, bool)):
                 # ValueError, not TypeError: decoding turns it into a ValidationError; callers catch ValueError
-                raise ValueError("structured_outputs.json must be a JSON schema: an object")
+                raise FieldError("structured_outputs.json", "structured_outputs.json must be a JSON schema: an object")
 
     @property
     def kind(self) -> str:
@@ -114,19 +127,25 @@ class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_un
 
     def __post_init__(self) -> None:
         """Checks the declared bounds when Python code builds one (decoding checked them already); raises
-        ValueError naming the first bad field."""
+        FieldError naming the first bad field."""
         check_declared(self)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
 
-    def token_id_outside(self, vocab_size: int) -> str | None:
-        """Why a token id these parameters name cannot be a token of a `vocab_size` vocabulary (None when every
-        one can): the API worker and the engine both ask, so a new token-id field is listed here only."""
-        for name, ids in (("logit_bias", self.logit_bias or ()), ("stop_token_ids", self.stop_token_ids or ())):
-            bad = [t for t in ids if t >= vocab_size]
-            if bad:
-                return f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
-        return None
+
+def check_token_ids(
+    vocab_size: int, prompts: Iterable[Sequence[int]] = (), params: SamplingParams | None = None, field: str = "prompt"
+) -> None:
+    """Raises FieldError naming the first field that holds a token id outside [0, vocab_size): the prompts'
+    ids (under `field`), then the ids the parameters name. The API worker and the engine both call this one
+    check, so a new token-id field is listed here only."""
+    named: list[tuple[str, Iterable[int]]] = [(field, ids) for ids in prompts]
+    if params is not None:
+        named += [("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids or ())]
+    for name, ids in named:
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise FieldError(name, f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 # ---- checking values against the declared msgspec types ----
@@ -134,7 +153,7 @@ _declared: dict[type, list] = {}
 
 
 def check_declared(obj: msgspec.Struct, prefix: str = "") -> None:
-    """Raises ValueError naming the first field of `obj` whose value does not fit its declared type and bounds."""
+    """Raises FieldError naming the first field of `obj` whose value does not fit its declared type and bounds."""
     cls = type(obj)
     if cls not in _declared:
         info = msgspec.inspect.type_info(cls)
@@ -144,7 +163,8 @@ def check_declared(obj: msgspec.Struct, prefix: str = "") -> None:
         why = _violation(getattr(obj, name), kind)
         if why is not None:
             got = repr(getattr(obj, name))
-            raise ValueError(f"{prefix}{name} must be {why}, got {got if len(got) <= 80 else got[:77] + '...'}")
+            shown = got if len(got) <= 80 else got[:77] + "..."
+            raise FieldError(prefix + name, f"{prefix}{name} must be {why}, got {shown}")
 
 
 def _num(x) -> str:

@@ -1,8 +1,7 @@
-"""Incremental detokenization and stop strings, shared by the offline API and the app workers. No torch here.
+"""Incremental detokenization, shared by the offline API and the app workers (through text/stream.py).
 
 Decoding token by token breaks multi-byte characters and merges that depend on the next token, so the text
-of a window of recent tokens is decoded and only the part that is stable is released; text that could still
-become the start of a stop string is held back until it cannot."""
+of a window of recent tokens is decoded and only the part that is stable is released."""
 
 from __future__ import annotations
 
@@ -11,9 +10,9 @@ from tokenizers.decoders import DecodeStream
 
 
 def _fast_tokenizer(tokenizer) -> Tokenizer | None:
-    """The `tokenizers.Tokenizer` behind `tokenizer` (the app's AppTokenizer, transformers' fast tokenizers), or
+    """The `tokenizers.Tokenizer` behind `tokenizer` (text/tokenizer.py's, transformers' fast tokenizers), or
     None for a tokenizer without one."""
-    for candidate in (tokenizer, getattr(tokenizer, "tok", None), getattr(tokenizer, "backend_tokenizer", None)):
+    for candidate in (tokenizer, getattr(tokenizer, "backend", None), getattr(tokenizer, "backend_tokenizer", None)):
         if isinstance(candidate, Tokenizer):
             return candidate
     return None
@@ -22,7 +21,7 @@ def _fast_tokenizer(tokenizer) -> Tokenizer | None:
 class IncrementalDetokenizer:
     """Where the tokenizer has a `tokenizers.Tokenizer` behind it, new tokens go through its `DecodeStream`
     (Rust: 0.85 against 1.58 us per token for the window decode, demo tokenizer, 8,001 tokens, one token at a
-    time, on the 2-core development machine; the same text, tests/test_detokenize.py), else through the window
+    time, on the 2-core development machine; the same text, tests/text/test_detokenize.py), else through the window
     decode below. Both release only stable text."""
 
     def __init__(self, tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
@@ -68,34 +67,3 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
-
-
-class StopStringMatcher:
-    """Feeds text through; finds the first stop string (which is not emitted) and holds back any tail that is
-    still a prefix of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """The text that is safe to emit now; sets `stopped` when a stop string is found."""
-        if not self.stops:
-            return text
-        buf = self.pending + text
-        hits = [(buf.find(s), s) for s in self.stops]
-        hits = [h for h in hits if h[0] >= 0]
-        if hits:
-            self.stopped = True
-            self.pending = ""
-            return buf[: min(hits)[0]]
-        hold = max(
-            (n for s in self.stops for n in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:n])), default=0
-        )
-        self.pending = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold]
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from ringllm.app.tokenizer import AppTokenizer
 from ringllm.engine.demo import demo_model_path
-from ringllm.engine.detokenize import IncrementalDetokenizer
+from ringllm.text.detokenize import IncrementalDetokenizer
+from ringllm.text.tokenizer import Tokenizer
 
 TEXTS = [
     "The sea is calm tonight, and the tide is full.",
@@ -19,7 +19,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return AppTokenizer(demo_model_path())
+    return Tokenizer(demo_model_path())
 
 
 def _streamed(tok, prompt: list[int], ids: list[int], chunk: int, window_only: bool) -> str:
@@ -40,3 +40,20 @@ def test_streamed_text_equals_one_decode(tok, chunk, window_only):
         assert _streamed(tok, prompt, ids, chunk, window_only) == tok.decode(ids)
         for cut in range(1, len(ids)):  # every cut, including inside a multi-byte character
             assert _streamed(tok, prompt, ids[:cut], chunk, window_only) == tok.decode(ids[:cut]), (text, cut)
+
+
+def test_one_token_at_a_time_through_multibyte_characters(tok):
+    text = "café 日本語 🚀 done"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add([i]) for i in ids) + detok.flush() == text
+
+
+def test_a_transformers_tokenizer_takes_the_decode_stream_path_too(tok):
+    from ringllm.text.tokenizer import transformers_tokenizer
+
+    hf = transformers_tokenizer(demo_model_path())
+    assert IncrementalDetokenizer(hf)._stream is not None
+    ids = tok.encode(TEXTS[1])
+    detok = IncrementalDetokenizer(hf)
+    assert "".join(detok.add([i]) for i in ids) + detok.flush() == TEXTS[1]

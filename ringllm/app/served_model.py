@@ -1,0 +1,98 @@
+"""The model as the OpenAI routes see it, and the work each of them does before the engine: the model name a
+request asks for, its texts tokenized (bounded, and off the event loop when long), and its engine parameters
+checked against the context and the vocabulary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ringllm.app.errors import ApiError
+from ringllm.app.settings import WorkerSettings
+from ringllm.ipc import messages as m
+from ringllm.ipc.sampling import FieldError, check_token_ids
+from ringllm.text.tokenizer import Tokenizer
+
+OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes seconds
+
+
+class ServedModel:
+    def __init__(self, tokenizer: Tokenizer, settings: WorkerSettings):
+        self.tokenizer = tokenizer
+        self.names, self.path = settings.served_models, settings.model_path
+        self.name = settings.served_model  # what answers report
+        self.max_seq_len = settings.max_seq_len
+        self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
+        self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
+
+    def check_name(self, model: str | None) -> None:
+        if model is not None and model not in self.names:
+            names = ", ".join(map(repr, self.names))
+            raise ApiError(
+                404, f"model {model!r} does not exist; this server serves {names}", "not_found_error", "model"
+            )
+
+    async def tokenize(
+        self,
+        text: str,
+        add_special_tokens: bool = False,
+        encode: Callable[[str], list[int]] | None = None,
+        bound: bool = True,
+        param: str = "prompt",
+    ) -> list[int]:
+        """The token ids of a prompt text. A text longer than the context could hold even at the tokenizer's
+        longest token is refused before tokenizing (with `bound`); a long text is tokenized off the event loop,
+        so the worker goes on serving (and answering /health) meanwhile. `encode` replaces the tokenizer's
+        (a chat's own encoding)."""
+        if bound and len(text) > self.max_text_chars:
+            raise ApiError(
+                400,
+                f"the prompt has {len(text)} characters: more than the context of "
+                f"{self.max_seq_len} tokens can hold ({self.max_text_chars} characters at most)",
+                param=param,
+            )
+        tok = self.tokenizer
+
+        def run() -> list[int]:
+            return encode(text) if encode is not None else tok.encode(text, add_special_tokens)
+
+        return run() if len(text) < OFF_LOOP_CHARS else await asyncio.to_thread(run)
+
+    def sampling(
+        self,
+        body,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        default_max_tokens: int | None,
+        logprobs: int | None,
+        param: str,
+    ) -> m.Sampling:
+        """The engine's parameters of a request body (its bounds were checked as it was decoded). An explicit
+        max_tokens must fit the context after the longest prompt; without one, the default (or everything the
+        context has left) is used. Every token id (the prompts', under `param`, and those the parameters name)
+        must be in the model's vocabulary."""
+        longest = max(map(len, prompts))
+        room = self.max_seq_len - longest
+        if room < 1:
+            raise ApiError(400, f"the prompt has {longest} tokens; the context holds {self.max_seq_len}", param=param)
+        if max_tokens is not None and max_tokens > room:
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} plus the prompt's {longest} tokens exceed the context of "
+                f"{self.max_seq_len} tokens",
+                param="max_tokens",
+            )
+        if max_tokens is None:
+            max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        try:
+            params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+            check_token_ids(self.vocab_size, prompts, params, field=param)
+        except FieldError as e:
+            raise ApiError.bad_field(e) from None
+        return params
+
+    def listing(self) -> dict:
+        """/v1/models: every name clients may use."""
+        entry = {"object": "model", "created": 0, "owned_by": "ringllm", "root": self.path}
+        entry.update(max_model_len=self.max_seq_len, vocab_size=self.vocab_size)
+        return {"object": "list", "data": [{"id": name, **entry} for name in self.names]}

@@ -1,0 +1,45 @@
+"""One request's output as text, the same for the API workers (app/requests.py) and the offline API
+(engine/llm.py): token ids in as the engine sends them, text out, detokenized incrementally and cut at the first
+stop string, with the request's finish reason, and whether the engine must be told to stop: it does not see
+stop strings, so a request that one ends would otherwise generate on."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ringllm.text.detokenize import IncrementalDetokenizer
+from ringllm.text.stop_strings import StopStringMatcher
+
+
+class Piece(NamedTuple):
+    text: str  # the text the new tokens made certain (empty while a character or a stop string is incomplete)
+    finish_reason: str | None  # the request's, once it has ended: the engine's, or "stop" for a stop string
+    abort: bool  # a stop string ended the request while the engine runs it: abort it there
+
+
+class TextStream:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None):
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopStringMatcher(stop or [])
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, token_ids: list[int], finish_reason: str | None = None) -> Piece:
+        """The piece these new tokens make; `finish_reason` is the engine's when they end the request. Text
+        after a stop string is dropped, and so is anything fed after the request ended."""
+        if self.finished:
+            return Piece("", self.finish_reason, False)
+        text = self._detok.add(token_ids)
+        if finish_reason is not None:
+            text += self._detok.flush()  # an incomplete character at the end decodes to U+FFFD
+        out = self._stops.feed(text)
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+            return Piece(out, "stop", abort=finish_reason is None)
+        if finish_reason is not None:
+            out += self._stops.flush()  # the held-back tail never became a stop string
+            self.finish_reason = finish_reason
+        return Piece(out, finish_reason, False)

@@ -1,0 +1,161 @@
+"""/v1/chat/completions' serving object over a scripted engine: the prompt the template makes, answers whole
+and streamed, tool calls, reasoning, logprobs, n, stop strings and errors naming their field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+
+from ringllm.app import chat as chat_io
+from ringllm.app.errors import ApiError
+from ringllm.app.schemas import ChatRequest, Message
+from ringllm.text.chat_template import chat_prompt_ids
+from tests.app.conftest import collect_frames, never
+from tests.app.fake_engine import LOGPROB
+
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def body(**fields) -> ChatRequest:
+    return msgspec.json.decode(msgspec.json.encode({"model": "m", "messages": USER, **fields}), type=ChatRequest)
+
+
+def create(serving, **fields):
+    return asyncio.run(serving.chat.create(body(**fields), "req1", never))
+
+
+def stream(serving, **fields) -> list:
+    async def run():
+        return await collect_frames(await serving.chat.create(body(stream=True, **fields), "req1", never))
+
+    return asyncio.run(run())
+
+
+def test_the_prompt_is_the_templates_text_and_the_answer_its_message(serving):
+    tok = serving.model.tokenizer
+    serving.engine.reply = serving.engine.text_reply("It is sunny.")
+    r = create(serving)
+    want = chat_prompt_ids(tok, chat_io.template_messages(msgspec.convert(USER, list[Message])))
+    [(_, ids, sampling)] = serving.engine.submitted
+    assert ids == want and sampling.max_tokens == serving.model.max_seq_len - len(
+        want
+    )  # no max_tokens: what the context has left
+    assert r.id == "chatcmpl-req1" and r.object == "chat.completion"
+    [choice] = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == "It is sunny."
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert r.usage.prompt_tokens == len(want) and r.usage.completion_tokens == len(tok.encode("It is sunny."))
+
+
+def test_max_completion_tokens_wins_over_max_tokens(serving):
+    create(serving, max_tokens=9, max_completion_tokens=3)
+    assert serving.engine.submitted[0][2].max_tokens == 3
+
+
+def test_the_stream_opens_each_choice_then_streams_its_content(serving):
+    serving.engine.reply = serving.engine.text_reply("It is sunny.")
+    whole = create(serving, n=2)
+    frames = stream(serving, n=2, stream_options={"include_usage": True})
+    assert frames[-1] == "[DONE]" and frames[-2]["usage"]["completion_tokens"] == whole.usage.completion_tokens
+    opening = frames[0]["choices"]
+    assert [c["delta"] for c in opening] == [{"role": "assistant", "content": ""}] * 2
+    for index in (0, 1):
+        chunks = [c for f in frames[1:-2] for c in f["choices"] if c["index"] == index]
+        assert "".join(c["delta"].get("content") or "" for c in chunks) == whole.choices[index].message.content
+        assert [c["finish_reason"] for c in chunks][-1] == "stop"
+
+
+def test_a_tool_call_comes_back_as_tool_calls(serving):
+    serving.engine.reply = serving.engine.text_reply("On it." + CALL)
+    choice = create(serving, tools=TOOLS).choices[0]
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id and call.type == "function" and choice.message.content == "On it."
+    assert choice.finish_reason == "tool_calls"
+    frames = stream(serving, tools=TOOLS)
+    deltas = [c["delta"] for f in frames[1:-1] for c in f["choices"]]
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["type"] == "function" and calls[0]["index"] == 0
+    assert json.loads("".join(c["function"].get("arguments") or "" for c in calls)) == {"city": "Paris"}
+    assert frames[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_choice_required_constrains_the_output(serving):
+    serving.engine.reply = serving.engine.text_reply('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    [call] = create(serving, tools=TOOLS, tool_choice="required").choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+    constraint = serving.engine.submitted[0][2].structured_outputs
+    assert constraint.disable_any_whitespace and json.loads(constraint.json)["type"] == "array"
+    with pytest.raises(ApiError) as e:
+        create(serving, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    assert e.value.param == "tool_choice"
+
+
+def test_reasoning_comes_back_apart_from_the_answer(build):
+    serving = build(parsers=(None, "qwen3"))
+    serving.engine.reply = serving.engine.text_reply("<think>Paris is in France.</think>\n\nSunny.")
+    message = create(serving).choices[0].message
+    assert (message.reasoning_content, message.content) == ("Paris is in France.", "Sunny.")
+    deltas = [c["delta"] for f in stream(serving)[1:-1] for c in f["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Paris is in France."
+    assert "".join(d.get("content") or "" for d in deltas) == "Sunny."
+
+
+def test_logprobs_carry_each_tokens_bytes_and_top_alternatives(serving):
+    tok = serving.model.tokenizer
+    serving.engine.reply = serving.engine.text_reply("café")
+    content = create(serving, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    ids = tok.encode("café")
+    assert [c.token for c in content] == [tok.decode([t]) for t in ids] and all(c.logprob == LOGPROB for c in content)
+    assert [c.bytes for c in content] == [list(tok.decode([t]).encode()) for t in ids]
+    assert [len(c.top_logprobs) for c in content] == [2] * len(ids)
+    assert serving.engine.submitted[0][2].logprobs == 2
+    chunks = [c for f in stream(serving, logprobs=True)[1:-1] for c in f["choices"]]
+    assert sum(len(c["logprobs"]["content"]) for c in chunks if c["logprobs"]) == len(ids)
+
+
+def test_a_stop_string_ends_a_streamed_choice_and_aborts_it(serving):
+    serving.engine.reply = serving.engine.text_reply("It is sunny in Paris today.", hang=True)
+    frames = stream(serving, stop="Paris")
+    assert "".join(c["delta"].get("content") or "" for f in frames[1:-1] for c in f["choices"]) == "It is sunny in "
+    assert frames[-2]["choices"][0]["finish_reason"] == "stop" and serving.engine.aborted == ["fake-0"]
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+        ({"messages": [{"role": "user", "content": "x " * 3000}]}, "messages"),  # past the context
+        ({"max_tokens": 1020}, "max_tokens"),
+        ({"logit_bias": {"4000": 5}}, "logit_bias"),
+        ({"store": True}, "store"),
+    ],
+)
+def test_errors_name_the_field(serving, fields, param):
+    with pytest.raises(ApiError) as e:
+        create(serving, **fields)
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
+    assert serving.engine.submitted == []
+
+
+def test_a_template_that_rejects_the_conversation_is_a_400(build):
+    serving = build(chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ApiError, match="chat template failed: roles must alternate") as e:
+        create(serving)
+    assert e.value.param == "messages"

@@ -1,0 +1,232 @@
+"""/v1/completions' serving object over a scripted engine: answers whole and streamed, n and lists of prompts,
+stop strings, logprobs, echo, usage, errors naming their field, engine failures, the timeout and a client that
+leaves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from ringllm.app.errors import ApiError
+from ringllm.app.schemas import CompletionRequest
+from ringllm.app.sse import sse_stream
+from ringllm.ipc import messages as m
+from tests.app.conftest import collect_frames, never
+from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, EngineBusy, EngineDown
+
+TEXT = "Once upon a time there was a function"
+
+
+def body(**fields) -> CompletionRequest:
+    """The body as the route gets it: decoded from JSON."""
+    return msgspec.json.decode(
+        msgspec.json.encode({"model": "m", "prompt": "The sea", **fields}), type=CompletionRequest
+    )
+
+
+def create(serving, disconnected=never, **fields):
+    return asyncio.run(serving.completions.create(body(**fields), "req1", disconnected))
+
+
+def stream(serving, **fields) -> list:
+    async def run():
+        return await collect_frames(await serving.completions.create(body(stream=True, **fields), "req1", never))
+
+    return asyncio.run(run())
+
+
+def test_a_whole_answer(serving):
+    tok = serving.model.tokenizer
+    r = create(serving, model="other-name", max_tokens=5)
+    assert r.id == "cmpl-req1" and r.model == "m" and r.object == "text_completion"  # answers name the first
+    [choice] = r.choices
+    assert choice.text == tok.decode(tok.encode(TEXT)[:5]) and choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(tok.encode("The sea", add_special_tokens=True))
+    assert r.usage.completion_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + 5
+    [(_, ids, sampling)] = serving.engine.submitted
+    assert ids == tok.encode("The sea", add_special_tokens=True) and sampling.max_tokens == 5
+    assert serving.count("length") == 1
+
+
+def test_max_tokens_defaults_to_16_within_the_context(build):
+    serving = build(max_seq_len=20)
+    create(serving, prompt=[1, 2, 3])
+    create(serving, prompt=list(range(10)))
+    assert [s.max_tokens for _, _, s in serving.engine.submitted] == [16, 10]
+
+
+def test_the_stream_equals_the_whole_answer_and_ends_with_usage(serving):
+    whole = create(serving, max_tokens=40)
+    frames = stream(serving, max_tokens=40, stream_options={"include_usage": True})
+    assert frames[-1] == "[DONE]"
+    usage = frames[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == whole.usage.completion_tokens
+    pieces = frames[:-2]
+    assert len(pieces) > 3  # one frame per delta the engine sent
+    assert "".join(p["choices"][0]["text"] for p in pieces) == whole.choices[0].text
+    assert [p["choices"][0]["finish_reason"] for p in pieces][-1] == "stop"
+    assert all(p["choices"][0]["finish_reason"] is None for p in pieces[:-1])
+    assert all((p["id"] == "cmpl-req1" and "usage" not in p) or p["usage"] is None for p in pieces)
+
+
+def test_n_choices_of_several_prompts_fan_out_with_their_own_seeds(serving):
+    tok = serving.model.tokenizer
+    r = create(serving, prompt=["a b", "The sea is calm"], n=2, seed=2**63 - 1, max_tokens=3)
+    seeds = [s.seed for _, _, s in serving.engine.submitted]
+    assert seeds == [2**63 - 1, -(2**63), 2**63 - 1, -(2**63)]  # seed + j, wrapped within 64 bits
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and all(c.finish_reason == "length" for c in r.choices)
+    prompts = len(tok.encode("a b", True)) + len(tok.encode("The sea is calm", True))
+    assert r.usage.prompt_tokens == prompts and r.usage.completion_tokens == 12  # each prompt counted once
+
+
+def test_token_id_prompts_are_sent_as_given(serving):
+    r = create(serving, prompt=[[5, 6, 7], [8]], max_tokens=2)
+    assert [ids for _, ids, _ in serving.engine.submitted] == [[5, 6, 7], [8]] and r.usage.prompt_tokens == 4
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_stop_string_cuts_the_text_and_aborts_the_request_in_the_engine(serving, streamed):
+    serving.engine.reply = serving.engine.text_reply(TEXT, hang=True)  # only the stop string ends it
+    if streamed:
+        frames = stream(serving, stop=["time the", "function"])
+        text = "".join(f["choices"][0]["text"] for f in frames[:-1])
+        reason = frames[-2]["choices"][0]["finish_reason"]
+    else:
+        choice = create(serving, stop=["time the", "function"]).choices[0]
+        text, reason = choice.text, choice.finish_reason
+    assert text == "Once upon a " and reason == "stop"
+    [(rid, _, sampling)] = serving.engine.submitted
+    assert sampling.stop == ["time the", "function"] and serving.engine.aborted == [rid]
+    assert serving.count("stop") == 1
+
+
+def test_a_request_the_engine_finishes_is_not_aborted(serving):
+    create(serving, stop=["not in the text"])
+    assert serving.engine.aborted == [] and serving.count("stop") == 1
+
+
+def test_logprobs_name_each_token_and_its_top_alternatives(serving):
+    tok = serving.model.tokenizer
+    lp = create(serving, max_tokens=4, logprobs=2).choices[0].logprobs
+    ids = tok.encode(TEXT)[:4]
+    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs == [LOGPROB] * 4
+    assert lp.top_logprobs == [{tok.decode([t]): LOGPROB} for t in ids]
+    assert create(serving, max_tokens=2).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("prompt", ["The sea is", [7, 8, 9]])
+def test_echo_puts_the_prompt_and_its_logprobs_first(serving, prompt):
+    tok = serving.model.tokenizer
+    choice = create(serving, prompt=prompt, echo=True, logprobs=1, max_tokens=3).choices[0]
+    prompt_ids = tok.encode(prompt, True) if isinstance(prompt, str) else prompt
+    echoed = prompt if isinstance(prompt, str) else tok.decode(prompt)
+    assert choice.text == echoed + tok.decode(tok.encode(TEXT)[:3])
+    n = len(prompt_ids)
+    assert choice.logprobs.token_logprobs == [None] + [PROMPT_LOGPROB] * (n - 1) + [LOGPROB] * 3
+    assert choice.logprobs.top_logprobs[0] is None and len(choice.logprobs.tokens) == n + 3
+    assert serving.engine.submitted[0][2].prompt_logprobs == 1
+
+
+@pytest.mark.parametrize(
+    "fields,status,param",
+    [
+        ({"model": "nope"}, 404, "model"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": ["a", [1]]}, 400, "prompt"),
+        ({"prompt": ["a"] * 65}, 400, "prompt"),
+        ({"prompt": [1] * 1024}, 400, "prompt"),  # no room left in the context
+        ({"prompt": [5000]}, 400, "prompt"),  # outside the vocabulary
+        ({"max_tokens": 1023}, 400, "max_tokens"),
+        ({"stop_token_ids": [5000]}, 400, "stop_token_ids"),
+        ({"logit_bias": {"5000": 1}}, 400, "logit_bias"),
+        ({"best_of": 3}, 400, "best_of"),
+        ({"stream_options": {"include_obfuscation": True}}, 400, "include_obfuscation"),
+        ({"guided_json": "[1, 2]"}, 400, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["x"]}, 400, "guided_regex"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}, 400, "response_format"),
+        ({"n": 3, "prompt": ["a", "b"]}, 400, "n"),  # 6 generations, a queue of 5
+    ],
+)
+def test_errors_name_the_field(build, fields, status, param):
+    serving = build(max_waiting_requests=5)
+    with pytest.raises(ApiError) as e:
+        create(serving, **fields)
+    assert (e.value.status, e.value.param) == (status, param), e.value.message
+    assert serving.engine.submitted == []
+
+
+def test_a_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(serving):
+    with pytest.raises(ApiError, match="characters") as e:
+        create(serving, prompt="x" * (serving.model.max_text_chars + 1))
+    assert e.value.param == "prompt"
+
+
+def test_a_request_the_engine_fails_gets_its_status(serving):
+    serving.engine.reply = lambda ids, sampling: [m.RequestFailed("", "the grammar does not compile", 400)]
+    with pytest.raises(ApiError, match="grammar") as e:
+        create(serving)
+    assert e.value.status == 400 and serving.engine.aborted == []
+
+
+@pytest.mark.parametrize("refusal", [EngineDown("the engine is not running"), EngineBusy("its ring stayed full")])
+def test_an_engine_that_cannot_take_the_request_is_a_503(serving, refusal):
+    serving.engine.refuse = refusal
+    with pytest.raises(ApiError) as e:
+        create(serving)
+    assert e.value.status == 503 and e.value.kind == "server_error" and str(refusal) in e.value.message
+
+
+def test_the_request_timeout_is_a_504_and_aborts(build):
+    serving = build(request_timeout=0.05)
+    serving.engine.reply = serving.engine.text_reply(TEXT, hang=True)
+    with pytest.raises(ApiError, match="request timeout of 0.05 s") as e:
+        create(serving)
+    assert e.value.status == 504 and serving.engine.aborted == ["fake-0"] and serving.count("abort") == 1
+
+
+def test_a_client_that_leaves_aborts_every_choice(serving):
+    serving.engine.reply = serving.engine.text_reply(TEXT, hang=True)
+
+    async def leaves() -> None:
+        await asyncio.sleep(0.05)
+
+    with pytest.raises(ApiError) as e:
+        create(serving, disconnected=leaves, n=2)
+    assert e.value.status == 499 and sorted(serving.engine.aborted) == ["fake-0", "fake-1"]
+
+
+def test_a_stream_the_client_leaves_aborts_its_choices(serving):
+    serving.engine.reply = serving.engine.text_reply(TEXT, hang=True)
+
+    async def run():
+        frames = await serving.completions.create(body(stream=True, n=2), "req1", never)
+        await anext(frames)
+        await frames.aclose()  # what a disconnect does to the response's stream
+
+    asyncio.run(run())
+    assert sorted(serving.engine.aborted) == ["fake-0", "fake-1"]
+
+
+def test_a_failure_after_the_stream_started_is_its_last_event(serving):
+    tok = serving.model.tokenizer
+    first = tok.encode(TEXT)[:2]
+    serving.engine.reply = lambda ids, sampling: [
+        m.TokenDelta("", m.pack_ids(first)),
+        m.RequestFailed("", "engine failure: it died", 503),
+    ]
+
+    async def run():
+        return await collect_frames(sse_stream(await serving.completions.create(body(stream=True), "r", never)))
+
+    frames = asyncio.run(run())
+    assert frames[0]["choices"][0]["text"] == tok.decode(first)
+    assert frames[-1]["error"] == {
+        "message": "engine failure: it died",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
