@@ -312,8 +312,8 @@ def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, 
     buffers, padding rows included, or into new tensors without graphs) against the general torch path:
     the new slots written into req_to_slot, kv indices, out slots, positions, input ids, and the rest.
     `host_tokens`: the plan also carries tokens known on the host (written before the input ids are read)."""
+    from ringllm.engine.core.plan import StepPlan
     from ringllm.engine.model_runner import ModelRunner
-    from ringllm.engine.scheduler import StepPlan
 
     config = EngineConfig(
         model=str(long_ckpt), device="cuda", max_bs=16, context_len=3000, dtype="bfloat16",
@@ -648,8 +648,8 @@ def _ragged_groups_on_gpu(Hkv):
     pool.k.normal_(), pool.v.normal_()
     q, k, v = (torch.randn(B, h, D, device=device, dtype=torch.bfloat16) for h in (H, Hkv, Hkv))
     indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    cascade = plan_cascade(rows, kv_lens, indptr, np.array(shared, np.int32), table, min_saved_tokens=0)
-    assert cascade is not None and cascade.num_grouped == 9
+    cascade = plan_cascade(rows, kv_lens, indptr, np.array(shared, np.int32), table)
+    assert cascade.num_grouped == 9
     return FlashInferAttention(pool, H, D), pool, q, k, v, meta, cascade
 
 

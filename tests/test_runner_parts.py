@@ -12,9 +12,10 @@ import torch
 
 from ringllm.engine.attention.torch_backend import TorchAttention
 from ringllm.engine.config import EngineConfig
-from ringllm.engine.kv_cache import PAGE_SIZE, KVPool, kv_pool_slots
+from ringllm.engine.core.plan import StepPlan
+from ringllm.engine.core.slots import PAGE_SIZE
+from ringllm.engine.kv_cache import KVPool, kv_pool_slots
 from ringllm.engine.sampler import SampleResult
-from ringllm.engine.scheduler import StepPlan
 from ringllm.engine.step_result import StepResult, file_prompt_logprobs, pack_sample, prompt_logprob_positions
 
 CPU = torch.device("cpu")
@@ -65,10 +66,6 @@ def test_a_packed_step_unpacks_to_its_tokens_logprobs_and_prompt_logprobs():
         starts=np.array([3, 0]),
         lens=np.array([1, 4]),
         sample=np.array([True, True]),
-        **{
-            k: np.zeros(0, dtype=np.int64)
-            for k in ("slot_rows", "slot_pos", "slot_ids", "token_rows", "token_pos", "token_ids")
-        },
     )
     seqs = [
         SimpleNamespace(params=SimpleNamespace(prompt_logprobs=None), num_prompt=3, prompt_logprobs=[]),

@@ -18,6 +18,9 @@ import torch
 
 from ringllm.engine import parallel
 from ringllm.engine.config import EngineConfig, check_context_len
+from ringllm.engine.core.plan import Batch
+from ringllm.engine.core.scheduler import Scheduler
+from ringllm.engine.core.sequence import Sequence, Status
 from ringllm.engine.grammar import GrammarError, Grammars
 from ringllm.engine.loader import checkpoint_path, load_tokenizer, read_config
 from ringllm.engine.logs import get_logger
@@ -25,8 +28,6 @@ from ringllm.engine.model_runner import ModelRunner
 from ringllm.engine.parallel import Layout
 from ringllm.engine.profiler import RankProfiler
 from ringllm.engine.sampling_params import SamplingParams
-from ringllm.engine.scheduler import Batch, Scheduler
-from ringllm.engine.sequence import Sequence, Status
 from ringllm.engine.step_result import StepResult, file_prompt_logprobs
 from ringllm.engine.worker import Workers, join, no_cuda_reason, rank_device
 

@@ -1,5 +1,4 @@
-"""Token-granular KV storage (a page is one slot), its sizing, and the host-side bookkeeping of which slots are
-free.
+"""Token-granular KV storage (a page is one slot, engine/core/slots.py) and its sizing.
 
 Slot 0 is never handed out: padded positions (CUDA-graph batches) write their K/V there harmlessly."""
 
@@ -8,15 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from ringllm.engine.config import EngineConfig
-
-# Tokens per KV page. The scheduler, the radix cache and the slot allocator work in tokens, and the attention
-# backends hand FlashInfer one-token pages: changing this needs all of them changed, not just the constant.
-PAGE_SIZE = 1
 
 # fp8 KV (--kv-cache-dtype fp8) is float8_e4m3fn with a scale of 1.0, as vLLM without calibrated scales: values
 # beyond +-448 are clamped on store (the cast alone would make them NaN), and below 2**-6 precision fades into
@@ -39,39 +33,6 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == FP8_KV_DTYPE:
         return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x
-
-
-class SlotAllocator:
-    """Free slots as one host int32 array used as a stack: allocating or freeing n slots is one slice or one
-    copy, never a Python loop over tokens. Host-side numpy: these are bookkeeping, not device data."""
-
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        self._free = np.arange(num_slots - 1, 0, -1, dtype=np.int32)  # slot 1 on top
-        self._top = num_slots - 1
-
-    @property
-    def num_free(self) -> int:
-        return self._top
-
-    @property
-    def capacity(self) -> int:
-        return self.num_slots - 1
-
-    def alloc(self, n: int) -> np.ndarray | None:
-        if n > self._top:
-            return None
-        self._top -= n
-        return self._free[self._top : self._top + n][::-1].copy()
-
-    def free(self, slots: np.ndarray) -> None:
-        n = len(slots)
-        if n == 0:
-            return
-        if self._top + n > len(self._free):
-            raise RuntimeError("slot allocator: more slots freed than were allocated")
-        self._free[self._top : self._top + n] = slots[::-1]
-        self._top += n
 
 
 class KVPool:

@@ -24,21 +24,16 @@ import torch
 
 from ringllm.engine import kernels, parallel
 from ringllm.engine.attention import AttentionMetadata, make_backend
-from ringllm.engine.attention.cascade import (
-    MAX_GROUPS,
-    MIN_SAVED_TOKENS,
-    MIN_SAVED_TOKENS_GRAPH,
-    CascadeMetadata,
-    plan_cascade,
-)
+from ringllm.engine.attention.cascade import CascadeMetadata, plan_cascade
 from ringllm.engine.config import EngineConfig
+from ringllm.engine.core import cascade
+from ringllm.engine.core.plan import StepPlan
 from ringllm.engine.kv_cache import KVPool, kv_cache_dtype, kv_pool_slots, peak_bytes
 from ringllm.engine.loader import load_weights, pick_dtype
 from ringllm.engine.logs import get_logger
 from ringllm.engine.models import model_class
 from ringllm.engine.parallel import MAX_PENDING_SENDS, Layout, TokenBroadcasts, TokenLanding
 from ringllm.engine.sampler import GrammarMask, Sampler
-from ringllm.engine.scheduler import StepPlan
 from ringllm.engine.staging import StagingRing
 from ringllm.engine.step_result import (
     ResultRing,
@@ -362,19 +357,17 @@ class ModelRunner:
 
     def _plan_cascade(self, plan: StepPlan, kv_lens: np.ndarray) -> CascadeMetadata | None:
         """Shared-prefix attention indices for a decode step whose rows the scheduler grouped, where the backend
-        runs cascade and it pays (engine/attention/cascade.py); None otherwise."""
+        runs cascade and it pays (engine/core/cascade.py); None otherwise."""
         if not (self.attn.supports_cascade and plan.is_decode and len(plan.shared_lens)):
             return None
-        indptr, lens, B, g = plan.shared_indptr, plan.shared_lens, len(plan.rows), self.graphs
-        if g is None or g.bucket_for(B) is None:  # an eager step either way
-            return plan_cascade(plan.rows, kv_lens, indptr, lens, self.req_to_slot, MIN_SAVED_TOKENS)
-        # A plain graph beats an eager cascade step (host-bound: two more kernels a layer, all launched), so
-        # cascade runs here only in a cascade graph, on its first MAX_GROUPS groups (the scheduler orders the
-        # groups by reads saved; rows past them go ungrouped).
-        indptr, lens = indptr[: MAX_GROUPS + 1], lens[:MAX_GROUPS]
-        if not g.runs_cascade(B, len(lens)):
+        B, g = len(plan.rows), self.graphs
+        in_graph = g is not None and g.bucket_for(B) is not None
+        # A plain graph beats an eager cascade step (host-bound: two more kernels a layer, all launched), so a
+        # step that fits a graph runs cascade only where its bucket has a cascade graph.
+        if g is not None and in_graph and not g.has_cascade_graph(B):
             return None
-        return plan_cascade(plan.rows, kv_lens, indptr, lens, self.req_to_slot, MIN_SAVED_TOKENS_GRAPH)
+        groups = cascade.worth_cascading(plan.shared_indptr, plan.shared_lens, in_graph)
+        return None if groups is None else plan_cascade(plan.rows, kv_lens, *groups, self.req_to_slot)
 
     def _prepare(self, plan: StepPlan) -> tuple[AttentionMetadata, _StepIndices]:
         """Everything index-like for the step, sent to the device in one copy: the plan's table writes, then

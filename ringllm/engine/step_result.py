@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from ringllm.engine.core.plan import StepPlan
+    from ringllm.engine.core.sequence import Sequence as Seq
     from ringllm.engine.sampler import SampleResult
-    from ringllm.engine.scheduler import StepPlan
-    from ringllm.engine.sequence import Sequence as Seq
 
 PROMPT_LOGITS_CHUNK = 1024  # prompt positions projected onto the vocabulary at a time
 

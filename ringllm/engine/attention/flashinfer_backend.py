@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from ringllm.engine.attention.base import AttentionBackend, AttentionMetadata
-from ringllm.engine.attention.cascade import MAX_GROUPS, FlashInferCascade, FlashInferGraphCascade, GraphCascade
-from ringllm.engine.kv_cache import PAGE_SIZE
+from ringllm.engine.attention.cascade import FlashInferCascade, FlashInferGraphCascade, GraphCascade
+from ringllm.engine.core.cascade import MAX_GROUPS
+from ringllm.engine.core.slots import PAGE_SIZE
 
 WORKSPACE_BYTES = 256 << 20
 
