@@ -220,7 +220,7 @@ def test_fused_qkv_store_attention_matches_unfused(qk_norm, H, Hkv):
 def test_skinny_linear_matches_cublas():
     """kernels.linear's skinny GEMM (row-parallel weights at decode batch sizes) against F.linear in float64, at
     Qwen3-0.6B's o_proj/down_proj shapes on one GPU and on each rank of TP=2 (1024 x 1024, 1024 x 1536)."""
-    from ringllm.engine import kernels
+    from ringllm.engine.kernels import layers as kernels
 
     torch.manual_seed(3)
     for M in (1, 2, 5, 16, 17):
@@ -233,7 +233,7 @@ def test_skinny_linear_matches_cublas():
 
 
 def test_gumbel_sampling_distribution_and_seeds():
-    from ringllm.engine.kernels import gumbel_sample
+    from ringllm.engine.kernels.sampling import gumbel_sample
 
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     n = 40_000
@@ -266,7 +266,7 @@ def test_sample_rows_reads_the_row_tables_as_the_torch_gathers_did():
     seed as a scalar; the same draws as gathering them with torch first (the sampler's former path, through
     gumbel_sample, whose noise test_gumbel_sampling_distribution_and_seeds pins). Greedy, seeded and unseeded
     rows, rows out of order; `land` writes the kept rows' tokens into req_tokens[row, seq_len]."""
-    from ringllm.engine.kernels import gumbel_sample, sample_rows
+    from ringllm.engine.kernels.sampling import gumbel_sample, sample_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
     R, B, V = 40, 24, 151_936
@@ -833,7 +833,7 @@ def test_fused_qkv_store_into_fp8_equals_the_torch_store():
     """qkv_rope_store into an fp8 cache writes exactly what the same kernel's bf16 K/V become through the torch
     store (KVPool.store: clamp to +-448, round to nearest even): bit for bit, out-of-range values included,
     no NaN, every other slot untouched; q is the same as with a bf16 cache."""
-    from ringllm.engine import kernels
+    from ringllm.engine.kernels import layers as kernels
     from ringllm.engine.models.layers import Rotary
 
     torch.manual_seed(0)
@@ -1031,7 +1031,7 @@ def test_sample_rows_with_reused_scratch_draws_as_with_fresh_buffers():
     """The sampler's chunk-winner buffers (kernels.sample_scratch_size, reused every step, stale values from a
     larger batch left in them) give the tokens of fresh buffers, at batch sizes on both sides of the chunk
     switch (32 rows)."""
-    from ringllm.engine.kernels import sample_rows, sample_scratch_size
+    from ringllm.engine.kernels.sampling import sample_rows, sample_scratch_size
 
     g = torch.Generator(device="cuda").manual_seed(2)
     R, V = 40, 151_936
@@ -1056,7 +1056,7 @@ def test_engine_steps_copy_through_the_pinned_rings(ckpt, monkeypatch):
     """In the engine's step loop every result lands in a ResultRing buffer (written there by the sampler
     itself: zero-copy) and every step's index arrays go through the StagingRing (no fresh pinned
     tensor in steady state); the tokens are those of a run with overlap off and every result copied."""
-    from ringllm.engine import kernels
+    from ringllm.engine.kernels import sampling as kernels
     from ringllm.engine.model_runner import ModelRunner
     from ringllm.engine.staging import StagingRing
     from ringllm.engine.step_result import ResultRing
@@ -1109,7 +1109,7 @@ def test_zero_copy_result_is_read_only_after_the_sampler_wrote_it():
     """The sampler writes a step's tokens into a ResultRing buffer on the compute stream (behind ~10 ms of
     other work); `wait` returns them, not what the buffer held before; a buffer read is handed out again, one
     unread is not."""
-    from ringllm.engine.kernels import sample_rows
+    from ringllm.engine.kernels.sampling import sample_rows
     from ringllm.engine.step_result import ResultRing
 
     ring, V = ResultRing(2, 64), 4096

@@ -5,7 +5,6 @@ import pytest
 
 from ringllm.engine import EngineConfig, SamplingParams
 from ringllm.engine.engine import Engine
-from ringllm.engine.kernels import _sample_chunk, sample_scratch_size
 from tests.helpers import tiny_checkpoint
 
 
@@ -41,11 +40,3 @@ def test_logprobs_reach_a_request_admitted_after_plain_ones(ckpt):
         assert [o.token_id for o in outs["b"]] == [o.token_id for o in outs["a"]]  # greedy either way
     finally:
         engine.close()
-
-
-@pytest.mark.parametrize("vocab", [256, 32_000, 151_936])
-@pytest.mark.parametrize("max_rows", [1, 8, 31, 32, 33, 256])
-def test_sample_scratch_holds_the_chunk_winners_of_every_batch_size(vocab, max_rows):
-    size = sample_scratch_size(max_rows, vocab)
-    need = [b * -(-vocab // _sample_chunk(b)) for b in range(1, max_rows + 1)]
-    assert max(need) == size

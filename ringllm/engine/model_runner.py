@@ -28,6 +28,7 @@ from ringllm.engine.attention.cascade import CascadeMetadata, plan_cascade
 from ringllm.engine.config import EngineConfig
 from ringllm.engine.core import cascade
 from ringllm.engine.core.plan import StepPlan
+from ringllm.engine.kernels import decode_prep, sampling
 from ringllm.engine.kv_cache import KVPool, kv_cache_dtype, kv_pool_slots, peak_bytes
 from ringllm.engine.loader import load_weights, pick_dtype
 from ringllm.engine.logs import get_logger
@@ -134,7 +135,7 @@ class ModelRunner:
             self.results = ResultRing(lay.pp_size + 2, self.max_rows * packed_width(RING_TOP_LOGPROBS))
         # One device: the sampler may write a plain step's tokens into a result buffer itself (no copy).
         one_device = self.results is not None and lay.world_size == 1
-        self.zero_copy = one_device and kernels.writes_pinned_memory(device)
+        self.zero_copy = one_device and sampling.writes_pinned_memory(device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs:
             from ringllm.engine.cuda_graph import DecodeGraphs
@@ -494,7 +495,7 @@ class ModelRunner:
             input_ids = torch.empty(B, dtype=torch.long, device=self.device)
         tables = (self.req_to_slot, self.req_tokens)
         outputs = (indices, out_slots, positions, input_ids)
-        kernels.decode_prep(rows, seq_lens, kv_d, new_slots, int(kv_lens.max()), *tables, *outputs)
+        decode_prep.decode_prep(rows, seq_lens, kv_d, new_slots, int(kv_lens.max()), *tables, *outputs)
         meta = AttentionMetadata(qo_indptr, kv_indptr, kv_lens, True, qo_d, kv_d, indices[:n], out_slots[:B])
         meta.cascade = self._plan_cascade(plan, kv_lens)
         ix = _StepIndices(rows, positions[:B], input_ids[:B], seq_lens, keep, keep_flags, in_graph=bs is not None)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ringllm.engine import kernels
+from ringllm.engine.kernels import sampling as sampling_kernels
 from ringllm.engine.sampling_params import SamplingParams
 
 _M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value
@@ -99,7 +100,7 @@ class Sampler:
         self.fused = kernels.available(torch.empty(0, device=device))
         self._scratch = None  # the fused kernel's chunk winners, reused step after step
         if self.fused:
-            n = kernels.sample_scratch_size(max_rows, vocab_size)
+            n = sampling_kernels.sample_scratch_size(max_rows, vocab_size)
             self._scratch = (torch.empty(n, device=device), torch.empty(n, dtype=torch.int32, device=device))
         self._step_seed = seed * 1_000_003
         # Whether every row set so far samples plainly (no penalty, logit_bias, top-k/p, min-p or logprobs):
@@ -210,7 +211,7 @@ class Sampler:
         self._step_seed += 1
         d = self.dev
         tables = (d["temperature"], d["seed"], d["has_seed"], d["prompt_len"])
-        return kernels.sample_rows(logits, rows, seq_lens, self._step_seed, *tables, land, self._scratch, out)
+        return sampling_kernels.sample_rows(logits, rows, seq_lens, self._step_seed, *tables, land, self._scratch, out)
 
     def _adjust(self, logits, rows_host, h, p, history, seq_lens, mask: GrammarMask | None):
         """Penalties, then logit_bias, then grammar masks, on a float copy (logprobs come from the raw logits).
