@@ -8,7 +8,6 @@ checks stops and frees what finished. The device therefore never waits on this P
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from ringllm.engine.core.sequence import Sequence, Status
 from ringllm.engine.grammar import GrammarError, Grammars
 from ringllm.engine.loader import checkpoint_path, load_tokenizer, read_config
 from ringllm.engine.logs import get_logger
-from ringllm.engine.model_runner import ModelRunner
 from ringllm.engine.parallel import Layout
 from ringllm.engine.profiler import RankProfiler
+from ringllm.engine.runner.model_runner import ModelRunner
+from ringllm.engine.sampler import GrammarMask
 from ringllm.engine.sampling_params import SamplingParams
 from ringllm.engine.step_result import StepResult, file_prompt_logprobs
 from ringllm.engine.worker import Workers, join, no_cuda_reason, rank_device
@@ -87,7 +87,7 @@ class Engine:
             self.close()
             raise
         self.vocab_size = self.runner.shape.vocab_size
-        self.eos_token_ids = set(self.runner.shape.eos_token_ids) | _generation_eos(self.model_path)
+        self.eos_token_ids = set(self.runner.eos_token_ids)
         self.scheduler = Scheduler(
             num_slots=self.runner.num_slots,
             max_rows=self.runner.max_rows,
@@ -177,26 +177,37 @@ class Engine:
         return self.scheduler.has_work or bool(self._in_flight) or bool(self._compiling)
 
     # ---- the loop ----
+    @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
-        """Launches the next step, then reads back the oldest launched steps beyond `depth` (or one, when
-        there was nothing to launch)."""
+        """One turn of the loop. Queue the next step's forward on the device; if it holds constrained rows, read
+        back the steps still in flight (their tokens decide the grammar masks) and build the masks while the
+        forward runs; sample. Then read back the steps launched more than `depth` ago (or, with nothing to
+        launch, the oldest one, so that finished work surfaces)."""
         outputs = self._admit_compiled() if self._compiling else []
         batch = self.scheduler.schedule()
-        if batch:
+        if batch is not None:
             if self.workers is not None:
                 self.workers.send(batch.plan)
-            constrain = None
-            if self._matchers and any(s.rid in self._matchers for s in batch.seqs):
-                constrain = lambda: self._masks(batch, outputs)
-            result = self.runner.launch(batch.plan, constrain)
+            forward = self.runner.forward(batch.plan)
+            mask = None
+            if self._matchers and self._constrained(batch):
+                outputs += self._read_back(len(self._in_flight))
+                mask = self._grammar_mask(batch)
+            result = self.runner.sample(forward, mask)
             assert result is not None  # the engine is rank 0, which gets every step's tokens
             self._in_flight.append((batch, result))
-        while len(self._in_flight) > self.depth:
-            outputs += self._read_back(*self._in_flight.popleft())
-        if not batch and self._in_flight:  # nothing launched: read one back, so that finished work surfaces
-            outputs += self._read_back(*self._in_flight.popleft())
-        elif not batch and self._compiling and not outputs:  # only grammars to wait for: do not spin
+            outputs += self._read_back(len(self._in_flight) - self.depth)
+        elif self._in_flight:
+            outputs += self._read_back(1)
+        elif self._compiling and not outputs:  # only grammars to wait for: do not spin
             wait([f for _, f in self._compiling], timeout=GRAMMAR_POLL_SECONDS, return_when=FIRST_COMPLETED)
+        return outputs
+
+    def _read_back(self, num_steps: int) -> list[TokenOutput]:
+        """Reads back the oldest `num_steps` steps in flight (none when num_steps <= 0), oldest first."""
+        outputs: list[TokenOutput] = []
+        for _ in range(num_steps):
+            outputs += self._finish_step(*self._in_flight.popleft())
         return outputs
 
     # ---- structured outputs ----
@@ -218,12 +229,12 @@ class Engine:
         self._compiling = still
         return outputs
 
-    def _masks(self, batch: Batch, outputs: list[TokenOutput]):
-        """Called by the runner between a step's forward and its sampling when the batch has constrained rows:
-        their masks depend on the tokens of the steps still in flight, so those are read back first (into
-        `outputs`) while the device runs this step's forward."""
-        while self._in_flight:
-            outputs += self._read_back(*self._in_flight.popleft())
+    def _constrained(self, batch: Batch) -> bool:
+        return any(s.rid in self._matchers for s in batch.seqs)
+
+    def _grammar_mask(self, batch: Batch) -> GrammarMask | None:
+        """The grammar masks of the batch's sampled constrained rows, from their matchers (which must have
+        accepted every token before this step's: the steps in flight are read back first)."""
         sampled = batch.plan.sample
         return self.grammars.masks(
             [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device
@@ -244,7 +255,8 @@ class Engine:
             workers.close()
         parallel.shutdown()
 
-    def _read_back(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
+    def _finish_step(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
+        """A step read back: each kept token appended, its stop conditions checked, finished requests ended."""
         sample = result.wait()
         tokens, lp, top = sample.tokens, sample.logprobs, sample.top
         plan = batch.plan
@@ -334,11 +346,3 @@ class Engine:
             "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "preemptions": s.num_preemptions,
         }
-
-
-def _generation_eos(path: Path) -> set[int]:
-    f = path / "generation_config.json"
-    if not f.is_file():
-        return set()
-    eos = json.loads(f.read_text()).get("eos_token_id")
-    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))

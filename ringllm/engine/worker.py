@@ -205,7 +205,7 @@ def worker_main(
     if engine_pid is not None:
         threading.Thread(target=_exit_with, args=(engine_pid,), name="engine-watch", daemon=True).start()
     from ringllm.engine.loader import read_config
-    from ringllm.engine.model_runner import ModelRunner
+    from ringllm.engine.runner.model_runner import ModelRunner
 
     device = rank_device(config, local_rank)
     lay = join(config, rank, device)
@@ -229,7 +229,8 @@ def serve_plans(runner, ring: RingReader | None) -> None:
             ring.poll(lambda view: messages.append(decode_message(view)))
         for msg in messages:
             if isinstance(msg, StepPlan):
-                runner.launch(msg)
+                with torch.inference_mode():
+                    runner.sample(runner.forward(msg))
             elif msg == "stop":
                 # Exit without tearing down the communicators: this rank's queued steps are done once close()
                 # returns, rank 0 aborts its own side after this process has gone, and the driver frees the rest.

@@ -1,5 +1,6 @@
-"""The batch-1 host shortcuts (CPU): the scheduler's bulk decode plan, the runner's logprobs count, the
-sampler's scratch size. The pinned rings (engine/staging.py, step_result.ResultRing) need CUDA: tests/test_gpu.py."""
+"""The model runner on the CPU (engine/runner/model_runner.py): the host shortcut that skips the per-step
+logprobs lookup while no row holds logprobs. The runner as a whole is covered by the engine tests
+(test_fidelity, test_parallel, test_llm); its CUDA paths by test_model_runner_gpu.py."""
 
 import pytest
 
@@ -31,7 +32,7 @@ def test_logprobs_reach_a_request_admitted_after_plain_ones(ckpt):
 
         plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         run([("a", plain)])
-        assert engine.runner.num_logprob_rows == 0
+        assert engine.runner.row_table.held["logprobs"] == 0
         run([("b", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)), ("c", plain)])
         run([("d", plain)])
         assert all(o.logprob is not None and len(o.top_logprobs) == 2 for o in outs["b"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -23,6 +24,7 @@ from ringllm.ipc.ring import pid_alive
 from tests.helpers import free_port, run_engine, tiny_checkpoint
 
 MAX_NEW = 10
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -196,7 +198,7 @@ def _start_child(path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
+        cwd=ROOT,
     )
     line = proc.stdout.readline()
     if not line.startswith("workers"):
@@ -258,7 +260,7 @@ def test_a_second_node_joins_through_the_rendezvous(checkpoints):
             "--max-bs",
             "8",
         ],
-        cwd=os.path.dirname(os.path.dirname(__file__)),
+        cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
     )
