@@ -2,6 +2,10 @@
 tokens. Transport-agnostic: the offline LLM drives it from a thread, the server's engine process from the
 ring buffers.
 
+A step is launched in two phases, in plain sight in `step()`: the runner queues its forward on the device,
+then samples it; in between, a batch with constrained rows (structured outputs) gets its grammar masks, which
+depend on the tokens of the steps still in flight, so those are read back first (while the forward runs).
+
 Overlap: `step()` schedules and launches step N+1 first, and only then reads step N's tokens, appends them,
 checks stops and frees what finished. The device therefore never waits on this Python. With
 `disable_overlap_schedule` a step is launched and read back before the next is scheduled."""
@@ -210,51 +214,6 @@ class Engine:
             outputs += self._finish_step(*self._in_flight.popleft())
         return outputs
 
-    # ---- structured outputs ----
-    def _admit_compiled(self) -> list[TokenOutput]:
-        """Queues the requests whose grammar is ready; those whose grammar failed end with its error."""
-        outputs, still = [], []
-        for seq, future in self._compiling:
-            if not future.done():
-                still.append((seq, future))
-            elif future.exception() is not None:
-                del self.seqs[seq.rid]
-                seq.status, seq.finish_reason = Status.FINISHED, "error"
-                outputs.append(
-                    TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=str(future.exception()))
-                )
-            else:
-                self._matchers[seq.rid] = self.grammars.matcher(future.result())
-                self.scheduler.add(seq)
-        self._compiling = still
-        return outputs
-
-    def _constrained(self, batch: Batch) -> bool:
-        return any(s.rid in self._matchers for s in batch.seqs)
-
-    def _grammar_mask(self, batch: Batch) -> GrammarMask | None:
-        """The grammar masks of the batch's sampled constrained rows, from their matchers (which must have
-        accepted every token before this step's: the steps in flight are read back first)."""
-        sampled = batch.plan.sample
-        return self.grammars.masks(
-            [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device
-        )
-
-    def close(self) -> None:
-        """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
-        only then does this rank leave the process group (nothing to do on one device)."""
-        workers, self.workers = self.workers, None
-        if workers is not None:
-            workers.request_stop()
-        runner = getattr(self, "runner", None)  # absent when the constructor failed
-        if runner is not None:
-            runner.close()
-        if getattr(self, "grammars", None) is not None:
-            self.grammars.close()
-        if workers is not None:
-            workers.close()
-        parallel.shutdown()
-
     def _finish_step(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
         """A step read back: each kept token appended, its stop conditions checked, finished requests ended."""
         sample = result.wait()
@@ -307,6 +266,52 @@ class Engine:
         if known - seq.num_prompt >= p.max_tokens or known >= self.max_seq_len:
             return "length"
         return None
+
+    # ---- structured outputs ----
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Queues the requests whose grammar is ready; those whose grammar failed end with its error."""
+        outputs, still = [], []
+        for seq, future in self._compiling:
+            if not future.done():
+                still.append((seq, future))
+            elif future.exception() is not None:
+                del self.seqs[seq.rid]
+                seq.status, seq.finish_reason = Status.FINISHED, "error"
+                outputs.append(
+                    TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=str(future.exception()))
+                )
+            else:
+                self._matchers[seq.rid] = self.grammars.matcher(future.result())
+                self.scheduler.add(seq)
+        self._compiling = still
+        return outputs
+
+    def _constrained(self, batch: Batch) -> bool:
+        return any(s.rid in self._matchers for s in batch.seqs)
+
+    def _grammar_mask(self, batch: Batch) -> GrammarMask | None:
+        """The grammar masks of the batch's sampled constrained rows, from their matchers (which must have
+        accepted every token before this step's: the steps in flight are read back first)."""
+        sampled = batch.plan.sample
+        return self.grammars.masks(
+            [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device
+        )
+
+    # ---- shutdown ----
+    def close(self) -> None:
+        """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
+        only then does this rank leave the process group (nothing to do on one device)."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.request_stop()
+        runner = getattr(self, "runner", None)  # absent when the constructor failed
+        if runner is not None:
+            runner.close()
+        if getattr(self, "grammars", None) is not None:
+            self.grammars.close()
+        if workers is not None:
+            workers.close()
+        parallel.shutdown()
 
     # ---- profiling ----
     def start_profile(self) -> None:
