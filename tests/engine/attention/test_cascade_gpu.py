@@ -67,7 +67,7 @@ def test_cascade_decode_matches_plain_decode_on_ragged_groups(Hkv):
     fi.begin(meta())
     plain = fi.forward(0, q, k, v).float()
     fi.begin(meta(cascade))
-    assert fi._wrapper is fi.cascade
+    assert fi.wrapper is fi.cascade
     got = fi.forward(0, q, k, v).float()
     ref_attn = TorchAttention(pool, fi.num_heads, fi.head_dim)
     ref_attn.begin(meta())
