@@ -8,10 +8,11 @@ Under pipeline parallelism a stage's graph starts from static hidden/residual bu
 activations are copied into, and a stage before the last returns (hidden, residual) instead of logits. The
 stage-to-stage transfers stay outside the graphs; tensor-parallel collectives are captured inside them.
 
-Where the backend runs cascade attention in graphs (decode rows sharing cached prefixes,
-engine/core/cascade.py, engine/attention/cascade.py), buckets from CASCADE_MIN_BS up also get a cascade graph, replayed for a step
-whose AttentionMetadata.cascade is set: level 1 over each row's own slots in the same indices buffer, level 0
-over the groups' prefixes in a second one (`shared_indices`), laid out by cascade.fill_graph_buffers.
+Where the backend runs cascade attention in graphs (decode rows sharing cached prefixes: engine/core/cascade.py
+groups them, engine/attention/cascade.py attends), buckets from CASCADE_MIN_BS up also get a cascade graph,
+replayed for a step whose AttentionMetadata.cascade is set: level 1 over each row's own slots in the same
+indices buffer, level 0 over the groups' prefixes in a second one (`shared_indices`), laid out by
+cascade.fill_graph_buffers.
 Cascade graphs add one capture per bucket from CASCADE_MIN_BS up (their logits outputs too, in the pool)."""
 
 from __future__ import annotations
