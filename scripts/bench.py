@@ -97,7 +97,8 @@ class HostTimer:
     def __init__(self, engine: Engine):
         self.totals = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "read_back": 0.0}
         self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.runner, "launch", "launch")
+        self._wrap(engine.runner, "forward", "launch")  # a step is launched in two phases: forward, then sample
+        self._wrap(engine.runner, "sample", "launch")
         self._wrap(engine, "_read_back", "read_back")
         from ringllm.engine.step_result import StepResult
 
@@ -232,7 +233,7 @@ def latency(engine: Engine) -> dict:
         "output_tokens": tokens,
         "ttft_ms": ttft * 1e3,
         "ms_per_output_token": (seconds - ttft) / (tokens - 1) * 1e3,
-        # host time per step in the runner's launch (prepare, graph replay, sampling: all queued, no sync)
+        # host time per step in the runner's forward and sample (prepare, graph replay, sampling: queued, no sync)
         # and in the scheduler; a decode step is host-bound when their sum nears ms_per_output_token
         "launch_ms_per_step": timer.totals["launch"] / steps * 1e3,
         "schedule_ms_per_step": timer.totals["schedule"] / steps * 1e3,
@@ -252,18 +253,19 @@ def prefix(engine: Engine) -> dict:
     prompts, params = prefix_workload()
     engine.scheduler.cache and engine.scheduler.cache.reset()
     before = engine.stats()["prompt_tokens_computed"]
-    plan_cascade, cascade_steps = engine.runner._plan_cascade, [0]
+    inputs = engine.runner.inputs
+    cascade_for, cascade_steps = inputs.cascade_for, [0]
 
     def counting(plan, kv_lens):  # how many steps ran cascade attention
-        got = plan_cascade(plan, kv_lens)
+        got = cascade_for(plan, kv_lens)
         cascade_steps[0] += got is not None
         return got
 
-    engine.runner._plan_cascade = counting
+    inputs.cascade_for = counting
     try:
         seconds, tokens, steps, _ = run(engine, prompts, params, "pfx")
     finally:
-        engine.runner._plan_cascade = plan_cascade
+        inputs.cascade_for = cascade_for
     computed = engine.stats()["prompt_tokens_computed"] - before
     unique = workloads.PREFIX_SYSTEMS * workloads.PREFIX_SYSTEM_LEN + len(prompts) * workloads.PREFIX_SUFFIX_LEN
     return {

@@ -1,4 +1,4 @@
-"""Checks and times the decode-step kernels of engine/kernels.py against what they replace, on one GPU.
+"""Checks and times the decode-step kernels of engine/kernels/ against what they replace, on one GPU.
 
     source .gpu/setup.sh && python3 scripts/gpu_kernels_bench.py [--shape scripts/shapes/qwen3-0.6b.json]
 
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ringllm.engine import kernels
+from ringllm.engine.kernels import layers as layer_kernels
+from ringllm.engine.kernels import sampling as sampling_kernels
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -58,10 +59,10 @@ def check(cfg) -> None:
     cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
     slots = torch.randperm(slots_n - 1, device=dev)[:T] + 1
     kc, vc = (torch.full((slots_n, Hkv, D), float("nan"), device=dev, dtype=dt) for _ in "kv")
-    q = kernels.qkv_rope_store(qkv, H, Hkv, D, qw, kw, 1e-6, cos, sin, pos, slots, kc, vc)
+    q = layer_kernels.qkv_rope_store(qkv, H, Hkv, D, qw, kw, 1e-6, cos, sin, pos, slots, kc, vc)
     q_ref, k_ref, v_ref = qkv.split([H * D, Hkv * D, Hkv * D], -1)
-    q_ref = kernels.norm_rope(q_ref.view(T, H, D), qw, 1e-6, cos, sin, pos)
-    k_ref = kernels.norm_rope(k_ref.view(T, Hkv, D), kw, 1e-6, cos, sin, pos)
+    q_ref = layer_kernels.norm_rope(q_ref.view(T, H, D), qw, 1e-6, cos, sin, pos)
+    k_ref = layer_kernels.norm_rope(k_ref.view(T, Hkv, D), kw, 1e-6, cos, sin, pos)
     untouched = torch.ones(slots_n, dtype=torch.bool, device=dev)
     untouched[slots] = False
     untouched_ok = bool(kc[untouched].isnan().all() and vc[untouched].isnan().all())
@@ -80,7 +81,7 @@ def check(cfg) -> None:
             (vocab, hidden),
         ):
             x, w = torch.randn(M, K, device=dev, dtype=dt), torch.randn(N, K, device=dev, dtype=dt) * 0.05
-            y = kernels.linear(x, w, config=(16, 512, 4, 3))
+            y = layer_kernels.linear(x, w, config=(16, 512, 4, 3))
             errs.append(rel(y, x.double() @ w.double().T) if not y.isnan().any() else float("nan"))
         print(
             f"skinny GEMM M={M}: rel err vs float64 "
@@ -114,9 +115,9 @@ def time_linears(cfg, layers: int) -> dict:
             t_cublas = graph_time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws])
             best = (float("inf"), None)
             for c in configs:
-                t = graph_time(lambda x=x, ws=ws, c=c: [kernels.linear(x, w, config=c) for w in ws])
+                t = graph_time(lambda x=x, ws=ws, c=c: [layer_kernels.linear(x, w, config=c) for w in ws])
                 best = min(best, (t, c))
-            t_default = graph_time(lambda x=x, ws=ws: [kernels.linear(x, w) for w in ws])
+            t_default = graph_time(lambda x=x, ws=ws: [layer_kernels.linear(x, w) for w in ws])
             results[f"{name}/M{M}"] = {
                 "cublas_us": t_cublas,
                 "skinny_best_us": best[0],
@@ -148,18 +149,18 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
         def unfused(qkv=qkv, T=T, pos=pos, slots=slots):
             for kc, vc in caches:
                 q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
-                kernels.norm_rope(q.view(T, H, D), qw, 1e-6, cos, sin, pos)
-                k = kernels.norm_rope(k.view(T, Hkv, D), kw, 1e-6, cos, sin, pos)
+                layer_kernels.norm_rope(q.view(T, H, D), qw, 1e-6, cos, sin, pos)
+                k = layer_kernels.norm_rope(k.view(T, Hkv, D), kw, 1e-6, cos, sin, pos)
                 kc[slots] = k
                 vc[slots] = v.view(T, Hkv, D)
 
         def fused(qkv=qkv, pos=pos, slots=slots):
             for kc, vc in caches:
-                kernels.qkv_rope_store(qkv, H, Hkv, D, qw, kw, 1e-6, cos, sin, pos, slots, kc, vc)
+                layer_kernels.qkv_rope_store(qkv, H, Hkv, D, qw, kw, 1e-6, cos, sin, pos, slots, kc, vc)
 
         print(f"T={T:<4} unfused {graph_time(unfused):8.1f}  fused {graph_time(fused):8.1f}", flush=True)
     vocab = cfg["vocab_size"]
-    print("\nsampler (kernels.gumbel_sample), us per call")
+    print("\nsampler (kernels.sampling.gumbel_sample), us per call")
     for B in (1, 256):
         logits = torch.randn(B, vocab, device=dev, dtype=dt)
         seed = torch.arange(B, device=dev)
@@ -167,7 +168,7 @@ def time_qkv_and_sampler(cfg, layers: int) -> None:
         for t in (0.0, 0.6):
             temp = torch.full((B,), t, device=dev)
             us = graph_time(
-                lambda logits=logits, temp=temp, seed=seed, counter=counter: kernels.gumbel_sample(
+                lambda logits=logits, temp=temp, seed=seed, counter=counter: sampling_kernels.gumbel_sample(
                     logits, temp, seed, counter
                 )
             )

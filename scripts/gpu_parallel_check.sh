@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
   > "$out/make-8b.log" 2>&1 &
 build=$!
 bounded "${TEST_LIMIT:-240}" "$out/pytest-parallel.log" python3 -m pytest -m gpu -q -s -x -p no:cacheprovider \
-  tests/test_gpu.py -k parallel
+  tests/engine -k parallel
 tail -4 "$out/pytest-parallel.log"
 wait $build
 for cfg in "--tp-size 2" "--tp-size 1" "--pp-size 2"; do

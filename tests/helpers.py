@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,37 @@ def run_engine(engine, prompts: list[list[int]], params, rid_prefix: str = "r") 
         steps += 1
         assert steps < 10_000, "engine did not finish"
     return [out[r] for r in rids]
+
+
+def make_sampler(max_rows: int, vocab: int, seed: int = 0, context: int = 16, eos=(), device="cpu"):
+    """A Sampler over its own row table and request-token table ([max_rows, context]), as the runner builds it."""
+    from ringllm.engine.sampler import RowTable, Sampler
+
+    device = torch.device(device)
+    req_tokens = torch.zeros(max_rows, context, dtype=torch.int32, device=device)
+    return Sampler(RowTable(max_rows, device), vocab, seed, req_tokens, eos)
+
+
+def sample_through_sink(sampler, logits, rows, seq_lens, mask=None, keep=None):
+    """One call of `sampler` as the runner makes it: batch entry b is request row rows[b] with seq_lens[b] known
+    tokens once the step is computed; the tokens go through a ResultSink (with logprobs as wide as the rows ask)
+    and come back as the engine reads them (a HostSample). Kept rows (all by default) land in req_tokens."""
+    from ringllm.engine.parallel import Layout
+    from ringllm.engine.runner.inputs import StepIndices
+    from ringllm.engine.runner.result_sink import StepResults
+
+    device = sampler.device
+    rows_host, lens_host = np.asarray(rows, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    B = len(rows_host)
+    flags = np.ones(B, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
+    ix = StepIndices(t(rows_host), t(lens_host - 1), None, t(lens_host), t(np.flatnonzero(flags)), t(flags))
+    results = StepResults(sampler.req_tokens, Layout(), len(sampler.req_tokens))
+    sink = results.sink(ix, sampler.table.logprobs_width(rows_host), None)
+    sampler(logits.to(device), rows_host, ix.rows, lens_host, ix.seq_lens, mask, sink)
+    result = sink.close()
+    assert result is not None  # rank 0 of one
+    return result.wait()
 
 
 def write_json(path: Path, obj) -> None:

@@ -1,5 +1,6 @@
 """The boundaries of the design, checked in fresh interpreters: `ipc/` imports neither torch nor the web stack,
-`app/` never imports torch, `text/` neither torch nor the web stack, `engine/` never the web stack
+`app/` never imports torch, `text/` neither torch nor the web stack, `engine/` never the web stack, and the
+engine's core (`engine/core/`: the scheduler, the radix cache, the step plan) neither torch nor the web stack
 (docs/ARCHITECTURE.md). And the seams: `app/` and `text/` reach into `engine/` only through the torch-free
 modules listed here, so a new reach shows up as a change to this list."""
 
@@ -18,6 +19,7 @@ FORBIDDEN = {
     "app": ("torch",),
     "text": ("torch", "litestar", "granian"),
     "engine": ("litestar", "granian"),
+    "engine/core": ("torch", "litestar", "granian"),
 }
 # The engine modules each package may import, at the top of a file or inside a function.
 ENGINE_SEAMS = {

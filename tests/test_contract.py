@@ -1,13 +1,17 @@
 """The request contract (ipc/sampling.py): every sampling field is declared once, with its bounds, and flows
-from the OpenAI body through the ring to the engine; the server answers 400 for what it does not do."""
+from the OpenAI body through the ring to the engine's sampler (or to what handles it instead); the server
+answers 400 for what it does not do."""
 
 import math
 
 import httpx
 import msgspec
+import numpy as np
 import pytest
 
 from ringllm.app.schemas import ChatRequest, CompletionRequest
+from ringllm.engine.sampler import NOT_SAMPLED, ROW_FIELDS, RowTable
+from ringllm.engine.sampler.rows import KERNEL, RUNNER
 from ringllm.ipc import messages as m
 from ringllm.ipc.sampling import SamplingFields, SamplingParams, StructuredOutputs
 from tests.helpers import start_server, stop_server
@@ -24,10 +28,26 @@ CHANGED = {
     "presence_penalty": 0.5,
     "frequency_penalty": -0.5,
     "ignore_eos": True,
+    "min_tokens": 2,
     "stop_token_ids": [3, 4],
     "logit_bias": {"9": -100},
     "structured_outputs": {"regex": "[ab]+"},
 }
+
+
+# min_tokens and structured_outputs cannot be combined (the grammar decides where the output ends): the
+# fields go in two bodies.
+BODIES = [{k: v for k, v in CHANGED.items() if k != "min_tokens"}, {"min_tokens": CHANGED["min_tokens"]}]
+ENGINE_FIELDS = {"max_tokens": 5, "logprobs": 2, "prompt_logprobs": 1}  # set by the app from OpenAI's shapes
+
+
+def _to_the_engine(body_type, body: dict, extra: dict, **engine_fields) -> list[SamplingParams]:
+    """The body decoded as the API worker decodes it, and its parameters as built there (with the engine's
+    shapes of OpenAI's fields, `engine_fields`) and as decoded from the ring."""
+    decoded = msgspec.json.decode(msgspec.json.encode({**body, **extra, "stop": "END"}), type=body_type)
+    params = decoded.sampling_params(**engine_fields)
+    wire = msgspec.msgpack.decode(m.encode(m.Generate("r", m.pack_ids([1]), params)), type=m.Generate).sampling
+    return [params, wire]
 
 
 @pytest.mark.parametrize(
@@ -36,14 +56,43 @@ CHANGED = {
 )
 def test_every_sampling_field_flows_from_the_body_to_the_engine(body_type, extra):
     assert set(CHANGED) == set(SamplingFields.__struct_fields__)
-    body = msgspec.json.decode(msgspec.json.encode({**CHANGED, **extra, "stop": "END"}), type=body_type)
-    params = body.sampling_params(max_tokens=5)
-    wire = msgspec.msgpack.decode(m.encode(m.Generate("r", m.pack_ids([1]), params)), type=m.Generate).sampling
-    for got in (params, wire):
-        for name, value in CHANGED.items():
-            want = {"logit_bias": {9: -100.0}, "structured_outputs": StructuredOutputs(regex="[ab]+")}.get(name, value)
-            assert getattr(got, name) == want, name
-        assert got.max_tokens == 5 and got.stop == ["END"]
+    for body in BODIES:
+        for got in _to_the_engine(body_type, body, extra, **ENGINE_FIELDS):
+            for name, value in body.items():
+                want = {"logit_bias": {9: -100.0}, "structured_outputs": StructuredOutputs(regex="[ab]+")}.get(
+                    name, value
+                )
+                assert getattr(got, name) == want, name
+            assert got.max_tokens == 5 and got.stop == ["END"]
+
+
+def test_every_request_field_reaches_a_sampler_row_or_what_handles_it():
+    """Each field of SamplingParams is read by a row of the sampler's table (engine/sampler/rows.py) or named in
+    NOT_SAMPLED with what handles it instead (the stop checks, the text layer, the grammar): a new field with
+    neither fails here."""
+    fields = set(SamplingParams.__struct_fields__)
+    read = {f.param for f in ROW_FIELDS if f.param is not None}
+    assert read | set(NOT_SAMPLED) == fields, f"not handled anywhere: {fields - read - set(NOT_SAMPLED)}"
+    assert not read & set(NOT_SAMPLED), "a field is read by a row and said to be handled elsewhere"
+
+
+@pytest.mark.parametrize("name", sorted({f.param for f in ROW_FIELDS if f.param is not None}))
+def test_a_changed_field_reaches_its_sampler_row_from_the_body(name):
+    """Body -> ring -> the sampler's row table: the changed value lands in each of its columns; a column of a
+    stage beyond the fused pass leaves its neutral value, and the row then leaves the fused pass (the rest
+    of the decision is checked against the reference in tests/engine/sampler/test_rows.py)."""
+    body, engine = ({name: CHANGED[name]}, {}) if name in CHANGED else ({}, {name: ENGINE_FIELDS[name]})
+    wire = _to_the_engine(CompletionRequest, body, {"prompt": "x"}, **engine)[1]
+    default = _to_the_engine(CompletionRequest, {}, {"prompt": "x"})[1]
+    table = RowTable(2)
+    table.set([0, 1], [wire, default], [3, 3])
+    for f in [f for f in ROW_FIELDS if f.param == name]:
+        assert table.host[f.name][0] == f.value(wire, 3), f.name
+        if f.stage == KERNEL:  # the kernel reads any value: it must at least differ from the default's
+            assert table.host[f.name][0] != table.host[f.name][1], f.name
+        else:
+            assert table.host[f.name][0] != f.neutral and table.host[f.name][1] == f.neutral, f.name
+            assert table.plain(np.array([0, 1])).tolist() == [f.stage == RUNNER, True], f.name
 
 
 @pytest.mark.parametrize(
@@ -153,11 +202,28 @@ def test_logit_bias_bans_and_forces_tokens_offline(llm):
         llm.generate_batch(["x"], SamplingParams(logit_bias={10**6: 1.0}))
 
 
+def test_min_tokens_holds_off_eos_and_stop_token_ids_offline(llm):
+    """vLLM's min_tokens: EOS and stop_token_ids cannot end the output before min_tokens tokens; then they
+    end it as before. Both are forced by logit_bias, so without min_tokens the output is one token."""
+    eos = min(llm.engine.eos_token_ids)
+    greedy = {"max_tokens": 8, "temperature": 0.0}
+    for stop in (dict(logit_bias={42: 100.0}, stop_token_ids=[42]), dict(logit_bias={eos: 100.0})):
+        end = 42 if "stop_token_ids" in stop else eos
+        [at_once] = llm.generate_batch(["The sea is"], SamplingParams(**greedy, **stop))
+        assert at_once.finish_reason == "stop" and at_once.token_ids == [end], at_once
+        [held] = llm.generate_batch(["The sea is"], SamplingParams(**greedy, **stop, min_tokens=4))
+        assert held.finish_reason == "stop" and len(held.token_ids) == 5 and held.token_ids[-1] == end, held
+        assert end not in held.token_ids[:4]
+    with pytest.raises(ValueError, match="min_tokens must be at most max_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)
+    with pytest.raises(ValueError, match="min_tokens cannot be combined with structured_outputs"):
+        SamplingParams(min_tokens=1, structured_outputs=StructuredOutputs(regex="a+"))
+
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 REFUSED = [
     ("/v1/completions", {"prompt": "x", "suffix": " the end"}, "suffix"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
-    ("/v1/completions", {"prompt": "x", "min_tokens": 3}, "min_tokens"),  # a vLLM extension ringllm lacks
     (
         "/v1/completions",
         {"prompt": "x", "stream": True, "stream_options": {"include_obfuscation": True}},

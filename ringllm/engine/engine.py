@@ -2,13 +2,16 @@
 tokens. Transport-agnostic: the offline LLM drives it from a thread, the server's engine process from the
 ring buffers.
 
+A step is launched in two phases, in plain sight in `step()`: the runner queues its forward on the device,
+then samples it; in between, a batch with constrained rows (structured outputs) gets its grammar masks, which
+depend on the tokens of the steps still in flight, so those are read back first (while the forward runs).
+
 Overlap: `step()` schedules and launches step N+1 first, and only then reads step N's tokens, appends them,
 checks stops and frees what finished. The device therefore never waits on this Python. With
 `disable_overlap_schedule` a step is launched and read back before the next is scheduled."""
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -18,15 +21,17 @@ import torch
 
 from ringllm.engine import parallel
 from ringllm.engine.config import EngineConfig, check_context_len
+from ringllm.engine.core.plan import Batch
+from ringllm.engine.core.scheduler import Scheduler
+from ringllm.engine.core.sequence import Sequence, Status
 from ringllm.engine.grammar import GrammarError, Grammars
 from ringllm.engine.loader import checkpoint_path, read_config
 from ringllm.engine.logs import get_logger
-from ringllm.engine.model_runner import ModelRunner
 from ringllm.engine.parallel import Layout
 from ringllm.engine.profiler import RankProfiler
+from ringllm.engine.runner.model_runner import ModelRunner
+from ringllm.engine.sampler import GrammarMask
 from ringllm.engine.sampling_params import SamplingParams
-from ringllm.engine.scheduler import Batch, Scheduler
-from ringllm.engine.sequence import Sequence, Status
 from ringllm.engine.step_result import StepResult, file_prompt_logprobs
 from ringllm.engine.worker import Workers, join, no_cuda_reason, rank_device
 from ringllm.ipc.sampling import FieldError, check_token_ids
@@ -88,7 +93,7 @@ class Engine:
             self.close()
             raise
         self.vocab_size = self.runner.shape.vocab_size
-        self.eos_token_ids = set(self.runner.shape.eos_token_ids) | _generation_eos(self.model_path)
+        self.eos_token_ids = set(self.runner.eos_token_ids)
         self.scheduler = Scheduler(
             num_slots=self.runner.num_slots,
             max_rows=self.runner.max_rows,
@@ -179,74 +184,41 @@ class Engine:
         return self.scheduler.has_work or bool(self._in_flight) or bool(self._compiling)
 
     # ---- the loop ----
+    @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
-        """Launches the next step, then reads back the oldest launched steps beyond `depth` (or one, when
-        there was nothing to launch)."""
+        """One turn of the loop. Queue the next step's forward on the device; if it holds constrained rows, read
+        back the steps still in flight (their tokens decide the grammar masks) and build the masks while the
+        forward runs; sample. Then read back the steps launched more than `depth` ago (or, with nothing to
+        launch, the oldest one, so that finished work surfaces)."""
         outputs = self._admit_compiled() if self._compiling else []
         batch = self.scheduler.schedule()
-        if batch:
+        if batch is not None:
             if self.workers is not None:
                 self.workers.send(batch.plan)
-            constrain = None
-            if self._matchers and any(s.rid in self._matchers for s in batch.seqs):
-                constrain = lambda: self._masks(batch, outputs)
-            result = self.runner.launch(batch.plan, constrain)
+            forward = self.runner.forward(batch.plan)
+            mask = None
+            if self._matchers and self._constrained(batch):
+                outputs += self._read_back(len(self._in_flight))
+                mask = self._grammar_mask(batch)
+            result = self.runner.sample(forward, mask)
             assert result is not None  # the engine is rank 0, which gets every step's tokens
             self._in_flight.append((batch, result))
-        while len(self._in_flight) > self.depth:
-            outputs += self._read_back(*self._in_flight.popleft())
-        if not batch and self._in_flight:  # nothing launched: read one back, so that finished work surfaces
-            outputs += self._read_back(*self._in_flight.popleft())
-        elif not batch and self._compiling and not outputs:  # only grammars to wait for: do not spin
+            outputs += self._read_back(len(self._in_flight) - self.depth)
+        elif self._in_flight:
+            outputs += self._read_back(1)
+        elif self._compiling and not outputs:  # only grammars to wait for: do not spin
             wait([f for _, f in self._compiling], timeout=GRAMMAR_POLL_SECONDS, return_when=FIRST_COMPLETED)
         return outputs
 
-    # ---- structured outputs ----
-    def _admit_compiled(self) -> list[TokenOutput]:
-        """Queues the requests whose grammar is ready; those whose grammar failed end with its error."""
-        outputs, still = [], []
-        for seq, future in self._compiling:
-            if not future.done():
-                still.append((seq, future))
-            elif future.exception() is not None:
-                del self.seqs[seq.rid]
-                seq.status, seq.finish_reason = Status.FINISHED, "error"
-                outputs.append(
-                    TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=str(future.exception()))
-                )
-            else:
-                self._matchers[seq.rid] = self.grammars.matcher(future.result())
-                self.scheduler.add(seq)
-        self._compiling = still
+    def _read_back(self, num_steps: int) -> list[TokenOutput]:
+        """Reads back the oldest `num_steps` steps in flight (none when num_steps <= 0), oldest first."""
+        outputs: list[TokenOutput] = []
+        for _ in range(num_steps):
+            outputs += self._finish_step(*self._in_flight.popleft())
         return outputs
 
-    def _masks(self, batch: Batch, outputs: list[TokenOutput]):
-        """Called by the runner between a step's forward and its sampling when the batch has constrained rows:
-        their masks depend on the tokens of the steps still in flight, so those are read back first (into
-        `outputs`) while the device runs this step's forward."""
-        while self._in_flight:
-            outputs += self._read_back(*self._in_flight.popleft())
-        sampled = batch.plan.sample
-        return self.grammars.masks(
-            [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device
-        )
-
-    def close(self) -> None:
-        """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
-        only then does this rank leave the process group (nothing to do on one device)."""
-        workers, self.workers = self.workers, None
-        if workers is not None:
-            workers.request_stop()
-        runner = getattr(self, "runner", None)  # absent when the constructor failed
-        if runner is not None:
-            runner.close()
-        if getattr(self, "grammars", None) is not None:
-            self.grammars.close()
-        if workers is not None:
-            workers.close()
-        parallel.shutdown()
-
-    def _read_back(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
+    def _finish_step(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
+        """A step read back: each kept token appended, its stop conditions checked, finished requests ended."""
         sample = result.wait()
         tokens, lp, top = sample.tokens, sample.logprobs, sample.top
         plan = batch.plan
@@ -298,6 +270,52 @@ class Engine:
             return "length"
         return None
 
+    # ---- structured outputs ----
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Queues the requests whose grammar is ready; those whose grammar failed end with its error."""
+        outputs, still = [], []
+        for seq, future in self._compiling:
+            if not future.done():
+                still.append((seq, future))
+            elif future.exception() is not None:
+                del self.seqs[seq.rid]
+                seq.status, seq.finish_reason = Status.FINISHED, "error"
+                outputs.append(
+                    TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=str(future.exception()))
+                )
+            else:
+                self._matchers[seq.rid] = self.grammars.matcher(future.result())
+                self.scheduler.add(seq)
+        self._compiling = still
+        return outputs
+
+    def _constrained(self, batch: Batch) -> bool:
+        return any(s.rid in self._matchers for s in batch.seqs)
+
+    def _grammar_mask(self, batch: Batch) -> GrammarMask | None:
+        """The grammar masks of the batch's sampled constrained rows, from their matchers (which must have
+        accepted every token before this step's: the steps in flight are read back first)."""
+        sampled = batch.plan.sample
+        return self.grammars.masks(
+            [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device
+        )
+
+    # ---- shutdown ----
+    def close(self) -> None:
+        """Stops the worker processes of a parallel engine: they finish the steps already sent and exit, and
+        only then does this rank leave the process group (nothing to do on one device)."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.request_stop()
+        runner = getattr(self, "runner", None)  # absent when the constructor failed
+        if runner is not None:
+            runner.close()
+        if getattr(self, "grammars", None) is not None:
+            self.grammars.close()
+        if workers is not None:
+            workers.close()
+        parallel.shutdown()
+
     # ---- profiling ----
     def start_profile(self) -> None:
         """Starts the torch profiler on every rank (CPU, and CUDA where present); `stop_profile` writes the
@@ -336,11 +354,3 @@ class Engine:
             "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "preemptions": s.num_preemptions,
         }
-
-
-def _generation_eos(path: Path) -> set[int]:
-    f = path / "generation_config.json"
-    if not f.is_file():
-        return set()
-    eos = json.loads(f.read_text()).get("eos_token_id")
-    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))

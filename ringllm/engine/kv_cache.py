@@ -1,22 +1,11 @@
-"""Token-granular KV storage (a page is one slot), its sizing, and the host-side bookkeeping of which slots are
-free.
+"""Token-granular KV storage (a page is one slot, engine/core/slots.py); its sizing is the runner's
+(engine/runner/memory.py).
 
 Slot 0 is never handed out: padded positions (CUDA-graph batches) write their K/V there harmlessly."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from ringllm.engine.config import EngineConfig
-
-# Tokens per KV page. The scheduler, the radix cache and the slot allocator work in tokens, and the attention
-# backends hand FlashInfer one-token pages: changing this needs all of them changed, not just the constant.
-PAGE_SIZE = 1
 
 # fp8 KV (--kv-cache-dtype fp8) is float8_e4m3fn with a scale of 1.0, as vLLM without calibrated scales: values
 # beyond +-448 are clamped on store (the cast alone would make them NaN), and below 2**-6 precision fades into
@@ -39,39 +28,6 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == FP8_KV_DTYPE:
         return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x
-
-
-class SlotAllocator:
-    """Free slots as one host int32 array used as a stack: allocating or freeing n slots is one slice or one
-    copy, never a Python loop over tokens. Host-side numpy: these are bookkeeping, not device data."""
-
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        self._free = np.arange(num_slots - 1, 0, -1, dtype=np.int32)  # slot 1 on top
-        self._top = num_slots - 1
-
-    @property
-    def num_free(self) -> int:
-        return self._top
-
-    @property
-    def capacity(self) -> int:
-        return self.num_slots - 1
-
-    def alloc(self, n: int) -> np.ndarray | None:
-        if n > self._top:
-            return None
-        self._top -= n
-        return self._free[self._top : self._top + n][::-1].copy()
-
-    def free(self, slots: np.ndarray) -> None:
-        n = len(slots)
-        if n == 0:
-            return
-        if self._top + n > len(self._free):
-            raise RuntimeError("slot allocator: more slots freed than were allocated")
-        self._free[self._top : self._top + n] = slots[::-1]
-        self._top += n
 
 
 class KVPool:
@@ -102,42 +58,3 @@ class KVPool:
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][slots] = to_cache_dtype(k, self.kv_dtype)
         self.v[layer][slots] = to_cache_dtype(v, self.kv_dtype)
-
-
-# ---- sizing ----
-# Set aside beyond the forward's peak: attention workspaces, CUDA graphs, sampler temporaries.
-RESERVED_GPU_BYTES = 2 << 30
-
-
-def kv_pool_slots(
-    config: EngineConfig, bytes_per_token: int, device: torch.device, activation_peak: Callable[[], int]
-) -> int:
-    """How many slots this rank's pool gets: `kv_cache_tokens` when set; on a GPU what is left of
-    `gpu_memory_utilization` once the weights are loaded and the forward's peak (`activation_peak`, measured
-    only here) is set aside; on the CPU `cpu_kv_cache_gb`."""
-    if config.kv_cache_tokens:
-        return config.kv_cache_tokens + 1
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        peak = activation_peak()
-        budget = total * config.gpu_memory_utilization - (total - free) - peak - RESERVED_GPU_BYTES
-    else:
-        budget = config.cpu_kv_cache_gb * (1 << 30)
-    slots = int(budget // bytes_per_token)
-    if slots < 2:
-        raise ValueError(
-            f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
-            f"{bytes_per_token} bytes per token): lower the model size or raise the memory budget"
-        )
-    return slots
-
-
-def peak_bytes(device: torch.device, run: Callable[[], object]) -> int:
-    """Peak device memory `run` allocates beyond what was allocated before it; what it made is freed after."""
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    run()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    torch.cuda.empty_cache()
-    return peak

@@ -78,6 +78,16 @@ def checkpoint_path(model: str | None, download_dir: str | None = None) -> Path:
     return resolve_model_path(model, download_dir)
 
 
+def generation_eos_ids(path: Path) -> set[int]:
+    """The end-of-sequence ids of the checkpoint's generation_config.json (none without one): they end an
+    output like config.json's own."""
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return set()
+    eos = json.loads(f.read_text()).get("eos_token_id")
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+
+
 def read_config(path: Path) -> dict:
     """The checkpoint's config.json (for a GGUF file, the one its metadata describes). Quantized checkpoints
     other than GGUF (fp8, AWQ, GPTQ, ...) are refused here, before anything is loaded."""

@@ -25,83 +25,37 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 import torch
 
 from ringllm.engine import parallel
 from ringllm.engine.config import EngineConfig
+from ringllm.engine.core.plan import StepPlan, array_dec_hook, array_enc_hook
 from ringllm.engine.logs import configure_logging, get_logger, no_multiprocessing_locks
 from ringllm.engine.parallel import Layout
 from ringllm.engine.profiler import RankProfiler
-from ringllm.engine.sampling_params import SamplingParams
-from ringllm.engine.scheduler import StepPlan
 from ringllm.ipc import lifecycle
 from ringllm.ipc.process import die_with_parent
 from ringllm.ipc.ring import PeerDied, RingReader, RingWriter, pid_alive
 
 log = get_logger("engine.worker")
 
-_ARRAYS = (
-    "rows",
-    "starts",
-    "lens",
-    "sample",
-    "slot_rows",
-    "slot_pos",
-    "slot_ids",
-    "token_rows",
-    "token_pos",
-    "token_ids",
-    "shared_indptr",
-    "shared_lens",
-)
-
-
-class PlanMessage(msgspec.Struct, tag="plan"):
-    arrays: bytes  # the int32 arrays of _ARRAYS, concatenated
-    sizes: list[int]
-    new_rows: list[int]
-    new_params: list[SamplingParams]
-    new_prompt_lens: list[int]
-    num_decodes: int
-
 
 class ControlMessage(msgspec.Struct, tag="control"):
     command: str  # stop | profile_start | profile_stop
 
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(PlanMessage | ControlMessage)
+# A step plan goes as the Struct it is (engine/core/plan.py declares its fields), arrays as (dtype, bytes).
+_encoder = msgspec.msgpack.Encoder(enc_hook=array_enc_hook)
+_decoder = msgspec.msgpack.Decoder(StepPlan | ControlMessage, dec_hook=array_dec_hook)
 
 
 def encode_plan(plan: StepPlan) -> bytes:
-    arrays = [np.asarray(getattr(plan, name), dtype=np.int32) for name in _ARRAYS]
-    return _encoder.encode(
-        PlanMessage(
-            np.concatenate(arrays).tobytes(),
-            [len(a) for a in arrays],
-            plan.new_rows,
-            plan.new_params,
-            plan.new_prompt_lens,
-            plan.num_decodes,
-        )
-    )
+    return _encoder.encode(plan)
 
 
 def decode_message(data) -> StepPlan | str:
     msg = _decoder.decode(data)
-    if isinstance(msg, ControlMessage):
-        return msg.command
-    flat = np.frombuffer(msg.arrays, dtype=np.int32)
-    parts = dict(zip(_ARRAYS, np.split(flat, np.cumsum(msg.sizes)[:-1])))
-    parts["sample"] = parts["sample"].astype(bool)
-    return StepPlan(
-        **parts,
-        new_rows=msg.new_rows,
-        new_params=msg.new_params,
-        new_prompt_lens=msg.new_prompt_lens,
-        num_decodes=msg.num_decodes,
-    )
+    return msg.command if isinstance(msg, ControlMessage) else msg
 
 
 def no_cuda_reason(device: str) -> str | None:
@@ -251,7 +205,7 @@ def worker_main(
     if engine_pid is not None:
         threading.Thread(target=_exit_with, args=(engine_pid,), name="engine-watch", daemon=True).start()
     from ringllm.engine.loader import read_config
-    from ringllm.engine.model_runner import ModelRunner
+    from ringllm.engine.runner.model_runner import ModelRunner
 
     device = rank_device(config, local_rank)
     lay = join(config, rank, device)
@@ -275,7 +229,8 @@ def serve_plans(runner, ring: RingReader | None) -> None:
             ring.poll(lambda view: messages.append(decode_message(view)))
         for msg in messages:
             if isinstance(msg, StepPlan):
-                runner.launch(msg)
+                with torch.inference_mode():
+                    runner.sample(runner.forward(msg))
             elif msg == "stop":
                 # Exit without tearing down the communicators: this rank's queued steps are done once close()
                 # returns, rank 0 aborts its own side after this process has gone, and the driver frees the rest.

@@ -7,8 +7,9 @@ read, and what the offline API takes. The bounds are msgspec `Meta` annotations:
 or a ring message is decoded, and `__post_init__` checks the same annotations when Python code builds one, so
 there is no second list of limits. No torch here: the API workers import this too.
 
-Adding a sampling field: declare it here with its bounds, read it in engine/sampler.py (one row in ROW_FIELDS
-and the math), and test it."""
+Adding a sampling field: declare it here with its bounds, read it in the sampler (an entry of
+engine/sampler/rows.py's ROW_FIELDS and the math in engine/sampler/sampler.py), and test it
+(tests/test_contract.py fails for a field that does not reach the sampler)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ class SamplingFields(msgspec.Struct, kw_only=True, omit_defaults=True):
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     ignore_eos: bool = False
+    # vLLM's min_tokens: neither EOS nor stop_token_ids can end the output before this many tokens are out
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = []  # None: []
     # token id -> added to its logit before sampling (greedy too): -100 bans a token, +100 all but forces it
     logit_bias: Annotated[dict[TokenId, Bias], Meta(max_length=MAX_LOGIT_BIAS)] | None = None
@@ -131,6 +134,11 @@ class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_un
         check_declared(self)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.min_tokens and self.structured_outputs is not None:
+            # the grammar decides where a constrained output ends; a floor on its length could contradict it
+            raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides the end")
 
 
 def check_token_ids(

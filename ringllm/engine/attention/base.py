@@ -38,8 +38,8 @@ class AttentionBackend(abc.ABC):
 
     A layer either calls `forward` (the backend stores K/V, then attends), or, where `kv_store_target` gives
     the cache, writes K/V itself in a fused kernel and calls `attend`. A backend whose decode steps can be
-    captured in CUDA graphs sets `supports_cuda_graphs` and implements the two graph hooks (engine/cuda_graph.py
-    calls them); by default a backend runs without graphs."""
+    captured in CUDA graphs sets `supports_cuda_graphs` and implements the two graph hooks
+    (engine/runner/cuda_graph.py calls them); by default a backend runs without graphs."""
 
     supports_cuda_graphs = False
     supports_cascade = False  # runs decode steps given AttentionMetadata.cascade (a backend may ignore it)

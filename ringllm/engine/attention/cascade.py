@@ -1,16 +1,14 @@
-"""Shared-prefix (cascade) attention for decode steps.
+"""Shared-prefix (cascade) attention for decode steps, on FlashInfer.
 
-When many decode rows continue the same cached prompt prefix (a system prompt, the radix cache holding it
-once), plain decode attention reads that prefix's KV once per row. Cascade attention splits each row's
-context in two: level 0, the prefix its group shares, attended by all of the group's queries at once (one
-non-causal "prefill" whose query length is the group's size, so the prefix is read once per group), and
-level 1, the row's own slots past it (plain decode). The two partial outputs are merged through their
-log-sum-exp states, which gives exactly the attention over the whole context.
+Cascade attention splits each decode row's context in two: level 0, the prefix its group shares, attended by
+all of the group's queries at once (one non-causal "prefill" whose query length is the group's size, so the
+prefix is read once per group), and level 1, the row's own slots past it (plain decode). The two partial
+outputs are merged through their log-sum-exp states, which gives exactly the attention over the whole context.
 
-The scheduler decides who shares what from the radix tree (host only): the step's decode rows come first,
-ordered by group, with `StepPlan.shared_indptr` (group g is decode rows [indptr[g], indptr[g+1])) and
-`StepPlan.shared_lens` (the length of the prefix group g shares). `plan_cascade` turns that into slot
-indices on the device; a backend that can run it (`supports_cascade`) attends with `CascadeMetadata`."""
+Who shares what, and when it pays, is decided on the host without torch (engine/core/cascade.py: the
+grouping, MAX_GROUPS and the thresholds). Here: `plan_cascade` turns a step's groups into slot indices on the
+device, and the FlashInfer wrappers that run them, eagerly and inside CUDA graphs (`graph_layout`,
+`fill_graph_buffers`)."""
 
 from __future__ import annotations
 
@@ -19,17 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# A step runs cascade only when it saves at least this many KV positions' reads (over all rows): below it
-# the two extra kernels per layer (level 0 and the merge) and the eager launch (no CUDA graph) cost more.
-# 32k positions of Qwen3-0.6B are 3.8 GB (~0.9 ms at 4 TB/s); an estimate, not yet measured.
-MIN_SAVED_TOKENS = 32768
-# The same where the step replays a CUDA graph: no launch cost then, but level 0 and the merge take ~5-7 us a
-# layer even when small (~200 us a step on Qwen3-0.6B's 28 layers), about 7k positions' reads of its KV
-# (~115 KB each, all layers) at 4 TB/s. An estimate, not yet measured.
-MIN_SAVED_TOKENS_GRAPH = 8192
-# The most groups a CUDA-graph cascade step takes: level 0 runs over this many fixed entries (unused ones
-# empty). The scheduler keeps the groups that save the most; the rest of the rows go ungrouped.
-MAX_GROUPS = 16
+from ringllm.engine.core.cascade import MAX_GROUPS
 
 
 @dataclass
@@ -52,26 +40,17 @@ class CascadeMetadata:
         return len(self.shared_qo_indptr_host) - 1
 
 
-def saved_tokens(shared_indptr: np.ndarray, shared_lens: np.ndarray) -> int:
-    """KV positions a step's cascade does not read again: each group reads its prefix once, not size times."""
-    sizes = np.diff(shared_indptr).astype(np.int64)
-    return int(((sizes - 1) * shared_lens.astype(np.int64)).sum())
-
-
 def plan_cascade(
     rows: np.ndarray,
     kv_lens: np.ndarray,
     shared_indptr: np.ndarray,
     shared_lens: np.ndarray,
     req_to_slot: torch.Tensor,
-    min_saved_tokens: int = MIN_SAVED_TOKENS,
-) -> CascadeMetadata | None:
+) -> CascadeMetadata:
     """The cascade indices of a decode step whose rows `rows` (with `kv_lens` positions each) start with the
-    groups of (`shared_indptr`, `shared_lens`); None when it would not pay. The prefix of a group is read
-    from its first row's slots (every row of the group holds the same slots there: the radix tree's).
+    groups of (`shared_indptr`, `shared_lens`; core.cascade.worth_cascading chose them). The prefix of a group
+    is read from its first row's slots (every row of the group holds the same slots there: the radix tree's).
     The indices are gathered from `req_to_slot` on its device after one small host-to-device copy."""
-    if len(shared_lens) == 0 or saved_tokens(shared_indptr, shared_lens) < min_saved_tokens:
-        return None
     sizes = np.diff(shared_indptr)
     shared_per_row = np.zeros(len(rows), dtype=np.int64)
     shared_per_row[: shared_indptr[-1]] = np.repeat(shared_lens, sizes)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from ringllm.engine.attention.base import AttentionBackend, AttentionMetadata
-from ringllm.engine.attention.cascade import MAX_GROUPS, FlashInferCascade, FlashInferGraphCascade, GraphCascade
-from ringllm.engine.kv_cache import PAGE_SIZE
+from ringllm.engine.attention.cascade import FlashInferCascade, FlashInferGraphCascade, GraphCascade
+from ringllm.engine.core.cascade import MAX_GROUPS
+from ringllm.engine.core.slots import PAGE_SIZE
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -48,7 +49,7 @@ class FlashInferAttention(AttentionBackend):
         self.graph_cascades: dict[int, FlashInferGraphCascade] = {}  # by batch size
         self._graph_prefill: Any = None  # level 0 of every cascade graph (make_graph_cascade)
         self._merge_mask: torch.Tensor | None = None
-        self._wrapper: Any = None  # the wrapper planned for this step
+        self.wrapper: Any = None  # the wrapper planned for this step (begin, begin_graph)
         self._last_page_lens = torch.full((4096,), PAGE_SIZE, dtype=torch.int32)  # every page is full
 
     @staticmethod
@@ -67,15 +68,15 @@ class FlashInferAttention(AttentionBackend):
         lpl = self._last_page_len(meta.batch_size)
         kinds = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype)
         if meta.cascade is not None:
-            self._wrapper = self.cascade
+            self.wrapper = self.cascade
             self.cascade.plan(meta.cascade, self._last_page_len, **kinds)
         elif meta.is_decode:
-            self._wrapper = self.decode
+            self.wrapper = self.decode
             self.decode.plan(
                 kv_indptr, meta.kv_indices, lpl, self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE, **kinds
             )
         else:
-            self._wrapper = self.prefill
+            self.wrapper = self.prefill
             qo_indptr = torch.from_numpy(meta.qo_indptr_host.astype(np.int32))
             self.prefill.plan(
                 qo_indptr,
@@ -146,8 +147,8 @@ class FlashInferAttention(AttentionBackend):
         its cascade graph's, and points the layers at the graph's static slot buffer."""
         self.out_slots = out_slots
         if cascade is not None:
-            self._wrapper = self.graph_cascades[bs]
-            self._wrapper.plan(cascade, kv_indices, self.dtype, self.kv_dtype)
+            self.wrapper = self.graph_cascades[bs]
+            self.wrapper.plan(cascade, kv_indices, self.dtype, self.kv_dtype)
             return
         wrapper = self.graph_decoders[bs]
         wrapper.plan(
@@ -161,7 +162,7 @@ class FlashInferAttention(AttentionBackend):
             q_data_type=self.dtype,
             kv_data_type=self.kv_dtype,
         )
-        self._wrapper = wrapper
+        self.wrapper = wrapper
 
     # ---- the layer call ----
     def kv_store_target(self, layer: int):
@@ -172,7 +173,7 @@ class FlashInferAttention(AttentionBackend):
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         # [pages, PAGE_SIZE, kv_heads, D]
         paged = (k_cache.unflatten(0, (-1, PAGE_SIZE)), v_cache.unflatten(0, (-1, PAGE_SIZE)))
-        return self._wrapper.run(q, paged)
+        return self.wrapper.run(q, paged)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.store_kv(layer, k, v)

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ringllm.engine import kernels, parallel
+from ringllm.engine import parallel
+from ringllm.engine.kernels import available
+from ringllm.engine.kernels import layers as kernels
 from ringllm.engine.parallel import Layout
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`, adds it first and returns (normed, new residual): the fused residual-add form."""
-        if kernels.available(x):
+        if available(x):
             out = kernels.rmsnorm(x, self.weight, self.eps, residual)  # updates residual in place
             return out if residual is None else (out, residual)
         if residual is not None:
@@ -77,7 +79,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # o_proj and down_proj are the deep, narrow weights where cuBLAS is slow at decode batch sizes.
-        y = kernels.linear(x, self.weight) if kernels.available(x) else F.linear(x, self.weight)
+        y = kernels.linear(x, self.weight) if available(x) else F.linear(x, self.weight)
         return parallel.tp_all_reduce(y)
 
 
@@ -108,7 +110,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if kernels.available(x):
+    if available(x):
         return kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -186,7 +188,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = self.qkv_proj(x)
-        target = attn.kv_store_target(self.layer_id) if kernels.available(x) else None
+        target = attn.kv_store_target(self.layer_id) if available(x) else None
         if target is not None:  # one kernel: q/k norm, rotary, and K/V written straight into the cache
             r = self.rotary
             q = kernels.qkv_rope_store(
@@ -209,7 +211,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if kernels.available(x):  # per-head norm and rotary in one pass each
+        if available(x):  # per-head norm and rotary in one pass each
             r = self.rotary
             q = kernels.norm_rope(
                 q, self.q_norm.weight if self.q_norm else None, r.eps_of(self.q_norm), r.cos, r.sin, positions

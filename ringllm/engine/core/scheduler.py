@@ -17,59 +17,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ringllm.engine.attention.cascade import MAX_GROUPS
-from ringllm.engine.kv_cache import SlotAllocator
-from ringllm.engine.radix_cache import Node, RadixCache
-from ringllm.engine.sampling_params import SamplingParams
-from ringllm.engine.sequence import Sequence, Status
-
-
-@dataclass
-class StepPlan:
-    """What the model runner needs for one step, and only what changed since the last: the slots and token
-    ids of newly placed positions and the parameters of newly admitted rows. Plain arrays, so that it can be
-    sent to worker processes as is."""
-
-    rows: np.ndarray  # [B] request row of each scheduled sequence
-    starts: np.ndarray  # [B] first position computed this step
-    lens: np.ndarray  # [B] positions computed this step
-    sample: np.ndarray  # [B] bool: this step's last position yields a token that is kept
-    slot_rows: np.ndarray  # flat writes into the request-to-slot table
-    slot_pos: np.ndarray
-    slot_ids: np.ndarray
-    token_rows: np.ndarray  # flat writes into the request-to-token table (tokens known on the host)
-    token_pos: np.ndarray
-    token_ids: np.ndarray
-    new_rows: list[int] = field(default_factory=list)  # rows admitted this step, with their parameters
-    new_params: list[SamplingParams] = field(default_factory=list)
-    new_prompt_lens: list[int] = field(default_factory=list)
-    num_decodes: int = 0  # the first num_decodes sequences decode; the rest compute prompt positions
-    # Decode steps with shared cached prefixes (engine/attention/cascade.py): decode rows
-    # [shared_indptr[g], shared_indptr[g+1]) all start with the same shared_lens[g] cached slots.
-    shared_indptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int32))
-    shared_lens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
-
-    @property
-    def is_decode(self) -> bool:
-        return bool((self.lens == 1).all())
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lens.sum())
-
-
-@dataclass
-class Batch:
-    seqs: list[Sequence]
-    plan: StepPlan
-
+from ringllm.engine.core.cascade import group_by_shared_prefix
+from ringllm.engine.core.plan import Batch, StepPlan
+from ringllm.engine.core.radix_cache import RadixCache
+from ringllm.engine.core.sequence import Sequence, Status
+from ringllm.engine.core.slots import SlotAllocator
 
 _DEFER = -1  # _admit: skip this request for now, try the next
-MIN_SHARED_PREFIX = 64  # shortest shared prefix worth a cascade group (positions)
 
 
 class Scheduler:
@@ -141,7 +98,7 @@ class Scheduler:
         if slots is not None:  # the common case: one allocation and one table write for every decode
             if self.group_shared_prefixes and len(decodes) > 1:
                 # all are placed at once, so their order is free: rows sharing a cached prefix side by side
-                decodes, shared = _group_by_shared_prefix(decodes)
+                decodes, shared = group_by_shared_prefix(decodes)
             rows = np.array([s.row for s in decodes], dtype=np.int32)
             pos = np.array([s.num_computed for s in decodes], dtype=np.int32)
             writes.add_one_each(rows, pos, slots, self.req_to_slot)
@@ -342,50 +299,6 @@ class Scheduler:
             new_params=[s.params for s in writes.admitted],
             new_prompt_lens=[s.num_prompt for s in writes.admitted],
         )
-
-
-def _group_by_shared_prefix(
-    seqs: list[Sequence], max_groups: int = MAX_GROUPS
-) -> tuple[list[Sequence], tuple[np.ndarray, np.ndarray] | None]:
-    """Decode sequences reordered so that those sharing a cached prefix are contiguous, grouped ones first (the
-    rest keep their order), and the groups as (indptr, shared lengths); None when no group forms.
-
-    Each sequence's cached prefix is the radix path down to its locked node, and its request row holds the
-    tree's slots there. It joins the ancestor on that path that saves the most reads, (sequences below it - 1)
-    x its depth, deepest on a tie: with 8 system prompts of 2,048 tokens, each followed by a unique question,
-    every sequence joins its system prompt's node. A group is kept when it has 2 or more sequences and shares
-    at least MIN_SHARED_PREFIX positions; at most `max_groups` groups are kept (a CUDA graph's cascade step
-    takes that many), those saving the most reads, in that order, and the others' sequences go ungrouped."""
-    paths = []  # per sequence: [(node, depth)], deepest first
-    below: dict[Node, int] = {}  # how many of the sequences pass through each node (nodes hash by identity)
-    for seq in seqs:
-        node, depth, path = seq.cache_node, seq.num_cached, []
-        while node is not None and node.parent is not None:  # up to, not including, the root
-            path.append((node, depth))
-            below[node] = below.get(node, 0) + 1
-            depth -= len(node.key)
-            node = node.parent
-        paths.append(path)
-    members: dict[Node, tuple[int, list[int]]] = {}  # chosen node -> (its depth, indices of its sequences)
-    for i, path in enumerate(paths):
-        best, best_saved = None, 0
-        for node, depth in path:  # deepest first, so a tie keeps the deeper node
-            saved = (below[node] - 1) * depth
-            if saved > best_saved:
-                best, best_saved = (node, depth), saved
-        if best is not None and best[1] >= MIN_SHARED_PREFIX:
-            members.setdefault(best[0], (best[1], []))[1].append(i)
-    groups = [(depth, idx) for depth, idx in members.values() if len(idx) >= 2]
-    groups.sort(key=lambda g: (len(g[1]) - 1) * g[0], reverse=True)  # stable: ties keep first-seen order
-    del groups[max_groups:]
-    if not groups:
-        return seqs, None
-    grouped = [i for _, idx in groups for i in idx]
-    in_group = set(grouped)
-    order = grouped + [i for i in range(len(seqs)) if i not in in_group]
-    indptr = np.concatenate([[0], np.cumsum([len(idx) for _, idx in groups])]).astype(np.int32)
-    lens = np.array([d for d, _ in groups], dtype=np.int32)
-    return [seqs[i] for i in order], (indptr, lens)
 
 
 def _row(seq: Sequence) -> int:

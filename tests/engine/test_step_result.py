@@ -1,44 +1,17 @@
-"""The model runner's collaborators on their own (CPU): KV pool sizing, the attention interface's defaults,
-and a step result's packing and unpacking. The runner as a whole is covered by test_fidelity, test_llm and
-test_parallel."""
+"""A step's result as the engine reads it (engine/step_result.py): packed by the runner's sink
+(engine/runner/result_sink.py), unpacked to tokens, logprobs and prompt logprobs, prompt rows filed once."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
-from ringllm.engine.attention.torch_backend import TorchAttention
-from ringllm.engine.config import EngineConfig
-from ringllm.engine.kv_cache import PAGE_SIZE, KVPool, kv_pool_slots
+from ringllm.engine.core.plan import StepPlan
+from ringllm.engine.runner.result_sink import pack_sample
 from ringllm.engine.sampler import SampleResult
-from ringllm.engine.scheduler import StepPlan
-from ringllm.engine.step_result import StepResult, file_prompt_logprobs, pack_sample, prompt_logprob_positions
-
-CPU = torch.device("cpu")
-
-
-def _never_profiled() -> int:
-    raise AssertionError("the forward is profiled only on a GPU")
-
-
-def test_kv_pool_slots_from_tokens_or_the_cpu_budget():
-    per_token = KVPool.bytes_per_token(2, 2, 8, torch.float32)  # 256 bytes
-    # kv_cache_tokens, plus slot 0 (never handed out)
-    assert kv_pool_slots(EngineConfig(kv_cache_tokens=100), per_token, CPU, _never_profiled) == 101
-    assert kv_pool_slots(EngineConfig(cpu_kv_cache_gb=1 / 1024), per_token, CPU, _never_profiled) == 4096
-    with pytest.raises(ValueError, match="no memory left for the KV cache"):
-        kv_pool_slots(EngineConfig(cpu_kv_cache_gb=1e-9), per_token, CPU, _never_profiled)
-
-
-def test_attention_backends_run_without_cuda_graphs_unless_they_declare_them():
-    pool = KVPool(1, 8 * PAGE_SIZE, 1, 4, torch.float32, CPU)
-    attn = TorchAttention(pool, 2, 4)
-    assert attn.supports_cuda_graphs is False and attn.kv_store_target(0) is None
-    with pytest.raises(NotImplementedError):
-        attn.make_graph_decoder(1, torch.zeros(8, dtype=torch.int32))
+from ringllm.engine.step_result import StepResult, file_prompt_logprobs, prompt_logprob_positions
 
 
 def test_a_packed_step_unpacks_to_its_tokens_logprobs_and_prompt_logprobs():
@@ -65,10 +38,6 @@ def test_a_packed_step_unpacks_to_its_tokens_logprobs_and_prompt_logprobs():
         starts=np.array([3, 0]),
         lens=np.array([1, 4]),
         sample=np.array([True, True]),
-        **{
-            k: np.zeros(0, dtype=np.int64)
-            for k in ("slot_rows", "slot_pos", "slot_ids", "token_rows", "token_pos", "token_ids")
-        },
     )
     seqs = [
         SimpleNamespace(params=SimpleNamespace(prompt_logprobs=None), num_prompt=3, prompt_logprobs=[]),

@@ -8,10 +8,11 @@ Under pipeline parallelism a stage's graph starts from static hidden/residual bu
 activations are copied into, and a stage before the last returns (hidden, residual) instead of logits. The
 stage-to-stage transfers stay outside the graphs; tensor-parallel collectives are captured inside them.
 
-Where the backend runs cascade attention in graphs (decode rows sharing cached prefixes,
-engine/attention/cascade.py), buckets from CASCADE_MIN_BS up also get a cascade graph, replayed for a step
-whose AttentionMetadata.cascade is set: level 1 over each row's own slots in the same indices buffer, level 0
-over the groups' prefixes in a second one (`shared_indices`), laid out by cascade.fill_graph_buffers.
+Where the backend runs cascade attention in graphs (decode rows sharing cached prefixes: engine/core/cascade.py
+groups them, engine/attention/cascade.py attends), buckets from CASCADE_MIN_BS up also get a cascade graph,
+replayed for a step whose AttentionMetadata.cascade is set: level 1 over each row's own slots in the same
+indices buffer, level 0 over the groups' prefixes in a second one (`shared_indices`), laid out by
+cascade.fill_graph_buffers.
 Cascade graphs add one capture per bucket from CASCADE_MIN_BS up (their logits outputs too, in the pool)."""
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ import torch
 from tqdm import tqdm
 
 from ringllm.engine.attention.base import AttentionMetadata
-from ringllm.engine.attention.cascade import MAX_GROUPS, CascadeMetadata, fill_graph_buffers
-
-# The smallest bucket with a cascade graph: below 8 rows a step rarely saves MIN_SAVED_TOKENS_GRAPH reads.
-CASCADE_MIN_BS = 8
+from ringllm.engine.attention.cascade import CascadeMetadata, fill_graph_buffers
+from ringllm.engine.core.cascade import CASCADE_MIN_BS, MAX_GROUPS
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -120,11 +119,12 @@ class DecodeGraphs:
         if not meta.is_decode or meta.batch_size > self.buckets[-1]:
             return False
         # a cascade step (shared prefixes) replays its bucket's cascade graph, where there is one
-        return meta.cascade is None or self.runs_cascade(meta.batch_size, meta.cascade.num_groups)
+        cascade = meta.cascade
+        return cascade is None or (self.has_cascade_graph(meta.batch_size) and cascade.num_groups <= MAX_GROUPS)
 
-    def runs_cascade(self, b: int, num_groups: int) -> bool:
-        """Whether a cascade decode step of b rows in `num_groups` groups replays a cascade graph."""
-        return self.bucket_for(b) in self.cascade_graphs and num_groups <= MAX_GROUPS
+    def has_cascade_graph(self, b: int) -> bool:
+        """Whether a decode step of b rows replays a bucket that has a cascade graph."""
+        return self.bucket_for(b) in self.cascade_graphs
 
     def bucket_for(self, b: int) -> int | None:
         """The captured batch size a decode batch of b replays (padded up to it), or None past the largest."""

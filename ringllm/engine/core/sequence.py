@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ringllm.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from ringllm.engine.radix_cache import Node
+    from ringllm.engine.core.radix_cache import Node
 
 
 class Status(enum.Enum):

@@ -1,20 +1,60 @@
-"""The batch-1 host shortcuts (CPU): the scheduler's bulk decode plan, the runner's logprobs count, the
-sampler's scratch size. The pinned rings (engine/staging.py, step_result.ResultRing) need CUDA: tests/test_gpu.py."""
+"""The scheduler (engine/core/scheduler.py): on its own (no model: each kept row 'samples' a token at once) and
+driving a tiny model: prefix sharing inside one burst, identical prompts, budgets, the bulk decode plan."""
+
+import random
 
 import numpy as np
 import pytest
 
 from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.core.scheduler import Scheduler
+from ringllm.engine.core.sequence import Sequence
 from ringllm.engine.engine import Engine
-from ringllm.engine.kernels import _sample_chunk, sample_scratch_size
-from ringllm.engine.scheduler import Scheduler
-from ringllm.engine.sequence import Sequence
-from tests.helpers import tiny_checkpoint
+from tests.helpers import run_engine, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return tiny_checkpoint("qwen3", tmp_path_factory.mktemp("host-path"))
+    return tiny_checkpoint("qwen3", tmp_path_factory.mktemp("sched"))
+
+
+def test_burst_over_shared_prefixes_computes_each_prefix_once(ckpt):
+    rng = random.Random(3)
+    systems = [[rng.randrange(256) for _ in range(40)] for _ in range(4)]
+    prompts = [systems[i % 4] + [rng.randrange(256) for _ in range(4)] for i in range(16)]
+    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=16, max_num_batched_tokens=64))
+    outs = run_engine(engine, prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert all(len(o) == 3 for o in outs)
+    unique = 4 * 40 + 16 * 4
+    assert engine.stats()["prompt_tokens_computed"] <= 1.1 * unique
+
+
+def test_identical_prompts_run_together(ckpt):
+    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=8))
+    prompt = list(range(30))
+    outs = run_engine(engine, [prompt] * 6, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    assert all(o == outs[0] for o in outs)
+    # all six decode side by side: the run takes about as many steps as one request, not six times as many
+    assert engine.stats()["prompt_tokens_computed"] <= 30 + 5 * 1
+
+
+def test_token_budget_and_batch_limit(ckpt):
+    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=3, max_num_batched_tokens=10))
+    schedule, plans = engine.scheduler.schedule, []
+
+    def recorded():
+        batch = schedule()
+        if batch is not None:
+            plans.append((batch.plan.num_tokens, len(batch.seqs)))
+        return batch
+
+    engine.scheduler.schedule = recorded
+    outs = run_engine(engine, [list(range(1, 26))] * 5, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [len(o) for o in outs] == [4] * 5
+    assert plans and all(tokens <= 10 and rows <= 3 for tokens, rows in plans), plans
+    assert max(tokens for tokens, _ in plans) == 10  # the budget is used, not just respected
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+    engine.close()
 
 
 def _step(sched: Scheduler):
@@ -59,40 +99,3 @@ def test_bulk_decode_plan_holds_each_sequences_row_position_and_new_slot():
         assert p.slot_ids[:d].tolist() == table[p.rows[:d], p.starts[:d]].tolist()
     # the decode-only plans share the bulk arrays (what lets the runner skip its array comparisons)
     assert all(b.plan.slot_rows is b.plan.rows and b.plan.slot_pos is b.plan.starts for b, _ in decode_only)
-
-
-def test_logprobs_reach_a_request_admitted_after_plain_ones(ckpt):
-    """The runner skips the per-step logprobs lookup while no request row holds logprobs; a later request with
-    logprobs still gets them, a plain one beside it does not, and a plain one after both finished neither."""
-    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=4))
-    try:
-        outs: dict[str, list] = {}
-
-        def run(requests):
-            for rid, params in requests:
-                engine.add_request(rid, [1, 2, 3, 4], params)
-                outs[rid] = []
-            while engine.has_work:
-                for o in engine.step():
-                    if o.token_id is not None:
-                        outs[o.rid].append(o)
-
-        plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        run([("a", plain)])
-        assert engine.runner.num_logprob_rows == 0
-        run([("b", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)), ("c", plain)])
-        run([("d", plain)])
-        assert all(o.logprob is not None and len(o.top_logprobs) == 2 for o in outs["b"])
-        assert all(o.logprob is None for rid in "acd" for o in outs[rid])
-        assert [len(outs[r]) for r in "abcd"] == [4] * 4
-        assert [o.token_id for o in outs["b"]] == [o.token_id for o in outs["a"]]  # greedy either way
-    finally:
-        engine.close()
-
-
-@pytest.mark.parametrize("vocab", [256, 32_000, 151_936])
-@pytest.mark.parametrize("max_rows", [1, 8, 31, 32, 33, 256])
-def test_sample_scratch_holds_the_chunk_winners_of_every_batch_size(vocab, max_rows):
-    size = sample_scratch_size(max_rows, vocab)
-    need = [b * -(-vocab // _sample_chunk(b)) for b in range(1, max_rows + 1)]
-    assert max(need) == size

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringllm.engine.kv_cache import SlotAllocator
-from ringllm.engine.radix_cache import RadixCache
+from ringllm.engine.core.radix_cache import RadixCache
+from ringllm.engine.core.slots import SlotAllocator
 
 tokens = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 ops = st.lists(
@@ -55,7 +55,7 @@ def test_radix_cache_against_naive_model(operations):
             assert cache.match_prefix(list(prefix))[0].size == len(prefix)
         held = sorted(mapping.values())
         assert len(held) == len(set(held)) == cache.cached_tokens
-        free = alloc._free[: alloc.num_free].tolist()
+        free = alloc.free_slots().tolist()
         assert sorted(held + free) == list(range(1, 200))
         assert 0 <= cache.evictable_tokens <= cache.cached_tokens
     for _, node in locked:

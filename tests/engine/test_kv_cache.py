@@ -1,7 +1,7 @@
 """FP8 (e4m3) KV cache, `--kv-cache-dtype fp8`, on the CPU through the torch backend: the setting, the pool's
 size, the clamped store, attention over the upcast cache, and the engine's logits against a full-precision
 cache in every scheduling mode (prefix cache, chunked prefill, preemption). The fused Triton store and
-FlashInfer over fp8 are in tests/test_gpu.py."""
+FlashInfer over fp8 are in test_kv_cache_gpu.py and attention/test_flashinfer_gpu.py."""
 
 import random
 
