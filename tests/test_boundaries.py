@@ -1,5 +1,6 @@
 """The three boundaries of the design, checked in fresh interpreters: `ipc/` imports neither torch nor the web
-stack, `app/` never imports torch, `engine/` never imports the web stack (docs/ARCHITECTURE.md)."""
+stack, `app/` never imports torch, `engine/` never imports the web stack (docs/ARCHITECTURE.md); and the
+launcher, `serve/`, never imports torch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN = {"ipc": ("torch", "litestar", "granian"), "app": ("torch",), "engine": ("litestar", "granian")}
+FORBIDDEN = {
+    "ipc": ("torch", "litestar", "granian"),
+    "app": ("torch",),
+    "engine": ("litestar", "granian"),
+    "serve": ("torch",),  # the serve parent: Granian forks the API workers from it
+}
 
 
 def _modules(package: str) -> list[str]:

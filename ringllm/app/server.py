@@ -1,18 +1,18 @@
-"""The Litestar app each Granian worker runs. Settings come from the environment that `ringllm serve` sets
-for its workers (RINGLLM_ENGINE_PID, RINGLLM_WORKERS, RINGLLM_MODEL_PATH, RINGLLM_SERVED_MODELS,
-RINGLLM_MAX_SEQ_LEN, RINGLLM_TOKENIZER_PATH, RINGLLM_API_KEY, RINGLLM_PUBLIC_ROUTES, RINGLLM_REQUEST_TIMEOUT)."""
+"""The Litestar app each Granian worker runs, built by `create_app` (Granian's target, a factory) from the
+WorkerSettings that `ringllm serve` hands its workers (app/settings.py): no other setting reaches a worker."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from contextlib import asynccontextmanager
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
 from ringllm.app import chat as chat_io
@@ -45,7 +45,8 @@ from ringllm.app.schemas import (
     TopLogprob,
     Usage,
 )
-from ringllm.app.tokenizer import AppTokenizer, read_chat_template
+from ringllm.app.settings import WorkerSettings
+from ringllm.app.tokenizer import AppTokenizer
 from ringllm.engine.logs import configure_logging, get_logger
 from ringllm.ipc import messages as m
 from ringllm.ipc.lifecycle import open_metrics_table
@@ -56,50 +57,17 @@ log = get_logger("app")
 _json = msgspec.json.Encoder()
 
 
-class Settings:
-    def __init__(self):
-        env = os.environ
-        self.engine_pid = int(env["RINGLLM_ENGINE_PID"])
-        # --dp-size N: every replica's engine pid (replica 0's is engine_pid) and the smallest KV capacity.
-        pids = env.get("RINGLLM_ENGINE_PIDS", "")
-        self.engine_pids = [int(p) for p in pids.split(",") if p] or [self.engine_pid]
-        self.kv_slots = int(env.get("RINGLLM_KV_SLOTS") or 0)
-        self.workers = int(env.get("RINGLLM_WORKERS", "1"))
-        self.model_path = env["RINGLLM_MODEL_PATH"]
-        # Every name clients may ask for (--served-model-name, several allowed); responses report the first.
-        self.served_models = json.loads(env.get("RINGLLM_SERVED_MODELS", '["ringllm"]'))
-        self.served_model = self.served_models[0]
-        self.tokenizer_path = env.get("RINGLLM_TOKENIZER_PATH") or self.model_path
-        self.max_seq_len = int(env.get("RINGLLM_MAX_SEQ_LEN", "4096"))
-        self.api_key = env.get("RINGLLM_API_KEY") or None
-        self.vocab_size = int(env.get("RINGLLM_VOCAB_SIZE", "0"))  # the model's; its tokenizer may know fewer
-        self.public_routes = set(filter(None, env.get("RINGLLM_PUBLIC_ROUTES", "/health,/metrics").split(",")))
-        # A request's generations (prompts × n) wait in the engine's queue together: more can never be queued.
-        self.max_waiting_requests = int(env.get("RINGLLM_MAX_WAITING_REQUESTS") or 4096)
-        timeout = float(env.get("RINGLLM_REQUEST_TIMEOUT") or 0)
-        self.request_timeout = timeout if timeout > 0 else None
-
-
 @asynccontextmanager
 async def lifespan(app: Litestar):
     die_with_parent(name="ringllm-api")  # no API worker outlives the serve process (ipc/process.py)
-    configure_logging(os.environ.get("RINGLLM_LOG_LEVEL", "info"))
-    s = Settings()
-    app.state.settings = s
-    template = os.environ.get("RINGLLM_CHAT_TEMPLATE")
-    app.state.tokenizer = AppTokenizer(
-        s.tokenizer_path,
-        read_chat_template(template) if template else None,
-        os.environ.get("RINGLLM_SANITIZE_CONTROL_TOKENS") == "1",
-    )
+    s: WorkerSettings = app.state.settings
+    configure_logging(s.log_level)
+    app.state.tokenizer = AppTokenizer(s.tokenizer_path, s.chat_template, s.sanitize_control_tokens)
     app.state.max_token_chars = app.state.tokenizer.max_token_chars  # bounds a text before tokenizing
     app.state.chat_parsers = chat_io.model_parsers(
-        s.model_path,
-        app.state.tokenizer.template_text,
-        os.environ.get("RINGLLM_TOOL_CALL_PARSER"),
-        os.environ.get("RINGLLM_REASONING_PARSER"),
+        s.model_path, app.state.tokenizer.template_text, s.tool_call_parser, s.reasoning_parser
     )
-    app.state.stall_timeout = float(os.environ.get("RINGLLM_ENGINE_STALL_TIMEOUT") or 30.0)
+    app.state.stall_timeout = s.engine_stall_timeout
     # One EngineClient (ring pair) and heartbeat per engine: one engine, or --dp-size replicas.
     try:
         app.state.replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, app.state.stall_timeout)
@@ -532,22 +500,27 @@ def _on_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error", "server_error")
 
 
-PROFILER_ROUTES = os.environ.get("RINGLLM_PROFILER_ROUTES") == "1"  # --profiler-dir: off unless asked for
-app = Litestar(
-    route_handlers=[
-        completions,
-        chat,
-        models,
-        health,
-        metrics,
-        tokenize,
-        detokenize,
-        *([start_profile, stop_profile] if PROFILER_ROUTES else []),
-    ],
-    lifespan=[lifespan],
-    exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
-    middleware=[guard, bound_body_reads],  # the API key and the Content-Type, then the body within a time limit
-    request_max_body_size=MAX_BODY_BYTES,
-    cors_config=cors_config(),
-)
-asgi = RequestLog(app)  # what Granian serves: request ids and the access log around everything above
+def create_app(settings: WorkerSettings | None = None) -> RequestLog:
+    """One API worker's ASGI app: request ids and the access log around the Litestar app. Granian calls this
+    with no argument (its target is this factory), and the launcher's settings are decoded then, once."""
+    s = WorkerSettings.from_environment() if settings is None else settings
+    app = Litestar(
+        route_handlers=[
+            completions,
+            chat,
+            models,
+            health,
+            metrics,
+            tokenize,
+            detokenize,
+            *([start_profile, stop_profile] if s.profiler_routes else []),  # --profiler-dir: off unless asked for
+        ],
+        lifespan=[lifespan],
+        exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
+        # The API key and the Content-Type, then the body within a time limit.
+        middleware=[guard, DefineMiddleware(bound_body_reads, timeout=s.body_read_timeout)],
+        request_max_body_size=MAX_BODY_BYTES,
+        cors_config=cors_config(s.allowed_origins),
+        state=State({"settings": s}),
+    )
+    return RequestLog(app)
