@@ -56,6 +56,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     allowed_origins: list[str] = []  # CORS; empty: no CORS headers
     request_timeout: Positive | None = None
     body_read_timeout: Positive = 30.0
+    # A request's generations (prompts × n) wait in the engine's queue together: more can never be queued.
     max_waiting_requests: Annotated[int, Meta(ge=1)] = 4096
     engine_stall_timeout: Positive = 30.0
     profiler_routes: bool = False

@@ -14,6 +14,7 @@ import msgspec
 
 from ringllm.app.settings import SamplingDefaults, WorkerSettings
 from ringllm.engine.config import EngineConfig
+from ringllm.engine.logs import get_logger
 from ringllm.serve import console
 from ringllm.serve.generate import cmd_generate
 from ringllm.serve.generation_config import GenerationConfigError, folder_problem, sampling_defaults
@@ -23,6 +24,8 @@ from ringllm.serve.launch import EngineOptions, Ready, serve_other_node, start_e
 from ringllm.serve.options import from_args, option_variables, read_environment, unknown_variables
 from ringllm.serve.parser import build_parser, subparser
 from ringllm.serve.vllm_flags import take_model_argument
+
+log = get_logger("serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +59,9 @@ def cmd_serve(args: argparse.Namespace, option_names: set[str]) -> int:
         signals.release()  # a signal ends this host's process; its ranks die with it (ipc/process.py)
         return serve_other_node(config)
     try:
-        template = chat_template_text(args)
+        template = checked_before_start(args)
     except ValueError as e:
         return _error(str(e))
-    if problem := folder_problem(args.generation_config) or port_problem(args.host, args.port):
-        return _error(problem)
     if args.profiler_dir:
         config = dataclasses.replace(config, profile_dir=args.profiler_dir)
     options = EngineOptions(args.workers, args.shutdown_timeout, args.profiler_max_seconds)
@@ -69,11 +70,10 @@ def cmd_serve(args: argparse.Namespace, option_names: set[str]) -> int:
         return started
     engines, ready = started
     try:
-        defaults, source = sampling_defaults(args.generation_config, ready.model_path)
+        defaults = logged_sampling_defaults(args.generation_config, ready.model_path)
     except GenerationConfigError as e:
         engines.stop(30.0)
         return _error(str(e))
-    console.log.info(source, **{k: v for k, v in msgspec.structs.asdict(defaults).items() if v is not None})
     hand_over(worker_settings(args, ready, template, defaults), option_names)
     return host(args, engines, signals, lambda: announce_ready(args, ready))
 
@@ -106,11 +106,12 @@ def serve_args_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def chat_template_text(args: argparse.Namespace) -> str | None:
-    """--chat-template's text, read here once for every API worker; and the tokenizer (with that template)
-    loaded as the workers will load it, before the engine loads any weights, so that a missing or broken one
-    fails at once naming the file. A GGUF file's tokenizer is built here once (cached) for the workers. The
-    demo model and hub ids are checked by the engine as it finds them. ValueError says what is wrong."""
+def checked_before_start(args: argparse.Namespace) -> str | None:
+    """--chat-template's text, read here once for every API worker, after the checks that need nothing started:
+    the tokenizer (with that template) loads as the workers will load it, --generation-config names a file,
+    and the port is free. So a missing or broken file fails at once, naming it, before the engine loads any
+    weights. A GGUF file's tokenizer is built here once (cached) for the workers; the demo model and hub ids
+    are checked by the engine as it finds them. ValueError says what is wrong."""
     from ringllm.app.tokenizer import AppTokenizer, TokenizerError, read_chat_template
 
     source = args.tokenizer or args.model
@@ -120,7 +121,16 @@ def chat_template_text(args: argparse.Namespace) -> str | None:
             AppTokenizer(source, chat_template=template, sanitize_control_tokens=args.sanitize_control_tokens)
     except (TokenizerError, OSError) as e:
         raise ValueError(str(e)) from None
+    if problem := folder_problem(args.generation_config) or port_problem(args.host, args.port):
+        raise ValueError(problem)
     return template
+
+
+def logged_sampling_defaults(choice: str, model_path: str) -> SamplingDefaults:
+    """--generation-config's defaults for the engines' model, written to the start-up log with their source."""
+    defaults, source = sampling_defaults(choice, model_path)
+    log.info(source, **{k: v for k, v in msgspec.structs.asdict(defaults).items() if v is not None})
+    return defaults
 
 
 def served_names(args: argparse.Namespace) -> list[str]:

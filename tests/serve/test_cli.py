@@ -91,3 +91,25 @@ def test_what_the_serve_parent_imports_leaves_torch_out():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_generation_config_folder_without_the_file_is_refused_before_the_engine_loads(tmp_path):
+    run = _ringllm("serve", "--device", "cpu", "--generation-config", str(tmp_path / "none"), cache=tmp_path)
+    assert run.returncode == 2 and f"--generation-config {tmp_path / 'none'}: no generation_config.json" in run.stderr
+    assert "engine ready" not in run.stderr
+
+
+def test_a_models_generation_config_no_request_could_carry_stops_the_start_and_the_engine(tmp_path):
+    """Read once the engine has found the model (a hub id is resolved then): the engine it started is stopped."""
+    import json
+
+    from ringllm.engine.demo import demo_model_path
+    from tests.helpers import free_port
+
+    model = demo_model_path(tmp_path)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 5.0}))
+    argv = ("serve", str(model), "--device", "cpu", "--kv-cache-tokens", "512", "--context-len", "64")
+    run = _ringllm(*argv, "--port", str(free_port()), cache=tmp_path)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"error: {model}/generation_config.json: temperature must be a number in [0, 2], got 5.0" in run.stderr
+    assert "engine ready" in run.stderr and '"drained"' in run.stderr and "Traceback" not in run.stderr
