@@ -92,6 +92,23 @@ def granian_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _granian(args: argparse.Namespace):
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    return Granian(
+        APP_FACTORY,
+        factory=True,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=args.workers,
+        workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)),
+        respawn_failed_workers=True,  # a dead API worker is replaced; it reclaims its ring pair
+        **granian_options(args),
+    )
+
+
 def hand_over(settings: WorkerSettings, option_variables: set[str]) -> None:
     """What the API workers inherit: the settings, in their one variable, and none of the RINGLLM_ option
     variables, so that a worker can learn an option no other way."""
@@ -114,22 +131,9 @@ def host(
     with 503), finish the requests in flight (up to --shutdown-timeout) and exit; only then are the API workers
     stopped, so that the last tokens still reach their clients. SIGINT (Ctrl-C) does the same. A second
     signal stops the API workers at once."""
-    from granian import Granian
-    from granian.constants import Interfaces
-
     from ringllm.ipc.lifecycle import remove_stale_segments
 
-    server = Granian(
-        APP_FACTORY,
-        factory=True,
-        address=args.host,
-        port=args.port,
-        interface=Interfaces.ASGI,
-        workers=args.workers,
-        workers_kill_timeout=max(1, math.ceil(args.shutdown_timeout)),
-        respawn_failed_workers=True,  # a dead API worker is replaced; it reclaims its ring pair
-        **granian_options(args),
-    )
+    server = _granian(args)
     draining = threading.Event()
 
     def on_sigterm():

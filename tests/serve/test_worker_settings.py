@@ -83,6 +83,8 @@ def test_every_option_that_concerns_a_worker_lands_in_its_settings():
 
 
 def test_the_workers_inherit_the_settings_and_no_option_variable(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("RINGLLM_")]:  # put back afterwards, whatever is removed
+        monkeypatch.setenv(name, os.environ[name])
     for name, value in {"RINGLLM_PORT": "9", "RINGLLM_API_KEY": "k", "RINGLLM_CACHE": "/c"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv(ENV_VAR, raising=False)
