@@ -20,7 +20,7 @@ from ringllm.serve.generate import cmd_generate
 from ringllm.serve.generation_config import GenerationConfigError, folder_problem, sampling_defaults
 from ringllm.serve.health_check import cmd_health
 from ringllm.serve.host import ShutdownSignals, hand_over, host, port_problem
-from ringllm.serve.launch import EngineOptions, Ready, serve_other_node, start_engines
+from ringllm.serve.launch import EngineOptions, Ready, abandon, serve_other_node, start_engines
 from ringllm.serve.options import from_args, option_variables, read_environment, unknown_variables
 from ringllm.serve.parser import build_parser, subparser
 from ringllm.serve.vllm_flags import take_model_argument
@@ -72,8 +72,7 @@ def cmd_serve(args: argparse.Namespace, option_names: set[str]) -> int:
     try:
         defaults = logged_sampling_defaults(args.generation_config, ready.model_path)
     except GenerationConfigError as e:
-        engines.stop(30.0)
-        return _error(str(e))
+        return abandon(engines, str(e), 2)
     hand_over(worker_settings(args, ready, template, defaults), option_names)
     return host(args, engines, signals, lambda: announce_ready(args, ready))
 

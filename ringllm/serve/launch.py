@@ -180,10 +180,10 @@ def wait_until_ready(group: EngineGroup, pipes: list, stop: threading.Event) -> 
         for r in waiting:
             info = _ready_message(pipes[r], group.procs[r])
             if info is None and not group.procs[r].is_alive():
-                return _failed(group, f"{group.name(r)} exited during start-up", 1)
+                return abandon(group, f"{group.name(r)} exited during start-up", 1)
             if info is not None and "error" in info:
                 group.procs[r].join(5)  # it exits by itself, having cleaned up
-                return _failed(group, info["error"], 2)
+                return abandon(group, info["error"], 2)
             if info is not None:
                 infos[r] = info
     if stop.is_set():
@@ -200,8 +200,10 @@ def _ready_message(pipe, proc) -> dict | None:
         return None
 
 
-def _failed(group: EngineGroup, why: str, code: int) -> int:
-    """One engine could not start: the others are stopped too, and whatever segments they left removed."""
+def abandon(group: EngineGroup, why: str, code: int) -> int:
+    """The engines cannot serve (one could not start, or what they loaded cannot be served): `why` is said, they
+    are stopped, and whatever segments they left are removed (one stopped before it could drain leaves its
+    rings). Returns `code`."""
     from ringllm.ipc.lifecycle import remove_stale_segments
 
     print(f"error: {why}", file=sys.stderr, flush=True)

@@ -112,4 +112,4 @@ def test_a_models_generation_config_no_request_could_carry_stops_the_start_and_t
     run = _ringllm(*argv, "--port", str(free_port()), cache=tmp_path)
     assert run.returncode == 2, run.stderr[-3000:]
     assert f"error: {model}/generation_config.json: temperature must be a number in [0, 2], got 5.0" in run.stderr
-    assert "engine ready" in run.stderr and '"drained"' in run.stderr and "Traceback" not in run.stderr
+    assert "engine ready" in run.stderr and "Traceback" not in run.stderr
