@@ -1,3 +1,3 @@
-from ringllm.app.cli import main
+from ringllm.serve.cli import main
 
 raise SystemExit(main())

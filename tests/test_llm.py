@@ -135,7 +135,7 @@ def test_profile_writes_a_trace(tmp_path, demo_path):
 
 
 def test_cli_generate_runs(demo_path, capsys):
-    from ringllm.app.cli import main
+    from ringllm.serve.cli import main
 
     assert (
         main(

@@ -1,8 +1,8 @@
-"""What an operator who runs vLLM today meets first: vLLM's option names, RINGLLM_* environment variables,
-clear start-up errors, request ids, access logs, CORS, TLS, and a serve parent that keeps torch out of the
-API workers."""
+"""What an operator who runs vLLM today meets first, against a running server: RINGLLM_* environment
+variables reaching it, request ids, access logs, CORS, TLS, metrics, and a serve parent that keeps torch out of
+the API workers. The command line on its own (options, variables, vLLM's flags, start-up errors) is tested in
+tests/serve/."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -10,113 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ringllm.app.cli import build_parser, engine_config
-from ringllm.app.options import ServeConfig, read_environment
-from ringllm.engine.config import EngineConfig
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _parse(argv: list[str], env: dict | None = None):
-    parser = build_parser()
-    read_environment(parser, env or {})
-    return parser.parse_args(argv)
-
-
-# ---- options generated from the config fields ----
-def test_every_config_field_has_an_option_with_its_default():
-    args = _parse(["serve"])
-    for cls in (EngineConfig, ServeConfig):
-        for f in dataclasses.fields(cls):
-            assert getattr(args, f.name) == f.default, f.name
-    assert engine_config(args) == EngineConfig()
-
-
-@pytest.mark.parametrize(
-    "argv, field, value",
-    [
-        (["--max-model-len", "512"], "context_len", 512),
-        (["--tensor-parallel-size", "2"], "tp_size", 2),
-        (["-tp", "2"], "tp_size", 2),
-        (["--pipeline-parallel-size", "3"], "pp_size", 3),
-        (["-pp", "3"], "pp_size", 3),
-        (["--max-num-seqs", "17"], "max_bs", 17),
-        (["--tokenizer", "/tok"], "tokenizer", "/tok"),
-        (["--download-dir", "/dl"], "download_dir", "/dl"),
-        (["--kv-cache-dtype", "auto"], "kv_cache_dtype", "auto"),
-        (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "fp8"),
-        (["--master-port", "30001"], "nccl_port", 30001),
-        (["--device-ids", "2,3"], "device_ids", [2, 3]),
-    ],
-)
-def test_vllm_names_set_the_same_engine_field(argv, field, value):
-    assert getattr(engine_config(_parse(["serve", *argv])), field) == value
-
-
-def test_served_model_name_takes_several_and_origins_take_json_or_commas():
-    args = _parse(["serve", "--served-model-name", "Qwen/Qwen3-8B", "qwen", "--allowed-origins", '["http://a"]'])
-    assert args.served_model_name == ["Qwen/Qwen3-8B", "qwen"] and args.allowed_origins == ["http://a"]
-    args = _parse(["serve", "--allowed-origins", "http://a, http://b", "--ssl-keyfile", "k", "--ssl-certfile", "c"])
-    assert args.allowed_origins == ["http://a", "http://b"] and (args.ssl_keyfile, args.ssl_certfile) == ("k", "c")
-
-
-def test_every_option_reads_its_environment_variable_and_the_command_line_wins():
-    env = {
-        "RINGLLM_PORT": "9123",
-        "RINGLLM_CONTEXT_LEN": "300",
-        "RINGLLM_ENFORCE_EAGER": "true",
-        "RINGLLM_SERVED_MODEL_NAME": "a,b",
-        "RINGLLM_DEVICE_IDS": "0,1",
-        "RINGLLM_SHUTDOWN_TIMEOUT": "45",
-        "RINGLLM_API_KEY": "k",
-        "RINGLLM_DISABLE_RADIX_CACHE": "0",
-        "RINGLLM_DTYPE": "",
-    }
-    args = _parse(["serve"], env)
-    assert (args.port, args.context_len, args.enforce_eager, args.served_model_name) == (9123, 300, True, ["a", "b"])
-    assert (args.device_ids, args.shutdown_timeout, args.api_key) == ([0, 1], 45.0, "k")
-    assert args.disable_radix_cache is False and args.dtype == "auto"  # "" counts as unset
-    assert _parse(["serve", "--max-model-len", "200", "--port", "1"], env).context_len == 200
-
-
-@pytest.mark.parametrize(
-    "env", [{"RINGLLM_PORT": "eighty"}, {"RINGLLM_ENFORCE_EAGER": "maybe"}, {"RINGLLM_DEVICE": "tpu"}]
-)
-def test_an_environment_value_that_does_not_parse_names_the_variable(env, capsys):
-    with pytest.raises(SystemExit) as e:
-        _parse(["serve"], env)
-    assert e.value.code == 2 and next(iter(env)) in capsys.readouterr().err
-
-
-def _ringllm(*argv: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RINGLLM_CACHE=str(cache))
-    return subprocess.run(
-        [sys.executable, "-m", "ringllm", *argv], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
-    )
-
-
-def test_version():
-    run = subprocess.run([sys.executable, "-m", "ringllm", "--version"], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and run.stdout.startswith("ringllm 0.")
-
-
-def test_kv_cache_dtype_not_implemented_is_refused_clearly(tmp_path):
-    run = _ringllm("generate", "hi", "--kv-cache-dtype", "fp8_e5m2", cache=tmp_path)  # vLLM has it, we do not
-    assert run.returncode == 2, run.stderr
-    assert "--kv-cache-dtype: invalid choice: 'fp8_e5m2' (choose from 'auto', 'fp8', 'fp8_e4m3')" in run.stderr
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda_is_a_clear_error(tmp_path):
-    run = _ringllm("generate", "hi", "--device", "cuda", "--max-tokens", "1", cache=tmp_path)
-    assert run.returncode == 2, run.stderr
-    assert "error: --device cuda: this torch" in run.stderr and "Traceback" not in run.stderr
-
-
-def test_context_len_beyond_the_models_maximum_is_refused(tmp_path):
-    run = _ringllm("generate", "hi", "--device", "cpu", "--max-model-len", "5000", cache=tmp_path)
-    assert run.returncode == 2, run.stderr
-    assert "--context-len 5000 is larger than the model's maximum of 4096" in run.stderr
 
 
 # ---- one server for the HTTP checks ----
@@ -160,17 +54,6 @@ def test_neither_the_serve_parent_nor_its_api_workers_map_libtorch(served):
         assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid
 
 
-def test_what_the_serve_parent_imports_leaves_torch_out():
-    """The parent's own imports before Granian forks (the maps test above sees the result, this names the
-    modules): app.server (what the workers load), app.cli and what cmd_serve reaches for."""
-    code = (
-        "import sys, app.server, app.cli, app.health_check, engine.logs, ipc.lifecycle, granian; "
-        "sys.exit('torch' in sys.modules)"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-
-
 def test_environment_variables_reach_the_server(served):
     _, _, cache = served
     assert "KV capacity 4096 tokens" in (cache / "serve.log").read_text()  # from RINGLLM_KV_CACHE_TOKENS
@@ -184,16 +67,6 @@ def test_health_command_finds_the_servers_port_from_its_own_options(served):
         [sys.executable, "-m", "ringllm", "health", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0 and run.stdout.strip() == "healthy", run.stdout + run.stderr
-
-
-def test_health_command_fails_without_a_server(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "ringllm", "health", "--pid", str(os.getpid()), "--timeout", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 1 and "unhealthy" in run.stdout
 
 
 # ---- request ids and the access log ----
@@ -296,17 +169,24 @@ def test_served_model_aliases_are_listed_and_each_is_accepted(served):
 
 
 def test_granian_logs_through_the_json_logger_and_the_ready_line_follows_the_listener(served):
+    """A JSON log is JSON throughout: Granian's lines, and the demo note and ready line as events with their
+    facts as fields. The ready line is written once Granian listens and before any API worker starts, so
+    nobody has had an answer from /health before it is there."""
+    import json
+
     _, base, cache = served
     text = (cache / "serve.log").read_text().splitlines()
-    plain = [line for line in text if not line.startswith("{")]
-    assert all(line.startswith(("note: no --model", "ringllm ready on")) for line in plain), plain
-    granian = [i for i, line in enumerate(text) if '"logger": "_granian' in line]
-    listening = next(i for i in granian if "Listening at" in text[i])
-    ready = next(i for i, line in enumerate(text) if line.startswith("ringllm ready on " + base))
-    # The ready line waits for an answer to its /health probe. The probe's access line is written by the API
-    # worker, the ready line by the serve process, into one file: they may land in either order.
-    assert any('"event": "access"' in line and '"/health"' in line for line in text)
-    assert listening < ready
+    assert [line for line in text if not line.startswith("{")] == []
+    events = [json.loads(line) for line in text]
+    note = next(i for i, e in enumerate(events) if e["event"].startswith("note: no --model"))
+    ready = next(i for i, e in enumerate(events) if e["event"].startswith("ringllm ready on " + base))
+    assert events[note]["model"] == "demo"
+    facts = {k: events[ready][k] for k in ("url", "model", "tp", "pp", "kv_capacity_tokens", "dp")}
+    assert facts == dict(url=base, model="Org/Model-8B", tp=1, pp=1, kv_capacity_tokens=4096, dp=1)
+    listening = next(i for i, e in enumerate(events) if e.get("logger") == "_granian" and "Listening at" in e["event"])
+    workers = [i for i, e in enumerate(events) if e["event"] == "app worker ready"]
+    first_access = next(i for i, e in enumerate(events) if e["event"] == "access")
+    assert listening < ready < min(workers) and ready < first_access
 
 
 # ---- CORS ----
@@ -390,6 +270,9 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 
 
 def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
+    """Also a vLLM command line: the model as the positional argument, vLLM's flags, and the sampling defaults
+    of the model's generation_config.json (--generation-config auto) logged at start."""
+    import json
     import signal
     import time
 
@@ -401,6 +284,8 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
     pytest.importorskip("cryptography")
     key, cert = _self_signed(tmp_path)
     model = str(demo_model_path(tmp_path))  # built here, then served by path with no --served-model-name
+    generation = Path(model) / "generation_config.json"
+    generation.write_text(json.dumps(dict(json.loads(generation.read_text()), temperature=0.6, top_k=20)))
     port = free_port()
     with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
@@ -409,12 +294,16 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
                 "-m",
                 "ringllm",
                 "serve",
+                model,
                 "--port",
                 str(port),
                 "--device",
                 "cpu",
-                "--model",
-                model,
+                "--enable-prefix-caching",
+                "--enable-chunked-prefill",
+                "--trust-remote-code",
+                "--disable-log-requests",
+                "--enable-auto-tool-choice",
                 "--kv-cache-tokens",
                 "1024",
                 "--context-len",
@@ -456,18 +345,17 @@ def test_tls_on_loopback_and_the_model_argument_as_the_served_name(tmp_path):
             timeout=60,
         )
         assert run.returncode == 0, run.stdout + run.stderr
-        assert f"ringllm ready on {base} | model {model} |" in (tmp_path / "serve.log").read_text()
+        log = (tmp_path / "serve.log").read_text()
+        assert f"ringllm ready on {base} | model {model} |" in log
+        defaults = next(json.loads(line) for line in log.splitlines() if "sampling defaults from" in line)
+        assert defaults["event"].startswith(f"sampling defaults from {generation}")
+        assert (defaults["temperature"], defaults["top_k"]) == (0.6, 20) and "top_p" not in defaults
     finally:
         if proc.poll() is None:
             stop_server(proc)
         else:
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-def test_half_a_tls_pair_is_refused_before_anything_starts(tmp_path):
-    run = _ringllm("serve", "--ssl-certfile", str(tmp_path / "cert.pem"), cache=tmp_path)
-    assert run.returncode == 2 and "--ssl-keyfile and --ssl-certfile go together" in run.stderr
 
 
 # ---- metrics ----

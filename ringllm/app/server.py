@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware.base import DefineMiddleware
 from litestar.response import Stream
@@ -45,6 +46,7 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
         ],
         request_max_body_size=MAX_BODY_BYTES,
         cors_config=cors_config(settings.allowed_origins),
+        state=State({"settings": settings}),  # what this worker was started with, for whoever inspects it
     )
     return RequestLog(app)  # request ids and the access log around everything above
 

@@ -18,6 +18,20 @@ ENV_VAR = "_RINGLLM_WORKER_SETTINGS"
 Positive = Annotated[float, Meta(gt=0)]
 
 
+class SamplingDefaults(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Values for the sampling fields a request leaves unset, where the model's creators recommend some: its
+    generation_config.json, read by the launcher (vLLM's `--generation-config auto`; `vllm` leaves every field
+    None). max_tokens is generation_config's max_new_tokens. The launcher checks each against the bounds
+    ipc/sampling.py declares for the field."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+
+
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One API worker's settings. Engine facts (pids, capacity, context, vocabulary) come from the engines'
     ready messages; the rest from `ringllm serve`'s options."""
@@ -42,10 +56,13 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     allowed_origins: list[str] = []  # CORS; empty: no CORS headers
     request_timeout: Positive | None = None
     body_read_timeout: Positive = 30.0
+    # A request's generations (prompts × n) wait in the engine's queue together: more can never be queued.
     max_waiting_requests: Annotated[int, Meta(ge=1)] = 4096
     engine_stall_timeout: Positive = 30.0
     profiler_routes: bool = False
     log_level: str = "info"
+    # ---- requests ----
+    sampling_defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
 
     @property
     def served_model(self) -> str:

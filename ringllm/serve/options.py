@@ -3,16 +3,19 @@ and allowed values are written once, on the field (`engine.config.setting`).
 
 `add_options(parser, EngineConfig)` adds `--field-name` (and the field's aliases) for every field;
 `from_args(EngineConfig, args)` builds the config back; `read_environment(parser)` lets every option of a
-parser, generated or not, be set by RINGLLM_<DEST> (the command line wins over the environment)."""
+parser, generated or not, be set by RINGLLM_<DEST> (the command line wins over the environment), and
+`unknown_variables` names the RINGLLM_ variables that are neither an option's nor one of OTHER_VARIABLES."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ringllm.app.reasoning import PARSERS as REASONING_PARSERS
@@ -21,6 +24,15 @@ from ringllm.engine.config import setting
 
 ENV_PREFIX = "RINGLLM_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+# The RINGLLM_ variables that are not options, and who reads them. Any other RINGLLM_ variable that is not an
+# option's is named in a warning at start (a misspelt option would otherwise be ignored without a word).
+OTHER_VARIABLES = {
+    "RINGLLM_CACHE": "where the demo model, GGUF tokenizers and the tests' real model are kept",
+    "RINGLLM_NO_PROGRESS": "1: no progress bars while weights load and CUDA graphs are captured",
+    "RINGLLM_TORCH": "the torch requirement scripts/setup.sh installs",
+    "RINGLLM_SOAK_SECONDS": "how long scripts/soak.sh runs",
+}
 
 
 def comma_list(text: str) -> list[str]:
@@ -93,6 +105,46 @@ class ServeConfig:
         "encode control tokens found in chat messages (the template's role markers) as plain text; by "
         "default they are the real tokens, as in transformers and vLLM",
     )
+    generation_config: str = setting(
+        "auto",
+        "sampling defaults for fields a request leaves unset (vLLM's option): auto takes temperature, top_p, "
+        "top_k, min_p, repetition_penalty and max_new_tokens (as max_tokens) from the model's "
+        "generation_config.json; vllm: none; or a folder holding a generation_config.json",
+        metavar="auto|vllm|FOLDER",
+    )
+
+
+@dataclasses.dataclass
+class ServeLimits:
+    """What bounds a client's hold on the server (Granian's connection settings, the body-read time the API
+    workers enforce), the profiler routes and the engine-stall limit behind /health."""
+
+    http: str = setting(
+        "1",
+        "HTTP protocols: 1 (HTTP/1.1) or auto (HTTP/1.1 and h2c; a connection that sends "
+        "nothing is then never timed out)",
+        choices=("1", "auto"),
+    )
+    header_read_timeout: float = setting(
+        10.0,
+        "seconds a connection may take to send a request's headers; also "
+        "how long an idle keep-alive connection stays open (at most 60)",
+    )
+    body_read_timeout: float = setting(30.0, "seconds a client may take to send a request's body (408 after)")
+    backlog: int = setting(1024, "connections the kernel queues for the server before refusing more (at least 128)")
+    backpressure: int | None = setting(
+        None, "connections each API worker serves at once; more wait in the backlog (default: backlog / workers)"
+    )
+    profiler_dir: str | None = setting(
+        None,
+        "enables POST /start_profile and /stop_profile, writing traces here (default: the routes do not exist)",
+        metavar="DIR",
+    )
+    profiler_max_seconds: float = setting(10.0, "a profile started by /start_profile stops itself after this long")
+    engine_stall_timeout: float = setting(
+        30.0,
+        "/health answers 503 once the engine's loop has not turned for this long (hung, stopped or stuck in one step)",
+    )
 
 
 def _base_type(hint) -> type:
@@ -154,16 +206,28 @@ def env_name(action: argparse.Action) -> str:
     return ENV_PREFIX + action.dest.upper()
 
 
-def read_environment(parser: argparse.ArgumentParser, env=os.environ) -> None:
-    """Sets the default of every option of `parser` and its sub-commands from RINGLLM_<DEST> where that is
-    set (an empty value counts as unset). A value that does not parse is an error naming the variable."""
+def _env_actions(parser: argparse.ArgumentParser) -> Iterator[tuple[argparse.ArgumentParser, argparse.Action]]:
+    """(parser, action) for every option of `parser` and its sub-commands that a variable can set. Options
+    marked `no_env` (vLLM's spellings of what another option sets) have none: their variable would be a
+    second name for that option's."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                read_environment(sub, env)
-            continue
-        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
-            continue
+                yield from _env_actions(sub)
+        elif _has_variable(action):
+            yield parser, action
+
+
+def _has_variable(action: argparse.Action) -> bool:
+    if not action.option_strings or getattr(action, "no_env", False):
+        return False
+    return not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+
+
+def read_environment(parser: argparse.ArgumentParser, env: Mapping[str, str] = os.environ) -> None:
+    """Sets the default of every option of `parser` and its sub-commands from RINGLLM_<DEST> where that is
+    set (an empty value counts as unset). A value that does not parse is an error naming the variable."""
+    for owner, action in _env_actions(parser):
         name = env_name(action)
         text = env.get(name, "")
         if text == "":
@@ -171,7 +235,24 @@ def read_environment(parser: argparse.ArgumentParser, env=os.environ) -> None:
         try:
             action.default = _from_text(action, text)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-            parser.error(f"{name}={text!r}: {e}")
+            owner.error(f"{name}={text!r}: {e}")
+
+
+def option_variables(parser: argparse.ArgumentParser) -> set[str]:
+    """Every variable `read_environment` reads for `parser` and its sub-commands."""
+    return {env_name(action) for _, action in _env_actions(parser)}
+
+
+def unknown_variables(parser: argparse.ArgumentParser, env: Mapping[str, str] = os.environ) -> list[str]:
+    """The RINGLLM_ variables in `env` that nothing reads, each with the known name it is closest to, if one is
+    close ("... (did you mean RINGLLM_PORT?)"). Names starting with an underscore are not in this namespace
+    (the launcher's own _RINGLLM_WORKER_SETTINGS)."""
+    known = option_variables(parser) | set(OTHER_VARIABLES)
+    out = []
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
 
 
 def _from_text(action: argparse.Action, text: str):

@@ -10,6 +10,9 @@ import os
 import ssl
 from pathlib import Path
 
+from ringllm.serve.options import read_environment
+from ringllm.serve.parser import build_parser
+
 
 def _argv(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
@@ -40,9 +43,6 @@ def find_server(pid: int | None) -> int | None:
 
 def server_options(pid: int) -> argparse.Namespace:
     """The options `ringllm serve` runs with in process `pid`, parsed the way it parsed them."""
-    from ringllm.app.cli import build_parser
-    from ringllm.app.options import read_environment
-
     argv = _argv(pid)
     parser = build_parser()
     read_environment(parser, _environ(pid))
