@@ -32,13 +32,20 @@ CHANGED = {
     "stop_token_ids": [3, 4],
     "logit_bias": {"9": -100},
     "structured_outputs": {"regex": "[ab]+"},
+    "allowed_token_ids": [5, 6],
+    "bad_words": ["sea"],
+    "prompt_logprobs": 1,
+    "priority": -3,
+    "truncate_prompt_tokens": 3,
+    "truncation_side": "right",
 }
 
 
 # min_tokens and structured_outputs cannot be combined (the grammar decides where the output ends): the
 # fields go in two bodies.
 BODIES = [{k: v for k, v in CHANGED.items() if k != "min_tokens"}, {"min_tokens": CHANGED["min_tokens"]}]
-ENGINE_FIELDS = {"max_tokens": 5, "logprobs": 2, "prompt_logprobs": 1}  # set by the app from OpenAI's shapes
+# set by the app: from OpenAI's shapes, and bad_words as the tokenizer makes them
+ENGINE_FIELDS = {"max_tokens": 5, "logprobs": 2, "bad_words_token_ids": [[3, 4]]}
 
 
 def _to_the_engine(body_type, body: dict, extra: dict, **engine_fields) -> list[SamplingParams]:

@@ -38,6 +38,7 @@ class Sequence:
         self.num_pending = 0
         # With params.prompt_logprobs: (logprob, top [(id, logprob)]) of prompt tokens 1, 2, ... as computed
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_ranks: list[int] = []  # and each of those tokens' rank (1: the likeliest token)
 
     @property
     def length(self) -> int:

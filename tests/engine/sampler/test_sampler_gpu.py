@@ -47,6 +47,8 @@ ASKED = {
     "frequency_penalty": lambda out: (out.tokens == 1).all(),
     "has_bias": lambda out: (out.tokens == 4).all(),
     "min_tokens": lambda out: 0 not in out.tokens.tolist(),  # EOS (0) while the row is short
+    "has_allowed": lambda out: (out.tokens == 4).all(),
+    "has_bad_words": lambda out: 0 not in out.tokens.tolist(),  # 0 after the output's 0, read on the device
     "logprobs": lambda out: (
         out.logprobs is not None
         and np.allclose(out.logprobs, LOGPROBS[out.tokens].numpy(), atol=1e-4)
