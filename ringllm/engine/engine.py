@@ -104,6 +104,7 @@ class Engine:
             use_radix_cache=not config.disable_radix_cache,
             num_groups=config.pp_size,
             group_shared_prefixes=not config.disable_cascade_attention,
+            by_priority=config.scheduling_policy == "priority",
         )
         # Steps launched but not yet read back: one with overlap, one per pipeline stage under PP.
         self.depth = config.pp_size if not config.disable_overlap_schedule else 0
@@ -142,6 +143,11 @@ class Engine:
             check_token_ids(self.vocab_size, [prompt_ids], params)
         except FieldError as e:
             raise RequestError(str(e)) from None
+        if params.priority and not self.scheduler.by_priority:
+            raise RequestError(
+                f"priority {params.priority}: this server schedules first come, first served "
+                "(--scheduling-policy priority orders requests by priority)"
+            )
         if params.bad_words and params.bad_words_token_ids is None:
             raise RequestError("bad_words reach the engine as bad_words_token_ids (text/bad_words.py tokenizes them)")
         if params.structured_outputs is not None and not self.layout.is_sampler:
