@@ -162,7 +162,7 @@ class Generations:
             sub = await self.engine.submit(job.ids, job.sampling)
         except (EngineDown, EngineBusy) as e:
             raise ApiError(503, str(e), "server_error") from None
-        text = TextStream(self.tokenizer, job.ids, job.sampling.stop)
+        text = TextStream(self.tokenizer, job.ids, job.sampling.stop, job.sampling.min_tokens)
         count, engine_done = 0, False  # engine_done: it finished or failed the request itself, or was aborted
         start, last, ttft = time.perf_counter(), None, None
         try:

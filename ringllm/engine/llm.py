@@ -54,7 +54,7 @@ class _Request:
 
     def __init__(self, rid, prompt_ids, params, tokenizer, sink: Callable[[Completion], None]):
         self.rid, self.params, self.sink = rid, params, sink
-        self.text = TextStream(tokenizer, prompt_ids, params.stop)
+        self.text = TextStream(tokenizer, prompt_ids, params.stop, params.min_tokens)
         self.prompt_tokens = len(prompt_ids)
 
     def on_output(self, out: TokenOutput) -> tuple[bool, bool]:
