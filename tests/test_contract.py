@@ -116,6 +116,13 @@ def test_a_changed_field_reaches_its_sampler_row_from_the_body(name):
         ("stop", [""]),
         ("logit_bias", {1: 101.0}),
         ("logit_bias", {-1: 1.0}),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [-1]),
+        ("bad_words", [""]),
+        ("bad_words_token_ids", [[]]),
+        ("truncate_prompt_tokens", -2),
+        ("truncation_side", "middle"),
+        ("priority", 2**63),
     ],
 )
 def test_bounds_are_checked_when_built_and_when_decoded(field, value):

@@ -61,6 +61,15 @@ class ServedModel:
 
         return run() if len(text) < OFF_LOOP_CHARS else await asyncio.to_thread(run)
 
+    def truncated(self, body, ids: list[int], max_tokens: int | None, default_max_tokens: int | None) -> list[int]:
+        """The prompt as the body's truncate_prompt_tokens asks: at most what the context holds beside the output
+        (max_tokens, else the route's default, else one token), -1 meaning exactly that."""
+        output = max_tokens if max_tokens is not None else default_max_tokens or 1
+        try:
+            return body.truncated_prompt(ids, self.max_seq_len - output)
+        except FieldError as e:
+            raise ApiError.bad_field(e) from None
+
     def sampling(
         self,
         body,
