@@ -243,9 +243,10 @@ class Sampler:
         at_host = np.array([i for i, _ in words], dtype=np.int64)
         at = torch.from_numpy(at_host).to(self.device)
         lens = torch.tensor([len(w) - 1 for _, w in words], device=self.device)
-        start = seq_lens[at] - lens  # where the word's other tokens would begin
+        start = seq_lens[at].long() - lens  # where the word's other tokens would begin (int32 on a decode step)
         pos = start[:, None] + torch.arange(prefix.shape[1], device=self.device)[None, :]
-        seen = self.req_tokens[params.rows[at][:, None], pos.clamp(0, self.req_tokens.shape[1] - 1)].long()
+        where = (params.rows[at].long()[:, None], pos.clamp(0, self.req_tokens.shape[1] - 1))
+        seen = self.req_tokens[where].long()
         inside = torch.arange(prefix.shape[1], device=self.device)[None, :] < lens[:, None]
         same = (seen == torch.from_numpy(prefix).to(self.device)) | ~inside
         # the word's other tokens must all be outputs (vLLM matches the output, not the prompt)

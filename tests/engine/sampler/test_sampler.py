@@ -181,6 +181,7 @@ def test_bad_words_ban_a_words_last_token_after_the_rest_of_it_in_the_output():
     # row 1 once its output no longer ends with 3, 4: token 0 is free again
     s.req_tokens[1, :4] = torch.tensor([2, 3, 4, 2], dtype=torch.int32)
     assert sample_through_sink(s, LOGITS.repeat(4, 1), range(4), [4, 4, 3, 4]).tokens.tolist()[1] == 0
-    # row 2 with 5 as its first output: 0 is banned after it, and 1 always
+    # row 2 with 5 as its first output: 0 is banned after it, and 1 always (int32 indices, as a CUDA decode step's)
     s.req_tokens[2, :3] = torch.tensor([1, 5, 5], dtype=torch.int32)
-    assert sample_through_sink(s, LOGITS.repeat(4, 1), range(4), [4, 4, 3, 4]).tokens.tolist()[2] == 2
+    out = sample_through_sink(s, LOGITS.repeat(4, 1), range(4), [4, 4, 3, 4], index_dtype=np.int32)
+    assert out.tokens.tolist()[2] == 2
