@@ -122,10 +122,11 @@ def make_sampler(max_rows: int, vocab: int, seed: int = 0, context: int = 16, eo
     return Sampler(RowTable(max_rows, device), vocab, seed, req_tokens, eos)
 
 
-def sample_through_sink(sampler, logits, rows, seq_lens, mask=None, keep=None):
+def sample_through_sink(sampler, logits, rows, seq_lens, mask=None, keep=None, index_dtype=np.int64):
     """One call of `sampler` as the runner makes it: batch entry b is request row rows[b] with seq_lens[b] known
     tokens once the step is computed; the tokens go through a ResultSink (with logprobs as wide as the rows ask)
-    and come back as the engine reads them (a HostSample). Kept rows (all by default) land in req_tokens."""
+    and come back as the engine reads them (a HostSample). Kept rows (all by default) land in req_tokens.
+    `index_dtype`: of the device's rows and seq_lens (int32 on a CUDA decode step, int64 otherwise)."""
     from ringllm.engine.parallel import Layout
     from ringllm.engine.runner.inputs import StepIndices
     from ringllm.engine.runner.result_sink import StepResults
@@ -134,8 +135,10 @@ def sample_through_sink(sampler, logits, rows, seq_lens, mask=None, keep=None):
     rows_host, lens_host = np.asarray(rows, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
     B = len(rows_host)
     flags = np.ones(B, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
-    ix = StepIndices(t(rows_host), t(lens_host - 1), None, t(lens_host), t(np.flatnonzero(flags)), t(flags))
+    t = lambda a, dtype=np.int64: torch.from_numpy(np.asarray(a, dtype=dtype)).to(device)
+    ix = StepIndices(
+        t(rows_host, index_dtype), t(lens_host - 1), None, t(lens_host, index_dtype), t(np.flatnonzero(flags)), t(flags)
+    )
     results = StepResults(sampler.req_tokens, Layout(), len(sampler.req_tokens))
     sink = results.sink(ix, sampler.table.logprobs_width(rows_host), None)
     sampler(logits.to(device), rows_host, ix.rows, lens_host, ix.seq_lens, mask, sink)

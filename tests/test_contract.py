@@ -14,6 +14,7 @@ from ringllm.engine.sampler import NOT_SAMPLED, ROW_FIELDS, RowTable
 from ringllm.engine.sampler.rows import KERNEL, RUNNER
 from ringllm.ipc import messages as m
 from ringllm.ipc.sampling import SamplingFields, SamplingParams, StructuredOutputs
+from ringllm.text.bad_words import bad_words_token_ids
 from tests.helpers import start_server, stop_server
 
 # A value other than the default for every shared field: a field added to SamplingFields without a value
@@ -32,13 +33,20 @@ CHANGED = {
     "stop_token_ids": [3, 4],
     "logit_bias": {"9": -100},
     "structured_outputs": {"regex": "[ab]+"},
+    "allowed_token_ids": [5, 6],
+    "bad_words": ["sea"],
+    "prompt_logprobs": 1,
+    "priority": -3,
+    "truncate_prompt_tokens": 3,
+    "truncation_side": "right",
 }
 
 
 # min_tokens and structured_outputs cannot be combined (the grammar decides where the output ends): the
 # fields go in two bodies.
 BODIES = [{k: v for k, v in CHANGED.items() if k != "min_tokens"}, {"min_tokens": CHANGED["min_tokens"]}]
-ENGINE_FIELDS = {"max_tokens": 5, "logprobs": 2, "prompt_logprobs": 1}  # set by the app from OpenAI's shapes
+# set by the app: from OpenAI's shapes, and bad_words as the tokenizer makes them
+ENGINE_FIELDS = {"max_tokens": 5, "logprobs": 2, "bad_words_token_ids": [[3, 4]]}
 
 
 def _to_the_engine(body_type, body: dict, extra: dict, **engine_fields) -> list[SamplingParams]:
@@ -109,6 +117,13 @@ def test_a_changed_field_reaches_its_sampler_row_from_the_body(name):
         ("stop", [""]),
         ("logit_bias", {1: 101.0}),
         ("logit_bias", {-1: 1.0}),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [-1]),
+        ("bad_words", [""]),
+        ("bad_words_token_ids", [[]]),
+        ("truncate_prompt_tokens", -2),
+        ("truncation_side", "middle"),
+        ("priority", 2**63),
     ],
 )
 def test_bounds_are_checked_when_built_and_when_decoded(field, value):
@@ -238,6 +253,10 @@ REFUSED = [
     ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
     ("/v1/chat/completions", {**CHAT, "web_search_options": {}}, "web_search_options"),
     ("/v1/chat/completions", {**CHAT, "no_such_field": 1}, "no_such_field"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {**CHAT, "length_penalty": 0.8}, "length_penalty"),
+    ("/v1/completions", {"prompt": "x", "priority": 2}, "priority"),  # only with --scheduling-policy priority
+    ("/v1/completions", {"prompt": "x", "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
 ]
 
 
@@ -247,8 +266,51 @@ def test_unimplemented_fields_are_refused_by_name(server, path, body, field):
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
 
 
+def test_vllms_sampling_extensions_through_the_server(server):
+    """allowed_token_ids, bad_words, truncate_prompt_tokens and prompt_logprobs on a real engine, over HTTP."""
+    ids = _post(server, "/tokenize", {"prompt": "The sea is calm tonight"}).json()["tokens"]
+    free = _greedy(server, ids)
+    forced = _greedy(server, ids, allowed_token_ids=[42])
+    assert forced["text"] == _post(server, "/detokenize", {"tokens": [42] * 8}).json()["prompt"]
+
+    # bad_words: a token of the free output that is a word vLLM's rule bans as that one token (the word alone,
+    # or after a space where both spellings are as long); the output then never holds it
+    def tokens(text):
+        return _post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    def banned_as_it_is(piece):
+        alone, spaced = tokens(piece.strip()), tokens(" " + piece.strip())
+        spellings = [alone] + ([spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [])
+        return piece.strip().isalpha() and len(tokens(piece)) == 1 and tokens(piece) in spellings
+
+    piece = next(p for p in free["logprobs"]["tokens"] if banned_as_it_is(p))
+    banned = _greedy(server, ids, bad_words=[piece.strip()])
+    assert piece not in banned["logprobs"]["tokens"] and banned["text"] != free["text"]
+    r = _post(server, "/v1/completions", {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2, r.text
+    for path, body in [("/v1/completions", {"prompt": ids}), ("/v1/chat/completions", CHAT)]:
+        r = _post(server, path, {**body, "max_tokens": 1, "prompt_logprobs": 1})
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0] if path == "/v1/completions" else r.json()
+        lps = got["prompt_logprobs"]
+        assert lps[0] is None and all(1 <= len(entry) <= 2 for entry in lps[1:])
+        for entry in lps[1:]:
+            ranks = sorted(v["rank"] for v in entry.values())
+            assert ranks[0] == 1 and all(isinstance(v["decoded_token"], str) for v in entry.values())
+        if path == "/v1/completions":
+            assert len(lps) == len(ids) and all(str(t) in entry for t, entry in zip(ids[1:], lps[1:]))
+
+
 def test_fields_that_ask_for_nothing_are_accepted(server):
-    ok = {"user": "u1", "safety_identifier": "s", "prompt_cache_key": "k", "service_tier": "auto"}
+    ok = {
+        "user": "u1",
+        "safety_identifier": "s",
+        "prompt_cache_key": "k",
+        "service_tier": "auto",
+        "use_beam_search": False,
+        "length_penalty": 1.0,
+        "priority": 0,
+    }
     assert (
         _post(
             server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None, **ok}
@@ -273,3 +335,64 @@ def test_every_token_id_field_is_checked_against_the_vocabulary(server, llm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
     with pytest.raises(RequestError, match="stop_token_ids: token id 5000"):
         llm.generate_batch(["x"], SamplingParams(stop_token_ids=[5000]))
+
+
+GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+
+
+def _holds(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def test_allowed_token_ids_and_bad_words_offline(llm):
+    """allowed_token_ids keep the output among them; bad words ban the last token of a word where the output
+    ends with the rest of it (a two-token sequence: its first token is free, its second not after it, read back
+    from the device while the next step is already scheduled); a word as text is tokenized by vLLM's rule."""
+    [free] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY))
+    [allowed] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY, allowed_token_ids=[7, 42, 99]))
+    assert set(allowed.token_ids) <= {7, 42, 99} and allowed.token_ids != free.token_ids
+    a, b = free.token_ids[:2]
+    [banned] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY, bad_words_token_ids=[[a, b]]))
+    assert banned.token_ids[0] == a and banned.token_ids[1] != b and not _holds(banned.token_ids, [a, b])
+    # a word of the free output that its rule bans as the output spells it (" An" is one token, "An" two: the
+    # spaced spelling of another length is not banned, as in vLLM)
+    texts = [llm.tokenizer.decode([t]).strip() for t in free.token_ids]
+    words = [t for t in texts if t.isalpha() and len(t) > 1]
+    word = next(w for w in words if any(_holds(free.token_ids, s) for s in bad_words_token_ids(llm.tokenizer, [w])))
+    sequences = bad_words_token_ids(llm.tokenizer, [word])
+    [out] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY, bad_words=[word]))
+    assert not any(_holds(out.token_ids, s) for s in sequences) and out.token_ids != free.token_ids
+
+
+def test_prompt_logprobs_carry_each_prompt_tokens_rank_offline(llm):
+    [out] = llm.generate_batch(["The sea is calm tonight"], SamplingParams(**GREEDY, prompt_logprobs=2))
+    assert out.prompt_logprobs is not None and out.prompt_ranks is not None
+    ids = llm.encode("The sea is calm tonight")
+    assert len(out.prompt_logprobs) == len(out.prompt_ranks) == len(ids) - 1
+    for token, (lp, top), rank in zip(ids[1:], out.prompt_logprobs, out.prompt_ranks):
+        assert (rank == 1) == (token == top[0][0]) and rank >= 1
+        assert rank <= 2 or lp < top[-1][1]  # beyond the top 2 only if less likely than both
+
+
+def test_truncate_prompt_tokens_and_priority_offline(llm):
+    from ringllm.engine.engine import RequestError
+
+    ids = llm.encode("The sea is calm tonight, the tide is full")
+    [cut] = llm.generate_batch([ids], SamplingParams(**GREEDY, truncate_prompt_tokens=3))
+    [tail] = llm.generate_batch([ids[-3:]], SamplingParams(**GREEDY))
+    assert cut.prompt_tokens == 3 and cut.token_ids == tail.token_ids
+    [whole] = llm.generate_batch([list(range(1, 400))], SamplingParams(**GREEDY, truncate_prompt_tokens=-1))
+    assert whole.prompt_tokens == 256 - 8  # the context less max_tokens
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.generate_batch([ids], SamplingParams(**GREEDY, truncate_prompt_tokens=250))
+    with pytest.raises(RequestError, match="priority"):  # the engine schedules first come, first served
+        llm.generate_batch([ids], SamplingParams(**GREEDY, priority=1))
+
+
+def test_min_tokens_holds_a_stop_string_back_offline(llm):
+    [free] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY))
+    stop = llm.tokenizer.decode(free.token_ids[1:3])  # ends within the first three tokens' text
+    [stopped] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY, stop=[stop]))
+    assert stopped.finish_reason == "stop" and len(stopped.text) < len(free.text)
+    [held] = llm.generate_batch(["The sea is"], SamplingParams(**GREEDY, stop=[stop], min_tokens=6))
+    assert held.text.startswith(llm.tokenizer.decode(free.token_ids[:6]))

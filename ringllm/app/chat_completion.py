@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from ringllm.app import chat as chat_io
-from ringllm.app.completion import token_text, usage_of
+from ringllm.app.completion import prompt_logprobs, token_text, usage_of
 from ringllm.app.errors import ApiError
 from ringllm.app.requests import Generations, Job, TokenLogprobs
 from ringllm.app.schemas import (
@@ -45,8 +46,10 @@ class ChatService:
         self.model.check_name(body.model)
         plan = chat_io.tool_plan(body, self.tool_parser)
         prompt = self.render(body, plan.template_tools)
-        ids = await self.model.tokenize(prompt, param="messages", encode=self.model.tokenizer.encode_chat)
+        bound = body.truncate_prompt_tokens is None  # a conversation to truncate may be longer than the context
+        ids = await self.model.tokenize(prompt, param="messages", encode=self.model.tokenizer.encode_chat, bound=bound)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        ids = self.model.truncated(body, ids, max_tokens, None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling = self.model.sampling(body, [ids], max_tokens, None, logprobs, "messages")
         if plan.schema is not None:
@@ -72,6 +75,9 @@ class ChatService:
                 for i, c in enumerate(choices)
             ],
             usage_of(answer.prompt_tokens, sum(c.tokens for c in choices)),
+            prompt_logprobs=UNSET
+            if body.prompt_logprobs is None
+            else prompt_logprobs(answer.tokenizer, choices[0].prompt, body.prompt_logprobs),
         )
 
     def render(self, body: ChatRequest, tools: list[dict] | None) -> str:

@@ -8,15 +8,18 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from ringllm.app.errors import ApiError
-from ringllm.app.requests import Generations, TokenLogprobs
+from ringllm.app.requests import Generations, PromptTokenLogprobs, TokenLogprobs
 from ringllm.app.schemas import (
     MAX_PROMPTS,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
+    PromptLogprobs,
     Usage,
 )
 from ringllm.app.served_model import ServedModel
@@ -38,25 +41,45 @@ class CompletionService:
         self.model.check_name(body.model)
         prompts = _prompt_list(body.prompt)
         # Text prompts get the tokenizer's special tokens (Llama's BOS) as in transformers and vLLM; ids are as given.
+        # A prompt to truncate may be longer than the context: truncate_prompt_tokens cuts it to fit.
+        bound = body.truncate_prompt_tokens is None
         ids_list = [
-            await self.model.tokenize(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompts
+            await self.model.tokenize(p, add_special_tokens=True, bound=bound) if isinstance(p, str) else list(p)
+            for p in prompts
         ]
         if not all(ids_list):
             raise ApiError(400, "the prompt is empty", param="prompt")
+        whole = ids_list
+        ids_list = [self.model.truncated(body, ids, body.max_tokens, DEFAULT_MAX_TOKENS) for ids in ids_list]
         sampling = self.model.sampling(body, ids_list, body.max_tokens, DEFAULT_MAX_TOKENS, body.logprobs, "prompt")
         echoes = None
         if body.echo:  # the prompt comes back before the completion, with its tokens' logprobs if asked for
-            sampling = msgspec.structs.replace(sampling, prompt_logprobs=body.logprobs)
+            if body.logprobs is not None:  # as many top logprobs as the echo or prompt_logprobs asks, the more
+                wanted = max(body.logprobs, body.prompt_logprobs or 0)
+                sampling = msgspec.structs.replace(sampling, prompt_logprobs=wanted)
             tok = self.model.tokenizer
-            echoes = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(prompts, ids_list)]
+            echoes = [
+                p if isinstance(p, str) and ids is all_ids else tok.decode(ids)  # a truncated prompt as it is now
+                for p, ids, all_ids in zip(prompts, ids_list, whole)
+            ]
         jobs = self.generations.jobs(ids_list, sampling, body.n, echoes)
         answer = _Answer(f"cmpl-{request_id}", self.model, body.logprobs is not None, sum(map(len, ids_list)))
+        k = body.prompt_logprobs
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return self._events(jobs, answer, include_usage)
         choices = await self.generations.collect(jobs, disconnected)
         return answer.response(
-            [CompletionChoice(i, c.text, c.finish_reason, answer.logprobs(c.logprobs)) for i, c in enumerate(choices)],
+            [
+                CompletionChoice(
+                    i,
+                    c.text,
+                    c.finish_reason,
+                    answer.logprobs(c.logprobs),
+                    UNSET if k is None else prompt_logprobs(answer.tokenizer, c.prompt, k),
+                )
+                for i, c in enumerate(choices)
+            ],
             sum(c.tokens for c in choices),
         )
 
@@ -88,15 +111,33 @@ class _Answer:
         if not self.want_logprobs:
             return None
         tok = self.tokenizer
+        # As OpenAI and vLLM: each token's top_logprobs hold the token itself besides the top k (k + 1 at most)
         return CompletionLogprobs(
             [token_text(tok, t) for t, _, _ in lps],
             [lp for _, lp, _ in lps],
-            [None if top is None else {token_text(tok, i): v for i, v in top} for _, _, top in lps],
+            [
+                None
+                if top is None or lp is None
+                else {token_text(tok, t): lp} | {token_text(tok, i): v for i, v in top}
+                for t, lp, top in lps
+            ],
         )
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+
+
+def prompt_logprobs(tokenizer: Tokenizer, prompt: list[PromptTokenLogprobs] | None, k: int) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: None for the first prompt token, then each prompt token's own logprob and rank
+    and the top k there (-inf written as -9999, as vLLM does), keyed by token id."""
+    out: PromptLogprobs = [None]
+    for token, lp, rank, top in prompt or ():
+        entry = {token: PromptLogprob(max(lp, -9999.0), rank, token_text(tokenizer, token))}
+        for r, (i, v) in enumerate(top[:k], 1):
+            entry.setdefault(i, PromptLogprob(max(v, -9999.0), r, token_text(tokenizer, i)))
+        out.append(entry)
+    return out
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:

@@ -26,6 +26,8 @@ log = get_logger("app")
 
 # (token id, its logprob, the top (id, logprob) pairs); an echoed prompt's first token has neither
 TokenLogprobs = tuple[int, float | None, list[tuple[int, float]] | None]
+# (prompt token id, its logprob, its rank, the top (id, logprob) pairs) of prompt tokens 1, 2, ...
+PromptTokenLogprobs = tuple[int, float, int, list[tuple[int, float]]]
 
 
 class EngineConnection(Protocol):
@@ -44,13 +46,15 @@ class Job(NamedTuple):
 
 class Output(NamedTuple):
     """A piece of one choice: its new text, its finish reason once it ended, its completion tokens so far,
-    and the logprobs of the tokens in this piece."""
+    the logprobs of the tokens in this piece, and in the first piece of a request that asked for them, the
+    prompt logprobs."""
 
     choice: int
     text: str
     finish_reason: str | None
     tokens: int
     logprobs: list[TokenLogprobs]
+    prompt: list[PromptTokenLogprobs] | None = None
 
 
 class Choice(NamedTuple):
@@ -60,6 +64,7 @@ class Choice(NamedTuple):
     finish_reason: str | None
     tokens: int
     logprobs: list[TokenLogprobs]
+    prompt: list[PromptTokenLogprobs] | None = None  # with prompt_logprobs
 
 
 class Generations:
@@ -135,12 +140,14 @@ class Generations:
         texts, counts = [""] * len(jobs), [0] * len(jobs)
         reasons: list[str | None] = [None] * len(jobs)
         lps: list[list[TokenLogprobs]] = [[] for _ in jobs]
+        prompts: list[list[PromptTokenLogprobs] | None] = [None] * len(jobs)
 
         async def gather() -> None:
             async for out in self.stream(jobs):
                 texts[out.choice] += out.text
                 reasons[out.choice], counts[out.choice] = out.finish_reason, out.tokens
                 lps[out.choice] += out.logprobs
+                prompts[out.choice] = prompts[out.choice] or out.prompt
 
         work, watch = asyncio.create_task(gather()), asyncio.create_task(disconnected())
         try:
@@ -151,7 +158,7 @@ class Generations:
             work.cancel()  # the client left: cancelling aborts every choice in the engine
             raise ApiError(499, "client disconnected")
         work.result()
-        return [Choice(*choice) for choice in zip(texts, reasons, counts, lps)]
+        return [Choice(*choice) for choice in zip(texts, reasons, counts, lps, prompts)]
 
     async def _pieces(self, choice: int, job: Job) -> AsyncIterator[Output]:
         """Yields one choice's pieces as tokens arrive; tokens that arrived together make one piece. With
@@ -162,13 +169,15 @@ class Generations:
             sub = await self.engine.submit(job.ids, job.sampling)
         except (EngineDown, EngineBusy) as e:
             raise ApiError(503, str(e), "server_error") from None
-        text = TextStream(self.tokenizer, job.ids, job.sampling.stop)
+        text = TextStream(self.tokenizer, job.ids, job.sampling.stop, job.sampling.min_tokens)
         count, engine_done = 0, False  # engine_done: it finished or failed the request itself, or was aborted
         start, last, ttft = time.perf_counter(), None, None
         try:
             while not text.finished:
                 items = await self._next_items(sub.outputs, start)
-                lps = _echoed_logprobs(job.ids, items[0]) if job.echo is not None and last is None else []
+                prompt = _prompt_logprobs(job.ids, items[0]) if last is None else None
+                k = job.sampling.logprobs
+                lps = [] if job.echo is None or prompt is None or k is None else _echoed_logprobs(job.ids, prompt, k)
                 try:
                     new, reason = _tokens(items, lps)
                 except ApiError:
@@ -188,7 +197,7 @@ class Generations:
                     self.metrics.itl.observe(now - last)
                 out = piece.text if last is not None else (job.echo or "") + piece.text
                 last = now
-                yield Output(choice, out, piece.finish_reason, count, lps)
+                yield Output(choice, out, piece.finish_reason, count, lps, prompt)
         finally:
             if not engine_done:
                 sub.abort()
@@ -240,14 +249,20 @@ def _tokens(items: list, lps: list[TokenLogprobs]) -> tuple[list[int], str | Non
     return new, reason
 
 
-def _echoed_logprobs(ids: list[int], first) -> list[TokenLogprobs]:
-    """(token, logprob, top) for each prompt token, from the engine's prompt logprobs that came with the
-    first generated token; the first prompt token has no context, so no logprob."""
+def _prompt_logprobs(ids: list[int], first) -> list[PromptTokenLogprobs] | None:
+    """(token, logprob, rank, top) for prompt tokens 1, 2, ..., from the engine's prompt logprobs that came with
+    the first generated token (None when the request did not ask)."""
     if not isinstance(first, m.TokenDelta) or first.prompt_logprobs is None:
-        return []
-    assert first.prompt_top_logprobs is not None  # the engine sends both together
+        return None
+    assert first.prompt_top_logprobs is not None and first.prompt_ranks is not None  # the engine sends all three
+    return list(zip(ids[1:], first.prompt_logprobs, first.prompt_ranks, first.prompt_top_logprobs))
+
+
+def _echoed_logprobs(ids: list[int], prompt: list[PromptTokenLogprobs], k: int) -> list[TokenLogprobs]:
+    """(token, logprob, top k) for each prompt token of an echo; the first prompt token has no context, so no
+    logprob."""
     rows: list[TokenLogprobs] = [(ids[0], None, None)]
-    return rows + list(zip(ids[1:], first.prompt_logprobs, first.prompt_top_logprobs))
+    return rows + [(t, lp, top[:k]) for t, lp, _, top in prompt]
 
 
 def _choice_seed(seed: int, j: int) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from ringllm.ipc.sampling import (
     MAX_LOGPROBS,
@@ -101,6 +101,13 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
     "verbosity": (None,),
     "web_search_options": (None,),
     "include_obfuscation": (None, False),  # stream_options
+    # vLLM's: beam search is not served (length_penalty only weighs beams), nor are these later extensions
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "watermarking": (None, False),
+    "logprob_token_ids": (None,),
+    "repetition_detection": (None,),
+    "thinking_token_budget": (None, -1),
 }
 
 
@@ -196,6 +203,12 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    watermarking: Any = None
+    logprob_token_ids: Any = None
+    repetition_detection: Any = None
+    thinking_token_budget: Any = None
 
     def sampling_params(self, **engine_fields) -> SamplingParams:
         """The engine's parameters for this body: every shared field as it is, `stop` as a list, the output
@@ -212,6 +225,8 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
         _refuse_unimplemented(self)
         if self.stream_options is not None:
             _refuse_unimplemented(self.stream_options)
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM: a stream's chunks have no place for them
+            raise FieldError("prompt_logprobs", "prompt_logprobs are not available when stream is true")
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -268,11 +283,25 @@ class CompletionLogprobs(msgspec.Struct):
     top_logprobs: list[dict[str, float] | None] | None
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's Logprob, as its prompt_logprobs carry them: a token's logprob, its rank (1: the likeliest) and text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: None for the first prompt token (it has no context), then per prompt token a map from
+# token id to its logprob: the prompt token's own and the top k there.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # only when the request asked for them
 
 
 class TopLogprob(msgspec.Struct):
@@ -343,6 +372,7 @@ class ChatResponse(msgspec.Struct):
     choices: list[ChatChoice]
     usage: Usage | None = None
     object: str = "chat.completion"
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM's, once for the conversation; only when asked
 
 
 class ChatChunk(msgspec.Struct):

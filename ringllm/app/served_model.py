@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import msgspec
+
 from ringllm.app.errors import ApiError
 from ringllm.app.settings import WorkerSettings
 from ringllm.ipc import messages as m
 from ringllm.ipc.sampling import FieldError, check_token_ids
+from ringllm.text.bad_words import bad_words_token_ids
 from ringllm.text.tokenizer import Tokenizer
 
 OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes seconds
@@ -58,6 +61,15 @@ class ServedModel:
 
         return run() if len(text) < OFF_LOOP_CHARS else await asyncio.to_thread(run)
 
+    def truncated(self, body, ids: list[int], max_tokens: int | None, default_max_tokens: int | None) -> list[int]:
+        """The prompt as the body's truncate_prompt_tokens asks: at most what the context holds beside the output
+        (max_tokens, else the route's default, else one token), -1 meaning exactly that."""
+        output = max_tokens if max_tokens is not None else default_max_tokens or 1
+        try:
+            return body.truncated_prompt(ids, self.max_seq_len - output)
+        except FieldError as e:
+            raise ApiError.bad_field(e) from None
+
     def sampling(
         self,
         body,
@@ -69,8 +81,8 @@ class ServedModel:
     ) -> m.Sampling:
         """The engine's parameters of a request body (its bounds were checked as it was decoded). An explicit
         max_tokens must fit the context after the longest prompt; without one, the default (or everything the
-        context has left) is used. Every token id (the prompts', under `param`, and those the parameters name)
-        must be in the model's vocabulary."""
+        context has left) is used. bad_words become the token sequences the sampler bans. Every token id (the
+        prompts', under `param`, and those the parameters name) must be in the model's vocabulary."""
         longest = max(map(len, prompts))
         room = self.max_seq_len - longest
         if room < 1:
@@ -86,6 +98,10 @@ class ServedModel:
             max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
         try:
             params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+            if params.bad_words:  # the engine has no tokenizer: it bans their token sequences
+                params = msgspec.structs.replace(
+                    params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words)
+                )
             check_token_ids(self.vocab_size, prompts, params, field=param)
         except FieldError as e:
             raise ApiError.bad_field(e) from None

@@ -15,6 +15,7 @@ DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp3
 # auto: the model's dtype. fp8 and fp8_e4m3 (vLLM's names for the same thing): float8_e4m3fn with scale 1.0,
 # so stored values are clamped to +-448 and keep about 2 significant digits (engine/kv_cache.py).
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's names
 
 
 def setting(
@@ -71,6 +72,12 @@ class EngineConfig:
     max_bs: int = setting(256, "most sequences in one step", "--max-num-seqs")
     max_num_batched_tokens: int = setting(8192, "token budget of one step (prefill chunks and decodes)")
     max_waiting_requests: int = setting(4096, "queue bound; beyond it requests get 503")
+    scheduling_policy: str = setting(
+        "fcfs",
+        "order of admission (fcfs: arrival; priority: a request's priority, lower first, then arrival, and the "
+        "lowest priority is preempted first; with fcfs a request's priority must be 0)",
+        choices=SCHEDULING_POLICIES,
+    )
     context_len: int | None = setting(
         None, "longest sequence (default: the model's; larger is refused)", "--max-model-len"
     )
@@ -103,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} of {self.nnodes}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
         if self.context_len is not None and self.context_len < 2:

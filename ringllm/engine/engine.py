@@ -55,6 +55,7 @@ class TokenOutput:
     num_cached_tokens: int = 0
     # With the first token of a request that asked for them: (logprob, top k) of prompt tokens 1, 2, ...
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    prompt_ranks: list[int] | None = None  # with prompt_logprobs: each of those prompt tokens' rank
     error: str | None = None  # with finish_reason "error": why the request could not be served (nothing ran)
 
 
@@ -103,6 +104,7 @@ class Engine:
             use_radix_cache=not config.disable_radix_cache,
             num_groups=config.pp_size,
             group_shared_prefixes=not config.disable_cascade_attention,
+            by_priority=config.scheduling_policy == "priority",
         )
         # Steps launched but not yet read back: one with overlap, one per pipeline stage under PP.
         self.depth = config.pp_size if not config.disable_overlap_schedule else 0
@@ -141,6 +143,13 @@ class Engine:
             check_token_ids(self.vocab_size, [prompt_ids], params)
         except FieldError as e:
             raise RequestError(str(e)) from None
+        if params.priority and not self.scheduler.by_priority:
+            raise RequestError(
+                f"priority {params.priority}: this server schedules first come, first served "
+                "(--scheduling-policy priority orders requests by priority)"
+            )
+        if params.bad_words and params.bad_words_token_ids is None:
+            raise RequestError("bad_words reach the engine as bad_words_token_ids (text/bad_words.py tokenizes them)")
         if params.structured_outputs is not None and not self.layout.is_sampler:
             raise RequestError("structured_outputs need the sampler in the engine process (pp_size 1)")
 
@@ -245,7 +254,7 @@ class Engine:
                 out.logprob = lp[i]
                 out.top_logprobs = list(zip(top[0][i][:k], top[1][i][:k])) if top and k else []
             if seq.params.prompt_logprobs is not None and len(seq.token_ids) == seq.num_prompt + 1:
-                out.prompt_logprobs = seq.prompt_logprobs
+                out.prompt_logprobs, out.prompt_ranks = seq.prompt_logprobs, seq.prompt_ranks
             if out.finish_reason:
                 self.scheduler.finish(seq, out.finish_reason)
                 del self.seqs[seq.rid]

@@ -15,11 +15,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ringllm.engine.config import EngineConfig
 from ringllm.engine.engine import Engine, RequestError, TokenOutput
 from ringllm.engine.loader import checkpoint_path
 from ringllm.engine.logs import get_logger
 from ringllm.engine.sampling_params import SamplingParams
+from ringllm.text.bad_words import bad_words_token_ids
 from ringllm.text.stream import TextStream
 from ringllm.text.tokenizer import Tokenizer
 
@@ -38,6 +41,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     # With SamplingParams.prompt_logprobs: (logprob, top k) of prompt tokens 1, 2, ... (in the first piece)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    prompt_ranks: list[int] | None = None  # with prompt_logprobs: each of those prompt tokens' rank
 
     @property
     def finished(self) -> bool:
@@ -50,7 +54,7 @@ class _Request:
 
     def __init__(self, rid, prompt_ids, params, tokenizer, sink: Callable[[Completion], None]):
         self.rid, self.params, self.sink = rid, params, sink
-        self.text = TextStream(tokenizer, prompt_ids, params.stop)
+        self.text = TextStream(tokenizer, prompt_ids, params.stop, params.min_tokens)
         self.prompt_tokens = len(prompt_ids)
 
     def on_output(self, out: TokenOutput) -> tuple[bool, bool]:
@@ -62,7 +66,7 @@ class _Request:
             piece.token_ids = new
             if out.logprob is not None:
                 piece.logprobs = [out.logprob]
-            piece.prompt_logprobs = out.prompt_logprobs
+            piece.prompt_logprobs, piece.prompt_ranks = out.prompt_logprobs, out.prompt_ranks
         text = self.text.feed(new, out.finish_reason)
         piece.text, piece.finish_reason = text.text, text.finish_reason
         if out.error is not None:
@@ -108,6 +112,7 @@ class LLM:
                 result.token_ids += piece.token_ids
                 result.logprobs += piece.logprobs
                 result.prompt_logprobs = result.prompt_logprobs or piece.prompt_logprobs
+                result.prompt_ranks = result.prompt_ranks or piece.prompt_ranks
                 result.prompt_tokens = piece.prompt_tokens
                 if piece.finished:
                     result.finish_reason = piece.finish_reason
@@ -117,7 +122,7 @@ class LLM:
 
             return sink
 
-        submitted = [(r.rid, self.encode(p), sp, sink_for(r)) for r, p, sp in zip(results, prompts, params_list)]
+        submitted = [(r.rid, *self._prepare(p, sp), sink_for(r)) for r, p, sp in zip(results, prompts, params_list)]
         for _rid, ids, sp, _ in submitted:
             self._check(ids, sp)
         for item in submitted:
@@ -134,7 +139,7 @@ class LLM:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Completion] = asyncio.Queue()
         rid = f"gen-{next(self._ids)}"
-        ids, params = self.encode(prompt), params or SamplingParams()
+        ids, params = self._prepare(prompt, params or SamplingParams())
         self._check(ids, params)
         self._submit(rid, ids, params, lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
         finished = False
@@ -162,6 +167,15 @@ class LLM:
         self.close()
 
     # ---- the engine thread ----
+    def _prepare(self, prompt: str | list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the parameters as the engine takes them, as the API worker makes them: the
+        prompt cut as truncate_prompt_tokens asks, bad_words as the token sequences the sampler bans. Raises
+        ValueError (FieldError) for what cannot be served."""
+        if params.bad_words and params.bad_words_token_ids is None:
+            words = bad_words_token_ids(self.tokenizer, params.bad_words)
+            params = msgspec.structs.replace(params, bad_words_token_ids=words)
+        return params.truncated_prompt(self.encode(prompt), self.engine.max_seq_len - params.max_tokens), params
+
     def _check(self, ids: list[int], params: SamplingParams) -> None:
         """Rejects what the engine would reject, in the caller's thread, before anything is queued."""
         self.engine.check_request(ids, params)

@@ -217,6 +217,7 @@ class EngineServer:
             if out.prompt_logprobs is not None:
                 delta.prompt_logprobs = [p_lp for p_lp, _ in out.prompt_logprobs]
                 delta.prompt_top_logprobs = [p_top for _, p_top in out.prompt_logprobs]
+                delta.prompt_ranks = out.prompt_ranks
             self.pending.setdefault(worker, []).append(delta)
             if out.token_id is not None:
                 self.request_stats.token(out.rid)

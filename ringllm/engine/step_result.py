@@ -5,7 +5,8 @@ and moves it (engine/runner/result_sink.py).
 Layout of one packed row: [token] alone, or, when any row of the step asked for logprobs, [token, its logprob, k
 top ids, k top logprobs] (zeros past what a row computed). float32 holds every token id exactly (vocabularies
 are far below 2^24), so one tensor carries all of it. The step's prompt rows (prompt logprobs) follow its
-sampled rows, packed the same way."""
+sampled rows, packed the same way, except that a prompt row starts with the rank of its prompt token (the token
+itself is known) rather than a token."""
 
 from __future__ import annotations
 
@@ -93,8 +94,9 @@ def prompt_logprob_positions(
 
 
 def file_prompt_logprobs(seqs: Sequence[Seq], plan: StepPlan, prompt: np.ndarray) -> None:
-    """Files each prompt row of a step (`HostSample.prompt`) under its sequence. A prompt recomputed after
-    preemption yields its positions again; those already filed are skipped."""
+    """Files each prompt row of a step (`HostSample.prompt`) under its sequence: (logprob, top k) in
+    `prompt_logprobs`, the prompt token's rank in `prompt_ranks`. A prompt recomputed after preemption yields its
+    positions again; those already filed are skipped."""
     ks = np.array([-1 if s.params.prompt_logprobs is None else s.params.prompt_logprobs for s in seqs])
     index, pos = prompt_logprob_positions(plan.starts, plan.lens, np.array([s.num_prompt for s in seqs]), ks)
     width = (prompt.shape[1] - 2) // 2
@@ -103,3 +105,4 @@ def file_prompt_logprobs(seqs: Sequence[Seq], plan: StepPlan, prompt: np.ndarray
         if p == len(seq.prompt_logprobs):
             top = list(zip(row[2 : 2 + k].astype(np.int64).tolist(), row[2 + width : 2 + width + k].tolist()))
             seq.prompt_logprobs.append((float(row[1]), top))
+            seq.prompt_ranks.append(int(row[0]))

@@ -52,6 +52,7 @@ class TokenDelta(msgspec.Struct, array_like=True):
     # With the first token of a request that asked for them: prompt tokens 1.. given those before, and top k
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int] | None = None  # with prompt_logprobs: each prompt token's rank (1: the likeliest)
 
 
 class StepOutput(msgspec.Struct, tag="out"):

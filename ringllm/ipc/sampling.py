@@ -14,7 +14,7 @@ engine/sampler/rows.py's ROW_FIELDS and the math in engine/sampler/sampler.py), 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -23,12 +23,15 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # tokens per request, as OpenAI allows
+MAX_BAD_WORDS = 128  # token sequences per request once tokenized, as vLLM allows (VLLM_MAX_NUM_BAD_WORDS)
+MAX_BAD_WORDS_TOKENS = 1024  # their tokens in all (vLLM's VLLM_MAX_BAD_WORDS_TOTAL_TOKENS)
 
 Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 LogprobCount = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
 Text = Annotated[str, Meta(min_length=1)]
+TokenSequence = Annotated[list[TokenId], Meta(min_length=1)]
 
 CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
@@ -116,6 +119,42 @@ class SamplingFields(msgspec.Struct, kw_only=True, omit_defaults=True):
     # token id -> added to its logit before sampling (greedy too): -100 bans a token, +100 all but forces it
     logit_bias: Annotated[dict[TokenId, Bias], Meta(max_length=MAX_LOGIT_BIAS)] | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's allowed_token_ids: every other token is banned (greedy too)
+    allowed_token_ids: Annotated[list[TokenId], Meta(min_length=1)] | None = None
+    # vLLM's bad_words: the token sequences of each word (with and without a leading space) are never completed.
+    # The side that holds the tokenizer turns them into bad_words_token_ids (text/bad_words.py), which the
+    # sampler reads.
+    bad_words: Annotated[list[Text], Meta(max_length=MAX_BAD_WORDS)] = []
+    # None: off; k: each prompt token's logprob given the tokens before it, with its rank and the top k there.
+    # Such a request computes its whole prompt (no prefix-cache hit), since cached positions have no logits.
+    prompt_logprobs: LogprobCount | None = None
+    # vLLM's priority (lower is served first): only with --scheduling-policy priority; 0 is the default
+    priority: Int64 = 0
+    # vLLM's truncate_prompt_tokens: keep only k tokens of the prompt (-1: as many as the context holds beside
+    # max_tokens), cut on `truncation_side` ("left", the default, keeps the last k). Applied where the prompt is
+    # tokenized (`truncated_prompt`), before the engine sees it.
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+
+    def truncated_prompt(self, ids: list[int], max_input: int) -> list[int]:
+        """The prompt as truncate_prompt_tokens asks (`max_input`: the most prompt tokens the context holds
+        beside the output); raises FieldError for a truncation beyond that or one that keeps nothing."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return ids
+        if keep == -1:
+            keep = max_input
+        elif keep > max_input:
+            raise FieldError(
+                "truncate_prompt_tokens",
+                f"truncate_prompt_tokens {keep} is more than the {max_input} prompt tokens the context holds "
+                "beside max_tokens",
+            )
+        if keep < 1:
+            raise FieldError("truncate_prompt_tokens", "truncate_prompt_tokens keeps no prompt token")
+        if len(ids) <= keep:
+            return ids
+        return ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep :]
 
 
 class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -124,9 +163,9 @@ class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_un
     max_tokens: Annotated[int, Meta(ge=1)] = 16
     stop: Annotated[list[Text], Meta(max_length=MAX_STOP_SEQUENCES)] = []  # matched on text by the detokenizer
     logprobs: LogprobCount | None = None  # None: off; k: the chosen token's logprob and the top k
-    # None: off; k: each prompt token's logprob given the tokens before it, and the top k there. Such a request
-    # computes its whole prompt (no prefix-cache hit), since cached positions have no logits.
-    prompt_logprobs: LogprobCount | None = None
+    # bad_words as token sequences (None: not tokenized yet; the engine refuses bad_words without them): the
+    # last token of each is banned where the output so far ends with the ones before it
+    bad_words_token_ids: Annotated[list[TokenSequence], Meta(max_length=MAX_BAD_WORDS)] | None = None
 
     def __post_init__(self) -> None:
         """Checks the declared bounds when Python code builds one (decoding checked them already); raises
@@ -139,6 +178,8 @@ class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_un
         if self.min_tokens and self.structured_outputs is not None:
             # the grammar decides where a constrained output ends; a floor on its length could contradict it
             raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides the end")
+        if self.bad_words_token_ids and sum(map(len, self.bad_words_token_ids)) > MAX_BAD_WORDS_TOKENS:
+            raise FieldError("bad_words", f"bad_words make more than {MAX_BAD_WORDS_TOKENS} tokens in all")
 
 
 def check_token_ids(
@@ -149,7 +190,12 @@ def check_token_ids(
     check, so a new token-id field is listed here only."""
     named: list[tuple[str, Iterable[int]]] = [(field, ids) for ids in prompts]
     if params is not None:
-        named += [("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids or ())]
+        named += [
+            ("logit_bias", params.logit_bias or ()),
+            ("stop_token_ids", params.stop_token_ids or ()),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
+            ("bad_words", [t for word in params.bad_words_token_ids or () for t in word]),
+        ]
     for name, ids in named:
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
@@ -235,6 +281,8 @@ def _violation(value: Any, t) -> str | None:
             if why is not None:
                 return f"made of items that are {why}"
         return None
+    if isinstance(t, i.LiteralType):
+        return None if value in t.values else f"one of {', '.join(map(repr, t.values))}"
     if isinstance(t, i.StructType):
         return None if isinstance(value, t.cls) else f"a {t.cls.__name__}"
     return None  # Any and other open types

@@ -18,9 +18,12 @@ class Piece(NamedTuple):
 
 
 class TextStream:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None, min_tokens: int = 0):
+        """`min_tokens`: the request's; as in vLLM, the text of its first min_tokens tokens cannot end it on a stop
+        string (one may begin there and end later)."""
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopStringMatcher(stop or [])
+        self._exempt_tokens = min_tokens  # tokens still to come whose text no stop string may end in
         self.finish_reason: str | None = None
 
     @property
@@ -32,10 +35,15 @@ class TextStream:
         after a stop string is dropped, and so is anything fed after the request ended."""
         if self.finished:
             return Piece("", self.finish_reason, False)
+        out = ""
+        if self._exempt_tokens and token_ids:
+            early, token_ids = token_ids[: self._exempt_tokens], token_ids[self._exempt_tokens :]
+            self._exempt_tokens -= len(early)
+            out = self._stops.feed(self._detok.add(early), exempt=True)
         text = self._detok.add(token_ids)
         if finish_reason is not None:
             text += self._detok.flush()  # an incomplete character at the end decodes to U+FFFD
-        out = self._stops.feed(text)
+        out += self._stops.feed(text)
         if self._stops.stopped:
             self.finish_reason = "stop"
             return Piece(out, "stop", abort=finish_reason is None)

@@ -15,6 +15,7 @@ from ringllm.ipc import messages as m
 from ringllm.ipc.shared_table import COLUMNS
 
 LOGPROB, PROMPT_LOGPROB = -0.5, -1.0  # what the fake reports for every generated / prompt token
+PROMPT_RANK = 1  # and the rank it gives every prompt token
 
 
 class FakeEngine:
@@ -56,6 +57,7 @@ class FakeEngine:
                 k = sampling.prompt_logprobs
                 items[0].prompt_logprobs = [PROMPT_LOGPROB] * (len(ids) - 1)
                 items[0].prompt_top_logprobs = [[(t, PROMPT_LOGPROB)] * k for t in ids[1:]]
+                items[0].prompt_ranks = [PROMPT_RANK] * (len(ids) - 1)
             return items
 
         return reply

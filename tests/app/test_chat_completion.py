@@ -11,10 +11,10 @@ import pytest
 
 from ringllm.app import chat as chat_io
 from ringllm.app.errors import ApiError
-from ringllm.app.schemas import ChatRequest, Message
+from ringllm.app.schemas import ChatRequest, Message, PromptLogprob
 from ringllm.text.chat_template import chat_prompt_ids
 from tests.app.conftest import collect_frames, never
-from tests.app.fake_engine import LOGPROB
+from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, PROMPT_RANK
 
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 TOOLS = [
@@ -127,6 +127,36 @@ def test_logprobs_carry_each_tokens_bytes_and_top_alternatives(serving):
     assert sum(len(c["logprobs"]["content"]) for c in chunks if c["logprobs"]) == len(ids)
 
 
+def test_top_logprobs_0_gives_each_token_its_logprob_and_no_alternatives(serving):
+    content = create(serving, logprobs=True, top_logprobs=0).choices[0].logprobs.content
+    assert content and all(c.logprob == LOGPROB and c.top_logprobs == [] for c in content)
+
+
+def test_prompt_logprobs_come_once_for_the_conversation(serving):
+    """vLLM's chat answer carries prompt_logprobs beside its choices (one prompt for all n)."""
+    tok = serving.model.tokenizer
+    r = create(serving, prompt_logprobs=0, n=2, max_tokens=2)
+    [(_, ids, sampling), _] = serving.engine.submitted
+    assert sampling.prompt_logprobs == 0
+    assert r.prompt_logprobs == [None] + [
+        {t: PromptLogprob(PROMPT_LOGPROB, PROMPT_RANK, tok.decode([t], skip_special_tokens=False))} for t in ids[1:]
+    ]
+    assert "prompt_logprobs" not in json.loads(msgspec.json.encode(create(serving, max_tokens=2)))
+    with pytest.raises(ApiError) as e:
+        stream(serving, prompt_logprobs=0)
+    assert e.value.param == "prompt_logprobs"
+
+
+def test_truncate_prompt_tokens_cuts_the_templates_tokens(serving):
+    create(serving, max_tokens=2)
+    whole = serving.engine.submitted[-1][1]
+    r = create(serving, max_tokens=2, truncate_prompt_tokens=5)
+    assert serving.engine.submitted[-1][1] == whole[-5:] and r.usage.prompt_tokens == 5
+    long = [{"role": "user", "content": "x " * 3000}]  # past the context, unless truncated
+    create(serving, messages=long, truncate_prompt_tokens=-1)  # no max_tokens: one token of room is kept
+    assert len(serving.engine.submitted[-1][1]) == serving.model.max_seq_len - 1
+
+
 def test_a_stop_string_ends_a_streamed_choice_and_aborts_it(serving):
     serving.engine.reply = serving.engine.text_reply("It is sunny in Paris today.", hang=True)
     frames = stream(serving, stop="Paris")
@@ -145,6 +175,9 @@ def test_a_stop_string_ends_a_streamed_choice_and_aborts_it(serving):
         ({"max_tokens": 1020}, "max_tokens"),
         ({"logit_bias": {"4000": 5}}, "logit_bias"),
         ({"store": True}, "store"),
+        ({"allowed_token_ids": [4000]}, "allowed_token_ids"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"truncate_prompt_tokens": 2000}, "truncate_prompt_tokens"),
     ],
 )
 def test_errors_name_the_field(serving, fields, param):

@@ -5,16 +5,18 @@ leaves."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import msgspec
 import pytest
 
 from ringllm.app.errors import ApiError
-from ringllm.app.schemas import CompletionRequest
+from ringllm.app.schemas import CompletionRequest, PromptLogprob
 from ringllm.app.sse import sse_stream
 from ringllm.ipc import messages as m
+from ringllm.text.bad_words import bad_words_token_ids
 from tests.app.conftest import collect_frames, never
-from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, EngineBusy, EngineDown
+from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, PROMPT_RANK, EngineBusy, EngineDown, delta
 
 TEXT = "Once upon a time there was a function"
 
@@ -130,6 +132,86 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(serving, prompt):
     assert serving.engine.submitted[0][2].prompt_logprobs == 1
 
 
+def test_top_logprobs_hold_the_sampled_token_besides_the_top_k(serving):
+    """As OpenAI and vLLM: logprobs 0 gives each token's own logprob in top_logprobs (not an empty map), and a
+    sampled token outside the top k is there too, first (k + 1 entries at most)."""
+    tok = serving.model.tokenizer
+    ids = tok.encode(TEXT)[:3]
+    lp = create(serving, max_tokens=3, logprobs=0).choices[0].logprobs
+    assert lp.top_logprobs == [{tok.decode([t]): LOGPROB} for t in ids]
+    likelier = tok.encode(" sea")[0]
+
+    def reply(prompt, sampling):
+        items = [delta([t], sampling) for t in ids]
+        for item in items:
+            item.top_logprobs = [[(likelier, -0.1)]]
+        items[-1].finish_reason = "length"
+        return items
+
+    serving.engine.reply = reply
+    lp = create(serving, max_tokens=3, logprobs=1).choices[0].logprobs
+    assert [list(top.items()) for top in lp.top_logprobs] == [
+        [(tok.decode([t]), LOGPROB), (tok.decode([likelier]), -0.1)] for t in ids
+    ]
+
+
+def test_prompt_logprobs_come_back_in_vllms_shape(serving):
+    """vLLM's prompt_logprobs, at the choice: None for the first prompt token, then for each a map from token id
+    to its logprob, rank and text (the prompt token's own and the top k); only where the request asked."""
+    tok = serving.model.tokenizer
+    r = create(serving, prompt="The sea is", prompt_logprobs=2, max_tokens=2)
+    ids = tok.encode("The sea is", True)
+    assert serving.engine.submitted[0][2].prompt_logprobs == 2
+    want = [None] + [{t: PromptLogprob(PROMPT_LOGPROB, PROMPT_RANK, tok.decode([t]))} for t in ids[1:]]
+    assert r.choices[0].prompt_logprobs == want
+    encoded = json.loads(msgspec.json.encode(r))["choices"][0]
+    assert encoded["prompt_logprobs"][1] == {
+        str(ids[1]): {"logprob": PROMPT_LOGPROB, "rank": PROMPT_RANK, "decoded_token": tok.decode([ids[1]])}
+    }
+    assert "prompt_logprobs" not in json.loads(msgspec.json.encode(create(serving)))["choices"][0]
+    # with echo the engine computes as many top logprobs as either asks
+    create(serving, echo=True, logprobs=1, prompt_logprobs=3, max_tokens=2)
+    assert serving.engine.submitted[-1][2].prompt_logprobs == 3
+    with pytest.raises(ApiError) as e:  # as vLLM: a stream has no place for them
+        stream(serving, prompt_logprobs=1)
+    assert e.value.param == "prompt_logprobs"
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens_or_the_first(build):
+    serving = build(max_seq_len=40)
+    tok = serving.model.tokenizer
+    ids = tok.encode("The sea is calm tonight, the tide is full", True)
+    r = create(serving, prompt="The sea is calm tonight, the tide is full", truncate_prompt_tokens=4, echo=True)
+    assert serving.engine.submitted[-1][1] == ids[-4:] and r.usage.prompt_tokens == 4
+    assert r.choices[0].text.startswith(tok.decode(ids[-4:]))  # the echo is the prompt the model saw
+    create(serving, prompt=ids, truncate_prompt_tokens=3, truncation_side="right")
+    assert serving.engine.submitted[-1][1] == ids[:3]
+    create(serving, prompt=list(range(1, 60)), truncate_prompt_tokens=-1, max_tokens=10)  # the context less 10
+    assert serving.engine.submitted[-1][1] == list(range(30, 60))
+    long = "x" * (serving.model.max_text_chars + 1)  # too long for the context, unless truncated
+    create(serving, prompt=long, truncate_prompt_tokens=-1)
+    assert len(serving.engine.submitted[-1][1]) == 40 - 16  # beside the default 16 tokens
+    for fields in ({"truncate_prompt_tokens": 31, "max_tokens": 10}, {"truncate_prompt_tokens": 0}):
+        with pytest.raises(ApiError) as e:
+            create(serving, **fields)
+        assert e.value.param == "truncate_prompt_tokens", e.value.message
+
+
+def test_min_tokens_holds_stop_strings_back(serving):
+    tok = serving.model.tokenizer
+    assert create(serving, stop=["upon"], max_tokens=40).choices[0].text == "Once "
+    r = create(serving, stop=["upon"], max_tokens=40, min_tokens=len(tok.encode("Once upon")))
+    assert r.choices[0].text == TEXT
+
+
+def test_bad_words_reach_the_engine_as_token_sequences(serving):
+    tok = serving.model.tokenizer
+    create(serving, bad_words=["a", "time"], max_tokens=2)
+    sampling = serving.engine.submitted[-1][2]
+    assert sampling.bad_words == ["a", "time"]
+    assert sampling.bad_words_token_ids == bad_words_token_ids(tok, ["a", "time"])
+
+
 @pytest.mark.parametrize(
     "fields,status,param",
     [
@@ -149,6 +231,10 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(serving, prompt):
         ({"guided_regex": "a", "guided_choice": ["x"]}, 400, "guided_regex"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}, 400, "response_format"),
         ({"n": 3, "prompt": ["a", "b"]}, 400, "n"),  # 6 generations, a queue of 5
+        ({"allowed_token_ids": [1, 5000]}, 400, "allowed_token_ids"),
+        ({"bad_words": [" "]}, 400, "bad_words"),
+        ({"use_beam_search": True}, 400, "use_beam_search"),
+        ({"length_penalty": 0.5}, 400, "length_penalty"),
     ],
 )
 def test_errors_name_the_field(build, fields, status, param):

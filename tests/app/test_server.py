@@ -55,7 +55,7 @@ def test_the_routes_answer_through_the_serving_objects(served):
         ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
         ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
         ({"prompt": "x", "structured_outputs": {"json": "[1]"}}, 400, "structured_outputs.json"),
-        ({"prompt": "x", "frobnicate": 2}, 400, None),  # an unknown field: msgspec names it in the message
+        ({"prompt": "x", "no_such_field": 2}, 400, None),  # an unknown field: msgspec names it in the message
     ],
 )
 def test_errors_come_back_in_openais_shape_naming_the_field(served, body, status, param):

@@ -63,3 +63,22 @@ def test_a_character_cut_at_the_end_decodes_as_one_decode_does(tok):
     stream = TextStream(tok, [])
     assert stream.feed(ids[:1]).text == ""  # not a character yet
     assert stream.feed([], "length").text == tok.decode(ids[:1])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_min_tokens_keeps_stop_strings_from_ending_the_first_tokens(tok, chunk):
+    """As in vLLM: the text of the first min_tokens tokens cannot end the request on a stop string; a stop
+    string after them does, wherever the engine's pieces cut the tokens."""
+    ids = tok.encode(TEXT)
+    upon = len(tok.encode("Once upon"))  # "upon" is complete within these tokens
+    for min_tokens, stops, want, reason in [
+        (0, ["upon", "nothing"], "Once ", "stop"),
+        (upon, ["upon", "nothing"], TEXT, "length"),
+        (upon, ["upon", "a"], "Once upon ", "stop"),  # "a" after them still stops it
+    ]:
+        stream = TextStream(tok, [], stops, min_tokens=min_tokens)
+        pieces = []
+        for i in range(0, len(ids), chunk):
+            last = i + chunk >= len(ids)
+            pieces.append(stream.feed(ids[i : i + chunk], "length" if last else None))
+        assert "".join(p.text for p in pieces) == want and stream.finish_reason == reason

@@ -1,10 +1,14 @@
-"""FCFS continuous batching over token-granular KV slots.
+"""Continuous batching over token-granular KV slots, first come first served or by priority.
 
 Every step: each running sequence decodes one token, a sequence part-way through its prompt gets its next
 chunk, and waiting sequences are admitted in arrival order while the token budget, the batch-size limit, the
 request rows and the slots last. When slots run out for decodes, the radix cache gives back unlocked
 prefixes first and then the most recently admitted sequence is preempted (its KV is dropped and recomputed
 later; nothing is lost).
+
+By priority (`--scheduling-policy priority`, vLLM's): the waiting queue is ordered by (priority, arrival), lower
+first, and the sequence preempted is the running one last in that order, as vLLM does; a preempted sequence
+goes back to its place in the queue.
 
 The scheduler runs ahead of the device (overlap): a sequence whose last sampled token is still on the device
 carries it as a placeholder (`num_pending`), so it is scheduled exactly once per step and never twice.
@@ -15,6 +19,8 @@ sampled its token, so every stage has a different micro-batch to work on."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 
@@ -40,6 +46,7 @@ class Scheduler:
         use_radix_cache: bool,
         num_groups: int = 1,
         group_shared_prefixes: bool = False,
+        by_priority: bool = False,
     ):
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator.free) if use_radix_cache else None
@@ -57,11 +64,17 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.by_priority = by_priority
+        self._arrivals = itertools.count()  # arrival order, the tie-break of equal priorities
         self._unsent: _Writes | None = None
 
     # ---- queue ----
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.arrival_index = next(self._arrivals)
+        if self.by_priority:
+            bisect.insort(self.waiting, seq, key=_rank)
+        else:
+            self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence wherever it is; its slots go back (or into the cache) at once. Device work already
@@ -109,6 +122,8 @@ class Scheduler:
             spans += [1] * len(decodes)
             budget -= len(decodes)
             decodes = []
+        if self.by_priority:  # the first in priority order get their slots first
+            decodes.sort(key=_rank)
         for seq in decodes:  # short of slots: one at a time, evicting and preempting as needed
             if seq.status is not Status.RUNNING:
                 continue  # preempted below for an earlier sequence's slot
@@ -173,7 +188,7 @@ class Scheduler:
         while (slots := self._alloc(n)) is None:
             if not preempt:
                 return False
-            victim = next((s for s in reversed(self.running) if s not in chosen), None)
+            victim = self._victim(chosen)
             if victim is None:
                 return False
             self._preempt(victim)
@@ -182,6 +197,11 @@ class Scheduler:
         writes.add(_row(seq), seq.num_computed, slots, self.req_to_slot)
         seq.num_computed += n
         return True
+
+    def _victim(self, chosen: list) -> Sequence | None:
+        """The running sequence to preempt: the last admitted, or by priority the last in priority order."""
+        candidates = (s for s in reversed(self.running) if s not in chosen)
+        return max(candidates, key=_rank, default=None) if self.by_priority else next(candidates, None)
 
     def _admit(self, seq: Sequence, budget: int, writes: _Writes, chosen: list, group: int) -> int:
         """Places a waiting sequence: a row, its cached prefix, and slots for its first chunk. Returns the
@@ -240,7 +260,10 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            bisect.insort(self.waiting, seq, key=_rank)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def _cache_prompt_prefix(self, seq: Sequence, writes: _Writes) -> None:
@@ -299,6 +322,11 @@ class Scheduler:
             new_params=[s.params for s in writes.admitted],
             new_prompt_lens=[s.num_prompt for s in writes.admitted],
         )
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    """A sequence's place by priority: lower priority values first, then arrival."""
+    return seq.params.priority, seq.arrival_index
 
 
 def _row(seq: Sequence) -> int:

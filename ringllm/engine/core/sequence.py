@@ -27,6 +27,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.arrival = time.monotonic()
+        self.arrival_index = 0  # its place in the scheduler's arrival order (set when it is added)
         self.scheduled_at: float | None = None  # when first admitted (queue time = scheduled_at - arrival)
         # Placement, set while it holds a request row and KV slots:
         self.row: int | None = None
@@ -38,6 +39,7 @@ class Sequence:
         self.num_pending = 0
         # With params.prompt_logprobs: (logprob, top [(id, logprob)]) of prompt tokens 1, 2, ... as computed
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_ranks: list[int] = []  # and each of those tokens' rank (1: the likeliest token)
 
     @property
     def length(self) -> int:

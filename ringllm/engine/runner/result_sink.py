@@ -116,17 +116,17 @@ def pack_sample(sample: SampleResult, top_k: int | None) -> torch.Tensor:
 def pack_prompt_rows(
     logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor, top_k: int
 ) -> torch.Tensor:
-    """[N, 2 + 2k]: the next prompt token (`target`), its logprob, the top k ids and logprobs, for each prompt
-    position in `hidden`; projected onto the vocabulary (`logits`) a chunk at a time, so a long prompt needs
-    little memory."""
+    """[N, 2 + 2k]: the rank of the next prompt token (`target`: 1 + how many tokens are likelier), its logprob,
+    the top k ids and logprobs, for each prompt position in `hidden`; projected onto the vocabulary (`logits`) a
+    chunk at a time, so a long prompt needs little memory."""
     n = len(target)
     out = torch.zeros(n, packed_width(top_k), dtype=torch.float32, device=hidden.device)
     for a in range(0, n, PROMPT_LOGITS_CHUNK):
         b = min(a + PROMPT_LOGITS_CHUNK, n)
         lp = torch.log_softmax(logits(hidden[a:b]).float(), dim=-1)
-        t = target[a:b].long()
-        out[a:b, 0] = t
-        out[a:b, 1] = lp.gather(1, t[:, None]).squeeze(1)
+        mine = lp.gather(1, target[a:b].long()[:, None])
+        out[a:b, 0] = (lp > mine).sum(1) + 1
+        out[a:b, 1] = mine.squeeze(1)
         if top_k:
             values, ids = lp.topk(top_k, dim=-1)
             out[a:b, 2 : 2 + top_k], out[a:b, 2 + top_k :] = ids, values

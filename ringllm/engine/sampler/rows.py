@@ -23,7 +23,7 @@ from ringllm.engine.sampling_params import SamplingParams
 KERNEL = "kernel"  # nothing: the fused kernel reads the field itself (any value is exact)
 PENALTY = "penalty"  # the row's token history (repetition, presence, frequency penalties)
 FILTER = "filter"  # top-k / top-p / min-p: the reference path samples the row
-ADJUST = "adjust"  # a change to the row's logits before sampling (logit_bias, min_tokens)
+ADJUST = "adjust"  # a change to the row's logits before sampling (logit_bias, min_tokens, allowed and bad words)
 LOGPROBS = "logprobs"  # logprobs of the row's token and its top k
 RUNNER = "runner"  # nothing of the sampler: the runner reads it (prompt logprobs)
 LEAVE_FUSED = (PENALTY, FILTER, ADJUST, LOGPROBS)  # the stages that take a row off the fused pass
@@ -62,6 +62,9 @@ ROW_FIELDS: tuple[RowField, ...] = (
     RowField("has_bias", np.bool_, "logit_bias", ADJUST, False, bool, device=False),
     # min_tokens: stop tokens are banned while fewer outputs are out (the math reads stop_token_ids, ignore_eos)
     RowField("min_tokens", np.int64, "min_tokens", ADJUST, 0),
+    # allowed_token_ids and bad words are sparse too: whether a row has them; the math reads the row's lists
+    RowField("has_allowed", np.bool_, "allowed_token_ids", ADJUST, False, lambda ids: ids is not None, device=False),
+    RowField("has_bad_words", np.bool_, "bad_words_token_ids", ADJUST, False, bool, device=False),
     RowField("logprobs", np.int64, "logprobs", LOGPROBS, -1, lambda k: -1 if k is None else k, device=False),
     RowField("prompt_logprobs", np.int64, "prompt_logprobs", RUNNER, -1, lambda k: -1 if k is None else k, False),
 )
@@ -73,6 +76,10 @@ NOT_SAMPLED = {
     "ignore_eos": "the engine's stop check (and min_tokens' banned tokens, read off the row's parameters)",
     "stop_token_ids": "the engine's stop check (and min_tokens' banned tokens, read off the row's parameters)",
     "structured_outputs": "engine/grammar.py: the grammar's token masks reach the sampler as a GrammarMask",
+    "bad_words": "the side that holds the tokenizer (text/bad_words.py): the sampler reads bad_words_token_ids",
+    "priority": "the scheduler's admission order and its choice of whom to preempt (--scheduling-policy)",
+    "truncate_prompt_tokens": "where the prompt is tokenized (the API worker, the offline LLM), before the engine",
+    "truncation_side": "where the prompt is tokenized, with truncate_prompt_tokens",
 }
 
 _TORCH = {np.float32: torch.float32, np.int64: torch.int64, np.bool_: torch.bool}

@@ -1,7 +1,7 @@
 """Sampling on the device for a whole batch at once: per-row parameters live in the row table
 (engine/sampler/rows.py), indexed by request row, so no step loops over requests in Python. Greedy,
-temperature, top-k, top-p, min-p, repetition / presence / frequency penalties, logit_bias, min_tokens, grammar
-masks (structured outputs), per-request seeds and logprobs.
+temperature, top-k, top-p, min-p, repetition / presence / frequency penalties, logit_bias, min_tokens,
+allowed_token_ids, bad words, grammar masks (structured outputs), per-request seeds and logprobs.
 
 Two paths. On CUDA, rows whose fields all sit at their neutral values sample in one fused Gumbel-max pass that
 reads the kernel fields from the table itself (engine/kernels/sampling.py); where every row of the batch is
@@ -175,7 +175,8 @@ class Sampler:
         return torch.where(params["temperature"] == 0, greedy, self._sample(logits, values, params, seq_lens))
 
     def _adjust(self, logits, rows_host, values, params, history, seq_lens, mask: GrammarMask | None):
-        """Penalties, logit_bias, min_tokens' banned stop tokens, then grammar masks, on a float copy (logprobs
+        """Penalties, logit_bias, min_tokens' banned stop tokens, allowed_token_ids, bad words, then grammar masks,
+        on a float copy (logprobs
         come from the raw logits). NaN becomes -inf and +inf the largest float, so no row can turn the softmax
         into NaN."""
         out = logits.float()
@@ -187,6 +188,10 @@ class Sampler:
             self._add_bias(out, rows_host, values)
         if (values["min_tokens"] > 0).any():
             self._ban_early_stops(out, rows_host, values, params, seq_lens)
+        if values["has_allowed"].any():
+            self._allow_only(out, rows_host, values)
+        if values["has_bad_words"].any():
+            self._ban_bad_words(out, rows_host, values, params, seq_lens)
         if mask is not None:
             import xgrammar  # only once a constrained request has come
 
@@ -215,6 +220,39 @@ class Sampler:
         early = (seq_lens - params["prompt_len"]) < params["min_tokens"]
         at = torch.from_numpy(batch_rows).to(self.device)
         self._scatter_add(logits, at, ids, torch.where(early[at], float("-inf"), 0.0))
+
+    def _allow_only(self, logits, rows_host, values) -> None:
+        """allowed_token_ids: every token a row does not list gets -inf."""
+        index = np.flatnonzero(values["has_allowed"])
+        ids = [np.asarray(self._params(rows_host[i]).allowed_token_ids, dtype=np.int64) for i in index]
+        banned = torch.full((len(index), logits.shape[1]), float("-inf"), device=self.device)
+        local = torch.from_numpy(np.repeat(np.arange(len(index)), [len(x) for x in ids])).to(self.device)
+        banned[local, torch.from_numpy(np.concatenate(ids)).to(self.device)] = 0.0
+        logits[torch.from_numpy(index).to(self.device)] += banned
+
+    def _ban_bad_words(self, logits, rows_host, values, params, seq_lens) -> None:
+        """vLLM's bad words: a word's last token gets -inf where the row's output so far ends with the word's
+        other tokens (a one-token word: always). Those tokens are read from the request-token table on the
+        device (the last ones may still be in flight there), so a match is decided without a sync."""
+        index = np.flatnonzero(values["has_bad_words"])
+        words = [(i, w) for i in index for w in self._params(rows_host[i]).bad_words_token_ids or ()]
+        width = max(len(w) for _, w in words) - 1
+        prefix = np.full((len(words), max(width, 1)), -1, dtype=np.int64)
+        for j, (_, w) in enumerate(words):
+            prefix[j, : len(w) - 1] = w[:-1]
+        at_host = np.array([i for i, _ in words], dtype=np.int64)
+        at = torch.from_numpy(at_host).to(self.device)
+        lens = torch.tensor([len(w) - 1 for _, w in words], device=self.device)
+        start = seq_lens[at].long() - lens  # where the word's other tokens would begin (int32 on a decode step)
+        pos = start[:, None] + torch.arange(prefix.shape[1], device=self.device)[None, :]
+        where = (params.rows[at].long()[:, None], pos.clamp(0, self.req_tokens.shape[1] - 1))
+        seen = self.req_tokens[where].long()
+        inside = torch.arange(prefix.shape[1], device=self.device)[None, :] < lens[:, None]
+        same = (seen == torch.from_numpy(prefix).to(self.device)) | ~inside
+        # the word's other tokens must all be outputs (vLLM matches the output, not the prompt)
+        match = same.all(1) & (start >= params["prompt_len"][at])
+        last = [np.array([w[-1] for _, w in words], dtype=np.int64)]
+        self._scatter_add(logits, at, last, torch.where(match, float("-inf"), 0.0))
 
     def _stop_ids(self, p) -> np.ndarray:
         eos = [] if p.ignore_eos else self.eos_token_ids

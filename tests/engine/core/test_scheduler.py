@@ -99,3 +99,59 @@ def test_bulk_decode_plan_holds_each_sequences_row_position_and_new_slot():
         assert p.slot_ids[:d].tolist() == table[p.rows[:d], p.starts[:d]].tolist()
     # the decode-only plans share the bulk arrays (what lets the runner skip its array comparisons)
     assert all(b.plan.slot_rows is b.plan.rows and b.plan.slot_pos is b.plan.starts for b, _ in decode_only)
+
+
+@pytest.mark.parametrize("by_priority", [False, True])
+def test_by_priority_the_queue_is_ordered_by_priority_then_arrival(by_priority):
+    """Two rows a step: first come first served admits the first two arrivals; by priority the lowest values
+    first, equal priorities in arrival order, whatever the arrival order of the rest."""
+    sched = Scheduler(1000, 8, 256, 2, 64, use_radix_cache=False, by_priority=by_priority)
+    for name, priority in [("a", 0), ("b", 5), ("c", -1), ("d", 0)]:
+        sched.add(Sequence(name, [1, 2, 3], SamplingParams(max_tokens=8, priority=priority)))
+    admitted = [[s.rid for s in _step(sched).seqs] for _ in range(2)]
+    assert admitted == ([["a", "b"], ["a", "b"]] if not by_priority else [["c", "a"], ["c", "a"]])
+    assert [s.rid for s in sched.waiting] == (["c", "d"] if not by_priority else ["d", "b"])
+
+
+@pytest.mark.parametrize("by_priority", [False, True])
+def test_short_of_slots_the_lowest_priority_is_preempted(by_priority):
+    """A low-priority request runs, a high-priority one arrives later; then the slots run out for their decodes.
+    First come first served preempts the later arrival; by priority the low-priority one is preempted, even
+    though it came first, and it goes back to the queue behind nothing of higher priority."""
+    sched = Scheduler(11, 4, 256, 4, 64, use_radix_cache=False, by_priority=by_priority)  # 10 slots
+    low, high = (
+        Sequence(n, [1, 2, 3, 4], SamplingParams(max_tokens=8, priority=p)) for n, p in [("low", 5), ("high", 0)]
+    )
+    sched.add(low)
+    _step(sched)  # low: its prompt (4 slots)
+    sched.add(high)
+    _step(sched)  # low decodes (1 slot), high's prompt (4 slots, one kept for low's next decode)
+    assert sched.allocator.num_free == 1
+    batch = _step(sched)  # two decodes, one slot
+    preempted = high if not by_priority else low
+    assert [s.rid for s in batch.seqs] == [("low" if preempted is high else "high")]
+    assert list(sched.waiting) == [preempted] and sched.num_preemptions == 1
+
+
+def test_the_engine_takes_priorities_only_when_it_schedules_by_them(ckpt):
+    """A request's priority needs --scheduling-policy priority (vLLM refuses it otherwise); then the most urgent
+    of a queue that arrived together is served first, and every request still finishes."""
+    from ringllm.engine.engine import RequestError
+
+    urgent = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, priority=-5)
+    fcfs = Engine(EngineConfig(model=str(ckpt), device="cpu"))
+    try:
+        with pytest.raises(RequestError, match="priority -5"):
+            fcfs.add_request("r", [1, 2, 3], urgent)
+    finally:
+        fcfs.close()
+    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=1, scheduling_policy="priority"))
+    try:
+        for i, params in enumerate([SamplingParams(max_tokens=3, ignore_eos=True)] * 2 + [urgent]):
+            engine.add_request(f"r{i}", [1, 2, 3 + i], params)
+        first = []
+        while engine.has_work:
+            first += [o.rid for o in engine.step() if o.finish_reason and o.rid not in first]
+        assert first == ["r2", "r0", "r1"]
+    finally:
+        engine.close()

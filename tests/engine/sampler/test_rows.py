@@ -27,6 +27,8 @@ CHANGED = {
     "frequency_penalty": dict(frequency_penalty=2.0, temperature=0.0),
     "has_bias": dict(logit_bias={4: 100.0}),
     "min_tokens": dict(min_tokens=2),
+    "has_allowed": dict(allowed_token_ids=[4]),
+    "has_bad_words": dict(bad_words_token_ids=[[0, 0]]),  # 0 after the output's 0: read from the token table
     "logprobs": dict(logprobs=2),
     "prompt_logprobs": dict(prompt_logprobs=1),  # the runner's: changes nothing the sampler does
 }
@@ -81,8 +83,8 @@ def test_the_fused_kernel_takes_every_kernel_field_by_name():
 
 def test_all_plain_follows_the_rows_set_so_far():
     """`all_plain` (every row set so far needs only the fused pass) turns off the per-step host checks; a row
-    with a penalty, filter, bias, min_tokens or logprobs turns them back on, and a row keeps its last request's
-    values until it is reused."""
+    with a penalty, filter, bias, min_tokens, allowed tokens, bad words or logprobs turns them back on, and a row
+    keeps its last request's values until it is reused."""
     table = RowTable(4)
     assert table.all_plain
     table.set([0, 2], [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=3)], [1, 1])
@@ -93,6 +95,8 @@ def test_all_plain_follows_the_rows_set_so_far():
         dict(logprobs=1),
         dict(logit_bias={1: 2.0}),
         dict(min_tokens=1),
+        dict(allowed_token_ids=[1]),
+        dict(bad_words_token_ids=[[2]]),
     ):
         table.set([1], [SamplingParams(**special)], [1])
         assert not table.all_plain and table.plain(np.array([0, 1, 2])).tolist() == [True, False, True], special

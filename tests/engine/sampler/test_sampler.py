@@ -143,3 +143,45 @@ def test_min_tokens_holds_when_the_batch_samples_by_the_reference_path_too():
     assert 0 not in short.tolist() and len(set(short.tolist())) > 2
     done = sample_through_sink(s, LOGITS.repeat(64, 1), range(64), [3] * 64).tokens
     assert 0 in done.tolist()
+
+
+def test_allowed_token_ids_ban_every_other_token_greedy_or_sampled():
+    """Rows with allowed_token_ids sample only those (the top token, 0, is not among them); a row without
+    keeps the whole vocabulary."""
+    s = make_sampler(64, 6)
+    allowed = [SamplingParams(temperature=1.0, seed=i, allowed_token_ids=[2, 4]) for i in range(62)]
+    plain = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, allowed_token_ids=[5, 3])]
+    s.table.set(list(range(64)), allowed + plain, [1] * 64)
+    out = sample_through_sink(s, LOGITS.repeat(64, 1), range(64), [1] * 64).tokens.tolist()
+    assert set(out[:62]) == {2, 4} and out[62:] == [0, 3], out
+    freq = np.bincount(out[:62], minlength=6)
+    assert freq[2] > freq[4]  # the allowed tokens keep their relative odds (0.15 against 0.06)
+
+
+def test_bad_words_ban_a_words_last_token_after_the_rest_of_it_in_the_output():
+    """A one-token word is banned outright. A longer word's last token is banned only where the output so far
+    ends with its other tokens: read from the request-token table, and only from the output (the same tokens in
+    the prompt do not count), as vLLM does."""
+    s = make_sampler(4, 6)
+    greedy = dict(temperature=0.0)
+    s.table.set(
+        [0, 1, 2, 3],
+        [
+            SamplingParams(**greedy, bad_words_token_ids=[[0]]),
+            SamplingParams(**greedy, bad_words_token_ids=[[3, 4, 0]]),  # 0 after output ... 3, 4
+            SamplingParams(**greedy, bad_words_token_ids=[[5, 0], [1]]),  # 0 after 5: 5 is in the prompt only
+            SamplingParams(**greedy),
+        ],
+        [1, 1, 2, 1],
+    )
+    # prompts [2], [2], [1, 5] and [2]; outputs [2, 2], [3, 4], nothing yet and [3, 4]
+    s.req_tokens[:, :3] = torch.tensor([[2, 2, 2], [2, 3, 4], [1, 5, 0], [2, 3, 4]], dtype=torch.int32)
+    out = sample_through_sink(s, LOGITS.repeat(4, 1), range(4), [3, 3, 2, 3]).tokens.tolist()
+    assert out == [1, 1, 0, 0]
+    # row 1 once its output no longer ends with 3, 4: token 0 is free again
+    s.req_tokens[1, :4] = torch.tensor([2, 3, 4, 2], dtype=torch.int32)
+    assert sample_through_sink(s, LOGITS.repeat(4, 1), range(4), [4, 4, 3, 4]).tokens.tolist()[1] == 0
+    # row 2 with 5 as its first output: 0 is banned after it, and 1 always (int32 indices, as a CUDA decode step's)
+    s.req_tokens[2, :3] = torch.tensor([1, 5, 5], dtype=torch.int32)
+    out = sample_through_sink(s, LOGITS.repeat(4, 1), range(4), [4, 4, 3, 4], index_dtype=np.int32)
+    assert out.tokens.tolist()[2] == 2

@@ -47,6 +47,8 @@ ASKED = {
     "frequency_penalty": lambda out: (out.tokens == 1).all(),
     "has_bias": lambda out: (out.tokens == 4).all(),
     "min_tokens": lambda out: 0 not in out.tokens.tolist(),  # EOS (0) while the row is short
+    "has_allowed": lambda out: (out.tokens == 4).all(),
+    "has_bad_words": lambda out: 0 not in out.tokens.tolist(),  # 0 after the output's 0, read on the device
     "logprobs": lambda out: (
         out.logprobs is not None
         and np.allclose(out.logprobs, LOGPROBS[out.tokens].numpy(), atol=1e-4)
@@ -78,3 +80,16 @@ def test_the_fused_kernel_reads_every_kernel_field():
     s = _sampler([SamplingParams(temperature=1.0)] * ROWS)
     unseeded = [sample_through_sink(s, LOGITS.repeat(ROWS, 1), range(ROWS), [2] * ROWS).tokens for _ in range(2)]
     assert (unseeded[0] != unseeded[1]).any() and len(set(unseeded[0].tolist())) > 2
+
+
+def test_bad_words_and_allowed_tokens_on_a_cuda_decode_steps_int32_indices():
+    """A CUDA decode step hands the sampler int32 rows and seq_lens: a two-token bad word still reads the row's
+    history on the device, beside a row with allowed_token_ids and a plain greedy row."""
+    params = [
+        SamplingParams(temperature=0.0, bad_words_token_ids=[[0, 0]]),  # output [0]: 0 is banned now
+        SamplingParams(temperature=0.0, allowed_token_ids=[3, 5]),
+        SamplingParams(temperature=0.0),
+    ] * (ROWS // 3) + [SamplingParams(temperature=0.0)] * (ROWS % 3)
+    s = _sampler(params)
+    out = sample_through_sink(s, LOGITS.repeat(ROWS, 1), range(ROWS), [2] * ROWS, index_dtype=np.int32)
+    assert out.tokens.tolist()[:3] == [1, 3, 0]
