@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ class DecoderForCausalLM(nn.Module):
     onto the vocabulary. `batch_invariant`: every linear layer and the head compute each row the same way at
     any batch size (engine/determinism.py)."""
 
-    head_linear = staticmethod(F.linear)
+    head_linear: Callable[..., torch.Tensor] = staticmethod(F.linear)
 
     def __init__(
         self, shape: ModelShape, max_positions: int, layout: Layout | None = None, batch_invariant: bool = False

@@ -6,6 +6,7 @@ row-parallel out, one all-reduce per block); with tp = 1 they are plain layers."
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +55,7 @@ class MergedLinear(nn.Module):
     shard (from `part_offsets`, a row offset into the checkpoint tensor) into its rows. `linear` computes it
     (deterministic mode replaces it: DecoderForCausalLM)."""
 
-    linear = staticmethod(F.linear)
+    linear: Callable[..., torch.Tensor] = staticmethod(F.linear)
 
     def __init__(self, in_features: int, part_sizes: list[int], part_offsets: list[int], bias: bool):
         super().__init__()
@@ -77,7 +78,7 @@ class RowParallelLinear(nn.Module):
     """y = x W^T with W's input columns split across tensor ranks: each rank multiplies its slice of x and the
     partial sums are all-reduced. `linear` computes the local product (as MergedLinear's)."""
 
-    linear = staticmethod(deep_linear)
+    linear: Callable[..., torch.Tensor] = staticmethod(deep_linear)
 
     def __init__(self, in_features: int, out_features: int, tp: Layout):
         super().__init__()

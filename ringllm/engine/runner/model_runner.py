@@ -87,9 +87,7 @@ class ModelRunner:
         if deterministic and device.type == "cuda" and triton is None:
             raise ValueError("--enable-deterministic-inference on a GPU needs Triton (its batch-invariant GEMM)")
         with torch.device(device):
-            self.model = cls(
-                self.shape, max_positions=self.context_len + 1, layout=lay, batch_invariant=deterministic
-            )
+            self.model = cls(self.shape, max_positions=self.context_len + 1, layout=lay, batch_invariant=deterministic)
         load_weights(self.model, model_path)
         self.model.to(dtype=self.dtype).eval()
         self.model.rotary.cos, self.model.rotary.sin = self.model.rotary.cos.float(), self.model.rotary.sin.float()
