@@ -85,7 +85,7 @@ class BatchInvariantFlashInfer(FlashInferAttention):
         device = self.pool.k.device
         if self._graph_workspace is None:
             self._graph_workspace = self._workspace(device)
-        self.graph_decoders[bs] = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+        wrapper = self.fi.BatchPrefillWithPagedKVCacheWrapper(
             self._graph_workspace,
             "NHD",
             use_cuda_graph=True,
@@ -95,6 +95,15 @@ class BatchInvariantFlashInfer(FlashInferAttention):
             paged_kv_last_page_len_buf=torch.full((bs,), PAGE_SIZE, dtype=torch.int32, device=device),
             backend="fa2",
         )
+        # Without split-KV, a graph plan launches a fixed grid (FlashInfer 0.6 scheduler.cuh: at least 2 blocks
+        # per SM over the KV heads) but writes work entries only for the blocks it has; the others read the
+        # entries as the host buffer holds them. Zeroed, they all name sequence 0's first query tile, which
+        # those blocks then recompute to the same values; left as they are (a reused pinned block), they
+        # could name a sequence past the batch.
+        pinned = getattr(wrapper, "_pin_memory_int_workspace_buffer", None)
+        if pinned is not None:
+            pinned.zero_()
+        self.graph_decoders[bs] = wrapper
 
     def begin_graph(
         self,
