@@ -38,8 +38,11 @@ def continuations(prompts: list[list[int]], outputs: list[Output], vocab: int) -
 
 
 def engine(model, **kw) -> Engine:
+    """A deterministic engine by default; a pool of 8,192 slots (not sized from free memory, which the engines
+    before it in the session may still hold in torch's cache)."""
     kw.setdefault("enable_deterministic_inference", True)
     kw.setdefault("max_bs", 16)
+    kw.setdefault("kv_cache_tokens", 8192)
     return Engine(EngineConfig(model=str(model), context_len=256, **kw))
 
 
