@@ -10,7 +10,11 @@ Workloads:
   prefix   256 requests over 8 system prompts of 2,048 tokens plus a 64-token unique suffix, 128 output tokens,
            radix cache on vs off: throughput and prompt tokens computed.
 The nano run also prints its roofline floor (one GPU only): KV bytes read plus weight bytes per step over the
-measured device copy bandwidth. --tp-size / --pp-size run the same workloads on several GPUs."""
+measured device copy bandwidth. --tp-size / --pp-size run the same workloads on several GPUs. --deterministic
+both runs them in the default mode and then with --enable-deterministic-inference, and prints the mode's cost:
+
+    python scripts/bench.py --shape scripts/shapes/qwen3-0.6b.json --workload nano --deterministic both
+    python scripts/bench.py --shape scripts/shapes/qwen3-0.6b.json --workload latency --deterministic both"""
 
 from __future__ import annotations
 
@@ -302,6 +306,13 @@ def main() -> None:
     ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the tables here")
     ap.add_argument("--repeat", type=int, default=1, help="run nano and latency this many times (one engine)")
     ap.add_argument("--profile-batch", type=int, nargs="+", default=[256], help="batch sizes to profile")
+    ap.add_argument(
+        "--deterministic",
+        default="off",
+        choices=["off", "on", "both"],
+        help="--enable-deterministic-inference: off, on, or both (each workload in the default mode, then in "
+        "deterministic mode on a fresh engine, and the cost of the mode)",
+    )
     a = ap.parse_args()
     model = a.model
     if model is None:
@@ -325,22 +336,33 @@ def main() -> None:
         pp_size=a.pp_size,
     )
     results = Results(a.json, {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name})
-    engine = Engine(EngineConfig(**base))
     todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
     bandwidth = copy_bandwidth() if a.tp_size * a.pp_size == 1 else float("nan")
+    for deterministic in {"off": [False], "on": [True], "both": [False, True]}[a.deterministic]:
+        measure(dict(base, enable_deterministic_inference=deterministic), todo, a, bandwidth, results)
+    results.table()
+    if a.deterministic == "both":
+        results.deterministic_cost()
+
+
+def measure(base: dict, todo: list[str], a: argparse.Namespace, bandwidth: float, results: Results) -> None:
+    """The workloads of `todo` on one engine (the prefix workload also with cascade off and the cache off)."""
+    deterministic = base["enable_deterministic_inference"]
+    tag = dict(deterministic=True) if deterministic else {}
+    engine = Engine(EngineConfig(**base))
     for _ in range(a.repeat):
         if "nano" in todo:
-            results.append(nano(engine, bandwidth))
+            results.append(nano(engine, bandwidth) | tag)
         if "latency" in todo:
-            results.append(latency(engine))
+            results.append(latency(engine) | tag)
     if a.profile_dir:
         a.profile_dir.mkdir(parents=True, exist_ok=True)
         for batch in a.profile_batch:
             profile_decode(engine, a.profile_dir, batch)
     if "prefix" in todo:
-        results.append(prefix(engine))
-        # then the radix cache without cascade attention, and no radix cache at all
-        for off in (dict(disable_cascade_attention=True), dict(disable_radix_cache=True)):
+        results.append(prefix(engine) | tag)
+        # then the radix cache without cascade attention (deterministic mode runs none), and no radix cache
+        for off in ([] if deterministic else [dict(disable_cascade_attention=True)]) + [dict(disable_radix_cache=True)]:
             engine.close()
             del engine
             import gc
@@ -348,9 +370,10 @@ def main() -> None:
             gc.collect()  # the timers' wrappers form cycles with the engine
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             engine = Engine(EngineConfig(**base, **off))
-            results.append(prefix(engine))
+            results.append(prefix(engine) | tag)
     engine.close()
-    results.table()
+    del engine
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 class Results:
@@ -382,6 +405,19 @@ class Results:
         print(f"\n{'workload':<10} {'seconds':>8} {'out tok':>8} {'tok/s':>9}  details")
         for r in self.rows:
             print(self._line(r))
+
+    def deterministic_cost(self) -> None:
+        """The deterministic mode against the default, per workload: its main measure, the best run of each mode
+        (--repeat), and the slowdown. prefix: the first run of each (radix cache on; cascade on by default)."""
+        print("\ndeterministic mode's cost")
+        for workload, key in (("nano", "seconds"), ("latency", "ms_per_output_token"), ("prefix", "seconds")):
+            rows = [r for r in self.rows if r["workload"] == workload]
+            pick = (lambda xs: xs[0]) if workload == "prefix" else min
+            default = [r[key] for r in rows if not r.get("deterministic")]
+            det = [r[key] for r in rows if r.get("deterministic")]
+            if default and det:
+                a, b = pick(default), pick(det)
+                print(f"{workload:<10} {key}: {a:.3f} -> {b:.3f} ({b / a - 1:+.1%})")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,16 @@ class EngineConfig:
         False, "decode rows sharing a cached prefix attend to it one by one (no cascade attention on FlashInfer)"
     )
     attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "flashinfer"))
-    seed: int = setting(0, "seed of the sampler's generator")
+    seed: int = setting(
+        0, "seed of the sampler's generator (with --enable-deterministic-inference: of every request without one)"
+    )
+    enable_deterministic_inference: bool = setting(
+        False,
+        "the same tokens for the same request whatever else is batched with it and whatever the prefix cache "
+        "holds: batch-invariant kernels, no cascade attention, no split-KV, a seed for every sampled request "
+        "(ringllm/engine/determinism.py; slower, see the README)",
+        "--deterministic",
+    )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
     profile: bool = setting(False, "record a torch profiler trace of the run")
     profile_dir: str = setting("profiles", "where profiler traces go (one file per rank)")
@@ -114,6 +123,13 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.enable_deterministic_inference and self.tp_size > 2:
+            # Two partial sums add the same whichever rank adds them; three or more do not, and NCCL picks its
+            # reduction order (ring or tree, chunking) by the message size, which follows the batch.
+            raise ValueError(
+                f"--enable-deterministic-inference takes at most 2 tensor-parallel ranks, got {self.tp_size}: "
+                "with more, the all-reduce's order of additions depends on the batch"
+            )
         if self.context_len is not None and self.context_len < 2:
             raise ValueError(f"context_len must be >= 2, got {self.context_len}")
 

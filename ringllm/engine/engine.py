@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ringllm.engine import parallel
+from ringllm.engine import determinism, parallel
 from ringllm.engine.config import EngineConfig, check_context_len
 from ringllm.engine.core.plan import Batch
 from ringllm.engine.core.scheduler import Scheduler
@@ -103,7 +103,8 @@ class Engine:
             max_batched_tokens=config.max_num_batched_tokens,
             use_radix_cache=not config.disable_radix_cache,
             num_groups=config.pp_size,
-            group_shared_prefixes=not config.disable_cascade_attention,
+            # deterministic inference runs no cascade attention (engine/determinism.py)
+            group_shared_prefixes=not (config.disable_cascade_attention or config.enable_deterministic_inference),
             by_priority=config.scheduling_policy == "priority",
         )
         # Steps launched but not yet read back: one with overlap, one per pipeline stage under PP.
@@ -165,6 +166,8 @@ class Engine:
     def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if rid in self.seqs:
             raise RequestError(f"request id {rid!r} is already in use")
+        if self.config.enable_deterministic_inference:
+            params = determinism.request_params(params, self.config.seed)
         self.check_request(prompt_ids, params)
         if len(self.scheduler.waiting) + len(self._compiling) >= self.config.max_waiting_requests:
             raise RequestError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")

@@ -47,6 +47,8 @@ def test_every_config_field_has_an_option_with_its_default():
         (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "fp8"),
         (["--master-port", "30001"], "nccl_port", 30001),
         (["--device-ids", "2,3"], "device_ids", [2, 3]),
+        (["--enable-deterministic-inference"], "enable_deterministic_inference", True),
+        (["--deterministic"], "enable_deterministic_inference", True),
     ],
 )
 def test_vllm_names_set_the_same_engine_field(argv, field, value):

@@ -34,16 +34,8 @@ class FlashInferAttention(AttentionBackend):
         # q and the output are in the model's dtype; the cache may be fp8 (FlashInfer's FA2 kernels take bf16 q
         # over fp8 K/V, with k_scale/v_scale left at 1.0, the scale the pool stores with)
         self.dtype, self.kv_dtype = pool.dtype, pool.kv_dtype
-        device = pool.k.device
         self.tensor_core_decode = num_heads // self.num_kv_heads >= 4
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode
-        )
-        # A cascade step plans both eager wrappers (level 0 on the prefill one, level 1 on the decode one).
-        self.cascade = FlashInferCascade(
-            flashinfer, self.prefill, self.decode, num_heads, self.num_kv_heads, head_dim, PAGE_SIZE
-        )
+        self._build_wrappers(pool.k.device)
         self._graph_workspace: torch.Tensor | None = None
         self.graph_decoders: dict[int, Any] = {}  # flashinfer decode wrappers, by batch size
         self.graph_cascades: dict[int, FlashInferGraphCascade] = {}  # by batch size
@@ -51,6 +43,17 @@ class FlashInferAttention(AttentionBackend):
         self._merge_mask: torch.Tensor | None = None
         self.wrapper: Any = None  # the wrapper planned for this step (begin, begin_graph)
         self._last_page_lens = torch.full((4096,), PAGE_SIZE, dtype=torch.int32)  # every page is full
+
+    def _build_wrappers(self, device) -> None:
+        """The eager wrappers: prefill, decode, and the cascade over both."""
+        self.prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace(device), "NHD")
+        self.decode = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace(device), "NHD", use_tensor_cores=self.tensor_core_decode
+        )
+        # A cascade step plans both eager wrappers (level 0 on the prefill one, level 1 on the decode one).
+        self.cascade = FlashInferCascade(
+            self.fi, self.prefill, self.decode, self.num_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE
+        )
 
     @staticmethod
     def _workspace(device) -> torch.Tensor:

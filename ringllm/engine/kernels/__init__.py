@@ -1,7 +1,8 @@
 """Triton kernels of the GPU path, one file per family: `layers` (a decoder layer's small fused operations),
-`sampling` (one-pass Gumbel-max sampling) and `decode_prep` (a decode step's input preparation). They run on
-CUDA tensors only; the plain-torch code they replace stays the reference on every device. Importing any of
-them needs no GPU, nor Triton: on a CPU-only install `triton` is None and `available` says no."""
+`sampling` (one-pass Gumbel-max sampling), `decode_prep` (a decode step's input preparation) and
+`batch_invariant` (the GEMM of deterministic inference). They run on CUDA tensors only; the plain-torch code
+they replace stays the reference on every device. Importing any of them needs no GPU, nor Triton: on a
+CPU-only install `triton` is None and `available` says no."""
 
 from __future__ import annotations
 

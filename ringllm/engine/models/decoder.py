@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ringllm.engine import parallel
+from ringllm.engine import determinism, parallel
 from ringllm.engine.models.layers import (
     DecoderLayer,
     MergedLinear,
@@ -75,9 +77,14 @@ class DecoderForCausalLM(nn.Module):
     layers (and the embedding on the first stage, the norm and head on the last): `forward` takes the previous
     stage's (hidden, residual) as `carry` and returns them for the next stage, or, on the last stage, the normed
     hidden states. `logits` maps the rows the sampler needs, so prefill never projects every prompt position
-    onto the vocabulary."""
+    onto the vocabulary. `batch_invariant`: every linear layer and the head compute each row the same way at
+    any batch size (engine/determinism.py)."""
 
-    def __init__(self, shape: ModelShape, max_positions: int, layout: Layout | None = None):
+    head_linear: Callable[..., torch.Tensor] = staticmethod(F.linear)
+
+    def __init__(
+        self, shape: ModelShape, max_positions: int, layout: Layout | None = None, batch_invariant: bool = False
+    ):
         super().__init__()
         lay = layout or Layout()
         lay.check_heads(shape.num_heads, shape.num_kv_heads)
@@ -97,6 +104,11 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = None
         if last and not shape.tie_word_embeddings:
             self.lm_head = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, lay)  # used as a matrix
+        if batch_invariant:
+            for module in self.modules():
+                if isinstance(module, (MergedLinear, RowParallelLinear)):
+                    module.linear = determinism.linear
+            self.head_linear = determinism.linear
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, carry=None):
         if carry is None:  # the first stage, which holds the embedding
@@ -114,7 +126,7 @@ class DecoderForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         assert head is not None, "logits only on the last stage, which holds the head (or the tied embedding)"
-        local = torch.nn.functional.linear(hidden, head.weight)
+        local = self.head_linear(hidden, head.weight)
         return parallel.tp_all_gather(local)[:, : self.shape.vocab_size]
 
     # Checkpoint parameter name -> (our parameter, part index in a merged linear or None).

@@ -6,6 +6,7 @@ row-parallel out, one all-reduce per block); with tp = 1 they are plain layers."
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,10 +43,19 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+def deep_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """o_proj and down_proj are the deep, narrow weights where cuBLAS is slow at decode batch sizes: on CUDA they
+    go through the skinny kernel where it pays (kernels.layers.linear)."""
+    return kernels.linear(x, weight, bias) if available(x) else F.linear(x, weight, bias)
+
+
 class MergedLinear(nn.Module):
     """One matmul for several projections stored side by side (q|k|v or gate|up), column-parallel: each part
     keeps only this tensor rank's rows. Checkpoints store the parts separately; `load_part` reads one part's
-    shard (from `part_offsets`, a row offset into the checkpoint tensor) into its rows."""
+    shard (from `part_offsets`, a row offset into the checkpoint tensor) into its rows. `linear` computes it
+    (deterministic mode replaces it: DecoderForCausalLM)."""
+
+    linear: Callable[..., torch.Tensor] = staticmethod(F.linear)
 
     def __init__(self, in_features: int, part_sizes: list[int], part_offsets: list[int], bias: bool):
         super().__init__()
@@ -61,12 +71,14 @@ class MergedLinear(nn.Module):
         param.data[start : start + size].copy_(tensor[off : off + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W's input columns split across tensor ranks: each rank multiplies its slice of x and the
-    partial sums are all-reduced."""
+    partial sums are all-reduced. `linear` computes the local product (as MergedLinear's)."""
+
+    linear: Callable[..., torch.Tensor] = staticmethod(deep_linear)
 
     def __init__(self, in_features: int, out_features: int, tp: Layout):
         super().__init__()
@@ -78,9 +90,7 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(tensor[:, self.offset : self.offset + self.in_local])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # o_proj and down_proj are the deep, narrow weights where cuBLAS is slow at decode batch sizes.
-        y = kernels.linear(x, self.weight) if available(x) else F.linear(x, self.weight)
-        return parallel.tp_all_reduce(y)
+        return parallel.tp_all_reduce(self.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -26,6 +26,7 @@ from ringllm.engine import parallel
 from ringllm.engine.attention import AttentionMetadata, make_backend
 from ringllm.engine.config import EngineConfig
 from ringllm.engine.core.plan import StepPlan
+from ringllm.engine.kernels import triton
 from ringllm.engine.kv_cache import KVPool, kv_cache_dtype
 from ringllm.engine.loader import generation_eos_ids, load_weights, pick_dtype
 from ringllm.engine.logs import get_logger
@@ -82,8 +83,11 @@ class ModelRunner:
         self.eos_token_ids = sorted(set(self.shape.eos_token_ids) | generation_eos_ids(model_path))
         self.context_len = config.context_len or self.shape.max_position_embeddings
         torch.manual_seed(config.seed)
+        deterministic = config.enable_deterministic_inference
+        if deterministic and device.type == "cuda" and triton is None:
+            raise ValueError("--enable-deterministic-inference on a GPU needs Triton (its batch-invariant GEMM)")
         with torch.device(device):
-            self.model = cls(self.shape, max_positions=self.context_len + 1, layout=lay)
+            self.model = cls(self.shape, max_positions=self.context_len + 1, layout=lay, batch_invariant=deterministic)
         load_weights(self.model, model_path)
         self.model.to(dtype=self.dtype).eval()
         self.model.rotary.cos, self.model.rotary.sin = self.model.rotary.cos.float(), self.model.rotary.sin.float()
@@ -99,7 +103,9 @@ class ModelRunner:
             device,
             self.kv_dtype,
         )
-        self.attn = make_backend(config.attention_backend, device, self.pool, attn0.num_heads, self.shape.head_dim)
+        self.attn = make_backend(
+            config.attention_backend, device, self.pool, attn0.num_heads, self.shape.head_dim, deterministic
+        )
         # Pipeline stages work on different micro-batches at once: each gets up to max_bs rows of its own.
         self.max_rows = config.max_bs * lay.pp_size
         self.req_to_slot = torch.zeros(self.max_rows, self.context_len + 1, dtype=torch.int32, device=device)
@@ -117,7 +123,7 @@ class ModelRunner:
         self._sends: deque = deque()  # (work, tensors) of stage-to-stage sends still in flight
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs:
-            cascade = not (config.disable_cascade_attention or config.disable_radix_cache)
+            cascade = not (config.disable_cascade_attention or config.disable_radix_cache or deterministic)
             self.graphs = DecodeGraphs(
                 self.model, self.attn, config.max_bs, self.context_len + 1, device, cascade=cascade
             )
@@ -139,6 +145,7 @@ class ModelRunner:
             cuda_graphs=self.graphs.buckets if self.graphs else None,
             zero_copy_results=self.results.zero_copy,
             cascade_graphs=self.graphs.cascade_buckets if self.graphs else None,
+            deterministic=deterministic,
         )
 
     def close(self) -> None:
