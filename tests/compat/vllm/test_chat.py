@@ -408,9 +408,9 @@ async def test_response_format_json_schema(client):
         resp = await client.chat.completions.create(
             model=MODEL_NAME,
             messages=[{"role": "user", "content": prompt}],
-            # ringllm adaptation: max_tokens 30 added (vLLM's request has no limit): `{"result": 2}` is 6 tokens,
+            # ringllm adaptation: max_tokens 10 added (vLLM's request has no limit): `{"result": 2}` is 6 tokens,
             # and an unbounded answer from this model runs for minutes on CPU.
-            max_tokens=30,
+            max_tokens=10,
         )
         content = resp.choices[0].message.content
         assert content is not None

@@ -120,9 +120,10 @@ async def client(server):
         # the model writes its call as a ```json block, which this branch's Hermes parser leaves in content
         # (main's a6ec6c3 reads it); the streamed case passes when the sampled answer uses <tool_call> tags
         pytest.param("auto", marks=pytest.mark.vllm_compat),
-        # a tool whose parameters use $defs/$ref: the call's wrapper schema loses $defs (400)
+        # get_current_weather's parameters use $defs/$ref, which the "required" wrapper schema loses (400); a
+        # named function's schema is the root, so its $defs resolve and that case passes
         pytest.param("required", marks=pytest.mark.vllm_compat),
-        pytest.param({"type": "function", "function": {"name": "get_current_weather"}}, marks=pytest.mark.vllm_compat),
+        {"type": "function", "function": {"name": "get_current_weather"}},
     ],
     ids=["auto", "required", "named"],
 )
@@ -169,7 +170,15 @@ async def test_tool_id_kimi_k2(client, stream):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("arguments", ["{}", ""])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        "{}",
+        # an assistant turn whose call has arguments "" is a 400 ("must be the JSON text of an object"); vLLM takes
+        # it as no arguments. Seen only when the sampled answer calls the tool (it does not always).
+        pytest.param("", marks=pytest.mark.vllm_compat),
+    ],
+)
 async def test_no_args_tool_call(client, arguments):
     tools = [
         {
@@ -182,9 +191,10 @@ async def test_no_args_tool_call(client, arguments):
         }
     ]
     messages: list = [{"role": "user", "content": "What time is it now?"}]
-    # ringllm adaptation: max_tokens 100 added to both requests (vLLM's have no limit): a call or a short answer.
+    # ringllm adaptation: max_tokens 40 added to both requests (vLLM's have no limit): the call is ~20 tokens, and
+    # the final answer is only checked to exist.
     response = await client.chat.completions.create(
-        model=MODEL_NAME, messages=messages, tools=tools, tool_choice="auto", max_tokens=100
+        model=MODEL_NAME, messages=messages, tools=tools, tool_choice="auto", max_tokens=40
     )
     message = response.choices[0].message
     if not message.tool_calls:
@@ -197,7 +207,7 @@ async def test_no_args_tool_call(client, arguments):
     call.function.arguments = arguments
     messages.append(message)
     messages.append({"role": "tool", "tool_call_id": call.id, "content": datetime.datetime.now().isoformat()})
-    final = await client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=100)
+    final = await client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=40)
     assert final.choices[0].message.content is not None
 
 

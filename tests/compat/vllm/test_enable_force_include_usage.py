@@ -38,11 +38,11 @@ async def test_chat_with_enable_force_include_usage(chat_client_with_force_inclu
         temperature=0.0,
         stream=True,
     )
-    last = 0
+    # (vLLM's test also compares completion_tokens with a running value it never updates, a check that cannot
+    # fail; it is left out.)
     async for chunk in stream:
         if not chunk.choices:
             assert chunk.usage.prompt_tokens >= 0
-            assert last == 0 or chunk.usage.completion_tokens >= last
             assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + chunk.usage.completion_tokens
         else:
             assert chunk.usage is None

@@ -7,9 +7,8 @@ tests/helpers.py (`start_server`: its own process group, killed at the end whate
 process's death). A server that does not start (an option ringllm does not have) fails the fixture with the
 server's own log, which names the option.
 
-Starting the real model costs ~20-60 s on the 2-core CPU box, so the suite shares servers: `shared_server(args)`
-keeps one server per distinct argument list for the whole session (conftest.py stops them at its end). Most
-modules use `DEFAULT_ARGS` and so share one server."""
+Starting the real model costs ~20-60 s on the 2-core CPU box, so most modules share the session's
+`default_server` (tests/compat/conftest.py, `DEFAULT_ARGS`); a module that needs other options starts its own."""
 
 from __future__ import annotations
 
