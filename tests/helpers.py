@@ -166,7 +166,7 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     engine, GPU workers and API workers are in it too); returns once /health answers 200. Use `serving` (or
     stop_server in a fixture's teardown) so that the group is killed even when the test fails."""
     port = free_port()
-    env = dict(os.environ, RINGLLM_CACHE=str(cache_dir), **(env or {}))
+    env = {**os.environ, "RINGLLM_CACHE": str(cache_dir), **(env or {})}  # `env` may name another cache
     log = open(os.path.join(cache_dir, "serve.log"), "wb")  # a file, not a pipe: a full pipe would stall it
     proc = subprocess.Popen(
         [sys.executable, "-m", "ringllm", "serve", "--port", str(port), "--device", "cpu", *args],
