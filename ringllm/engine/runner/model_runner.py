@@ -34,6 +34,7 @@ from ringllm.engine.models import model_class
 from ringllm.engine.parallel import MAX_PENDING_SENDS, Layout, TokenLanding
 from ringllm.engine.runner.cuda_graph import DecodeGraphs
 from ringllm.engine.runner.inputs import StepIndices, StepInputs
+from ringllm.engine.runner.kernel_cache import use_kernel_caches
 from ringllm.engine.runner.memory import pool_slots
 from ringllm.engine.runner.result_sink import StepResults, pack_prompt_rows
 from ringllm.engine.sampler import GrammarMask, RowTable, Sampler
@@ -74,6 +75,8 @@ class ModelRunner:
         device: torch.device,
         layout: Layout | None = None,
     ):
+        if device.type == "cuda":  # before FlashInfer is imported or any kernel compiles (kernel_cache.py)
+            use_kernel_caches()
         self.config = config
         self.device = device
         self.layout = lay = layout or Layout()
@@ -155,6 +158,15 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+
+    def forget_requests(self) -> None:
+        """The row table and the sampler's noise as built, once no request is in flight: what the start-up
+        warm-up (warmup.py) ran leaves nothing a later request could see."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the warm-up's last steps still read the row table
+        self.row_table.clear()
+        if self.sampler is not None:
+            self.sampler.reset()
 
     # ---- one step, in two phases (both under torch.inference_mode(), which the caller enters once a step:
     # entering it costs the host ~2 us, and a batch-1 decode step is host-bound) ----
