@@ -21,6 +21,9 @@ log = get_logger("engine.kernel_cache")
 
 # variable -> the folder under the cache root it points at
 KERNEL_CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "FLASHINFER_WORKSPACE_BASE": "flashinfer"}
+# what a compiled kernel leaves in each cache: Triton a <hash>/<kernel>.cubin, FlashInfer a <module>/<module>.so
+# (under .cache/flashinfer/<arch>/cached_ops); the name of what was compiled is the file's stem
+KERNEL_FILES = {"TRITON_CACHE_DIR": "*.cubin", "FLASHINFER_WORKSPACE_BASE": "*.so"}
 
 
 def cache_root(env: MutableMapping[str, str] | None = None) -> Path:
@@ -50,3 +53,20 @@ def use_kernel_caches(env: MutableMapping[str, str] | None = None) -> dict[str, 
     if chosen:
         log.debug("kernel caches", **chosen)
     return chosen
+
+
+def cached_kernels(env: MutableMapping[str, str] | None = None) -> set[str]:
+    """Every compiled kernel in the caches the environment points at, as "<cache>/<relative path>": compare two
+    of these to see what a run compiled (anything it loaded from the cache was there before)."""
+    env = os.environ if env is None else env
+    found = set()
+    for name, pattern in KERNEL_FILES.items():
+        root = env.get(name)
+        if root and Path(root).is_dir():
+            found |= {f"{name}/{p.relative_to(root)}" for p in Path(root).rglob(pattern)}
+    return found
+
+
+def kernel_names(entries: set[str]) -> list[str]:
+    """The kernels' names (file stems) of cached_kernels entries, sorted: what the log shows."""
+    return sorted(Path(e).stem for e in entries)

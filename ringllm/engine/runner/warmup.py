@@ -135,6 +135,8 @@ def warm_up(engine: Engine) -> WarmupReport:
     log.info(
         "warm-up done",
         seconds=round(report.seconds, 3),
+        # compiled since the runner started (CUDA-graph capture included): none with a warm kernel cache
+        kernels_built=engine.runner.kernels_built(),
         prefill_tokens=plan.prefill_tokens,
         decode_batches=plan.decode_batches,
         triton_compiled=sum(len(p.compiled) for p in parts),
