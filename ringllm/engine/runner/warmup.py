@@ -92,7 +92,7 @@ def plan_warmup(config: EngineConfig, max_seq_len: int, num_slots: int) -> Warmu
     (powers of two from SMALLEST_PREFILL, the full budget and one below it, which is not a multiple of 16) and
     decode batch sizes (every CUDA-graph bucket of max_bs and the size one below each), within what the pool,
     the context and the batch limits hold."""
-    budget = min(config.max_num_batched_tokens, num_slots // 2, (max_seq_len - 1) * config.max_bs)
+    budget = max(1, min(config.max_num_batched_tokens, num_slots // 2, (max_seq_len - 1) * config.max_bs))
     sizes = {budget, max(1, budget - 1)}
     n = SMALLEST_PREFILL
     while n < budget:
@@ -216,6 +216,7 @@ def _forget(engine: Engine) -> None:
         scheduler.cache.query_tokens = scheduler.cache.hit_tokens = 0
     assert scheduler.num_slots_used == 0, "the warm-up gave back every KV slot"
     scheduler.num_preemptions = 0
+    scheduler.group = 0  # the micro-batch group the next step serves (pipeline parallel), as built
     engine.num_generated_tokens = engine.num_prompt_tokens_computed = 0
     if engine.workers is not None:
         engine.workers.control("forget_requests")

@@ -10,7 +10,7 @@ from ringllm.engine import EngineConfig, SamplingParams
 from ringllm.engine.engine import Engine
 from ringllm.engine.runner.cuda_graph import batch_buckets
 from ringllm.engine.runner.warmup import FEATURES, plan_warmup, wants_warmup, warm_up
-from tests.helpers import tiny_checkpoint
+from tests.helpers import free_port, tiny_checkpoint
 
 SMALL = dict(device="cpu", max_bs=8, max_num_batched_tokens=64, kv_cache_tokens=4096)
 
@@ -44,6 +44,8 @@ def test_plan_stays_within_a_small_pool_and_context():
     short = plan_warmup(config, max_seq_len=20, num_slots=600_000)
     assert short.prefill_tokens[0] == 19 * 256  # max_bs requests of at most 19 positions each
     assert short.staircase_prompt + len(short.decode_batches) + 1 <= 20
+    tiny = plan_warmup(config, max_seq_len=4096, num_slots=3)
+    assert tiny.prefill_tokens == [1] and tiny.decode_batches == []
 
 
 def test_wants_warmup_on_a_gpu_by_default():
@@ -148,3 +150,26 @@ def test_warmup_refuses_an_engine_with_requests(ckpt):
             warm_up(engine)
     finally:
         engine.close()
+
+
+def test_worker_ranks_forget_the_warmup_too(ckpt):
+    """Under pipeline parallelism the sampler is on the last stage, a worker process: the warm-up's end reaches
+    it (a forget_requests control message), so its unseeded noise starts where an engine without it does."""
+    workload = [
+        SamplingParams(max_tokens=5, temperature=0.9, ignore_eos=True, top_k=8 if i % 2 else -1) for i in range(3)
+    ]
+    results = []
+    for warmup in ("on", "off"):
+        config = EngineConfig(model=str(ckpt), warmup=warmup, pp_size=2, nccl_port=free_port(), **SMALL)
+        engine = Engine(config)
+        try:
+            for i, params in enumerate(workload):
+                engine.add_request(f"p{i}", [3 + i, 1, 4, 1, 5], params)
+            outs: dict = {}
+            while engine.has_work:
+                for o in engine.step():
+                    outs.setdefault(o.rid, []).append(o.token_id)
+            results.append(outs)
+        finally:
+            engine.close()
+    assert results[0] == results[1] and sum(len(v) for v in results[0].values()) == 15
