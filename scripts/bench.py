@@ -302,6 +302,7 @@ def main() -> None:
     ap.add_argument("--pp-size", type=int, default=1)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"], help="fp8: e4m3 K/V")
+    ap.add_argument("--warmup", default="auto", choices=["auto", "on", "off"], help="the engine's start-up warm-up")
     ap.add_argument("--json", type=Path, help="write results here")
     ap.add_argument("--profile-dir", type=Path, help="also profile 20 decode steps and write the tables here")
     ap.add_argument("--repeat", type=int, default=1, help="run nano and latency this many times (one engine)")
@@ -334,6 +335,7 @@ def main() -> None:
         kv_cache_dtype=a.kv_cache_dtype,
         tp_size=a.tp_size,
         pp_size=a.pp_size,
+        warmup=a.warmup,
     )
     results = Results(a.json, {k: v for k, v in base.items() if k != "model"} | {"model": Path(model).name})
     todo = ["nano", "latency", "prefix"] if a.workload == "all" else [a.workload]
@@ -349,7 +351,10 @@ def measure(base: dict, todo: list[str], a: argparse.Namespace, bandwidth: float
     """The workloads of `todo` on one engine (the prefix workload also with cascade off and the cache off)."""
     deterministic = base["enable_deterministic_inference"]
     tag = dict(deterministic=True) if deterministic else {}
+    started = time.perf_counter()
     engine = Engine(EngineConfig(**base))
+    warmup = engine.warmup.seconds if engine.warmup is not None else 0.0
+    print(f"start-up: {time.perf_counter() - started:.2f} s from Engine() to ready, warm-up {warmup:.2f} s", flush=True)
     for _ in range(a.repeat):
         if "nano" in todo:
             results.append(nano(engine, bandwidth) | tag)

@@ -16,6 +16,7 @@ DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp3
 # so stored values are clamped to +-448 and keep about 2 significant digits (engine/kv_cache.py).
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's names
+WARMUP_CHOICES = ("auto", "on", "off")
 
 
 def setting(
@@ -82,6 +83,13 @@ class EngineConfig:
         None, "longest sequence (default: the model's; larger is refused)", "--max-model-len"
     )
     enforce_eager: bool = setting(False, "no CUDA graphs")
+    warmup: str = setting(
+        "auto",
+        "run the step kinds a workload hits before reporting ready, so that no request waits for a kernel to "
+        "compile (engine/runner/warmup.py; auto: on a GPU only, where kernels compile on first use; off: the "
+        "first requests compile them)",
+        choices=WARMUP_CHOICES,
+    )
     disable_overlap_schedule: bool = setting(False, "do not overlap host and device work")
     disable_radix_cache: bool = setting(False, "no prefix caching")
     disable_cascade_attention: bool = setting(
@@ -121,6 +129,8 @@ class EngineConfig:
             raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} of {self.nnodes}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
+        if self.warmup not in WARMUP_CHOICES:
+            raise ValueError(f"warmup must be one of {', '.join(WARMUP_CHOICES)}, got {self.warmup!r}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
         if self.enable_deterministic_inference and self.tp_size > 2:

@@ -12,6 +12,7 @@ checks stops and frees what finished. The device therefore never waits on this P
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ringllm.engine.logs import get_logger
 from ringllm.engine.parallel import Layout
 from ringllm.engine.profiler import RankProfiler
 from ringllm.engine.runner.model_runner import ModelRunner
+from ringllm.engine.runner.warmup import WarmupReport, wants_warmup, warm_up
 from ringllm.engine.sampler import GrammarMask
 from ringllm.engine.sampling_params import SamplingParams
 from ringllm.engine.step_result import StepResult, file_prompt_logprobs
@@ -73,6 +75,7 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        started = time.perf_counter()
         self.config = config
         if config.node_rank != 0:
             raise ValueError("the engine runs on node 0; other nodes run their ranks with engine.worker.run_node")
@@ -121,6 +124,19 @@ class Engine:
         self._matchers: dict[str, object] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
+        # Before ready: every kernel a workload hits compiled and loaded (engine/runner/warmup.py).
+        self.warmup: WarmupReport | None = None
+        if wants_warmup(config, self.device):
+            try:
+                self.warmup = warm_up(self)
+            except BaseException:
+                self.close()
+                raise
+        log.info(
+            "engine started",
+            seconds=round(time.perf_counter() - started, 3),
+            warmup_seconds=round(self.warmup.seconds, 3) if self.warmup else None,
+        )
         self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device)
         if config.profile:
             self.start_profile()

@@ -41,7 +41,7 @@ log = get_logger("engine.worker")
 
 
 class ControlMessage(msgspec.Struct, tag="control"):
-    command: str  # stop | profile_start | profile_stop
+    command: str  # stop | profile_start | profile_stop | forget_requests
 
 
 # A step plan goes as the Struct it is (engine/core/plan.py declares its fields), arrays as (dtype, bytes).
@@ -238,6 +238,8 @@ def serve_plans(runner, ring: RingReader | None) -> None:
                 log.info("worker stopped", rank=runner.layout.rank)
                 sys.stdout.flush(), sys.stderr.flush()
                 os._exit(0)
+            elif msg == "forget_requests":  # the start-up warm-up is over (engine/runner/warmup.py)
+                runner.forget_requests()
             elif msg == "profile_start":
                 profiler.start()
             elif msg == "profile_stop":

@@ -34,6 +34,7 @@ from ringllm.engine.models import model_class
 from ringllm.engine.parallel import MAX_PENDING_SENDS, Layout, TokenLanding
 from ringllm.engine.runner.cuda_graph import DecodeGraphs
 from ringllm.engine.runner.inputs import StepIndices, StepInputs
+from ringllm.engine.runner.kernel_cache import cached_kernels, kernel_names, use_kernel_caches
 from ringllm.engine.runner.memory import pool_slots
 from ringllm.engine.runner.result_sink import StepResults, pack_prompt_rows
 from ringllm.engine.sampler import GrammarMask, RowTable, Sampler
@@ -74,6 +75,10 @@ class ModelRunner:
         device: torch.device,
         layout: Layout | None = None,
     ):
+        self.cached_at_start: set[str] = set()  # the on-disk kernel caches' entries before this runner compiled
+        if device.type == "cuda":  # before FlashInfer is imported or any kernel compiles (kernel_cache.py)
+            use_kernel_caches()
+            self.cached_at_start = cached_kernels()
         self.config = config
         self.device = device
         self.layout = lay = layout or Layout()
@@ -155,6 +160,22 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+
+    def kernels_built(self) -> list[str]:
+        """The kernels this process compiled into the on-disk caches since the runner started (none on the CPU):
+        what a start with a warm cache no longer compiles."""
+        if self.device.type != "cuda":
+            return []
+        return kernel_names(cached_kernels() - self.cached_at_start)
+
+    def forget_requests(self) -> None:
+        """The row table and the sampler's noise as built, once no request is in flight: what the start-up
+        warm-up (warmup.py) ran leaves nothing a later request could see."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the warm-up's last steps still read the row table
+        self.row_table.clear()
+        if self.sampler is not None:
+            self.sampler.reset()
 
     # ---- one step, in two phases (both under torch.inference_mode(), which the caller enters once a step:
     # entering it costs the host ~2 us, and a batch-1 decode step is host-bound) ----

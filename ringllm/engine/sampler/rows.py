@@ -121,6 +121,16 @@ class RowTable:
             self.params[row] = p
         self.all_plain = not any(self.held[name] for stage in LEAVE_FUSED for name, _ in _BY_STAGE[stage])
 
+    def clear(self) -> None:
+        """Every row back to its neutral values, as built (the start-up warm-up's requests leave no trace)."""
+        for f in ROW_FIELDS:
+            self.host[f.name].fill(f.neutral)
+            if f.name in self.dev:
+                self.dev[f.name].fill_(f.neutral)
+        self.params = [None] * self.max_rows
+        self.held = dict.fromkeys(self.host, 0)
+        self.all_plain = True
+
     def logprobs_width(self, rows: np.ndarray) -> int | None:
         """The most top logprobs any of these rows asked for; None when none asked for logprobs (most steps:
         then no row holds any, and this is one lookup)."""

@@ -91,6 +91,7 @@ class Sampler:
         self.device = table.device
         self.req_tokens = req_tokens
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self.seed = seed
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         # On CUDA, plain rows sample in one fused Gumbel-max pass (kernels.sample_rows), which reads the kernel
@@ -102,6 +103,11 @@ class Sampler:
             n = kernels.sample_scratch_size(table.max_rows, vocab_size)
             self._scratch = (torch.empty(n, device=self.device), torch.empty(n, dtype=torch.int32, device=self.device))
         self._step_seed = seed * 1_000_003
+
+    def reset(self) -> None:
+        """The unseeded noise back to where it starts (the start-up warm-up draws none of a real request's)."""
+        self.generator.manual_seed(self.seed)
+        self._step_seed = self.seed * 1_000_003
 
     def __call__(
         self,
