@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import random
 import signal
@@ -370,14 +371,18 @@ def measure(base: dict, todo: list[str], a: argparse.Namespace, bandwidth: float
         for off in ([] if deterministic else [dict(disable_cascade_attention=True)]) + [dict(disable_radix_cache=True)]:
             engine.close()
             del engine
-            import gc
-
-            gc.collect()  # the timers' wrappers form cycles with the engine
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            _free_gpu_memory()
             engine = Engine(EngineConfig(**base, **off))
             results.append(prefix(engine) | tag)
     engine.close()
     del engine
+    _free_gpu_memory()
+
+
+def _free_gpu_memory() -> None:
+    """Gives a closed engine's GPU memory back before the next one is built (`--deterministic both`, the prefix
+    workload's variants): the timers' wrappers form cycles with the engine, so only a collection frees it."""
+    gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 

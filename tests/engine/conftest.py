@@ -31,7 +31,7 @@ def qwen3_06b(tmp_path_factory):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository
     sys.path.insert(0, str(root / "scripts"))
     from make_checkpoint import build
 

@@ -37,8 +37,9 @@ def test_decode_prep_kernel_matches_the_torch_gathers(long_ckpt, enforce_eager, 
         empty = np.empty(0, dtype=np.int32)
         toks = [np.array(a, dtype=np.int32) for a in ([0, 9], [2500, 17], [77, 78])] if host_tokens else [empty] * 3
         plan = StepPlan(
-            rows, starts, np.ones(5, dtype=np.int32), np.array([True, True, False, True, True]),
-            rows, starts, np.array([101, 102, 103, 104, 105], dtype=np.int32), *toks,
+            rows=rows, starts=starts, lens=np.ones(5, dtype=np.int32), sample=np.array([True, True, False, True, True]),
+            slot_rows=rows, slot_pos=starts, slot_ids=np.array([101, 102, 103, 104, 105], dtype=np.int32),
+            token_rows=toks[0], token_pos=toks[1], token_ids=toks[2],
         )  # fmt: skip
         assert runner.inputs.fits_decode_kernel(plan)
         runner.req_to_slot.copy_(table)
