@@ -58,8 +58,8 @@ class ChatService:
         parsers = [chat_io.AnswerParser(prompt, self.reasoning_parser, plan) for _ in jobs]
         answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body.logprobs, len(ids))
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return self._events(jobs, parsers, answer, include_usage)
+            usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
+            return self._events(jobs, parsers, answer, *usage)
         choices = await self.generations.collect(jobs, disconnected)
         return ChatResponse(
             answer.rid,
@@ -91,17 +91,29 @@ class ChatService:
             raise ApiError(400, f"chat template failed: {e}", param="messages") from None
 
     async def _events(
-        self, jobs: list[Job], parsers: list[chat_io.AnswerParser], answer: _ChatAnswer, include_usage: bool
+        self,
+        jobs: list[Job],
+        parsers: list[chat_io.AnswerParser],
+        answer: _ChatAnswer,
+        final_usage: bool,
+        every_usage: bool,
     ) -> AsyncIterator[bytes]:
+        """SSE frames: the role chunk, one per part of each piece of a choice (with `every_usage`, each with the
+        usage of that choice so far, as vLLM's continuous_usage_stats), then with `final_usage` one with the
+        whole usage and no choices."""
+
+        def usage(tokens: int):
+            return usage_of(answer.prompt_tokens, tokens) if every_usage else None
+
         first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
-        yield event(answer.chunk(first))
+        yield event(answer.chunk(first, usage(0)))
         counts = [0] * len(jobs)
         async for out in self.generations.stream(jobs):
             counts[out.choice] = out.tokens
             logprobs = answer.logprobs(out.logprobs)
             for choice in _stream_choices(out.choice, parsers[out.choice], out.text, out.finish_reason, logprobs):
-                yield event(answer.chunk([choice]))
-        if include_usage:
+                yield event(answer.chunk([choice], usage(out.tokens)))
+        if final_usage:
             yield event(answer.chunk([], usage_of(answer.prompt_tokens, sum(counts))))
         yield DONE
 

@@ -66,8 +66,8 @@ class CompletionService:
         answer = _Answer(f"cmpl-{request_id}", self.model, body.logprobs is not None, sum(map(len, ids_list)))
         k = body.prompt_logprobs
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return self._events(jobs, answer, include_usage)
+            usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
+            return self._events(jobs, answer, *usage)
         choices = await self.generations.collect(jobs, disconnected)
         return answer.response(
             [
@@ -83,13 +83,15 @@ class CompletionService:
             sum(c.tokens for c in choices),
         )
 
-    async def _events(self, jobs, answer: _Answer, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _events(self, jobs, answer: _Answer, final_usage: bool, every_usage: bool) -> AsyncIterator[bytes]:
+        """SSE frames: one per piece of a choice (with `every_usage`, each with the usage of that choice so far, as
+        vLLM's continuous_usage_stats), then with `final_usage` one with the whole usage and no choices."""
         counts = [0] * len(jobs)
         async for out in self.generations.stream(jobs):
             counts[out.choice] = out.tokens
             choice = CompletionChoice(out.choice, out.text, out.finish_reason, answer.logprobs(out.logprobs))
-            yield event(answer.response([choice]))
-        if include_usage:
+            yield event(answer.response([choice], out.tokens if every_usage else None))
+        if final_usage:
             yield event(answer.response([], sum(counts)))
         yield DONE
 

@@ -79,8 +79,15 @@ class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
-    include_usage: bool = False
+    include_usage: bool | None = False  # a last chunk with the usage and no choices
+    # vLLM's: with include_usage, every chunk carries the usage so far too
+    continuous_usage_stats: bool | None = False
     include_obfuscation: Any = None  # refused unless null or false (see NOT_IMPLEMENTED)
+
+    def usage_in(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage in every chunk)."""
+        final = bool(self.include_usage)
+        return final, final and bool(self.continuous_usage_stats)
 
 
 # OpenAI fields that ringllm does not implement. Each is accepted only at a value that asks for nothing (as
@@ -225,6 +232,8 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
         _refuse_unimplemented(self)
         if self.stream_options is not None:
             _refuse_unimplemented(self.stream_options)
+            if not self.stream:  # as OpenAI and vLLM, whatever the options say
+                raise FieldError("stream_options", "Stream options can only be defined when `stream=True`.")
         if self.stream and self.prompt_logprobs is not None:  # as vLLM: a stream's chunks have no place for them
             raise FieldError("prompt_logprobs", "prompt_logprobs are not available when stream is true")
 

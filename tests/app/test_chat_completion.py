@@ -192,3 +192,18 @@ def test_a_template_that_rejects_the_conversation_is_a_400(build):
     with pytest.raises(ApiError, match="chat template failed: roles must alternate") as e:
         create(serving)
     assert e.value.param == "messages"
+
+
+def test_stream_options_without_stream_is_a_400(serving):
+    with pytest.raises(ApiError) as e:
+        create(serving, stream_options={"include_usage": True})
+    assert (e.value.status, e.value.param) == (400, "stream_options") and serving.engine.submitted == []
+
+
+def test_continuous_usage_stats_count_up_from_the_role_chunk(serving):
+    serving.engine.reply = serving.engine.text_reply("It is sunny today.")
+    frames = stream(serving, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    counts = [f["usage"]["completion_tokens"] for f in frames[:-1]]
+    n = len(serving.model.tokenizer.encode("It is sunny today."))
+    assert counts[0] == 0 and counts[-2] == counts[-1] == n and frames[-2]["choices"] == []
+    assert counts[:-1] == sorted(set(counts[:-1]))  # every content chunk counts up

@@ -316,3 +316,23 @@ def test_a_failure_after_the_stream_started_is_its_last_event(serving):
         "param": None,
         "code": None,
     }
+
+
+@pytest.mark.parametrize("options", [{"include_usage": None}, {"include_usage": True}, {"continuous_usage_stats": True}])
+def test_stream_options_without_stream_is_a_400(serving, options):
+    with pytest.raises(ApiError) as e:  # as OpenAI and vLLM, whatever the options
+        create(serving, stream_options=options)
+    assert (e.value.status, e.value.param) == (400, "stream_options")
+    assert "stream=True" in e.value.message and serving.engine.submitted == []
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serving):
+    frames = stream(serving, max_tokens=5, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert frames[-1] == "[DONE]"
+    pieces, final = frames[:-2], frames[-2]
+    prompt = final["usage"]["prompt_tokens"]
+    assert [p["usage"]["completion_tokens"] for p in pieces] == [1, 2, 3, 4, 5]
+    assert all(p["usage"]["prompt_tokens"] == prompt for p in pieces)
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 5
+    without = stream(serving, max_tokens=5, stream_options={"include_usage": False, "continuous_usage_stats": True})
+    assert all(f == "[DONE]" or f.get("usage") is None for f in without)
