@@ -20,7 +20,8 @@ import msgspec
 from ringllm.app.errors import ApiError
 from ringllm.app.reasoning import PARSERS as REASONING_PARSERS
 from ringllm.app.reasoning import ReasoningParser, prompt_opens_reasoning
-from ringllm.app.schemas import ChatMessageOut, ChatRequest, FunctionOut, Message, ToolCallOut
+from ringllm.app.responses import ChatMessageOut, FunctionOut, ToolCallOut
+from ringllm.app.schemas import ChatRequest, Message
 from ringllm.app.tool_calls import PARSERS as TOOL_PARSERS
 from ringllm.app.tool_calls import ToolCall, call_from_json, make_parser, new_call_id
 

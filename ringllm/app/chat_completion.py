@@ -15,17 +15,17 @@ from ringllm.app import chat as chat_io
 from ringllm.app.completion import prompt_logprobs, token_text, usage_of
 from ringllm.app.errors import ApiError
 from ringllm.app.requests import Generations, Job, TokenLogprobs
-from ringllm.app.schemas import (
+from ringllm.app.responses import (
     ChatChoice,
     ChatChunk,
     ChatLogprobs,
     ChatMessageOut,
-    ChatRequest,
     ChatResponse,
     ChatStreamChoice,
     TokenLogprob,
     TopLogprob,
 )
+from ringllm.app.schemas import ChatRequest
 from ringllm.app.served_model import ServedModel
 from ringllm.app.sse import DONE, event
 from ringllm.ipc import messages as m

@@ -12,16 +12,15 @@ from msgspec import UNSET
 
 from ringllm.app.errors import ApiError
 from ringllm.app.requests import Generations, PromptTokenLogprobs, TokenLogprobs
-from ringllm.app.schemas import (
-    MAX_PROMPTS,
+from ringllm.app.responses import (
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     PromptLogprob,
     PromptLogprobs,
     Usage,
 )
+from ringllm.app.schemas import MAX_PROMPTS, CompletionRequest
 from ringllm.app.served_model import ServedModel
 from ringllm.app.sse import DONE, event
 from ringllm.text.tokenizer import Tokenizer

@@ -7,7 +7,7 @@ from __future__ import annotations
 import msgspec
 from litestar import Response
 
-from ringllm.app.schemas import ErrorBody, ErrorResponse
+from ringllm.app.responses import ErrorBody, ErrorResponse
 from ringllm.ipc.sampling import FieldError
 
 RETRY_AFTER_SECONDS = "1"

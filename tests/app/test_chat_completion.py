@@ -11,7 +11,8 @@ import pytest
 
 from ringllm.app import chat as chat_io
 from ringllm.app.errors import ApiError
-from ringllm.app.schemas import ChatRequest, Message, PromptLogprob
+from ringllm.app.responses import PromptLogprob
+from ringllm.app.schemas import ChatRequest, Message
 from ringllm.text.chat_template import chat_prompt_ids
 from tests.app.conftest import collect_frames, never
 from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, PROMPT_RANK

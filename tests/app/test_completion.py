@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from ringllm.app.errors import ApiError
-from ringllm.app.schemas import CompletionRequest, PromptLogprob
+from ringllm.app.responses import PromptLogprob
+from ringllm.app.schemas import CompletionRequest
 from ringllm.app.sse import sse_stream
 from ringllm.ipc import messages as m
 from ringllm.text.bad_words import bad_words_token_ids
@@ -318,7 +319,9 @@ def test_a_failure_after_the_stream_started_is_its_last_event(serving):
     }
 
 
-@pytest.mark.parametrize("options", [{"include_usage": None}, {"include_usage": True}, {"continuous_usage_stats": True}])
+@pytest.mark.parametrize(
+    "options", [{"include_usage": None}, {"include_usage": True}, {"continuous_usage_stats": True}]
+)
 def test_stream_options_without_stream_is_a_400(serving, options):
     with pytest.raises(ApiError) as e:  # as OpenAI and vLLM, whatever the options
         create(serving, stream_options=options)
