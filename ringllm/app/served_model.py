@@ -27,6 +27,7 @@ class ServedModel:
         self.max_seq_len = settings.max_seq_len
         self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
         self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
+        self.sampling_defaults = settings.sampling_defaults  # generation_config.json's, for fields left unset
 
     def check_name(self, model: str | None) -> None:
         if model is not None and model not in self.names:
@@ -81,7 +82,8 @@ class ServedModel:
     ) -> m.Sampling:
         """The engine's parameters of a request body (its bounds were checked as it was decoded). An explicit
         max_tokens must fit the context after the longest prompt; without one, the default (or everything the
-        context has left) is used. bad_words become the token sequences the sampler bans. Every token id (the
+        context has left, or the model's generation_config default if less) is used; the model's defaults fill the
+        sampling fields the body leaves unset. bad_words become the token sequences the sampler bans. Every token id (the
         prompts', under `param`, and those the parameters name) must be in the model's vocabulary."""
         longest = max(map(len, prompts))
         room = self.max_seq_len - longest
@@ -94,10 +96,11 @@ class ServedModel:
                 f"{self.max_seq_len} tokens",
                 param="max_tokens",
             )
-        if max_tokens is None:
-            max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        if max_tokens is None:  # as vLLM: the least of the room, the route's default and the model's
+            candidates = (room, default_max_tokens, self.sampling_defaults.max_tokens)
+            max_tokens = min(c for c in candidates if c is not None)
         try:
-            params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+            params = body.sampling_params(self.sampling_defaults, max_tokens=max_tokens, logprobs=logprobs)
             if params.bad_words:  # the engine has no tokenizer: it bans their token sequences
                 params = msgspec.structs.replace(
                     params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words)

@@ -13,6 +13,7 @@ from ringllm.app import chat as chat_io
 from ringllm.app.errors import ApiError
 from ringllm.app.responses import PromptLogprob
 from ringllm.app.schemas import ChatRequest, Message
+from ringllm.app.settings import SamplingDefaults
 from ringllm.text.chat_template import chat_prompt_ids
 from tests.app.conftest import collect_frames, never
 from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, PROMPT_RANK
@@ -208,3 +209,11 @@ def test_continuous_usage_stats_count_up_from_the_role_chunk(serving):
     n = len(serving.model.tokenizer.encode("It is sunny today."))
     assert counts[0] == 0 and counts[-2] == counts[-1] == n and frames[-2]["choices"] == []
     assert counts[:-1] == sorted(set(counts[:-1]))  # every content chunk counts up
+
+
+def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(build):
+    serving = build(sampling_defaults=SamplingDefaults(temperature=0.7, top_p=0.8, max_tokens=9))
+    create(serving)
+    create(serving, temperature=0, top_p=None, max_completion_tokens=20)
+    got = [(s.temperature, s.top_p, s.max_tokens) for _, _, s in serving.engine.submitted]
+    assert got == [(0.7, 0.8, 9), (0.0, 0.8, 20)]

@@ -13,6 +13,7 @@ import pytest
 from ringllm.app.errors import ApiError
 from ringllm.app.responses import PromptLogprob
 from ringllm.app.schemas import CompletionRequest
+from ringllm.app.settings import SamplingDefaults
 from ringllm.app.sse import sse_stream
 from ringllm.ipc import messages as m
 from ringllm.text.bad_words import bad_words_token_ids
@@ -339,3 +340,14 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serving):
     assert final["choices"] == [] and final["usage"]["completion_tokens"] == 5
     without = stream(serving, max_tokens=5, stream_options={"include_usage": False, "continuous_usage_stats": True})
     assert all(f == "[DONE]" or f.get("usage") is None for f in without)
+
+
+def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(build):
+    serving = build(sampling_defaults=SamplingDefaults(temperature=0.3, top_k=20, repetition_penalty=1.1, max_tokens=7))
+    create(serving)
+    create(serving, temperature=None, top_k=None, max_tokens=None)  # null is unset
+    create(serving, temperature=1.0, top_k=-1, repetition_penalty=1.0, max_tokens=10)  # set, even to the default
+    create(serving, max_tokens=None, prompt=[1] * 1020)  # the room left is less than the model's default
+    got = [(s.temperature, s.top_k, s.repetition_penalty, s.max_tokens) for _, _, s in serving.engine.submitted]
+    assert got == [(0.3, 20, 1.1, 7), (0.3, 20, 1.1, 7), (1.0, -1, 1.0, 10), (0.3, 20, 1.1, 4)]
+    assert serving.engine.submitted[0][2].top_p == 1.0  # no model default: the contract's
