@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from ringllm.app import chat as chat_io
-from ringllm.app.completion import prompt_logprobs, token_text, usage_of
+from ringllm.app.completion import TokenNames, prompt_logprobs, usage_of
 from ringllm.app.errors import ApiError
 from ringllm.app.requests import Generations, Job, TokenLogprobs
 from ringllm.app.responses import (
@@ -24,6 +24,7 @@ from ringllm.app.responses import (
     ChatStreamChoice,
     TokenLogprob,
     TopLogprob,
+    Usage,
 )
 from ringllm.app.schemas import ChatRequest
 from ringllm.app.served_model import ServedModel
@@ -56,11 +57,13 @@ class ChatService:
             sampling = _constrained(sampling, plan.schema)
         jobs = self.generations.jobs([ids], sampling, body.n)
         parsers = [chat_io.AnswerParser(prompt, self.reasoning_parser, plan) for _ in jobs]
-        answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body.logprobs, len(ids))
+        answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body, ids)
         if body.stream:
             usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
             return self._events(jobs, parsers, answer, *usage)
         choices = await self.generations.collect(jobs, disconnected)
+        answer.cached = choices[0].cached_tokens
+        want_ids = body.return_token_ids
         return ChatResponse(
             answer.rid,
             answer.created,
@@ -71,13 +74,15 @@ class ChatService:
                     chat_io.whole_message(parsers[i], c.text),
                     chat_io.finish_reason(parsers[i], c.finish_reason),
                     answer.logprobs(c.logprobs),
+                    c.token_ids if want_ids else None,
                 )
                 for i, c in enumerate(choices)
             ],
-            usage_of(answer.prompt_tokens, sum(c.tokens for c in choices)),
-            prompt_logprobs=UNSET
+            answer.usage(sum(c.tokens for c in choices)),
+            prompt_logprobs=None
             if body.prompt_logprobs is None
             else prompt_logprobs(answer.tokenizer, choices[0].prompt, body.prompt_logprobs),
+            prompt_token_ids=ids if want_ids else None,
         )
 
     def render(self, body: ChatRequest, tools: list[dict] | None) -> str:
@@ -100,62 +105,84 @@ class ChatService:
     ) -> AsyncIterator[bytes]:
         """SSE frames: the role chunk, one per part of each piece of a choice (with `every_usage`, each with the
         usage of that choice so far, as vLLM's continuous_usage_stats), then with `final_usage` one with the
-        whole usage and no choices."""
+        whole usage and no choices. With return_token_ids the first frame carries the prompt's ids, and the
+        first frame of each piece the piece's ids."""
 
         def usage(tokens: int):
-            return usage_of(answer.prompt_tokens, tokens) if every_usage else None
+            return answer.usage(tokens) if every_usage else None
 
         first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
-        yield event(answer.chunk(first, usage(0)))
+        yield event(answer.chunk(first, usage(0), prompt_ids=jobs[0].ids if answer.want_token_ids else UNSET))
         counts = [0] * len(jobs)
         async for out in self.generations.stream(jobs):
             counts[out.choice] = out.tokens
+            answer.cached = max(answer.cached, out.cached_tokens)
             logprobs = answer.logprobs(out.logprobs)
-            for choice in _stream_choices(out.choice, parsers[out.choice], out.text, out.finish_reason, logprobs):
+            ids = out.token_ids if answer.want_token_ids else None
+            pieces = _stream_choices(out.choice, parsers[out.choice], out.text, out.finish_reason, logprobs, ids)
+            for choice in pieces:
                 yield event(answer.chunk([choice], usage(out.tokens)))
         if final_usage:
-            yield event(answer.chunk([], usage_of(answer.prompt_tokens, sum(counts))))
+            yield event(answer.chunk([], answer.usage(sum(counts))))
         yield DONE
 
 
 def _stream_choices(
-    index: int, parser: chat_io.AnswerParser, piece: str, reason: str | None, logprobs: ChatLogprobs | None
+    index: int,
+    parser: chat_io.AnswerParser,
+    piece: str,
+    reason: str | None,
+    logprobs: ChatLogprobs | None,
+    token_ids: list[int] | None = None,
 ) -> list[ChatStreamChoice]:
     """The stream choices of one piece of a choice: one per part the parser made certain (reasoning, content,
-    tool-call fragments); the piece's logprobs ride on the first, its finish_reason on the last. A piece that
-    made nothing certain (a tag still open) sends nothing unless it ends the choice or carries logprobs."""
+    tool-call fragments); the piece's logprobs and token ids (return_token_ids) ride on the first, its
+    finish_reason on the last. A piece that made nothing certain (a tag still open) sends nothing unless it
+    ends the choice or carries logprobs or token ids."""
     deltas = [d for d in (parser.feed(piece), parser.finish() if reason else None) if d]
-    if not deltas and reason is None and logprobs is None:
+    if not deltas and reason is None and logprobs is None and not token_ids:
         return []
     messages = [msg for d in deltas for msg in chat_io.delta_messages(d)] or [ChatMessageOut(content="")]
     reason = chat_io.finish_reason(parser, reason)
     last = len(messages) - 1
+    ids: list[int] | UnsetType = UNSET if token_ids is None else token_ids
+    rest: list[int] | UnsetType = UNSET if token_ids is None else []
     return [
-        ChatStreamChoice(index, msg, reason if k == last else None, logprobs if k == 0 else None)
+        ChatStreamChoice(
+            index, msg, reason if k == last else None, logprobs if k == 0 else None, ids if k == 0 else rest
+        )
         for k, msg in enumerate(messages)
     ]
 
 
 class _ChatAnswer:
-    """What every chunk of one answer shares: its id, creation time, model name, and how its logprobs are
-    written."""
+    """What every chunk of one answer shares: its id, creation time, model name, how its logprobs name tokens
+    and how its usage is counted."""
 
-    def __init__(self, rid: str, model: ServedModel, want_logprobs: bool, prompt_tokens: int):
+    def __init__(self, rid: str, model: ServedModel, body: ChatRequest, prompt: list[int]):
         self.rid, self.created, self.model = rid, int(time.time()), model.name
         self.tokenizer = model.tokenizer
-        self.want_logprobs, self.prompt_tokens = want_logprobs, prompt_tokens
+        self.names = TokenNames(model, body.return_tokens_as_token_ids)
+        self.want_logprobs, self.want_token_ids = body.logprobs, body.return_token_ids
+        self.prompt_tokens = len(prompt)
+        self.cached = 0  # prompt tokens the prefix cache served
 
-    def chunk(self, choices: list[ChatStreamChoice], usage=None) -> ChatChunk:
-        return ChatChunk(self.rid, self.created, self.model, choices, usage)
+    def usage(self, completion_tokens: int) -> Usage:
+        return usage_of(self.prompt_tokens, completion_tokens, self.cached)
+
+    def chunk(
+        self, choices: list[ChatStreamChoice], usage=None, prompt_ids: list[int] | UnsetType = UNSET
+    ) -> ChatChunk:
+        return ChatChunk(self.rid, self.created, self.model, choices, usage, prompt_token_ids=prompt_ids)
 
     def logprobs(self, lps: list[TokenLogprobs]) -> ChatLogprobs | None:
         if not self.want_logprobs:
             return None
-        tok = self.tokenizer
+        name = self.names.name
 
         def one(tid: int, lp, top) -> TokenLogprob:
-            text = token_text(tok, tid)
-            tops = [TopLogprob(token_text(tok, i), v, list(token_text(tok, i).encode())) for i, v in top]
+            text = name(tid)
+            tops = [TopLogprob(name(i), v, list(name(i).encode())) for i, v in top]
             return TokenLogprob(text, lp, list(text.encode()), tops)
 
         return ChatLogprobs([one(*x) for x in lps])

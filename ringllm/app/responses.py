@@ -7,16 +7,23 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(msgspec.Struct):
     tokens: list[str]
     token_logprobs: list[float | None]  # None for an echoed prompt's first token
     top_logprobs: list[dict[str, float] | None] | None
+    # each token's offset in the choice's text (echoed prompt included): in a stream, from the text sent before
+    text_offset: list[int]
 
 
 class PromptLogprob(msgspec.Struct):
@@ -33,11 +40,26 @@ PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class CompletionChoice(msgspec.Struct):
+    """A whole answer's choice: vLLM's keys are always there, null unless the request asked for them."""
+
     index: int
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
-    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # only when the request asked for them
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    token_ids: list[int] | None = None  # return_token_ids: the completion's, its last (EOS, a stop token) included
+
+
+class CompletionStreamChoice(msgspec.Struct):
+    """A stream's choice: vLLM's keys only when asked for (the prompt's ids in the choice's first chunk)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
+    prompt_token_ids: list[int] | UnsetType = UNSET
+    token_ids: list[int] | UnsetType = UNSET
 
 
 class TopLogprob(msgspec.Struct):
@@ -62,6 +84,15 @@ class CompletionResponse(msgspec.Struct):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+    object: str = "text_completion"
+
+
+class CompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
     usage: Usage | None = None
     object: str = "text_completion"
 
@@ -92,6 +123,7 @@ class ChatChoice(msgspec.Struct):
     message: ChatMessageOut
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
+    token_ids: list[int] | None = None  # return_token_ids: the answer's, its end-of-turn token included
 
 
 class ChatStreamChoice(msgspec.Struct):
@@ -99,6 +131,7 @@ class ChatStreamChoice(msgspec.Struct):
     delta: ChatMessageOut
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
+    token_ids: list[int] | UnsetType = UNSET  # return_token_ids: this delta's
 
 
 class ChatResponse(msgspec.Struct):
@@ -108,7 +141,8 @@ class ChatResponse(msgspec.Struct):
     choices: list[ChatChoice]
     usage: Usage | None = None
     object: str = "chat.completion"
-    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM's, once for the conversation; only when asked
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, once for the conversation; null unless asked
+    prompt_token_ids: list[int] | None = None  # return_token_ids: the conversation as the template wrote it
 
 
 class ChatChunk(msgspec.Struct):
@@ -118,6 +152,7 @@ class ChatChunk(msgspec.Struct):
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
     object: str = "chat.completion.chunk"
+    prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids: in the first chunk only
 
 
 class ErrorBody(msgspec.Struct):

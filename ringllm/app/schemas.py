@@ -246,6 +246,9 @@ class _Sampling(_BodySamplingFields, kw_only=True, forbid_unknown_fields=True):
     stop: Text | Annotated[list[Text], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: Nullable[bool] = False
     stream_options: StreamOptions | None = None
+    # vLLM's: the prompt's and each choice's token ids in the answer; logprobs naming tokens "token_id:<id>"
+    return_token_ids: Nullable[bool] = False
+    return_tokens_as_token_ids: bool | None = None  # None: the server's --return-tokens-as-token-ids
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None

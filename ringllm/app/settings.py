@@ -50,6 +50,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     sanitize_control_tokens: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's --return-tokens-as-token-ids: logprobs name "token_id:<id>"
     # ---- HTTP ----
     api_key: str | None = None
     public_routes: list[str] = msgspec.field(default_factory=lambda: ["/health", "/metrics"])

@@ -143,7 +143,7 @@ def test_prompt_logprobs_come_once_for_the_conversation(serving):
     assert r.prompt_logprobs == [None] + [
         {t: PromptLogprob(PROMPT_LOGPROB, PROMPT_RANK, tok.decode([t], skip_special_tokens=False))} for t in ids[1:]
     ]
-    assert "prompt_logprobs" not in json.loads(msgspec.json.encode(create(serving, max_tokens=2)))
+    assert json.loads(msgspec.json.encode(create(serving, max_tokens=2)))["prompt_logprobs"] is None  # as vLLM
     with pytest.raises(ApiError) as e:
         stream(serving, prompt_logprobs=0)
     assert e.value.param == "prompt_logprobs"
@@ -217,3 +217,24 @@ def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(b
     create(serving, temperature=0, top_p=None, max_completion_tokens=20)
     got = [(s.temperature, s.top_p, s.max_tokens) for _, _, s in serving.engine.submitted]
     assert got == [(0.7, 0.8, 9), (0.0, 0.8, 20)]
+
+
+def test_return_token_ids_gives_the_conversations_and_the_answers_ids(serving):
+    tok = serving.model.tokenizer
+    serving.engine.reply = serving.engine.text_reply("It is sunny.")
+    r = create(serving, return_token_ids=True)
+    [(_, prompt, _)] = serving.engine.submitted
+    assert r.prompt_token_ids == prompt and r.choices[0].token_ids == tok.encode("It is sunny.")
+    plain = json.loads(msgspec.json.encode(create(serving)))
+    assert plain["prompt_token_ids"] is None and plain["choices"][0]["token_ids"] is None
+    frames = stream(serving, return_token_ids=True)[:-1]
+    assert frames[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in f for f in frames[1:])
+    assert [x for f in frames for x in f["choices"][0].get("token_ids", [])] == tok.encode("It is sunny.")
+
+
+def test_return_tokens_as_token_ids_names_tokens_by_id(serving):
+    serving.engine.reply = serving.engine.text_reply("It is sunny.")
+    r = create(serving, logprobs=True, top_logprobs=1, return_tokens_as_token_ids=True)
+    ids = serving.model.tokenizer.encode("It is sunny.")
+    assert [c.token for c in r.choices[0].logprobs.content] == [f"token_id:{t}" for t in ids]
+    assert r.choices[0].logprobs.content[0].top_logprobs[0].token == f"token_id:{ids[0]}"

@@ -170,7 +170,7 @@ def test_prompt_logprobs_come_back_in_vllms_shape(serving):
     assert encoded["prompt_logprobs"][1] == {
         str(ids[1]): {"logprob": PROMPT_LOGPROB, "rank": PROMPT_RANK, "decoded_token": tok.decode([ids[1]])}
     }
-    assert "prompt_logprobs" not in json.loads(msgspec.json.encode(create(serving)))["choices"][0]
+    assert json.loads(msgspec.json.encode(create(serving)))["choices"][0]["prompt_logprobs"] is None  # as vLLM
     # with echo the engine computes as many top logprobs as either asks
     create(serving, echo=True, logprobs=1, prompt_logprobs=3, max_tokens=2)
     assert serving.engine.submitted[-1][2].prompt_logprobs == 3
@@ -351,3 +351,60 @@ def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(b
     got = [(s.temperature, s.top_k, s.repetition_penalty, s.max_tokens) for _, _, s in serving.engine.submitted]
     assert got == [(0.3, 20, 1.1, 7), (0.3, 20, 1.1, 7), (1.0, -1, 1.0, 10), (0.3, 20, 1.1, 4)]
     assert serving.engine.submitted[0][2].top_p == 1.0  # no model default: the contract's
+
+
+def test_return_token_ids_gives_the_prompts_and_the_completions_ids(serving):
+    tok = serving.model.tokenizer
+    prompt = tok.encode("The sea", add_special_tokens=True)
+    r = create(serving, max_tokens=5, return_token_ids=True)
+    assert r.choices[0].prompt_token_ids == prompt
+    assert r.choices[0].token_ids == tok.encode(TEXT)[:5]
+    plain = json.loads(msgspec.json.encode(create(serving, max_tokens=5)))["choices"][0]
+    assert plain["prompt_token_ids"] is None and plain["token_ids"] is None  # vLLM's keys, always there
+    frames = stream(serving, max_tokens=5, return_token_ids=True)[:-1]
+    assert frames[0]["choices"][0]["prompt_token_ids"] == prompt
+    assert all("prompt_token_ids" not in f["choices"][0] for f in frames[1:])
+    assert [x for f in frames for x in f["choices"][0]["token_ids"]] == tok.encode(TEXT)[:5]
+    assert all("token_ids" not in f["choices"][0] for f in stream(serving, max_tokens=5)[:-1])
+
+
+@pytest.mark.parametrize("server_option", [False, True])
+def test_return_tokens_as_token_ids_names_tokens_by_id(build, server_option):
+    serving = build(return_tokens_as_token_ids=server_option)
+    ask = {} if server_option else {"return_tokens_as_token_ids": True}
+    r = create(serving, max_tokens=3, logprobs=1, **ask)
+    ids = serving.model.tokenizer.encode(TEXT)[:3]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in ids]
+    assert [next(iter(top)) for top in lp.top_logprobs] == lp.tokens  # the sampled token first
+    if server_option:  # a request may still ask for text
+        r = create(serving, max_tokens=3, logprobs=1, return_tokens_as_token_ids=False)
+        assert not r.choices[0].logprobs.tokens[0].startswith("token_id:")
+
+
+def test_text_offset_counts_each_tokens_place_in_the_text(serving):
+    for echo in (False, True):
+        lp = create(serving, max_tokens=6, logprobs=0, echo=echo).choices[0].logprobs
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        assert len(lp.text_offset) == len(lp.tokens) > 0
+    frames = stream(serving, max_tokens=6, logprobs=0)[:-1]
+    offsets = [x for f in frames for x in f["choices"][0]["logprobs"]["text_offset"]]
+    tokens = [x for f in frames for x in f["choices"][0]["logprobs"]["tokens"]]
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]  # from the text sent before
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(serving):
+    text_reply = serving.engine.reply
+
+    def cached_reply(ids, sampling):
+        items = text_reply(ids, sampling)
+        items[0].cached_tokens = len(ids) - 1  # the engine says so with the first token
+        return items
+
+    serving.engine.reply = cached_reply
+    r = create(serving, prompt=["a b c", "The sea is calm"], n=2, max_tokens=2)
+    prompts = [len(serving.model.tokenizer.encode(p, add_special_tokens=True)) for p in ("a b c", "The sea is calm")]
+    assert r.usage.prompt_tokens == sum(prompts)
+    assert r.usage.prompt_tokens_details.cached_tokens == sum(prompts) - 2  # each prompt once, whatever n
+    final = stream(serving, max_tokens=2, stream_options={"include_usage": True})[-2]
+    assert final["usage"]["prompt_tokens_details"]["cached_tokens"] == final["usage"]["prompt_tokens"] - 1
