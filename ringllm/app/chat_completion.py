@@ -46,7 +46,8 @@ class ChatService:
         `disconnected` returns when the client has gone (a whole answer is then abandoned)."""
         self.model.check_name(body.model)
         plan = chat_io.tool_plan(body, self.tool_parser)
-        prompt = self.render(body, plan.template_tools)
+        messages = chat_io.template_messages(body.messages, self.model.tokenizer.template_text)
+        prompt = self.render(body, messages, plan.template_tools)
         bound = body.truncate_prompt_tokens is None  # a conversation to truncate may be longer than the context
         ids = await self.model.tokenize(prompt, param="messages", encode=self.model.tokenizer.encode_chat, bound=bound)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -58,6 +59,7 @@ class ChatService:
         jobs = self.generations.jobs([ids], sampling, body.n)
         parsers = [chat_io.AnswerParser(prompt, self.reasoning_parser, plan) for _ in jobs]
         answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body, ids)
+        answer.echo = chat_io.echoed(body, messages)
         if body.stream:
             usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
             return self._events(jobs, parsers, answer, *usage)
@@ -71,7 +73,7 @@ class ChatService:
             [
                 ChatChoice(
                     i,
-                    chat_io.whole_message(parsers[i], c.text),
+                    answer.whole_message(parsers[i], c.text),
                     chat_io.finish_reason(parsers[i], c.finish_reason),
                     answer.logprobs(c.logprobs),
                     c.token_ids if want_ids else None,
@@ -85,13 +87,12 @@ class ChatService:
             prompt_token_ids=ids if want_ids else None,
         )
 
-    def render(self, body: ChatRequest, tools: list[dict] | None) -> str:
-        """The conversation as the model's chat template writes it (a template that rejects it is a 400)."""
-        tok = self.model.tokenizer
-        messages = chat_io.template_messages(body.messages, tok.template_text)
+    def render(self, body: ChatRequest, messages: list[dict], tools: list[dict] | None) -> str:
+        """The conversation (`messages`: as the template takes them) as the model's chat template writes it (a
+        template that rejects it is a 400)."""
         variables = chat_io.template_kwargs(body)
         try:
-            return tok.apply_chat_template(messages, tools, **variables)
+            return self.model.tokenizer.apply_chat_template(messages, tools, **variables)
         except Exception as e:  # no template, or one that rejects the conversation
             raise ApiError(400, f"chat template failed: {e}", param="messages") from None
 
@@ -111,8 +112,12 @@ class ChatService:
         def usage(tokens: int):
             return answer.usage(tokens) if every_usage else None
 
-        first = [ChatStreamChoice(i, ChatMessageOut(role="assistant", content=""), None) for i in range(len(jobs))]
-        yield event(answer.chunk(first, usage(0), prompt_ids=jobs[0].ids if answer.want_token_ids else UNSET))
+        for i in range(len(jobs)):  # each choice opens with its role, as vLLM streams them
+            opening = ChatStreamChoice(i, ChatMessageOut(role=answer.role, content=""), None)
+            prompt_ids = jobs[0].ids if answer.want_token_ids and i == 0 else UNSET
+            yield event(answer.chunk([opening], usage(0), prompt_ids=prompt_ids))
+        for i in range(len(jobs) if answer.echo else 0):  # then the echoed message
+            yield event(answer.chunk([ChatStreamChoice(i, ChatMessageOut(content=answer.echo), None)], usage(0)))
         counts = [0] * len(jobs)
         async for out in self.generations.stream(jobs):
             counts[out.choice] = out.tokens
@@ -166,6 +171,15 @@ class _ChatAnswer:
         self.want_logprobs, self.want_token_ids = body.logprobs, body.return_token_ids
         self.prompt_tokens = len(prompt)
         self.cached = 0  # prompt tokens the prefix cache served
+        self.role = chat_io.answer_role(body)
+        self.echo: str | None = None  # the text echo puts first (chat.py's echoed)
+
+    def whole_message(self, parser: chat_io.AnswerParser, text: str) -> ChatMessageOut:
+        message = chat_io.whole_message(parser, text)
+        message.role = self.role
+        if self.echo is not None:
+            message.content = self.echo + (message.content or "")
+        return message
 
     def usage(self, completion_tokens: int) -> Usage:
         return usage_of(self.prompt_tokens, completion_tokens, self.cached)

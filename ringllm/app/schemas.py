@@ -313,6 +313,12 @@ class ChatRequest(_Sampling, kw_only=True):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: Nullable[bool] = True
     chat_template_kwargs: dict | None = None  # extra variables for the chat template, e.g. enable_thinking
+    # vLLM's: open the assistant's turn (default: true unless continue_final_message), or leave the last
+    # (assistant) message open for the model to continue; echo starts the answer with that message's text
+    add_generation_prompt: bool | None = None
+    continue_final_message: Nullable[bool] = False
+    echo: Nullable[bool] = False
+    documents: list[dict[str, str]] | None = None  # vLLM's: for templates that take documents (RAG)
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: Nullable[bool] = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None

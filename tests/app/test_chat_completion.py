@@ -72,10 +72,13 @@ def test_the_stream_opens_each_choice_then_streams_its_content(serving):
     whole = create(serving, n=2)
     frames = stream(serving, n=2, stream_options={"include_usage": True})
     assert frames[-1] == "[DONE]" and frames[-2]["usage"]["completion_tokens"] == whole.usage.completion_tokens
-    opening = frames[0]["choices"]
-    assert [c["delta"] for c in opening] == [{"role": "assistant", "content": ""}] * 2
+    # as vLLM and SGLang: each choice opens with a chunk of its own (clients read choices[0])
+    assert [f["choices"] for f in frames[:2]] == [
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]
+        for i in (0, 1)
+    ]
     for index in (0, 1):
-        chunks = [c for f in frames[1:-2] for c in f["choices"] if c["index"] == index]
+        chunks = [c for f in frames[2:-2] for c in f["choices"] if c["index"] == index]
         assert "".join(c["delta"].get("content") or "" for c in chunks) == whole.choices[index].message.content
         assert [c["finish_reason"] for c in chunks][-1] == "stop"
 
@@ -238,3 +241,52 @@ def test_return_tokens_as_token_ids_names_tokens_by_id(serving):
     ids = serving.model.tokenizer.encode("It is sunny.")
     assert [c.token for c in r.choices[0].logprobs.content] == [f"token_id:{t}" for t in ids]
     assert r.choices[0].logprobs.content[0].top_logprobs[0].token == f"token_id:{ids[0]}"
+
+
+SAYING = [*USER, {"role": "assistant", "content": "An apple a day"}]
+
+
+def prompt_text(serving) -> str:
+    return serving.model.tokenizer.decode(serving.engine.submitted[-1][1], skip_special_tokens=False)
+
+
+def test_continue_final_message_leaves_the_last_turn_open(serving):
+    create(serving, messages=SAYING, continue_final_message=True)
+    assert prompt_text(serving).endswith("An apple a day")  # no end of turn, no new turn
+    create(serving, messages=SAYING, continue_final_message=True, add_generation_prompt=False)
+    assert prompt_text(serving).endswith("An apple a day")
+    create(serving, messages=SAYING)
+    opened = prompt_text(serving)
+    create(serving, messages=SAYING, add_generation_prompt=False)
+    closed = prompt_text(serving)
+    assert opened.startswith(closed) and len(opened) > len(closed) and "An apple a day" in closed
+    with pytest.raises(ApiError) as e:  # vLLM refuses both at once
+        create(serving, messages=SAYING, continue_final_message=True, add_generation_prompt=True)
+    assert e.value.param == "continue_final_message" and "Cannot set both" in e.value.message
+
+
+def test_echo_starts_the_answer_with_the_message_it_continues(serving):
+    serving.engine.reply = serving.engine.text_reply(", keeps the doctor away.")
+    r = create(serving, messages=SAYING, continue_final_message=True, echo=True)
+    assert r.choices[0].message.content == "An apple a day, keeps the doctor away."
+    frames = stream(serving, messages=SAYING, continue_final_message=True, echo=True)
+    assert frames[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert frames[1]["choices"][0]["delta"] == {"content": "An apple a day"}
+    assert create(serving, messages=SAYING, echo=False, continue_final_message=True).choices[0].message.content == (
+        ", keeps the doctor away."
+    )
+    # the answer is the assistant's and the last message the user's: nothing to echo
+    assert create(serving, echo=True).choices[0].message.content == ", keeps the doctor away."
+
+
+def test_documents_and_chat_template_kwargs_reach_the_template(build):
+    template = (
+        "{% for d in documents %}[{{ d.title }}: {{ d.text }}]{% endfor %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}{{ tone }}"
+    )
+    serving = build(chat_template=template)
+    create(serving, documents=[{"title": "Sea", "text": "It is blue."}], chat_template_kwargs={"tone": "!"})
+    assert prompt_text(serving) == "[Sea: It is blue.]Weather in Paris?!"
+    with pytest.raises(ApiError) as e:
+        create(serving, chat_template_kwargs={"documents": []})
+    assert e.value.param == "chat_template_kwargs"
