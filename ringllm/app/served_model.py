@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from ringllm.app.errors import ApiError
+from ringllm.app.errors import CONTEXT_LENGTH_EXCEEDED, ApiError
 from ringllm.app.settings import WorkerSettings
 from ringllm.ipc import messages as m
 from ringllm.ipc.sampling import FieldError, check_token_ids
@@ -54,9 +54,10 @@ class ServedModel:
         if bound and len(text) > self.max_text_chars:
             raise ApiError(
                 400,
-                f"the prompt has {len(text)} characters: more than the context of "
-                f"{self.max_seq_len} tokens can hold ({self.max_text_chars} characters at most)",
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, the {param} has "
+                f"{len(text)} characters: more than that can hold ({self.max_text_chars} characters at most).",
                 param=param,
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         tok = self.tokenizer
 
@@ -91,14 +92,9 @@ class ServedModel:
         longest = max(map(len, prompts))
         room = self.max_seq_len - longest
         if room < 1:
-            raise ApiError(400, f"the prompt has {longest} tokens; the context holds {self.max_seq_len}", param=param)
+            raise ApiError.context_overflow(self.max_seq_len, longest, None, param, param)
         if max_tokens is not None and max_tokens > room:
-            raise ApiError(
-                400,
-                f"max_tokens {max_tokens} plus the prompt's {longest} tokens exceed the context of "
-                f"{self.max_seq_len} tokens",
-                param="max_tokens",
-            )
+            raise ApiError.context_overflow(self.max_seq_len, longest, max_tokens, param, "max_tokens")
         if max_tokens is None:  # as vLLM: the least of the room, the route's default and the model's
             candidates = (room, default_max_tokens, self.sampling_defaults.max_tokens)
             max_tokens = min(c for c in candidates if c is not None)
