@@ -223,7 +223,6 @@ async def test_chat_streaming(client, model_name):
     assert "".join(pieces) == output
 
 
-@pytest.mark.vllm_compat  # stream_options.continuous_usage_stats and min_tokens are 400s (unknown fields)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("model_name", MODELS)
 async def test_chat_completion_stream_options(client, model_name):

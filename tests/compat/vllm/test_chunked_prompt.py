@@ -24,7 +24,6 @@ async def client(server):
         yield async_client
 
 
-@pytest.mark.vllm_compat  # stream_options.continuous_usage_stats is a 400 (unknown field)
 @pytest.mark.asyncio
 async def test_completion_stream_options_and_logprobs_with_long_prompts(client):
     stream = await client.completions.create(
@@ -50,7 +49,7 @@ async def test_completion_stream_options_and_logprobs_with_long_prompts(client):
             assert chunk.usage.completion_tokens == tokens_received
 
 
-@pytest.mark.vllm_compat  # stream_options.continuous_usage_stats is a 400 (unknown field)
+@pytest.mark.vllm_compat  # a streamed chunk with content "" after the role chunk (a token whose text is held back) counts completion tokens
 @pytest.mark.asyncio
 async def test_chat_completion_stream_options_and_logprobs_with_long_prompts(client):
     stream = await client.chat.completions.create(
