@@ -171,6 +171,7 @@ class _ChatAnswer:
         self.want_logprobs, self.want_token_ids = body.logprobs, body.return_token_ids
         self.prompt_tokens = len(prompt)
         self.cached = 0  # prompt tokens the prefix cache served
+        self.cached_of = model.cached_report
         self.role = chat_io.answer_role(body)
         self.echo: str | None = None  # the text echo puts first (chat.py's echoed)
 
@@ -182,7 +183,7 @@ class _ChatAnswer:
         return message
 
     def usage(self, completion_tokens: int) -> Usage:
-        return usage_of(self.prompt_tokens, completion_tokens, self.cached)
+        return usage_of(self.prompt_tokens, completion_tokens, self.cached_of(self.cached))
 
     def chunk(
         self, choices: list[ChatStreamChoice], usage=None, prompt_ids: list[int] | UnsetType = UNSET

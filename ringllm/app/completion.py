@@ -131,13 +131,14 @@ class _Answer:
         self.prompts = [len(job.ids) for job in jobs[:: body.n]]  # each prompt counts once, whatever n
         self.n = body.n
         self.cached = [0] * len(jobs)  # per choice: its prompt tokens the prefix cache served
+        self.cached_of = model.cached_report
 
     def usage(self, completion_tokens: int, choice: int | None = None) -> Usage:
         """The whole answer's usage, or with `choice` that choice's prompt and completion tokens so far."""
         if choice is not None:
-            return usage_of(self.prompts[choice // self.n], completion_tokens, self.cached[choice])
+            return usage_of(self.prompts[choice // self.n], completion_tokens, self.cached_of(self.cached[choice]))
         cached = sum(self.cached[:: self.n])
-        return usage_of(sum(self.prompts), completion_tokens, cached)
+        return usage_of(sum(self.prompts), completion_tokens, self.cached_of(cached))
 
     def response(self, choices: list[CompletionChoice], completion_tokens: int) -> CompletionResponse:
         return CompletionResponse(self.rid, self.created, self.model, choices, self.usage(completion_tokens))
@@ -171,9 +172,10 @@ class TokenNames:
         return f"token_id:{token_id}" if self.as_ids else token_text(self.tokenizer, token_id)
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
-    """OpenAI's usage, with the prompt tokens the prefix cache served (prompt_tokens_details.cached_tokens)."""
-    details = PromptTokensDetails(cached_tokens)
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> Usage:
+    """OpenAI's usage, with the prompt tokens the prefix cache served (prompt_tokens_details.cached_tokens) unless
+    `cached_tokens` is None."""
+    details = None if cached_tokens is None else PromptTokensDetails(cached_tokens)
     return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, details)
 
 

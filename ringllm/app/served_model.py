@@ -27,10 +27,14 @@ class ServedModel:
         self.max_seq_len = settings.max_seq_len
         self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
         self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
-        self.sampling_defaults = settings.sampling_defaults
-        self.return_tokens_as_token_ids = (
-            settings.return_tokens_as_token_ids
-        )  # generation_config.json's, for fields left unset
+        self.sampling_defaults = settings.sampling_defaults  # generation_config.json's, for fields left unset
+        self.prompt_tokens_details = settings.enable_prompt_tokens_details
+        self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids
+
+    def cached_report(self, cached_tokens: int) -> int | None:
+        """What usage reports of the prompt tokens the prefix cache served: nothing unless
+        --enable-prompt-tokens-details, as vLLM (whose own tests compare the usage without it)."""
+        return cached_tokens if self.prompt_tokens_details else None
 
     def check_name(self, model: str | None) -> None:
         if model is not None and model not in self.names:

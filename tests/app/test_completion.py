@@ -393,7 +393,9 @@ def test_text_offset_counts_each_tokens_place_in_the_text(serving):
     assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]  # from the text sent before
 
 
-def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(serving):
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(build):
+    assert create(build(), max_tokens=2).usage.prompt_tokens_details is None  # as vLLM, only when asked
+    serving = build(enable_prompt_tokens_details=True)
     text_reply = serving.engine.reply
 
     def cached_reply(ids, sampling):

@@ -32,7 +32,6 @@ async def client(server):
         yield async_client
 
 
-@pytest.mark.vllm_compat  # usage has prompt_tokens_details (cached_tokens, always, as OpenAI); vLLM only with --enable-prompt-tokens-details
 @pytest.mark.asyncio
 async def test_single_completion(client, tokenizer):
     prompt = "Hello, my name is"
