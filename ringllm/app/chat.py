@@ -20,12 +20,21 @@ import msgspec
 from ringllm.app.errors import ApiError
 from ringllm.app.reasoning import PARSERS as REASONING_PARSERS
 from ringllm.app.reasoning import ReasoningParser, prompt_opens_reasoning
-from ringllm.app.schemas import ChatMessageOut, ChatRequest, FunctionOut, Message, ToolCallOut
+from ringllm.app.responses import ChatMessageOut, FunctionOut, ToolCallOut
+from ringllm.app.schemas import ChatRequest, Message
 from ringllm.app.tool_calls import PARSERS as TOOL_PARSERS
 from ringllm.app.tool_calls import ToolCall, call_from_json, make_parser, new_call_id
 
 # Variables the route sets itself; chat_template_kwargs may not replace them.
-RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+RESERVED_TEMPLATE_VARIABLES = {
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "continue_final_message",
+    "bos_token",
+    "eos_token",
+}
 FAMILY_PARSERS = {"qwen2": ("hermes", None), "qwen3": ("hermes", "qwen3"), "llama": ("llama3_json", None)}
 
 
@@ -135,11 +144,35 @@ def _template_call(where: str, call) -> dict:
 
 
 def template_kwargs(data: ChatRequest) -> dict:
+    """The template's variables besides messages and tools: chat_template_kwargs, the documents, and vLLM's
+    add_generation_prompt (default: unless continue_final_message) and continue_final_message."""
     extra = dict(data.chat_template_kwargs or {})
     clash = sorted(RESERVED_TEMPLATE_VARIABLES & extra.keys())
     if clash:
         raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}", param="chat_template_kwargs")
-    return extra
+    if data.continue_final_message and data.add_generation_prompt:  # vLLM's words
+        raise ApiError(
+            400,
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    opens = not data.continue_final_message if data.add_generation_prompt is None else data.add_generation_prompt
+    documents = {"documents": data.documents} if data.documents is not None else {}
+    return extra | documents | {"add_generation_prompt": opens, "continue_final_message": data.continue_final_message}
+
+
+def answer_role(data: ChatRequest) -> str:
+    """The answer's role, as vLLM gives it: the assistant's when the template opens its turn, else the last
+    message's (whose turn the model continues)."""
+    opens = not data.continue_final_message if data.add_generation_prompt is None else data.add_generation_prompt
+    return "assistant" if opens else data.messages[-1].role
+
+
+def echoed(data: ChatRequest, messages: list[dict]) -> str | None:
+    """vLLM's chat echo: the last message's text starts the answer when that message has the answer's role."""
+    if not data.echo or messages[-1]["role"] != answer_role(data):
+        return None
+    return messages[-1]["content"] or ""
 
 
 @dataclass

@@ -3,6 +3,7 @@ frames, with logprobs, echo and usage as OpenAI gives them."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -11,17 +12,19 @@ import msgspec
 from msgspec import UNSET
 
 from ringllm.app.errors import ApiError
-from ringllm.app.requests import Generations, PromptTokenLogprobs, TokenLogprobs
-from ringllm.app.schemas import (
-    MAX_PROMPTS,
+from ringllm.app.requests import Generations, Job, PromptTokenLogprobs, TokenLogprobs
+from ringllm.app.responses import (
     CompletionChoice,
+    CompletionChunk,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
+    CompletionStreamChoice,
     PromptLogprob,
     PromptLogprobs,
+    PromptTokensDetails,
     Usage,
 )
+from ringllm.app.schemas import MAX_PROMPTS, CompletionRequest
 from ringllm.app.served_model import ServedModel
 from ringllm.app.sse import DONE, event
 from ringllm.text.tokenizer import Tokenizer
@@ -63,12 +66,14 @@ class CompletionService:
                 for p, ids, all_ids in zip(prompts, ids_list, whole)
             ]
         jobs = self.generations.jobs(ids_list, sampling, body.n, echoes)
-        answer = _Answer(f"cmpl-{request_id}", self.model, body.logprobs is not None, sum(map(len, ids_list)))
-        k = body.prompt_logprobs
+        answer = _Answer(f"cmpl-{request_id}", self.model, body, jobs)
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return self._events(jobs, answer, include_usage)
+            usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
+            return self._events(jobs, answer, *usage)
         choices = await self.generations.collect(jobs, disconnected)
+        k, want_ids = body.prompt_logprobs, body.return_token_ids
+        for i, c in enumerate(choices):
+            answer.cached[i] = c.cached_tokens
         return answer.response(
             [
                 CompletionChoice(
@@ -76,56 +81,102 @@ class CompletionService:
                     c.text,
                     c.finish_reason,
                     answer.logprobs(c.logprobs),
-                    UNSET if k is None else prompt_logprobs(answer.tokenizer, c.prompt, k),
+                    None if k is None else prompt_logprobs(answer.tokenizer, c.prompt, k),
+                    job.ids if want_ids else None,
+                    c.token_ids if want_ids else None,
                 )
-                for i, c in enumerate(choices)
+                for i, (c, job) in enumerate(zip(choices, jobs))
             ],
             sum(c.tokens for c in choices),
         )
 
-    async def _events(self, jobs, answer: _Answer, include_usage: bool) -> AsyncIterator[bytes]:
-        counts = [0] * len(jobs)
+    async def _events(
+        self, jobs: list[Job], answer: _Answer, final_usage: bool, every_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """SSE frames: one per piece of a choice (with `every_usage`, each with the usage of that choice so far, as
+        vLLM's continuous_usage_stats), then with `final_usage` one with the whole usage and no choices. With
+        return_token_ids a choice's first frame carries its prompt's ids, and each frame its piece's ids."""
+        counts, sent = [0] * len(jobs), [0] * len(jobs)  # completion tokens and text sent, per choice
+        started, want_ids = [False] * len(jobs), answer.want_token_ids
         async for out in self.generations.stream(jobs):
-            counts[out.choice] = out.tokens
-            choice = CompletionChoice(out.choice, out.text, out.finish_reason, answer.logprobs(out.logprobs))
-            yield event(answer.response([choice]))
-        if include_usage:
-            yield event(answer.response([], sum(counts)))
+            i = out.choice
+            first, started[i] = not started[i], True
+            counts[i] = out.tokens
+            answer.cached[i] = max(answer.cached[i], out.cached_tokens)
+            choice = CompletionStreamChoice(
+                i,
+                out.text,
+                out.finish_reason,
+                answer.logprobs(out.logprobs, sent[i]),
+                jobs[i].ids if want_ids and first else UNSET,
+                out.token_ids if want_ids else UNSET,
+            )
+            sent[i] += len(out.text)
+            usage = answer.usage(out.tokens, i) if every_usage else None
+            yield event(CompletionChunk(answer.rid, answer.created, answer.model, [choice], usage))
+        if final_usage:
+            yield event(CompletionChunk(answer.rid, answer.created, answer.model, [], answer.usage(sum(counts))))
         yield DONE
 
 
 class _Answer:
-    """What every chunk of one answer shares: its id, creation time, model name, and how its logprobs and usage
-    are written."""
+    """What every chunk of one answer shares: its id, creation time, model name, how its logprobs name tokens
+    and how its usage is counted."""
 
-    def __init__(self, rid: str, model: ServedModel, want_logprobs: bool, prompt_tokens: int):
+    def __init__(self, rid: str, model: ServedModel, body: CompletionRequest, jobs: list[Job]):
         self.rid, self.created, self.model = rid, int(time.time()), model.name
+        self.names = TokenNames(model, body.return_tokens_as_token_ids)
         self.tokenizer = model.tokenizer
-        self.want_logprobs, self.prompt_tokens = want_logprobs, prompt_tokens
+        self.want_logprobs, self.want_token_ids = body.logprobs is not None, body.return_token_ids
+        self.prompts = [len(job.ids) for job in jobs[:: body.n]]  # each prompt counts once, whatever n
+        self.n = body.n
+        self.cached = [0] * len(jobs)  # per choice: its prompt tokens the prefix cache served
+        self.cached_of = model.cached_report
 
-    def response(self, choices: list[CompletionChoice], completion_tokens: int | None = None) -> CompletionResponse:
-        usage = None if completion_tokens is None else usage_of(self.prompt_tokens, completion_tokens)
-        return CompletionResponse(self.rid, self.created, self.model, choices, usage)
+    def usage(self, completion_tokens: int, choice: int | None = None) -> Usage:
+        """The whole answer's usage, or with `choice` that choice's prompt and completion tokens so far."""
+        if choice is not None:
+            return usage_of(self.prompts[choice // self.n], completion_tokens, self.cached_of(self.cached[choice]))
+        cached = sum(self.cached[:: self.n])
+        return usage_of(sum(self.prompts), completion_tokens, self.cached_of(cached))
 
-    def logprobs(self, lps: list[TokenLogprobs]) -> CompletionLogprobs | None:
+    def response(self, choices: list[CompletionChoice], completion_tokens: int) -> CompletionResponse:
+        return CompletionResponse(self.rid, self.created, self.model, choices, self.usage(completion_tokens))
+
+    def logprobs(self, lps: list[TokenLogprobs], sent: int = 0) -> CompletionLogprobs | None:
+        """The logprobs of these tokens; their text_offset counts from `sent`, the text the choice sent before."""
         if not self.want_logprobs:
             return None
-        tok = self.tokenizer
+        name = self.names.name
+        tokens = [name(t) for t, _, _ in lps]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=sent)) if tokens else []
         # As OpenAI and vLLM: each token's top_logprobs hold the token itself besides the top k (k + 1 at most)
         return CompletionLogprobs(
-            [token_text(tok, t) for t, _, _ in lps],
+            tokens,
             [lp for _, lp, _ in lps],
-            [
-                None
-                if top is None or lp is None
-                else {token_text(tok, t): lp} | {token_text(tok, i): v for i, v in top}
-                for t, lp, top in lps
-            ],
+            [None if top is None or lp is None else {name(t): lp} | {name(i): v for i, v in top} for t, lp, top in lps],
+            offsets,
         )
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+class TokenNames:
+    """How logprobs name a token: its own text (special tokens included), or with vLLM's
+    return_tokens_as_token_ids (the request's, else the server's --return-tokens-as-token-ids) "token_id:<id>",
+    which survives tokens that are not whole UTF-8."""
+
+    def __init__(self, model: ServedModel, as_ids: bool | None):
+        self.tokenizer = model.tokenizer
+        self.as_ids = model.return_tokens_as_token_ids if as_ids is None else as_ids
+
+    def name(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else token_text(self.tokenizer, token_id)
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> Usage:
+    """OpenAI's usage, with the prompt tokens the prefix cache served (prompt_tokens_details.cached_tokens) unless
+    `cached_tokens` is None."""
+    details = None if cached_tokens is None else PromptTokensDetails(cached_tokens)
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, details)
 
 
 def prompt_logprobs(tokenizer: Tokenizer, prompt: list[PromptTokenLogprobs] | None, k: int) -> PromptLogprobs:

@@ -46,8 +46,9 @@ class Job(NamedTuple):
 
 class Output(NamedTuple):
     """A piece of one choice: its new text, its finish reason once it ended, its completion tokens so far,
-    the logprobs of the tokens in this piece, and in the first piece of a request that asked for them, the
-    prompt logprobs."""
+    the logprobs of the tokens in this piece, in the first piece of a request that asked for them the prompt
+    logprobs, the token ids of this piece, and (in the first piece) how many prompt tokens the prefix cache
+    served."""
 
     choice: int
     text: str
@@ -55,6 +56,8 @@ class Output(NamedTuple):
     tokens: int
     logprobs: list[TokenLogprobs]
     prompt: list[PromptTokenLogprobs] | None = None
+    token_ids: list[int] = []
+    cached_tokens: int = 0
 
 
 class Choice(NamedTuple):
@@ -64,7 +67,9 @@ class Choice(NamedTuple):
     finish_reason: str | None
     tokens: int
     logprobs: list[TokenLogprobs]
-    prompt: list[PromptTokenLogprobs] | None = None  # with prompt_logprobs
+    prompt: list[PromptTokenLogprobs] | None  # with prompt_logprobs
+    token_ids: list[int]
+    cached_tokens: int  # prompt tokens served by the prefix cache
 
 
 class Generations:
@@ -141,6 +146,8 @@ class Generations:
         reasons: list[str | None] = [None] * len(jobs)
         lps: list[list[TokenLogprobs]] = [[] for _ in jobs]
         prompts: list[list[PromptTokenLogprobs] | None] = [None] * len(jobs)
+        ids: list[list[int]] = [[] for _ in jobs]
+        cached = [0] * len(jobs)
 
         async def gather() -> None:
             async for out in self.stream(jobs):
@@ -148,6 +155,8 @@ class Generations:
                 reasons[out.choice], counts[out.choice] = out.finish_reason, out.tokens
                 lps[out.choice] += out.logprobs
                 prompts[out.choice] = prompts[out.choice] or out.prompt
+                ids[out.choice] += out.token_ids
+                cached[out.choice] = max(cached[out.choice], out.cached_tokens)
 
         work, watch = asyncio.create_task(gather()), asyncio.create_task(disconnected())
         try:
@@ -158,7 +167,7 @@ class Generations:
             work.cancel()  # the client left: cancelling aborts every choice in the engine
             raise ApiError(499, "client disconnected")
         work.result()
-        return [Choice(*choice) for choice in zip(texts, reasons, counts, lps, prompts)]
+        return [Choice(*choice) for choice in zip(texts, reasons, counts, lps, prompts, ids, cached)]
 
     async def _pieces(self, choice: int, job: Job) -> AsyncIterator[Output]:
         """Yields one choice's pieces as tokens arrive; tokens that arrived together make one piece. With
@@ -195,9 +204,11 @@ class Generations:
                     self.metrics.ttft.observe(ttft)
                 else:
                     self.metrics.itl.observe(now - last)
-                out = piece.text if last is not None else (job.echo or "") + piece.text
+                first = last is None
+                out = (job.echo or "") + piece.text if first else piece.text
                 last = now
-                yield Output(choice, out, piece.finish_reason, count, lps, prompt)
+                cached = _cached_tokens(items) if first else 0
+                yield Output(choice, out, piece.finish_reason, count, lps, prompt, new, cached)
         finally:
             if not engine_done:
                 sub.abort()
@@ -247,6 +258,12 @@ def _tokens(items: list, lps: list[TokenLogprobs]) -> tuple[list[int], str | Non
             tops = item.top_logprobs or [[] for _ in got]
             lps += list(zip(got, item.logprobs, tops))
     return new, reason
+
+
+def _cached_tokens(items: list) -> int:
+    """How many prompt tokens the engine found in its prefix cache, as its first delta says."""
+    first = items[0]
+    return first.cached_tokens if isinstance(first, m.TokenDelta) else 0
 
 
 def _prompt_logprobs(ids: list[int], first) -> list[PromptTokenLogprobs] | None:

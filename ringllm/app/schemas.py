@@ -1,12 +1,13 @@
-"""OpenAI request and response bodies as msgspec Structs: one definition validates, encodes and documents.
-The bounds below are checked by msgspec as a body is decoded and appear in the OpenAPI document."""
+"""OpenAI request bodies as msgspec Structs: one definition validates, encodes and documents (the responses are in
+app/responses.py). The bounds below are checked by msgspec as a body is decoded and appear in the OpenAPI document."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import typing
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import msgspec
-from msgspec import UNSET, Meta, UnsetType
+from msgspec import Meta
 
 from ringllm.ipc.sampling import (
     MAX_LOGPROBS,
@@ -17,10 +18,37 @@ from ringllm.ipc.sampling import (
     StructuredOutputs,
     Text,
     TokenId,
+    truncate_prompt,
 )
+
+if TYPE_CHECKING:
+    from ringllm.app.settings import SamplingDefaults
 
 MAX_N = 16
 MAX_PROMPTS = 64
+
+# An optional field that takes an explicit null as well, meaning unset: OpenAI's schema allows null for every
+# optional field and the official client sends it (`create(..., n=None)`), as vLLM accepts it. msgspec reads
+# `T | None`; the body's __post_init__ (`_null_is_default`) puts the field's default in place of a null, so
+# the code reads a T.
+T = TypeVar("T")
+if TYPE_CHECKING:
+    Nullable = Annotated[T, "null: the default"]
+else:
+
+    class Nullable:
+        def __class_getitem__(cls, item):
+            return item | None
+
+
+def _null_is_default(obj: msgspec.Struct) -> None:
+    """Replaces each null by its field's default where that default is not null."""
+    for f in msgspec.structs.fields(obj):
+        if getattr(obj, f.name) is None:
+            if f.default is not msgspec.NODEFAULT and f.default is not None:
+                setattr(obj, f.name, f.default)
+            elif f.default_factory is not msgspec.NODEFAULT:
+                setattr(obj, f.name, f.default_factory())
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
@@ -79,8 +107,17 @@ class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
-    include_usage: bool = False
+    include_usage: Nullable[bool] = False  # a last chunk with the usage and no choices
+    # vLLM's: with include_usage, every chunk carries the usage so far too
+    continuous_usage_stats: Nullable[bool] = False
     include_obfuscation: Any = None  # refused unless null or false (see NOT_IMPLEMENTED)
+
+    def __post_init__(self) -> None:
+        _null_is_default(self)
+
+    def usage_in(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage in every chunk)."""
+        return self.include_usage, self.include_usage and self.continuous_usage_stats
 
 
 # OpenAI fields that ringllm does not implement. Each is accepted only at a value that asks for nothing (as
@@ -183,17 +220,35 @@ def _refuse_unimplemented(obj) -> None:
             )
 
 
-class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
-    """What both endpoints take: the engine's sampling fields as declared in ipc/sampling.py (inherited, with
-    their bounds), plus the OpenAI fields below, which `sampling_params` maps onto the engine's. A field
-    neither declares is refused with 400 naming it."""
+def _nullable_fields(contract: type[msgspec.Struct]) -> list[tuple[str, Any, None]]:
+    """The contract's fields, each as `its type | None` with null for its default: a body's unset field (absent
+    or null) stays None, so that the model's defaults can fill it before the contract's own (sampling_params)."""
+    hints = typing.get_type_hints(contract, include_extras=True)
+    return [(name, hints[name] | None, None) for name in contract.__struct_fields__]
+
+
+if TYPE_CHECKING:  # mypy reads the contract's fields (whose values may be None in a body)
+    _BodySamplingFields = SamplingFields
+else:
+    _BodySamplingFields = msgspec.defstruct(
+        "BodySamplingFields", _nullable_fields(SamplingFields), kw_only=True, omit_defaults=True, module=__name__
+    )
+
+
+class _Sampling(_BodySamplingFields, kw_only=True, forbid_unknown_fields=True):
+    """What both endpoints take: the engine's sampling fields as declared in ipc/sampling.py (with their bounds,
+    null or absent for unset), plus the OpenAI fields below, which `sampling_params` maps onto the engine's. A
+    field neither declares is refused with 400 naming it."""
 
     model: str | None = None
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
+    n: Nullable[Annotated[int, Meta(ge=1, le=MAX_N)]] = 1
     stop: Text | Annotated[list[Text], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
-    stream: bool = False
+    stream: Nullable[bool] = False
     stream_options: StreamOptions | None = None
+    # vLLM's: the prompt's and each choice's token ids in the answer; logprobs naming tokens "token_id:<id>"
+    return_token_ids: Nullable[bool] = False
+    return_tokens_as_token_ids: bool | None = None  # None: the server's --return-tokens-as-token-ids
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -210,13 +265,22 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     repetition_detection: Any = None
     thinking_token_budget: Any = None
 
-    def sampling_params(self, **engine_fields) -> SamplingParams:
-        """The engine's parameters for this body: every shared field as it is, `stop` as a list, the output
-        constraint of response_format / guided_* / structured_outputs, and `engine_fields` (max_tokens once it
-        is checked against the context, logprobs as the engine counts them). Raises FieldError naming the bad
-        field."""
+    def __post_init__(self) -> None:
+        _null_is_default(self)
+
+    def sampling_params(self, defaults: SamplingDefaults | None = None, **engine_fields) -> SamplingParams:
+        """The engine's parameters for this body: every shared field it sets, else the model's default for it
+        (`defaults`: generation_config.json's), else the contract's; `stop` as a list, the output constraint of
+        response_format / guided_* / structured_outputs, and `engine_fields` (max_tokens once it is checked
+        against the context, logprobs as the engine counts them). Raises FieldError naming the bad field."""
         self._refuse()
-        shared = {name: getattr(self, name) for name in SamplingFields.__struct_fields__}
+        model_defaults = msgspec.structs.asdict(defaults) if defaults is not None else {}
+        shared = {}
+        for name in SamplingFields.__struct_fields__:
+            value = getattr(self, name)
+            value = model_defaults.get(name) if value is None else value
+            if value is not None:
+                shared[name] = value
         shared["structured_outputs"] = _constraint(self)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(**shared, stop=stop, **engine_fields)
@@ -225,14 +289,20 @@ class _Sampling(SamplingFields, kw_only=True, forbid_unknown_fields=True):
         _refuse_unimplemented(self)
         if self.stream_options is not None:
             _refuse_unimplemented(self.stream_options)
+            if not self.stream:  # as OpenAI and vLLM, whatever the options say
+                raise FieldError("stream_options", "Stream options can only be defined when `stream=True`.")
         if self.stream and self.prompt_logprobs is not None:  # as vLLM: a stream's chunks have no place for them
             raise FieldError("prompt_logprobs", "prompt_logprobs are not available when stream is true")
+
+    def truncated_prompt(self, ids: list[int], max_input: int) -> list[int]:
+        """The prompt as truncate_prompt_tokens asks (ipc/sampling.py's truncate_prompt)."""
+        return truncate_prompt(ids, self.truncate_prompt_tokens, self.truncation_side, max_input)
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[str | TokenId | list[TokenId]]  # a string, strings, token ids, or lists of token ids
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None  # the chosen token's logprob and the top k
-    echo: bool = False  # the prompt comes back before the completion (with its tokens' logprobs, if asked)
+    echo: Nullable[bool] = False  # the prompt comes back before the completion (with its tokens' logprobs, if asked)
     suffix: Any = None
     best_of: Any = None
 
@@ -241,10 +311,16 @@ class ChatRequest(_Sampling, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: Nullable[bool] = True
     chat_template_kwargs: dict | None = None  # extra variables for the chat template, e.g. enable_thinking
+    # vLLM's: open the assistant's turn (default: true unless continue_final_message), or leave the last
+    # (assistant) message open for the model to continue; echo starts the answer with that message's text
+    add_generation_prompt: bool | None = None
+    continue_final_message: Nullable[bool] = False
+    echo: Nullable[bool] = False
+    documents: list[dict[str, str]] | None = None  # vLLM's: for templates that take documents (RAG)
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: Nullable[bool] = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     store: Any = None
     metadata: Any = None
@@ -269,127 +345,3 @@ class TokenizeRequest(msgspec.Struct):
 
 class DetokenizeRequest(msgspec.Struct):
     tokens: list[int]
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogprobs(msgspec.Struct):
-    tokens: list[str]
-    token_logprobs: list[float | None]  # None for an echoed prompt's first token
-    top_logprobs: list[dict[str, float] | None] | None
-
-
-class PromptLogprob(msgspec.Struct):
-    """vLLM's Logprob, as its prompt_logprobs carry them: a token's logprob, its rank (1: the likeliest) and text."""
-
-    logprob: float
-    rank: int
-    decoded_token: str
-
-
-# vLLM's prompt_logprobs: None for the first prompt token (it has no context), then per prompt token a map from
-# token id to its logprob: the prompt token's own and the top k there.
-PromptLogprobs = list[dict[int, PromptLogprob] | None]
-
-
-class CompletionChoice(msgspec.Struct):
-    index: int
-    text: str
-    finish_reason: str | None
-    logprobs: CompletionLogprobs | None = None
-    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # only when the request asked for them
-
-
-class TopLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(msgspec.Struct):
-    content: list[TokenLogprob]
-
-
-class CompletionResponse(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    object: str = "text_completion"
-
-
-class FunctionOut(msgspec.Struct, omit_defaults=True):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolCallOut(msgspec.Struct, omit_defaults=True):
-    """A tool call in an answer; in a stream's delta, `index` says which call a fragment belongs to."""
-
-    function: FunctionOut
-    id: str | None = None
-    type: str | None = None
-    index: int | None = None
-
-
-class ChatMessageOut(msgspec.Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCallOut] | None = None
-
-
-class ChatChoice(msgspec.Struct):
-    index: int
-    message: ChatMessageOut
-    finish_reason: str | None
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatStreamChoice(msgspec.Struct):
-    index: int
-    delta: ChatMessageOut
-    finish_reason: str | None
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatResponse(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    object: str = "chat.completion"
-    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM's, once for the conversation; only when asked
-
-
-class ChatChunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
-    object: str = "chat.completion.chunk"
-
-
-class ErrorBody(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(msgspec.Struct):
-    error: ErrorBody

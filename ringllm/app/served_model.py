@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from ringllm.app.errors import ApiError
+from ringllm.app.errors import CONTEXT_LENGTH_EXCEEDED, ApiError
 from ringllm.app.settings import WorkerSettings
 from ringllm.ipc import messages as m
 from ringllm.ipc.sampling import FieldError, check_token_ids
@@ -27,6 +27,14 @@ class ServedModel:
         self.max_seq_len = settings.max_seq_len
         self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
         self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
+        self.sampling_defaults = settings.sampling_defaults  # generation_config.json's, for fields left unset
+        self.prompt_tokens_details = settings.enable_prompt_tokens_details
+        self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids
+
+    def cached_report(self, cached_tokens: int) -> int | None:
+        """What usage reports of the prompt tokens the prefix cache served: nothing unless
+        --enable-prompt-tokens-details, as vLLM (whose own tests compare the usage without it)."""
+        return cached_tokens if self.prompt_tokens_details else None
 
     def check_name(self, model: str | None) -> None:
         if model is not None and model not in self.names:
@@ -50,9 +58,10 @@ class ServedModel:
         if bound and len(text) > self.max_text_chars:
             raise ApiError(
                 400,
-                f"the prompt has {len(text)} characters: more than the context of "
-                f"{self.max_seq_len} tokens can hold ({self.max_text_chars} characters at most)",
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, the {param} has "
+                f"{len(text)} characters: more than that can hold ({self.max_text_chars} characters at most).",
                 param=param,
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         tok = self.tokenizer
 
@@ -81,23 +90,20 @@ class ServedModel:
     ) -> m.Sampling:
         """The engine's parameters of a request body (its bounds were checked as it was decoded). An explicit
         max_tokens must fit the context after the longest prompt; without one, the default (or everything the
-        context has left) is used. bad_words become the token sequences the sampler bans. Every token id (the
+        context has left, or the model's generation_config default if less) is used; the model's defaults fill the
+        sampling fields the body leaves unset. bad_words become the token sequences the sampler bans. Every token id (the
         prompts', under `param`, and those the parameters name) must be in the model's vocabulary."""
         longest = max(map(len, prompts))
         room = self.max_seq_len - longest
         if room < 1:
-            raise ApiError(400, f"the prompt has {longest} tokens; the context holds {self.max_seq_len}", param=param)
+            raise ApiError.context_overflow(self.max_seq_len, longest, None, param, param)
         if max_tokens is not None and max_tokens > room:
-            raise ApiError(
-                400,
-                f"max_tokens {max_tokens} plus the prompt's {longest} tokens exceed the context of "
-                f"{self.max_seq_len} tokens",
-                param="max_tokens",
-            )
-        if max_tokens is None:
-            max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+            raise ApiError.context_overflow(self.max_seq_len, longest, max_tokens, param, "max_tokens")
+        if max_tokens is None:  # as vLLM: the least of the room, the route's default and the model's
+            candidates = (room, default_max_tokens, self.sampling_defaults.max_tokens)
+            max_tokens = min(c for c in candidates if c is not None)
         try:
-            params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+            params = body.sampling_params(self.sampling_defaults, max_tokens=max_tokens, logprobs=logprobs)
             if params.bad_words:  # the engine has no tokenizer: it bans their token sequences
                 params = msgspec.structs.replace(
                     params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words)

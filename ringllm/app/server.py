@@ -15,7 +15,7 @@ from litestar.response import Stream
 
 from ringllm.app.access_log import RequestLog, request_id
 from ringllm.app.cors import cors_config
-from ringllm.app.errors import ApiError, error_response
+from ringllm.app.errors import ApiError, error_response, invalid_body
 from ringllm.app.guard import guard
 from ringllm.app.limits import MAX_BODY_BYTES, bound_body_reads
 from ringllm.app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -124,15 +124,16 @@ def _disconnect_of(request: Request):
 
 
 def _on_api_error(request: Request, exc: ApiError) -> Response:
-    return error_response(exc.status, exc.message, exc.kind, exc.param)
+    return error_response(exc.status, exc.message, exc.kind, exc.param, exc.code)
 
 
 def _on_http_error(request: Request, exc: HTTPException) -> Response:
-    detail = exc.detail
-    if isinstance(exc, ValidationException) and exc.extra:
-        detail = f"{exc.detail}: {exc.extra}"
+    detail, param = str(exc.detail), _field_of(exc)
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        detail, named = invalid_body(exc.extra)
+        param = param or named
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(exc.status_code, str(detail), kind, _field_of(exc))
+    return error_response(exc.status_code, detail, kind, param)
 
 
 def _field_of(exc: BaseException) -> str | None:

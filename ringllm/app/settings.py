@@ -50,6 +50,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     sanitize_control_tokens: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens (the prefix-cache hit)
+    enable_prompt_tokens_details: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's --return-tokens-as-token-ids: logprobs name "token_id:<id>"
     # ---- HTTP ----
     api_key: str | None = None
     public_routes: list[str] = msgspec.field(default_factory=lambda: ["/health", "/metrics"])

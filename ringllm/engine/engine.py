@@ -54,7 +54,7 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served (at the request's first admission)
     # With the first token of a request that asked for them: (logprob, top k) of prompt tokens 1, 2, ...
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     prompt_ranks: list[int] | None = None  # with prompt_logprobs: each of those prompt tokens' rank
@@ -266,7 +266,7 @@ class Engine:
             matcher = self._matchers.get(seq.rid) if self._matchers else None
             reason = self._stop_reason(seq, token) if matcher is None else self._constrained_stop(seq, token, matcher)
             out = TokenOutput(
-                seq.rid, token, reason, num_prompt_tokens=seq.num_prompt, num_cached_tokens=seq.num_cached
+                seq.rid, token, reason, num_prompt_tokens=seq.num_prompt, num_cached_tokens=seq.prompt_cache_hit
             )
             k = seq.params.logprobs
             if k is not None and lp is not None:

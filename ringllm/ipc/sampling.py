@@ -1,7 +1,7 @@
 """The request contract: what a request asks of the sampler and of the stop checks, declared once.
 
-`SamplingFields` are the knobs an OpenAI body carries as they are (app/schemas.py's bodies inherit them, so the
-HTTP schema, the OpenAPI document and the bounds come from here). `SamplingParams` adds the fields whose OpenAI
+`SamplingFields` are the knobs an OpenAI body carries as they are (app/schemas.py's bodies take them from here,
+each nullable for unset, so the HTTP schema, the OpenAPI document and the bounds come from here). `SamplingParams` adds the fields whose OpenAI
 shape differs (max_tokens, stop, logprobs) and is what travels on the ring, what the scheduler and the sampler
 read, and what the offline API takes. The bounds are msgspec `Meta` annotations: msgspec checks them when a body
 or a ring message is decoded, and `__post_init__` checks the same annotations when Python code builds one, so
@@ -137,24 +137,28 @@ class SamplingFields(msgspec.Struct, kw_only=True, omit_defaults=True):
     truncation_side: Literal["left", "right"] | None = None
 
     def truncated_prompt(self, ids: list[int], max_input: int) -> list[int]:
-        """The prompt as truncate_prompt_tokens asks (`max_input`: the most prompt tokens the context holds
-        beside the output); raises FieldError for a truncation beyond that or one that keeps nothing."""
-        keep = self.truncate_prompt_tokens
-        if keep is None:
-            return ids
-        if keep == -1:
-            keep = max_input
-        elif keep > max_input:
-            raise FieldError(
-                "truncate_prompt_tokens",
-                f"truncate_prompt_tokens {keep} is more than the {max_input} prompt tokens the context holds "
-                "beside max_tokens",
-            )
-        if keep < 1:
-            raise FieldError("truncate_prompt_tokens", "truncate_prompt_tokens keeps no prompt token")
-        if len(ids) <= keep:
-            return ids
-        return ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep :]
+        """The prompt as truncate_prompt_tokens asks (`truncate_prompt`)."""
+        return truncate_prompt(ids, self.truncate_prompt_tokens, self.truncation_side, max_input)
+
+
+def truncate_prompt(ids: list[int], keep: int | None, side: str | None, max_input: int) -> list[int]:
+    """The prompt as truncate_prompt_tokens `keep` asks (`max_input`: the most prompt tokens the context holds
+    beside the output), cut on `side`; raises FieldError for a truncation beyond that or one that keeps nothing."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max_input
+    elif keep > max_input:
+        raise FieldError(
+            "truncate_prompt_tokens",
+            f"truncate_prompt_tokens {keep} is more than the {max_input} prompt tokens the context holds "
+            "beside max_tokens",
+        )
+    if keep < 1:
+        raise FieldError("truncate_prompt_tokens", "truncate_prompt_tokens keeps no prompt token")
+    if len(ids) <= keep:
+        return ids
+    return ids[:keep] if side == "right" else ids[len(ids) - keep :]
 
 
 class SamplingParams(SamplingFields, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -58,25 +58,38 @@ class ChatTemplate:
     def sanitizes(self) -> bool:
         return self.control is not None
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None, **variables) -> str:
-        """As transformers' apply_chat_template(..., tokenize=False, add_generation_prompt=True): `tools` and any
-        extra keyword (e.g. enable_thinking) are variables of the template. When sanitizing, control tokens from
-        the inputs come back wrapped in the markers."""
+    def render(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        documents: list[dict] | None = None,
+        **variables,
+    ) -> str:
+        """As transformers' apply_chat_template(..., tokenize=False): `tools`, `documents` and any extra keyword
+        (e.g. enable_thinking) are variables of the template; by default the assistant's turn is opened
+        (`add_generation_prompt`), or with `continue_final_message` the last message is left open for the model to
+        continue. When sanitizing, control tokens from the inputs come back wrapped in the markers."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
         if not self.source:
             raise ChatTemplateError("this model has no chat template; use /v1/completions (or give --chat-template)")
         if self.control is not None:
-            messages, tools, variables = (
+            messages, tools, documents, variables = (
                 _mark(messages, self.control),
                 _mark(tools, self.control),
+                _mark(documents, self.control),
                 _mark(variables, self.control),
             )
         rendered, _ = render_jinja_template(
             conversations=[messages],
             tools=tools,
+            documents=documents,
             chat_template=self.source,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             **{**self.special, **variables},
         )
         return rendered[0]

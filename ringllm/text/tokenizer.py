@@ -87,7 +87,8 @@ class Tokenizer:
         return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None, **variables) -> str:
-        """The conversation as the template renders it, ending with the assistant's turn opened."""
+        """The conversation as the template renders it (text/chat_template.py's render: by default ending with the
+        assistant's turn opened)."""
         return self.chat.render(messages, tools, **variables)
 
     def encode_chat(self, rendered: str) -> list[int]:

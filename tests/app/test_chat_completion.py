@@ -11,7 +11,9 @@ import pytest
 
 from ringllm.app import chat as chat_io
 from ringllm.app.errors import ApiError
-from ringllm.app.schemas import ChatRequest, Message, PromptLogprob
+from ringllm.app.responses import PromptLogprob
+from ringllm.app.schemas import ChatRequest, Message
+from ringllm.app.settings import SamplingDefaults
 from ringllm.text.chat_template import chat_prompt_ids
 from tests.app.conftest import collect_frames, never
 from tests.app.fake_engine import LOGPROB, PROMPT_LOGPROB, PROMPT_RANK
@@ -70,10 +72,13 @@ def test_the_stream_opens_each_choice_then_streams_its_content(serving):
     whole = create(serving, n=2)
     frames = stream(serving, n=2, stream_options={"include_usage": True})
     assert frames[-1] == "[DONE]" and frames[-2]["usage"]["completion_tokens"] == whole.usage.completion_tokens
-    opening = frames[0]["choices"]
-    assert [c["delta"] for c in opening] == [{"role": "assistant", "content": ""}] * 2
+    # as vLLM and SGLang: each choice opens with a chunk of its own (clients read choices[0])
+    assert [f["choices"] for f in frames[:2]] == [
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]
+        for i in (0, 1)
+    ]
     for index in (0, 1):
-        chunks = [c for f in frames[1:-2] for c in f["choices"] if c["index"] == index]
+        chunks = [c for f in frames[2:-2] for c in f["choices"] if c["index"] == index]
         assert "".join(c["delta"].get("content") or "" for c in chunks) == whole.choices[index].message.content
         assert [c["finish_reason"] for c in chunks][-1] == "stop"
 
@@ -141,7 +146,7 @@ def test_prompt_logprobs_come_once_for_the_conversation(serving):
     assert r.prompt_logprobs == [None] + [
         {t: PromptLogprob(PROMPT_LOGPROB, PROMPT_RANK, tok.decode([t], skip_special_tokens=False))} for t in ids[1:]
     ]
-    assert "prompt_logprobs" not in json.loads(msgspec.json.encode(create(serving, max_tokens=2)))
+    assert json.loads(msgspec.json.encode(create(serving, max_tokens=2)))["prompt_logprobs"] is None  # as vLLM
     with pytest.raises(ApiError) as e:
         stream(serving, prompt_logprobs=0)
     assert e.value.param == "prompt_logprobs"
@@ -192,3 +197,96 @@ def test_a_template_that_rejects_the_conversation_is_a_400(build):
     with pytest.raises(ApiError, match="chat template failed: roles must alternate") as e:
         create(serving)
     assert e.value.param == "messages"
+
+
+def test_stream_options_without_stream_is_a_400(serving):
+    with pytest.raises(ApiError) as e:
+        create(serving, stream_options={"include_usage": True})
+    assert (e.value.status, e.value.param) == (400, "stream_options") and serving.engine.submitted == []
+
+
+def test_continuous_usage_stats_count_up_from_the_role_chunk(serving):
+    serving.engine.reply = serving.engine.text_reply("It is sunny today.")
+    frames = stream(serving, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    counts = [f["usage"]["completion_tokens"] for f in frames[:-1]]
+    n = len(serving.model.tokenizer.encode("It is sunny today."))
+    assert counts[0] == 0 and counts[-2] == counts[-1] == n and frames[-2]["choices"] == []
+    assert counts[:-1] == sorted(set(counts[:-1]))  # every content chunk counts up
+
+
+def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(build):
+    serving = build(sampling_defaults=SamplingDefaults(temperature=0.7, top_p=0.8, max_tokens=9))
+    create(serving)
+    create(serving, temperature=0, top_p=None, max_completion_tokens=20)
+    got = [(s.temperature, s.top_p, s.max_tokens) for _, _, s in serving.engine.submitted]
+    assert got == [(0.7, 0.8, 9), (0.0, 0.8, 20)]
+
+
+def test_return_token_ids_gives_the_conversations_and_the_answers_ids(serving):
+    tok = serving.model.tokenizer
+    serving.engine.reply = serving.engine.text_reply("It is sunny.")
+    r = create(serving, return_token_ids=True)
+    [(_, prompt, _)] = serving.engine.submitted
+    assert r.prompt_token_ids == prompt and r.choices[0].token_ids == tok.encode("It is sunny.")
+    plain = json.loads(msgspec.json.encode(create(serving)))
+    assert plain["prompt_token_ids"] is None and plain["choices"][0]["token_ids"] is None
+    frames = stream(serving, return_token_ids=True)[:-1]
+    assert frames[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in f for f in frames[1:])
+    assert [x for f in frames for x in f["choices"][0].get("token_ids", [])] == tok.encode("It is sunny.")
+
+
+def test_return_tokens_as_token_ids_names_tokens_by_id(serving):
+    serving.engine.reply = serving.engine.text_reply("It is sunny.")
+    r = create(serving, logprobs=True, top_logprobs=1, return_tokens_as_token_ids=True)
+    ids = serving.model.tokenizer.encode("It is sunny.")
+    assert [c.token for c in r.choices[0].logprobs.content] == [f"token_id:{t}" for t in ids]
+    assert r.choices[0].logprobs.content[0].top_logprobs[0].token == f"token_id:{ids[0]}"
+
+
+SAYING = [*USER, {"role": "assistant", "content": "An apple a day"}]
+
+
+def prompt_text(serving) -> str:
+    return serving.model.tokenizer.decode(serving.engine.submitted[-1][1], skip_special_tokens=False)
+
+
+def test_continue_final_message_leaves_the_last_turn_open(serving):
+    create(serving, messages=SAYING, continue_final_message=True)
+    assert prompt_text(serving).endswith("An apple a day")  # no end of turn, no new turn
+    create(serving, messages=SAYING, continue_final_message=True, add_generation_prompt=False)
+    assert prompt_text(serving).endswith("An apple a day")
+    create(serving, messages=SAYING)
+    opened = prompt_text(serving)
+    create(serving, messages=SAYING, add_generation_prompt=False)
+    closed = prompt_text(serving)
+    assert opened.startswith(closed) and len(opened) > len(closed) and "An apple a day" in closed
+    with pytest.raises(ApiError) as e:  # vLLM refuses both at once
+        create(serving, messages=SAYING, continue_final_message=True, add_generation_prompt=True)
+    assert e.value.param == "continue_final_message" and "Cannot set both" in e.value.message
+
+
+def test_echo_starts_the_answer_with_the_message_it_continues(serving):
+    serving.engine.reply = serving.engine.text_reply(", keeps the doctor away.")
+    r = create(serving, messages=SAYING, continue_final_message=True, echo=True)
+    assert r.choices[0].message.content == "An apple a day, keeps the doctor away."
+    frames = stream(serving, messages=SAYING, continue_final_message=True, echo=True)
+    assert frames[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert frames[1]["choices"][0]["delta"] == {"content": "An apple a day"}
+    assert create(serving, messages=SAYING, echo=False, continue_final_message=True).choices[0].message.content == (
+        ", keeps the doctor away."
+    )
+    # the answer is the assistant's and the last message the user's: nothing to echo
+    assert create(serving, echo=True).choices[0].message.content == ", keeps the doctor away."
+
+
+def test_documents_and_chat_template_kwargs_reach_the_template(build):
+    template = (
+        "{% for d in documents %}[{{ d.title }}: {{ d.text }}]{% endfor %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}{{ tone }}"
+    )
+    serving = build(chat_template=template)
+    create(serving, documents=[{"title": "Sea", "text": "It is blue."}], chat_template_kwargs={"tone": "!"})
+    assert prompt_text(serving) == "[Sea: It is blue.]Weather in Paris?!"
+    with pytest.raises(ApiError) as e:
+        create(serving, chat_template_kwargs={"documents": []})
+    assert e.value.param == "chat_template_kwargs"

@@ -11,7 +11,9 @@ import msgspec
 import pytest
 
 from ringllm.app.errors import ApiError
-from ringllm.app.schemas import CompletionRequest, PromptLogprob
+from ringllm.app.responses import PromptLogprob
+from ringllm.app.schemas import CompletionRequest
+from ringllm.app.settings import SamplingDefaults
 from ringllm.app.sse import sse_stream
 from ringllm.ipc import messages as m
 from ringllm.text.bad_words import bad_words_token_ids
@@ -168,7 +170,7 @@ def test_prompt_logprobs_come_back_in_vllms_shape(serving):
     assert encoded["prompt_logprobs"][1] == {
         str(ids[1]): {"logprob": PROMPT_LOGPROB, "rank": PROMPT_RANK, "decoded_token": tok.decode([ids[1]])}
     }
-    assert "prompt_logprobs" not in json.loads(msgspec.json.encode(create(serving)))["choices"][0]
+    assert json.loads(msgspec.json.encode(create(serving)))["choices"][0]["prompt_logprobs"] is None  # as vLLM
     # with echo the engine computes as many top logprobs as either asks
     create(serving, echo=True, logprobs=1, prompt_logprobs=3, max_tokens=2)
     assert serving.engine.submitted[-1][2].prompt_logprobs == 3
@@ -316,3 +318,95 @@ def test_a_failure_after_the_stream_started_is_its_last_event(serving):
         "param": None,
         "code": None,
     }
+
+
+@pytest.mark.parametrize(
+    "options", [{"include_usage": None}, {"include_usage": True}, {"continuous_usage_stats": True}]
+)
+def test_stream_options_without_stream_is_a_400(serving, options):
+    with pytest.raises(ApiError) as e:  # as OpenAI and vLLM, whatever the options
+        create(serving, stream_options=options)
+    assert (e.value.status, e.value.param) == (400, "stream_options")
+    assert "stream=True" in e.value.message and serving.engine.submitted == []
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serving):
+    frames = stream(serving, max_tokens=5, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert frames[-1] == "[DONE]"
+    pieces, final = frames[:-2], frames[-2]
+    prompt = final["usage"]["prompt_tokens"]
+    assert [p["usage"]["completion_tokens"] for p in pieces] == [1, 2, 3, 4, 5]
+    assert all(p["usage"]["prompt_tokens"] == prompt for p in pieces)
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 5
+    without = stream(serving, max_tokens=5, stream_options={"include_usage": False, "continuous_usage_stats": True})
+    assert all(f == "[DONE]" or f.get("usage") is None for f in without)
+
+
+def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(build):
+    serving = build(sampling_defaults=SamplingDefaults(temperature=0.3, top_k=20, repetition_penalty=1.1, max_tokens=7))
+    create(serving)
+    create(serving, temperature=None, top_k=None, max_tokens=None)  # null is unset
+    create(serving, temperature=1.0, top_k=-1, repetition_penalty=1.0, max_tokens=10)  # set, even to the default
+    create(serving, max_tokens=None, prompt=[1] * 1020)  # the room left is less than the model's default
+    got = [(s.temperature, s.top_k, s.repetition_penalty, s.max_tokens) for _, _, s in serving.engine.submitted]
+    assert got == [(0.3, 20, 1.1, 7), (0.3, 20, 1.1, 7), (1.0, -1, 1.0, 10), (0.3, 20, 1.1, 4)]
+    assert serving.engine.submitted[0][2].top_p == 1.0  # no model default: the contract's
+
+
+def test_return_token_ids_gives_the_prompts_and_the_completions_ids(serving):
+    tok = serving.model.tokenizer
+    prompt = tok.encode("The sea", add_special_tokens=True)
+    r = create(serving, max_tokens=5, return_token_ids=True)
+    assert r.choices[0].prompt_token_ids == prompt
+    assert r.choices[0].token_ids == tok.encode(TEXT)[:5]
+    plain = json.loads(msgspec.json.encode(create(serving, max_tokens=5)))["choices"][0]
+    assert plain["prompt_token_ids"] is None and plain["token_ids"] is None  # vLLM's keys, always there
+    frames = stream(serving, max_tokens=5, return_token_ids=True)[:-1]
+    assert frames[0]["choices"][0]["prompt_token_ids"] == prompt
+    assert all("prompt_token_ids" not in f["choices"][0] for f in frames[1:])
+    assert [x for f in frames for x in f["choices"][0]["token_ids"]] == tok.encode(TEXT)[:5]
+    assert all("token_ids" not in f["choices"][0] for f in stream(serving, max_tokens=5)[:-1])
+
+
+@pytest.mark.parametrize("server_option", [False, True])
+def test_return_tokens_as_token_ids_names_tokens_by_id(build, server_option):
+    serving = build(return_tokens_as_token_ids=server_option)
+    ask = {} if server_option else {"return_tokens_as_token_ids": True}
+    r = create(serving, max_tokens=3, logprobs=1, **ask)
+    ids = serving.model.tokenizer.encode(TEXT)[:3]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in ids]
+    assert [next(iter(top)) for top in lp.top_logprobs] == lp.tokens  # the sampled token first
+    if server_option:  # a request may still ask for text
+        r = create(serving, max_tokens=3, logprobs=1, return_tokens_as_token_ids=False)
+        assert not r.choices[0].logprobs.tokens[0].startswith("token_id:")
+
+
+def test_text_offset_counts_each_tokens_place_in_the_text(serving):
+    for echo in (False, True):
+        lp = create(serving, max_tokens=6, logprobs=0, echo=echo).choices[0].logprobs
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        assert len(lp.text_offset) == len(lp.tokens) > 0
+    frames = stream(serving, max_tokens=6, logprobs=0)[:-1]
+    offsets = [x for f in frames for x in f["choices"][0]["logprobs"]["text_offset"]]
+    tokens = [x for f in frames for x in f["choices"][0]["logprobs"]["tokens"]]
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]  # from the text sent before
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(build):
+    assert create(build(), max_tokens=2).usage.prompt_tokens_details is None  # as vLLM, only when asked
+    serving = build(enable_prompt_tokens_details=True)
+    text_reply = serving.engine.reply
+
+    def cached_reply(ids, sampling):
+        items = text_reply(ids, sampling)
+        items[0].cached_tokens = len(ids) - 1  # the engine says so with the first token
+        return items
+
+    serving.engine.reply = cached_reply
+    r = create(serving, prompt=["a b c", "The sea is calm"], n=2, max_tokens=2)
+    prompts = [len(serving.model.tokenizer.encode(p, add_special_tokens=True)) for p in ("a b c", "The sea is calm")]
+    assert r.usage.prompt_tokens == sum(prompts)
+    assert r.usage.prompt_tokens_details.cached_tokens == sum(prompts) - 2  # each prompt once, whatever n
+    final = stream(serving, max_tokens=2, stream_options={"include_usage": True})[-2]
+    assert final["usage"]["prompt_tokens_details"]["cached_tokens"] == final["usage"]["prompt_tokens"] - 1

@@ -55,7 +55,11 @@ def test_the_routes_answer_through_the_serving_objects(served):
         ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
         ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
         ({"prompt": "x", "structured_outputs": {"json": "[1]"}}, 400, "structured_outputs.json"),
-        ({"prompt": "x", "no_such_field": 2}, 400, None),  # an unknown field: msgspec names it in the message
+        ({"prompt": "x", "no_such_field": 2}, 400, "no_such_field"),  # an unknown field, by its name
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": "x", "temperature": 5}, 400, "temperature"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids[0]"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ],
 )
 def test_errors_come_back_in_openais_shape_naming_the_field(served, body, status, param):
@@ -117,3 +121,31 @@ def test_create_app_decodes_the_launchers_variable(tokenizer_dir, monkeypatch):
     monkeypatch.delenv(ENV_VAR)
     with pytest.raises(RuntimeError, match="started by `ringllm serve`"):
         create_app()
+
+
+def test_validation_errors_are_a_sentence_naming_the_field(served):
+    client, _ = served()
+    error = client.post("/v1/completions", json={"prompt": "x", "temperature": 5}).json()["error"]
+    assert error["message"] == "invalid request body: temperature: Expected `float` <= 2.0", error
+    body = {"messages": [{"role": "user", "content": "x", "extra_field": 1}]}
+    error = client.post("/v1/chat/completions", json=body).json()["error"]
+    assert error["param"] == "messages[0].extra_field" and "unknown field `extra_field`" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"prompt": [1] * 1100}, "prompt"),
+        ("/v1/completions", {"prompt": [1] * 100, "max_tokens": 1000}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 3000}]}, "messages"),
+    ],
+)
+def test_a_context_overflow_has_openais_words_and_code(served, path, body, param):
+    """LiteLLM raises its ContextWindowExceededError on this code and wording; on /v1/completions the prompt is
+    named, never "messages"."""
+    client, _ = served()
+    r = client.post(path, json=body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", param), error
+    assert error["message"].startswith("This model's maximum context length is 1024 tokens. However,")
+    assert ("messages" in error["message"]) == (path == "/v1/chat/completions")

@@ -1,9 +1,9 @@
 """The defects issue 24 lists, one test each (several for /tokenize), against `ringllm serve` on the real model.
 
-Each fails today and passes once the defect is fixed, and is marked `vllm_compat` (deselected by default until
-then: `pytest -m vllm_compat tests/compat/test_known_defects.py`). Two cases the issue names pass on this branch
-and run by default as regression tests: a named tool_choice whose schema uses $defs, and /tokenize's default
-add_generation_prompt. What OpenAI and vLLM do is in each docstring;
+Each failed when written; one still failing is marked `vllm_compat` (deselected by default until it is fixed:
+`pytest -m vllm_compat tests/compat/test_known_defects.py`), and a fixed one runs by default as a regression test
+(1, 2 and 7 so far, and two cases the issue names that passed from the start: a named tool_choice whose schema
+uses $defs, and /tokenize's default add_generation_prompt). What OpenAI and vLLM do is in each docstring;
 tests/compat/vllm/STATUS.md says which ported vLLM tests show the same defect."""
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ def ok(response: httpx.Response) -> dict:
 
 
 # ---- (1) completions logprobs 0 ----
-@COMPAT
 def test_completion_logprobs_zero_lists_the_sampled_token(default_server):
     """OpenAI and vLLM: `logprobs: 0` still gives each position's sampled token in `top_logprobs`
     (`[{token: logprob}]`); ringllm gives `[{}, ...]`."""
@@ -72,7 +71,6 @@ def test_completion_logprobs_zero_lists_the_sampled_token(default_server):
 
 
 # ---- (2) text_offset ----
-@COMPAT
 def test_completion_logprobs_have_text_offset(default_server):
     """OpenAI and vLLM: completion logprobs carry `text_offset`, each token's character offset in the text
     (echoed prompt included); streamed, the offsets go on from the text already sent."""
@@ -118,6 +116,8 @@ def test_lark_grammar_is_accepted(default_server, route, field):
 
 
 # ---- (4) cached tokens ----
+# needs a server started with --enable-prompt-tokens-details (vLLM's option, WorkerSettings.enable_prompt_tokens_details;
+# the option itself is vllm-server's to wire): reported without it, usage differs from vLLM's in its own tests
 @COMPAT
 @pytest.mark.parametrize("route", ["v1/completions", "v1/chat/completions"])
 def test_usage_reports_cached_prompt_tokens(default_server, route):
@@ -228,7 +228,6 @@ def test_tokenize_refuses_unknown_fields(default_server):
 
 
 # ---- (7) stream_options without stream ----
-@COMPAT
 @pytest.mark.parametrize("route", ["v1/completions", "v1/chat/completions"])
 def test_stream_options_without_stream_is_refused(default_server, route):
     """OpenAI and vLLM answer 400 to `stream_options` on a request that does not stream; ringllm accepts it."""

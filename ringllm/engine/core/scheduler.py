@@ -235,8 +235,9 @@ class Scheduler:
         writes.admitted.append(seq)
         seq.num_computed += n
         seq.status = Status.RUNNING
-        if seq.scheduled_at is None:  # a preempted request keeps its first admission time
+        if seq.scheduled_at is None:  # a preempted request keeps its first admission time (and cache hit)
             seq.scheduled_at = time.monotonic()
+            seq.prompt_cache_hit = min(len(cached), seq.num_prompt)
         self.running.append(seq)
         return n
 

@@ -35,6 +35,7 @@ class Sequence:
         self.num_computed = 0  # positions whose KV is computed or scheduled to be
         self.num_cached = 0  # leading positions whose slots belong to the radix cache (locked)
         self.cache_node: Node | None = None  # with the radix cache: the locked end of its cached prefix
+        self.prompt_cache_hit = 0  # prompt tokens the radix cache held at its first admission (usage reports it)
         # Overlap: tokens sampled on the device that the host has not read yet.
         self.num_pending = 0
         # With params.prompt_logprobs: (logprob, top [(id, logprob)]) of prompt tokens 1, 2, ... as computed

@@ -39,7 +39,6 @@ async def all_logprobs_client(all_logprobs_server):
         yield async_client
 
 
-@pytest.mark.vllm_compat  # echo, continue_final_message and add_generation_prompt are 400s (unknown fields)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("echo", [True, False], ids=["echo", "no-echo"])
 async def test_chat_session_with_echo_and_continue_final_message(client, echo):

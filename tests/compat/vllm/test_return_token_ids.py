@@ -43,7 +43,6 @@ def is_subsequence(part: list[int], whole: list[int]) -> bool:
     return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
 
 
-@pytest.mark.vllm_compat  # return_token_ids is a 400 (unknown field); choices have no prompt_token_ids key
 @pytest.mark.asyncio
 @pytest.mark.parametrize("return_token_ids", [True, False, None])
 async def test_basic_completion_with_emoji(server, tokenizer, return_token_ids):
@@ -77,7 +76,7 @@ async def test_basic_completion_with_emoji(server, tokenizer, return_token_ids):
         assert without_dump.get("prompt_token_ids") is None
 
 
-@pytest.mark.vllm_compat  # return_token_ids is a 400 (unknown field)
+@pytest.mark.vllm_compat  # the answer's ids do not decode to '<tool_call>\n{"name": ...' (this model writes its call otherwise: issue 27 item 3)
 @pytest.mark.asyncio
 async def test_chat_completion_with_tool_use(server, tokenizer):
     request = dict(
@@ -102,7 +101,7 @@ async def test_chat_completion_with_tool_use(server, tokenizer):
         assert without.prompt_token_ids is None
 
 
-@pytest.mark.vllm_compat  # return_token_ids, return_tokens_as_token_ids and prompt_logprobs are 400s
+@pytest.mark.vllm_compat  # the echoed text does not end with decode(token_ids): not diagnosed (an end-of-text token in the ids, not the text?)
 @pytest.mark.asyncio
 async def test_comparison_with_prompt_logprobs_and_logprobs(server, tokenizer):
     async with server.get_async_client() as client:
@@ -153,7 +152,6 @@ async def test_comparison_with_prompt_logprobs_and_logprobs(server, tokenizer):
         assert token_ids == logprob_ids
 
 
-@pytest.mark.vllm_compat  # return_token_ids is a 400 (unknown field)
 @pytest.mark.asyncio
 async def test_chat_completion_with_emoji_and_token_ids(server, tokenizer):
     messages = [

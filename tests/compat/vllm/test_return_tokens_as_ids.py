@@ -21,9 +21,14 @@ def server_fixture(request, default_server, real_model, server_logs):
         yield remote, True
 
 
-@pytest.mark.vllm_compat  # return_tokens_as_token_ids is a 400; --return-tokens-as-token-ids is not an option
 @pytest.mark.asyncio
-@pytest.mark.parametrize("server_fixture", [True, False], indirect=True, ids=["server-option", "request-field"])
+@pytest.mark.parametrize(
+    "server_fixture",
+    # --return-tokens-as-token-ids is not an option yet (WorkerSettings.return_tokens_as_token_ids serves it)
+    [pytest.param(True, marks=pytest.mark.vllm_compat), False],
+    indirect=True,
+    ids=["server-option", "request-field"],
+)
 async def test_completion_return_tokens_as_token_ids_completion(server_fixture, tokenizer):
     server, use_server_flag = server_fixture
     async with server.get_async_client() as client:
@@ -46,9 +51,14 @@ async def test_completion_return_tokens_as_token_ids_completion(server_fixture, 
     assert choice.text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.vllm_compat  # return_tokens_as_token_ids is a 400; --return-tokens-as-token-ids is not an option
 @pytest.mark.asyncio
-@pytest.mark.parametrize("server_fixture", [True, False], indirect=True, ids=["server-option", "request-field"])
+@pytest.mark.parametrize(
+    "server_fixture",
+    # --return-tokens-as-token-ids is not an option yet (WorkerSettings.return_tokens_as_token_ids serves it)
+    [pytest.param(True, marks=pytest.mark.vllm_compat), False],
+    indirect=True,
+    ids=["server-option", "request-field"],
+)
 async def test_chat_return_tokens_as_token_ids_completion(server_fixture, tokenizer):
     server, use_server_flag = server_fixture
     async with server.get_async_client() as client:

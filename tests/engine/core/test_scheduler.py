@@ -155,3 +155,23 @@ def test_the_engine_takes_priorities_only_when_it_schedules_by_them(ckpt):
         assert first == ["r2", "r0", "r1"]
     finally:
         engine.close()
+
+
+def test_outputs_report_the_prompt_tokens_the_radix_cache_served(ckpt):
+    """num_cached_tokens (usage's cached_tokens): the prefix the cache held when the request was admitted, the
+    same in every output, not the positions the request itself put in the cache as it ran."""
+    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", max_bs=4))
+    prompt = list(range(1, 41))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def cached(rid: str, ids: list[int]) -> set[int]:
+        engine.add_request(rid, ids, params)
+        seen = set()
+        while engine.has_work:
+            seen |= {o.num_cached_tokens for o in engine.step() if o.rid == rid and o.token_id is not None}
+        return seen
+
+    assert cached("first", prompt) == {0}
+    assert cached("again", prompt) == {39}  # all but the last prompt token, which is computed for its logits
+    assert cached("longer", prompt + [7, 8, 9]) == {40}  # the whole earlier prompt
+    engine.close()

@@ -32,7 +32,6 @@ async def client(server):
         yield async_client
 
 
-@pytest.mark.vllm_compat  # the choice has no prompt_logprobs key (vLLM always sends it, null unless asked)
 @pytest.mark.asyncio
 async def test_single_completion(client, tokenizer):
     prompt = "Hello, my name is"
@@ -61,7 +60,6 @@ async def test_no_logprobs(client):
     assert completion.choices[0].logprobs is None
 
 
-@pytest.mark.vllm_compat  # logprobs 0 gives top_logprobs [{}, ...]: the sampled token is missing
 @pytest.mark.asyncio
 async def test_zero_logprobs(client):
     completion = await client.completions.create(
@@ -106,10 +104,9 @@ async def test_too_many_completion_logprobs(client):
     "prompt_logprobs",
     [
         -1,
-        # prompt_logprobs is a 400 (unknown field); with None, the choice has no prompt_logprobs key
-        pytest.param(0, marks=pytest.mark.vllm_compat),
-        pytest.param(1, marks=pytest.mark.vllm_compat),
-        pytest.param(None, marks=pytest.mark.vllm_compat),
+        0,
+        1,
+        None,
     ],
 )
 async def test_prompt_logprobs_completion(client, prompt_logprobs):
@@ -199,7 +196,6 @@ async def test_parallel_streaming(client):
     assert_unique(["".join(p) for p in pieces], n)
 
 
-@pytest.mark.vllm_compat  # stream_options.continuous_usage_stats is a 400; stream_options without stream is accepted
 @pytest.mark.asyncio
 async def test_completion_stream_options(client):
     common = dict(model=MODEL_NAME, prompt="What is the capital of France?", max_tokens=5, temperature=0.0)
@@ -274,7 +270,6 @@ async def test_batch_completions_beam_search(client):
     raise AssertionError("skipped: see the reason")
 
 
-@pytest.mark.vllm_compat  # completion logprobs have no text_offset; logprobs 0 gives top_logprobs [{}, ...]
 @pytest.mark.asyncio
 @pytest.mark.parametrize("logprobs_arg", [1, 0])
 async def test_echo_logprob_completion(client, tokenizer, logprobs_arg):
