@@ -60,7 +60,8 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, **variables) -> str:
         """As transformers' apply_chat_template(..., tokenize=False, add_generation_prompt=True): `tools` and any
-        extra keyword (e.g. enable_thinking) are variables of the template. When sanitizing, control tokens from
+        extra keyword (e.g. enable_thinking) are variables of the template; add_generation_prompt=False and
+        continue_final_message=True are transformers' own. When sanitizing, control tokens from
         the inputs come back wrapped in the markers."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -76,8 +77,7 @@ class ChatTemplate:
             conversations=[messages],
             tools=tools,
             chat_template=self.source,
-            add_generation_prompt=True,
-            **{**self.special, **variables},
+            **{"add_generation_prompt": True, **self.special, **variables},  # the caller may say otherwise
         )
         return rendered[0]
 

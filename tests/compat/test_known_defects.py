@@ -166,7 +166,6 @@ def test_forced_tool_call_with_defs_in_its_schema(default_server, tool_choice):
 
 
 # ---- (6) /tokenize ----
-@COMPAT
 def test_tokenize_returns_token_strs(default_server, tokenizer):
     """vLLM's /tokenize answers `token_strs` (the tokens' strings with `return_token_strs: true`, else null)."""
     prompt = "This is a token_strs test prompt! vllm1"
@@ -179,9 +178,9 @@ def test_tokenize_returns_token_strs(default_server, tokenizer):
 @pytest.mark.parametrize(
     "add_generation_prompt, continue_final_message",
     [
-        pytest.param(False, False, marks=COMPAT),
-        (True, False),  # ringllm's rendering always adds the generation prompt, so this case passes
-        pytest.param(False, True, marks=COMPAT),
+        pytest.param(False, False),
+        (True, False),  # passed before too: ringllm's rendering always added the generation prompt
+        pytest.param(False, True),
     ],
     ids=["no-generation-prompt", "generation-prompt", "continue-final-message"],
 )
@@ -205,7 +204,6 @@ def test_tokenize_renders_chat_options(default_server, tokenizer, add_generation
     assert ok(post(default_server, "tokenize", body))["tokens"] == expected
 
 
-@COMPAT
 def test_tokenize_renders_tools(default_server, tokenizer):
     """vLLM's /tokenize passes `tools` to the chat template (the tokens a chat request with them would have)."""
     messages = [{"role": "user", "content": "What's the weather like in Paris today?"}]
@@ -217,7 +215,6 @@ def test_tokenize_renders_tools(default_server, tokenizer):
     assert got["tokens"] == expected
 
 
-@COMPAT
 def test_tokenize_refuses_unknown_fields(default_server):
     """A field the server does not implement is refused, never ignored: this project's rule, which its chat and
     completion routes keep and its /tokenize does not (it drops unknown fields silently). vLLM itself accepts

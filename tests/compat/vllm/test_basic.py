@@ -43,7 +43,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.vllm_compat  # GET /version is 404: ringllm has no /version route
 @pytest.mark.parametrize("server_args", LAYOUTS, indirect=True)
 @pytest.mark.asyncio
 async def test_show_version(server):

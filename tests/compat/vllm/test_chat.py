@@ -502,7 +502,6 @@ async def test_long_seed(client):
         assert "greater_than_equal" in message or "less_than_equal" in message
 
 
-@pytest.mark.vllm_compat  # POST /invocations is 404 (no SageMaker-style route)
 @pytest.mark.asyncio
 async def test_invocations(server, client):
     request_args = {

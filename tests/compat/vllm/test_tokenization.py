@@ -57,7 +57,6 @@ def chat_cases():
                 yield add_generation, add_special, continue_final, list(conversation)
 
 
-@pytest.mark.vllm_compat  # the /tokenize answer has no token_strs key
 @pytest.mark.asyncio
 async def test_tokenize_completions(server, tokenizer):
     for add_special in (False, True):
@@ -70,7 +69,6 @@ async def test_tokenize_completions(server, tokenizer):
         assert result["token_strs"] is None
 
 
-@pytest.mark.vllm_compat  # /tokenize ignores add_generation_prompt and continue_final_message; no token_strs key
 @pytest.mark.asyncio
 async def test_tokenize_chat(server, tokenizer):
     for add_generation, add_special, continue_final, conversation in chat_cases():
@@ -97,7 +95,6 @@ async def test_tokenize_chat(server, tokenizer):
         assert result["token_strs"] is None
 
 
-@pytest.mark.vllm_compat  # /tokenize ignores tools, add_generation_prompt, continue_final_message; no token_strs
 @pytest.mark.asyncio
 async def test_tokenize_chat_with_tools(server, tokenizer):
     for add_generation, add_special, continue_final, _ in chat_cases():
@@ -129,7 +126,6 @@ async def test_tokenize_chat_with_tools(server, tokenizer):
         assert result["token_strs"] is None
 
 
-@pytest.mark.vllm_compat  # /tokenize ignores return_token_strs (no token_strs key)
 @pytest.mark.asyncio
 async def test_tokenize_with_return_token_strs(server, tokenizer):
     prompt = "This is a token_strs test prompt! vllm1"
