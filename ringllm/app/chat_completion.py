@@ -58,7 +58,9 @@ class ChatService:
         parsers = [chat_io.AnswerParser(prompt, self.reasoning_parser, plan) for _ in jobs]
         answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body.logprobs, len(ids))
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            include_usage = self.model.force_include_usage or bool(
+                body.stream_options and body.stream_options.include_usage
+            )
             return self._events(jobs, parsers, answer, include_usage)
         choices = await self.generations.collect(jobs, disconnected)
         return ChatResponse(

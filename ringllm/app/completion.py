@@ -66,7 +66,9 @@ class CompletionService:
         answer = _Answer(f"cmpl-{request_id}", self.model, body.logprobs is not None, sum(map(len, ids_list)))
         k = body.prompt_logprobs
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            include_usage = self.model.force_include_usage or bool(
+                body.stream_options and body.stream_options.include_usage
+            )
             return self._events(jobs, answer, include_usage)
         choices = await self.generations.collect(jobs, disconnected)
         return answer.response(

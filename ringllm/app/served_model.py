@@ -27,6 +27,11 @@ class ServedModel:
         self.max_seq_len = settings.max_seq_len
         self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
         self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
+        # vLLM's server options that shape requests and answers:
+        self.max_logprobs = settings.max_logprobs  # --max-logprobs
+        self.priority_scheduling = settings.priority_scheduling  # --scheduling-policy priority
+        self.force_include_usage = settings.force_include_usage  # --enable-force-include-usage
+        self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids  # --return-tokens-as-token-ids
 
     def check_name(self, model: str | None) -> None:
         if model is not None and model not in self.names:
@@ -105,7 +110,29 @@ class ServedModel:
             check_token_ids(self.vocab_size, prompts, params, field=param)
         except FieldError as e:
             raise ApiError.bad_field(e) from None
+        self._check_server_options(body, params)
         return params
+
+    def _check_server_options(self, body, params: m.Sampling) -> None:
+        """What the server's options allow, refused here, before a stream starts: more logprobs than
+        --max-logprobs, a priority without --scheduling-policy priority (the engine would refuse it only once
+        the request reached it)."""
+        top = "top_logprobs" if hasattr(body, "top_logprobs") else "logprobs"  # chat's name for the count
+        for field, count in ((top, params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if count is not None and count > self.max_logprobs:
+                raise ApiError(
+                    400,
+                    f"{field}: {count} logprobs asked for; this server returns at most {self.max_logprobs} "
+                    "(--max-logprobs)",
+                    param=field,
+                )
+        if params.priority != 0 and not self.priority_scheduling:
+            raise ApiError(
+                400,
+                f"priority {params.priority}: this server schedules first come, first served; a priority other "
+                "than 0 needs --scheduling-policy priority",
+                param="priority",
+            )
 
     def listing(self) -> dict:
         """/v1/models: every name clients may use."""

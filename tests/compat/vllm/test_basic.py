@@ -108,7 +108,6 @@ async def test_request_wrong_content_type(server):
             )
 
 
-@pytest.mark.vllm_compat  # --enable-server-load-tracking is not a ringllm option (the server does not start)
 @pytest.mark.parametrize(
     "server_args", [pytest.param(["--enable-server-load-tracking"], id="enable-server-load-tracking")], indirect=True
 )

@@ -152,14 +152,12 @@ def tokenizer_info(server) -> dict:
     return response.json()
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_basic(info_server):
     result = tokenizer_info(info_server)
     assert isinstance(result.get("tokenizer_class"), str) and result["tokenizer_class"]
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_schema(info_server):
     result = tokenizer_info(info_server)
@@ -183,7 +181,6 @@ async def test_tokenizer_info_schema(info_server):
             assert isinstance(result[field], expected), f"{field} should be {expected.__name__}"
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_added_tokens_structure(info_server):
     for token_id, info in (tokenizer_info(info_server).get("added_tokens_decoder") or {}).items():
@@ -193,7 +190,6 @@ async def test_tokenizer_info_added_tokens_structure(info_server):
         assert isinstance(info["special"], bool)
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_consistency_with_tokenize(info_server):
     info = tokenizer_info(info_server)
@@ -203,7 +199,6 @@ async def test_tokenizer_info_consistency_with_tokenize(info_server):
         assert info_max >= tokenize_max, "Info max length should be >= tokenize max length"
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_chat_template(info_server):
     template = tokenizer_info(info_server).get("chat_template")
