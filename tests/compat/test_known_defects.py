@@ -97,7 +97,6 @@ def test_completion_logprobs_have_text_offset(default_server):
 
 
 # ---- (3) Lark grammars ----
-@COMPAT
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_grammar"])
 @pytest.mark.parametrize("route", ["v1/completions", "v1/chat/completions"])
 def test_lark_grammar_is_accepted(default_server, route, field):
@@ -140,7 +139,7 @@ def test_usage_reports_cached_prompt_tokens(default_server, route):
 @pytest.mark.parametrize(
     "tool_choice",
     [
-        pytest.param("required", marks=COMPAT),
+        pytest.param("required"),
         # passes on this branch: the named function's own schema is the root, so its $defs resolve
         {"type": "function", "function": {"name": "get_temperature"}},
     ],
