@@ -5,6 +5,7 @@ routes only translate HTTP: the work is the serving objects' (app/worker.py buil
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post, route
@@ -53,7 +54,7 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
         cors_config=cors_config(settings.allowed_origins),
         state=State({"settings": settings}),  # what this worker was started with, for whoever inspects it
     )
-    inner = app if load is None else load.wrap(app)
+    inner: Any = app if load is None else load.wrap(app)  # ASGI apps, layered
     if settings.root_path:
         inner = ServedUnder(inner, settings.root_path)
     return RequestLog(inner)  # request ids and the access log around everything above

@@ -29,6 +29,7 @@ class TokenizeService:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", param="prompt")
         tok = self.model.tokenizer
+        text: str | None
         if body.messages is not None:
             text, special = self._render(body), bool(body.add_special_tokens)
         else:
