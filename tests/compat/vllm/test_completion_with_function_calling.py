@@ -118,9 +118,7 @@ async def client(server):
     "tool_choice",
     [
         "auto",  # the model writes its call as a ```json block or in <tool_call> tags: the Hermes parser reads both
-        # get_current_weather's parameters use $defs/$ref, which the "required" wrapper schema loses (400); a
-        # named function's schema is the root, so its $defs resolve and that case passes
-        pytest.param("required", marks=pytest.mark.vllm_compat),
+        "required",  # get_current_weather's parameters use $defs/$ref: the wrapper schema lifts them to its root
         {"type": "function", "function": {"name": "get_current_weather"}},
     ],
     ids=["auto", "required", "named"],
