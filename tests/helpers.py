@@ -178,10 +178,13 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     )
     _started.append(proc)
     base = f"http://127.0.0.1:{port}"
+    # With --uds the server listens on that socket only: its health is asked there.
+    uds = args[list(args).index("--uds") + 1] if "--uds" in args else None
+    probe = httpx.Client(transport=httpx.HTTPTransport(uds=uds)) if uds else httpx
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
+            if probe.get(("http://localhost" if uds else base) + "/health", timeout=5).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             time.sleep(0.5)

@@ -210,6 +210,8 @@ def tool_plan(data: ChatRequest, tool_parser: str | None) -> ToolPlan:
     if choice == "required":
         items = {"anyOf": [_call_schema(t) for t in tools]}
         schema = {"type": "array", "minItems": 1, "items": items, **({"maxItems": 1} if one else {})}
+        if defs := _lifted_defs(tools):  # each tool's `#/$defs/...` refs now resolve at the wrapper's root
+            schema["$defs"] = defs
         return ToolPlan(shown, schema=schema, forced="required", one_call=one)
     name = choice.function.name
     if name not in names:
@@ -221,10 +223,26 @@ def _parameters(tool) -> dict:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
+def _lifted_defs(tools) -> dict:
+    """The tools' parameter `$defs`, gathered for the root of the required-calls schema (as vLLM does); two
+    tools defining one name differently cannot share that root."""
+    defs: dict = {}
+    for tool in tools:
+        for name, definition in (_parameters(tool).get("$defs") or {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise ApiError(
+                    400,
+                    f"tools define $defs/{name} differently; tool_choice required needs one definition per name",
+                    param="tools",
+                )
+    return defs
+
+
 def _call_schema(tool) -> dict:
+    parameters = {k: v for k, v in _parameters(tool).items() if k != "$defs"}  # lifted to the root
     return {
         "type": "object",
-        "properties": {"name": {"type": "string", "enum": [tool.function.name]}, "parameters": _parameters(tool)},
+        "properties": {"name": {"type": "string", "enum": [tool.function.name]}, "parameters": parameters},
         "required": ["name", "parameters"],
         "additionalProperties": False,
     }

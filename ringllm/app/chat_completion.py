@@ -61,8 +61,9 @@ class ChatService:
         answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body, ids)
         answer.echo = chat_io.echoed(body, messages)
         if body.stream:
-            usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
-            return self._events(jobs, parsers, answer, *usage)
+            final, continuous = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
+            # --enable-force-include-usage: a final usage chunk whatever the request asked
+            return self._events(jobs, parsers, answer, final or self.model.force_include_usage, continuous)
         choices = await self.generations.collect(jobs, disconnected)
         answer.cached = choices[0].cached_tokens
         want_ids = body.return_token_ids

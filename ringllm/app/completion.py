@@ -68,8 +68,9 @@ class CompletionService:
         jobs = self.generations.jobs(ids_list, sampling, body.n, echoes)
         answer = _Answer(f"cmpl-{request_id}", self.model, body, jobs)
         if body.stream:
-            usage = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
-            return self._events(jobs, answer, *usage)
+            final, continuous = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
+            # --enable-force-include-usage: a final usage chunk whatever the request asked
+            return self._events(jobs, answer, final or self.model.force_include_usage, continuous)
         choices = await self.generations.collect(jobs, disconnected)
         k, want_ids = body.prompt_logprobs, body.return_token_ids
         for i, c in enumerate(choices):

@@ -15,6 +15,7 @@ import bisect
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from ringllm.app.vllm_metrics import vllm_families
 from ringllm.engine.request_stats import HISTOGRAMS as ENGINE_HISTOGRAMS
 from ringllm.engine.request_stats import bucket_key, sum_key
 from ringllm.ipc.shared_table import COLUMNS, SharedTable
@@ -164,6 +165,7 @@ class Metrics:
         yield requests
         for h in (self.ttft, self.itl, self.e2e):
             yield h.family(totals, model)
+        yield from vllm_families(self, engine, totals, FINISH_REASONS)  # the same values under vLLM's names
         for name, (help_text, bounds) in ENGINE_HISTOGRAMS.items():
             if sum_key(name) not in engine:
                 continue

@@ -179,7 +179,7 @@ class Generations:
         except (EngineDown, EngineBusy) as e:
             raise ApiError(503, str(e), "server_error") from None
         text = TextStream(self.tokenizer, job.ids, job.sampling.stop, job.sampling.min_tokens)
-        count, engine_done = 0, False  # engine_done: it finished or failed the request itself, or was aborted
+        count, engine_done, refused = 0, False, False  # engine_done: it finished or failed the request, or aborted
         start, last, ttft = time.perf_counter(), None, None
         try:
             while not text.finished:
@@ -189,8 +189,9 @@ class Generations:
                 lps = [] if job.echo is None or prompt is None or k is None else _echoed_logprobs(job.ids, prompt, k)
                 try:
                     new, reason = _tokens(items, lps)
-                except ApiError:
+                except ApiError as e:
                     engine_done = True  # the engine failed the request: nothing to abort
+                    refused = e.status < 500  # the client's (an uncompilable grammar): not a request that ran
                     raise
                 count += len(new)
                 engine_done = reason is not None
@@ -214,7 +215,8 @@ class Generations:
                 sub.abort()
             reason = text.finish_reason or "abort"
             total = time.perf_counter() - start
-            self.metrics.finished(reason, len(job.ids), total)
+            if not refused:
+                self.metrics.finished(reason, len(job.ids), total)
             log.info(
                 "request",
                 rid=sub.rid,

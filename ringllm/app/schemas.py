@@ -337,11 +337,21 @@ class ChatRequest(_Sampling, kw_only=True):
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
 
 
-class TokenizeRequest(msgspec.Struct):
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's /tokenize body (its completion and chat forms in one; null is unset). app/tokenization.py refuses
+    the chat options beside a prompt."""
+
+    model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None  # as in a chat request; rendered with the chat template
     add_special_tokens: bool | None = None  # default: True for a prompt (as completions), False for messages
+    return_token_strs: bool | None = None  # the tokens' strings too, as `token_strs`
+    add_generation_prompt: bool | None = None  # messages: open the assistant's turn (default true)
+    continue_final_message: bool | None = None  # messages: leave the last (assistant) turn open to continue it
+    tools: list[Tool] | None = None  # messages: the tools the template shows
+    chat_template_kwargs: dict | None = None  # messages: extra template variables, as on the chat route
 
 
-class DetokenizeRequest(msgspec.Struct):
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
     tokens: list[int]

@@ -28,8 +28,12 @@ class ServedModel:
         self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
         self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
         self.sampling_defaults = settings.sampling_defaults  # generation_config.json's, for fields left unset
-        self.prompt_tokens_details = settings.enable_prompt_tokens_details
-        self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids
+        # vLLM's server options that shape requests and answers:
+        self.prompt_tokens_details = settings.enable_prompt_tokens_details  # --enable-prompt-tokens-details
+        self.max_logprobs = settings.max_logprobs  # --max-logprobs
+        self.priority_scheduling = settings.priority_scheduling  # --scheduling-policy priority
+        self.force_include_usage = settings.force_include_usage  # --enable-force-include-usage
+        self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids  # --return-tokens-as-token-ids
 
     def cached_report(self, cached_tokens: int) -> int | None:
         """What usage reports of the prompt tokens the prefix cache served: nothing unless
@@ -111,7 +115,29 @@ class ServedModel:
             check_token_ids(self.vocab_size, prompts, params, field=param)
         except FieldError as e:
             raise ApiError.bad_field(e) from None
+        self._check_server_options(body, params)
         return params
+
+    def _check_server_options(self, body, params: m.Sampling) -> None:
+        """What the server's options allow, refused here, before a stream starts: more logprobs than
+        --max-logprobs, a priority without --scheduling-policy priority (the engine would refuse it only once
+        the request reached it)."""
+        top = "top_logprobs" if hasattr(body, "top_logprobs") else "logprobs"  # chat's name for the count
+        for field, count in ((top, params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if count is not None and count > self.max_logprobs:
+                raise ApiError(
+                    400,
+                    f"{field}: {count} logprobs asked for; this server returns at most {self.max_logprobs} "
+                    "(--max-logprobs)",
+                    param=field,
+                )
+        if params.priority != 0 and not self.priority_scheduling:
+            raise ApiError(
+                400,
+                f"priority {params.priority}: this server schedules first come, first served; a priority other "
+                "than 0 needs --scheduling-policy priority",
+                param="priority",
+            )
 
     def listing(self) -> dict:
         """/v1/models: every name clients may use."""

@@ -5,15 +5,18 @@ routes only translate HTTP: the work is the serving objects' (app/worker.py buil
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, get, post, route
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware.base import DefineMiddleware
+from litestar.params import JSONBody
 from litestar.response import Stream
 
 from ringllm.app.access_log import RequestLog, request_id
+from ringllm.app.asgi_layers import ServedUnder, ServerLoad
 from ringllm.app.cors import cors_config
 from ringllm.app.errors import ApiError, error_response, invalid_body
 from ringllm.app.guard import guard
@@ -21,6 +24,7 @@ from ringllm.app.limits import MAX_BODY_BYTES, bound_body_reads
 from ringllm.app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ringllm.app.settings import WorkerSettings
 from ringllm.app.sse import sse_stream
+from ringllm.app.vllm_routes import vllm_routes
 from ringllm.app.worker import Services, Worker
 from ringllm.engine.logs import get_logger
 from ringllm.ipc.sampling import FieldError
@@ -35,8 +39,10 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
     builds the serving objects, unless `services` are given (tests over a fake engine)."""
     settings = settings or WorkerSettings.from_environment()
     worker = Worker(settings, services)
+    load = ServerLoad() if settings.server_load_tracking else None
+    extra = vllm_routes(lambda: worker.services.model, settings, load)
     app = Litestar(
-        route_handlers=_routes(worker, settings.profiler_routes),
+        route_handlers=_routes(worker, settings.profiler_routes) + extra,
         lifespan=[worker.lifespan],
         exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
         # The API key and the Content-Type, then the body within a time limit.
@@ -48,7 +54,10 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
         cors_config=cors_config(settings.allowed_origins),
         state=State({"settings": settings}),  # what this worker was started with, for whoever inspects it
     )
-    return RequestLog(app)  # request ids and the access log around everything above
+    inner: Any = app if load is None else load.wrap(app)  # ASGI apps, layered
+    if settings.root_path:
+        inner = ServedUnder(inner, settings.root_path)
+    return RequestLog(inner)  # request ids and the access log around everything above
 
 
 def _routes(worker: Worker, profiler: bool) -> list:
@@ -56,33 +65,48 @@ def _routes(worker: Worker, profiler: bool) -> list:
     with --profiler-dir."""
 
     @post("/v1/completions", status_code=200)  # Litestar's @post answers 201 by default: OpenAI's routes, 200
-    async def completions(request: Request, data: CompletionRequest) -> Response | Stream:
+    async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Response | Stream:
         services = worker.services
         return _answer(await services.completions.create(data, request_id(request), _disconnect_of(request)))
 
     @post("/v1/chat/completions", status_code=200)
-    async def chat(request: Request, data: ChatRequest) -> Response | Stream:
+    async def chat(request: Request, data: JSONBody[ChatRequest]) -> Response | Stream:
         services = worker.services
         return _answer(await services.chat.create(data, request_id(request), _disconnect_of(request)))
+
+    @post("/invocations", status_code=200)
+    async def invocations(request: Request) -> Response | Stream:
+        """SageMaker's route, as vLLM serves it: a body with `messages` is a chat request, one with `prompt` a
+        completion, answered as that route answers it."""
+        body = await request.body()
+        kind = _invocation_kind(body)
+        rid, disconnected = request_id(request), _disconnect_of(request)
+        if kind is ChatRequest:
+            return _answer(await worker.services.chat.create(_decode(body, ChatRequest), rid, disconnected))
+        return _answer(await worker.services.completions.create(_decode(body, CompletionRequest), rid, disconnected))
 
     @get("/v1/models")
     async def models() -> dict:
         return worker.services.model.listing()
 
     @post("/tokenize", status_code=200)
-    async def tokenize(data: TokenizeRequest) -> dict:
+    async def tokenize(data: JSONBody[TokenizeRequest]) -> dict:
         return await worker.services.tokenize.tokenize(data)
 
     @post("/detokenize", status_code=200)
-    async def detokenize(data: DetokenizeRequest) -> dict:
+    async def detokenize(data: JSONBody[DetokenizeRequest]) -> dict:
         return worker.services.tokenize.detokenize(data)
 
-    @get("/health")
+    @route(["/health", "/ping"], http_method=["GET", "HEAD"])  # /ping: SageMaker's (vLLM's) health check
     async def health() -> Response:
         why, body = worker.services.status.health()
         if why is not None:
             return error_response(503, why, "server_error")
         return Response(b"" if body is None else _json.encode(body), status_code=200, media_type="application/json")
+
+    @post("/ping", status_code=200)
+    async def ping() -> Response:
+        return await health.fn()
 
     @get("/metrics")
     async def metrics() -> Response:
@@ -101,7 +125,7 @@ def _routes(worker: Worker, profiler: bool) -> list:
         await worker.services.status.profiler("profile_stop")
         return {"profiling": False}
 
-    routes = [completions, chat, models, tokenize, detokenize, health, metrics]
+    routes = [completions, chat, invocations, models, tokenize, detokenize, health, ping, metrics]
     return routes + ([start_profile, stop_profile] if profiler else [])
 
 
@@ -109,6 +133,33 @@ def _answer(result: msgspec.Struct | AsyncIterator[bytes]) -> Response | Stream:
     if isinstance(result, msgspec.Struct):
         return Response(_json.encode(result), media_type="application/json")
     return Stream(sse_stream(result), media_type="text/event-stream")
+
+
+class _Invocation(msgspec.Struct):
+    """What tells an /invocations body's route (the values are only checked to be JSON, not built)."""
+
+    messages: msgspec.Raw = msgspec.Raw()  # empty when absent
+    prompt: msgspec.Raw = msgspec.Raw()
+
+
+def _invocation_kind(body: bytes) -> type:
+    try:
+        shape = msgspec.json.decode(body, type=_Invocation)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not a JSON object: {e}") from None
+    if shape.messages:
+        return ChatRequest
+    if shape.prompt:
+        return CompletionRequest
+    raise ApiError(400, "/invocations takes a chat request (with messages) or a completion request (with prompt)")
+
+
+def _decode(body: bytes, kind: type):
+    """The body as the chat or completions route decodes it: an invalid one is their 400, naming its field."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        raise ApiError(400, f"Validation failed for POST /invocations: {e}", param=_field_of(e)) from None
 
 
 def _disconnect_of(request: Request):

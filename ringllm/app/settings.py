@@ -52,7 +52,6 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     reasoning_parser: str | None = None
     # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens (the prefix-cache hit)
     enable_prompt_tokens_details: bool = False
-    return_tokens_as_token_ids: bool = False  # vLLM's --return-tokens-as-token-ids: logprobs name "token_id:<id>"
     # ---- HTTP ----
     api_key: str | None = None
     public_routes: list[str] = msgspec.field(default_factory=lambda: ["/health", "/metrics"])
@@ -64,8 +63,15 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     engine_stall_timeout: Positive = 30.0
     profiler_routes: bool = False
     log_level: str = "info"
+    root_path: str | None = None  # --root-path: every route is served under this prefix too
+    server_load_tracking: bool = False  # --enable-server-load-tracking: GET /load
+    tokenizer_info_route: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
     # ---- requests ----
     sampling_defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
+    max_logprobs: Annotated[int, Meta(ge=0)] = 20  # --max-logprobs: the most top logprobs a request may ask for
+    force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with its usage chunk
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: logprob tokens written token_id:<id>
+    priority_scheduling: bool = False  # --scheduling-policy priority: requests may carry a non-zero priority
 
     @property
     def served_model(self) -> str:

@@ -3,11 +3,18 @@ and the text of token ids."""
 
 from __future__ import annotations
 
+import msgspec
+
 from ringllm.app import chat as chat_io
 from ringllm.app.errors import ApiError
 from ringllm.app.schemas import DetokenizeRequest, TokenizeRequest
 from ringllm.app.served_model import ServedModel
 from ringllm.ipc.sampling import FieldError, check_token_ids
+
+# The fields only a conversation has: beside a prompt they are refused by name.
+CHAT_ONLY = ("add_generation_prompt", "continue_final_message", "tools", "chat_template_kwargs")
+# The template variables the route sets from the body's own fields.
+RESERVED = chat_io.RESERVED_TEMPLATE_VARIABLES | {"continue_final_message"}
 
 
 class TokenizeService:
@@ -16,24 +23,58 @@ class TokenizeService:
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         """A `prompt` as /v1/completions tokenizes it (special tokens added), or `messages` as the chat route
-        renders them (none added: the template writes its own); `add_special_tokens` chooses."""
+        renders them (none added: the template writes its own); `add_special_tokens` chooses. vLLM's answer:
+        the ids, their count, the context, and with `return_token_strs` each id's token string."""
+        self.model.check_name(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", param="prompt")
         tok = self.model.tokenizer
-        text, special = body.prompt, body.add_special_tokens
+        text: str | None
         if body.messages is not None:
-            messages = chat_io.template_messages(body.messages, tok.template_text)
-            try:
-                text = tok.apply_chat_template(messages)
-            except Exception as e:  # no template, or one that rejects the conversation
-                raise ApiError(400, f"chat template failed: {e}", param="messages") from None
-        special = body.messages is None if special is None else special
+            text, special = self._render(body), bool(body.add_special_tokens)
+        else:
+            for field in CHAT_ONLY:
+                if getattr(body, field) is not None:
+                    raise ApiError(400, f"{field} applies to messages, not to a prompt", param=field)
+            text, special = body.prompt, body.add_special_tokens is not False
         encode = tok.encode_chat if body.messages is not None and not special else None
         assert text is not None  # the prompt, or the rendered messages
         ids = await self.model.tokenize(text, add_special_tokens=special, bound=False, encode=encode)
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.model.max_seq_len}
+        strs = [tok.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.model.max_seq_len, "tokens": ids, "token_strs": strs}
+
+    def _render(self, body: TokenizeRequest) -> str:
+        """The conversation as the chat route's template renders it, with vLLM's tokenize options: the
+        assistant's turn opened (add_generation_prompt, default true) or the last turn left open to be
+        continued (continue_final_message; not both), the tools shown, extra template variables."""
+        assert body.messages is not None
+        generation = body.add_generation_prompt is not False
+        if body.continue_final_message and generation:
+            raise ApiError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true "
+                "(set add_generation_prompt to false to continue the last message)",
+                param="continue_final_message",
+            )
+        variables = dict(body.chat_template_kwargs or {})
+        if clash := sorted(RESERVED & variables.keys()):
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}", param="chat_template_kwargs")
+        tok = self.model.tokenizer
+        messages = chat_io.template_messages(body.messages, tok.template_text)
+        tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
+        try:
+            return tok.apply_chat_template(
+                messages,
+                tools or None,
+                add_generation_prompt=generation,
+                continue_final_message=bool(body.continue_final_message),
+                **variables,
+            )
+        except Exception as e:  # no template, or one that rejects the conversation
+            raise ApiError(400, f"chat template failed: {e}", param="messages") from None
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.model.check_name(body.model)
         tok = self.model.tokenizer
         try:
             check_token_ids(tok.vocab_size, [body.tokens], field="tokens")  # the ids this tokenizer can decode

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ringllm.text.lark import LarkError, is_lark, lark_to_ebnf
+
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
@@ -66,6 +68,11 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
                 f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
                 f"{', '.join(given) or 'none'}",
             )
+        if self.grammar is not None and is_lark(self.grammar):  # vLLM's clients may write Lark (text/lark.py)
+            try:
+                self.grammar = lark_to_ebnf(self.grammar)
+            except LarkError as e:
+                raise FieldError("structured_outputs.grammar", f"structured_outputs.grammar (Lark): {e}") from None
         if isinstance(self.json, dict):  # the engine compiles (and caches) by the schema's text
             self.json = msgspec.json.encode(self.json).decode()
         elif isinstance(self.json, str):

@@ -15,6 +15,7 @@ import msgspec
 from ringllm.app.settings import SamplingDefaults, WorkerSettings
 from ringllm.engine.config import EngineConfig
 from ringllm.engine.logs import get_logger
+from ringllm.ipc.sampling import MAX_LOGPROBS
 from ringllm.serve import console
 from ringllm.serve.generate import cmd_generate
 from ringllm.serve.generation_config import GenerationConfigError, folder_problem, sampling_defaults
@@ -100,6 +101,8 @@ def serve_args_problem(args: argparse.Namespace) -> str | None:
     for flag in positive:
         if (value := getattr(args, flag[2:].replace("-", "_"))) <= 0:
             return f"{flag} must be > 0, got {value}"
+    if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
+        return f"--max-logprobs {args.max_logprobs}: ringllm's sampler returns 0 to {MAX_LOGPROBS} logprobs per token"
     if args.request_timeout is not None and args.request_timeout < 0:
         return f"--request-timeout must be >= 0 (0: no limit), got {args.request_timeout}"
     return None
@@ -121,7 +124,8 @@ def checked_before_start(args: argparse.Namespace) -> str | None:
             Tokenizer(source, chat_template=template, sanitize_control_tokens=args.sanitize_control_tokens)
     except (TokenizerError, OSError) as e:
         raise ValueError(str(e)) from None
-    if problem := folder_problem(args.generation_config) or port_problem(args.host, args.port):
+    listening = None if args.uds else port_problem(args.host, args.port)  # a socket file is Granian's to replace
+    if problem := folder_problem(args.generation_config) or listening:
         raise ValueError(problem)
     return template
 
@@ -166,11 +170,19 @@ def worker_settings(
         profiler_routes=bool(args.profiler_dir),
         log_level=args.log_level,
         sampling_defaults=defaults,
+        root_path=args.root_path or None,
+        server_load_tracking=args.enable_server_load_tracking,
+        tokenizer_info_route=args.enable_tokenizer_info_endpoint,
+        max_logprobs=args.max_logprobs,
+        force_include_usage=args.enable_force_include_usage,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        priority_scheduling=args.scheduling_policy == "priority",
     )
 
 
 def announce_ready(args: argparse.Namespace, ready: Ready) -> None:
     scheme = "https" if args.ssl_certfile else "http"
-    url = f"{scheme}://{args.host}:{args.port}"
+    url = f"unix:{args.uds}" if args.uds else f"{scheme}://{args.host}:{args.port}"
     model = served_names(args)[0]
     console.ready_line(url, model, args.tp_size, args.pp_size, ready.kv_slots, args.dp_size)

@@ -89,6 +89,8 @@ def granian_options(args: argparse.Namespace) -> dict:
     )
     if args.ssl_certfile:
         options.update(ssl_cert=Path(args.ssl_certfile), ssl_key=Path(args.ssl_keyfile))
+    if getattr(args, "uds", None):  # vLLM's --uds: a Unix socket in place of --host/--port
+        options.update(uds=Path(args.uds))
     return options
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from ringllm.app.reasoning import PARSERS as REASONING_PARSERS
 from ringllm.app.tool_calls import PARSERS as TOOL_PARSERS
 from ringllm.engine.config import setting
+from ringllm.ipc.sampling import MAX_LOGPROBS
 
 ENV_PREFIX = "RINGLLM_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -104,6 +105,34 @@ class ServeConfig:
         False,
         "encode control tokens found in chat messages (the template's role markers) as plain text; by "
         "default they are the real tokens, as in transformers and vLLM",
+    )
+    root_path: str | None = setting(
+        None,
+        "serve every route under this path prefix as well (behind a proxy that forwards the prefix)",
+        metavar="PATH",
+    )
+    uds: str | None = setting(
+        None, "listen on this Unix domain socket (the file is created) instead of --host and --port", metavar="PATH"
+    )
+    max_logprobs: int = setting(
+        MAX_LOGPROBS,
+        f"the most logprobs a request may ask for (logprobs, top_logprobs, prompt_logprobs; more is a 400); "
+        f"at most {MAX_LOGPROBS}, what the sampler returns",
+    )
+    enable_tokenizer_info_endpoint: bool = setting(
+        False, "serve GET /tokenizer_info: the tokenizer's configuration, chat template and added tokens"
+    )
+    enable_server_load_tracking: bool = setting(
+        False, "serve GET /load: the requests in flight to the model routes (each API worker counts its own)"
+    )
+    enable_force_include_usage: bool = setting(
+        False, "every stream ends with a usage chunk, as if each request set stream_options.include_usage"
+    )
+    return_tokens_as_token_ids: bool = setting(
+        False, "write every token of logprobs as token_id:<id> (tokens that are not whole UTF-8 survive)"
+    )
+    enable_prompt_tokens_details: bool = setting(
+        False, "usage reports prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served"
     )
     generation_config: str = setting(
         "auto",

@@ -290,3 +290,31 @@ def test_documents_and_chat_template_kwargs_reach_the_template(build):
     with pytest.raises(ApiError) as e:
         create(serving, chat_template_kwargs={"documents": []})
     assert e.value.param == "chat_template_kwargs"
+
+
+def test_tool_choice_required_lifts_the_tools_defs_to_the_schemas_root(serving):
+    """Issue 24 item 5: a tool whose parameters `$ref` their own `$defs` (as pydantic writes them)."""
+    import jsonschema_rs
+
+    options = {"type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"]}
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "options": {"$ref": "#/$defs/WeatherOptions"}},
+        "required": ["city", "options"],
+        "$defs": {"WeatherOptions": options},
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": params}}
+    other = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
+    serving.engine.reply = serving.engine.text_reply(
+        '[{"name": "get_weather", "parameters": {"city": "Oslo", "options": {"unit": "C"}}}]'
+    )
+    create(serving, tools=[tool, other], tool_choice="required")
+    schema = json.loads(serving.engine.submitted[0][2].structured_outputs.json)
+    assert schema["$defs"] == {"WeatherOptions": options}
+    validator = jsonschema_rs.validator_for(schema)
+    assert validator.is_valid([{"name": "get_weather", "parameters": {"city": "Oslo", "options": {"unit": "C"}}}])
+    assert not validator.is_valid([{"name": "get_weather", "parameters": {"city": "Oslo", "options": {"unit": "K"}}}])
+    clash = {"type": "function", "function": {"name": "b", "parameters": {**params, "$defs": {"WeatherOptions": {}}}}}
+    with pytest.raises(ApiError) as e:
+        create(serving, tools=[tool, clash], tool_choice="required")
+    assert e.value.param == "tools" and "WeatherOptions" in e.value.message

@@ -258,6 +258,8 @@ def test_a_request_the_engine_fails_gets_its_status(serving):
     with pytest.raises(ApiError, match="grammar") as e:
         create(serving)
     assert e.value.status == 400 and serving.engine.aborted == []
+    # Issue 27 item 11: the client's grammar is not a request that ran, so no finish reason counts it.
+    assert [serving.count(r) for r in ("stop", "length", "abort", "error")] == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("refusal", [EngineDown("the engine is not running"), EngineBusy("its ring stayed full")])

@@ -149,3 +149,90 @@ def test_a_context_overflow_has_openais_words_and_code(served, path, body, param
     assert r.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", param), error
     assert error["message"].startswith("This model's maximum context length is 1024 tokens. However,")
     assert ("messages" in error["message"]) == (path == "/v1/chat/completions")
+
+
+def test_vllms_informational_routes(served):
+    """/version, /ping (GET and POST, as /health), HEAD /health, and one model of /v1/models by name (an unknown
+    one is a 404 in OpenAI's error shape); the listing carries max_model_len."""
+    import importlib.metadata
+
+    client, serving = served()
+    try:
+        version = importlib.metadata.version("ringllm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0+unknown"
+    assert client.get("/version").json() == {"version": version}
+    assert client.get("/ping").status_code == 200 and client.post("/ping").status_code == 200
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
+    serving.status.unavailable = "the server is shutting down"
+    assert client.get("/ping").status_code == 503 and client.post("/ping").status_code == 503
+    assert client.head("/health").status_code == 503
+    entry = client.get("/v1/models/other-name").json()
+    assert entry["id"] == "other-name" and entry["object"] == "model" and entry["max_model_len"] == 1024
+    assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 1024
+    r = client.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model" and "nope" in r.json()["error"]["message"]
+
+
+def test_invocations_answers_as_the_route_its_body_is_for(served):
+    client, serving = served()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    a, b = client.post("/v1/chat/completions", json=chat).json(), client.post("/invocations", json=chat).json()
+    assert a.keys() == b.keys(), b
+    assert a["choices"] == b["choices"] and b["object"] == "chat.completion"
+    completion = {"prompt": "The sea", "max_tokens": 3, "temperature": 0}
+    a, b = client.post("/v1/completions", json=completion).json(), client.post("/invocations", json=completion).json()
+    assert a["choices"] == b["choices"] and b["object"] == "text_completion"
+    r = client.post("/invocations", json={**completion, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream") and r.text.endswith("data: [DONE]\n\n")
+    submitted = len(serving.engine.submitted)
+    r = client.post("/invocations", json={"input": "x"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = client.post("/invocations", json={"prompt": "x", "max_tokens": -1})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    assert client.post("/invocations", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    assert len(serving.engine.submitted) == submitted
+
+
+def test_root_path_serves_every_route_under_the_prefix_too(served):
+    client, _ = served(root_path="/llm", api_key="k", public_routes=["/health"])
+    assert client.get("/llm/health").status_code == 200 and client.get("/health").status_code == 200
+    key = {"authorization": "Bearer k"}
+    assert client.get("/llm/v1/models").status_code == 401
+    assert client.get("/llm/v1/models", headers=key).json()["data"][0]["id"] == "m"
+    assert client.get("/llmx/v1/models", headers=key).status_code == 404
+
+
+def test_the_load_route_exists_only_with_server_load_tracking(served):
+    client, _ = served()
+    assert client.get("/load").status_code == 404
+    client, _ = served(server_load_tracking=True)
+    assert client.get("/load").json() == {"server_load": 0}
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert client.get("/load").json() == {"server_load": 0}  # counted while in flight only
+
+
+def test_tokenizer_info_only_with_its_option(served, tokenizer_dir):
+    client, _ = served()
+    assert client.get("/tokenizer_info").status_code == 404
+    client, serving = served(tokenizer_info_route=True)
+    info = client.get("/tokenizer_info").json()
+    assert isinstance(info["tokenizer_class"], str) and info["model_max_length"] >= 1024
+    assert info["chat_template"] == serving.model.tokenizer.template_text
+    added = serving.model.tokenizer.backend.get_added_tokens_decoder()
+    assert set(info["added_tokens_decoder"]) == {str(i) for i in added}
+    for token_id, token in info["added_tokens_decoder"].items():
+        assert token["content"] == added[int(token_id)].content and isinstance(token["special"], bool)
+
+
+def test_the_route_signatures_warn_of_nothing_litestar_3_drops(served):
+    """Issue 27 item 13: every body and path parameter is declared with its marker."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client, _ = served(server_load_tracking=True, tokenizer_info_route=True)
+        assert client.post("/tokenize", json={"prompt": "x"}).status_code == 200
+        assert client.get("/v1/models/m").status_code == 200
+    assert [str(w.message) for w in caught if "Litestar" in type(w.category).__name__ or "litestar" in w.filename] == []

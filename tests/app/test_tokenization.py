@@ -24,7 +24,8 @@ def tokenize(serving, **fields) -> dict:
 def test_a_prompt_is_tokenized_as_completions_tokenizes_it(serving):
     tok = serving.model.tokenizer
     got = tokenize(serving, prompt="The sea is calm")
-    assert got == {"tokens": tok.encode("The sea is calm", True), "count": got["count"], "max_model_len": 1024}
+    tokens = tok.encode("The sea is calm", True)
+    assert got == {"tokens": tokens, "count": got["count"], "max_model_len": 1024, "token_strs": None}
     assert got["count"] == len(got["tokens"])
 
 
@@ -44,10 +45,10 @@ def test_either_a_prompt_or_messages(serving, fields):
 
 def test_detokenize_round_trips_and_names_an_unknown_id(serving):
     tokens = tokenize(serving, prompt="naïve café")["tokens"]
-    assert serving.tokenize.detokenize(DetokenizeRequest(tokens)) == {"prompt": "naïve café"}
+    assert serving.tokenize.detokenize(DetokenizeRequest(tokens=tokens)) == {"prompt": "naïve café"}
     vocab = serving.model.tokenizer.vocab_size
     with pytest.raises(ApiError, match=f"token id {vocab} is outside the vocabulary") as e:
-        serving.tokenize.detokenize(DetokenizeRequest([1, vocab]))
+        serving.tokenize.detokenize(DetokenizeRequest(tokens=[1, vocab]))
     assert e.value.param == "tokens"
 
 
@@ -55,3 +56,59 @@ def test_the_model_listing_names_every_served_name(serving):
     listing = serving.model.listing()
     assert [m["id"] for m in listing["data"]] == ["m", "other-name"]
     assert all(m["max_model_len"] == 1024 and m["root"] == serving.model.path for m in listing["data"])
+
+
+def test_return_token_strs_gives_each_ids_token_string(serving):
+    got = tokenize(serving, prompt="The sea", return_token_strs=True)
+    backend = serving.model.tokenizer.backend
+    assert got["token_strs"] == [backend.id_to_token(i) for i in got["tokens"]] and all(got["token_strs"])
+    assert tokenize(serving, prompt="The sea", add_special_tokens=False)["tokens"] == (
+        serving.model.tokenizer.encode("The sea", False)
+    )
+
+
+def _template(serving, messages, **options) -> str:
+    tok = serving.model.tokenizer
+    convo = chat_io.template_messages(msgspec.convert(messages, list[Message]), tok.template_text)
+    return tok.apply_chat_template(convo, options.pop("tools", None), **options)
+
+
+def test_chat_options_render_as_transformers_renders_them(serving):
+    """add_generation_prompt false, continue_final_message (the last turn left open), tools, template variables:
+    the ids are those of transformers' render of the same options."""
+    tok = serving.model.tokenizer
+    closed = tokenize(serving, messages=MESSAGES, add_generation_prompt=False)["tokens"]
+    assert closed == tok.encode_chat(_template(serving, MESSAGES, add_generation_prompt=False))
+    assert closed != tokenize(serving, messages=MESSAGES)["tokens"]
+    partial = [*MESSAGES, {"role": "assistant", "content": "Hel"}]
+    opened = tokenize(serving, messages=partial, add_generation_prompt=False, continue_final_message=True)
+    text = tok.decode(opened["tokens"], skip_special_tokens=False)
+    assert text.endswith("Hel") and text == _template(
+        serving, partial, add_generation_prompt=False, continue_final_message=True
+    )
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    with_tools = tokenize(serving, messages=MESSAGES, tools=[tool])["tokens"]
+    assert "get_weather" in tok.decode(with_tools, skip_special_tokens=False)
+    assert with_tools == tok.encode_chat(_template(serving, MESSAGES, tools=[tool]))
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"messages": MESSAGES, "continue_final_message": True}, "continue_final_message"),  # with the default true
+        ({"messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+        ({"prompt": "x", "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"prompt": "x", "tools": []}, "tools"),
+        ({"prompt": "x", "model": "nope"}, "model"),
+    ],
+)
+def test_bad_tokenize_options_are_a_400_naming_the_field(serving, fields, param):
+    with pytest.raises(ApiError) as e:
+        tokenize(serving, **fields)
+    assert e.value.param == param and e.value.status in (400, 404)
+
+
+def test_unknown_tokenize_fields_are_refused_by_name():
+    for kind, body in ((TokenizeRequest, {"prompt": "x", "foo": 1}), (DetokenizeRequest, {"tokens": [1], "foo": 1})):
+        with pytest.raises(msgspec.ValidationError, match="unknown field `foo`"):
+            msgspec.convert(body, kind)

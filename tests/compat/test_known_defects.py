@@ -95,7 +95,6 @@ def test_completion_logprobs_have_text_offset(default_server):
 
 
 # ---- (3) Lark grammars ----
-@COMPAT
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_grammar"])
 @pytest.mark.parametrize("route", ["v1/completions", "v1/chat/completions"])
 def test_lark_grammar_is_accepted(default_server, route, field):
@@ -140,7 +139,7 @@ def test_usage_reports_cached_prompt_tokens(default_server, route):
 @pytest.mark.parametrize(
     "tool_choice",
     [
-        pytest.param("required", marks=COMPAT),
+        pytest.param("required"),
         # passes on this branch: the named function's own schema is the root, so its $defs resolve
         {"type": "function", "function": {"name": "get_temperature"}},
     ],
@@ -166,7 +165,6 @@ def test_forced_tool_call_with_defs_in_its_schema(default_server, tool_choice):
 
 
 # ---- (6) /tokenize ----
-@COMPAT
 def test_tokenize_returns_token_strs(default_server, tokenizer):
     """vLLM's /tokenize answers `token_strs` (the tokens' strings with `return_token_strs: true`, else null)."""
     prompt = "This is a token_strs test prompt! vllm1"
@@ -179,9 +177,9 @@ def test_tokenize_returns_token_strs(default_server, tokenizer):
 @pytest.mark.parametrize(
     "add_generation_prompt, continue_final_message",
     [
-        pytest.param(False, False, marks=COMPAT),
-        (True, False),  # ringllm's rendering always adds the generation prompt, so this case passes
-        pytest.param(False, True, marks=COMPAT),
+        pytest.param(False, False),
+        (True, False),  # passed before too: ringllm's rendering always added the generation prompt
+        pytest.param(False, True),
     ],
     ids=["no-generation-prompt", "generation-prompt", "continue-final-message"],
 )
@@ -205,7 +203,6 @@ def test_tokenize_renders_chat_options(default_server, tokenizer, add_generation
     assert ok(post(default_server, "tokenize", body))["tokens"] == expected
 
 
-@COMPAT
 def test_tokenize_renders_tools(default_server, tokenizer):
     """vLLM's /tokenize passes `tools` to the chat template (the tokens a chat request with them would have)."""
     messages = [{"role": "user", "content": "What's the weather like in Paris today?"}]
@@ -217,7 +214,6 @@ def test_tokenize_renders_tools(default_server, tokenizer):
     assert got["tokens"] == expected
 
 
-@COMPAT
 def test_tokenize_refuses_unknown_fields(default_server):
     """A field the server does not implement is refused, never ignored: this project's rule, which its chat and
     completion routes keep and its /tokenize does not (it drops unknown fields silently). vLLM itself accepts

@@ -82,6 +82,49 @@ def test_every_option_that_concerns_a_worker_lands_in_its_settings():
     assert (plain.served_models, plain.tokenizer_path, plain.request_timeout) == (["ringllm-demo"], "/models/m", None)
 
 
+def test_vllms_server_options_land_in_the_worker_settings():
+    args = _serve_args(
+        *("--root-path", "/llm", "--max-logprobs", "5", "--enable-tokenizer-info-endpoint"),
+        *("--enable-server-load-tracking", "--enable-force-include-usage", "--return-tokens-as-token-ids"),
+        *("--scheduling-policy", "priority", "--enable-prompt-tokens-details"),
+    )
+    s = worker_settings(args, READY, None, SamplingDefaults())
+    assert (
+        s.enable_prompt_tokens_details
+        and not worker_settings(_serve_args(), READY, None, SamplingDefaults()).enable_prompt_tokens_details
+    )
+    assert (s.root_path, s.max_logprobs, s.tokenizer_info_route, s.server_load_tracking) == ("/llm", 5, True, True)
+    assert (s.force_include_usage, s.return_tokens_as_token_ids, s.priority_scheduling) == (True, True, True)
+    plain = worker_settings(_serve_args(), READY, None, SamplingDefaults())
+    assert (plain.root_path, plain.max_logprobs, plain.tokenizer_info_route, plain.server_load_tracking) == (
+        None,
+        20,
+        False,
+        False,
+    )
+    assert (plain.force_include_usage, plain.return_tokens_as_token_ids, plain.priority_scheduling) == (
+        False,
+        False,
+        False,
+    )
+
+
+def test_max_logprobs_above_what_the_sampler_returns_is_refused_by_name():
+    from ringllm.serve.cli import serve_args_problem
+
+    assert serve_args_problem(_serve_args("--max-logprobs", "20")) is None
+    for value in ("21", "-1"):
+        assert "--max-logprobs" in (serve_args_problem(_serve_args("--max-logprobs", value)) or "")
+
+
+def test_uds_makes_granian_bind_a_unix_socket(tmp_path):
+    from ringllm.serve.host import granian_options
+
+    sock = tmp_path / "r.sock"
+    assert granian_options(_serve_args("--uds", str(sock)))["uds"] == sock
+    assert "uds" not in granian_options(_serve_args())
+
+
 def test_the_workers_inherit_the_settings_and_no_option_variable(monkeypatch):
     for name in [n for n in os.environ if n.startswith("RINGLLM_")]:  # put back afterwards, whatever is removed
         monkeypatch.setenv(name, os.environ[name])

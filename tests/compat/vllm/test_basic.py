@@ -43,7 +43,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.vllm_compat  # GET /version is 404: ringllm has no /version route
 @pytest.mark.parametrize("server_args", LAYOUTS, indirect=True)
 @pytest.mark.asyncio
 async def test_show_version(server):
@@ -109,7 +108,6 @@ async def test_request_wrong_content_type(server):
             )
 
 
-@pytest.mark.vllm_compat  # --enable-server-load-tracking is not a ringllm option (the server does not start)
 @pytest.mark.parametrize(
     "server_args", [pytest.param(["--enable-server-load-tracking"], id="enable-server-load-tracking")], indirect=True
 )

@@ -500,7 +500,7 @@ async def test_long_seed(client):
         assert "greater_than_equal" in message or "less_than_equal" in message
 
 
-@pytest.mark.vllm_compat  # POST /invocations is 404 (no SageMaker-style route)
+@pytest.mark.vllm_compat  # /invocations answers as the chat route, whose response has no service_tier or system_fingerprint keys (the openai client's model_dump has them)
 @pytest.mark.asyncio
 async def test_invocations(server, client):
     request_args = {

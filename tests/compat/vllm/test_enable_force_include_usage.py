@@ -23,7 +23,6 @@ async def chat_client_with_force_include_usage(chat_server_with_force_include_us
         yield async_client
 
 
-@pytest.mark.vllm_compat  # --enable-force-include-usage is not a ringllm option (the server does not start)
 @pytest.mark.asyncio
 async def test_chat_with_enable_force_include_usage(chat_client_with_force_include_usage):
     # With the server's option, a stream carries usage without the client asking (stream_options absent).

@@ -57,7 +57,6 @@ async def test_not_v1_api_token(server):
     assert requests.get(server.url_for("health")).status_code == HTTPStatus.OK
 
 
-@pytest.mark.vllm_compat  # --enable-request-id-headers is not a ringllm option (the server does not start)
 @pytest.mark.parametrize("server", ["--enable-request-id-headers"], indirect=True)
 @pytest.mark.asyncio
 async def test_enable_request_id_header(server):
@@ -66,7 +65,6 @@ async def test_enable_request_id_header(server):
     assert len(response.headers.get("X-Request-Id", "")) == 32
 
 
-@pytest.mark.vllm_compat  # --enable-request-id-headers is not a ringllm option (the server does not start)
 @pytest.mark.parametrize("server", ["--enable-request-id-headers"], indirect=True)
 @pytest.mark.asyncio
 async def test_custom_request_id_header(server):

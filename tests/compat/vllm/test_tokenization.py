@@ -57,7 +57,6 @@ def chat_cases():
                 yield add_generation, add_special, continue_final, list(conversation)
 
 
-@pytest.mark.vllm_compat  # the /tokenize answer has no token_strs key
 @pytest.mark.asyncio
 async def test_tokenize_completions(server, tokenizer):
     for add_special in (False, True):
@@ -70,7 +69,6 @@ async def test_tokenize_completions(server, tokenizer):
         assert result["token_strs"] is None
 
 
-@pytest.mark.vllm_compat  # /tokenize ignores add_generation_prompt and continue_final_message; no token_strs key
 @pytest.mark.asyncio
 async def test_tokenize_chat(server, tokenizer):
     for add_generation, add_special, continue_final, conversation in chat_cases():
@@ -97,7 +95,6 @@ async def test_tokenize_chat(server, tokenizer):
         assert result["token_strs"] is None
 
 
-@pytest.mark.vllm_compat  # /tokenize ignores tools, add_generation_prompt, continue_final_message; no token_strs
 @pytest.mark.asyncio
 async def test_tokenize_chat_with_tools(server, tokenizer):
     for add_generation, add_special, continue_final, _ in chat_cases():
@@ -129,7 +126,6 @@ async def test_tokenize_chat_with_tools(server, tokenizer):
         assert result["token_strs"] is None
 
 
-@pytest.mark.vllm_compat  # /tokenize ignores return_token_strs (no token_strs key)
 @pytest.mark.asyncio
 async def test_tokenize_with_return_token_strs(server, tokenizer):
     prompt = "This is a token_strs test prompt! vllm1"
@@ -156,14 +152,12 @@ def tokenizer_info(server) -> dict:
     return response.json()
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_basic(info_server):
     result = tokenizer_info(info_server)
     assert isinstance(result.get("tokenizer_class"), str) and result["tokenizer_class"]
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_schema(info_server):
     result = tokenizer_info(info_server)
@@ -187,7 +181,6 @@ async def test_tokenizer_info_schema(info_server):
             assert isinstance(result[field], expected), f"{field} should be {expected.__name__}"
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_added_tokens_structure(info_server):
     for token_id, info in (tokenizer_info(info_server).get("added_tokens_decoder") or {}).items():
@@ -197,7 +190,6 @@ async def test_tokenizer_info_added_tokens_structure(info_server):
         assert isinstance(info["special"], bool)
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_consistency_with_tokenize(info_server):
     info = tokenizer_info(info_server)
@@ -207,7 +199,6 @@ async def test_tokenizer_info_consistency_with_tokenize(info_server):
         assert info_max >= tokenize_max, "Info max length should be >= tokenize max length"
 
 
-@pytest.mark.vllm_compat  # --enable-tokenizer-info-endpoint is not a ringllm option; no GET /tokenizer_info
 @pytest.mark.asyncio
 async def test_tokenizer_info_chat_template(info_server):
     template = tokenizer_info(info_server).get("chat_template")

@@ -19,7 +19,6 @@ def server(real_model, server_logs, tmp_path_factory):
         yield remote
 
 
-@pytest.mark.vllm_compat  # --uds is not a ringllm option (the server does not start); no /version route
 @pytest.mark.asyncio
 async def test_show_version(server):
     client = httpx.Client(transport=httpx.HTTPTransport(uds=server.uds))
