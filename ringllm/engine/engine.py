@@ -25,6 +25,7 @@ from ringllm.engine.core.plan import Batch
 from ringllm.engine.core.scheduler import Scheduler
 from ringllm.engine.core.sequence import Sequence, Status
 from ringllm.engine.grammar import GrammarError, Grammars
+from ringllm.engine.grammar_schema import ConstraintRefused, check_constraint
 from ringllm.engine.loader import checkpoint_path, read_config
 from ringllm.engine.logs import get_logger
 from ringllm.engine.parallel import Layout
@@ -56,7 +57,7 @@ class TokenOutput:
     # With the first token of a request that asked for them: (logprob, top k) of prompt tokens 1, 2, ...
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     prompt_ranks: list[int] | None = None  # with prompt_logprobs: each of those prompt tokens' rank
-    error: str | None = None  # with finish_reason "error": why the request could not be served (nothing ran)
+    error: str | None = None  # with finish_reason "error": why (refused before it ran, or over its grammar budget)
 
 
 class RequestError(ValueError):
@@ -153,6 +154,12 @@ class Engine:
             raise RequestError("bad_words reach the engine as bad_words_token_ids (text/bad_words.py tokenizes them)")
         if params.structured_outputs is not None and not self.layout.is_sampler:
             raise RequestError("structured_outputs need the sampler in the engine process (pp_size 1)")
+        if params.structured_outputs is not None:
+            kind, text, _ = params.structured_outputs.key
+            try:
+                check_constraint(kind, text)
+            except ConstraintRefused as e:
+                raise RequestError(str(e)) from None
 
     def check_grammar(self, params: SamplingParams) -> None:
         """Compiles a constrained request's grammar now, in the caller's thread (the offline API does, so that a
@@ -211,7 +218,8 @@ class Engine:
             mask = None
             if self._matchers and self._constrained(batch):
                 outputs += self._read_back(len(self._in_flight))
-                mask = self._grammar_mask(batch)
+                mask, over_budget = self._grammar_mask(batch)
+                outputs += [self._fail(batch.seqs[i], why) for i, why in over_budget.items()]
             result = self.runner.sample(forward, mask)
             assert result is not None  # the engine is rank 0, which gets every step's tokens
             self._in_flight.append((batch, result))
@@ -304,9 +312,19 @@ class Engine:
     def _constrained(self, batch: Batch) -> bool:
         return any(s.rid in self._matchers for s in batch.seqs)
 
-    def _grammar_mask(self, batch: Batch) -> GrammarMask | None:
+    def _fail(self, seq: Sequence, why: str) -> TokenOutput:
+        """Ends a running request with finish_reason "error" and `why`; a token of its still in flight is
+        dropped when read back, like an abort's."""
+        self._matchers.pop(seq.rid, None)
+        del self.seqs[seq.rid]
+        self.scheduler.finish(seq, "error")
+        log.warning("request ended with an error", rid=seq.rid, error=why)
+        return TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=why)
+
+    def _grammar_mask(self, batch: Batch) -> tuple[GrammarMask | None, dict[int, str]]:
         """The grammar masks of the batch's sampled constrained rows, from their matchers (which must have
-        accepted every token before this step's: the steps in flight are read back first)."""
+        accepted every token before this step's: the steps in flight are read back first), and the rows whose
+        mask ran over its budget (engine/grammar.py), with their error."""
         sampled = batch.plan.sample
         return self.grammars.masks(
             [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device

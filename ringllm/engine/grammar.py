@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,14 @@ from ringllm.ipc.sampling import StructuredOutputs
 
 log = get_logger("engine.grammar")
 
-MAX_CACHED_GRAMMARS = 256  # compiled grammars kept (least recently used dropped first)
+# Compiled grammars kept, least recently used dropped first, bounded by their bytes (xgrammar's own estimate, plus
+# the key's text): a count would let a few huge grammars (a 20,000-alternative regex is ~28 MB on a 1k vocab)
+# hold gigabytes.
+GRAMMAR_CACHE_BYTES = 128 * 1024 * 1024
+FAILED_ENTRY_BYTES = 1024  # a failed compile is cached too (its error), so that a repeat is refused at once
+# A request's token mask may take this long to fill per step; an ambiguous grammar whose mask work grows with
+# every token (s ::= "a" s | s "a" | s s | "a") ends with an error instead of stalling every other request.
+MASK_BUDGET_SECONDS = 0.05
 COMPILE_THREADS = 2
 MAX_JSON_WHITESPACE = 16  # whitespace characters between two JSON elements ("\n" and 15 spaces of indent)
 
@@ -62,14 +70,24 @@ def _json_grammar(schema: str, options: dict) -> str:
 class Grammars:
     """Compiles constraints for one engine and makes the matchers and masks of its requests."""
 
-    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, stop_token_ids: list[int]):
+    def __init__(
+        self,
+        load_tokenizer: Callable[[], object],
+        vocab_size: int,
+        stop_token_ids: list[int],
+        cache_bytes: int = GRAMMAR_CACHE_BYTES,
+        mask_budget: float = MASK_BUDGET_SECONDS,
+    ):
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
+        self.cache_bytes, self.mask_budget = cache_bytes, mask_budget
         self._pool: ThreadPoolExecutor | None = None
         self._compiler: Future | None = None
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}  # bytes of each cached grammar whose compile has ended
         self._lock = threading.Lock()  # compile() is called from the engine thread and from callers of check
+        self.num_compiles = 0  # compiles started (one per distinct constraint while it stays cached)
 
     # ---- compiling ----
     def compile(self, spec: StructuredOutputs) -> Future:
@@ -84,9 +102,29 @@ class Grammars:
                 self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
                 self._compiler = self._pool.submit(self._make_compiler)
             future = self._cache[key] = self._pool.submit(self._compile, key)
-            while len(self._cache) > MAX_CACHED_GRAMMARS:
-                self._cache.popitem(last=False)
-            return future
+            self.num_compiles += 1
+        future.add_done_callback(lambda f: self._cached(key, f))
+        return future
+
+    def _cached(self, key: tuple, future: Future) -> None:
+        """A compile ended: its bytes count against the cache, and the least recently used grammars go until
+        the cache fits (those still compiling stay: requests wait on them)."""
+        compiled = None if future.cancelled() or future.exception() is not None else future.result()
+        size = len(key[1]) + (compiled.memory_size_bytes if compiled is not None else FAILED_ENTRY_BYTES)
+        with self._lock:
+            if self._cache.get(key) is not future:
+                return  # dropped meanwhile
+            self._sizes[key] = size
+            for old in list(self._cache):
+                if self.cache_size <= self.cache_bytes or old == key:
+                    break
+                if old in self._sizes:
+                    del self._cache[old], self._sizes[old]
+
+    @property
+    def cache_size(self) -> int:
+        """Bytes held by the compiled grammars in the cache."""
+        return sum(self._sizes.values())
 
     def _make_compiler(self):
         import xgrammar
@@ -135,22 +173,34 @@ class Grammars:
         )
 
     # ---- masks ----
-    def masks(self, matchers: list, device: torch.device) -> GrammarMask | None:
-        """The bitmask of every batch row whose matcher is given (None: unconstrained, or not sampled)."""
+    def masks(self, matchers: list, device: torch.device) -> tuple[GrammarMask | None, dict[int, str]]:
+        """The bitmask of every batch row whose matcher is given (None: unconstrained, or not sampled), and the
+        rows whose mask took longer than the budget, each with the error that ends its request. Filling runs
+        while the step's forward does (the engine queues it first); the budget bounds what one request's
+        grammar can add to every step, since its mask work only grows with its output."""
         index = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
         if not index:
-            return None
+            return None, {}
         import xgrammar
 
         bitmask = xgrammar.allocate_token_bitmask(len(index), self.vocab_size)
+        over: dict[int, str] = {}
         for j, i in enumerate(index):
+            start = time.perf_counter()
             matchers[i].fill_next_token_bitmask(bitmask, j)
+            took = time.perf_counter() - start
+            if took > self.mask_budget:
+                over[i] = (
+                    f"structured_outputs: the grammar's token mask took {took * 1e3:.0f} ms to compute, over this "
+                    f"server's budget of {self.mask_budget * 1e3:.0f} ms per token (an ambiguous grammar's work "
+                    "grows with its output); make the grammar unambiguous"
+                )
         rows = torch.tensor(index, dtype=torch.long)
         if device.type == "cuda":
             # Both copies from pinned memory, without waiting: a copy from pageable memory synchronizes the
             # stream, so the host would wait for this step's forward and lose the overlap with the next step.
             bitmask, rows = bitmask.pin_memory(), rows.pin_memory()
-        return GrammarMask(bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True))
+        return GrammarMask(bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True)), over
 
     def close(self) -> None:
         if self._pool is not None:
