@@ -24,7 +24,7 @@ from ringllm.engine.config import EngineConfig, check_context_len
 from ringllm.engine.core.plan import Batch
 from ringllm.engine.core.scheduler import Scheduler
 from ringllm.engine.core.sequence import Sequence, Status
-from ringllm.engine.grammar import GrammarError, Grammars
+from ringllm.engine.grammar import CompileQueueFull, GrammarError, Grammars
 from ringllm.engine.grammar_schema import ConstraintRefused, check_constraint
 from ringllm.engine.loader import checkpoint_path, read_config
 from ringllm.engine.logs import get_logger
@@ -179,11 +179,19 @@ class Engine:
         if len(self.scheduler.waiting) + len(self._compiling) >= self.config.max_waiting_requests:
             raise RequestError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seq = Sequence(rid, prompt_ids, params)
-        self.seqs[rid] = seq
         if params.structured_outputs is not None:  # it joins the queue once its grammar is compiled
-            self._compiling.append((seq, self.grammars.compile(params.structured_outputs)))
+            # Requests waiting for grammars take at most a quarter of the waiting queue, so that held compiles
+            # (a fan-out of prompts x n on a slow grammar) cannot fill it for everyone else.
+            if len(self._compiling) >= max(1, self.config.max_waiting_requests // 4):
+                raise RequestError(f"the grammar compile queue is full ({len(self._compiling)} requests wait)")
+            try:
+                future = self.grammars.compile(params.structured_outputs)
+            except CompileQueueFull as e:
+                raise RequestError(str(e)) from None
+            self._compiling.append((seq, future))
         else:
             self.scheduler.add(seq)
+        self.seqs[rid] = seq
 
     def abort(self, rid: str) -> TokenOutput | None:
         seq = self.seqs.pop(rid, None)
@@ -194,6 +202,9 @@ class Engine:
         if compiling:
             self._compiling.remove(compiling[0])
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            future = compiling[0][1]
+            if not any(f is future for _, f in self._compiling):
+                future.cancel()  # nobody else waits for it: a compile not yet started never runs
         else:
             self.scheduler.finish(seq, "abort")
         return TokenOutput(rid, None, "abort", num_prompt_tokens=seq.num_prompt)

@@ -18,10 +18,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
+from ringllm.engine.grammar_pool import CompileThreads
 from ringllm.engine.logs import get_logger
 from ringllm.engine.sampler import GrammarMask
 from ringllm.ipc.sampling import StructuredOutputs
@@ -37,11 +38,18 @@ FAILED_ENTRY_BYTES = 1024  # a failed compile is cached too (its error), so that
 # every token (s ::= "a" s | s "a" | s s | "a") ends with an error instead of stalling every other request.
 MASK_BUDGET_SECONDS = 0.05
 COMPILE_THREADS = 2
+# Distinct grammars waiting for a compile thread; one more is refused (503) rather than queued behind them. The
+# requests of one fan-out (prompts x n) share their grammar's compile.
+MAX_QUEUED_COMPILES = 16
 MAX_JSON_WHITESPACE = 16  # whitespace characters between two JSON elements ("\n" and 15 spaces of indent)
 
 
 class GrammarError(ValueError):
     """A constraint that cannot be compiled; the message says why."""
+
+
+class CompileQueueFull(RuntimeError):
+    """Too many distinct grammars wait to be compiled; the message says so (the server answers 503)."""
 
 
 def _message(e: Exception) -> str:
@@ -82,12 +90,13 @@ class Grammars:
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self.cache_bytes, self.mask_budget = cache_bytes, mask_budget
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: CompileThreads | None = None
         self._compiler: Future | None = None
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._sizes: dict[tuple, int] = {}  # bytes of each cached grammar whose compile has ended
         self._lock = threading.Lock()  # compile() is called from the engine thread and from callers of check
-        self.num_compiles = 0  # compiles started (one per distinct constraint while it stays cached)
+        self.num_compiles = 0  # compiles asked for (one per distinct constraint while it stays cached)
+        self.num_compiles_run = 0  # of those, compiles that ran (not cancelled while they waited)
 
     # ---- compiling ----
     def compile(self, spec: StructuredOutputs) -> Future:
@@ -99,8 +108,12 @@ class Grammars:
                 self._cache.move_to_end(key)
                 return future
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
+                self._pool = CompileThreads(COMPILE_THREADS, "grammar")
                 self._compiler = self._pool.submit(self._make_compiler)
+            if self._pool.queued >= MAX_QUEUED_COMPILES:
+                raise CompileQueueFull(
+                    f"the grammar compile queue is full ({MAX_QUEUED_COMPILES} distinct grammars wait); try again later"
+                )
             future = self._cache[key] = self._pool.submit(self._compile, key)
             self.num_compiles += 1
         future.add_done_callback(lambda f: self._cached(key, f))
@@ -109,11 +122,17 @@ class Grammars:
     def _cached(self, key: tuple, future: Future) -> None:
         """A compile ended: its bytes count against the cache, and the least recently used grammars go until
         the cache fits (those still compiling stay: requests wait on them)."""
-        compiled = None if future.cancelled() or future.exception() is not None else future.result()
-        size = len(key[1]) + (compiled.memory_size_bytes if compiled is not None else FAILED_ENTRY_BYTES)
         with self._lock:
             if self._cache.get(key) is not future:
                 return  # dropped meanwhile
+            if future.cancelled():  # nobody waited any more (cancel()): a later request compiles it anew
+                del self._cache[key]
+                return
+        compiled = None if future.exception() is not None else future.result()
+        size = len(key[1]) + (compiled.memory_size_bytes if compiled is not None else FAILED_ENTRY_BYTES)
+        with self._lock:
+            if self._cache.get(key) is not future:
+                return
             self._sizes[key] = size
             for old in list(self._cache):
                 if self.cache_size <= self.cache_bytes or old == key:
@@ -138,6 +157,7 @@ class Grammars:
 
     def _compile(self, key: tuple[str, str, bool]):
         kind, text, no_whitespace = key
+        self.num_compiles_run += 1
         assert self._compiler is not None  # submitted with the pool, before any compile
         compiler = self._compiler.result()
         try:
@@ -203,5 +223,6 @@ class Grammars:
         return GrammarMask(bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True)), over
 
     def close(self) -> None:
+        """Drops the compiles not yet started; one running ends on its daemon thread (nothing waits for it)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(COMPILE_THREADS)

@@ -1,6 +1,8 @@
 """engine/grammar.py and engine/grammar_schema.py on the CPU engine (the demo model): the hardening of issue 28's
 structured-output attacks. Each test reproduces an attack and checks the bound that stops it."""
 
+import time
+
 import pytest
 
 from ringllm.engine import EngineConfig, SamplingParams
@@ -35,7 +37,7 @@ def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) 
         if not engine.has_work:
             break
         for o in engine.step():
-            outs[o.rid].append(o)
+            outs.setdefault(o.rid, []).append(o)  # requests added before, too
     assert not engine.has_work
     return outs
 
@@ -135,3 +137,82 @@ def test_an_ambiguous_grammar_ends_with_an_error_once_its_masks_run_over_budget(
     assert last.finish_reason == "error" and "budget" in last.error, last
     assert 20 < sum(o.token_id is not None for o in outs["attack"]) < 900
     assert outs["normal"][-1].finish_reason == "length" and len(outs["normal"]) == 300
+
+
+def _slow_schema(k: int, repeat: int = 2500) -> StructuredOutputs:
+    """A small schema whose pattern takes seconds to compile (its conversion grows with repeat squared)."""
+    pattern = f"^(a|b|c){{{repeat}}}{k}$"
+    return StructuredOutputs(json={"type": "object", "properties": {"p": {"type": "string", "pattern": pattern}}})
+
+
+def test_the_compile_queue_is_bounded_and_abandoned_compiles_never_run(demo_path):
+    """Issue 28, critical 1: held requests with slow distinct grammars queue at most MAX_QUEUED_COMPILES
+    compiles (one more is a 503-class refusal), and those of requests that left never run."""
+    from ringllm.engine.grammar import COMPILE_THREADS, MAX_QUEUED_COMPILES
+
+    engine = Engine(EngineConfig(model=str(demo_path), device="cpu", kv_cache_tokens=4096, context_len=512))
+    try:
+        engine.grammars.compile(StructuredOutputs(regex="warm")).result()  # the compiler is built
+        held = COMPILE_THREADS + MAX_QUEUED_COMPILES
+        for k in range(held):
+            engine.add_request(f"h{k}", [5], SamplingParams(structured_outputs=_slow_schema(k)))
+            while k < COMPILE_THREADS and engine.grammars.num_compiles_run < k + 2:
+                time.sleep(0.01)  # the first ones run: the queue holds the rest
+        with pytest.raises(RequestError, match="grammar compile queue is full"):
+            engine.add_request("one-more", [5], SamplingParams(structured_outputs=_slow_schema(held)))
+        engine.add_request("plain", [5], SamplingParams(max_tokens=3))  # unconstrained requests still get in
+        for k in range(held):
+            assert engine.abort(f"h{k}") is not None
+        outs = _run(engine, {})
+        assert list(outs) == ["plain"] and outs["plain"][-1].finish_reason == "length"
+        assert engine.grammars.num_compiles_run <= 1 + COMPILE_THREADS + 1  # the warm-up, those running, a race
+    finally:
+        engine.close()
+
+
+def test_requests_waiting_for_grammars_take_a_quarter_of_the_waiting_queue(demo_path):
+    """A fan-out (prompts x n) on one slow grammar compiles it once but cannot fill the waiting queue."""
+    engine = Engine(
+        EngineConfig(model=str(demo_path), device="cpu", kv_cache_tokens=4096, context_len=512, max_waiting_requests=8)
+    )
+    try:
+        so = _slow_schema(0, repeat=1500)
+        for k in range(2):
+            engine.add_request(f"fan{k}", [5], SamplingParams(structured_outputs=so, max_tokens=5))
+        with pytest.raises(RequestError, match="grammar compile queue is full"):
+            engine.add_request("fan2", [5], SamplingParams(structured_outputs=so, max_tokens=5))
+        outs = _run(engine, {"plain": ([5], SamplingParams(max_tokens=3))})
+        assert outs["plain"][-1].finish_reason == "length"
+        assert outs["fan0"][-1].finish_reason and outs["fan1"][-1].finish_reason
+        assert engine.grammars.num_compiles == 1
+    finally:
+        engine.close()
+
+
+def test_a_running_compile_does_not_hold_the_process_at_exit(demo_path, tmp_path):
+    """Issue 28, minor: a drained engine closes its grammars and exits; a compile still running (minutes, for a
+    crafted schema) must not keep the process alive."""
+    import subprocess
+    import sys
+
+    script = f"""
+import time
+from ringllm.engine.grammar import Grammars
+from ringllm.text.tokenizer import transformers_tokenizer
+from tests.engine.test_grammar import _slow_schema
+g = Grammars(lambda: transformers_tokenizer({str(demo_path)!r}), 1024, [2])
+g.compile(_slow_schema(0, repeat=6000))
+time.sleep(0.5)
+g.close()
+print("closed", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "closed"
+        closed = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - closed < 3.0  # the compile itself takes ~20 s or more
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
