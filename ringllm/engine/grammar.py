@@ -156,6 +156,26 @@ class Grammars:
         return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
     def _compile(self, key: tuple[str, str, bool]):
+        """The compiled grammar of `key`; GrammarError if it does not compile or allows no first token (an
+        unsatisfiable grammar is refused like one that does not compile, not run to an "error" finish)."""
+        compiled = self._compile_text(key)
+        if not self._allows_a_token(compiled):
+            raise GrammarError(f"structured_outputs.{key[0]}: the constraint allows no output with this vocabulary")
+        return compiled
+
+    def _allows_a_token(self, compiled) -> bool:
+        import xgrammar
+
+        matcher = self.matcher(compiled)
+        if matcher.is_terminated():
+            return True
+        bitmask = xgrammar.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        logits = torch.zeros(1, self.vocab_size)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size)
+        return bool(torch.isfinite(logits).any())
+
+    def _compile_text(self, key: tuple[str, str, bool]):
         kind, text, no_whitespace = key
         self.num_compiles_run += 1
         assert self._compiler is not None  # submitted with the pool, before any compile

@@ -216,3 +216,15 @@ print("closed", flush=True)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    "so", [StructuredOutputs(grammar="root ::= [^\\x00-\\U0010FFFF]"), StructuredOutputs(regex="[^\\x00-\\U0010FFFF]")]
+)
+def test_an_unsatisfiable_constraint_is_refused_like_one_that_does_not_compile(engine, so):
+    """Issue 28, minor: a constraint that allows no first token was a 200 with finish_reason "error"; it now
+    fails as its compile does (the server answers 400 with the error), before anything runs."""
+    outs = _run(engine, {"none": ([5], SamplingParams(max_tokens=5, structured_outputs=so))})
+    [out] = outs["none"]
+    assert out.token_id is None and out.finish_reason == "error"
+    assert out.error is not None and out.error.startswith(f"structured_outputs.{so.kind}: the constraint allows no")
