@@ -203,8 +203,8 @@ class Engine:
             self._compiling.remove(compiling[0])
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
             future = compiling[0][1]
-            if not any(f is future for _, f in self._compiling):
-                future.cancel()  # nobody else waits for it: a compile not yet started never runs
+            if not any(f is future for _, f in self._compiling):  # nobody else waits for it: stop it
+                self.grammars.abandon(seq.params.structured_outputs, future)
         else:
             self.scheduler.finish(seq, "abort")
         return TokenOutput(rid, None, "abort", num_prompt_tokens=seq.num_prompt)

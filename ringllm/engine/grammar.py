@@ -1,8 +1,9 @@
 """Structured outputs: grammar-constrained decoding with xgrammar.
 
 A constrained request's grammar (a JSON schema, any JSON object, a regex, a choice of strings or an EBNF
-grammar) is compiled once per (kind, text) on a small thread pool, off the step loop; the request waits for it
-outside the scheduler's queue. Once admitted it has its own GrammarMatcher, which accepts each token as it is
+grammar) is compiled once per (kind, text) off the step loop: a small thread pool (engine/grammar_pool.py) hands
+each compile to a child process (engine/grammar_process.py), which is killed when the compile overruns or its
+requests all left; the request waits for it outside the scheduler's queue. Once admitted it has its own GrammarMatcher, which accepts each token as it is
 read back. Before a step samples, the matchers of its constrained rows fill one bitmask each (bit j set: token j
 allowed), and the sampler sets every other logit to -inf. When the grammar is complete only the stop tokens are
 allowed, and the request ends once its matcher has accepted one.
@@ -12,8 +13,6 @@ request, so an engine that never gets one pays nothing."""
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from concurrent.futures import Future
 import torch
 
 from ringllm.engine.grammar_pool import CompileThreads
+from ringllm.engine.grammar_process import COMPILE_SECONDS, CompileAbandoned, CompileProcess, GrammarError
 from ringllm.engine.logs import get_logger
 from ringllm.engine.sampler import GrammarMask
 from ringllm.ipc.sampling import StructuredOutputs
@@ -41,38 +41,10 @@ COMPILE_THREADS = 2
 # Distinct grammars waiting for a compile thread; one more is refused (503) rather than queued behind them. The
 # requests of one fan-out (prompts x n) share their grammar's compile.
 MAX_QUEUED_COMPILES = 16
-MAX_JSON_WHITESPACE = 16  # whitespace characters between two JSON elements ("\n" and 15 spaces of indent)
-
-
-class GrammarError(ValueError):
-    """A constraint that cannot be compiled; the message says why."""
 
 
 class CompileQueueFull(RuntimeError):
     """Too many distinct grammars wait to be compiled; the message says so (the server answers 503)."""
-
-
-def _message(e: Exception) -> str:
-    """xgrammar's error without its C++ location prefix ("[12:00:00] /project/cpp/x.cc:42: ...")."""
-    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[0]) if str(e) else type(e).__name__
-
-
-# Two defects of xgrammar 0.2.9's JSON strings, patched in the EBNF it writes: a string with minLength/maxLength
-# takes [^"\\\r\n], which lets raw control characters (U+0000-U+001F) in, and every string class lets UTF-8
-# encoded surrogates (ED A0 80 ...) in. Neither is JSON: Python's json.loads and JSON.parse refuse the first,
-# and the second is not even UTF-8. Both classes become JSON's own, less the surrogates.
-_STRING_CLASSES = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
-_JSON_STRING_CHARS = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
-
-
-def _json_grammar(schema: str, options: dict) -> str:
-    """The EBNF of a JSON schema, with JSON's own string characters everywhere."""
-    import xgrammar
-
-    text = str(xgrammar.Grammar.from_json_schema(schema, **options))
-    for loose in _STRING_CLASSES:
-        text = text.replace(loose, _JSON_STRING_CHARS)
-    return text
 
 
 class Grammars:
@@ -97,6 +69,10 @@ class Grammars:
         self._lock = threading.Lock()  # compile() is called from the engine thread and from callers of check
         self.num_compiles = 0  # compiles asked for (one per distinct constraint while it stays cached)
         self.num_compiles_run = 0  # of those, compiles that ran (not cancelled while they waited)
+        self.compile_timeout = COMPILE_SECONDS
+        self._abandoned: set[tuple] = set()  # keys of running compiles nobody waits for any more: stop them
+        self._local = threading.local()  # each compile thread's CompileProcess
+        self._processes: list[CompileProcess] = []
 
     # ---- compiling ----
     def compile(self, spec: StructuredOutputs) -> Future:
@@ -104,7 +80,8 @@ class Grammars:
         key = spec.key
         with self._lock:
             future = self._cache.get(key)
-            if future is not None:
+            if future is not None and not _abandoned(future):
+                self._abandoned.discard(key)  # someone waits for it again
                 self._cache.move_to_end(key)
                 return future
             if self._pool is None:
@@ -125,8 +102,9 @@ class Grammars:
         with self._lock:
             if self._cache.get(key) is not future:
                 return  # dropped meanwhile
-            if future.cancelled():  # nobody waited any more (cancel()): a later request compiles it anew
+            if _abandoned(future):  # nobody waited any more: a later request compiles it anew
                 del self._cache[key]
+                self._abandoned.discard(key)
                 return
         compiled = None if future.exception() is not None else future.result()
         size = len(key[1]) + (compiled.memory_size_bytes if compiled is not None else FAILED_ENTRY_BYTES)
@@ -152,8 +130,7 @@ class Grammars:
             self._load_tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
         )
         log.info("grammar compiler ready", vocab_size=self.vocab_size, vocab_type=info.vocab_type.name)
-        # Our cache holds the compiled grammars (bounded); xgrammar's own would keep every one.
-        return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        return info, info.serialize_json()
 
     def _compile(self, key: tuple[str, str, bool]):
         """The compiled grammar of `key`; GrammarError if it does not compile or allows no first token (an
@@ -176,31 +153,27 @@ class Grammars:
         return bool(torch.isfinite(logits).any())
 
     def _compile_text(self, key: tuple[str, str, bool]):
-        kind, text, no_whitespace = key
+        """Compiles in this thread's child process (engine/grammar_process.py) and reads the result back."""
+        import xgrammar
+
         self.num_compiles_run += 1
         assert self._compiler is not None  # submitted with the pool, before any compile
-        compiler = self._compiler.result()
-        try:
-            # JSON: whitespace between elements is free (pretty-printed output) but bounded per gap, so that a
-            # model cannot wander in whitespace forever and a bounded schema bounds the output.
-            space = {
-                "any_whitespace": not no_whitespace,
-                "max_whitespace_cnt": None if no_whitespace else MAX_JSON_WHITESPACE,
-            }
-            if kind == "json":
-                return compiler.compile_grammar(_json_grammar(text, space))
-            if kind == "json_object":  # any object: strict mode would forbid every property of {"type": "object"}
-                return compiler.compile_grammar(_json_grammar('{"type": "object"}', dict(space, strict_mode=False)))
-            if kind == "regex":
-                return compiler.compile_regex(text)
-            if kind == "choice":  # EBNF string literals take JSON's escapes
-                choices = json.loads(text)
-                return compiler.compile_grammar(
-                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-                )
-            return compiler.compile_grammar(text)
-        except Exception as e:
-            raise GrammarError(f"structured_outputs.{kind}: {_message(e)}") from None
+        info, info_json = self._compiler.result()
+        process = getattr(self._local, "process", None)
+        if process is None:
+            process = self._local.process = CompileProcess(info_json)
+            with self._lock:
+                self._processes.append(process)
+        process.timeout = self.compile_timeout
+        serialized = process.compile(key, lambda: key in self._abandoned)
+        return xgrammar.CompiledGrammar.deserialize_json(serialized, info)
+
+    def abandon(self, spec: StructuredOutputs | None, future: Future) -> None:
+        """Nobody waits for `future` (the compile of `spec`) any more: a compile not yet started never runs, a
+        running one is killed."""
+        if spec is not None and not future.cancel() and not future.done():
+            with self._lock:
+                self._abandoned.add(spec.key)
 
     def matcher(self, compiled):
         """A request's place in its grammar: accept_token() each token read back; is_terminated() once the
@@ -246,3 +219,11 @@ class Grammars:
         """Drops the compiles not yet started; one running ends on its daemon thread (nothing waits for it)."""
         if self._pool is not None:
             self._pool.shutdown(COMPILE_THREADS)
+        with self._lock:
+            processes, self._processes = self._processes, []
+        for process in processes:
+            process.close()
+
+
+def _abandoned(future: Future) -> bool:
+    return future.cancelled() or (future.done() and isinstance(future.exception(), CompileAbandoned))

@@ -228,3 +228,41 @@ def test_an_unsatisfiable_constraint_is_refused_like_one_that_does_not_compile(e
     [out] = outs["none"]
     assert out.token_id is None and out.finish_reason == "error"
     assert out.error is not None and out.error.startswith(f"structured_outputs.{so.kind}: the constraint allows no")
+
+
+def test_a_compile_past_its_time_is_stopped_with_a_clear_error(engine):
+    """Issue 28, critical 1: the compile of a small schema whose pattern converts for minutes runs in a child
+    process, killed at the time limit; the request fails naming its field, and compiles go on."""
+    engine.grammars.compile_timeout = 1.0
+    try:
+        start = time.monotonic()
+        outs = _run(engine, {"slow": ([5], SamplingParams(structured_outputs=_slow_schema(0, repeat=14000)))})
+        took = time.monotonic() - start
+    finally:
+        engine.grammars.compile_timeout = 10.0
+    [out] = outs["slow"]
+    assert (
+        out.finish_reason == "error" and out.error == "structured_outputs.json: did not compile within 1 s; simplify it"
+    )
+    assert took < 30  # the compile itself: ~60 s; the rest is a fresh process starting (torch's import)
+    ok = _run(engine, {"after": ([5], SamplingParams(max_tokens=9, structured_outputs=StructuredOutputs(regex="ok")))})
+    assert ok["after"][-1].finish_reason == "stop"
+
+
+def test_a_running_compile_whose_request_left_is_stopped(engine):
+    """Issue 28, critical 1: a client that leaves while its grammar compiles stops the compile (its process is
+    killed), instead of leaving it to hold a compile thread for as long as it runs."""
+    so = _slow_schema(1, repeat=14000)
+    engine.add_request("left", [5], SamplingParams(structured_outputs=so))
+    future = engine.grammars.compile(so)
+    before = engine.grammars.num_compiles_run
+    while engine.grammars.num_compiles_run == before and not future.done():
+        time.sleep(0.01)  # (num_compiles_run counted it already, or it starts now)
+    time.sleep(0.5)
+    assert not future.done()
+    engine.abort("left")
+    stopped = time.monotonic()
+    with pytest.raises(Exception, match="every request waiting for this grammar left"):
+        future.result(timeout=5)
+    assert time.monotonic() - stopped < 2
+    assert not engine.has_work
