@@ -13,6 +13,8 @@ request, so an engine that never gets one pays nothing."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -112,11 +114,15 @@ class Grammars:
             if self._cache.get(key) is not future:
                 return
             self._sizes[key] = size
+            evicted = False
             for old in list(self._cache):
                 if self.cache_size <= self.cache_bytes or old == key:
                     break
                 if old in self._sizes:
                     del self._cache[old], self._sizes[old]
+                    evicted = True
+        if evicted:
+            _trim_heap()
 
     @property
     def cache_size(self) -> int:
@@ -227,3 +233,14 @@ class Grammars:
 
 def _abandoned(future: Future) -> bool:
     return future.cancelled() or (future.done() and isinstance(future.exception(), CompileAbandoned))
+
+
+def _trim_heap() -> None:
+    """Returns freed heap to the OS. Reading a large compiled grammar back (its JSON, then its tables) leaves
+    glibc's heap holding the peak; without a trim the engine's RSS stays there after the grammar is dropped
+    (measured: 23 grammars of 26 MB, cache bounded at 106 MB, RSS 1.09 GB; 0.50 GB after a trim)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

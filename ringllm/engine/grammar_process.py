@@ -7,11 +7,14 @@ peak compile memory dies with it. Each compile thread of engine/grammar.py owns 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 COMPILE_SECONDS = 10.0  # one compile's time, from when the child starts it
@@ -68,14 +71,16 @@ def compile_key(compiler, key: tuple[str, str, bool]):
     return compiler.compile_grammar(text)
 
 
-def _child(conn, tokenizer_info: str) -> None:
-    """The compile process: answers each key with ("ok", serialized grammar) or ("error", message)."""
+def _child(fd: int) -> None:
+    """The compile process (`python -m ringllm.engine.grammar_process FD`): reads the tokenizer info, then
+    answers each key with ("ok", serialized grammar) or ("error", message)."""
     from ringllm.ipc.process import die_with_parent
 
     die_with_parent(signal.SIGKILL, name="ringllm-grammar")
+    conn = Connection(fd)
     import xgrammar
 
-    info = xgrammar.TokenizerInfo.deserialize_json(tokenizer_info)
+    info = xgrammar.TokenizerInfo.deserialize_json(conn.recv())
     # Our cache (engine/grammar.py) holds the compiled grammars; xgrammar's own would keep every one.
     compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     conn.send(("ready", ""))
@@ -95,7 +100,7 @@ class CompileProcess:
 
     def __init__(self, tokenizer_info: str, timeout: float = COMPILE_SECONDS):
         self.tokenizer_info, self.timeout = tokenizer_info, timeout
-        self._proc: Any = None  # a spawn-context Process
+        self._proc: Any = None  # the child's Popen
         self._conn: Any = None  # its end of the Pipe
 
     def compile(self, key: tuple[str, str, bool], abandoned: Callable[[], bool]) -> str:
@@ -110,13 +115,16 @@ class CompileProcess:
         return payload
 
     def _start(self, abandoned: Callable[[], bool]) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self._proc is not None and self._proc.poll() is None:
             return
-        ctx = multiprocessing.get_context("spawn")  # the engine has threads (and maybe CUDA): never fork it
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child, self.tokenizer_info), name="ringllm-grammar", daemon=True)
-        self._proc.start()
-        child.close()
+        # A fresh interpreter: the engine has threads (and maybe CUDA), so never fork it; and not multiprocessing's
+        # spawn, which re-runs the parent's __main__ (an offline user's script) in the child.
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "ringllm.engine.grammar_process", str(theirs.fileno())]
+        self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(self.tokenizer_info)
         self._wait(time.monotonic() + START_SECONDS, abandoned, "")
 
     def _wait(self, deadline: float, abandoned: Callable[[], bool], kind: str) -> tuple[str, str]:
@@ -125,21 +133,29 @@ class CompileProcess:
             if abandoned():
                 self.close()
                 raise CompileAbandoned("every request waiting for this grammar left")
-            if time.monotonic() > deadline or not (self._proc and self._proc.is_alive()):
+            if time.monotonic() > deadline or self._proc is None or self._proc.poll() is not None:
                 self.close()
                 if kind:
                     raise GrammarError(
                         f"structured_outputs.{kind}: did not compile within {self.timeout:g} s; simplify it"
                     )
                 raise RuntimeError("the grammar compile process did not start")
-        return self._conn.recv()
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):  # it died as it answered
+            self.close()
+            raise GrammarError(f"structured_outputs.{kind}: the grammar compiler failed") from None
 
     def close(self) -> None:
         """Kills the child (a compile it runs is lost)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             proc.kill()
-            proc.join()
+            proc.wait()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]))
