@@ -133,7 +133,7 @@ def _template_call(where: str, call) -> dict:
     decoded object, as vLLM gives them."""
     try:
         args = json.loads(call.function.arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to decode
         args = None
     if not isinstance(args, dict):
         raise ApiError(

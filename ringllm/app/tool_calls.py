@@ -47,7 +47,7 @@ def call_from_json(obj, args_keys=("arguments", "parameters")) -> ToolCall | Non
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply to decode
             return None
     if not isinstance(args, dict):
         return None
@@ -198,7 +198,7 @@ class Llama3JsonParser:
 def _parse_json(text: str) -> ToolCall | None:
     try:
         return call_from_json(json.loads(text))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply to decode
         return None
 
 
@@ -214,7 +214,7 @@ def _parse_json_sequence(text: str, names=frozenset()) -> list[ToolCall]:
             break
         try:
             obj, pos = decoder.raw_decode(text, pos)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply to decode
             return []
         objects += obj if isinstance(obj, list) else [obj]
     calls = [call_from_json(obj) for obj in objects]

@@ -25,7 +25,8 @@ from ringllm.engine.config import EngineConfig, check_context_len
 from ringllm.engine.core.plan import Batch
 from ringllm.engine.core.scheduler import Scheduler
 from ringllm.engine.core.sequence import Sequence, Status
-from ringllm.engine.grammar import GrammarError, Grammars
+from ringllm.engine.grammar import CompileQueueFull, GrammarError, Grammars
+from ringllm.engine.grammar_schema import ConstraintRefused, check_constraint
 from ringllm.engine.loader import checkpoint_path, read_config
 from ringllm.engine.logs import get_logger
 from ringllm.engine.parallel import Layout
@@ -58,7 +59,7 @@ class TokenOutput:
     # With the first token of a request that asked for them: (logprob, top k) of prompt tokens 1, 2, ...
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     prompt_ranks: list[int] | None = None  # with prompt_logprobs: each of those prompt tokens' rank
-    error: str | None = None  # with finish_reason "error": why the request could not be served (nothing ran)
+    error: str | None = None  # with finish_reason "error": why (refused before it ran, or over its grammar budget)
 
 
 class RequestError(ValueError):
@@ -169,6 +170,12 @@ class Engine:
             raise RequestError("bad_words reach the engine as bad_words_token_ids (text/bad_words.py tokenizes them)")
         if params.structured_outputs is not None and not self.layout.is_sampler:
             raise RequestError("structured_outputs need the sampler in the engine process (pp_size 1)")
+        if params.structured_outputs is not None:
+            kind, text, _ = params.structured_outputs.key
+            try:
+                check_constraint(kind, text)
+            except ConstraintRefused as e:
+                raise RequestError(str(e)) from None
 
     def check_grammar(self, params: SamplingParams) -> None:
         """Compiles a constrained request's grammar now, in the caller's thread (the offline API does, so that a
@@ -188,11 +195,19 @@ class Engine:
         if len(self.scheduler.waiting) + len(self._compiling) >= self.config.max_waiting_requests:
             raise RequestError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seq = Sequence(rid, prompt_ids, params)
-        self.seqs[rid] = seq
         if params.structured_outputs is not None:  # it joins the queue once its grammar is compiled
-            self._compiling.append((seq, self.grammars.compile(params.structured_outputs)))
+            # Requests waiting for grammars take at most a quarter of the waiting queue, so that held compiles
+            # (a fan-out of prompts x n on a slow grammar) cannot fill it for everyone else.
+            if len(self._compiling) >= max(1, self.config.max_waiting_requests // 4):
+                raise RequestError(f"the grammar compile queue is full ({len(self._compiling)} requests wait)")
+            try:
+                future = self.grammars.compile(params.structured_outputs)
+            except CompileQueueFull as e:
+                raise RequestError(str(e)) from None
+            self._compiling.append((seq, future))
         else:
             self.scheduler.add(seq)
+        self.seqs[rid] = seq
 
     def abort(self, rid: str) -> TokenOutput | None:
         seq = self.seqs.pop(rid, None)
@@ -203,6 +218,9 @@ class Engine:
         if compiling:
             self._compiling.remove(compiling[0])
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            future = compiling[0][1]
+            if not any(f is future for _, f in self._compiling):  # nobody else waits for it: stop it
+                self.grammars.abandon(seq.params.structured_outputs, future)
         else:
             self.scheduler.finish(seq, "abort")
         return TokenOutput(rid, None, "abort", num_prompt_tokens=seq.num_prompt)
@@ -227,7 +245,8 @@ class Engine:
             mask = None
             if self._matchers and self._constrained(batch):
                 outputs += self._read_back(len(self._in_flight))
-                mask = self._grammar_mask(batch)
+                mask, over_budget = self._grammar_mask(batch)
+                outputs += [self._fail(batch.seqs[i], why) for i, why in over_budget.items()]
             result = self.runner.sample(forward, mask)
             assert result is not None  # the engine is rank 0, which gets every step's tokens
             self._in_flight.append((batch, result))
@@ -320,9 +339,19 @@ class Engine:
     def _constrained(self, batch: Batch) -> bool:
         return any(s.rid in self._matchers for s in batch.seqs)
 
-    def _grammar_mask(self, batch: Batch) -> GrammarMask | None:
+    def _fail(self, seq: Sequence, why: str) -> TokenOutput:
+        """Ends a running request with finish_reason "error" and `why`; a token of its still in flight is
+        dropped when read back, like an abort's."""
+        self._matchers.pop(seq.rid, None)
+        del self.seqs[seq.rid]
+        self.scheduler.finish(seq, "error")
+        log.warning("request ended with an error", rid=seq.rid, error=why)
+        return TokenOutput(seq.rid, None, "error", num_prompt_tokens=seq.num_prompt, error=why)
+
+    def _grammar_mask(self, batch: Batch) -> tuple[GrammarMask | None, dict[int, str]]:
         """The grammar masks of the batch's sampled constrained rows, from their matchers (which must have
-        accepted every token before this step's: the steps in flight are read back first)."""
+        accepted every token before this step's: the steps in flight are read back first), and the rows whose
+        mask ran over its budget (engine/grammar.py), with their error."""
         sampled = batch.plan.sample
         return self.grammars.masks(
             [self._matchers.get(s.rid) if sampled[i] else None for i, s in enumerate(batch.seqs)], self.device

@@ -205,7 +205,7 @@ class EngineServer:
             worker = self.owner.get(out.rid)
             if worker is None:
                 continue
-            if out.error is not None:  # refused before it ran (a grammar that does not compile): a 400
+            if out.error is not None:  # a grammar that does not compile, or ran over its mask budget: a 400
                 self.failed.append((worker, m.RequestFailed(out.rid, out.error, 400)))
                 del self.owner[out.rid]
                 self.request_stats.forget(out.rid)

@@ -74,10 +74,15 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
             except LarkError as e:
                 raise FieldError("structured_outputs.grammar", f"structured_outputs.grammar (Lark): {e}") from None
         if isinstance(self.json, dict):  # the engine compiles (and caches) by the schema's text
-            self.json = msgspec.json.encode(self.json).decode()
+            try:
+                self.json = msgspec.json.encode(self.json).decode()
+            except RecursionError:
+                raise FieldError("structured_outputs.json", "structured_outputs.json is nested too deeply") from None
         elif isinstance(self.json, str):
             try:
                 schema = msgspec.json.decode(self.json)
+            except RecursionError:
+                raise FieldError("structured_outputs.json", "structured_outputs.json is nested too deeply") from None
             except msgspec.DecodeError:
                 raise FieldError(
                     "structured_outputs.json",
