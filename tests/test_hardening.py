@@ -375,7 +375,7 @@ def test_silent_and_partial_connections_do_not_lock_anyone_out(tmp_path):
         "2048",
         "--context-len",
         "256",
-        "--backpressure",
+        "--max-connections",
         "16",
         "--header-read-timeout",
         "1",

@@ -17,7 +17,7 @@ from ringllm.app.access_log import RequestLog, request_id
 from ringllm.app.cors import cors_config
 from ringllm.app.errors import ApiError, error_response
 from ringllm.app.guard import guard
-from ringllm.app.limits import MAX_BODY_BYTES, bound_body_reads
+from ringllm.app.limits import MAX_BODY_BYTES, ClientBounds, bound_body_reads
 from ringllm.app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ringllm.app.settings import WorkerSettings
 from ringllm.app.sse import sse_stream
@@ -48,7 +48,9 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
         cors_config=cors_config(settings.allowed_origins),
         state=State({"settings": settings}),  # what this worker was started with, for whoever inspects it
     )
-    return RequestLog(app)  # request ids and the access log around everything above
+    # The send timeout and the request slots (app/limits.py) around all of it; request ids and the access log
+    # around everything.
+    return RequestLog(ClientBounds(app, settings.send_timeout, settings.request_slots))
 
 
 def _routes(worker: Worker, profiler: bool) -> list:

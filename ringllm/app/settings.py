@@ -61,6 +61,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     engine_stall_timeout: Positive = 30.0
     profiler_routes: bool = False
     log_level: str = "info"
+    # ---- hostile clients (app/limits.py, app/guard.py) ----
+    send_timeout: Positive = 30.0  # a response write that waits longer for the client to read cuts the request
+    request_slots: Annotated[int, Meta(ge=1)] | None = None  # --backpressure: requests at once, probes aside
+    allowed_hosts: list[str] = []  # Host names taken besides localhost names and IP addresses; "*": any
     # ---- requests ----
     sampling_defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
 

@@ -140,7 +140,7 @@ from ringllm.app.server import create_app
 key = {"Authorization": "Bearer real-key"}
 out = {}
 worker = create_app()  # as Granian's factory call makes it: no argument
-out["defaults"] = worker.app.state.settings.sampling_defaults.temperature
+out["defaults"] = worker.app.app.state.settings.sampling_defaults.temperature
 with TestClient(app=worker) as c:
     models = c.get("/v1/models", headers=key)
     out["models"] = [m["id"] for m in models.json()["data"]], models.json()["data"][0]["max_model_len"]
