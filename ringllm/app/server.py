@@ -39,9 +39,14 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
         route_handlers=_routes(worker, settings.profiler_routes),
         lifespan=[worker.lifespan],
         exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
-        # The API key and the Content-Type, then the body within a time limit.
+        # The Host, the API key and the Content-Type, then the body within a time limit.
         middleware=[
-            DefineMiddleware(guard, api_key=settings.api_key, public_routes=set(settings.public_routes)),
+            DefineMiddleware(
+                guard,
+                api_key=settings.api_key,
+                public_routes=set(settings.public_routes),
+                allowed_hosts=settings.allowed_hosts,
+            ),
             DefineMiddleware(bound_body_reads, timeout=settings.body_read_timeout),
         ],
         request_max_body_size=MAX_BODY_BYTES,

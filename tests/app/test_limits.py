@@ -1,4 +1,4 @@
-"""What a client may hold of an API worker (app/limits.py), driven at the ASGI level over a FakeEngine: a
+"""What a client may hold of an API worker (app/limits.py) and the Host check (app/guard.py), over a FakeEngine: a
 response write that waits past --send-timeout cuts the request (a client that stopped reading) and aborts it in
 the engine; --backpressure request slots leave the probes out."""
 
@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import pytest
+from litestar.testing import TestClient
 
 from ringllm.app.server import create_app
 from ringllm.app.worker import Services
@@ -121,3 +122,34 @@ def test_request_slots_leave_health_and_metrics_free(app_over):
     waiting = asyncio.run(run())
     assert waiting.status == 200 and waiting.chunks and len(serving.engine.submitted) == 2
     assert serving.count("abort") == 2
+
+
+@pytest.mark.parametrize(
+    "host,status",
+    [
+        ("localhost:8000", 200),
+        ("LOCALHOST.", 200),
+        ("app.localhost", 200),
+        ("127.0.0.1:8000", 200),
+        ("[::1]:8000", 200),
+        ("10.1.2.3", 200),
+        ("served.example:8000", 200),  # --allowed-hosts served.example
+        ("rebind.attacker.test", 421),
+        ("rebind.attacker.test:8000", 421),
+        ("localhost.attacker.test", 421),
+    ],
+)
+def test_the_host_header_must_name_this_server(app_over, host, status):
+    """DNS rebinding: a page on rebind.attacker.test, whose name now resolves to 127.0.0.1, must not drive the
+    local server; every route, /health too, answers 421 naming the option that would allow the name."""
+    client = TestClient(app_over(allowed_hosts=["served.example"])[0])
+    for path in ("/health", "/v1/models"):  # (this fake engine never ends a generation)
+        r = client.get(path, headers={"host": host})
+        assert r.status_code == status, (host, r.text)
+    if status == 421:
+        assert r.json()["error"]["param"] == "host" and "--allowed-hosts" in r.json()["error"]["message"]
+
+
+def test_any_host_with_a_star(app_over):
+    client = TestClient(app_over(allowed_hosts=["*"])[0])
+    assert client.get("/health", headers={"host": "rebind.attacker.test"}).status_code == 200

@@ -172,6 +172,7 @@ def test_an_api_worker_takes_everything_from_its_settings_and_nothing_from_other
         api_key="real-key",
         public_routes=["/health"],
         allowed_origins=["http://settings.test"],
+        allowed_hosts=["testserver.local"],  # Litestar's TestClient's Host
         sampling_defaults=SamplingDefaults(temperature=0.5),
     )
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
