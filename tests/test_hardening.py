@@ -354,13 +354,13 @@ def _open(port: int, first_bytes: bytes | None) -> socket.socket:
 
 
 PARTIAL_BODY = (
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     b'Content-Length: 1000\r\n\r\n{"prompt": '
 )
 HOLDERS = {
     "silent": None,
     "request line": b"GET /heal",
-    "headers": b"GET /health HTTP/1.1\r\nHost: x\r\n",
+    "headers": b"GET /health HTTP/1.1\r\nHost: localhost\r\n",
     "body": PARTIAL_BODY,
 }
 
@@ -375,7 +375,7 @@ def test_silent_and_partial_connections_do_not_lock_anyone_out(tmp_path):
         "2048",
         "--context-len",
         "256",
-        "--backpressure",
+        "--max-connections",
         "16",
         "--header-read-timeout",
         "1",
@@ -409,7 +409,7 @@ def test_idle_keep_alive_connection_is_closed_after_the_header_timeout(tmp_path)
         _proc,
         base,
     ):
-        s = _open(int(base.rsplit(":", 1)[1]), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s = _open(int(base.rsplit(":", 1)[1]), b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         s.settimeout(60)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
         assert _read_all(s) == b""  # then nothing is sent: the server closes it

@@ -20,7 +20,7 @@ from ringllm.app.asgi_layers import ServedUnder, ServerLoad
 from ringllm.app.cors import cors_config
 from ringllm.app.errors import ApiError, error_response, invalid_body
 from ringllm.app.guard import guard
-from ringllm.app.limits import MAX_BODY_BYTES, bound_body_reads
+from ringllm.app.limits import MAX_BODY_BYTES, ClientBounds, bound_body_reads
 from ringllm.app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ringllm.app.settings import WorkerSettings
 from ringllm.app.sse import sse_stream
@@ -45,19 +45,28 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
         route_handlers=_routes(worker, settings.profiler_routes) + extra,
         lifespan=[worker.lifespan],
         exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_unexpected},
-        # The API key and the Content-Type, then the body within a time limit.
+        # The Host, the API key and the Content-Type, then the body within a time limit.
         middleware=[
-            DefineMiddleware(guard, api_key=settings.api_key, public_routes=set(settings.public_routes)),
+            DefineMiddleware(
+                guard,
+                api_key=settings.api_key,
+                public_routes=set(settings.public_routes),
+                allowed_hosts=settings.allowed_hosts,
+            ),
             DefineMiddleware(bound_body_reads, timeout=settings.body_read_timeout),
         ],
         request_max_body_size=MAX_BODY_BYTES,
         cors_config=cors_config(settings.allowed_origins),
         state=State({"settings": settings}),  # what this worker was started with, for whoever inspects it
     )
-    inner: Any = app if load is None else load.wrap(app)  # ASGI apps, layered
+    # Layers, inside out: the load count (--enable-server-load-tracking); the send timeout and the request slots
+    # (app/limits.py); the --root-path prefix, taken off before the layers that look at the path; request ids and
+    # the access log around everything.
+    inner: Any = app if load is None else load.wrap(app)
+    inner = ClientBounds(inner, settings.send_timeout, settings.request_slots)
     if settings.root_path:
         inner = ServedUnder(inner, settings.root_path)
-    return RequestLog(inner)  # request ids and the access log around everything above
+    return RequestLog(inner)
 
 
 def _routes(worker: Worker, profiler: bool) -> list:

@@ -66,6 +66,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     root_path: str | None = None  # --root-path: every route is served under this prefix too
     server_load_tracking: bool = False  # --enable-server-load-tracking: GET /load
     tokenizer_info_route: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
+    # ---- hostile clients (app/limits.py, app/guard.py) ----
+    send_timeout: Positive = 30.0  # a response write that waits longer for the client to read cuts the request
+    request_slots: Annotated[int, Meta(ge=1)] | None = None  # --backpressure: requests at once, probes aside
+    allowed_hosts: list[str] = []  # Host names taken besides localhost names and IP addresses; "*": any
     # ---- requests ----
     sampling_defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
     max_logprobs: Annotated[int, Meta(ge=0)] = 20  # --max-logprobs: the most top logprobs a request may ask for

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -74,16 +75,26 @@ def port_problem(host: str, port: int) -> str | None:
 def granian_options(args: argparse.Namespace) -> dict:
     """Keyword arguments for Granian(...) from `ringllm serve`'s options: protocols and connection limits,
     logging through our structlog chain (its access log off: app/access_log.py writes one line per request
-    with its request id), TLS from --ssl-keyfile/--ssl-certfile."""
+    with its request id), TLS from --ssl-keyfile/--ssl-certfile.
+
+    Granian's backpressure counts connections, not requests: it is --max-connections (split over the workers),
+    far above the request slots (--backpressure, counted by the API workers: app/limits.py), so that clients
+    holding every slot, or idle connections, never keep /health from being accepted. Under --http auto an
+    HTTP/2 connection is pinged every header-read timeout and closed when a ping goes unanswered for as long: a
+    client that sent only the HTTP/2 preface is closed so."""
     from granian.constants import HTTPModes
-    from granian.http import HTTP1Settings
+    from granian.http import HTTP1Settings, HTTP2Settings
 
     header_ms = min(60_000, max(1, round(args.header_read_timeout * 1000)))  # Granian's range
     options = dict(
         http=HTTPModes.http1 if args.http == "1" else HTTPModes.auto,
         backlog=max(128, args.backlog),
-        backpressure=args.backpressure or max(1, args.backlog // max(1, args.workers)),
+        backpressure=max(1, args.max_connections // max(1, args.workers)),
         http1_settings=HTTP1Settings(header_read_timeout=header_ms, keep_alive=True),
+        # keep_alive_interval in milliseconds, keep_alive_timeout in whole seconds (Granian's units)
+        http2_settings=HTTP2Settings(
+            keep_alive_interval=header_ms, keep_alive_timeout=max(1, math.ceil(header_ms / 1000))
+        ),
         log_dictconfig=granian_logging(args.log_level),
         log_access=False,
     )
@@ -92,6 +103,15 @@ def granian_options(args: argparse.Namespace) -> dict:
     if getattr(args, "uds", None):  # vLLM's --uds: a Unix socket in place of --host/--port
         options.update(uds=Path(args.uds))
     return options
+
+
+def enough_descriptors(connections: int) -> None:
+    """Each open connection is a file descriptor of an API worker: the soft limit goes up to the hard one where
+    --max-connections needs it (a common soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024  # the engine's segments, the model's files, the tokenizer
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def _granian(args: argparse.Namespace):
@@ -135,6 +155,7 @@ def host(
     signal stops the API workers at once."""
     from ringllm.ipc.lifecycle import remove_stale_segments
 
+    enough_descriptors(args.max_connections)
     server = _granian(args)
     draining = threading.Event()
 

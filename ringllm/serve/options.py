@@ -80,6 +80,13 @@ class ServeConfig:
         parse=comma_list,
         metavar="ORIGINS",
     )
+    allowed_hosts: list[str] | None = setting(
+        None,
+        "Host header values accepted besides localhost names and the --host address (DNS rebinding: a web page "
+        "must not drive a local server through a name of its own), comma-separated; '*' accepts any",
+        parse=comma_list,
+        metavar="HOSTS",
+    )
     ssl_keyfile: str | None = setting(None, "TLS private key (PEM); with --ssl-certfile serves HTTPS")
     ssl_certfile: str | None = setting(None, "TLS certificate chain (PEM)")
     tool_call_parser: str | None = setting(
@@ -150,19 +157,29 @@ class ServeLimits:
 
     http: str = setting(
         "1",
-        "HTTP protocols: 1 (HTTP/1.1) or auto (HTTP/1.1 and h2c; a connection that sends "
-        "nothing is then never timed out)",
+        "HTTP protocols: 1 (HTTP/1.1) or auto (HTTP/1.1 and h2c)",
         choices=("1", "auto"),
     )
     header_read_timeout: float = setting(
         10.0,
-        "seconds a connection may take to send a request's headers; also "
-        "how long an idle keep-alive connection stays open (at most 60)",
+        "seconds a connection may take to send a request's headers (or, under --http auto, its first bytes, and "
+        "an HTTP/2 client to answer a ping); also how long an idle keep-alive connection stays open (at most 60)",
     )
     body_read_timeout: float = setting(30.0, "seconds a client may take to send a request's body (408 after)")
     backlog: int = setting(1024, "connections the kernel queues for the server before refusing more (at least 128)")
     backpressure: int | None = setting(
-        None, "connections each API worker serves at once; more wait in the backlog (default: backlog / workers)"
+        None,
+        "requests each API worker serves at once (/health and /metrics take no slot); more wait for one "
+        "(default: no limit but --max-connections)",
+    )
+    max_connections: int = setting(
+        8192,
+        "connections the server holds open at once, idle ones included; more wait in the backlog (shared by the "
+        "API workers; each needs a file descriptor)",
+    )
+    send_timeout: float = setting(
+        30.0,
+        "seconds a response may wait for its client to read before the request is cut (a client that stopped reading)",
     )
     profiler_dir: str | None = setting(
         None,

@@ -17,6 +17,7 @@ from tests.app.conftest import FakeStatus
 
 def _settings(tokenizer_dir, **fields) -> WorkerSettings:
     base = dict(engine_pids=[1], workers=1, max_seq_len=1024, served_models=["m", "other-name"])
+    base["allowed_hosts"] = ["testserver.local"]  # Litestar's TestClient's Host
     paths = dict(model_path=str(tokenizer_dir), tokenizer_path=str(tokenizer_dir))
     return WorkerSettings(**{**base, **paths, **fields})
 

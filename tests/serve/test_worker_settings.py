@@ -183,7 +183,7 @@ from ringllm.app.server import create_app
 key = {"Authorization": "Bearer real-key"}
 out = {}
 worker = create_app()  # as Granian's factory call makes it: no argument
-out["defaults"] = worker.app.state.settings.sampling_defaults.temperature
+out["defaults"] = worker.app.app.state.settings.sampling_defaults.temperature
 with TestClient(app=worker) as c:
     models = c.get("/v1/models", headers=key)
     out["models"] = [m["id"] for m in models.json()["data"]], models.json()["data"][0]["max_model_len"]
@@ -215,6 +215,7 @@ def test_an_api_worker_takes_everything_from_its_settings_and_nothing_from_other
         api_key="real-key",
         public_routes=["/health"],
         allowed_origins=["http://settings.test"],
+        allowed_hosts=["testserver.local"],  # Litestar's TestClient's Host
         sampling_defaults=SamplingDefaults(temperature=0.5),
     )
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}

@@ -1,0 +1,94 @@
+"""Hostile clients against a whole server on loopback (issue 28): clients that never read their streams, idle
+and silent connections by the hundred, HTTP/2 prefaces with nothing after them. The demo model on the CPU;
+every count and duration is bounded, and each test's server is killed at its end (tests/helpers.py)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from tests.helpers import serving
+
+SMALL = ("--kv-cache-tokens", "4096", "--context-len", "512")
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def _connect(port: int, first: bytes | None = None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if first:
+        s.sendall(first)
+    return s
+
+
+def _health_times(base: str, probes: int) -> list[float]:
+    """Seconds each of `probes` /health calls took, one after another; a failure counts as infinite."""
+    times = []
+    for _ in range(probes):
+        t0 = time.monotonic()
+        try:
+            ok = httpx.get(base + "/health", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        times.append(time.monotonic() - t0 if ok else float("inf"))
+    return times
+
+
+def test_clients_that_never_read_their_streams_hold_no_health_probe_out(tmp_path):
+    """--backpressure 8 and 8 clients that send a streaming request each and never read a byte of the answer
+    (before: the 8 connections filled Granian's slots and /health went unanswered for minutes). /health, and a
+    9th client's request once a slot frees, are answered while they hold every request slot."""
+    with serving(tmp_path, *SMALL, "--backpressure", "8", "--send-timeout", "2") as (_proc, base):
+        body = b'{"prompt": "hold", "max_tokens": 400, "ignore_eos": true, "stream": true}'
+        request = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        readers = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes stall
+            s.settimeout(30)
+            s.connect(("127.0.0.1", _port(base)))
+            s.sendall(request)
+            readers.append(s)
+        try:
+            time.sleep(1)  # every slot taken
+            times = _health_times(base, 10)
+            assert max(times) < 2, times
+        finally:
+            for s in readers:
+                s.close()
+
+
+def test_health_answers_beside_a_thousand_idle_connections(tmp_path):
+    """1,100 connections that send nothing, reopened as the server closes them, for ~12 s (before: ~1,100
+    such connections timed out most /health probes): every probe is answered within a second."""
+    with serving(tmp_path, *SMALL, "--header-read-timeout", "2") as (_proc, base):
+        port = _port(base)
+        held = [_connect(port) for _ in range(1100)]
+        try:
+            deadline, times, reopened = time.monotonic() + 12, [], 0
+            while time.monotonic() < deadline:
+                times += _health_times(base, 5)
+                for i, s in enumerate(held):  # reopen what the server closed (a read of b"" at once)
+                    s.setblocking(False)
+                    try:
+                        closed = s.recv(1) == b""
+                    except BlockingIOError:
+                        closed = False
+                    except OSError:
+                        closed = True
+                    if closed:
+                        s.close()
+                        held[i] = _connect(port)
+                        reopened += 1
+            assert reopened >= 1100  # the server closes silent connections (after the header-read timeout)
+            assert max(times) < 1, sorted(times)[-5:]
+        finally:
+            for s in held:
+                s.close()
