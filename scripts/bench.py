@@ -203,7 +203,8 @@ def nano(engine: Engine, bandwidth: float) -> dict:
     seconds, tokens, steps, _ = run(engine, prompts, params, "nano")
     print("host time (s):", {k: round(v, 3) for k, v in timer.totals.items()})
     shape = engine.runner.shape
-    per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, engine.runner.dtype)
+    # The cache's own element size: an fp8 cache's floor reads half the KV bytes of a bf16 one.
+    per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, engine.runner.kv_dtype)
     kv_tokens = sum(o * len(p) + o * (o - 1) // 2 for p, o in ((p, sp.max_tokens) for p, sp in zip(prompts, params)))
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
     floor_bytes = kv_tokens * per_token + weight_bytes * steps
