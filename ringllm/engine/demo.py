@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ringllm.engine.cache_dir import cache_root
+
 DEMO_VERSION = "1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -35,7 +37,7 @@ CORPUS = Path(__file__).with_name("data") / "corpus.txt"
 
 def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The demo checkpoint's directory, built there first if it is not yet."""
-    root = Path(cache_dir or os.environ.get("RINGLLM_CACHE") or Path.home() / ".cache" / "ringllm")
+    root = Path(cache_dir) if cache_dir else cache_root()
     path = root / f"demo-qwen3-v{DEMO_VERSION}"
     if not (path / "model.safetensors").is_file():
         root.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ringllm.engine.cache_dir import cache_root as default_cache_root
+
 # GGUF `general.architecture` -> the class ringllm serves it with.
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -222,7 +224,7 @@ def tokenizer_dir(path: Path, cache_root: Path | None = None) -> Path:
     st = path.stat()
     stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{TOKENIZER_FILES_VERSION}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:24]
-    root = Path(cache_root or os.environ.get("RINGLLM_CACHE") or Path.home() / ".cache" / "ringllm")
+    root = Path(cache_root) if cache_root else default_cache_root()
     out = root / "gguf-tokenizers" / key
     if (out / "tokenizer.json").is_file():
         return out

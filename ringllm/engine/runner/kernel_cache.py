@@ -15,6 +15,7 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from ringllm.engine.cache_dir import cache_root
 from ringllm.engine.logs import get_logger
 
 log = get_logger("engine.kernel_cache")
@@ -24,12 +25,6 @@ KERNEL_CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "FLASHINFER_WORKSPACE_BA
 # what a compiled kernel leaves in each cache: Triton a <hash>/<kernel>.cubin, FlashInfer a <module>/<module>.so
 # (under .cache/flashinfer/<arch>/cached_ops); the name of what was compiled is the file's stem
 KERNEL_FILES = {"TRITON_CACHE_DIR": "*.cubin", "FLASHINFER_WORKSPACE_BASE": "*.so"}
-
-
-def cache_root(env: MutableMapping[str, str] | None = None) -> Path:
-    """ringllm's cache directory: $RINGLLM_CACHE, else ~/.cache/ringllm (where the demo model lives too)."""
-    env = os.environ if env is None else env
-    return Path(env.get("RINGLLM_CACHE") or Path.home() / ".cache" / "ringllm")
 
 
 def use_kernel_caches(env: MutableMapping[str, str] | None = None) -> dict[str, str]:

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from ringllm.engine.runner.kernel_cache import cache_root, cached_kernels, kernel_names, use_kernel_caches
+from ringllm.engine.cache_dir import cache_root
+from ringllm.engine.runner.kernel_cache import cached_kernels, kernel_names, use_kernel_caches
 
 
 def test_the_caches_go_under_the_ringllm_cache(tmp_path):
