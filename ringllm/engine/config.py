@@ -106,6 +106,13 @@ class EngineConfig:
         "(ringllm/engine/determinism.py; slower, see the README)",
         "--deterministic",
     )
+    grammar_compile_timeout: float = setting(
+        10.0, "seconds one grammar compile may take before its requests are refused (it runs in a child process)"
+    )
+    grammar_cache_mb: int = setting(128, "compiled grammars kept, in MiB (least recently used dropped first)")
+    grammar_mask_budget_ms: float = setting(
+        50.0, "ms a request's token mask may take to fill in one step; past it the request ends with an error"
+    )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
     profile: bool = setting(False, "record a torch profiler trace of the run")
     profile_dir: str = setting("profiles", "where profiler traces go (one file per rank)")
@@ -127,6 +134,11 @@ class EngineConfig:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} of {self.nnodes}")
+        if self.grammar_compile_timeout <= 0 or self.grammar_cache_mb < 1 or self.grammar_mask_budget_ms <= 0:
+            raise ValueError(
+                "grammar_compile_timeout and grammar_mask_budget_ms must be > 0 and grammar_cache_mb >= 1, got "
+                f"{self.grammar_compile_timeout}, {self.grammar_mask_budget_ms} and {self.grammar_cache_mb}"
+            )
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
         if self.warmup not in WARMUP_CHOICES:

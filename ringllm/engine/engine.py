@@ -120,6 +120,9 @@ class Engine:
             lambda: transformers_tokenizer(config.tokenizer or self.model_path),
             self.vocab_size,
             sorted(self.eos_token_ids),
+            cache_bytes=config.grammar_cache_mb * 1024 * 1024,
+            mask_budget=config.grammar_mask_budget_ms / 1000,
+            compile_timeout=config.grammar_compile_timeout,
         )
         self._compiling: list[tuple[Sequence, Future]] = []
         self._matchers: dict[str, object] = {}

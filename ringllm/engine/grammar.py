@@ -31,9 +31,9 @@ from ringllm.ipc.sampling import StructuredOutputs
 
 log = get_logger("engine.grammar")
 
-# Compiled grammars kept, least recently used dropped first, bounded by their bytes (xgrammar's own estimate, plus
-# the key's text): a count would let a few huge grammars (a 20,000-alternative regex is ~28 MB on a 1k vocab)
-# hold gigabytes.
+# The defaults of EngineConfig's grammar settings, for a Grammars built without one. The cache is bounded by its
+# grammars' bytes (xgrammar's own estimate, plus the key's text), not their count: a count would let a few huge
+# grammars (a 20,000-alternative regex is ~28 MB on a 1k vocab) hold gigabytes.
 GRAMMAR_CACHE_BYTES = 128 * 1024 * 1024
 FAILED_ENTRY_BYTES = 1024  # a failed compile is cached too (its error), so that a repeat is refused at once
 # A request's token mask may take this long to fill per step; an ambiguous grammar whose mask work grows with
@@ -59,6 +59,7 @@ class Grammars:
         stop_token_ids: list[int],
         cache_bytes: int = GRAMMAR_CACHE_BYTES,
         mask_budget: float = MASK_BUDGET_SECONDS,
+        compile_timeout: float = COMPILE_SECONDS,
     ):
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
@@ -71,7 +72,7 @@ class Grammars:
         self._lock = threading.Lock()  # compile() is called from the engine thread and from callers of check
         self.num_compiles = 0  # compiles asked for (one per distinct constraint while it stays cached)
         self.num_compiles_run = 0  # of those, compiles that ran (not cancelled while they waited)
-        self.compile_timeout = COMPILE_SECONDS
+        self.compile_timeout = compile_timeout
         self._abandoned: set[tuple] = set()  # keys of running compiles nobody waits for any more: stop them
         self._local = threading.local()  # each compile thread's CompileProcess
         self._processes: list[CompileProcess] = []

@@ -230,23 +230,29 @@ def test_an_unsatisfiable_constraint_is_refused_like_one_that_does_not_compile(e
     assert out.error is not None and out.error.startswith(f"structured_outputs.{so.kind}: the constraint allows no")
 
 
-def test_a_compile_past_its_time_is_stopped_with_a_clear_error(engine):
+def test_a_compile_past_its_time_is_stopped_with_a_clear_error(demo_path):
     """Issue 28, critical 1: the compile of a small schema whose pattern converts for minutes runs in a child
-    process, killed at the time limit; the request fails naming its field, and compiles go on."""
-    engine.grammars.compile_timeout = 1.0
+    process, killed at the time limit (EngineConfig.grammar_compile_timeout, --grammar-compile-timeout); the
+    request fails naming its field, and compiles go on."""
+    config = EngineConfig(
+        model=str(demo_path), device="cpu", kv_cache_tokens=4096, context_len=1024, grammar_compile_timeout=1.0
+    )
+    engine = Engine(config)
     try:
         start = time.monotonic()
         outs = _run(engine, {"slow": ([5], SamplingParams(structured_outputs=_slow_schema(0, repeat=14000)))})
         took = time.monotonic() - start
+        [out] = outs["slow"]
+        assert (
+            out.finish_reason == "error"
+            and out.error == "structured_outputs.json: did not compile within 1 s; simplify it"
+        )
+        assert took < 30  # the compile itself: ~60 s; the rest is a fresh process starting (torch's import)
+        regex = StructuredOutputs(regex="ok")
+        ok = _run(engine, {"after": ([5], SamplingParams(max_tokens=9, structured_outputs=regex))})
+        assert ok["after"][-1].finish_reason == "stop"
     finally:
-        engine.grammars.compile_timeout = 10.0
-    [out] = outs["slow"]
-    assert (
-        out.finish_reason == "error" and out.error == "structured_outputs.json: did not compile within 1 s; simplify it"
-    )
-    assert took < 30  # the compile itself: ~60 s; the rest is a fresh process starting (torch's import)
-    ok = _run(engine, {"after": ([5], SamplingParams(max_tokens=9, structured_outputs=StructuredOutputs(regex="ok")))})
-    assert ok["after"][-1].finish_reason == "stop"
+        engine.close()
 
 
 def test_a_running_compile_whose_request_left_is_stopped(engine):
