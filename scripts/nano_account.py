@@ -157,7 +157,8 @@ def main() -> None:
     startup = start_up_line(engine, time.perf_counter() - t0, compile_counter.take())
     bandwidth = copy_bandwidth()
     shape = engine.runner.shape
-    per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, engine.runner.dtype)
+    kv_dtype = engine.runner.kv_dtype  # the cache's own element size: fp8 reads half the bytes of bf16
+    per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, kv_dtype)
     weights = list(engine.runner.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in weights)
     params = sum(t.numel() for t in weights) - shape.vocab_size * shape.hidden_size  # the embedding is a lookup
