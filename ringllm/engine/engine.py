@@ -8,7 +8,10 @@ depend on the tokens of the steps still in flight, so those are read back first 
 
 Overlap: `step()` schedules and launches step N+1 first, and only then reads step N's tokens, appends them,
 checks stops and frees what finished. The device therefore never waits on this Python. With
-`disable_overlap_schedule` a step is launched and read back before the next is scheduled."""
+`disable_overlap_schedule` a step is launched and read back before the next is scheduled.
+
+Why one file of ~420 lines: it is the step loop and the request lifecycle it drives (admission, grammar waits,
+stops, aborts, outputs); what is not that lives elsewhere (core/ schedules, runner/ runs, sampler/ samples)."""
 
 from __future__ import annotations
 

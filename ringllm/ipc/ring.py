@@ -14,7 +14,11 @@ frame starts at offset 0. The word 0xFFFFFFFE (no payload) says that a new write
 
 Counters are written as whole aligned 8-byte words through a memoryview cast to "Q" (struct.pack_into clears
 the destination first, so another process could see a torn value). Python has no memory model, so a frame
-is published only after a fence, and read only after one: a lock acquire/release is a full barrier."""
+is published only after a fence, and read only after one: a lock acquire/release is a full barrier.
+
+Why one file of ~420 lines: the writer and the readers are two halves of one protocol over one layout (the
+cursors, the wrap word, the takeover word, the fences); split, a change to one half could not be checked
+against the other on the same screen."""
 
 from __future__ import annotations
 
