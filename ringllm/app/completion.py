@@ -57,7 +57,8 @@ class CompletionService:
             for p in prompts
         ]
         if not all(ids_list):
-            raise ApiError(400, "the prompt is empty", param="prompt")
+            # vLLM's words, which its clients match; this server takes no prompt_embeds (schemas.py refuses them)
+            raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
         whole = ids_list
         ids_list = [self.model.truncated(body, ids, body.max_tokens, DEFAULT_MAX_TOKENS) for ids in ids_list]
         sampling = self.model.sampling(body, ids_list, body.max_tokens, DEFAULT_MAX_TOKENS, body.logprobs, "prompt")

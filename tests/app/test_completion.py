@@ -224,7 +224,7 @@ def test_bad_words_reach_the_engine_as_token_sequences(serving):
         ({"prompt": ["a", [1]]}, 400, "prompt"),
         ({"prompt": ["a"] * 65}, 400, "prompt"),
         ({"prompt": [1] * 1024}, 400, "prompt"),  # no room left in the context
-        ({"prompt": [5000]}, 400, "prompt"),  # outside the vocabulary
+        ({"prompt": [5000]}, 400, "prompt"),  # out of vocabulary
         ({"max_tokens": 1023}, 400, "max_tokens"),
         ({"stop_token_ids": [5000]}, 400, "stop_token_ids"),
         ({"logit_bias": {"5000": 1}}, 400, "logit_bias"),
@@ -238,6 +238,7 @@ def test_bad_words_reach_the_engine_as_token_sequences(serving):
         ({"bad_words": [" "]}, 400, "bad_words"),
         ({"use_beam_search": True}, 400, "use_beam_search"),
         ({"length_penalty": 0.5}, 400, "length_penalty"),
+        ({"prompt_embeds": "AAAA"}, 400, "prompt_embeds"),  # not served: refused, not ignored
     ],
 )
 def test_errors_name_the_field(build, fields, status, param):
@@ -246,6 +247,16 @@ def test_errors_name_the_field(build, fields, status, param):
         create(serving, **fields)
     assert (e.value.status, e.value.param) == (status, param), e.value.message
     assert serving.engine.submitted == []
+
+
+def test_an_empty_prompt_is_refused_in_vllms_words(serving):
+    for fields in ({"prompt": ""}, {"prompt": "", "prompt_embeds": []}, {"prompt": []}):
+        with pytest.raises(ApiError, match="Either prompt or prompt_embeds must be provided and non-empty.") as e:
+            create(serving, **fields)
+        assert (e.value.status, e.value.param) == (400, "prompt")
+    assert create(serving, prompt_embeds=[], max_tokens=1).choices  # empty embeddings ask for nothing
+    with pytest.raises(ApiError, match="out of vocabulary"):
+        create(serving, prompt=[999999])
 
 
 def test_a_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(serving):
