@@ -77,7 +77,7 @@ def test_bad_arguments(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(RequestError, match="prompt has 300 tokens"):
         llm.generate_batch([[5] * 300])
-    with pytest.raises(RequestError, match="outside the vocabulary"):
+    with pytest.raises(RequestError, match="out of vocabulary"):
         llm.generate_batch([[10**6]])
     with pytest.raises(RequestError, match="empty"):
         llm.generate_batch([[]])

@@ -12,13 +12,14 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ringllm.app import chat as chat_io
-from ringllm.app.completion import TokenNames, prompt_logprobs, usage_of
+from ringllm.app.completion import TokenNames, check_prompt_logprob_work, prompt_logprobs, usage_of
 from ringllm.app.errors import ApiError
 from ringllm.app.requests import Generations, Job, TokenLogprobs
 from ringllm.app.responses import (
     ChatChoice,
     ChatChunk,
     ChatLogprobs,
+    ChatMessage,
     ChatMessageOut,
     ChatResponse,
     ChatStreamChoice,
@@ -56,9 +57,10 @@ class ChatService:
         sampling = self.model.sampling(body, [ids], max_tokens, None, logprobs, "messages")
         if plan.schema is not None:
             sampling = _constrained(sampling, plan.schema)
+        check_prompt_logprob_work([ids], body.n, sampling.prompt_logprobs, "prompt_logprobs")
         jobs = self.generations.jobs([ids], sampling, body.n)
         parsers = [chat_io.AnswerParser(prompt, self.reasoning_parser, plan) for _ in jobs]
-        answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body, ids)
+        answer = _ChatAnswer(f"chatcmpl-{request_id}", self.model, body, ids, plan.forced is not None)
         answer.echo = chat_io.echoed(body, messages)
         if body.stream:
             final, continuous = body.stream_options.usage_in() if body.stream_options is not None else (False, False)
@@ -165,7 +167,8 @@ class _ChatAnswer:
     """What every chunk of one answer shares: its id, creation time, model name, how its logprobs name tokens
     and how its usage is counted."""
 
-    def __init__(self, rid: str, model: ServedModel, body: ChatRequest, prompt: list[int]):
+    def __init__(self, rid: str, model: ServedModel, body: ChatRequest, prompt: list[int], forced_call: bool):
+        """`forced_call`: tool_choice "required" or a named function (the answer is the call)."""
         self.rid, self.created, self.model = rid, int(time.time()), model.name
         self.tokenizer = model.tokenizer
         self.names = TokenNames(model, body.return_tokens_as_token_ids)
@@ -175,13 +178,16 @@ class _ChatAnswer:
         self.cached_of = model.cached_report
         self.role = chat_io.answer_role(body)
         self.echo: str | None = None  # the text echo puts first (chat.py's echoed)
+        self.forced_call = forced_call
 
-    def whole_message(self, parser: chat_io.AnswerParser, text: str) -> ChatMessageOut:
+    def whole_message(self, parser: chat_io.AnswerParser, text: str) -> ChatMessage:
         message = chat_io.whole_message(parser, text)
         message.role = self.role
         if self.echo is not None:
             message.content = self.echo + (message.content or "")
-        return message
+        elif self.forced_call and message.content is None:
+            message.content = ""  # vLLM's answer to a forced call: empty content beside the call, not null
+        return ChatMessage.of(message)
 
     def usage(self, completion_tokens: int) -> Usage:
         return usage_of(self.prompt_tokens, completion_tokens, self.cached_of(self.cached))

@@ -30,6 +30,12 @@ from ringllm.app.sse import DONE, event
 from ringllm.text.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+# The most prompt-logprob entries (a prompt token's own logprob, or one of the top k beside it) one request may
+# ask for, over every prompt and choice (each choice's prompt is scored and written out again). Each entry is tens
+# of bytes of JSON and several times that of API-worker memory while the response is built, so without a bound
+# echo + logprobs over many prompts and a large n made one request's answer hundreds of megabytes (issue 28).
+# 2^19 is e.g. 64 prompts of 4,096 tokens with 1 top logprob, or one 8,192-token prompt with 20 and n = 3.
+MAX_PROMPT_LOGPROB_ENTRIES = 1 << 19
 
 
 class CompletionService:
@@ -51,7 +57,8 @@ class CompletionService:
             for p in prompts
         ]
         if not all(ids_list):
-            raise ApiError(400, "the prompt is empty", param="prompt")
+            # vLLM's words, which its clients match; this server takes no prompt_embeds (schemas.py refuses them)
+            raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
         whole = ids_list
         ids_list = [self.model.truncated(body, ids, body.max_tokens, DEFAULT_MAX_TOKENS) for ids in ids_list]
         sampling = self.model.sampling(body, ids_list, body.max_tokens, DEFAULT_MAX_TOKENS, body.logprobs, "prompt")
@@ -65,6 +72,9 @@ class CompletionService:
                 p if isinstance(p, str) and ids is all_ids else tok.decode(ids)  # a truncated prompt as it is now
                 for p, ids, all_ids in zip(prompts, ids_list, whole)
             ]
+        check_prompt_logprob_work(
+            ids_list, body.n, sampling.prompt_logprobs, "prompt_logprobs" if not body.echo else "echo"
+        )
         jobs = self.generations.jobs(ids_list, sampling, body.n, echoes)
         answer = _Answer(f"cmpl-{request_id}", self.model, body, jobs)
         if body.stream:
@@ -171,6 +181,23 @@ class TokenNames:
 
     def name(self, token_id: int) -> str:
         return f"token_id:{token_id}" if self.as_ids else token_text(self.tokenizer, token_id)
+
+
+def check_prompt_logprob_work(ids_list: list[list[int]], n: int, k: int | None, param: str) -> None:
+    """A 400, before any work is done, for a request whose prompt logprobs (top `k` beside each prompt token, for
+    each of `n` choices of each prompt) would exceed MAX_PROMPT_LOGPROB_ENTRIES."""
+    if k is None:
+        return
+    positions = sum(len(ids) - 1 for ids in ids_list) * n  # the first prompt token has no logprob
+    entries = positions * (k + 1)
+    if entries > MAX_PROMPT_LOGPROB_ENTRIES:
+        raise ApiError(
+            400,
+            f"prompt logprobs for {positions} prompt tokens (every prompt, n={n} choices each) × {k + 1} logprobs "
+            f"per token make {entries} entries; a request may ask for at most {MAX_PROMPT_LOGPROB_ENTRIES}: send "
+            "fewer or shorter prompts, a smaller n or fewer logprobs",
+            param=param,
+        )
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> Usage:

@@ -17,11 +17,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from ringllm.app.vllm_metrics import vllm_families
 from ringllm.engine.request_stats import HISTOGRAMS as ENGINE_HISTOGRAMS
-from ringllm.engine.request_stats import bucket_key, sum_key
+from ringllm.engine.request_stats import LENGTH_BUCKETS, bucket_key, sum_key
 from ringllm.ipc.shared_table import COLUMNS, SharedTable
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")  # every reason the server ends a request with
+N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's for request_params_n
 LABELS = ["model_name"]
 
 
@@ -83,7 +84,21 @@ class Metrics:
         self.row = row
         self.requests_at = 3 * self.ttft.width  # one column per finish reason
         self.prompt_tokens_at = self.requests_at + len(FINISH_REASONS)
-        assert self.prompt_tokens_at < COLUMNS
+        self.params_n = Histogram(
+            "ringllm_request_params_n",
+            "The n (choices) of each prompt taken.",
+            row,
+            self.prompt_tokens_at + 1,
+            N_BUCKETS,
+        )
+        self.params_max_tokens = Histogram(
+            "ringllm_request_params_max_tokens",
+            "The max_tokens of each prompt taken (the default filled in where the request had none).",
+            row,
+            self.params_n.start + self.params_n.width,
+            LENGTH_BUCKETS,
+        )
+        assert self.params_max_tokens.start + self.params_max_tokens.width <= COLUMNS
         self.snapshot = _Snapshot(self)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.snapshot)
@@ -94,6 +109,13 @@ class Metrics:
         self.row[self.requests_at + FINISH_REASONS.index(reason)] += 1
         self.row[self.prompt_tokens_at] += prompt_tokens
         self.e2e.observe(seconds)
+
+    def taken(self, prompts: int, n: int, max_tokens: int) -> None:
+        """A request was taken: `prompts` prompts of `n` choices each, up to `max_tokens` tokens each (vLLM's
+        request_params_n and request_params_max_tokens count each prompt as a request)."""
+        for _ in range(prompts):
+            self.params_n.observe(n)
+            self.params_max_tokens.observe(max_tokens)
 
     def render(self, engine: dict[str, float]) -> bytes:
         self.snapshot.engine = engine
@@ -163,11 +185,17 @@ class Metrics:
         for i, r in enumerate(FINISH_REASONS):
             requests.add_metric([model, r], int(totals[self.requests_at + i]))
         yield requests
-        for h in (self.ttft, self.itl, self.e2e):
+        for h in (self.ttft, self.itl, self.e2e, self.params_n, self.params_max_tokens):
             yield h.family(totals, model)
         yield from vllm_families(self, engine, totals, FINISH_REASONS)  # the same values under vLLM's names
+        yield from self.engine_histograms(engine, "ringllm_")
+
+    def engine_histograms(self, engine: dict[str, float], prefix: str, names: dict[str, str] | None = None):
+        """The engine's request histograms, each named `prefix` + its name or `names`' name for it (left out of
+        a scrape whose answer lacks them)."""
         for name, (help_text, bounds) in ENGINE_HISTOGRAMS.items():
             if sum_key(name) not in engine:
                 continue
             counts = [engine.get(bucket_key(name, i), 0.0) for i in range(len(bounds) + 1)]
-            yield _histogram("ringllm_" + name, help_text, bounds, counts, engine.get(sum_key(name), 0.0), model)
+            total = engine.get(sum_key(name), 0.0)
+            yield _histogram(prefix + (names or {}).get(name, name), help_text, bounds, counts, total, self.model)

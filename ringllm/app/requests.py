@@ -105,6 +105,7 @@ class Generations:
                 if sampling.seed is not None and j > 0:
                     sp = msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, j))
                 jobs.append(Job(ids, sp, echoes[p] if echoes else None))
+        self.metrics.taken(len(ids_list), n, sampling.max_tokens)
         return jobs
 
     async def stream(self, jobs: list[Job]) -> AsyncIterator[Output]:

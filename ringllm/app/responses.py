@@ -86,6 +86,9 @@ class CompletionResponse(msgspec.Struct):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     object: str = "text_completion"
+    # OpenAI's keys for what ringllm does not have (one tier, no fingerprint): null, as vLLM sends them
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionChunk(msgspec.Struct):
@@ -118,9 +121,27 @@ class ChatMessageOut(msgspec.Struct, omit_defaults=True):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class ChatMessage(msgspec.Struct):
+    """A whole answer's message with every key of OpenAI's (and vLLM's reasoning_content), null where it does not
+    apply, as vLLM sends them: a client that reads the raw body sees the keys its SDK's model has."""
+
+    role: str | None
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    refusal: str | None = None  # ringllm's model does not refuse through the API
+    annotations: list | None = None  # web-search citations: ringllm has no search
+    audio: dict | None = None  # text only
+    function_call: FunctionOut | None = None  # OpenAI's deprecated single call: ringllm answers with tool_calls
+
+    @classmethod
+    def of(cls, message: ChatMessageOut) -> ChatMessage:
+        return cls(message.role, message.content, message.reasoning_content, message.tool_calls)
+
+
 class ChatChoice(msgspec.Struct):
     index: int
-    message: ChatMessageOut
+    message: ChatMessage
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
     token_ids: list[int] | None = None  # return_token_ids: the answer's, its end-of-turn token included
@@ -141,6 +162,10 @@ class ChatResponse(msgspec.Struct):
     choices: list[ChatChoice]
     usage: Usage | None = None
     object: str = "chat.completion"
+    service_tier: str | None = None  # as CompletionResponse's
+    system_fingerprint: str | None = None
+    metadata: dict | None = None  # OpenAI's stored-completion metadata: refused in requests, so always null
+    moderation: dict | None = None  # OpenAI's moderation verdict: ringllm has no moderation
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, once for the conversation; null unless asked
     prompt_token_ids: list[int] | None = None  # return_token_ids: the conversation as the template wrote it
 

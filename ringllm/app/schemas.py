@@ -145,6 +145,7 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
     "logprob_token_ids": (None,),
     "repetition_detection": (None,),
     "thinking_token_budget": (None, -1),
+    "prompt_embeds": (None, []),  # completions: embeddings in place of a prompt's tokens
 }
 
 
@@ -305,6 +306,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     echo: Nullable[bool] = False  # the prompt comes back before the completion (with its tokens' logprobs, if asked)
     suffix: Any = None
     best_of: Any = None
+    prompt_embeds: Any = None
 
 
 class ChatRequest(_Sampling, kw_only=True):

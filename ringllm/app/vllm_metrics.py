@@ -1,7 +1,7 @@
 """vLLM's names for the series ringllm serves (`vllm:num_requests_running`, ...), beside ringllm's own, so that a
 dashboard or autoscaler written for vLLM reads a ringllm server. Only series with the same meaning are served
-under vLLM's name; vLLM's series that ringllm does not measure (iteration tokens, queue/prefill/decode times,
-request parameters, cache_config_info) are not invented."""
+under vLLM's name; vLLM's series that ringllm does not measure (its deprecated and hidden ones, speculative
+decoding, LoRA, multimodal caches) are not invented."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from ringllm.app.metrics import Metrics
 
 LABELS = ["model_name"]
+# the engine's histograms (engine/request_stats.py) whose vLLM name is not "vllm:" + ringllm's
+ENGINE_NAMES = {"iteration_tokens": "iteration_tokens_total"}
 
 
 def vllm_families(metrics: Metrics, engine: dict[str, float], totals: list[float], reasons) -> Iterator:
@@ -59,8 +61,18 @@ def vllm_families(metrics: Metrics, engine: dict[str, float], totals: list[float
         (metrics.ttft, "vllm:time_to_first_token_seconds"),
         (metrics.itl, "vllm:inter_token_latency_seconds"),
         (metrics.e2e, "vllm:e2e_request_latency_seconds"),
+        (metrics.params_n, "vllm:request_params_n"),
+        (metrics.params_max_tokens, "vllm:request_params_max_tokens"),
     ):
         yield _renamed(histogram.family(totals, model), name)
+    yield from metrics.engine_histograms(engine, "vllm:", ENGINE_NAMES)
+    if "kv_slots_total" in engine:
+        # vLLM's labels describe its blocks; ringllm's KV cache is counted in token slots, so that is the label
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the KV cache configuration.", labels=[*LABELS, "kv_cache_tokens"]
+        )
+        info.add_metric([model, str(int(engine["kv_slots_total"]))], 1.0)
+        yield info
 
 
 def _renamed(family: HistogramMetricFamily, name: str) -> HistogramMetricFamily:

@@ -224,6 +224,7 @@ class EngineServer:
             if out.finish_reason:
                 del self.owner[out.rid]
                 self.request_stats.finished(out.rid)
+        self.request_stats.end_iteration()
 
     def _flush(self) -> None:
         if self.drain_deadline is not None and not self.drain_announced:

@@ -215,7 +215,10 @@ def check_token_ids(
     for name, ids in named:
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise FieldError(name, f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+            # vLLM's words ("out of vocabulary"), which its clients and tests match, and the ids the model has
+            raise FieldError(
+                name, f"{name}: token id {bad} is out of vocabulary (the model's ids are [0, {vocab_size}))"
+            )
 
 
 # ---- checking values against the declared msgspec types ----

@@ -318,3 +318,15 @@ def test_tool_choice_required_lifts_the_tools_defs_to_the_schemas_root(serving):
     with pytest.raises(ApiError) as e:
         create(serving, tools=[tool, clash], tool_choice="required")
     assert e.value.param == "tools" and "WeatherOptions" in e.value.message
+
+
+def test_prompt_logprobs_for_every_choice_past_their_bound_are_a_400(build):
+    """Each of n choices scores the conversation again: prompt_logprobs × n × its length is bounded as on
+    /v1/completions (issue 28), refused before the engine gets anything."""
+    serving = build(max_seq_len=8192)
+    long = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(ApiError, match="at most 524288") as e:
+        create(serving, messages=long, prompt_logprobs=20, n=16, max_tokens=1)
+    assert (e.value.status, e.value.param) == (400, "prompt_logprobs") and serving.engine.submitted == []
+    r = create(serving, messages=long, prompt_logprobs=20, max_tokens=1)  # one choice is within it
+    assert len(r.prompt_logprobs) == len(serving.engine.submitted[0][1])

@@ -10,6 +10,7 @@ import json
 import msgspec
 import pytest
 
+from ringllm.app.completion import MAX_PROMPT_LOGPROB_ENTRIES, check_prompt_logprob_work
 from ringllm.app.errors import ApiError
 from ringllm.app.responses import PromptLogprob
 from ringllm.app.schemas import CompletionRequest
@@ -223,7 +224,7 @@ def test_bad_words_reach_the_engine_as_token_sequences(serving):
         ({"prompt": ["a", [1]]}, 400, "prompt"),
         ({"prompt": ["a"] * 65}, 400, "prompt"),
         ({"prompt": [1] * 1024}, 400, "prompt"),  # no room left in the context
-        ({"prompt": [5000]}, 400, "prompt"),  # outside the vocabulary
+        ({"prompt": [5000]}, 400, "prompt"),  # out of vocabulary
         ({"max_tokens": 1023}, 400, "max_tokens"),
         ({"stop_token_ids": [5000]}, 400, "stop_token_ids"),
         ({"logit_bias": {"5000": 1}}, 400, "logit_bias"),
@@ -237,6 +238,7 @@ def test_bad_words_reach_the_engine_as_token_sequences(serving):
         ({"bad_words": [" "]}, 400, "bad_words"),
         ({"use_beam_search": True}, 400, "use_beam_search"),
         ({"length_penalty": 0.5}, 400, "length_penalty"),
+        ({"prompt_embeds": "AAAA"}, 400, "prompt_embeds"),  # not served: refused, not ignored
     ],
 )
 def test_errors_name_the_field(build, fields, status, param):
@@ -245,6 +247,16 @@ def test_errors_name_the_field(build, fields, status, param):
         create(serving, **fields)
     assert (e.value.status, e.value.param) == (status, param), e.value.message
     assert serving.engine.submitted == []
+
+
+def test_an_empty_prompt_is_refused_in_vllms_words(serving):
+    for fields in ({"prompt": ""}, {"prompt": "", "prompt_embeds": []}, {"prompt": []}):
+        with pytest.raises(ApiError, match="Either prompt or prompt_embeds must be provided and non-empty.") as e:
+            create(serving, **fields)
+        assert (e.value.status, e.value.param) == (400, "prompt")
+    assert create(serving, prompt_embeds=[], max_tokens=1).choices  # empty embeddings ask for nothing
+    with pytest.raises(ApiError, match="out of vocabulary"):
+        create(serving, prompt=[999999])
 
 
 def test_a_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(serving):
@@ -412,3 +424,26 @@ def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(build):
     assert r.usage.prompt_tokens_details.cached_tokens == sum(prompts) - 2  # each prompt once, whatever n
     final = stream(serving, max_tokens=2, stream_options={"include_usage": True})[-2]
     assert final["usage"]["prompt_tokens_details"]["cached_tokens"] == final["usage"]["prompt_tokens"] - 1
+
+
+def test_prompt_logprob_work_past_its_bound_is_a_400_before_any_work(build):
+    """Issue 28: echo + logprobs over many long prompts and a large n made one answer hundreds of megabytes. The
+    prompt-logprob entries a request asks for (each prompt token's own and its top k, for every choice of every
+    prompt) are bounded by MAX_PROMPT_LOGPROB_ENTRIES: past it a 400, with nothing sent to the engine."""
+    serving = build(max_seq_len=4096, max_waiting_requests=1024)
+    prompts = [[7] * 4000 for _ in range(64)]  # 64 × 3,999 scored positions
+    assert 64 * 3999 * 2 <= MAX_PROMPT_LOGPROB_ENTRIES < 2 * 64 * 3999 * 2
+    for fields, param in [
+        ({"echo": True, "logprobs": 1, "n": 2}, "echo"),  # the token and its top 1, twice over
+        ({"prompt_logprobs": 1, "n": 2}, "prompt_logprobs"),
+        ({"echo": True, "logprobs": 0, "prompt_logprobs": 3}, "echo"),  # the larger k counts
+    ]:
+        with pytest.raises(ApiError, match="at most 524288") as e:
+            create(serving, prompt=prompts, max_tokens=1, **fields)
+        assert (e.value.status, e.value.param) == (400, param)
+    assert serving.engine.submitted == []
+    # within the bound: the same prompts once, or without prompt logprobs at any n
+    check_prompt_logprob_work(prompts, 1, 1, "echo")
+    check_prompt_logprob_work(prompts, 16, None, "echo")
+    create(serving, prompt=[[7] * 100] * 2, max_tokens=1, echo=True, logprobs=1, n=2)
+    assert len(serving.engine.submitted) == 4

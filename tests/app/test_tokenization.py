@@ -47,7 +47,7 @@ def test_detokenize_round_trips_and_names_an_unknown_id(serving):
     tokens = tokenize(serving, prompt="naïve café")["tokens"]
     assert serving.tokenize.detokenize(DetokenizeRequest(tokens=tokens)) == {"prompt": "naïve café"}
     vocab = serving.model.tokenizer.vocab_size
-    with pytest.raises(ApiError, match=f"token id {vocab} is outside the vocabulary") as e:
+    with pytest.raises(ApiError, match=f"token id {vocab} is out of vocabulary") as e:
         serving.tokenize.detokenize(DetokenizeRequest(tokens=[1, vocab]))
     assert e.value.param == "tokens"
 

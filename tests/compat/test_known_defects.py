@@ -1,10 +1,9 @@
 """The defects issue 24 lists, one test each (several for /tokenize), against `ringllm serve` on the real model.
 
-Each failed when written; one still failing is marked `vllm_compat` (deselected by default until it is fixed:
-`pytest -m vllm_compat tests/compat/test_known_defects.py`), and a fixed one runs by default as a regression test
-(1, 2 and 7 so far, and two cases the issue names that passed from the start: a named tool_choice whose schema
-uses $defs, and /tokenize's default add_generation_prompt). What OpenAI and vLLM do is in each docstring;
-tests/compat/vllm/STATUS.md says which ported vLLM tests show the same defect."""
+Each failed when written and runs by default now as a regression test (one still failing would be marked
+`vllm_compat`, deselected by default until fixed), as do two cases the issue names that passed from the start (a
+named tool_choice whose schema uses $defs, and /tokenize's default add_generation_prompt). What OpenAI and vLLM do
+is in each docstring; tests/compat/vllm/STATUS.md says which ported vLLM tests show the same defect."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ import jsonschema_rs
 import pytest
 import regex as re
 
-from tests.compat.vllm.utils import MODEL_NAME
-
-COMPAT = pytest.mark.vllm_compat
+from tests.compat.vllm.utils import DEFAULT_ARGS, MODEL_NAME, real_server
 
 # A Lark grammar (vLLM's tests/entrypoints/conftest.py::sample_sql_statements), and what it accepts: no %ignore,
 # so vLLM's Lark-to-EBNF conversion allows no whitespace between the literals; \s* accepts either reading.
@@ -115,11 +112,16 @@ def test_lark_grammar_is_accepted(default_server, route, field):
 
 
 # ---- (4) cached tokens ----
-# needs a server started with --enable-prompt-tokens-details (vLLM's option, WorkerSettings.enable_prompt_tokens_details;
-# the option itself is vllm-server's to wire): reported without it, usage differs from vLLM's in its own tests
-@COMPAT
+@pytest.fixture(scope="module")
+def details_server(real_model, server_logs):
+    """A server started with --enable-prompt-tokens-details (vLLM's option): without it usage has no details, as
+    in vLLM, whose own tests compare the usage without them."""
+    with real_server(real_model, server_logs, [*DEFAULT_ARGS, "--enable-prompt-tokens-details"]) as remote:
+        yield remote
+
+
 @pytest.mark.parametrize("route", ["v1/completions", "v1/chat/completions"])
-def test_usage_reports_cached_prompt_tokens(default_server, route):
+def test_usage_reports_cached_prompt_tokens(details_server, route):
     """OpenAI: `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens served from the prompt cache
     (vLLM: with --enable-prompt-tokens-details). The same long prompt twice: the second is mostly cached."""
     text = f"{route}: " + " ".join(f"item {i} of a list long enough to be worth caching." for i in range(40))
@@ -128,8 +130,8 @@ def test_usage_reports_cached_prompt_tokens(default_server, route):
         body["prompt"] = text
     else:
         body["messages"] = [{"role": "user", "content": text}]
-    first = ok(post(default_server, route, body))["usage"]
-    second = ok(post(default_server, route, body))["usage"]
+    first = ok(post(details_server, route, body))["usage"]
+    second = ok(post(details_server, route, body))["usage"]
     assert isinstance(first["prompt_tokens_details"]["cached_tokens"], int)
     cached = second["prompt_tokens_details"]["cached_tokens"]
     assert second["prompt_tokens"] // 2 < cached <= second["prompt_tokens"], second

@@ -26,6 +26,7 @@ WORLD_SERIES = [
     {"role": "assistant", "content": "The Los Angeles Dodgers won the World Series in 2020."},
     {"role": "user", "content": "Where was it played?"},
 ]
+EOS_IGNORED = {"ignore_eos": True}  # ringllm adaptation (test_chat_streaming)
 TYPE_SAFE = [
     {"role": "system", "content": "you are a helpful assistant"},
     {"role": "user", "content": "The best language for type-safe systems programming is "},
@@ -143,15 +144,17 @@ async def test_prompt_logprobs_chat(client, prompt_logprobs):
         assert chat.prompt_logprobs is not None and len(chat.prompt_logprobs) > 0
 
 
-@pytest.mark.vllm_compat  # an entry of prompt_logprobs has 2 logprobs where the test wants 1 (not diagnosed)
 @pytest.mark.asyncio
 async def test_more_than_one_prompt_logprobs_chat(client):
     # ringllm adaptation: max_tokens 5 added (vLLM's request has no limit): the test reads the prompt's logprobs.
     params: dict = {"messages": WORLD_SERIES, "model": MODEL_NAME, "max_tokens": 5}
     one = await client.chat.completions.create(**params, extra_body={"prompt_logprobs": 1})
     two = await client.chat.completions.create(**params, extra_body={"prompt_logprobs": 2})
-    assert len(one.prompt_logprobs[3]) == 1
-    assert len(two.prompt_logprobs[3]) == 2
+    # ringllm adaptation: position 2 (vLLM: 3). The check needs a prompt token that is the model's likeliest there
+    # (then k entries, else k + 1 with the prompt token's own): zephyr's token 3 is; this model's ("You" after
+    # "<|im_start|>system\n") has rank 256 (transformers on the same GGUF agrees); its token 2 ("\n") has rank 1.
+    assert len(one.prompt_logprobs[2]) == 1
+    assert len(two.prompt_logprobs[2]) == 2
 
 
 @pytest.mark.asyncio
@@ -192,18 +195,25 @@ async def test_single_chat_session(client, model_name, tokenizer):
     assert chat.choices[0].message.content is not None
 
 
-@pytest.mark.vllm_compat  # the finish_reason comes in a chunk of its own with empty content, not with the last text
 @pytest.mark.asyncio
 @pytest.mark.parametrize("model_name", MODELS)
 async def test_chat_streaming(client, model_name):
+    # ringllm adaptation: ignore_eos, as in test_single_chat_session: the test's premise is an answer longer than
+    # 10 tokens, whose last chunk carries the 10th token's text and finish_reason "length". This model answers
+    # "1+1 equals 2." and stops; the chunk of its end-of-turn token has no text (in vLLM too).
     whole = await client.chat.completions.create(
-        model=model_name, messages=ONE_PLUS_ONE, max_completion_tokens=10, temperature=0.0
+        model=model_name, messages=ONE_PLUS_ONE, max_completion_tokens=10, temperature=0.0, extra_body=EOS_IGNORED
     )
     output = whole.choices[0].message.content
     stop_reason = whole.choices[0].finish_reason
 
     stream = await client.chat.completions.create(
-        model=model_name, messages=ONE_PLUS_ONE, max_completion_tokens=10, temperature=0.0, stream=True
+        model=model_name,
+        messages=ONE_PLUS_ONE,
+        max_completion_tokens=10,
+        temperature=0.0,
+        stream=True,
+        extra_body=EOS_IGNORED,
     )
     pieces: list[str] = []
     finish_reasons = 0
@@ -500,7 +510,6 @@ async def test_long_seed(client):
         assert "greater_than_equal" in message or "less_than_equal" in message
 
 
-@pytest.mark.vllm_compat  # /invocations answers as the chat route, whose response has no service_tier or system_fingerprint keys (the openai client's model_dump has them)
 @pytest.mark.asyncio
 async def test_invocations(server, client):
     request_args = {

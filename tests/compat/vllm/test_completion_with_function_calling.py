@@ -210,7 +210,7 @@ async def test_no_args_tool_call(client, arguments):
     assert final.choices[0].message.content is not None
 
 
-@pytest.mark.vllm_compat  # a named call's message.content is null (vLLM: ""), so len(content) raises
+@pytest.mark.vllm_compat  # content "" now as vLLM; then this model writes the same employee name both times
 @pytest.mark.asyncio
 async def test_named_tool_use(client, sample_json_schema):
     messages: list = [

@@ -125,7 +125,6 @@ def expected_values(num_requests: int, prompt_ids: list[int], max_tokens: int) -
     }
 
 
-@pytest.mark.vllm_compat  # /metrics has no vllm:* series (ringllm_* names; some have no counterpart)
 @pytest.mark.asyncio
 async def test_metrics_counts(server, client, model_key, tokenizer):
     # ringllm adaptation: the real model's tokenizer (vLLM: AutoTokenizer of TinyLlama).
@@ -150,7 +149,6 @@ async def test_metrics_counts(server, client, model_key, tokenizer):
             assert samples[name] == value, f"{name} expected {value}, found {samples[name]}"
 
 
-@pytest.mark.vllm_compat  # /metrics has no vllm:* series
 @pytest.mark.asyncio
 async def test_metrics_exist(server, client, model_key):
     await client.completions.create(model=MODEL_NAME, prompt="Hello, my name is", max_tokens=5, temperature=0.0)
@@ -176,7 +174,6 @@ def running_metrics(server) -> tuple[float, float, float]:
     return found[wanted[0]], found[wanted[1]], found[wanted[2]]
 
 
-@pytest.mark.vllm_compat  # /metrics has no vllm:* series
 @pytest.mark.asyncio
 async def test_abort_metrics_reset(server, client, model_key, tokenizer):
     prompt_ids = tokenizer.encode(PROMPT)

@@ -59,7 +59,6 @@ async def test_completion_with_orca_header(client):
     assert "endpoint-load-metrics" in raw.http_response.headers
 
 
-@pytest.mark.vllm_compat  # the choice has no prompt_logprobs key (vLLM always sends it, null unless asked)
 @pytest.mark.asyncio
 async def test_single_completion(client):
     completion = await client.completions.create(

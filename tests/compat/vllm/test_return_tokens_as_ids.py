@@ -24,8 +24,7 @@ def server_fixture(request, default_server, real_model, server_logs):
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "server_fixture",
-    # --return-tokens-as-token-ids is not an option yet (WorkerSettings.return_tokens_as_token_ids serves it)
-    [pytest.param(True, marks=pytest.mark.vllm_compat), False],
+    [True, False],
     indirect=True,
     ids=["server-option", "request-field"],
 )
@@ -54,8 +53,7 @@ async def test_completion_return_tokens_as_token_ids_completion(server_fixture, 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "server_fixture",
-    # --return-tokens-as-token-ids is not an option yet (WorkerSettings.return_tokens_as_token_ids serves it)
-    [pytest.param(True, marks=pytest.mark.vllm_compat), False],
+    [True, False],
     indirect=True,
     ids=["server-option", "request-field"],
 )

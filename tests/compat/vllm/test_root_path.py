@@ -26,7 +26,6 @@ def server(real_model, server_logs):
         yield remote
 
 
-@pytest.mark.vllm_compat  # --root-path is not a ringllm option (the server does not start); continue_final_message
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "base_url, api_key, expected_error",
