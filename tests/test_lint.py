@@ -1,4 +1,5 @@
-"""Static checks of the packages, run with the test suite so that CI keeps them green.
+"""Static checks of the whole repository, run with the test suite so that CI keeps them green: mypy, ruff, and
+hadolint on the Containerfile (skipped where hadolint is not installed).
 
 mypy and ruff read their configuration from pyproject.toml ([tool.mypy]: app, ipc and engine, with the cache under
 .mypy_cache, which keeps a rerun to a few seconds)."""

@@ -3,13 +3,12 @@ json_schema on completions and chat (streamed or not), vLLM's names for the cons
 400s. Offline and in the engine: tests/engine/test_structured_output.py."""
 
 import json
-import shutil
 
 import httpx
 import jsonschema_rs
 import pytest
 
-from tests.helpers import start_server, stop_server, tiny_checkpoint
+from tests.helpers import start_server, stop_server
 
 # Nested objects, enums, arrays and bounded scalars: a bounded schema, so that every output ends well within
 # max_tokens (whitespace between elements is bounded by the engine too).
@@ -32,16 +31,6 @@ SCHEMA = {
 
 
 # ---- batching: constrained rows do not change the others, whatever the overlap ----
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, demo_path):
-    path = tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny"), vocab=1024)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(demo_path / name, path / name)
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 2}))
-    return path
-
-
 # ---- through the server ----
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

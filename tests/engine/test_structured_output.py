@@ -4,6 +4,7 @@ weights make the model write anything the grammar allows, which is what these te
 still fit. Through the server: tests/e2e/test_structured_output.py."""
 
 import json
+import shutil
 
 import jsonschema_rs
 import pytest
@@ -13,6 +14,7 @@ from ringllm.engine.demo import demo_model_path
 from ringllm.engine.engine import Engine, RequestError
 from ringllm.ipc.sampling import StructuredOutputs
 from ringllm.text.chat_template import chat_prompt_ids
+from tests.helpers import tiny_checkpoint
 
 # Nested objects, enums, arrays and bounded scalars: a bounded schema, so that every output ends well within
 # max_tokens (whitespace between elements is bounded by the engine too).
@@ -137,6 +139,16 @@ def test_a_complete_grammar_ends_the_request_even_with_ignore_eos(llm):
 def test_a_constraint_that_does_not_compile_is_refused_before_it_queues(llm, so):
     with pytest.raises(RequestError, match=f"structured_outputs.{so.kind}"):
         llm.generate_batch(["x"], SamplingParams(structured_outputs=so))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, demo_path):
+    path = tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny"), vocab=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_path / name, path / name)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 2}))
+    return path
 
 
 def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
