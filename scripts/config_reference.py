@@ -1,5 +1,5 @@
 """Writes the configuration reference in README.md from the CLI's own parser, so the two cannot drift apart
-(tests/test_clients.py fails when they do): the table of options, and the table of vLLM's flags
+(tests/scripts/test_config_reference.py fails when they do): the table of options, and the table of vLLM's flags
 (ringllm/serve/vllm_flags.py).
 
     python scripts/config_reference.py          # rewrite the block between the markers

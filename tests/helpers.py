@@ -302,6 +302,24 @@ def wait_for_metric(server, name, value, seconds=60.0, headers=None) -> float:
     return got
 
 
+def gone(what, seconds: float) -> bool:
+    """Waits until `what()` is empty (processes reaped, segments removed) or `seconds` pass; True if it became
+    so. The bound is for a stuck process only."""
+    deadline = time.monotonic() + seconds
+    while what() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not what()
+
+
+def cmdline(pid: int) -> bytes:
+    """The command line of `pid` as /proc holds it (NUL-separated), or b"" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}

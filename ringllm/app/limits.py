@@ -2,7 +2,7 @@
 has no body timeout), the time a response write may wait for the client to read, and the request slots.
 (The connection limits, Granian's, are set by `ringllm serve`: ringllm/serve/host.py.) A connection that sends
 its headers and then part of its body reaches this wrapper, which answers 408 once the body-read timeout
-passes (measured with Granian 2.8, tests/test_hardening.py)."""
+passes (measured with Granian 2.8, tests/e2e/test_connections.py)."""
 
 from __future__ import annotations
 

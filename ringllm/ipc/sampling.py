@@ -9,7 +9,7 @@ there is no second list of limits. No torch here: the API workers import this to
 
 Adding a sampling field: declare it here with its bounds, read it in the sampler (an entry of
 engine/sampler/rows.py's ROW_FIELDS and the math in engine/sampler/sampler.py), and test it
-(tests/test_contract.py fails for a field that does not reach the sampler)."""
+(tests/ipc/test_sampling.py fails for a field that does not reach the sampler)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the ready line, signals, and the drain that stops everything in order.
 
 Connection limits, measured with Granian 2.8 (the silent, partial and keep-alive connection tests in
-tests/test_hardening.py): under HTTP/1 a connection that sends nothing, part of a request line or part of its
+tests/e2e/test_connections.py): under HTTP/1 a connection that sends nothing, part of a request line or part of its
 headers is closed after the header-read timeout, and so is an idle keep-alive connection; under `--http auto`
 (HTTP/1 and h2c) a connection that sends nothing is held forever while Granian waits to see which protocol it
 speaks. A connection that sends its headers and then part of its body reaches the app, whose body-read limit

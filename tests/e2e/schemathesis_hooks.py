@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_reliability.py: bodies that name a random model would all be answered 404
+"""Schemathesis hooks for tests/e2e/test_fuzz.py: bodies that name a random model would all be answered 404
 (rightly) and never reach the engine, so generated bodies ask for the served model."""
 
 import schemathesis

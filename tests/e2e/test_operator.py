@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- one server for the HTTP checks ----
@@ -424,30 +424,3 @@ def test_every_series_the_grafana_dashboard_queries_is_exposed(served):
     used = {name for e in exprs for name in re.findall(r"\b((?:ringllm|process)_[a-z0-9_]+)", e)}
     assert len(used) >= 15 and used <= served_samples, used - served_samples
     assert all('model_name=~"$model_name"' in e for e in exprs if "ringllm_" in e)
-
-
-def test_engine_counters_are_left_out_rather_than_reset_when_the_engine_does_not_answer():
-    """A scrape that got no (or partial) engine values must not report the engine's counters as 0: Prometheus
-    would read that as a counter reset."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from ringllm.app.metrics import Metrics
-    from ringllm.ipc.shared_table import SharedTable
-
-    table = SharedTable(f"/ringllm-test-{os.getpid()}-metrics", 1, create=True)
-    try:
-        metrics = Metrics(table, 0, "m")
-        full = {
-            f.name
-            for f in text_string_to_metric_families(
-                metrics.render(
-                    {"generated_tokens": 5, "prefix_cache_query_tokens": 9, "hist:request_prompt_tokens:sum": 3}
-                ).decode()
-            )
-        }
-        empty = {f.name for f in text_string_to_metric_families(metrics.render({}).decode())}
-    finally:
-        table.close(unlink=True)
-    assert {"ringllm_generation_tokens", "ringllm_prefix_cache_queries", "ringllm_request_prompt_tokens"} <= full
-    assert not {"ringllm_generation_tokens", "ringllm_prefix_cache_queries", "ringllm_request_prompt_tokens"} & empty
-    assert {"ringllm_prompt_tokens", "ringllm_num_requests_running", "ringllm_e2e_request_latency_seconds"} <= empty

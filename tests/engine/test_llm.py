@@ -1,11 +1,11 @@
-"""The offline API on the demo model: streaming, batches, stop strings, seeds, errors; the demo checkpoint."""
+"""The offline API on the demo model: streaming, batches, stop strings, seeds, errors, an early exit from a
+stream."""
 
 import asyncio
 
 import pytest
 
-from ringllm.engine import LLM, EngineConfig, SamplingParams
-from ringllm.engine.demo import build_demo_checkpoint, checkpoint_digest
+from ringllm.engine import LLM, SamplingParams
 from ringllm.engine.engine import RequestError
 from ringllm.engine.loader import ModelNotFoundError
 
@@ -99,66 +99,3 @@ def test_early_exit_from_stream_aborts(llm):
 
         time.sleep(0.05)
     assert llm.engine.stats()["kv_slots_used_by_requests"] == 0
-
-
-def test_demo_checkpoint_is_deterministic(tmp_path):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    build_demo_checkpoint(tmp_path / "a")
-    build_demo_checkpoint(tmp_path / "b")
-    assert checkpoint_digest(tmp_path / "a") == checkpoint_digest(tmp_path / "b")
-
-
-def test_engine_config_rejects_bad_values():
-    with pytest.raises(ValueError):
-        EngineConfig(max_bs=0)
-    with pytest.raises(ValueError):
-        EngineConfig(gpu_memory_utilization=1.5)
-
-
-def test_profile_writes_a_trace(tmp_path, demo_path):
-    from ringllm.engine.engine import Engine
-    from tests.helpers import run_engine
-
-    engine = Engine(
-        EngineConfig(
-            model=str(demo_path),
-            device="cpu",
-            kv_cache_tokens=1024,
-            context_len=128,
-            profile=True,
-            profile_dir=str(tmp_path),
-        )
-    )
-    run_engine(engine, [[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
-    path = engine.stop_profile()
-    assert path.is_file() and path.stat().st_size > 0 and "rank0" in path.name
-
-
-def test_cli_generate_runs(demo_path, capsys):
-    from ringllm.serve.cli import main
-
-    assert (
-        main(
-            [
-                "generate",
-                "The sea",
-                "--model",
-                str(demo_path),
-                "--max-tokens",
-                "5",
-                "--device",
-                "cpu",
-                "--kv-cache-tokens",
-                "512",
-                "--context-len",
-                "128",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
-    assert "finish_reason: length" in capsys.readouterr().err
-    assert main(["generate", "x", "--model", "/no/such/dir", "--device", "cpu"]) == 2
-    chat = ["generate", "hi", "--chat", "--model", str(demo_path), "--max-tokens", "3", "--device", "cpu"]
-    assert main([*chat, "--kv-cache-tokens", "512", "--context-len", "128"]) == 0  # the demo model's template

@@ -5,25 +5,18 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import threading
 import time
 
 import msgspec
-import posix_ipc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringllm.ipc import messages as m
 from ringllm.ipc.lifecycle import (
-    claim_worker_index,
-    create_pair_claims,
-    leftover_segments,
-    remove_stale_segments,
     segment_name,
 )
 from ringllm.ipc.ring import PeerDied, RingCorrupted, RingReader, RingWriter
-from ringllm.ipc.shared_table import SharedTable
 
 CTX = mp.get_context("fork")
 _counter = iter(range(10**9))
@@ -149,19 +142,6 @@ def test_reader_killed_writer_raises():
     writer.close()
 
 
-def test_stale_segments_of_dead_owner_are_removed():
-    proc = CTX.Process(target=lambda: None)
-    proc.start()
-    proc.join()
-    dead = proc.pid
-    w = RingWriter(segment_name(dead, "req0"), capacity=4096)
-    w.seg.close()  # leave it behind, as a SIGKILLed owner would
-    assert leftover_segments(dead)
-    removed = remove_stale_segments()
-    assert any(str(dead) in r for r in removed)
-    assert leftover_segments(dead) == []
-
-
 def test_corrupt_length_is_a_clear_error():
     name = _name()
     w = RingWriter(name, capacity=4096)
@@ -212,135 +192,6 @@ def test_broadcast_ring_every_reader_gets_everything():
     assert [q.get(timeout=20) for _ in procs] == [True, True, True]
     for p in procs:
         p.join(5)
-    w.close()
-
-
-def _claim_rounds(owner, pairs, rounds, barrier, q):
-    """Each round: every process claims at the same moment, reports its pair, then all release."""
-    got = []
-    for _ in range(rounds):
-        barrier.wait()
-        claim = claim_worker_index(owner, pairs, wait=0)
-        got.append(claim.index)
-        barrier.wait()
-        claim.release()
-    q.put(got)
-
-
-def _claim_and_hold(owner, q):
-    q.put(claim_worker_index(owner, 1).index)
-    time.sleep(60)
-
-
-@pytest.fixture
-def claims():
-    """Four pair claims of this process, removed afterwards."""
-    create_pair_claims(os.getpid(), 4)
-    yield os.getpid()
-    for k in range(4):
-        posix_ipc.unlink_shared_memory(segment_name(os.getpid(), f"claim{k}"))
-
-
-def test_workers_claim_distinct_pairs_under_contention(claims):
-    """4 processes × 300 rounds of claims at once: every round all four pairs, each exactly once (the old
-    counter, read after its increment, once gave [0, 2, 2, 3] in 1,500 tries); a fifth claimant gets none."""
-    rounds, q, barrier = 300, CTX.Queue(), CTX.Barrier(4)
-    procs = [CTX.Process(target=_claim_rounds, args=(claims, 4, rounds, barrier, q)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    try:
-        results = [q.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(10)
-    assert all(sorted(r[i] for r in results) == [0, 1, 2, 3] for i in range(rounds))
-    held = [claim_worker_index(claims, 4) for _ in range(4)]
-    with pytest.raises(RuntimeError, match="no ring pair left"):
-        claim_worker_index(claims, 4, wait=0.2)
-    for c in held:
-        c.release()
-
-
-def test_a_killed_workers_pair_is_free_again(claims):
-    q = CTX.Queue()
-    holder = CTX.Process(target=_claim_and_hold, args=(claims, q))
-    holder.start()
-    assert q.get(timeout=20) == 0
-    with pytest.raises(RuntimeError, match="no ring pair left"):
-        claim_worker_index(claims, 1, wait=0)
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join(10)
-    claim = claim_worker_index(claims, 1, wait=5)  # the kernel dropped the dead holder's lock
-    assert claim.index == 0
-    claim.release()
-
-
-def _count_into_row(name, index, times):
-    table = SharedTable(name)
-    row = table.row(index)
-    for _i in range(times):
-        row[0] += 1
-        row[1] += 0.5
-    row[2] = index
-    table.close()
-
-
-def test_shared_table_sums_rows_written_by_other_processes():
-    name = _name()
-    table = SharedTable(name, rows=3, create=True)
-    try:
-        procs = [CTX.Process(target=_count_into_row, args=(name, i, 20_000 * (i + 1))) for i in range(3)]
-        for p in procs:
-            p.start()
-        seen = []
-        while any(p.is_alive() for p in procs):
-            seen.append(table.totals()[0])  # read while the writers run: never torn, never going back
-        for p in procs:
-            p.join(10)
-        assert seen == sorted(seen)
-        totals = table.totals()
-        assert totals[:3] == [120_000, 60_000.0, 0 + 1 + 2] and not any(totals[3:])
-        with pytest.raises(IndexError):
-            table.row(3)
-    finally:
-        table.close(unlink=True)
-    assert name.lstrip("/") not in leftover_segments(os.getpid())
-
-
-def test_messages_round_trip():
-    gen = m.Generate("r1", m.pack_ids([1, 2, 70000]), m.Sampling(max_tokens=5, seed=3, stop_token_ids=[9]))
-    back = m.decode_to_engine(m.encode(gen))
-    assert back == gen and m.unpack_ids(back.token_ids) == [1, 2, 70000]
-    out = m.StepOutput([m.TokenDelta("r1", m.pack_ids([5]), "stop", None, 3, 0)])
-    assert m.decode_to_app(m.encode(out)) == out
-    with pytest.raises(msgspec.ValidationError):
-        m.decode_to_engine(m.encode(out))
-
-
-def test_async_reader_thread_hands_batches_to_the_loop():
-    import asyncio
-
-    from ringllm.ipc.async_reader import AsyncRingReader
-
-    name = _name()
-    w = RingWriter(name, capacity=4096)
-
-    async def main():
-        got = []
-        done = asyncio.Event()
-
-        def on_frames(frames):
-            got.extend(frames)
-            if len(got) == 100:
-                done.set()
-
-        reader = AsyncRingReader(RingReader(name), on_frames, asyncio.get_running_loop())
-        threading.Thread(target=lambda: [w.write(b"%d" % i) for i in range(100)]).start()
-        await asyncio.wait_for(done.wait(), 5)
-        reader.stop()
-        return got
-
-    assert asyncio.run(main()) == [b"%d" % i for i in range(100)]
     w.close()
 
 
