@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import msgspec
 
@@ -160,8 +161,9 @@ class ServedModel:
             )
 
     def listing(self) -> dict:
-        """/v1/models: every name clients may use."""
-        entry = {"object": "model", "created": 0, "owned_by": "ringllm", "root": self.path}
+        """/v1/models: every name clients may use. `root` is the checkpoint's name, not its path: where the
+        server keeps its files is the operator's (issue 28)."""
+        entry = {"object": "model", "created": 0, "owned_by": "ringllm", "root": Path(self.path).name}
         entry.update(max_model_len=self.max_seq_len, vocab_size=self.vocab_size)
         return {"object": "list", "data": [{"id": name, **entry} for name in self.names]}
 

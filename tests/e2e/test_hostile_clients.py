@@ -4,12 +4,16 @@ every count and duration is bounded, and each test's server is killed at its end
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
 
 import httpx
 
-from tests.helpers import serving
+from ringllm.engine.demo import demo_model_path
+from tests.helpers import process_tree, serving
 
 SMALL = ("--kv-cache-tokens", "4096", "--context-len", "512")
 
@@ -92,3 +96,60 @@ def test_health_answers_beside_a_thousand_idle_connections(tmp_path):
         finally:
             for s in held:
                 s.close()
+
+
+def _engine_pids(proc) -> list[int]:
+    """The server's engine processes: those of its tree that own ring segments (their pid is in the names)."""
+    from ringllm.ipc.lifecycle import leftover_segments
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = [
+            p
+            for p in process_tree(proc.pid)
+            if p != proc.pid and any(s.endswith("-req0") for s in leftover_segments(p))
+        ]
+        if len(found) == 2:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("the two engines have no rings")
+
+
+def _stream(base: str, got: list[str]) -> None:
+    body = {"prompt": "leak", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+            got.append("".join(r.iter_text()))
+    except httpx.HTTPError as e:
+        got.append(repr(e))
+
+
+def test_no_answer_names_a_ring_an_engine_pid_or_the_models_path(tmp_path):
+    """Issue 28: a stream cut by a dead engine ended with "writer (pid N) of ring /ringllm-N-... has died",
+    /v1/models' root was the checkpoint's path, /health named each replica's pid. With --dp-size 2, two streams
+    (one per replica), replica 1's engine killed: every answer the public routes give, before and after, is
+    searched for the pids, the rings' name prefix and the model's path."""
+    model = demo_model_path(tmp_path / "cache")
+    args = (*SMALL, "--model", str(model), "--served-model-name", "demo", "--dp-size", "2", "--workers", "1")
+    with serving(tmp_path, *args, "--enable-tokenizer-info-endpoint") as (proc, base):
+        pids = _engine_pids(proc)
+        answers: list[str] = []
+        streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(2)]
+        for t in streams:
+            t.start()
+        time.sleep(2)  # both streams run, one on each replica (the least loaded is chosen)
+        os.kill(pids[1], signal.SIGKILL)
+        for t in streams:
+            t.join(120)
+        assert any('"error"' in a and "engine replica" in a for a in answers), answers  # one was cut
+        for path in ("/health", "/v1/models", "/v1/models/demo", "/version", "/tokenizer_info", "/metrics"):
+            answers.append(httpx.get(base + path, timeout=30).text)
+        answers.append(httpx.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"}, timeout=30).text)
+        answers.append(httpx.post(base + "/tokenize", json={"prompt": "x"}, timeout=30).text)
+    assert '"replicas_serving":1' in answers[-8]  # /health, degraded: it says which replica serves
+    text = "\n".join(answers)
+    for secret in (*map(str, pids), "ringllm-", str(model), str(tmp_path)):
+        assert secret not in text, (
+            secret,
+            [a[max(0, a.find(secret) - 200) : a.find(secret) + 80] for a in answers if secret in a],
+        )
