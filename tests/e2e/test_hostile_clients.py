@@ -153,3 +153,61 @@ def test_no_answer_names_a_ring_an_engine_pid_or_the_models_path(tmp_path):
             secret,
             [a[max(0, a.find(secret) - 200) : a.find(secret) + 80] for a in answers if secret in a],
         )
+
+
+def _api_workers(proc) -> list[int]:
+    """The Granian workers of this server: the processes under it with its command line (forked from it)."""
+
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    serve = cmdline(proc.pid)
+    return sorted(p for p in process_tree(proc.pid)[1:] if cmdline(p) == serve)
+
+
+def _aborted(base: str) -> tuple[float, float]:
+    """requests_total{finish_reason="abort"} under ringllm's name and under vLLM's."""
+    lines = httpx.get(base + "/metrics", timeout=30).text.splitlines()
+
+    def value(prefix: str) -> float:
+        return next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix) and '"abort"' in line)
+
+    return value("ringllm_requests_total{"), value("vllm:request_success_total{")
+
+
+def test_requests_cut_by_a_dead_api_worker_count_as_aborted(tmp_path):
+    """Issue 28: SIGKILL of the API worker under three streams: the engine aborts their requests, and /metrics,
+    answered by the worker started in its place, counts them among the aborted (the dead worker never could)."""
+    with serving(tmp_path, *SMALL, "--workers", "1") as (proc, base):
+        (worker,) = _api_workers(proc)
+        assert _aborted(base) == (0, 0)
+        answers: list[str] = []
+        streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(3)]
+        for t in streams:
+            t.start()
+        deadline = time.monotonic() + 60
+        while _running(base) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(worker, signal.SIGKILL)
+        for t in streams:
+            t.join(120)
+        deadline, got = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            try:
+                if (got := _aborted(base)) == (3, 3):
+                    break
+            except httpx.HTTPError:  # no worker yet
+                pass
+            time.sleep(0.5)
+        assert got == (3, 3) and _running(base) == 0
+
+
+def _running(base: str) -> float:
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return next(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ringllm_num_requests_running")
+    )
