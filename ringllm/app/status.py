@@ -75,6 +75,6 @@ class ServerStatus:
         if command == "profile_start" and not stats.get("profiler_running"):
             raise ApiError(
                 409,
-                "profile refused: the engine has written as many profiler traces as one run may (see the README's "
-                "profiling section); restart the server to profile again",
+                "profile refused: the engine has written its --profile-max-mb of profiler traces; restart the "
+                "server to profile again",
             )

@@ -138,7 +138,7 @@ class Engine:
             seconds=round(time.perf_counter() - started, 3),
             warmup_seconds=round(self.warmup.seconds, 3) if self.warmup else None,
         )
-        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device)
+        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device, config.profile_max_mb << 20)
         if config.profile:
             self.start_profile()
 

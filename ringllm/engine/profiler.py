@@ -4,9 +4,10 @@ the rank into the profile directory. The engine and every worker process keep on
 A profile costs the server: every step's events are held in memory until the stop, and the stop writes the trace
 on the engine's loop, every stream waiting meanwhile (a key holder's profiles wrote 819 MB in 40 s and stalled a
 stream 13.9 s, issue 28). So a profile started on command ends itself, cleanly (its trace written), after
-MAX_PROFILE_STEPS engine steps as well as after --profiler-max-seconds, which bounds each trace and each stall;
-and once this process has written MAX_TRACE_BYTES of traces, starting another is refused until a restart, which
-bounds the disk. A profile of the whole run (--profile) has no step cap: the one asking is the operator."""
+--profile-max-steps engine steps as well as after --profiler-max-seconds, which bounds each trace and each stall
+(a trace holds each step's kernels and ops); and once this process has written --profile-max-mb of traces,
+starting another is refused until a restart, which bounds the disk. A profile of the whole run (--profile) has no
+step cap: the one asking is the operator."""
 
 from __future__ import annotations
 
@@ -16,12 +17,9 @@ from typing import Any
 
 import torch
 
-MAX_PROFILE_STEPS = 200  # a trace holds each step's kernels and ops: enough steps to see a pattern, no more
-MAX_TRACE_BYTES = 1 << 30  # all the traces one process writes in its life
-
 
 class RankProfiler:
-    def __init__(self, profile_dir: str, rank: int, device: torch.device, max_bytes: int = MAX_TRACE_BYTES):
+    def __init__(self, profile_dir: str, rank: int, device: torch.device, max_bytes: int):
         self.profile_dir, self.rank, self.device = Path(profile_dir), rank, device
         self._prof: Any = None  # a torch.profiler.profile while running (imported only when used)
         self.max_bytes, self.written = max_bytes, 0  # the trace budget, and the bytes written so far
@@ -33,7 +31,7 @@ class RankProfiler:
 
     @property
     def spent(self) -> bool:
-        """Whether this process has written its MAX_TRACE_BYTES of traces: no profile starts any more."""
+        """Whether this process has written its `max_bytes` of traces: no profile starts any more."""
         return self.written >= self.max_bytes
 
     def start(self, max_steps: int | None = None) -> bool:

@@ -16,7 +16,6 @@ import msgspec
 from ringllm.engine.config import EngineConfig
 from ringllm.engine.engine import Engine, RequestError, TokenOutput
 from ringllm.engine.logs import configure_logging, get_logger, no_multiprocessing_locks
-from ringllm.engine.profiler import MAX_PROFILE_STEPS
 from ringllm.engine.request_stats import RequestStats
 from ringllm.ipc import messages as m
 from ringllm.ipc.heartbeat import HeartbeatWriter
@@ -187,7 +186,7 @@ class EngineServer:
         elif isinstance(msg, m.Control):
             if msg.command == "profile_start":
                 # a command's profile is bounded in steps, and in time from its own start
-                if not self.engine.profiling and self.engine.start_profile(MAX_PROFILE_STEPS):
+                if not self.engine.profiling and self.engine.start_profile(self.engine.config.profile_max_steps):
                     self.profile_started = time.monotonic() if self.profiler_max_seconds is not None else None
             elif msg.command == "profile_stop":
                 self.profile_started = None

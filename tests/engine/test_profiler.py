@@ -41,7 +41,7 @@ def test_a_profile_ends_itself_after_its_steps_with_its_trace_written(engine):
 
 
 def test_a_spent_trace_budget_refuses_the_next_profile(tmp_path):
-    profiler = RankProfiler(str(tmp_path), 0, torch.device("cpu"), max_bytes=1)
+    profiler = RankProfiler(str(tmp_path), 0, torch.device("cpu"), max_bytes=1)  # spent by any trace
     assert profiler.start(max_steps=None) and profiler.running
     assert not profiler.step()  # no cap: the operator's own profile of the run
     torch.ones(4).sum()
