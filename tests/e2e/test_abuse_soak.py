@@ -167,13 +167,15 @@ def test_abuse_beside_normal_traffic_keeps_health_fast_gaps_short_and_memory_fla
     with serving(tmp_path, *args) as (proc, base):
         asyncio.run(_soak(base, min(30.0, SECONDS / 6)))  # warm-up: caches, allocator pools, one of each attack
         pids = process_tree(proc.pid)[1:]  # the engine and the API workers
-        rss_start = _rss_mb(pids)
+        each_start = [_rss_mb([p]) for p in pids]
         gaps, latencies, streams, health, attacks = asyncio.run(_soak(base, SECONDS))
-        rss_end = _rss_mb(pids)
+        each_end = [_rss_mb([p]) for p in pids]
+        rss_start, rss_end = sum(each_start), sum(each_end)
         print(
             f"\nabuse soak, {SECONDS:.0f} s: {sum(streams.values())} normal streams {dict(streams)}, longest gap "
             f"{max(gaps):.3f} s; /health {dict(health)}, slowest {max(latencies):.3f} s; attacks "
-            f"{dict(sorted(attacks.items()))}; RSS {rss_start:.0f} -> {rss_end:.0f} MB over {len(pids)} processes"
+            f"{dict(sorted(attacks.items()))}; RSS {rss_start:.0f} -> {rss_end:.0f} MB, "
+            f"by process {[round(a) for a in each_start]} -> {[round(b) for b in each_end]}"
         )
         assert health == Counter({200: len(latencies)}) and max(latencies) < 1.0
         assert streams == Counter({200: sum(streams.values())}) and max(gaps) < MAX_GAP
