@@ -320,6 +320,29 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def engine_pids(server_pid: int, count: int, seconds: float = 60) -> list[int]:
+    """The `count` engine processes under a serve process, replica 0 first: those of its tree that own ring
+    segments (their pid is in the names), ordered by when they started (the launcher starts replica r before
+    r + 1; a pid can wrap around, a start time cannot)."""
+    from ringllm.ipc.lifecycle import leftover_segments
+
+    def started(pid: int) -> int:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = [
+            p
+            for p in process_tree(server_pid)
+            if p != server_pid and any(s.endswith("-req0") for s in leftover_segments(p))
+        ]
+        if len(found) == count:
+            return sorted(found, key=lambda p: (started(p), p))
+        time.sleep(0.1)
+    raise AssertionError(f"the {count} engines have no rings")
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}

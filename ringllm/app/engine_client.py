@@ -10,10 +10,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ringllm.engine.logs import get_logger
 from ringllm.ipc import messages as m
 from ringllm.ipc.async_reader import AsyncRingReader
 from ringllm.ipc.lifecycle import WorkerPair, claim_worker_index
-from ringllm.ipc.ring import pid_alive
+from ringllm.ipc.ring import PeerDied, RingCorrupted, RingTimeout, pid_alive
+
+log = get_logger("app")
 
 # How long a request may wait for room in the request ring (the engine is slow or stalled) before it is
 # refused with 503: the wait is asynchronous, the worker serves other requests meanwhile.
@@ -183,9 +186,13 @@ class EngineClient:
                 self.draining = True
 
     def _on_error(self, exc: Exception) -> None:
+        """The output ring failed: every open stream ends with an error. The clients read why in general words;
+        the ring's name and the engine's pid, which its error names, go to the log only (issue 28)."""
         self.alive = False
         engine = "engine" if self.replica is None else f"engine replica {self.replica}"
-        why = m.CUT_BY_SHUTDOWN if self.draining else f"{engine} failure: {exc}"
+        why = m.CUT_BY_SHUTDOWN if self.draining else f"{engine} failure: {_public_reason(exc)}"
+        if not self.draining:
+            log.error("the engine's output ring failed", replica=self.replica, error=str(exc))
         for queue in self.streams.values():
             queue.put_nowait(m.RequestFailed("", why, 503))
         self.streams.clear()
@@ -196,3 +203,14 @@ class EngineClient:
             self._flusher.cancel()
         self.reader.stop()
         self.claim.release()
+
+
+def _public_reason(exc: Exception) -> str:
+    """What a client may read of a ring failure: its kind, without the names and pids its message holds."""
+    if isinstance(exc, PeerDied):
+        return "the engine process died"
+    if isinstance(exc, RingCorrupted):
+        return "the engine's output was corrupted"
+    if isinstance(exc, RingTimeout):
+        return "the engine stopped taking output"
+    return "the engine's output stopped"

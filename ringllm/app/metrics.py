@@ -117,6 +117,13 @@ class Metrics:
             self.params_n.observe(n)
             self.params_max_tokens.observe(max_tokens)
 
+    def finished_counts(self, totals: list[float], engine: dict[str, float]) -> list[int]:
+        """Finished requests per FINISH_REASONS, every worker's; the aborted ones include those the engine aborted
+        because their API worker died (it could not count them: engine/server.py)."""
+        counts = [int(totals[self.requests_at + i]) for i in range(len(FINISH_REASONS))]
+        counts[FINISH_REASONS.index("abort")] += int(engine.get("aborted_orphans", 0))
+        return counts
+
     def render(self, engine: dict[str, float]) -> bytes:
         self.snapshot.engine = engine
         return generate_latest(self.registry)
@@ -182,8 +189,8 @@ class Metrics:
         requests = CounterMetricFamily(
             "ringllm_requests_total", "Finished requests, by finish reason.", labels=[*LABELS, "finish_reason"]
         )
-        for i, r in enumerate(FINISH_REASONS):
-            requests.add_metric([model, r], int(totals[self.requests_at + i]))
+        for r, count in zip(FINISH_REASONS, self.finished_counts(totals, engine)):
+            requests.add_metric([model, r], count)
         yield requests
         for h in (self.ttft, self.itl, self.e2e, self.params_n, self.params_max_tokens):
             yield h.family(totals, model)

@@ -89,8 +89,9 @@ class Replicas:
         """(why the server cannot serve, or None) and the per-replica state for /health's body."""
         whys = [self.unavailable(r) for r in range(len(self.clients))]
         states = [
-            {"replica": r, "pid": pid, "serving": why is None, **({"error": why} if why else {})}
-            for r, (pid, why) in enumerate(zip(self.pids, whys))
+            # no pid: /health is public, and process ids are the operator's (issue 28); the log names them
+            {"replica": r, "serving": why is None, **({"error": why} if why else {})}
+            for r, why in enumerate(whys)
         ]
         serving = sum(why is None for why in whys)
         body = {

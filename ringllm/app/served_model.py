@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import msgspec
 
 from ringllm.app.errors import CONTEXT_LENGTH_EXCEEDED, ApiError
 from ringllm.app.settings import WorkerSettings
 from ringllm.ipc import messages as m
+from ringllm.ipc.process import trim_heap
 from ringllm.ipc.sampling import FieldError, check_token_ids
 from ringllm.text.bad_words import bad_words_token_ids
 from ringllm.text.tokenizer import Tokenizer
 
 OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes seconds
+# Tokenizing costs ~250 bytes a token at its peak (the tokenizer's encoding: token strings, offsets): an 8 MB text
+# took 1.4 GB. Long texts are tokenized one at a time, on one thread, so a worker's peak is one text's, not one
+# per concurrent request (six 8 MB requests grew a worker to 7.5 GB), and the heap is handed back after each.
 
 
 class ServedModel:
@@ -34,6 +40,7 @@ class ServedModel:
         self.priority_scheduling = settings.priority_scheduling  # --scheduling-policy priority
         self.force_include_usage = settings.force_include_usage  # --enable-force-include-usage
         self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids  # --return-tokens-as-token-ids
+        self.long_texts = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see OFF_LOOP_CHARS
 
     def cached_report(self, cached_tokens: int) -> int | None:
         """What usage reports of the prompt tokens the prefix cache served: nothing unless
@@ -72,7 +79,21 @@ class ServedModel:
         def run() -> list[int]:
             return encode(text) if encode is not None else tok.encode(text, add_special_tokens)
 
-        return run() if len(text) < OFF_LOOP_CHARS else await asyncio.to_thread(run)
+        if len(text) < OFF_LOOP_CHARS:
+            return run()
+        return await asyncio.get_running_loop().run_in_executor(self.long_texts, _trimmed, run)
+
+    def check_count(self, count: int, what: str, param: str) -> None:
+        """Refuses more items (messages, token ids) than the context has tokens, before any work on them: no
+        sequence this model reads or writes is longer."""
+        if count > self.max_seq_len:
+            raise ApiError(
+                400,
+                f"{count} {what}: more than this model's context of {self.max_seq_len} tokens "
+                f"(at most {self.max_seq_len})",
+                param=param,
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
 
     def truncated(self, body, ids: list[int], max_tokens: int | None, default_max_tokens: int | None) -> list[int]:
         """The prompt as the body's truncate_prompt_tokens asks: at most what the context holds beside the output
@@ -140,7 +161,16 @@ class ServedModel:
             )
 
     def listing(self) -> dict:
-        """/v1/models: every name clients may use."""
-        entry = {"object": "model", "created": 0, "owned_by": "ringllm", "root": self.path}
+        """/v1/models: every name clients may use. `root` is the checkpoint's name, not its path: where the
+        server keeps its files is the operator's (issue 28)."""
+        entry = {"object": "model", "created": 0, "owned_by": "ringllm", "root": Path(self.path).name}
         entry.update(max_model_len=self.max_seq_len, vocab_size=self.vocab_size)
         return {"object": "list", "data": [{"id": name, **entry} for name in self.names]}
+
+
+def _trimmed(run: Callable[[], list[int]]) -> list[int]:
+    """`run`'s ids, then the tokenizer's transient heap handed back to the OS (see OFF_LOOP_CHARS)."""
+    try:
+        return run()
+    finally:
+        trim_heap()

@@ -65,10 +65,16 @@ class ServerStatus:
         """ "profile_start" or "profile_stop" to the engine (replica 0's, or the first that serves)."""
         assert self.client is not None
         try:
-            await self.client.stats(command)
+            stats = await self.client.stats(command)
         except EngineDown as e:
             raise ApiError(503, str(e), "server_error") from None
         except asyncio.TimeoutError:
             raise ApiError(
                 503, "the engine did not answer within 10 s (it may be writing a profiler trace)", "server_error"
             ) from None
+        if command == "profile_start" and not stats.get("profiler_running"):
+            raise ApiError(
+                409,
+                "profile refused: the engine has written its --profile-max-mb of profiler traces; restart the "
+                "server to profile again",
+            )

@@ -1,5 +1,8 @@
 """/tokenize and /detokenize (vLLM's routes): the tokens a completion prompt or a chat conversation is sent as,
-and the text of token ids."""
+and the text of token ids. Both are bounded by the model's context, as the generation routes are: a text longer
+than the context can hold (in characters, at the tokenizer's longest token), more messages or more token ids than
+the context has tokens are a 400 naming the limit, refused before the work (tokenizing megabytes costs ~250 bytes a
+token and seconds of CPU: app/served_model.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class TokenizeService:
         tok = self.model.tokenizer
         text: str | None
         if body.messages is not None:
+            self.model.check_count(len(body.messages), "messages", "messages")
             text, special = self._render(body), bool(body.add_special_tokens)
         else:
             for field in CHAT_ONLY:
@@ -39,7 +43,8 @@ class TokenizeService:
             text, special = body.prompt, body.add_special_tokens is not False
         encode = tok.encode_chat if body.messages is not None and not special else None
         assert text is not None  # the prompt, or the rendered messages
-        ids = await self.model.tokenize(text, add_special_tokens=special, bound=False, encode=encode)
+        param = "prompt" if body.messages is None else "messages"
+        ids = await self.model.tokenize(text, add_special_tokens=special, encode=encode, param=param)
         strs = [tok.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.model.max_seq_len, "tokens": ids, "token_strs": strs}
 
@@ -75,6 +80,7 @@ class TokenizeService:
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
         self.model.check_name(body.model)
+        self.model.check_count(len(body.tokens), "token ids", "tokens")
         tok = self.model.tokenizer
         try:
             check_token_ids(tok.vocab_size, [body.tokens], field="tokens")  # the ids this tokenizer can decode

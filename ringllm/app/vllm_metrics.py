@@ -54,8 +54,8 @@ def vllm_families(metrics: Metrics, engine: dict[str, float], totals: list[float
     success = CounterMetricFamily(
         "vllm:request_success", "Count of successfully processed requests.", labels=[*LABELS, "finished_reason"]
     )
-    for i, reason in enumerate(reasons):
-        success.add_metric([model, reason], int(totals[metrics.requests_at + i]))
+    for reason, count in zip(reasons, metrics.finished_counts(totals, engine)):
+        success.add_metric([model, reason], count)
     yield success
     for histogram, name in (
         (metrics.ttft, "vllm:time_to_first_token_seconds"),

@@ -62,6 +62,12 @@ def vllm_routes(model: Callable[[], ServedModel], settings: WorkerSettings, load
     return routes
 
 
+def _a_path(key: str) -> bool:
+    """tokenizer_config.json keys that older transformers filled with the files' paths on the machine that saved
+    them (`name_or_path`, `tokenizer_file`, `vocab_file`...): where the files are is the operator's (issue 28)."""
+    return key == "name_or_path" or key.endswith("_file")
+
+
 @cache
 def _tokenizer_info(tokenizer_path: str, chat_template: str | None, max_seq_len: int) -> dict:
     """vLLM's /tokenizer_info: the tokenizer's configuration (tokenizer_config.json's JSON values), its class,
@@ -71,7 +77,7 @@ def _tokenizer_info(tokenizer_path: str, chat_template: str | None, max_seq_len:
     directory = tokenizer_directory(tokenizer_path)
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    info = {k: v for k, v in config.items() if k not in ("added_tokens_decoder", "chat_template")}
+    info = {k: v for k, v in config.items() if k not in ("added_tokens_decoder", "chat_template") and not _a_path(k)}
     info.setdefault("tokenizer_class", "PreTrainedTokenizerFast")  # what transformers loads tokenizer.json as
     limit = info.get("model_max_length")
     info["model_max_length"] = limit if isinstance(limit, int) and limit >= max_seq_len else max_seq_len

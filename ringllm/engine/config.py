@@ -116,6 +116,12 @@ class EngineConfig:
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
     profile: bool = setting(False, "record a torch profiler trace of the run")
     profile_dir: str = setting("profiles", "where profiler traces go (one file per rank)")
+    profile_max_steps: int = setting(
+        200, "a profile started by /start_profile ends itself, its trace written, after this many engine steps"
+    )
+    profile_max_mb: int = setting(
+        1024, "MiB of profiler traces one engine process may write; past it /start_profile answers 409"
+    )
 
     def __post_init__(self) -> None:
         if self.max_bs < 1:
@@ -138,6 +144,11 @@ class EngineConfig:
             raise ValueError(
                 "grammar_compile_timeout and grammar_mask_budget_ms must be > 0 and grammar_cache_mb >= 1, got "
                 f"{self.grammar_compile_timeout}, {self.grammar_mask_budget_ms} and {self.grammar_cache_mb}"
+            )
+        if self.profile_max_steps < 1 or self.profile_max_mb < 1:
+            raise ValueError(
+                f"profile_max_steps and profile_max_mb must be >= 1, got {self.profile_max_steps} and "
+                f"{self.profile_max_mb}"
             )
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")

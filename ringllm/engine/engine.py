@@ -144,7 +144,7 @@ class Engine:
             seconds=round(time.perf_counter() - started, 3),
             warmup_seconds=round(self.warmup.seconds, 3) if self.warmup else None,
         )
-        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device)
+        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device, config.profile_max_mb << 20)
         if config.profile:
             self.start_profile()
 
@@ -261,6 +261,8 @@ class Engine:
             outputs += self._read_back(1)
         elif self._compiling and not outputs:  # only grammars to wait for: do not spin
             wait([f for _, f in self._compiling], timeout=GRAMMAR_POLL_SECONDS, return_when=FIRST_COMPLETED)
+        if batch is not None and self._profiler.step():  # a profile recorded its last step: its trace is bounded
+            self.stop_profile()
         return outputs
 
     def _read_back(self, num_steps: int) -> list[TokenOutput]:
@@ -380,15 +382,22 @@ class Engine:
         parallel.shutdown()
 
     # ---- profiling ----
-    def start_profile(self) -> None:
-        """Starts the torch profiler on every rank (CPU, and CUDA where present); `stop_profile` writes the
-        traces."""
+    @property
+    def profiling(self) -> bool:
+        return self._profiler.running
+
+    def start_profile(self, max_steps: int | None = None) -> bool:
+        """Starts the torch profiler on every rank (CPU, and CUDA where present) for at most `max_steps` steps;
+        `stop_profile` writes the traces. False when this process's trace budget is spent (engine/profiler.py)."""
         if self._profiler.running:
-            return
-        self._profiler.start()
+            return True
+        if not self._profiler.start(max_steps):
+            log.warning("profile refused: the trace budget is spent", written=self._profiler.written)
+            return False
         if self.workers is not None:
             self.workers.control("profile_start")
-        log.info("profiler started", profile_dir=self.config.profile_dir)
+        log.info("profiler started", profile_dir=self.config.profile_dir, max_steps=max_steps)
+        return True
 
     def stop_profile(self) -> Path | None:
         """Stops the profiler and writes a Chrome trace per rank into profile_dir; returns rank 0's path."""
@@ -416,4 +425,5 @@ class Engine:
             "generated_tokens": self.num_generated_tokens,
             "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "preemptions": s.num_preemptions,
+            "profiler_running": int(self.profiling),  # how /start_profile learns that a start was refused
         }

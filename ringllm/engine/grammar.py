@@ -13,8 +13,6 @@ request, so an engine that never gets one pays nothing."""
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +25,7 @@ from ringllm.engine.grammar_pool import CompileThreads
 from ringllm.engine.grammar_process import COMPILE_SECONDS, CompileAbandoned, CompileProcess, GrammarError
 from ringllm.engine.logs import get_logger
 from ringllm.engine.sampler import GrammarMask
+from ringllm.ipc.process import trim_heap
 from ringllm.ipc.sampling import StructuredOutputs
 
 log = get_logger("engine.grammar")
@@ -123,7 +122,9 @@ class Grammars:
                     del self._cache[old], self._sizes[old]
                     evicted = True
         if evicted:
-            _trim_heap()
+            # glibc keeps the evicted grammars' heap otherwise (measured: 23 grammars of 26 MB, cache bounded at
+            # 106 MB, RSS 1.09 GB; 0.50 GB after a trim)
+            trim_heap()
 
     @property
     def cache_size(self) -> int:
@@ -234,14 +235,3 @@ class Grammars:
 
 def _abandoned(future: Future) -> bool:
     return future.cancelled() or (future.done() and isinstance(future.exception(), CompileAbandoned))
-
-
-def _trim_heap() -> None:
-    """Returns freed heap to the OS. Reading a large compiled grammar back (its JSON, then its tables) leaves
-    glibc's heap holding the peak; without a trim the engine's RSS stays there after the grammar is dropped
-    (measured: 23 grammars of 26 MB, cache bounded at 106 MB, RSS 1.09 GB; 0.50 GB after a trim)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass

@@ -27,7 +27,7 @@ from ringllm.ipc.lifecycle import (
     remove_stale_segments,
 )
 from ringllm.ipc.process import die_with_parent, parent_gone
-from ringllm.ipc.ring import RingError, pid_alive
+from ringllm.ipc.ring import PeerDied, RingError, pid_alive
 
 log = get_logger("engine.server")
 IDLE_SPIN_SECONDS = 2e-3
@@ -54,8 +54,11 @@ class EngineServer:
         create_metrics_table(pid, num_workers)
         create_pair_claims(pid, num_workers)
         self.reaped = [0] * num_workers  # per pair, the pid of the dead API worker whose requests were aborted
+        # Requests aborted because their API worker died: it cannot count them among /metrics' aborted requests,
+        # so the engine does (requests_total{finish_reason="abort"} adds them).
+        self.aborted_orphans = 0
         for k, pair in enumerate(self.pairs):  # a new worker took the pair over: its predecessor is gone
-            pair.requests.on_reset = lambda k=k: self._worker_gone(k, "a new API worker took the pair over")
+            pair.requests.on_reset = lambda k=k: self._worker_gone(k, "a new API worker took the pair over", True)
         self.heartbeat = HeartbeatWriter(pid)
         self.owner: dict[str, int] = {}  # rid -> app worker index
         self.request_stats = RequestStats()  # queue/prefill/decode times and lengths, sent with the stats
@@ -108,7 +111,7 @@ class EngineServer:
     def _every_publish(self, now: float) -> None:
         """What the loop does every heartbeat.PUBLISH_SECONDS: publish the stats, stop a profile that has run
         its time, notice that the serve process has gone."""
-        self.heartbeat.publish(self.engine.stats(), now)
+        self.heartbeat.publish(self.stats(), now)
         limit = self.profiler_max_seconds  # profile_started is set only where there is one
         if self.profile_started is not None and limit is not None and now - self.profile_started > limit:
             log.info("profile ran its time: stopping it", seconds=self.profiler_max_seconds)
@@ -126,14 +129,17 @@ class EngineServer:
             pid = pair.outputs.reader_pid()
             if pid and pid != self.reaped[k] and not pid_alive(pid):
                 self.reaped[k] = pid
-                self._worker_gone(k, f"API worker pid {pid} died")
+                self._worker_gone(k, f"API worker pid {pid} died", dead=True)
 
-    def _worker_gone(self, k: int, why: str) -> None:
+    def _worker_gone(self, k: int, why: str, dead: bool) -> None:
+        """Aborts worker k's requests; `dead`: the worker is gone, so they count as aborted here (a worker that is
+        only stuck still ends, and counts, its own)."""
         rids = [rid for rid, worker in self.owner.items() if worker == k]
         for rid in rids:
             out = self.engine.abort(rid)
             if out is not None:
                 self._route([out])  # the end of its bookkeeping; the outputs themselves are dropped below
+                self.aborted_orphans += 1 if dead else 0
             self.owner.pop(rid, None)
         self.pending.pop(k, None)
         self.failed = [(worker, f) for worker, f in self.failed if worker != k]
@@ -146,7 +152,7 @@ class EngineServer:
         try:
             self.pairs[worker].outputs.write(m.encode(msg))
         except RingError as e:
-            self._worker_gone(worker, str(e))
+            self._worker_gone(worker, str(e), dead=isinstance(e, PeerDied))
 
     def _fail_unfinished(self) -> None:
         """Requests still running when the drain ran out of time end with an error their clients can see."""
@@ -179,14 +185,18 @@ class EngineServer:
                 self._route([out])
         elif isinstance(msg, m.Control):
             if msg.command == "profile_start":
-                self.engine.start_profile()
-                if self.profiler_max_seconds is not None and self.profile_started is None:
-                    self.profile_started = time.monotonic()
+                # a command's profile is bounded in steps, and in time from its own start
+                if not self.engine.profiling and self.engine.start_profile(self.engine.config.profile_max_steps):
+                    self.profile_started = time.monotonic() if self.profiler_max_seconds is not None else None
             elif msg.command == "profile_stop":
                 self.profile_started = None
                 self.engine.stop_profile()
-            stats = {**self.engine.stats(), **self.request_stats.values()}
+            stats = {**self.stats(), **self.request_stats.values()}
             self._write(worker, m.EngineStats({k: float(v) for k, v in stats.items()}))
+
+    def stats(self) -> dict:
+        """The engine's counters and gauges, with what only the server knows."""
+        return {**self.engine.stats(), "aborted_orphans": self.aborted_orphans}
 
     def _refuse_undecodable(self, worker: int, view, error: Exception) -> None:
         """A message that does not decode (an app worker let through what the engine cannot take): a Generate

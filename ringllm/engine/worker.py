@@ -216,7 +216,8 @@ def worker_main(
 def serve_plans(runner, ring: RingReader | None) -> None:
     """Runs every plan the engine sends until it says stop."""
     messages: list = []
-    profiler = RankProfiler(runner.config.profile_dir, runner.layout.rank, runner.device)
+    config = runner.config
+    profiler = RankProfiler(config.profile_dir, runner.layout.rank, runner.device, config.profile_max_mb << 20)
     while True:
         if ring is None:
             messages.append(decode_message(parallel.broadcast_bytes(None)))

@@ -15,7 +15,7 @@ from ringllm.ipc.shared_table import SharedTable
 
 BEATS, BEAT_AT, HAS_WORK, PUBLISHED_AT = 0, 1, 2, 3
 STATS_AT = 8
-# The engine's stats (Engine.stats) published for a reader that cannot wait for an answer.
+# The engine's stats (EngineServer.stats) published for a reader that cannot wait for an answer.
 STAT_KEYS = (
     "running",
     "waiting",
@@ -28,6 +28,7 @@ STAT_KEYS = (
     "generated_tokens",
     "prompt_tokens_computed",
     "preemptions",
+    "aborted_orphans",  # a counter /metrics adds to the aborted requests: a stall must not make it dip
 )
 PUBLISH_SECONDS = 0.05
 

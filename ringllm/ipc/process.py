@@ -40,6 +40,18 @@ def die_with_parent(sig: int = signal.SIGKILL, poll_seconds: float = 0.5, name: 
     return parent
 
 
+def trim_heap() -> None:
+    """Returns freed heap to the OS. A large transient (a compiled grammar read back, megabytes tokenized on a
+    thread) leaves glibc's heap, and each thread's arena, holding the peak: without a trim the process's RSS
+    stays there after the objects are gone (measured: three 4 MB texts tokenized on threads, 1.27 GB kept;
+    0.12 GB after a trim)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+
+
 def parent_gone(parent: int) -> bool:
     """Whether the process that started this one has exited (this one was reparented)."""
     return os.getppid() != parent

@@ -33,6 +33,7 @@ OTHER_VARIABLES = {
     "RINGLLM_NO_PROGRESS": "1: no progress bars while weights load and CUDA graphs are captured",
     "RINGLLM_TORCH": "the torch requirement scripts/setup.sh installs",
     "RINGLLM_SOAK_SECONDS": "how long scripts/soak.sh runs",
+    "RINGLLM_SOAK_MAX_GAP": "the longest gap between tokens scripts/soak.sh allows a normal stream beside the abuse",
 }
 
 

@@ -237,3 +237,22 @@ def test_the_route_signatures_warn_of_nothing_litestar_3_drops(served):
         assert client.post("/tokenize", json={"prompt": "x"}).status_code == 200
         assert client.get("/v1/models/m").status_code == 200
     assert [str(w.message) for w in caught if "Litestar" in type(w.category).__name__ or "litestar" in w.filename] == []
+
+
+def test_tokenizer_info_and_the_model_listing_name_no_path_on_the_server(served, tokenizer_dir, tmp_path):
+    """Issue 28: where the server keeps its files is the operator's. A tokenizer_config.json saved by an older
+    transformers holds its files' paths (name_or_path, tokenizer_file): /tokenizer_info leaves them out, and
+    /v1/models' root is the checkpoint's name, not its path."""
+    import shutil
+
+    checkpoint = tmp_path / "my-checkpoint"
+    shutil.copytree(tokenizer_dir, checkpoint)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config.update(name_or_path=str(checkpoint), tokenizer_file=str(checkpoint / "tokenizer.json"))
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    client, _ = served(tokenizer_info_route=True, model_path=str(checkpoint), tokenizer_path=str(checkpoint))
+    info, models = client.get("/tokenizer_info"), client.get("/v1/models")
+    assert info.status_code == 200 and info.json()["eos_token"] == config["eos_token"]  # the rest is there
+    assert [m["root"] for m in models.json()["data"]] == ["my-checkpoint"] * 2
+    for answer in (info.text, models.text, client.get("/v1/models/m").text):
+        assert str(tmp_path) not in answer

@@ -4,6 +4,7 @@ sent as, the text of token ids, and errors naming their field."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -55,7 +56,8 @@ def test_detokenize_round_trips_and_names_an_unknown_id(serving):
 def test_the_model_listing_names_every_served_name(serving):
     listing = serving.model.listing()
     assert [m["id"] for m in listing["data"]] == ["m", "other-name"]
-    assert all(m["max_model_len"] == 1024 and m["root"] == serving.model.path for m in listing["data"])
+    root = Path(serving.model.path).name  # the checkpoint's name: its path is the operator's (issue 28)
+    assert all(m["max_model_len"] == 1024 and m["root"] == root for m in listing["data"])
 
 
 def test_return_token_strs_gives_each_ids_token_string(serving):
@@ -112,3 +114,68 @@ def test_unknown_tokenize_fields_are_refused_by_name():
     for kind, body in ((TokenizeRequest, {"prompt": "x", "foo": 1}), (DetokenizeRequest, {"tokens": [1], "foo": 1})):
         with pytest.raises(msgspec.ValidationError, match="unknown field `foo`"):
             msgspec.convert(body, kind)
+
+
+def _refused(call) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        call()
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+    return e.value
+
+
+def test_a_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(serving, monkeypatch):
+    """/tokenize is bounded as the generation routes are (issue 28: six 8 MB texts grew a worker to 7.5 GB):
+    past the context's characters at the tokenizer's longest token, a 400 naming the limit, and no tokenizing."""
+    model = serving.model
+    calls = []
+    monkeypatch.setattr(model.tokenizer, "encode", lambda *a, **k: calls.append(a) or [1])
+    error = _refused(lambda: tokenize(serving, prompt="a" * (model.max_text_chars + 1)))
+    assert error.param == "prompt" and f"{model.max_text_chars} characters at most" in error.message
+    assert "1024 tokens" in error.message and calls == []
+    assert tokenize(serving, prompt="a" * model.max_text_chars)["tokens"] == [1]  # at the limit: tokenized
+
+
+def test_a_conversation_past_the_context_is_refused_by_messages_and_by_length(serving):
+    error = _refused(lambda: tokenize(serving, messages=[{"role": "user", "content": "x"}] * 1025))
+    assert error.param == "messages" and "1025 messages" in error.message and "at most 1024" in error.message
+    long = [{"role": "user", "content": "a" * serving.model.max_text_chars}]
+    assert _refused(lambda: tokenize(serving, messages=long)).param == "messages"
+
+
+def test_detokenize_refuses_more_ids_than_the_context_holds(serving):
+    error = _refused(lambda: serving.tokenize.detokenize(DetokenizeRequest(tokens=[1] * 1025)))
+    assert error.param == "tokens" and "1025 token ids" in error.message
+    a = serving.model.tokenizer.encode("a")
+    assert serving.tokenize.detokenize(DetokenizeRequest(tokens=a * 1024)) == {"prompt": "a" * 1024}
+
+
+def test_long_texts_are_tokenized_one_at_a_time_and_the_heap_handed_back(build, monkeypatch):
+    """A worker's tokenizing peak is one text's, not one per concurrent request: a long text's encode waits up
+    to 1 s for a second one to start beside it, which it never does."""
+    import threading
+
+    from ringllm.app import served_model
+
+    model = build(max_seq_len=4096).model  # a context that holds a text tokenized off the event loop
+    encode, active, most, entered = model.tokenizer.encode, [0], [0], threading.Event()
+    trims = []
+
+    def watched(text, special=False):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        if active[0] > 1:
+            entered.set()
+        else:
+            entered.wait(1.0)  # a concurrent encode would set it
+        active[0] -= 1
+        return encode(text, special)
+
+    monkeypatch.setattr(model.tokenizer, "encode", watched)
+    monkeypatch.setattr(served_model, "trim_heap", lambda: trims.append(1))
+    text = "The sea is calm " * (served_model.OFF_LOOP_CHARS // 16 + 1)
+
+    async def three():
+        return await asyncio.gather(*(model.tokenize(text) for _ in range(3)))
+
+    assert asyncio.run(three()) == [encode(text)] * 3
+    assert most == [1] and len(trims) == 3

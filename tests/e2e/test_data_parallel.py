@@ -16,7 +16,7 @@ import pytest
 
 from ringllm.ipc.lifecycle import leftover_segments
 from ringllm.ipc.ring import pid_alive
-from tests.helpers import process_tree, serving
+from tests.helpers import engine_pids, process_tree, serving
 
 SHARED = [(7 * i) % 1000 + 3 for i in range(96)]  # a 96-token prefix (6 router blocks) several prompts share
 
@@ -164,10 +164,6 @@ def wait_both_running(base: str) -> None:
     raise AssertionError(f"the streams did not reach both replicas: {running}")
 
 
-def replica_pids(base: str) -> list[int]:
-    return [r["pid"] for r in httpx.get(base + "/health", timeout=30).json()["replicas"]]
-
-
 def _named(comm: str) -> set[int]:
     out = set()
     for entry in os.listdir("/proc"):
@@ -215,7 +211,7 @@ def test_sigterm_drains_every_replica(dp_server):
     """Last of the module: SIGTERM to the server lets the streams on both replicas finish, then it exits 0
     leaving no process and no segment."""
     proc, base = dp_server
-    engines = replica_pids(base)
+    engines = engine_pids(proc.pid, 2)
     # Long enough that a scrape sees them running on both replicas on a fast machine, short enough to drain.
     streams = Streams(base, 4, max_tokens=200)
     wait_both_running(base)
@@ -232,7 +228,7 @@ def test_sigterm_drains_every_replica(dp_server):
 # ---- a replica that dies ----
 def test_a_killed_replica_fails_its_requests_and_the_others_serve_on(tmp_path):
     with serving(tmp_path, "--dp-size", "2", "--workers", "1") as (proc, base):
-        engines = replica_pids(base)
+        engines = engine_pids(proc.pid, 2)
         streams = Streams(base, 4, max_tokens=2000)
         try:
             wait_both_running(base)

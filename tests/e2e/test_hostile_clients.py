@@ -4,12 +4,16 @@ every count and duration is bounded, and each test's server is killed at its end
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
 
 import httpx
 
-from tests.helpers import serving
+from ringllm.engine.demo import demo_model_path
+from tests.helpers import engine_pids, process_tree, serving
 
 SMALL = ("--kv-cache-tokens", "4096", "--context-len", "512")
 
@@ -92,3 +96,101 @@ def test_health_answers_beside_a_thousand_idle_connections(tmp_path):
         finally:
             for s in held:
                 s.close()
+
+
+def _stream(base: str, got: list[str]) -> None:
+    body = {"prompt": "leak", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+            got.append("".join(r.iter_text()))
+    except httpx.HTTPError as e:
+        got.append(repr(e))
+
+
+def test_no_answer_names_a_ring_an_engine_pid_or_the_models_path(tmp_path):
+    """Issue 28: a stream cut by a dead engine ended with "writer (pid N) of ring /ringllm-N-... has died",
+    /v1/models' root was the checkpoint's path, /health named each replica's pid. With --dp-size 2, two streams
+    (one per replica), replica 1's engine killed: every answer the public routes give, before and after, is
+    searched for the pids, the rings' name prefix and the model's path."""
+    model = demo_model_path(tmp_path / "cache")
+    args = (*SMALL, "--model", str(model), "--served-model-name", "demo", "--dp-size", "2", "--workers", "1")
+    with serving(tmp_path, *args, "--enable-tokenizer-info-endpoint") as (proc, base):
+        pids = engine_pids(proc.pid, 2)
+        answers: list[str] = []
+        streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(2)]
+        for t in streams:
+            t.start()
+        time.sleep(2)  # both streams run, one on each replica (the least loaded is chosen)
+        os.kill(pids[1], signal.SIGKILL)
+        for t in streams:
+            t.join(120)
+        assert any('"error"' in a and "engine replica" in a for a in answers), answers  # one was cut
+        for path in ("/health", "/v1/models", "/v1/models/demo", "/version", "/tokenizer_info", "/metrics"):
+            answers.append(httpx.get(base + path, timeout=30).text)
+        answers.append(httpx.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"}, timeout=30).text)
+        answers.append(httpx.post(base + "/tokenize", json={"prompt": "x"}, timeout=30).text)
+    assert '"replicas_serving":1' in answers[-8]  # /health, degraded: it says which replica serves
+    text = "\n".join(answers)
+    for secret in (*map(str, pids), "ringllm-", str(model), str(tmp_path)):
+        assert secret not in text, (
+            secret,
+            [a[max(0, a.find(secret) - 200) : a.find(secret) + 80] for a in answers if secret in a],
+        )
+
+
+def _api_workers(proc) -> list[int]:
+    """The Granian workers of this server: the processes under it with its command line (forked from it)."""
+
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    serve = cmdline(proc.pid)
+    return sorted(p for p in process_tree(proc.pid)[1:] if cmdline(p) == serve)
+
+
+def _aborted(base: str) -> tuple[float, float]:
+    """requests_total{finish_reason="abort"} under ringllm's name and under vLLM's."""
+    lines = httpx.get(base + "/metrics", timeout=30).text.splitlines()
+
+    def value(prefix: str) -> float:
+        return next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix) and '"abort"' in line)
+
+    return value("ringllm_requests_total{"), value("vllm:request_success_total{")
+
+
+def test_requests_cut_by_a_dead_api_worker_count_as_aborted(tmp_path):
+    """Issue 28: SIGKILL of the API worker under three streams: the engine aborts their requests, and /metrics,
+    answered by the worker started in its place, counts them among the aborted (the dead worker never could)."""
+    with serving(tmp_path, *SMALL, "--workers", "1") as (proc, base):
+        (worker,) = _api_workers(proc)
+        assert _aborted(base) == (0, 0)
+        answers: list[str] = []
+        streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(3)]
+        for t in streams:
+            t.start()
+        deadline = time.monotonic() + 60
+        while _running(base) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(worker, signal.SIGKILL)
+        for t in streams:
+            t.join(120)
+        deadline, got = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            try:
+                if (got := _aborted(base)) == (3, 3):
+                    break
+            except httpx.HTTPError:  # no worker yet
+                pass
+            time.sleep(0.5)
+        assert got == (3, 3) and _running(base) == 0
+
+
+def _running(base: str) -> float:
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return next(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ringllm_num_requests_running")
+    )

@@ -1,10 +1,57 @@
-"""The engine's profiler (engine/profiler.py): an Engine built with profile=True writes a trace of rank 0."""
+"""engine/profiler.py on the CPU engine (the demo model): an Engine built with profile=True writes a trace of rank
+0; a profile started on command ends itself after a bounded number of steps, its trace written, and once a process
+has written its budget of traces no profile starts (issue 28: a key holder's profiles wrote 819 MB in 40 s and
+stalled a stream 13.9 s)."""
+
+from pathlib import Path
+
+import pytest
+import torch
 
 from ringllm.engine import EngineConfig, SamplingParams
+from ringllm.engine.demo import demo_model_path
+from ringllm.engine.engine import Engine
+from ringllm.engine.profiler import RankProfiler
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = demo_model_path(tmp_path_factory.mktemp("cache"))
+    profiles = tmp_path_factory.mktemp("profiles")
+    engine = Engine(
+        EngineConfig(model=str(path), device="cpu", kv_cache_tokens=4096, context_len=256, profile_dir=str(profiles))
+    )
+    yield engine
+    engine.close()
+
+
+def test_a_profile_ends_itself_after_its_steps_with_its_trace_written(engine):
+    assert engine.start_profile(max_steps=3) and engine.profiling
+    assert engine.stats()["profiler_running"] == 1
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True))
+    steps = 0
+    while engine.profiling and engine.has_work:
+        engine.step()
+        steps += 1
+    assert steps == 3 and not engine.profiling and engine.has_work  # ended by its cap, not by the request
+    traces = list(Path(engine.config.profile_dir).glob("trace-rank0-*.json"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    while engine.has_work:
+        engine.step()
+    assert engine.stats()["profiler_running"] == 0
+
+
+def test_a_spent_trace_budget_refuses_the_next_profile(tmp_path):
+    profiler = RankProfiler(str(tmp_path), 0, torch.device("cpu"), max_bytes=1)  # spent by any trace
+    assert profiler.start(max_steps=None) and profiler.running
+    assert not profiler.step()  # no cap: the operator's own profile of the run
+    torch.ones(4).sum()
+    path = profiler.stop()
+    assert path is not None and profiler.written == path.stat().st_size and profiler.spent
+    assert not profiler.start() and not profiler.running and profiler.stop() is None
 
 
 def test_profile_writes_a_trace(tmp_path, demo_path):
-    from ringllm.engine.engine import Engine
     from tests.helpers import run_engine
 
     engine = Engine(

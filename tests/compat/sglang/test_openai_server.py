@@ -217,7 +217,7 @@ def test_model_list(client):
 def test_retrieve_model(client, real_model):
     model = client.models.retrieve(MODEL_NAME)
     assert model.id == MODEL_NAME
-    assert model.root == str(real_model)  # SGLang's root is the model as given: here the GGUF path
+    assert model.root == real_model.name  # SGLang's root is the model as given; ringllm's, its name, never a path
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("non-existent-model")
 

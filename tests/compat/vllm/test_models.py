@@ -24,9 +24,9 @@ async def test_check_models(client, real_model):
     models = (await client.models.list()).data
     served = models[0]
     assert served.id == MODEL_NAME
-    # ringllm adaptation: `root` is the --model argument, here the GGUF file's path (vLLM's test passes a hub id
-    # as the model, so its root is that id). The LoRA half of vLLM's test is test_check_models_lora.
-    assert served.root == str(real_model)
+    # ringllm adaptation: vLLM's `root` is the --model argument (a hub id in vLLM's test); ringllm's is the
+    # checkpoint's name, here the GGUF file's, never its path (issue 28). The LoRA half is test_check_models_lora.
+    assert served.root == real_model.name
 
 
 @SKIP_LORA
