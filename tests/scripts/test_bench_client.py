@@ -105,6 +105,43 @@ def test_bench_client_chat_mode_goodput_and_a_failing_run(served):
     assert bad.returncode == 1 and "HTTP 404" in bad.stdout
 
 
+def test_jsonl_conversations_reach_the_chat_endpoint_whole(served, tmp_path):
+    """A jsonl row may carry a whole conversation ("messages": system prompt, earlier turns) for the chat
+    backend; it is sent as it is, beside a row that carries a plain "prompt", and --ignore-eos makes every
+    request generate exactly its max_tokens. The completion backend refuses conversations by name."""
+    base, _ = served
+    conversation = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "and now?"},
+    ]
+    rows = [{"messages": conversation, "max_tokens": 3}, {"prompt": "hello", "max_tokens": 2}]
+    file = tmp_path / "chat.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = _bench_client()
+    a = bench.parser().parse_args(["--workload", "jsonl", "--file", str(file), "--backend", "openai-chat"])
+    work = bench.build_workload(a, bench.Target("m", None, None))
+    assert work[0]["messages"] == conversation and "prompt" not in work[0] and work[1]["prompt"] == "hello"
+    out = tmp_path / "chat.json"
+    args = ("--backend", "openai-chat", "--workload", "jsonl", "--file", str(file), "--ignore-eos", "--json", str(out))
+    run = _bench(base, *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    s = json.loads(out.read_text())
+    assert (s["completed"], s["total_output_tokens"]) == (2, 5)
+    inputs = []
+    for name, messages in (("whole", conversation), ("last", conversation[-1:])):
+        one = tmp_path / f"{name}.jsonl"
+        one.write_text(json.dumps({"messages": messages, "max_tokens": 1}) + "\n")
+        ran = _bench(base, "--backend", "openai-chat", "--workload", "jsonl", "--file", str(one), "--json", str(out))
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        inputs.append(json.loads(out.read_text())["total_input_tokens"])
+    assert inputs[0] > inputs[1] > 0  # the earlier turns and the system prompt were sent too
+    completion = bench.parser().parse_args(["--workload", "jsonl", "--file", str(file)])
+    with pytest.raises(SystemExit, match="needs --backend openai-chat"):
+        bench.build_workload(completion, bench.Target("m", None, None))
+
+
 def test_bench_client_percentiles_are_interpolated():
     bench = _bench_client()
     results = [bench.Result(ok=True, prompt_tokens=1, output_tokens=2, ttft=t, latency=2 * t) for t in range(1, 9)]
