@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_redesign_check.sh tests   # pytest -m gpu over tests/engine (the 2-GPU tests skip on one)
 #   bash scripts/gpu_redesign_check.sh bench   # bench.py (nano, batch-1 latency, prefix; twice) and
-#                                              # bench_structured.py, on BASELINE first when it is set, then here
+#                                              # bench_structured.py (STRUCTURED=0 leaves it out), on BASELINE
+#                                              # first when it is set, then here
 #
 # BASELINE: a checkout of the commit to compare with, on the same machine in the same lease (timings from
 # different machines do not compare), e.g. `git worktree add /tmp/base main` and BASELINE=/tmp/base.
@@ -43,6 +44,7 @@ bench() {  # the same commands in each tree: BASELINE first, then this one
     bounded "${BENCH_LIMIT:-300}" "$out/bench-$name.log" python3 scripts/bench.py \
       --shape scripts/shapes/qwen3-0.6b.json --workload all --repeat 2 --json "$out/bench-$name.json"
     sed -n '/^workload /,$p' "$out/bench-$name.log"  # bench.py's closing table
+    [ "${STRUCTURED:-1}" = 0 ] && continue
     bounded "${BENCH_LIMIT:-300}" "$out/structured-$name.log" python3 scripts/bench_structured.py \
       --shape scripts/shapes/qwen3-0.6b.json --constrained-fraction 0.1 --json "$out/structured-$name.json"
     tail -3 "$out/structured-$name.log"
