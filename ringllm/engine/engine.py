@@ -131,6 +131,8 @@ class Engine:
         self._matchers: dict[str, object] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
+        # Before warm-up, whose steps ask it whether a profile ended; a profile starts after it (config.profile).
+        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device, config.profile_max_mb << 20)
         # Before ready: every kernel a workload hits compiled and loaded (engine/runner/warmup.py).
         self.warmup: WarmupReport | None = None
         if wants_warmup(config, self.device):
@@ -144,7 +146,6 @@ class Engine:
             seconds=round(time.perf_counter() - started, 3),
             warmup_seconds=round(self.warmup.seconds, 3) if self.warmup else None,
         )
-        self._profiler = RankProfiler(config.profile_dir, self.layout.rank, self.device, config.profile_max_mb << 20)
         if config.profile:
             self.start_profile()
 

@@ -52,6 +52,8 @@ def test_a_spent_trace_budget_refuses_the_next_profile(tmp_path):
 
 
 def test_profile_writes_a_trace(tmp_path, demo_path):
+    """With warm-up on (as on a GPU), whose steps ask the profiler whether a profile ended: the profile starts after
+    warm-up and records the run's own steps."""
     from tests.helpers import run_engine
 
     engine = Engine(
@@ -62,8 +64,10 @@ def test_profile_writes_a_trace(tmp_path, demo_path):
             context_len=128,
             profile=True,
             profile_dir=str(tmp_path),
+            warmup="on",
         )
     )
+    assert engine.warmup is not None and engine.profiling
     run_engine(engine, [[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
     path = engine.stop_profile()
     assert path.is_file() and path.stat().st_size > 0 and "rank0" in path.name
