@@ -311,6 +311,7 @@ class AnswerParser:
         self.forced = ForcedCalls(plan.forced) if plan.forced else None
         self.tools = make_parser(plan.parser, plan.names) if plan.parser else None
         self.one_call = plan.one_call
+        self.named = plan.forced not in (None, "required")  # tool_choice named one function
         self.calls = 0  # calls begun so far; the next one gets this index
 
     @property
@@ -386,4 +387,6 @@ def whole_message(parser: AnswerParser, text: str) -> ChatMessageOut:
 
 
 def finish_reason(parser: AnswerParser, reason: str | None) -> str | None:
-    return "tool_calls" if reason == "stop" and parser.called else reason
+    """A stop after calls is "tool_calls" for tool_choice auto and required; a named function's forced call ends
+    with "stop", as OpenAI and vLLM say."""
+    return "tool_calls" if reason == "stop" and parser.called and not parser.named else reason

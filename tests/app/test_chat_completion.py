@@ -109,6 +109,22 @@ def test_tool_choice_required_constrains_the_output(serving):
     assert e.value.param == "tool_choice"
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_forced_call_ends_with_stop_for_a_named_function_and_tool_calls_for_required(serving, streamed):
+    """OpenAI and vLLM: "tool_calls" for tool_choice auto and required, "stop" for a named function."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    replies = [
+        ('{"city": "Oslo"}', named, "stop"),
+        ('[{"name": "get_weather", "parameters": {}}]', "required", "tool_calls"),
+    ]
+    for reply, choice, reason in replies:
+        serving.engine.reply = serving.engine.text_reply(reply)
+        if streamed:
+            assert stream(serving, tools=TOOLS, tool_choice=choice)[-2]["choices"][0]["finish_reason"] == reason
+        else:
+            assert create(serving, tools=TOOLS, tool_choice=choice).choices[0].finish_reason == reason
+
+
 def test_reasoning_comes_back_apart_from_the_answer(build):
     serving = build(parsers=(None, "qwen3"))
     serving.engine.reply = serving.engine.text_reply("<think>Paris is in France.</think>\n\nSunny.")
