@@ -80,17 +80,19 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def test_profiles_started_again_and_again_keep_the_memory_flat(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_profiles_started_again_and_again_keep_the_memory_flat(tmp_path, device):
     """Each stop frees what its profile recorded. Before, a stopped profile's events stayed in memory until the
     interpreter happened to run a full collection (about 35 MB kept per profile here: 10 profiles grew this process
     356 MB). Automatic collection is off meanwhile, as it in effect is in an engine that rarely reaches a full one:
-    the release must not wait for one."""
-    profiler = RankProfiler(str(tmp_path), 0, torch.device("cpu"), max_bytes=1 << 40)
-    x = torch.ones(8)
+    the release must not wait for one. On a GPU the profile records CUDA activity too (CUPTI's kernels and
+    launches), held in host memory the same way."""
+    profiler = RankProfiler(str(tmp_path), 0, torch.device(device), max_bytes=1 << 40)
+    x = torch.ones(8, device=device)
 
     def profile_once() -> None:
         assert profiler.start()
-        for _ in range(5000):  # 5000 ops recorded: a 6 MB trace
+        for _ in range(5000):  # 5000 ops recorded: a 6 MB trace on the CPU
             x.add(1)
         path = profiler.stop()
         assert path is not None
