@@ -66,7 +66,7 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
     inner = ClientBounds(inner, settings.send_timeout, settings.request_slots)
     if settings.root_path:
         inner = ServedUnder(inner, settings.root_path)
-    return RequestLog(inner)
+    return RequestLog(inner, settings.request_id_headers)
 
 
 def _routes(worker: Worker, profiler: bool) -> list:

@@ -66,6 +66,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     root_path: str | None = None  # --root-path: every route is served under this prefix too
     server_load_tracking: bool = False  # --enable-server-load-tracking: GET /load
     tokenizer_info_route: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
+    request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
     # ---- hostile clients (app/limits.py, app/guard.py) ----
     send_timeout: Positive = 30.0  # a response write that waits longer for the client to read cuts the request
     request_slots: Annotated[int, Meta(ge=1)] | None = None  # --backpressure: requests at once, probes aside

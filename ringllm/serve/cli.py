@@ -179,6 +179,7 @@ def worker_settings(
         max_logprobs=args.max_logprobs,
         force_include_usage=args.enable_force_include_usage,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        request_id_headers=args.enable_request_id_headers,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         priority_scheduling=args.scheduling_policy == "priority",
     )

@@ -71,6 +71,20 @@ def test_errors_come_back_in_openais_shape_naming_the_field(served, body, status
     assert serving.engine.submitted == []
 
 
+def test_x_request_id_comes_back_only_with_enable_request_id_headers(served):
+    # As vLLM: the header only with the option; the id names the response either way (the client's, if sane).
+    client, _ = served()
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"x-request-id": "abc"})
+    assert "x-request-id" not in r.headers and r.json()["id"] == "cmpl-abc"
+    assert "x-request-id" not in client.get("/health").headers
+    client, _ = served(request_id_headers=True)
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"x-request-id": "abc"})
+    assert r.headers["x-request-id"] == "abc" and r.json()["id"] == "cmpl-abc"
+    made = client.get("/health").headers["x-request-id"]
+    assert len(made) == 32 and int(made, 16) >= 0
+    assert client.get("/no/such/route", headers={"x-request-id": "gone"}).headers["x-request-id"] == "gone"
+
+
 def test_the_api_key_and_the_public_routes(served):
     client, _ = served(api_key="sekret", public_routes=["/health"])
     assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 401

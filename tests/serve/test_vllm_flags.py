@@ -74,7 +74,6 @@ def test_prefix_caching_flags_set_the_radix_cache(argv, env, disabled):
         "--enable-auto-tool-choice",
         "--trust-remote-code",
         "--disable-log-requests",
-        "--enable-request-id-headers",  # X-Request-Id is on every response already
     ],
 )
 def test_flags_that_ask_for_what_ringllm_always_does_are_accepted_and_change_nothing(flag):

@@ -86,7 +86,7 @@ def test_vllms_server_options_land_in_the_worker_settings():
     args = _serve_args(
         *("--root-path", "/llm", "--max-logprobs", "5", "--enable-tokenizer-info-endpoint"),
         *("--enable-server-load-tracking", "--enable-force-include-usage", "--return-tokens-as-token-ids"),
-        *("--scheduling-policy", "priority", "--enable-prompt-tokens-details"),
+        *("--scheduling-policy", "priority", "--enable-prompt-tokens-details", "--enable-request-id-headers"),
     )
     s = worker_settings(args, READY, None, SamplingDefaults())
     assert (
@@ -95,6 +95,9 @@ def test_vllms_server_options_land_in_the_worker_settings():
     )
     assert (s.root_path, s.max_logprobs, s.tokenizer_info_route, s.server_load_tracking) == ("/llm", 5, True, True)
     assert (s.force_include_usage, s.return_tokens_as_token_ids, s.priority_scheduling) == (True, True, True)
+    assert (
+        s.request_id_headers and not worker_settings(_serve_args(), READY, None, SamplingDefaults()).request_id_headers
+    )
     plain = worker_settings(_serve_args(), READY, None, SamplingDefaults())
     assert (plain.root_path, plain.max_logprobs, plain.tokenizer_info_route, plain.server_load_tracking) == (
         None,
