@@ -103,6 +103,10 @@ class FakeStatus:
     def __init__(self):
         self.commands: list[str] = []
         self.unavailable: str | None = None
+        self.stats = {"running": 2.0, "waiting": 1.0, "kv_slots_total": 100.0, "kv_slots_used_by_requests": 25.0}
+
+    def load(self) -> dict[str, float]:
+        return self.stats
 
     def health(self):
         return self.unavailable, None
