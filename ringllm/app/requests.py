@@ -78,7 +78,7 @@ class Generations:
     def __init__(
         self,
         engine: EngineConnection,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,  # None: no text (--skip-tokenizer-init), token ids only
         metrics: Metrics,
         request_timeout: float | None = None,
         max_waiting_requests: int = 4096,

@@ -47,6 +47,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     served_models: Annotated[list[str], Meta(min_length=1)]  # names clients may use; answers report the first
     tokenizer_path: str
     chat_template: str | None = None  # the template's text (--chat-template, read by the launcher), or the model's
+    skip_tokenizer_init: bool = False  # --skip-tokenizer-init: no tokenizer in the workers, token ids in and out
     sanitize_control_tokens: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None

@@ -120,6 +120,19 @@ def test_max_logprobs_above_what_the_sampler_returns_is_refused_by_name():
         assert "--max-logprobs" in (serve_args_problem(_serve_args("--max-logprobs", value)) or "")
 
 
+def test_skip_tokenizer_init_reaches_the_workers_and_refuses_the_options_that_need_a_tokenizer():
+    from ringllm.serve.cli import serve_args_problem
+
+    args = _serve_args("--skip-tokenizer-init")
+    assert (
+        serve_args_problem(args) is None and worker_settings(args, READY, None, SamplingDefaults()).skip_tokenizer_init
+    )
+    assert not worker_settings(_serve_args(), READY, None, SamplingDefaults()).skip_tokenizer_init
+    for given in (("--chat-template", "t.jinja"), ("--tokenizer", "/tok"), ("--enable-tokenizer-info-endpoint",)):
+        why = serve_args_problem(_serve_args("--skip-tokenizer-init", *given)) or ""
+        assert why.startswith("--skip-tokenizer-init serves without the model's tokenizer") and given[0] in why
+
+
 def test_uds_makes_granian_bind_a_unix_socket(tmp_path):
     from ringllm.serve.host import granian_options
 
