@@ -302,6 +302,20 @@ def test_any_role_reaches_the_template_which_decides_what_it_means(build):
     assert "wizard" not in prompt_text(qwen) and "<|im_start|>user\nx<|im_end|>" in prompt_text(qwen)
 
 
+def test_a_call_sent_back_with_empty_arguments_has_none(build):
+    # As vLLM: `arguments: ""` (a function without parameters, as clients send its call back) is `{}`.
+    template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
+    serving = build(chat_template=template)
+    for arguments, rendered in (("", "{}"), ('{"a": 1}', '{"a": 1}')):
+        call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": arguments}}
+        turns = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        create(serving, messages=[*turns, {"role": "tool", "tool_call_id": "c1", "content": "noon"}])
+        assert prompt_text(serving) == rendered
+    with pytest.raises(ApiError, match="JSON text of an object"):
+        call["function"]["arguments"] = "[1]"
+        create(serving, messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [call]}])
+
+
 @pytest.mark.parametrize("role", [7, "", None])
 def test_a_role_that_is_not_a_word_is_refused(role):
     with pytest.raises(msgspec.ValidationError, match=r"messages\[0\]\.role"):
