@@ -2,9 +2,10 @@
 that every answer is seen: 404s for unknown routes, 413s, CORS preflights, 5xx).
 
 Each HTTP request gets an id: the client's `X-Request-Id` when it is a sane token, else a fresh uuid4 hex.
-The id is returned in the `X-Request-Id` response header, is the suffix of the response id (`cmpl-<id>`,
-`chatcmpl-<id>`), and is bound to structlog's context for the request's task, so that every log line written
-while serving it carries `request_id`. When the response ends, one `access` line records method, path,
+The id is the suffix of the response id (`cmpl-<id>`, `chatcmpl-<id>`) and is bound to structlog's context for
+the request's task, so that every log line written while serving it carries `request_id`; with
+--enable-request-id-headers (vLLM's option; off by default, as there) it is also returned in the `X-Request-Id`
+response header. When the response ends, one `access` line records method, path,
 status, bytes and duration."""
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def request_id(request) -> str:
 
 
 class RequestLog:
-    """ASGI wrapper: request id in, request id out, one access-log line per HTTP request."""
+    """ASGI wrapper: request id in, request id out (with `id_header`), one access-log line per HTTP request."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, id_header: bool = False):
+        self.app, self.id_header = app, id_header
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -55,7 +56,8 @@ class RequestLog:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = dict(message, headers=[*message.get("headers", ()), (HEADER, rid.encode())])
+                if self.id_header:
+                    message = dict(message, headers=[*message.get("headers", ()), (HEADER, rid.encode())])
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)

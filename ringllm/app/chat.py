@@ -130,9 +130,10 @@ def _text(where: str, content) -> str | None:
 
 def _template_call(where: str, call) -> dict:
     """Arguments arrive as JSON text; templates (Qwen's, Llama's) write them with `| tojson`, so they get the
-    decoded object, as vLLM gives them."""
+    decoded object, as vLLM gives them. Empty text is no arguments, `{}` (as vLLM takes it: clients send a call
+    of a function without parameters back so)."""
     try:
-        args = json.loads(call.function.arguments)
+        args = json.loads(call.function.arguments) if call.function.arguments else {}
     except (ValueError, RecursionError):  # RecursionError: nested too deeply to decode
         args = None
     if not isinstance(args, dict):

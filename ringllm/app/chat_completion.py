@@ -46,6 +46,7 @@ class ChatService:
         """The answer, or for `stream` its SSE frames (the caller wraps them in app/sse.py's sse_stream).
         `disconnected` returns when the client has gone (a whole answer is then abandoned)."""
         self.model.check_name(body.model)
+        self.model.require_tokenizer("messages", "a chat (its template writes text)")
         plan = chat_io.tool_plan(body, self.tool_parser)
         messages = chat_io.template_messages(body.messages, self.model.tokenizer.template_text)
         prompt = self.render(body, messages, plan.template_tools)

@@ -67,10 +67,10 @@ class CompletionService:
             if body.logprobs is not None:  # as many top logprobs as the echo or prompt_logprobs asks, the more
                 wanted = max(body.logprobs, body.prompt_logprobs or 0)
                 sampling = msgspec.structs.replace(sampling, prompt_logprobs=wanted)
-            tok = self.model.tokenizer
+            tok = self.model.optional_tokenizer  # None: a server without one echoes no text (its prompts are ids)
             echoes = [
-                p if isinstance(p, str) and ids is all_ids else tok.decode(ids)  # a truncated prompt as it is now
-                for p, ids, all_ids in zip(prompts, ids_list, whole)
+                p if isinstance(p, str) and ids is all_ids else tok.decode(ids) if tok is not None else ""
+                for p, ids, all_ids in zip(prompts, ids_list, whole)  # a truncated prompt as it is now
             ]
         check_prompt_logprob_work(
             ids_list, body.n, sampling.prompt_logprobs, "prompt_logprobs" if not body.echo else "echo"
@@ -137,7 +137,7 @@ class _Answer:
     def __init__(self, rid: str, model: ServedModel, body: CompletionRequest, jobs: list[Job]):
         self.rid, self.created, self.model = rid, int(time.time()), model.name
         self.names = TokenNames(model, body.return_tokens_as_token_ids)
-        self.tokenizer = model.tokenizer
+        self.tokenizer = model.optional_tokenizer
         self.want_logprobs, self.want_token_ids = body.logprobs is not None, body.return_token_ids
         self.prompts = [len(job.ids) for job in jobs[:: body.n]]  # each prompt counts once, whatever n
         self.n = body.n
@@ -176,11 +176,14 @@ class TokenNames:
     which survives tokens that are not whole UTF-8."""
 
     def __init__(self, model: ServedModel, as_ids: bool | None):
-        self.tokenizer = model.tokenizer
         self.as_ids = model.return_tokens_as_token_ids if as_ids is None else as_ids
+        self.tokenizer = model.optional_tokenizer
 
     def name(self, token_id: int) -> str:
-        return f"token_id:{token_id}" if self.as_ids else token_text(self.tokenizer, token_id)
+        if self.as_ids:
+            return f"token_id:{token_id}"
+        assert self.tokenizer is not None, "without a tokenizer, logprobs named by text are refused (ServedModel)"
+        return token_text(self.tokenizer, token_id)
 
 
 def check_prompt_logprob_work(ids_list: list[list[int]], n: int, k: int | None, param: str) -> None:
@@ -207,14 +210,19 @@ def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int | No
     return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, details)
 
 
-def prompt_logprobs(tokenizer: Tokenizer, prompt: list[PromptTokenLogprobs] | None, k: int) -> PromptLogprobs:
+def prompt_logprobs(tokenizer: Tokenizer | None, prompt: list[PromptTokenLogprobs] | None, k: int) -> PromptLogprobs:
     """vLLM's prompt_logprobs: None for the first prompt token, then each prompt token's own logprob and rank
-    and the top k there (-inf written as -9999, as vLLM does), keyed by token id."""
+    and the top k there (-inf written as -9999, as vLLM does), keyed by token id; each token's text, or None
+    from a server without a tokenizer (as vLLM's decoded_token)."""
+
+    def text(token: int) -> str | None:
+        return token_text(tokenizer, token) if tokenizer is not None else None
+
     out: PromptLogprobs = [None]
     for token, lp, rank, top in prompt or ():
-        entry = {token: PromptLogprob(max(lp, -9999.0), rank, token_text(tokenizer, token))}
+        entry = {token: PromptLogprob(max(lp, -9999.0), rank, text(token))}
         for r, (i, v) in enumerate(top[:k], 1):
-            entry.setdefault(i, PromptLogprob(max(v, -9999.0), r, token_text(tokenizer, i)))
+            entry.setdefault(i, PromptLogprob(max(v, -9999.0), r, text(i)))
         out.append(entry)
     return out
 

@@ -78,7 +78,7 @@ class Generations:
     def __init__(
         self,
         engine: EngineConnection,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,  # None: no text (--skip-tokenizer-init), token ids only
         metrics: Metrics,
         request_timeout: float | None = None,
         max_waiting_requests: int = 4096,
@@ -171,10 +171,12 @@ class Generations:
         return [Choice(*choice) for choice in zip(texts, reasons, counts, lps, prompts, ids, cached)]
 
     async def _pieces(self, choice: int, job: Job) -> AsyncIterator[Output]:
-        """Yields one choice's pieces as tokens arrive; tokens that arrived together make one piece. With
-        `job.echo` the first piece starts with the prompt (and its tokens' logprobs, the first one None).
-        Whatever ends the request before the engine does (a stop string, the timeout, a consumer that went
-        away) aborts it in the engine: it stops generating and frees its KV."""
+        """Yields one choice's pieces as tokens arrive; tokens that arrived together make one piece, except
+        with logprobs, where each token is a piece of its own (as vLLM streams them: a chunk per token, with
+        that token's logprobs and text, "" while a character is incomplete). With `job.echo` the first piece
+        starts with the prompt (and its tokens' logprobs, the first one None). Whatever ends the request
+        before the engine does (a stop string, the timeout, a consumer that went away) aborts it in the
+        engine: it stops generating and frees its KV."""
         try:
             sub = await self.engine.submit(job.ids, job.sampling)
         except (EngineDown, EngineBusy) as e:
@@ -185,32 +187,44 @@ class Generations:
         try:
             while not text.finished:
                 items = await self._next_items(sub.outputs, start)
-                prompt = _prompt_logprobs(job.ids, items[0]) if last is None else None
+                first = last is None
+                prompt = _prompt_logprobs(job.ids, items[0]) if first else None
                 k = job.sampling.logprobs
                 lps = [] if job.echo is None or prompt is None or k is None else _echoed_logprobs(job.ids, prompt, k)
                 try:
-                    new, reason = _tokens(items, lps)
+                    new, reason, rows = _tokens(items)
                 except ApiError as e:
                     engine_done = True  # the engine failed the request: nothing to abort
                     refused = e.status < 500  # the client's (an uncompilable grammar): not a request that ran
                     raise
-                count += len(new)
                 engine_done = reason is not None
-                piece = text.feed(new, reason)
-                if piece.abort:  # a stop string: the engine would generate on
-                    sub.abort()
-                    engine_done = True
                 now = time.perf_counter()
                 if last is None:
                     ttft = now - start
                     self.metrics.ttft.observe(ttft)
                 else:
                     self.metrics.itl.observe(now - last)
-                first = last is None
-                out = (job.echo or "") + piece.text if first else piece.text
                 last = now
-                cached = _cached_tokens(items) if first else 0
-                yield Output(choice, out, piece.finish_reason, count, lps, prompt, new, cached)
+                groups = _groups(new, rows, per_token=k is not None)
+                for at, (group, group_rows) in enumerate(groups):
+                    if text.finished:  # a stop string in an earlier token: the rest is not the answer's
+                        break
+                    count += len(group)
+                    piece = text.feed(group, reason if at == len(groups) - 1 else None)
+                    if piece.abort and not engine_done:  # a stop string: the engine would generate on
+                        sub.abort()
+                    engine_done = engine_done or piece.abort
+                    lead, head = (job.echo or "") if first and at == 0 else "", at == 0
+                    yield Output(
+                        choice,
+                        lead + piece.text,
+                        piece.finish_reason,
+                        count,
+                        lps + group_rows if head else group_rows,
+                        prompt if head else None,
+                        group,
+                        _cached_tokens(items) if first and head else 0,
+                    )
         finally:
             if not engine_done:
                 sub.abort()
@@ -245,10 +259,11 @@ class Generations:
         return items
 
 
-def _tokens(items: list, lps: list[TokenLogprobs]) -> tuple[list[int], str | None]:
-    """The new token ids of the engine's items and their finish reason; their logprobs are added to `lps`. An
-    item that failed the request raises its error."""
+def _tokens(items: list) -> tuple[list[int], str | None, list[TokenLogprobs]]:
+    """The new token ids of the engine's items, their finish reason and their logprobs (where the request asked
+    for them). An item that failed the request raises its error."""
     new: list[int] = []
+    rows: list[TokenLogprobs] = []
     reason = None
     for item in items:
         if isinstance(item, m.RequestFailed):
@@ -259,8 +274,16 @@ def _tokens(items: list, lps: list[TokenLogprobs]) -> tuple[list[int], str | Non
         reason = reason or item.finish_reason
         if item.logprobs is not None:
             tops = item.top_logprobs or [[] for _ in got]
-            lps += list(zip(got, item.logprobs, tops))
-    return new, reason
+            rows += list(zip(got, item.logprobs, tops))
+    return new, reason, rows
+
+
+def _groups(new: list[int], rows: list[TokenLogprobs], per_token: bool) -> list[tuple[list[int], list[TokenLogprobs]]]:
+    """The pieces these tokens make, each with its tokens' logprobs: one per token with `per_token` (the
+    request asked for logprobs, which the engine then sends for every token), else one for them all."""
+    if not per_token or len(new) < 2 or len(rows) != len(new):
+        return [(new, rows)]
+    return [([token], [row]) for token, row in zip(new, rows)]
 
 
 def _cached_tokens(items: list) -> int:

@@ -31,7 +31,7 @@ class PromptLogprob(msgspec.Struct):
 
     logprob: float
     rank: int
-    decoded_token: str
+    decoded_token: str | None  # None from a server without a tokenizer (--skip-tokenizer-init), as vLLM's
 
 
 # vLLM's prompt_logprobs: None for the first prompt token (it has no context), then per prompt token a map from

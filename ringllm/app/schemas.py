@@ -72,7 +72,9 @@ class ToolCallIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    # Any role the client names, as vLLM takes it: the chat template decides what a role means (Qwen's and
+    # Llama's write user/system/assistant/tool turns and skip others; a template may know roles of its own).
+    role: Annotated[str, Meta(min_length=1)]
     content: str | list[ContentPart] | None = None  # None only for an assistant turn that calls tools
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns

@@ -1,6 +1,10 @@
 """The model as the OpenAI routes see it, and the work each of them does before the engine: the model name a
 request asks for, its texts tokenized (bounded, and off the event loop when long), and its engine parameters
-checked against the context and the vocabulary."""
+checked against the context and the vocabulary.
+
+With --skip-tokenizer-init (vLLM's option) the worker has no tokenizer: prompts come as token ids and answers go
+back as token ids with empty text, as in vLLM; what needs text is a 400 saying so (`require_tokenizer`), refused
+before any work rather than answered without it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from ringllm.app.errors import CONTEXT_LENGTH_EXCEEDED, ApiError
+from ringllm.app.schemas import GUIDED
 from ringllm.app.settings import WorkerSettings
 from ringllm.ipc import messages as m
 from ringllm.ipc.process import trim_heap
@@ -23,16 +28,23 @@ OFF_LOOP_CHARS = 16_384  # longer texts are tokenized on a thread: 5 MiB takes s
 # Tokenizing costs ~250 bytes a token at its peak (the tokenizer's encoding: token strings, offsets): an 8 MB text
 # took 1.4 GB. Long texts are tokenized one at a time, on one thread, so a worker's peak is one text's, not one
 # per concurrent request (six 8 MB requests grew a worker to 7.5 GB), and the heap is handed back after each.
+NO_TOKENIZER = (
+    "this server runs without the model's tokenizer (--skip-tokenizer-init): it takes prompts as token ids and "
+    "answers in token ids (return_token_ids), with empty text"
+)
 
 
 class ServedModel:
-    def __init__(self, tokenizer: Tokenizer, settings: WorkerSettings):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer | None, settings: WorkerSettings):
+        """`tokenizer`: None with --skip-tokenizer-init."""
+        self.optional_tokenizer = tokenizer
         self.names, self.path = settings.served_models, settings.model_path
         self.name = settings.served_model  # what answers report
         self.max_seq_len = settings.max_seq_len
-        self.vocab_size = settings.vocab_size or tokenizer.vocab_size  # the model's; its tokenizer may know fewer
-        self.max_text_chars = self.max_seq_len * tokenizer.max_token_chars  # a longer text cannot fit
+        # the model's vocabulary; its tokenizer may know fewer ids
+        self.vocab_size = settings.vocab_size or (tokenizer.vocab_size if tokenizer is not None else 0)
+        # a longer text cannot fit
+        self.max_text_chars = self.max_seq_len * (tokenizer.max_token_chars if tokenizer is not None else 0)
         self.sampling_defaults = settings.sampling_defaults  # generation_config.json's, for fields left unset
         # vLLM's server options that shape requests and answers:
         self.prompt_tokens_details = settings.enable_prompt_tokens_details  # --enable-prompt-tokens-details
@@ -41,6 +53,17 @@ class ServedModel:
         self.force_include_usage = settings.force_include_usage  # --enable-force-include-usage
         self.return_tokens_as_token_ids = settings.return_tokens_as_token_ids  # --return-tokens-as-token-ids
         self.long_texts = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see OFF_LOOP_CHARS
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, for work that needs text (a 400 on a server without one)."""
+        return self.require_tokenizer()
+
+    def require_tokenizer(self, param: str | None = None, what: str = "this request") -> Tokenizer:
+        """The tokenizer, or a 400 saying that `what` needs the one this server runs without."""
+        if self.optional_tokenizer is None:
+            raise ApiError(400, f"{what} needs text, and {NO_TOKENIZER}", param=param)
+        return self.optional_tokenizer
 
     def cached_report(self, cached_tokens: int) -> int | None:
         """What usage reports of the prompt tokens the prefix cache served: nothing unless
@@ -66,6 +89,7 @@ class ServedModel:
         longest token is refused before tokenizing (with `bound`); a long text is tokenized off the event loop,
         so the worker goes on serving (and answering /health) meanwhile. `encode` replaces the tokenizer's
         (a chat's own encoding)."""
+        tok = self.require_tokenizer(param, f"a text {param}")
         if bound and len(text) > self.max_text_chars:
             raise ApiError(
                 400,
@@ -74,7 +98,6 @@ class ServedModel:
                 param=param,
                 code=CONTEXT_LENGTH_EXCEEDED,
             )
-        tok = self.tokenizer
 
         def run() -> list[int]:
             return encode(text) if encode is not None else tok.encode(text, add_special_tokens)
@@ -129,6 +152,8 @@ class ServedModel:
             max_tokens = min(c for c in candidates if c is not None)
         try:
             params = body.sampling_params(self.sampling_defaults, max_tokens=max_tokens, logprobs=logprobs)
+            if self.optional_tokenizer is None:
+                self._check_without_tokenizer(body, params)
             if params.bad_words:  # the engine has no tokenizer: it bans their token sequences
                 params = msgspec.structs.replace(
                     params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words)
@@ -138,6 +163,28 @@ class ServedModel:
             raise ApiError.bad_field(e) from None
         self._check_server_options(body, params)
         return params
+
+    def _check_without_tokenizer(self, body, params: m.Sampling) -> None:
+        """What a request cannot have from a server without a tokenizer, each refused by name: stop strings and
+        bad words (text), an output constraint (compiled over the tokenizer's vocabulary; vLLM refuses it too),
+        and logprobs that would name their tokens by text (vLLM's return_tokens_as_token_ids names them by id)."""
+        constraint = next((f for f in ("structured_outputs", *GUIDED) if getattr(body, f, None) is not None), None)
+        needs_text = [
+            ("stop", bool(params.stop), "stop strings", " (stop_token_ids end on token ids)"),
+            ("bad_words", bool(params.bad_words), "bad words", " (logit_bias -100 bans a token id)"),
+            (constraint or "response_format", params.structured_outputs is not None, "output constraints", ""),
+        ]
+        for field, asked, what, instead in needs_text:
+            if asked:
+                raise ApiError(400, f"{field}: {what} need the tokenizer, and {NO_TOKENIZER}{instead}", param=field)
+        as_ids = body.return_tokens_as_token_ids
+        if params.logprobs is not None and not (self.return_tokens_as_token_ids if as_ids is None else as_ids):
+            raise ApiError(
+                400,
+                f"logprobs name each token by its text, and {NO_TOKENIZER}: ask for return_tokens_as_token_ids "
+                "(token_id:<id>)",
+                param="logprobs",
+            )
 
     def _check_server_options(self, body, params: m.Sampling) -> None:
         """What the server's options allow, refused here, before a stream starts: more logprobs than

@@ -15,6 +15,7 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.params import JSONBody
 from litestar.response import Stream
 
+from ringllm.app import orca
 from ringllm.app.access_log import RequestLog, request_id
 from ringllm.app.asgi_layers import ServedUnder, ServerLoad
 from ringllm.app.cors import cors_config
@@ -66,22 +67,31 @@ def create_app(settings: WorkerSettings | None = None, services: Services | None
     inner = ClientBounds(inner, settings.send_timeout, settings.request_slots)
     if settings.root_path:
         inner = ServedUnder(inner, settings.root_path)
-    return RequestLog(inner)
+    return RequestLog(inner, settings.request_id_headers)
 
 
 def _routes(worker: Worker, profiler: bool) -> list:
     """The routes, closed over the worker whose serving objects answer them. The profiler's two exist only
     with --profiler-dir."""
 
+    def answer(request: Request, result: msgspec.Struct | AsyncIterator[bytes]) -> Response | Stream:
+        """A whole answer as JSON (with an ORCA load report when the request asks for one: app/orca.py), or a
+        stream's SSE frames."""
+        if not isinstance(result, msgspec.Struct):
+            return Stream(sse_stream(result), media_type="text/event-stream")
+        metrics_format = request.headers.get(orca.REQUEST_HEADER)
+        headers = orca.load_report(metrics_format, worker.services.status.load()) if metrics_format else {}
+        return Response(_json.encode(result), media_type="application/json", headers=headers)
+
     @post("/v1/completions", status_code=200)  # Litestar's @post answers 201 by default: OpenAI's routes, 200
     async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Response | Stream:
         services = worker.services
-        return _answer(await services.completions.create(data, request_id(request), _disconnect_of(request)))
+        return answer(request, await services.completions.create(data, request_id(request), _disconnect_of(request)))
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request, data: JSONBody[ChatRequest]) -> Response | Stream:
         services = worker.services
-        return _answer(await services.chat.create(data, request_id(request), _disconnect_of(request)))
+        return answer(request, await services.chat.create(data, request_id(request), _disconnect_of(request)))
 
     @post("/invocations", status_code=200)
     async def invocations(request: Request) -> Response | Stream:
@@ -91,8 +101,9 @@ def _routes(worker: Worker, profiler: bool) -> list:
         kind = _invocation_kind(body)
         rid, disconnected = request_id(request), _disconnect_of(request)
         if kind is ChatRequest:
-            return _answer(await worker.services.chat.create(_decode(body, ChatRequest), rid, disconnected))
-        return _answer(await worker.services.completions.create(_decode(body, CompletionRequest), rid, disconnected))
+            return answer(request, await worker.services.chat.create(_decode(body, ChatRequest), rid, disconnected))
+        completion = _decode(body, CompletionRequest)
+        return answer(request, await worker.services.completions.create(completion, rid, disconnected))
 
     @get("/v1/models")
     async def models() -> dict:
@@ -136,12 +147,6 @@ def _routes(worker: Worker, profiler: bool) -> list:
 
     routes = [completions, chat, invocations, models, tokenize, detokenize, health, ping, metrics]
     return routes + ([start_profile, stop_profile] if profiler else [])
-
-
-def _answer(result: msgspec.Struct | AsyncIterator[bytes]) -> Response | Stream:
-    if isinstance(result, msgspec.Struct):
-        return Response(_json.encode(result), media_type="application/json")
-    return Stream(sse_stream(result), media_type="text/event-stream")
 
 
 class _Invocation(msgspec.Struct):

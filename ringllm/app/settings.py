@@ -47,6 +47,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     served_models: Annotated[list[str], Meta(min_length=1)]  # names clients may use; answers report the first
     tokenizer_path: str
     chat_template: str | None = None  # the template's text (--chat-template, read by the launcher), or the model's
+    skip_tokenizer_init: bool = False  # --skip-tokenizer-init: no tokenizer in the workers, token ids in and out
     sanitize_control_tokens: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
@@ -66,6 +67,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     root_path: str | None = None  # --root-path: every route is served under this prefix too
     server_load_tracking: bool = False  # --enable-server-load-tracking: GET /load
     tokenizer_info_route: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
+    request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
     # ---- hostile clients (app/limits.py, app/guard.py) ----
     send_timeout: Positive = 30.0  # a response write that waits longer for the client to read cuts the request
     request_slots: Annotated[int, Meta(ge=1)] | None = None  # --backpressure: requests at once, probes aside

@@ -41,6 +41,11 @@ class ServerStatus:
         busy = "with requests to run" if self.heartbeat.has_work() else "while idle"
         return f"the engine has made no progress for {silent:.0f} s {busy}"
 
+    def load(self) -> dict[str, float]:
+        """The engines' stats as they last published them in their heartbeats, summed over the replicas: at
+        once, with no round trip (an ORCA load report on an answer, app/orca.py)."""
+        return merge_stats([beat.last_stats() for beat in self.replicas.heartbeats if beat is not None])
+
     async def render_metrics(self) -> bytes:
         """The engine's values from a stats round trip (exact: it follows every message sent before); when the
         engine's loop has not turned for a second, or does not answer within METRICS_WAIT_SECONDS, the values

@@ -31,7 +31,7 @@ class TokenizeService:
         self.model.check_name(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", param="prompt")
-        tok = self.model.tokenizer
+        tok = self.model.require_tokenizer(what="/tokenize")
         text: str | None
         if body.messages is not None:
             self.model.check_count(len(body.messages), "messages", "messages")
@@ -81,7 +81,7 @@ class TokenizeService:
     def detokenize(self, body: DetokenizeRequest) -> dict:
         self.model.check_name(body.model)
         self.model.check_count(len(body.tokens), "token ids", "tokens")
-        tok = self.model.tokenizer
+        tok = self.model.require_tokenizer(what="/detokenize")
         try:
             check_token_ids(tok.vocab_size, [body.tokens], field="tokens")  # the ids this tokenizer can decode
         except FieldError as e:

@@ -61,8 +61,12 @@ class Worker:
         s = self.settings
         die_with_parent(name="ringllm-api")  # no API worker outlives the serve process (ipc/process.py)
         configure_logging(s.log_level)
-        tokenizer = Tokenizer(s.tokenizer_path, s.chat_template, s.sanitize_control_tokens)
-        parsers = chat_io.model_parsers(s.model_path, tokenizer.template_text, s.tool_call_parser, s.reasoning_parser)
+        # --skip-tokenizer-init: none (token ids in and out; app/served_model.py refuses what needs text)
+        tokenizer = (
+            None if s.skip_tokenizer_init else Tokenizer(s.tokenizer_path, s.chat_template, s.sanitize_control_tokens)
+        )
+        template = tokenizer.template_text if tokenizer is not None else None
+        parsers = chat_io.model_parsers(s.model_path, template, s.tool_call_parser, s.reasoning_parser)
         # One EngineClient (ring pair) and heartbeat per engine: one engine, or --dp-size replicas.
         try:
             replicas = Replicas(s.engine_pids, s.workers, s.kv_slots, s.engine_stall_timeout)

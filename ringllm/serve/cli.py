@@ -85,6 +85,8 @@ def _error(why: str) -> int:
 
 def serve_args_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with serve options that the parser cannot see, found before anything starts."""
+    if args.skip_tokenizer_init and (why := tokenizer_options_problem(args)):
+        return why
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         return "--ssl-keyfile and --ssl-certfile go together"
     for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile)):
@@ -108,16 +110,35 @@ def serve_args_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+# What only a server with the tokenizer can use: with --skip-tokenizer-init, each is an error naming it.
+TOKENIZER_OPTIONS = (
+    "tokenizer",
+    "chat_template",
+    "sanitize_control_tokens",
+    "tool_call_parser",
+    "reasoning_parser",
+    "enable_tokenizer_info_endpoint",
+)
+
+
+def tokenizer_options_problem(args: argparse.Namespace) -> str | None:
+    given = [name for name in TOKENIZER_OPTIONS if getattr(args, name)]
+    if not given:
+        return None
+    flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    return f"--skip-tokenizer-init serves without the model's tokenizer, which {flags} need: give one or the other"
+
+
 def checked_before_start(args: argparse.Namespace) -> str | None:
     """--chat-template's text, read here once for every API worker, after the checks that need nothing started:
-    the tokenizer (with that template) loads as the workers will load it, --generation-config names a file,
-    and the port is free. So a missing or broken file fails at once, naming it, before the engine loads any
+    the tokenizer (with that template) loads as the workers will load it (unless --skip-tokenizer-init: they load
+    none), --generation-config names a file, and the port is free. So a missing or broken file fails at once, naming it, before the engine loads any
     weights. A GGUF file's tokenizer is built here once (cached) for the workers; the demo model and hub ids
     are checked by the engine as it finds them. ValueError says what is wrong."""
     from ringllm.text.chat_template import read_chat_template
     from ringllm.text.tokenizer import Tokenizer, TokenizerError
 
-    source = args.tokenizer or args.model
+    source = None if args.skip_tokenizer_init else args.tokenizer or args.model
     try:
         template = read_chat_template(args.chat_template) if args.chat_template else None
         if source is not None and (Path(source).expanduser().exists() or source.startswith((".", "/", "~"))):
@@ -157,6 +178,7 @@ def worker_settings(
         served_models=served_names(args),
         tokenizer_path=args.tokenizer or ready.model_path,
         chat_template=chat_template,
+        skip_tokenizer_init=args.skip_tokenizer_init,
         sanitize_control_tokens=args.sanitize_control_tokens,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
@@ -179,6 +201,7 @@ def worker_settings(
         max_logprobs=args.max_logprobs,
         force_include_usage=args.enable_force_include_usage,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        request_id_headers=args.enable_request_id_headers,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         priority_scheduling=args.scheduling_policy == "priority",
     )

@@ -139,6 +139,17 @@ class ServeConfig:
     return_tokens_as_token_ids: bool = setting(
         False, "write every token of logprobs as token_id:<id> (tokens that are not whole UTF-8 survive)"
     )
+    skip_tokenizer_init: bool = setting(
+        False,
+        "serve without the model's tokenizer (a checkpoint may have none): prompts as token ids, answers as token "
+        "ids (return_token_ids) with empty text; what needs text (text prompts, chat, stop strings, bad words, "
+        "output constraints, /tokenize) is a 400",
+    )
+    enable_request_id_headers: bool = setting(
+        False,
+        "every response carries X-Request-Id: the client's (a plain token), else the id made for the request "
+        "(without it the ids still name the responses, cmpl-<id>, and the logs)",
+    )
     enable_prompt_tokens_details: bool = setting(
         False, "usage reports prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served"
     )

@@ -82,18 +82,6 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
             "log holds); the access line and token counts of each request stay",
         ),
         group.add_argument(
-            "--enable-request-id-headers",
-            action=_Accepted,
-            help="accepted: every response carries X-Request-Id (the client's, or one made for the request)",
-        ),
-        group.add_argument(
-            "--skip-tokenizer-init",
-            action=_Refused,
-            why="ringllm's API workers need the model's tokenizer (they detokenize every answer, match stop strings "
-            "and check token ids against it); it cannot serve without one",
-            help="refused: the API workers cannot serve without the tokenizer",
-        ),
-        group.add_argument(
             "--quantization",
             "-q",
             action=_Refused,

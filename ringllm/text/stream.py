@@ -20,8 +20,11 @@ class Piece(NamedTuple):
 class TextStream:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None, min_tokens: int = 0):
         """`min_tokens`: the request's; as in vLLM, the text of its first min_tokens tokens cannot end it on a stop
-        string (one may begin there and end later)."""
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        string (one may begin there and end later). `tokenizer` None: no text at all, only the finish (a server
+        without a tokenizer, vLLM's --skip-tokenizer-init, whose requests can have no stop strings)."""
+        if tokenizer is None and stop:
+            raise ValueError("stop strings are matched on text: they need a tokenizer")
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stops = StopStringMatcher(stop or [])
         self._exempt_tokens = min_tokens  # tokens still to come whose text no stop string may end in
         self.finish_reason: str | None = None
@@ -39,9 +42,9 @@ class TextStream:
         if self._exempt_tokens and token_ids:
             early, token_ids = token_ids[: self._exempt_tokens], token_ids[self._exempt_tokens :]
             self._exempt_tokens -= len(early)
-            out = self._stops.feed(self._detok.add(early), exempt=True)
-        text = self._detok.add(token_ids)
-        if finish_reason is not None:
+            out = self._stops.feed(self._text(early), exempt=True)
+        text = self._text(token_ids)
+        if finish_reason is not None and self._detok is not None:
             text += self._detok.flush()  # an incomplete character at the end decodes to U+FFFD
         out += self._stops.feed(text)
         if self._stops.stopped:
@@ -51,3 +54,6 @@ class TextStream:
             out += self._stops.flush()  # the held-back tail never became a stop string
             self.finish_reason = finish_reason
         return Piece(out, finish_reason, False)
+
+    def _text(self, token_ids: list[int]) -> str:
+        return self._detok.add(token_ids) if self._detok is not None else ""

@@ -59,10 +59,11 @@ def build(tokenizer_dir):
             }
         )
         tokenizer = Tokenizer(settings.tokenizer_path, settings.chat_template, settings.sanitize_control_tokens)
-        engine = FakeEngine(tokenizer)
+        engine = FakeEngine(tokenizer)  # the script's; with skip_tokenizer_init the worker's objects have none
+        served = None if settings.skip_tokenizer_init else tokenizer
         metrics = Metrics(MemoryTable(), 0, settings.served_model)
-        model = ServedModel(tokenizer, settings)
-        generations = Generations(engine, tokenizer, metrics, settings.request_timeout, settings.max_waiting_requests)
+        model = ServedModel(served, settings)
+        generations = Generations(engine, served, metrics, settings.request_timeout, settings.max_waiting_requests)
         return Serving(
             engine,
             metrics,
@@ -103,6 +104,10 @@ class FakeStatus:
     def __init__(self):
         self.commands: list[str] = []
         self.unavailable: str | None = None
+        self.stats = {"running": 2.0, "waiting": 1.0, "kv_slots_total": 100.0, "kv_slots_used_by_requests": 25.0}
+
+    def load(self) -> dict[str, float]:
+        return self.stats
 
     def health(self):
         return self.unavailable, None

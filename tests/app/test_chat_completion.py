@@ -308,6 +308,36 @@ def test_documents_and_chat_template_kwargs_reach_the_template(build):
     assert e.value.param == "chat_template_kwargs"
 
 
+def test_any_role_reaches_the_template_which_decides_what_it_means(build):
+    # As vLLM: a role the client names is the template's to render (or to skip), not a 400.
+    serving = build(chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    create(serving, messages=[{"role": "wizard", "content": "hi"}, {"role": "my-custom-role", "content": "x"}])
+    assert prompt_text(serving) == "<wizard>hi<my-custom-role>x"
+    qwen = build()  # Qwen's template writes system/user/assistant/tool turns and skips any other
+    create(qwen, messages=[{"role": "wizard", "content": "hi"}, {"role": "user", "content": "x"}])
+    assert "wizard" not in prompt_text(qwen) and "<|im_start|>user\nx<|im_end|>" in prompt_text(qwen)
+
+
+def test_a_call_sent_back_with_empty_arguments_has_none(build):
+    # As vLLM: `arguments: ""` (a function without parameters, as clients send its call back) is `{}`.
+    template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
+    serving = build(chat_template=template)
+    for arguments, rendered in (("", "{}"), ('{"a": 1}', '{"a": 1}')):
+        call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": arguments}}
+        turns = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        create(serving, messages=[*turns, {"role": "tool", "tool_call_id": "c1", "content": "noon"}])
+        assert prompt_text(serving) == rendered
+    with pytest.raises(ApiError, match="JSON text of an object"):
+        call["function"]["arguments"] = "[1]"
+        create(serving, messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [call]}])
+
+
+@pytest.mark.parametrize("role", [7, "", None])
+def test_a_role_that_is_not_a_word_is_refused(role):
+    with pytest.raises(msgspec.ValidationError, match=r"messages\[0\]\.role"):
+        body(messages=[{"role": role, "content": "hi"}])
+
+
 def test_tool_choice_required_lifts_the_tools_defs_to_the_schemas_root(serving):
     """Issue 24 item 5: a tool whose parameters `$ref` their own `$defs` (as pydantic writes them)."""
     import jsonschema_rs

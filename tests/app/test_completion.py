@@ -356,6 +356,32 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serving):
     assert all(f == "[DONE]" or f.get("usage") is None for f in without)
 
 
+def test_with_logprobs_tokens_that_arrive_together_stream_one_chunk_each(serving):
+    # A busy worker reads several of the engine's deltas at once. With logprobs each token is still its own chunk
+    # (as vLLM streams them): its logprobs, its text ("" while a character is incomplete) and the usage so far.
+    tok = serving.model.tokenizer
+    ids = tok.encode("The sea \u2603 is")  # the snowman is three byte tokens
+    serving.engine.reply = lambda prompt, sampling: [delta(ids, sampling, "stop")]
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+    frames = stream(serving, max_tokens=20, logprobs=1, stream_options=usage)[:-2]
+    assert [f["usage"]["completion_tokens"] for f in frames] == list(range(1, len(ids) + 1))
+    assert [f["choices"][0]["logprobs"]["tokens"] for f in frames] == [[tok.decode([i])] for i in ids]
+    texts = [f["choices"][0]["text"] for f in frames]
+    assert texts == ["The", " sea", " ", "", "", "\u2603", " is"] and "".join(texts) == "The sea \u2603 is"
+    assert [f["choices"][0]["finish_reason"] for f in frames] == [None] * (len(ids) - 1) + ["stop"]
+    [whole] = stream(serving, max_tokens=20, stream_options=usage)[:-2]  # without logprobs: one piece
+    assert whole["choices"][0]["text"] == "The sea \u2603 is" and whole["usage"]["completion_tokens"] == len(ids)
+
+
+def test_a_stop_string_inside_tokens_that_arrived_together_ends_the_stream_there(serving):
+    tok = serving.model.tokenizer
+    ids = tok.encode("The sea is calm")
+    serving.engine.reply = lambda prompt, sampling: [delta(ids, sampling)]  # the engine would go on
+    frames = stream(serving, max_tokens=20, logprobs=0, stop=[" is"])[:-1]
+    assert "".join(f["choices"][0]["text"] for f in frames) == "The sea"
+    assert frames[-1]["choices"][0]["finish_reason"] == "stop" and len(serving.engine.aborted) == 1
+
+
 def test_the_models_generation_config_fills_only_what_the_request_leaves_unset(build):
     serving = build(sampling_defaults=SamplingDefaults(temperature=0.3, top_k=20, repetition_penalty=1.1, max_tokens=7))
     create(serving)

@@ -77,3 +77,52 @@ def test_force_include_usage_ends_every_stream_with_its_usage(build):
 def test_the_token_id_option_is_the_served_models(build):
     assert build(return_tokens_as_token_ids=True).model.return_tokens_as_token_ids is True
     assert build().model.return_tokens_as_token_ids is False
+
+
+# ---- --skip-tokenizer-init: no tokenizer in the worker, token ids in and out ----
+def _tokenless(build):
+    return build(skip_tokenizer_init=True, vocab_size=4096)
+
+
+def test_without_a_tokenizer_token_ids_go_in_and_come_out_with_empty_text(build):
+    serving = _tokenless(build)
+    script = serving.engine.tokenizer.encode("Once upon a time")  # what the fake engine generates
+    r = _completion(serving, prompt=[5, 6, 7], max_tokens=4, return_token_ids=True, echo=True, prompt_logprobs=1)
+    [choice] = r.choices
+    assert choice.text == "" and choice.token_ids == script[:4] and choice.prompt_token_ids == [5, 6, 7]
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 4
+    assert all(e is None or all(p.decoded_token is None for p in e.values()) for e in choice.prompt_logprobs)
+    # logprobs name tokens by id there (the request's return_tokens_as_token_ids, or the server's option)
+    lps = _completion(serving, prompt=[5], max_tokens=2, logprobs=1, return_tokens_as_token_ids=True).choices[0]
+    assert lps.logprobs.tokens == [f"token_id:{t}" for t in script[:2]]
+
+    async def frames():
+        body = msgspec.convert(
+            {"prompt": [5], "max_tokens": 3, "stream": True, "return_token_ids": True}, CompletionRequest
+        )
+        return await collect_frames(await serving.completions.create(body, "r", never))
+
+    chunks = asyncio.run(frames())[:-1]
+    assert [c["choices"][0]["text"] for c in chunks] == [""] * len(chunks)
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == script[:3]
+
+
+@pytest.mark.parametrize(
+    "route,fields,param",
+    [
+        (_completion, {}, "prompt"),  # a text prompt
+        (_completion, {"prompt": [5], "stop": ["x"]}, "stop"),
+        (_completion, {"prompt": [5], "bad_words": ["x"]}, "bad_words"),
+        (_completion, {"prompt": [5], "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+        (_completion, {"prompt": [5], "response_format": {"type": "json_object"}}, "response_format"),
+        (_completion, {"prompt": [5], "guided_choice": ["a", "b"]}, "guided_choice"),
+        (_completion, {"prompt": [5], "logprobs": 1}, "logprobs"),  # named by text unless by id
+        (_chat, {}, "messages"),  # a chat is its template's text
+    ],
+)
+def test_without_a_tokenizer_what_needs_text_is_a_400_naming_it(build, route, fields, param):
+    serving = _tokenless(build)
+    with pytest.raises(ApiError) as e:
+        route(serving, **fields)
+    assert (e.value.status, e.value.param) == (400, param) and "--skip-tokenizer-init" in e.value.message
+    assert serving.engine.submitted == []

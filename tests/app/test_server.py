@@ -71,6 +71,48 @@ def test_errors_come_back_in_openais_shape_naming_the_field(served, body, status
     assert serving.engine.submitted == []
 
 
+def test_x_request_id_comes_back_only_with_enable_request_id_headers(served):
+    # As vLLM: the header only with the option; the id names the response either way (the client's, if sane).
+    client, _ = served()
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"x-request-id": "abc"})
+    assert "x-request-id" not in r.headers and r.json()["id"] == "cmpl-abc"
+    assert "x-request-id" not in client.get("/health").headers
+    client, _ = served(request_id_headers=True)
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"x-request-id": "abc"})
+    assert r.headers["x-request-id"] == "abc" and r.json()["id"] == "cmpl-abc"
+    made = client.get("/health").headers["x-request-id"]
+    assert len(made) == 32 and int(made, 16) >= 0
+    assert client.get("/no/such/route", headers={"x-request-id": "gone"}).headers["x-request-id"] == "gone"
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+        ("/invocations", {"prompt": "x", "max_tokens": 1}),
+    ],
+)
+def test_an_orca_load_report_comes_with_a_whole_answer_that_asks_for_one(served, path, body):
+    # vLLM's: endpoint-load-metrics-format TEXT or JSON in, endpoint-load-metrics out, with the engines' load.
+    client, _ = served()
+    ask = "endpoint-load-metrics-format"
+    text = client.post(path, json=body, headers={ask: "TEXT"}).headers["endpoint-load-metrics"]
+    assert text == (
+        "TEXT named_metrics.kv_cache_usage_perc=0.25, named_metrics.num_requests_waiting=1.0, "
+        "named_metrics.num_requests_running=2.0"
+    )
+    report = client.post(path, json=body, headers={ask: "json"}).headers["endpoint-load-metrics"]
+    assert report.startswith("JSON ") and json.loads(report[5:]) == {
+        "named_metrics": {"kv_cache_usage_perc": 0.25, "num_requests_waiting": 1.0, "num_requests_running": 2.0}
+    }
+    # none unasked, none for a format vLLM does not write either, none on a stream (its headers went out first)
+    assert "endpoint-load-metrics" not in client.post(path, json=body).headers
+    assert "endpoint-load-metrics" not in client.post(path, json=body, headers={ask: "BINARY"}).headers
+    streamed = client.post(path, json={**body, "stream": True}, headers={ask: "TEXT"})
+    assert streamed.status_code == 200 and "endpoint-load-metrics" not in streamed.headers
+
+
 def test_the_api_key_and_the_public_routes(served):
     client, _ = served(api_key="sekret", public_routes=["/health"])
     assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 401

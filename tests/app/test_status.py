@@ -37,3 +37,23 @@ def test_a_refused_profile_start_is_a_409_saying_why():
     asyncio.run(status_over(client).profiler("profile_stop"))  # stopping nothing is not an error
     asyncio.run(status_over(ScriptedClient(running=1)).profiler("profile_start"))
     assert client.commands == ["profile_start", "profile_stop"]
+
+
+class PublishedStats:
+    """A heartbeat reader (ipc/heartbeat.py) whose engine last published `values`."""
+
+    def __init__(self, **values: float):
+        self.values = values
+
+    def last_stats(self) -> dict[str, float]:
+        return dict(self.values)
+
+
+def test_the_load_is_the_replicas_last_published_stats_summed_without_asking_them():
+    client = ScriptedClient(running=0)
+    one = PublishedStats(running=1.0, waiting=0.0, kv_slots_total=100.0, kv_slots_used_by_requests=10.0)
+    two = PublishedStats(running=2.0, waiting=3.0, kv_slots_total=100.0, kv_slots_used_by_requests=30.0)
+    replicas = SimpleNamespace(first=0, clients=[client], heartbeats=[one, None, two])  # replica 1 is gone
+    status = ServerStatus(replicas, SimpleNamespace(model="m"), stall_timeout=10.0)  # type: ignore[arg-type]
+    assert status.load() == {"running": 3.0, "waiting": 3.0, "kv_slots_total": 200.0, "kv_slots_used_by_requests": 40.0}
+    assert client.commands == []  # no round trip to an engine

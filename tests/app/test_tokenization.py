@@ -179,3 +179,15 @@ def test_long_texts_are_tokenized_one_at_a_time_and_the_heap_handed_back(build, 
 
     assert asyncio.run(three()) == [encode(text)] * 3
     assert most == [1] and len(trims) == 3
+
+
+def test_a_server_without_a_tokenizer_refuses_both_routes_saying_why(build):
+    serving = build(skip_tokenizer_init=True, vocab_size=4096)
+    for run in (
+        lambda: tokenize(serving, prompt="The sea"),
+        lambda: tokenize(serving, messages=MESSAGES),
+        lambda: serving.tokenize.detokenize(msgspec.convert({"tokens": [5, 6]}, DetokenizeRequest)),
+    ):
+        with pytest.raises(ApiError, match="--skip-tokenizer-init") as e:
+            run()
+        assert e.value.status == 400

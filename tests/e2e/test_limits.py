@@ -90,7 +90,9 @@ HOSTILE = [
     ("/v1/completions", b'{"prompt": "x", "seed": 99999999999999999999}', 400),
     ("/v1/completions", b'{"prompt": "' + b"word " * 3000 + b'"}', 400),  # over the context
     ("/v1/chat/completions", b'{"messages": []}', 400),
-    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400),
+    # Any role string goes to the chat template (as vLLM); a role that is not a non-empty string is refused.
+    ("/v1/chat/completions", b'{"messages": [{"role": 7, "content": "hi"}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "", "content": "hi"}]}', 400),
     ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 400),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 7}]}', 400),
     ("/v1/chat/completions", b'{"messages": "hi"}', 400),
@@ -121,6 +123,16 @@ def test_hostile_bodies_get_clear_errors_and_the_server_keeps_serving(server):
     assert "tokens" in too_long and "2048" in too_long, too_long  # the counts are named
     _assert_serves(server)
     assert wait_for_metric(server, SLOTS, 0, 60, AUTH) == 0
+
+
+def test_a_role_of_the_clients_own_reaches_the_chat_template(server):
+    # As vLLM: any role string is the template's to render; the demo model's template writes every role it gets.
+    messages = [{"role": "wizard", "content": "hi"}]
+    tokens = _post(server, "/tokenize", json={"messages": messages}).json()["tokens"]
+    prompt = _post(server, "/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert "wizard\nhi" in prompt and prompt.endswith("assistant\n"), prompt
+    r = _post(server, "/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tokens), r.text
 
 
 def test_body_over_the_size_limit_is_413(server):

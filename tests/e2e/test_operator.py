@@ -20,7 +20,9 @@ def served(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("operator")
     env = {"RINGLLM_KV_CACHE_TOKENS": "4096", "RINGLLM_CONTEXT_LEN": "256", "RINGLLM_ALLOWED_ORIGINS": "http://ok.test"}
-    proc, base = start_server(cache, "--workers", "2", "--served-model-name", "Org/Model-8B", "model-8b", env=env)
+    names = ("--served-model-name", "Org/Model-8B", "model-8b")
+    # --enable-request-id-headers: the request-id tests read the X-Request-Id response header (vLLM's option)
+    proc, base = start_server(cache, "--workers", "2", *names, "--enable-request-id-headers", env=env)
     _wait_for_workers(cache / "serve.log", 2)
     yield proc, base, cache
     stop_server(proc)

@@ -74,7 +74,6 @@ def test_prefix_caching_flags_set_the_radix_cache(argv, env, disabled):
         "--enable-auto-tool-choice",
         "--trust-remote-code",
         "--disable-log-requests",
-        "--enable-request-id-headers",  # X-Request-Id is on every response already
     ],
 )
 def test_flags_that_ask_for_what_ringllm_always_does_are_accepted_and_change_nothing(flag):
@@ -91,7 +90,6 @@ def test_flags_that_ask_for_what_ringllm_always_does_are_accepted_and_change_not
             ["--no-enable-chunked-prefill"],
             "--no-enable-chunked-prefill: ringllm always prefills long prompts in chunks",
         ),
-        (["--skip-tokenizer-init"], "--skip-tokenizer-init: ringllm's API workers need the model's tokenizer"),
     ],
 )
 def test_flags_ringllm_cannot_honour_are_refused_by_name(argv, message, capsys):

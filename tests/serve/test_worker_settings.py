@@ -86,7 +86,7 @@ def test_vllms_server_options_land_in_the_worker_settings():
     args = _serve_args(
         *("--root-path", "/llm", "--max-logprobs", "5", "--enable-tokenizer-info-endpoint"),
         *("--enable-server-load-tracking", "--enable-force-include-usage", "--return-tokens-as-token-ids"),
-        *("--scheduling-policy", "priority", "--enable-prompt-tokens-details"),
+        *("--scheduling-policy", "priority", "--enable-prompt-tokens-details", "--enable-request-id-headers"),
     )
     s = worker_settings(args, READY, None, SamplingDefaults())
     assert (
@@ -95,6 +95,9 @@ def test_vllms_server_options_land_in_the_worker_settings():
     )
     assert (s.root_path, s.max_logprobs, s.tokenizer_info_route, s.server_load_tracking) == ("/llm", 5, True, True)
     assert (s.force_include_usage, s.return_tokens_as_token_ids, s.priority_scheduling) == (True, True, True)
+    assert (
+        s.request_id_headers and not worker_settings(_serve_args(), READY, None, SamplingDefaults()).request_id_headers
+    )
     plain = worker_settings(_serve_args(), READY, None, SamplingDefaults())
     assert (plain.root_path, plain.max_logprobs, plain.tokenizer_info_route, plain.server_load_tracking) == (
         None,
@@ -115,6 +118,19 @@ def test_max_logprobs_above_what_the_sampler_returns_is_refused_by_name():
     assert serve_args_problem(_serve_args("--max-logprobs", "20")) is None
     for value in ("21", "-1"):
         assert "--max-logprobs" in (serve_args_problem(_serve_args("--max-logprobs", value)) or "")
+
+
+def test_skip_tokenizer_init_reaches_the_workers_and_refuses_the_options_that_need_a_tokenizer():
+    from ringllm.serve.cli import serve_args_problem
+
+    args = _serve_args("--skip-tokenizer-init")
+    assert (
+        serve_args_problem(args) is None and worker_settings(args, READY, None, SamplingDefaults()).skip_tokenizer_init
+    )
+    assert not worker_settings(_serve_args(), READY, None, SamplingDefaults()).skip_tokenizer_init
+    for given in (("--chat-template", "t.jinja"), ("--tokenizer", "/tok"), ("--enable-tokenizer-info-endpoint",)):
+        why = serve_args_problem(_serve_args("--skip-tokenizer-init", *given)) or ""
+        assert why.startswith("--skip-tokenizer-init serves without the model's tokenizer") and given[0] in why
 
 
 def test_uds_makes_granian_bind_a_unix_socket(tmp_path):

@@ -82,3 +82,12 @@ def test_min_tokens_keeps_stop_strings_from_ending_the_first_tokens(tok, chunk):
             last = i + chunk >= len(ids)
             pieces.append(stream.feed(ids[i : i + chunk], "length" if last else None))
         assert "".join(p.text for p in pieces) == want and stream.finish_reason == reason
+
+
+def test_without_a_tokenizer_there_is_no_text_only_the_finish(tok):
+    # A server without the model's tokenizer (--skip-tokenizer-init): token ids in and out, no text.
+    text = TextStream(None, [1, 2])
+    assert text.feed(tok.encode("hello there")) == Piece("", None, False)
+    assert text.feed([5], "length") == Piece("", "length", False) and text.finished
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        TextStream(None, [1, 2], stop=["x"])

@@ -476,7 +476,6 @@ async def test_complex_message_content(client):
     assert resp.choices[0].message.content == "2"
 
 
-@pytest.mark.vllm_compat  # a role other than system/user/assistant/tool/developer is a 400
 @pytest.mark.asyncio
 async def test_custom_role(client):
     # String content and a list of text parts must give the same answer, whatever the model makes of the role.

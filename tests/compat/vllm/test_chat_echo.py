@@ -60,7 +60,8 @@ async def test_chat_session_with_echo_and_continue_final_message(client, echo):
     assert message.role == "assistant"
 
 
-@pytest.mark.vllm_compat  # --max-logprobs is not a ringllm option (the server does not start); prompt_logprobs
+# whole-vocabulary logprobs: --max-logprobs 151936 does not start (the sampler returns at most 20); kept by decision
+@pytest.mark.vllm_compat
 @pytest.mark.asyncio
 async def test_prompt_logprobs(all_logprobs_client):
     chat = await all_logprobs_client.chat.completions.create(
@@ -73,7 +74,8 @@ async def test_prompt_logprobs(all_logprobs_client):
     assert chat.prompt_logprobs is not None and len(chat.prompt_logprobs) > 0
 
 
-@pytest.mark.vllm_compat  # --max-logprobs is not a ringllm option (the server does not start); top_logprobs -1
+# whole-vocabulary logprobs (top_logprobs -1): the sampler returns at most 20 per token; kept by decision
+@pytest.mark.vllm_compat
 @pytest.mark.asyncio
 async def test_top_logprobs(all_logprobs_client, vocab_size):
     chat = await all_logprobs_client.chat.completions.create(

@@ -173,9 +173,7 @@ async def test_tool_id_kimi_k2(client, stream):
     "arguments",
     [
         "{}",
-        # an assistant turn whose call has arguments "" is a 400 ("must be the JSON text of an object"); vLLM takes
-        # it as no arguments. Seen only when the sampled answer calls the tool (it does not always).
-        pytest.param("", marks=pytest.mark.vllm_compat),
+        "",  # no arguments, as vLLM takes it (V5)
     ],
 )
 async def test_no_args_tool_call(client, arguments):

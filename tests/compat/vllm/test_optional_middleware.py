@@ -31,7 +31,6 @@ async def test_no_api_token(server):
     assert requests.get(server.url_for("v1/models")).status_code == HTTPStatus.OK
 
 
-@pytest.mark.vllm_compat  # ringllm sends X-Request-Id on every response (vLLM only with --enable-request-id-headers)
 @pytest.mark.asyncio
 async def test_no_request_id_header(server):
     assert "X-Request-Id" not in requests.get(server.url_for("health")).headers

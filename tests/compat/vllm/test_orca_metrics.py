@@ -29,7 +29,6 @@ async def client(server):
         yield async_client
 
 
-@pytest.mark.vllm_compat  # no endpoint-load-metrics response header
 @pytest.mark.asyncio
 async def test_chat_completion_with_orca_header(server):
     client = openai.OpenAI(
@@ -47,7 +46,6 @@ async def test_chat_completion_with_orca_header(server):
     assert "endpoint-load-metrics" in raw.http_response.headers
 
 
-@pytest.mark.vllm_compat  # no endpoint-load-metrics response header
 @pytest.mark.asyncio
 async def test_completion_with_orca_header(client):
     raw = await client.with_raw_response.completions.create(

@@ -18,7 +18,6 @@ def server(real_model, server_logs):
         yield remote
 
 
-@pytest.mark.vllm_compat  # --skip-tokenizer-init is not a ringllm option (the server does not start); return_token_ids
 @pytest.mark.asyncio
 async def test_token_in_token_out_and_logprobs(server, tokenizer):
     """Token ids in, token ids out, with no tokenizer in the server."""
