@@ -320,6 +320,38 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def api_workers(server_pid: int) -> list[int]:
+    """Granian's API worker processes under a serve process: those forked from it, which run its own command line
+    (the engine and multiprocessing's helpers are spawned, with other command lines)."""
+    serve = cmdline(server_pid)
+    return sorted(p for p in process_tree(server_pid)[1:] if cmdline(p) == serve)
+
+
+def rss_mb(pids: list[int]) -> float:
+    """The resident memory of these processes together, in MiB (one that is gone counts nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+async def probe_health(base: str, deadline: float, latencies: list[float], codes: dict) -> None:
+    """GET /health every half second until `deadline` (time.monotonic()), each answer's seconds and status kept."""
+    import asyncio
+
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        while time.monotonic() < deadline:
+            t = time.monotonic()
+            r = await client.get("/health")
+            latencies.append(time.monotonic() - t)
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            await asyncio.sleep(0.5)
+
+
 def engine_pids(server_pid: int, count: int, seconds: float = 60) -> list[int]:
     """The `count` engine processes under a serve process, replica 0 first: those of its tree that own ring
     segments (their pid is in the names), ordered by when they started (the launcher starts replica r before

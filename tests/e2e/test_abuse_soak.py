@@ -18,7 +18,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.helpers import process_tree, serving, wait_for_metric
+from tests.helpers import probe_health, process_tree, rss_mb, serving, wait_for_metric
 
 pytestmark = pytest.mark.soak
 
@@ -30,17 +30,6 @@ MAX_GAP = float(os.environ.get("RINGLLM_SOAK_MAX_GAP", "5.0"))
 RSS_GROWTH_LIMIT_MB = 200
 SLOW_READERS = 4
 ARGS = ("--kv-cache-tokens", "16384", "--context-len", "512", "--max-bs", "32", "--workers", "2")
-
-
-def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-    return total / 1024
 
 
 async def _normal_streams(client: httpx.AsyncClient, deadline: float, gaps: list[float], codes: Counter) -> None:
@@ -136,16 +125,6 @@ async def _attack(client: httpx.AsyncClient, attack: tuple, deadline: float, out
         await asyncio.sleep(1)
 
 
-async def _probe_health(base: str, deadline: float, latencies: list[float], codes: Counter) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        while time.monotonic() < deadline:
-            t = time.monotonic()
-            r = await client.get("/health")
-            latencies.append(time.monotonic() - t)
-            codes[r.status_code] += 1
-            await asyncio.sleep(0.5)
-
-
 async def _soak(base: str, seconds: float) -> tuple[list[float], list[float], Counter, Counter, Counter]:
     deadline = time.monotonic() + seconds
     gaps: list[float] = []
@@ -156,7 +135,7 @@ async def _soak(base: str, seconds: float) -> tuple[list[float], list[float], Co
             *(_normal_streams(client, deadline, gaps, streams) for _ in range(4)),
             _slow_readers(int(base.rsplit(":", 1)[1]), deadline),
             *(_attack(client, attack, deadline, attacks) for attack in _attacks()),
-            _probe_health(base, deadline, latencies, health),
+            probe_health(base, deadline, latencies, health),
         )
     return gaps, latencies, streams, health, attacks
 
@@ -167,9 +146,9 @@ def test_abuse_beside_normal_traffic_keeps_health_fast_gaps_short_and_memory_fla
     with serving(tmp_path, *args) as (proc, base):
         asyncio.run(_soak(base, min(30.0, SECONDS / 6)))  # warm-up: caches, allocator pools, one of each attack
         pids = process_tree(proc.pid)[1:]  # the engine and the API workers
-        each_start = [_rss_mb([p]) for p in pids]
+        each_start = [rss_mb([p]) for p in pids]
         gaps, latencies, streams, health, attacks = asyncio.run(_soak(base, SECONDS))
-        each_end = [_rss_mb([p]) for p in pids]
+        each_end = [rss_mb([p]) for p in pids]
         rss_start, rss_end = sum(each_start), sum(each_end)
         print(
             f"\nabuse soak, {SECONDS:.0f} s: {sum(streams.values())} normal streams {dict(streams)}, longest gap "

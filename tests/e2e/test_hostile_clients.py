@@ -4,6 +4,7 @@ every count and duration is bounded, and each test's server is killed at its end
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import time
 import httpx
 
 from ringllm.engine.demo import demo_model_path
-from tests.helpers import engine_pids, process_tree, serving
+from tests.helpers import api_workers, engine_pids, serving
 
 SMALL = ("--kv-cache-tokens", "4096", "--context-len", "512")
 
@@ -138,20 +139,6 @@ def test_no_answer_names_a_ring_an_engine_pid_or_the_models_path(tmp_path):
         )
 
 
-def _api_workers(proc) -> list[int]:
-    """The Granian workers of this server: the processes under it with its command line (forked from it)."""
-
-    def cmdline(pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read()
-        except OSError:
-            return None
-
-    serve = cmdline(proc.pid)
-    return sorted(p for p in process_tree(proc.pid)[1:] if cmdline(p) == serve)
-
-
 def _aborted(base: str) -> tuple[float, float]:
     """requests_total{finish_reason="abort"} under ringllm's name and under vLLM's."""
     lines = httpx.get(base + "/metrics", timeout=30).text.splitlines()
@@ -166,7 +153,7 @@ def test_requests_cut_by_a_dead_api_worker_count_as_aborted(tmp_path):
     """Issue 28: SIGKILL of the API worker under three streams: the engine aborts their requests, and /metrics,
     answered by the worker started in its place, counts them among the aborted (the dead worker never could)."""
     with serving(tmp_path, *SMALL, "--workers", "1") as (proc, base):
-        (worker,) = _api_workers(proc)
+        (worker,) = api_workers(proc.pid)
         assert _aborted(base) == (0, 0)
         answers: list[str] = []
         streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(3)]
@@ -179,13 +166,10 @@ def test_requests_cut_by_a_dead_api_worker_count_as_aborted(tmp_path):
         for t in streams:
             t.join(120)
         deadline, got = time.monotonic() + 120, None
-        while time.monotonic() < deadline:
-            try:
-                if (got := _aborted(base)) == (3, 3):
-                    break
-            except httpx.HTTPError:  # no worker yet
-                pass
+        while got != (3, 3) and time.monotonic() < deadline:
             time.sleep(0.5)
+            with contextlib.suppress(httpx.HTTPError):  # until the new worker answers
+                got = _aborted(base)
         assert got == (3, 3) and _running(base) == 0
 
 

@@ -39,18 +39,11 @@ def _wait_for_workers(log: Path, n: int) -> None:
         time.sleep(0.2)
 
 
-def _api_workers(parent: int) -> list[int]:
-    """Granian's API worker processes: the children of the serve parent that run its own command line (the
-    engine process and multiprocessing's helpers are spawned, with other command lines)."""
-    from tests.helpers import process_tree
-
-    cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
-    return [p for p in process_tree(parent) if p != parent and Path(f"/proc/{p}/cmdline").read_bytes() == cmdline]
-
-
 def test_neither_the_serve_parent_nor_its_api_workers_map_libtorch(served):
     proc, _, _ = served
-    workers = _api_workers(proc.pid)
+    from tests.helpers import api_workers
+
+    workers = api_workers(proc.pid)
     assert len(workers) == 2
     for pid in [proc.pid, *workers]:
         assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid

@@ -15,6 +15,7 @@ import pytest
 
 from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
+    api_workers,
     cmdline,
     engine_pid,
     free_port,
@@ -220,21 +221,6 @@ def _tcp(port: int, state: str) -> set[str]:
     return found
 
 
-def _api_workers(proc, port) -> list[int]:
-    """The Granian workers of this test's server: the processes under it forked from it (same command line;
-    the engine is a spawned interpreter)."""
-
-    def cmdline(pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read()
-        except OSError:
-            return None
-
-    serve = cmdline(proc.pid)
-    return sorted(p for p in process_tree(proc.pid)[1:] if cmdline(p) == serve)
-
-
 def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
     """SIGKILL of one of two API workers while streams run on both: the other worker's streams finish with
     [DONE], the engine aborts the dead worker's requests, a new worker takes its ring pair over and serves."""
@@ -257,7 +243,7 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
             results.append(f"error: {type(e).__name__}")
 
     try:
-        workers = _api_workers(proc, port)
+        workers = api_workers(proc.pid)
         assert len(workers) == 2, workers
         established = _tcp(port, "01")
         per_worker = [0, 0]
@@ -278,7 +264,7 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
         assert proc.poll() is None  # the server is still up
         assert wait_for_metric(base, RUNNING, 0, 120) == 0  # the dead worker's requests were aborted
         for _ in range(100):  # Granian starts a new worker in the dead one's place
-            new = [w for w in _api_workers(proc, port) if w not in workers]
+            new = [w for w in api_workers(proc.pid) if w not in workers]
             if new:
                 break
             time.sleep(0.2)
@@ -293,6 +279,6 @@ def test_one_api_workers_death_leaves_the_others_serving(tmp_path):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(lambda i: _complete(base, prompt=f"after {i}", max_tokens=4).status_code, range(24)))
         assert codes == [200] * 24
-        assert survivor in _api_workers(proc, port)
+        assert survivor in api_workers(proc.pid)
     finally:
         stop_server(proc)

@@ -15,24 +15,13 @@ import httpx
 import pytest
 
 from ringllm.ipc.lifecycle import leftover_segments
-from tests.helpers import metric, process_tree, start_server, stop_server, wait_for_metric
+from tests.helpers import metric, probe_health, process_tree, rss_mb, start_server, stop_server, wait_for_metric
 
 pytestmark = pytest.mark.soak
 
 SECONDS = float(os.environ.get("RINGLLM_SOAK_SECONDS", "180"))
 CONCURRENCY = 24
 RSS_GROWTH_LIMIT_MB = 150
-
-
-def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-    return total / 1024
 
 
 async def _one(client: httpx.AsyncClient, rng: random.Random, outcomes: Counter) -> None:
@@ -112,9 +101,9 @@ def test_soak_mixed_requests_leak_nothing(tmp_path):
     try:
         asyncio.run(_drive(base, min(20.0, SECONDS / 6)))  # warm-up: caches, allocator pools, JIT paths
         pids = process_tree(proc.pid)
-        rss_start = _rss_mb(pids)
+        rss_start = rss_mb(pids)
         outcomes = asyncio.run(_drive(base, SECONDS))
-        rss_end = _rss_mb(pids)
+        rss_end = rss_mb(pids)
         total = sum(outcomes.values())
         print(
             f"\nsoak: {total} requests in {SECONDS:.0f} s; RSS {rss_start:.0f} -> {rss_end:.0f} MB over "
@@ -175,16 +164,6 @@ async def _abuse_profiler(base: str, deadline: float, outcomes: Counter) -> None
             await asyncio.sleep(4)
 
 
-async def _probe_health(base: str, deadline: float, latencies: list[float], codes: Counter) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        while time.monotonic() < deadline:
-            t = time.monotonic()
-            r = await client.get("/health")
-            latencies.append(time.monotonic() - t)
-            codes[r.status_code] += 1
-            await asyncio.sleep(0.5)
-
-
 def test_soak_with_idle_connections_and_profiler_abuse_keeps_health_fast(tmp_path):
     before = set(leftover_segments())
     proc, base = start_server(
@@ -214,7 +193,7 @@ def test_soak_with_idle_connections_and_profiler_abuse_keeps_health_fast(tmp_pat
                 SECONDS,
                 _hold_silent_connections(port, deadline),
                 _abuse_profiler(base, deadline, profiles),
-                _probe_health(base, deadline, latencies, codes),
+                probe_health(base, deadline, latencies, codes),
             )
         )
         print(
