@@ -11,8 +11,10 @@ os.environ.setdefault("RINGLLM_NO_PROGRESS", "1")
 # whatever else loads the machine); with two threads each, a thread descheduled in the middle of an op holds its
 # partner spinning at the op's barrier, and a loaded box ran the demo-model tests up to 12x slower (a KV-pool
 # test: 6 s alone, 74 s beside two CPU hogs; 7 s with one thread). Set before torch is imported (conftest is
-# loaded first); OMP_NUM_THREADS in the environment still wins.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# loaded first); OMP_NUM_THREADS in the environment still wins. Servers of the real GGUF model keep torch's own
+# count (tests/helpers.py's start_server).
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = os.environ["RINGLLM_TESTS_ONE_THREAD"] = "1"
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: the stacks of a hung test run
 
 
