@@ -176,6 +176,30 @@ def test_q8_gguf_loads_dequantized_and_close_to_the_source(tmp_path):
     assert gguf.GGMLQuantizationType.Q8_0.name == "Q8_0"
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16", "F32"])
+def test_dequantizing_in_row_chunks_into_one_buffer_gives_the_gguf_packages_arrays(qtype, tmp_path, monkeypatch):
+    """GGUFFile.hf_tensors dequantizes a few rows at a time into one reused buffer (engine/gguf.py's _Buffer):
+    with chunks of 3 rows (most tensors end on a partial chunk), every tensor equals the gguf package's own
+    dequantization of the whole tensor, as float32, and the 2-D ones share the buffer."""
+    from gguf.quants import dequantize
+
+    from ringllm.engine import gguf as ringllm_gguf
+
+    hf = tiny_checkpoint("qwen2", tmp_path / "hf")
+    f = ringllm_gguf.GGUFFile(to_gguf(hf, tmp_path / f"{qtype}.gguf", qtype=qtype))
+    cfg = f.config()
+    row = {t.name: dequantize(t.data[:1], t.tensor_type).nbytes for t in f.reader.tensors if t.data.ndim == 2}
+    monkeypatch.setattr(ringllm_gguf._Buffer, "CHUNK_BYTES", 3 * max(row.values()))
+    bases = set()
+    for (name, got), t in zip(f.hf_tensors(cfg), f.reader.tensors):
+        assert name == ringllm_gguf.hf_name(t.name)
+        want = dequantize(t.data, t.tensor_type)
+        assert got.dtype == np.float32 and got.shape == want.shape and np.array_equal(got, want), name
+        if got.ndim == 2:
+            bases.add(id(got.base))
+    assert len(bases) == 1 and len(row) > 1
+
+
 def test_llama_unpermute_inverts_llama_cpp():
     w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)
     assert np.array_equal(unpermute_qk(_permute(w, 4), 4), w)
