@@ -14,7 +14,7 @@ os.environ.setdefault("RINGLLM_NO_PROGRESS", "1")
 # loaded first); OMP_NUM_THREADS in the environment still wins. Servers of the real GGUF model keep torch's own
 # count (tests/helpers.py's start_server).
 if "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = os.environ["RINGLLM_TESTS_ONE_THREAD"] = "1"
+    os.environ["OMP_NUM_THREADS"] = os.environ["TESTS_ONE_TORCH_THREAD"] = "1"
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: the stacks of a hung test run
 
 

@@ -167,7 +167,7 @@ def start_server(cache_dir, *args, env: dict | None = None) -> tuple[subprocess.
     stop_server in a fixture's teardown) so that the group is killed even when the test fails."""
     port = free_port()
     env = {**os.environ, "RINGLLM_CACHE": str(cache_dir), **(env or {})}  # `env` may name another cache
-    if env.get("RINGLLM_TESTS_ONE_THREAD") and any(str(a).endswith(".gguf") for a in args):
+    if env.get("TESTS_ONE_TORCH_THREAD") and any(str(a).endswith(".gguf") for a in args):
         # The real model's server keeps torch's own thread count (conftest.py gives the rest one thread): its
         # large matmuls use both cores, and its greedy tokens are the ones the compat tests were written
         # against (one thread sums in another order, and a long-prompt test got another last token).

@@ -75,10 +75,29 @@ def parser_setting(value: str | None, default: str | None, choices: tuple[str, .
 
 
 # ---- in: messages and tools as the template takes them ----
-def template_messages(messages: list[Message], template: str | None = None) -> list[dict]:
-    """The messages as the template takes them. OpenAI's `developer` role is a system message; a template that
-    does not know it (Qwen's and Llama's skip roles they do not name) gets it as `system`."""
-    out = [_template_message(i, msg) for i, msg in enumerate(messages)]
+class _RawMessages(msgspec.Struct):
+    messages: list[dict] | None = None
+
+
+_MESSAGE_FIELDS = frozenset(Message.__struct_fields__)
+
+
+def message_extras(body: bytes) -> list[dict] | None:
+    """Each message's keys that Message does not declare, from the raw body (msgspec drops them while decoding
+    the request): the template gets them beside the declared ones. None when no message has any. `body` has
+    been decoded as a request already, so its messages are a list of objects."""
+    raw = msgspec.json.decode(body, type=_RawMessages).messages or []
+    extras = [{k: v for k, v in m.items() if k not in _MESSAGE_FIELDS} for m in raw]
+    return extras if any(extras) else None
+
+
+def template_messages(
+    messages: list[Message], template: str | None = None, extras: list[dict] | None = None
+) -> list[dict]:
+    """The messages as the template takes them, each with its `extras` (message_extras). OpenAI's `developer`
+    role is a system message; a template that does not know it (Qwen's and Llama's skip roles they do not name)
+    gets it as `system`."""
+    out = [{**(extras[i] if extras else {}), **_template_message(i, msg)} for i, msg in enumerate(messages)]
     if template is not None and "developer" not in template:
         for msg in out:
             if msg["role"] == "developer":

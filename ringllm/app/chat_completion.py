@@ -41,14 +41,19 @@ class ChatService:
         self.tool_parser, self.reasoning_parser = parsers
 
     async def create(
-        self, body: ChatRequest, request_id: str, disconnected: Callable[[], Coroutine[Any, Any, None]]
+        self,
+        body: ChatRequest,
+        request_id: str,
+        disconnected: Callable[[], Coroutine[Any, Any, None]],
+        extras: list[dict] | None = None,
     ) -> ChatResponse | AsyncIterator[bytes]:
         """The answer, or for `stream` its SSE frames (the caller wraps them in app/sse.py's sse_stream).
-        `disconnected` returns when the client has gone (a whole answer is then abandoned)."""
+        `disconnected` returns when the client has gone (a whole answer is then abandoned); `extras`: the
+        messages' undeclared keys (chat.py's message_extras), for the template."""
         self.model.check_name(body.model)
         self.model.require_tokenizer("messages", "a chat (its template writes text)")
         plan = chat_io.tool_plan(body, self.tool_parser)
-        messages = chat_io.template_messages(body.messages, self.model.tokenizer.template_text)
+        messages = chat_io.template_messages(body.messages, self.model.tokenizer.template_text, extras)
         prompt = self.render(body, messages, plan.template_tools)
         bound = body.truncate_prompt_tokens is None  # a conversation to truncate may be longer than the context
         ids = await self.model.tokenize(prompt, param="messages", encode=self.model.tokenizer.encode_chat, bound=bound)

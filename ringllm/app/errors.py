@@ -91,8 +91,13 @@ def invalid_body(problems: list) -> tuple[str, str | None]:
         param = param or field
         # an unknown field is named in msgspec's message; where it sits (messages[0]) is not
         at = where if unknown else field
+        bound = _BOUND.search(message)
+        if bound:  # vLLM's (pydantic's) name of the broken bound, which its clients and tests look for
+            message += f" ({_PYDANTIC_BOUND[bound.group(1)]})"
         parts.append(f"{at}: {message}" if at else message)
     return "invalid request body: " + "; ".join(parts), param
 
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_BOUND = re.compile(r"^Expected `(?:int|float)` (>=|<=|>|<) ")
+_PYDANTIC_BOUND = {">=": "greater_than_equal", "<=": "less_than_equal", ">": "greater_than", "<": "less_than"}

@@ -71,7 +71,11 @@ class ToolCallIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     function: FunctionCall
 
 
-class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Message(msgspec.Struct, kw_only=True):
+    """One turn. Keys besides these fields are not refused: they reach the chat template as they are (app/chat.py's
+    message_extras), as transformers' apply_chat_template passes a message's keys, for templates that read keys
+    of their own; vLLM accepts them too (and drops them)."""
+
     # Any role the client names, as vLLM takes it: the chat template decides what a role means (Qwen's and
     # Llama's write user/system/assistant/tool turns and skip others; a template may know roles of its own).
     role: Annotated[str, Meta(min_length=1)]

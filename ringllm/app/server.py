@@ -15,6 +15,7 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.params import JSONBody
 from litestar.response import Stream
 
+from ringllm.app import chat as chat_io
 from ringllm.app import orca
 from ringllm.app.access_log import RequestLog, request_id
 from ringllm.app.asgi_layers import ServedUnder, ServerLoad
@@ -91,7 +92,8 @@ def _routes(worker: Worker, profiler: bool) -> list:
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request, data: JSONBody[ChatRequest]) -> Response | Stream:
         services = worker.services
-        return answer(request, await services.chat.create(data, request_id(request), _disconnect_of(request)))
+        extras = chat_io.message_extras(await request.body())
+        return answer(request, await services.chat.create(data, request_id(request), _disconnect_of(request), extras))
 
     @post("/invocations", status_code=200)
     async def invocations(request: Request) -> Response | Stream:
@@ -101,7 +103,10 @@ def _routes(worker: Worker, profiler: bool) -> list:
         kind = _invocation_kind(body)
         rid, disconnected = request_id(request), _disconnect_of(request)
         if kind is ChatRequest:
-            return answer(request, await worker.services.chat.create(_decode(body, ChatRequest), rid, disconnected))
+            chat = _decode(body, ChatRequest)
+            return answer(
+                request, await worker.services.chat.create(chat, rid, disconnected, chat_io.message_extras(body))
+            )
         completion = _decode(body, CompletionRequest)
         return answer(request, await worker.services.completions.create(completion, rid, disconnected))
 
@@ -110,8 +115,9 @@ def _routes(worker: Worker, profiler: bool) -> list:
         return worker.services.model.listing()
 
     @post("/tokenize", status_code=200)
-    async def tokenize(data: JSONBody[TokenizeRequest]) -> dict:
-        return await worker.services.tokenize.tokenize(data)
+    async def tokenize(request: Request, data: JSONBody[TokenizeRequest]) -> dict:
+        extras = chat_io.message_extras(await request.body()) if data.messages is not None else None
+        return await worker.services.tokenize.tokenize(data, extras)
 
     @post("/detokenize", status_code=200)
     async def detokenize(data: JSONBody[DetokenizeRequest]) -> dict:

@@ -24,7 +24,7 @@ class TokenizeService:
     def __init__(self, model: ServedModel):
         self.model = model
 
-    async def tokenize(self, body: TokenizeRequest) -> dict:
+    async def tokenize(self, body: TokenizeRequest, extras: list[dict] | None = None) -> dict:
         """A `prompt` as /v1/completions tokenizes it (special tokens added), or `messages` as the chat route
         renders them (none added: the template writes its own); `add_special_tokens` chooses. vLLM's answer:
         the ids, their count, the context, and with `return_token_strs` each id's token string."""
@@ -35,7 +35,7 @@ class TokenizeService:
         text: str | None
         if body.messages is not None:
             self.model.check_count(len(body.messages), "messages", "messages")
-            text, special = self._render(body), bool(body.add_special_tokens)
+            text, special = self._render(body, extras), bool(body.add_special_tokens)
         else:
             for field in CHAT_ONLY:
                 if getattr(body, field) is not None:
@@ -48,7 +48,7 @@ class TokenizeService:
         strs = [tok.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.model.max_seq_len, "tokens": ids, "token_strs": strs}
 
-    def _render(self, body: TokenizeRequest) -> str:
+    def _render(self, body: TokenizeRequest, extras: list[dict] | None) -> str:
         """The conversation as the chat route's template renders it, with vLLM's tokenize options: the
         assistant's turn opened (add_generation_prompt, default true) or the last turn left open to be
         continued (continue_final_message; not both), the tools shown, extra template variables."""
@@ -65,7 +65,7 @@ class TokenizeService:
         if clash := sorted(RESERVED & variables.keys()):
             raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}", param="chat_template_kwargs")
         tok = self.model.tokenizer
-        messages = chat_io.template_messages(body.messages, tok.template_text)
+        messages = chat_io.template_messages(body.messages, tok.template_text, extras)
         tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
         try:
             return tok.apply_chat_template(

@@ -169,10 +169,29 @@ def test_create_app_decodes_the_launchers_variable(tokenizer_dir, monkeypatch):
 def test_validation_errors_are_a_sentence_naming_the_field(served):
     client, _ = served()
     error = client.post("/v1/completions", json={"prompt": "x", "temperature": 5}).json()["error"]
-    assert error["message"] == "invalid request body: temperature: Expected `float` <= 2.0", error
-    body = {"messages": [{"role": "user", "content": "x", "extra_field": 1}]}
-    error = client.post("/v1/chat/completions", json=body).json()["error"]
-    assert error["param"] == "messages[0].extra_field" and "unknown field `extra_field`" in error["message"]
+    # the bound broken, in pydantic's words too (vLLM's clients and tests look for them)
+    assert error["message"] == "invalid request body: temperature: Expected `float` <= 2.0 (less_than_equal)", error
+    for seed, name in ((-(2**63) - 1, "greater_than_equal"), (2**63, "less_than_equal")):
+        error = client.post("/v1/completions", json={"prompt": "x", "seed": seed}).json()["error"]
+        assert error["param"] == "seed" and error["message"].endswith(f"({name})"), error
+    error = client.post("/v1/completions", json={"prompt": "x", "extra_field": 1}).json()["error"]
+    assert error["param"] == "extra_field" and "unknown field `extra_field`" in error["message"]
+
+
+def test_a_messages_undeclared_keys_reach_the_chat_template(served):
+    """As transformers' apply_chat_template passes a message's keys (vLLM accepts them too): a template may read
+    keys of its own. The chat route and /tokenize render the same text."""
+    template = "{% for m in messages %}<{{ m.role }}|{{ m.mood | default('-') }}>{{ m.content }}{% endfor %}"
+    client, serving = served(chat_template=template)
+    messages = [{"role": "user", "content": "hi", "mood": "glad", "extra_field": "0"}, {"role": "user", "content": "x"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    [(_, ids, _)] = serving.engine.submitted
+    assert serving.model.tokenizer.decode(ids) == "<user|glad>hi<user|->x"
+    assert client.post("/tokenize", json={"messages": messages}).json()["tokens"] == ids
+    # a declared field keeps its type check; an undeclared one cannot replace it
+    bad = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]}).json()["error"]
+    assert bad["param"] == "messages[0].content", bad
 
 
 @pytest.mark.parametrize(

@@ -443,7 +443,6 @@ async def test_response_format_json_schema(client):
         assert loaded == {"result": 2}, loaded
 
 
-@pytest.mark.vllm_compat  # an unknown field in a message is a 400 (vLLM ignores it)
 @pytest.mark.asyncio
 async def test_extra_fields_allowed(client):
     resp = await client.chat.completions.create(
@@ -493,7 +492,6 @@ async def test_custom_role(client):
     assert answers[0] == answers[1]
 
 
-@pytest.mark.vllm_compat  # the 400 says "Expected `int` >= -9223372036854775808", not pydantic's bound names
 @pytest.mark.asyncio
 async def test_long_seed(client):
     # A seed outside int64 is a 400 naming the bound (vLLM's message is pydantic's).
