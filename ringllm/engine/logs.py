@@ -22,8 +22,9 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        # PrintLogger needs only write and flush, which _CurrentStderr has.
-        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
+        # WriteLogger writes a line and its newline in one write (PrintLogger's print writes them in two); the
+        # server's processes share one stderr, unbuffered, so two writes let another process's line in between.
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
 

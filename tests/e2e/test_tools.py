@@ -175,7 +175,6 @@ def test_served_developer_role_is_a_system_message_for_templates_without_it(serv
             {"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}]},
             None,
         ),  # msgspec names the field in the message: "... at `$.messages[0].function_call`"
-        ({"messages": [{"role": "user", "content": "x", "cache": True}]}, None),
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
     ],
 )
