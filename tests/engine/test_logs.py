@@ -23,7 +23,8 @@ def test_processes_sharing_stderr_never_split_each_others_lines(tmp_path):
     path, lines = tmp_path / "shared.log", 3000
     with open(path, "ab") as shared:  # O_APPEND, as a file a supervisor gives the server
         writers = [
-            subprocess.Popen([sys.executable, "-c", WRITER, str(lines), name], stderr=shared) for name in ("a", "b", "c")
+            subprocess.Popen([sys.executable, "-c", WRITER, str(lines), name], stderr=shared)
+            for name in ("a", "b", "c")
         ]
         for w in writers:
             assert w.wait(timeout=300) == 0
