@@ -115,7 +115,7 @@ def _owner_alive(entry: str, own_ns: int) -> bool | None:
 
 def remove_stale_segments() -> list[str]:
     """Unlinks the segments, semaphores and lock files of owners that are no longer alive, and multiprocessing
-    semaphores that nobody holds (see `_stale_mp_semaphores`). Returns their names."""
+    semaphores that nobody holds (see `unheld_mp_semaphores`). Returns their names."""
     removed: list[str] = []
     try:
         entries = os.listdir(_SHM_DIR)
@@ -123,7 +123,7 @@ def remove_stale_segments() -> list[str]:
         return removed
     own_ns = _pid_namespace()
     stale = [e for e in entries if _owner_alive(e, own_ns) is False]
-    for entry in stale + _stale_mp_semaphores(entries):
+    for entry in stale + unheld_mp_semaphores(entries):
         try:
             os.unlink(os.path.join(_SHM_DIR, entry))
             removed.append(entry)
@@ -132,22 +132,22 @@ def remove_stale_segments() -> list[str]:
     return removed
 
 
-def _stale_mp_semaphores(entries: list[str]) -> list[str]:
-    """multiprocessing's named semaphores (sem.mp-*) that are ours (our uid), mapped by no process we can see and
-    made at least MP_SEMAPHORE_MIN_AGE_S ago. A semaphore is mapped by every process that holds it open, so these
+def unheld_mp_semaphores(entries: list[str] | None = None, min_age_s: float = MP_SEMAPHORE_MIN_AGE_S) -> list[str]:
+    """multiprocessing's named semaphores (sem.mp-*) among `entries` (default: all of /dev/shm) that are ours (our
+    uid), mapped by no process we can see and made at least `min_age_s` ago. A semaphore is mapped by every process that holds it open, so these
     are the ones whose holders were all killed (kill -9 of a whole process group, resource tracker included)
     and that nobody can open again by a name only those holders knew. Limit: a holder in another pid
     namespace that shares /dev/shm and runs as the same uid cannot be seen."""
     candidates = {}
     now = time.time()
-    for entry in entries:
+    for entry in os.listdir(_SHM_DIR) if entries is None else entries:
         if not entry.startswith("sem.mp-"):
             continue
         try:
             st = os.stat(os.path.join(_SHM_DIR, entry))
         except FileNotFoundError:
             continue
-        if st.st_uid == os.getuid() and now - st.st_mtime >= MP_SEMAPHORE_MIN_AGE_S:
+        if st.st_uid == os.getuid() and now - st.st_mtime >= min_age_s:
             candidates[entry] = st.st_ino
     if not candidates:
         return []

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from ringllm.ipc.lifecycle import unheld_mp_semaphores
 from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
     api_workers,
@@ -172,6 +173,7 @@ def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
         assert stale
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+    # (an engine starting in a parallel test process at this moment would sweep them first: a window of ms)
     assert stale <= set(os.listdir("/dev/shm"))
     assert not _mp_semaphores() - mp_before  # the engine makes none (no multiprocessing queue or lock)
     with serving(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64", env={"RINGLLM_API_KEY": KEY}) as (
@@ -186,7 +188,8 @@ def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
 
 
 def _mp_semaphores() -> set[str]:
-    return {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")}
+    """sem.mp-* that no live process holds (a parallel test process may hold semaphores of its own meanwhile)."""
+    return set(unheld_mp_semaphores(min_age_s=0))
 
 
 RUNNING = "ringllm_num_requests_running"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from ringllm.ipc.lifecycle import leftover_segments
+from ringllm.ipc.lifecycle import leftover_segments, unheld_mp_semaphores
 from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
     cmdline,
@@ -69,7 +69,7 @@ def _engine_spawned(proc) -> bool:
 def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when):
     """SIGTERM to `ringllm serve` while it starts (as soon as the engine process exists, or 3 s in): it exits 0,
     and no process it started and no segment of theirs is left."""
-    mp_before = {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")}
+    mp_before = set(unheld_mp_semaphores(min_age_s=0))  # held ones may be a parallel test process's
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
         _serve_cmd(free_port()),
@@ -89,7 +89,7 @@ def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when
         assert seen, "the serve process had started no child yet"
         assert gone(lambda: [p for p in seen if pid_alive(p)], 60)
         assert gone(lambda: [s for p in seen for s in leftover_segments(p)], 60)
-        assert not {e for e in os.listdir("/dev/shm") if e.startswith("sem.mp-")} - mp_before
+        assert not set(unheld_mp_semaphores(min_age_s=0)) - mp_before
         assert "Traceback" not in (tmp_path / "serve.log").read_text()
     finally:
         kill_group(proc)
@@ -229,9 +229,9 @@ def _health(base: str) -> int:
 
 
 def test_segments_removed_after_shutdown(tmp_path):
-    before = set(leftover_segments())
     proc, _ = start_server(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64")
-    engine_segments = set(leftover_segments()) - before
+    engine = engine_pid(proc)  # this server's own (a parallel test process may be running servers of its own)
+    engine_segments = server_segments(engine)
     assert any("req0" in s for s in engine_segments)
     stop_server(proc)
     assert proc.returncode == 0

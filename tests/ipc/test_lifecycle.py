@@ -35,8 +35,7 @@ def test_stale_segments_of_dead_owner_are_removed():
     w = RingWriter(segment_name(dead, "req0"), capacity=4096)
     w.seg.close()  # leave it behind, as a SIGKILLed owner would
     assert leftover_segments(dead)
-    removed = remove_stale_segments()
-    assert any(str(dead) in r for r in removed)
+    remove_stale_segments()  # (an engine starting in a parallel test process may sweep it first: same result)
     assert leftover_segments(dead) == []
 
 
@@ -151,7 +150,9 @@ def test_engines_with_one_pid_in_two_pid_namespaces_do_not_collide_and_are_swept
         lines = [p.stdout.readline().split() for p in procs]
         assert all(line and line[0] == "1" for line in lines), (lines, [p.stderr.read() for p in procs if p.poll()])
         assert lines[0][1] != lines[1][1]  # same pid, different names
-        theirs = set(leftover_segments()) - before
+        # theirs: the two owners' names only (a parallel test process may be making segments of its own)
+        owners = tuple(line[1].lstrip("/").rsplit("-", 1)[0] + "-" for line in lines)
+        theirs = {s for s in set(leftover_segments()) - before if any(o in s for o in owners)}  # sem.<name> too
         assert len(theirs) >= 2 * 6  # two ring pairs (segments, semaphores) and two lock files
         assert not theirs & set(remove_stale_segments())  # alive in another namespace: kept
         assert theirs <= set(leftover_segments())
@@ -203,7 +204,8 @@ def test_a_zombie_owners_segments_are_swept():
                 if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                     break
             time.sleep(0.05)
-        assert name.lstrip("/") in remove_stale_segments()
+        remove_stale_segments()  # (or a sweep by an engine starting in a parallel test process)
+        assert name.lstrip("/") not in leftover_segments()
     finally:
         child.kill()
         child.wait(30)
@@ -233,9 +235,9 @@ def test_sweep_removes_multiprocessing_semaphores_whose_holders_were_killed():
         old = time.time() - 2 * lifecycle.MP_SEMAPHORE_MIN_AGE_S
         for name in names:
             os.utime(f"/dev/shm/sem.{name[1:]}", (old, old))
-        removed = remove_stale_segments()
-        assert f"sem.{names[0][1:]}" in removed
-        assert f"sem.{names[1][1:]}" not in removed and os.path.exists(f"/dev/shm/sem.{names[1][1:]}")
+        remove_stale_segments()  # (an engine starting in a parallel test process may sweep first: same result)
+        assert not os.path.exists(f"/dev/shm/sem.{names[0][1:]}")
+        assert os.path.exists(f"/dev/shm/sem.{names[1][1:]}")
     finally:
         procs[1].kill()
         procs[1].wait(10)
