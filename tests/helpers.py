@@ -397,3 +397,26 @@ def process_tree(pid: int) -> list[int]:
         out.append(p)
         todo += children.get(p, [])
     return out
+
+
+# ---- data parallelism: per-replica metrics ----
+def per_replica(text: str, name: str) -> dict[int, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            out[int(line.split('replica="')[1].split('"')[0])] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def scrape(base: str) -> str:
+    return httpx.get(base + "/metrics", timeout=60).text
+
+
+def wait_both_running(base: str) -> None:
+    """Until each replica computes at least one request (bounded by a count of scrapes, not a deadline)."""
+    for _ in range(3000):
+        running = per_replica(scrape(base), "ringllm_dp_replica_num_requests_running")
+        if running.get(0, 0) >= 1 and running.get(1, 0) >= 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the streams did not reach both replicas: {running}")

@@ -278,6 +278,10 @@ def run_engine_process(
         except (ValueError, OSError) as e:
             ready.send({"error": str(e)})
             raise SystemExit(2) from None
+        # Logged and draining on SIGTERM before the launcher hears of it: it may stop this engine at once (a
+        # generation_config.json it refuses), and the log should say how far the start got.
+        log.info("engine ready", workers=num_workers, kv_slots=server.engine.scheduler.allocator.capacity)
+        signal.signal(signal.SIGTERM, server.drain)
         ready.send(
             {
                 "pid": os.getpid(),
@@ -287,8 +291,6 @@ def run_engine_process(
                 "kv_slots": server.engine.scheduler.allocator.capacity,
             }
         )
-        log.info("engine ready", workers=num_workers, kv_slots=server.engine.scheduler.allocator.capacity)
-        signal.signal(signal.SIGTERM, server.drain)
         server.serve_forever()
     except RingError as e:
         log.error("engine stopped: an app worker's ring failed", error=str(e))

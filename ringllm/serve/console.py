@@ -39,7 +39,7 @@ def say(text: str, **facts) -> None:
     if json_logs():
         log.info(text, **facts)
     else:
-        print(text, file=sys.stderr, flush=True)
+        sys.stderr.write(text + "\n")  # one write: the engines share this stderr (print writes the newline apart)
 
 
 def demo_note() -> None:

@@ -206,7 +206,7 @@ def abandon(group: EngineGroup, why: str, code: int) -> int:
     rings). Returns `code`."""
     from ringllm.ipc.lifecycle import remove_stale_segments
 
-    print(f"error: {why}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"error: {why}\n")  # one write, as the engines' log lines (engine/logs.py): they share stderr
     group.stop(30.0)
     remove_stale_segments()
     return code
@@ -216,7 +216,7 @@ def stopped_during_start_up(group: EngineGroup) -> int:
     """A SIGTERM or Ctrl-C while the engines load: they are stopped and their segments removed; exit 0."""
     from ringllm.ipc.lifecycle import remove_stale_segments
 
-    print("ringllm: stopped during start-up", file=sys.stderr, flush=True)
+    sys.stderr.write("ringllm: stopped during start-up\n")
     group.stop(30.0)
     remove_stale_segments()
     return 0

@@ -16,7 +16,7 @@ import pytest
 
 from ringllm.ipc.lifecycle import leftover_segments
 from ringllm.ipc.ring import pid_alive
-from tests.helpers import engine_pids, process_tree, serving
+from tests.helpers import engine_pids, per_replica, process_tree, scrape, serving, wait_both_running
 
 SHARED = [(7 * i) % 1000 + 3 for i in range(96)]  # a 96-token prefix (6 router blocks) several prompts share
 
@@ -30,20 +30,8 @@ def dp_server(tmp_path_factory):
         yield proc, base
 
 
-def per_replica(text: str, name: str) -> dict[int, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            out[int(line.split('replica="')[1].split('"')[0])] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def series(text: str, name: str) -> float:
     return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
-def scrape(base: str) -> str:
-    return httpx.get(base + "/metrics", timeout=60).text
 
 
 def complete(base: str, prompt, max_tokens: int = 2) -> dict:
@@ -152,16 +140,6 @@ class Streams:
     def join(self) -> None:
         for t in self.threads:
             t.join(900)
-
-
-def wait_both_running(base: str) -> None:
-    """Until each replica computes at least one request (bounded by a count of scrapes, not a deadline)."""
-    for _ in range(3000):
-        running = per_replica(scrape(base), "ringllm_dp_replica_num_requests_running")
-        if running.get(0, 0) >= 1 and running.get(1, 0) >= 1:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the streams did not reach both replicas: {running}")
 
 
 def _named(comm: str) -> set[int]:

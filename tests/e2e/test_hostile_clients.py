@@ -15,7 +15,7 @@ import time
 import httpx
 
 from ringllm.engine.demo import demo_model_path
-from tests.helpers import api_workers, engine_pids, serving
+from tests.helpers import api_workers, engine_pids, serving, wait_both_running
 
 SMALL = ("--kv-cache-tokens", "4096", "--context-len", "512")
 
@@ -103,7 +103,7 @@ def test_health_answers_beside_a_thousand_idle_connections(tmp_path):
 def _stream(base: str, got: list[str]) -> None:
     body = {"prompt": "leak", "max_tokens": 400, "ignore_eos": True, "stream": True}
     try:
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=240) as r:
             got.append("".join(r.iter_text()))
     except httpx.HTTPError as e:
         got.append(repr(e))
@@ -119,13 +119,14 @@ def test_no_answer_names_a_ring_an_engine_pid_or_the_models_path(tmp_path):
     with serving(tmp_path, *args, "--enable-tokenizer-info-endpoint") as (proc, base):
         pids = engine_pids(proc.pid, 2)
         answers: list[str] = []
-        streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(2)]
+        # four streams: the least loaded replica takes each, so both replicas get some
+        streams = [threading.Thread(target=_stream, args=(base, answers)) for _ in range(4)]
         for t in streams:
             t.start()
-        time.sleep(2)  # both streams run, one on each replica (the least loaded is chosen)
+        wait_both_running(base)  # not a sleep: on a loaded box 2 s was not enough to see both running
         os.kill(pids[1], signal.SIGKILL)
         for t in streams:
-            t.join(120)
+            t.join(300)
         assert any('"error"' in a and "engine replica" in a for a in answers), answers  # one was cut
         for path in ("/health", "/v1/models", "/v1/models/demo", "/version", "/tokenizer_info", "/metrics"):
             answers.append(httpx.get(base + path, timeout=30).text)
