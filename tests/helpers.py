@@ -420,3 +420,11 @@ def wait_both_running(base: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the streams did not reach both replicas: {running}")
+
+
+def unheld_mp_semaphores() -> set[str]:
+    """multiprocessing's semaphores (sem.mp-*) that no live process holds, whatever their age: what a test's
+    processes leave behind. Held ones may belong to a parallel test process (pytest-xdist) and are not counted."""
+    from ringllm.ipc import lifecycle
+
+    return set(lifecycle.unheld_mp_semaphores(min_age_s=0))

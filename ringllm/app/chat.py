@@ -76,7 +76,7 @@ def parser_setting(value: str | None, default: str | None, choices: tuple[str, .
 
 # ---- in: messages and tools as the template takes them ----
 class _RawMessages(msgspec.Struct):
-    messages: list[dict] | None = None
+    messages: list[dict[str, msgspec.Raw]] | None = None  # values undecoded: only undeclared keys' are wanted
 
 
 _MESSAGE_FIELDS = frozenset(Message.__struct_fields__)
@@ -87,7 +87,7 @@ def message_extras(body: bytes) -> list[dict] | None:
     the request): the template gets them beside the declared ones. None when no message has any. `body` has
     been decoded as a request already, so its messages are a list of objects."""
     raw = msgspec.json.decode(body, type=_RawMessages).messages or []
-    extras = [{k: v for k, v in m.items() if k not in _MESSAGE_FIELDS} for m in raw]
+    extras = [{k: msgspec.json.decode(v) for k, v in m.items() if k not in _MESSAGE_FIELDS} for m in raw]
     return extras if any(extras) else None
 
 

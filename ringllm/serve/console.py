@@ -39,7 +39,13 @@ def say(text: str, **facts) -> None:
     if json_logs():
         log.info(text, **facts)
     else:
-        sys.stderr.write(text + "\n")  # one write: the engines share this stderr (print writes the newline apart)
+        line(text)
+
+
+def line(text: str) -> None:
+    """A plain line on stderr in one write: the engines share this stderr, unbuffered, and print's separate
+    newline would let their log lines in between (engine/logs.py writes its lines so too)."""
+    sys.stderr.write(text + "\n")
 
 
 def demo_note() -> None:

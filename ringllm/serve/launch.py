@@ -17,6 +17,7 @@ import time
 from multiprocessing.connection import wait
 
 from ringllm.engine.config import EngineConfig
+from ringllm.serve import console
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +207,7 @@ def abandon(group: EngineGroup, why: str, code: int) -> int:
     rings). Returns `code`."""
     from ringllm.ipc.lifecycle import remove_stale_segments
 
-    sys.stderr.write(f"error: {why}\n")  # one write, as the engines' log lines (engine/logs.py): they share stderr
+    console.line(f"error: {why}")
     group.stop(30.0)
     remove_stale_segments()
     return code
@@ -216,7 +217,7 @@ def stopped_during_start_up(group: EngineGroup) -> int:
     """A SIGTERM or Ctrl-C while the engines load: they are stopped and their segments removed; exit 0."""
     from ringllm.ipc.lifecycle import remove_stale_segments
 
-    sys.stderr.write("ringllm: stopped during start-up\n")
+    console.line("ringllm: stopped during start-up")
     group.stop(30.0)
     remove_stale_segments()
     return 0

@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-from ringllm.ipc.lifecycle import unheld_mp_semaphores
 from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
     api_workers,
@@ -27,6 +26,7 @@ from tests.helpers import (
     serving,
     start_server,
     stop_server,
+    unheld_mp_semaphores,
     wait_for_metric,
 )
 
@@ -167,7 +167,7 @@ def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
     """kill -9 of the whole group (server, API workers, engine, resource tracker: nobody cleans up) leaves the
     engine's segments and no multiprocessing semaphore (sem.mp-*); a new server removes the dead one's.
     Also: the API key from the environment ($RINGLLM_API_KEY) guards the second server."""
-    mp_before = _mp_semaphores()
+    mp_before = unheld_mp_semaphores()
     with serving(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64") as (proc, base):
         stale = server_segments(engine_pid(proc))
         assert stale
@@ -175,7 +175,7 @@ def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
         proc.wait(30)
     # (an engine starting in a parallel test process at this moment would sweep them first: a window of ms)
     assert stale <= set(os.listdir("/dev/shm"))
-    assert not _mp_semaphores() - mp_before  # the engine makes none (no multiprocessing queue or lock)
+    assert not unheld_mp_semaphores() - mp_before  # the engine makes none (no multiprocessing queue or lock)
     with serving(tmp_path, "--kv-cache-tokens", "1024", "--context-len", "64", env={"RINGLLM_API_KEY": KEY}) as (
         proc,
         base,
@@ -185,11 +185,6 @@ def test_restart_after_kill_9_needs_no_cleanup(tmp_path):
         assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 401
         assert _post(base, "/v1/completions", json=body, timeout=60).status_code == 200
         stop_server(proc)
-
-
-def _mp_semaphores() -> set[str]:
-    """sem.mp-* that no live process holds (a parallel test process may hold semaphores of its own meanwhile)."""
-    return set(unheld_mp_semaphores(min_age_s=0))
 
 
 RUNNING = "ringllm_num_requests_running"

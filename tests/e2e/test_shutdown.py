@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from ringllm.ipc.lifecycle import leftover_segments, unheld_mp_semaphores
+from ringllm.ipc.lifecycle import leftover_segments
 from ringllm.ipc.ring import pid_alive
 from tests.helpers import (
     cmdline,
@@ -25,6 +25,7 @@ from tests.helpers import (
     start_server,
     stop_server,
     tokens_per_second,
+    unheld_mp_semaphores,
 )
 
 
@@ -69,7 +70,7 @@ def _engine_spawned(proc) -> bool:
 def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when):
     """SIGTERM to `ringllm serve` while it starts (as soon as the engine process exists, or 3 s in): it exits 0,
     and no process it started and no segment of theirs is left."""
-    mp_before = set(unheld_mp_semaphores(min_age_s=0))  # held ones may be a parallel test process's
+    mp_before = unheld_mp_semaphores()
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
         _serve_cmd(free_port()),
@@ -89,7 +90,7 @@ def test_sigterm_during_start_up_leaves_no_process_and_no_segment(tmp_path, when
         assert seen, "the serve process had started no child yet"
         assert gone(lambda: [p for p in seen if pid_alive(p)], 60)
         assert gone(lambda: [s for p in seen for s in leftover_segments(p)], 60)
-        assert not set(unheld_mp_semaphores(min_age_s=0)) - mp_before
+        assert not unheld_mp_semaphores() - mp_before
         assert "Traceback" not in (tmp_path / "serve.log").read_text()
     finally:
         kill_group(proc)
